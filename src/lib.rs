@@ -1,0 +1,10 @@
+//! escale: a self-hosted PaaS appliance in one binary.
+//!
+//! `escale serve` runs the registry (SQLite), the API, the reconciler that places and heals
+//! containers on Docker engines, and the reverse proxy. The same binary is the CLI.
+//! See `ARCHITECTURE.md` for the bird's-eye view, the code map and the invariants.
+
+pub mod node;
+pub mod proxy;
+pub mod routing;
+pub mod scheduler;

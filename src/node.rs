@@ -1,0 +1,1 @@
+//! Docker engines (nodes) reached through bollard: the local unix socket or mutual TLS.

@@ -1,0 +1,3 @@
+//! The scheduler: a pure planner ([`plan`]) and the reconciler that feeds and executes it.
+
+pub mod plan;

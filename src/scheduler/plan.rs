@@ -1,0 +1,1 @@
+//! The pure planner: `plan(desired, observed) -> Vec<Action>`. No I/O.

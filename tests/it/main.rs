@@ -1,0 +1,3 @@
+//! The one integration-test binary: real `escale serve`, real Docker engine.
+
+mod support;
