@@ -8,3 +8,8 @@ pub mod node;
 pub mod proxy;
 pub mod routing;
 pub mod scheduler;
+pub mod auth;
+pub mod config;
+pub mod registry;
+pub mod secrets;
+pub mod validate;

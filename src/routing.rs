@@ -52,7 +52,7 @@ impl RoutingTable {
     pub fn new(entries: impl IntoIterator<Item = (String, Arc<Route>)>) -> Self {
         let hosts = entries
             .into_iter()
-            .map(|(h, r)| (normalize_host(&h).to_owned(), r))
+            .map(|(h, r)| (normalize_host(&h).to_ascii_lowercase(), r))
             .collect();
         RoutingTable { hosts }
     }

@@ -1,0 +1,472 @@
+//! Settings: a raw TOML file, overridden by `ESCALE_*` environment variables, validated into
+//! [`Config`].
+//!
+//! Loading is two steps, so every error names its key: [`RawConfig`] is what the file says
+//! (every field optional, unknown keys rejected); [`Config::from_raw`] applies environment
+//! overrides and defaults and checks each value. The sample `config/escale.toml` documents
+//! every key; the table in [`ENV_KEYS`] is the single list of environment overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What can go wrong while loading settings. Each message names the key and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("setting `{key}` (env {env}) is invalid: {message}")]
+    Invalid {
+        key: &'static str,
+        env: &'static str,
+        message: String,
+    },
+}
+
+/// The file as written. Every field is optional; defaults are applied by [`Config::from_raw`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: Option<String>,
+    pub api_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub https_addr: Option<String>,
+    pub apps_domain: Option<String>,
+    pub docker_host: Option<String>,
+    pub advertise_ip: Option<String>,
+    pub max_instances: Option<u32>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub scheduler: RawScheduler,
+    #[serde(default)]
+    pub proxy: RawProxy,
+}
+
+/// `[scheduler]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScheduler {
+    pub reconcile_interval: Option<String>,
+    pub deploy_timeout: Option<String>,
+    pub drain_grace: Option<String>,
+    pub stop_timeout: Option<String>,
+    pub default_port: Option<u16>,
+    pub log_max_size: Option<String>,
+    pub log_max_files: Option<u32>,
+}
+
+/// `[proxy]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub max_body_size: Option<String>,
+    pub max_header_size: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub upstream_timeout: Option<String>,
+    pub access_log: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the registry, the master key and git repositories live.
+    pub data_dir: PathBuf,
+    /// API, git and (later) dashboard listener.
+    pub api_addr: SocketAddr,
+    /// Proxy, plain HTTP. `None` when set to `off`.
+    pub http_addr: Option<SocketAddr>,
+    /// Proxy, HTTPS. `None` when set to `off`.
+    pub https_addr: Option<SocketAddr>,
+    /// Apps answer at `APP.<apps_domain>`.
+    pub apps_domain: String,
+    /// The local engine: node `local`.
+    pub docker_host: String,
+    /// Address at which the local node's published ports are reached by the proxy.
+    pub advertise_ip: std::net::IpAddr,
+    /// Largest instance count of one process type.
+    pub max_instances: u32,
+    pub log_format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `escale=debug`.
+    pub log_level: String,
+    pub scheduler: SchedulerConfig,
+    pub proxy: ProxySettings,
+}
+
+/// `[scheduler]`, validated.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub reconcile_interval: Duration,
+    pub deploy_timeout: Duration,
+    pub drain_grace: Duration,
+    pub stop_timeout: Duration,
+    pub default_port: u16,
+    pub log_max_size: String,
+    pub log_max_files: u32,
+}
+
+/// `[proxy]`, validated.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upstream_timeout: Duration,
+    /// Fraction of requests written to the access log, 0.0 (off) to 1.0 (all).
+    pub access_log_sample: f64,
+}
+
+/// `(key in the file, environment variable)` for every setting.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("data_dir", "ESCALE_DATA_DIR"),
+    ("api_addr", "ESCALE_API_ADDR"),
+    ("http_addr", "ESCALE_HTTP_ADDR"),
+    ("https_addr", "ESCALE_HTTPS_ADDR"),
+    ("apps_domain", "ESCALE_APPS_DOMAIN"),
+    ("docker_host", "ESCALE_DOCKER_HOST"),
+    ("advertise_ip", "ESCALE_ADVERTISE_IP"),
+    ("max_instances", "ESCALE_MAX_INSTANCES"),
+    ("log_format", "ESCALE_LOG_FORMAT"),
+    ("log_level", "ESCALE_LOG_LEVEL"),
+    ("scheduler.reconcile_interval", "ESCALE_SCHEDULER_RECONCILE_INTERVAL"),
+    ("scheduler.deploy_timeout", "ESCALE_SCHEDULER_DEPLOY_TIMEOUT"),
+    ("scheduler.drain_grace", "ESCALE_SCHEDULER_DRAIN_GRACE"),
+    ("scheduler.stop_timeout", "ESCALE_SCHEDULER_STOP_TIMEOUT"),
+    ("scheduler.default_port", "ESCALE_SCHEDULER_DEFAULT_PORT"),
+    ("scheduler.log_max_size", "ESCALE_SCHEDULER_LOG_MAX_SIZE"),
+    ("scheduler.log_max_files", "ESCALE_SCHEDULER_LOG_MAX_FILES"),
+    ("proxy.max_body_size", "ESCALE_PROXY_MAX_BODY_SIZE"),
+    ("proxy.max_header_size", "ESCALE_PROXY_MAX_HEADER_SIZE"),
+    ("proxy.header_read_timeout", "ESCALE_PROXY_HEADER_READ_TIMEOUT"),
+    ("proxy.idle_timeout", "ESCALE_PROXY_IDLE_TIMEOUT"),
+    ("proxy.upstream_timeout", "ESCALE_PROXY_UPSTREAM_TIMEOUT"),
+    ("proxy.access_log", "ESCALE_PROXY_ACCESS_LOG"),
+];
+
+/// Where `escale serve` looks for a config file when `--config` is not given.
+pub const DEFAULT_PATHS: &[&str] = &["config/escale.toml", "/etc/escale/escale.toml"];
+
+impl Config {
+    /// Reads `path` (or the first of [`DEFAULT_PATHS`] that exists, or nothing), applies the
+    /// process environment and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw = match path {
+            Some(p) => RawConfig::from_file(p)?,
+            None => match DEFAULT_PATHS.iter().map(Path::new).find(|p| p.is_file()) {
+                Some(p) => RawConfig::from_file(p)?,
+                None => RawConfig::default(),
+            },
+        };
+        Config::from_raw(raw, &|k| std::env::var(k).ok())
+    }
+
+    /// Defaults only, with `data_dir` set: what tests start from.
+    pub fn for_data_dir(data_dir: &Path) -> Config {
+        let mut c = Config::from_raw(RawConfig::default(), &|_| None).expect("defaults are valid");
+        c.data_dir = data_dir.to_path_buf();
+        c
+    }
+
+    /// Applies environment overrides (looked up through `env`) and defaults, and validates.
+    pub fn from_raw(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let s = Settings { env };
+        let sc = &raw.scheduler;
+        let px = &raw.proxy;
+        let log_format = match s
+            .get("log_format", raw.log_format.clone())
+            .as_deref()
+            .unwrap_or("human")
+        {
+            "human" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log_format", format!("`{other}`: use `human` or `json`"))),
+        };
+        let max_instances = s.parse_num("max_instances", raw.max_instances, 100u32)?;
+        if max_instances == 0 || max_instances > 10_000 {
+            return Err(invalid("max_instances", "must be between 1 and 10000".into()));
+        }
+        let apps_domain = s
+            .get("apps_domain", raw.apps_domain.clone())
+            .unwrap_or_else(|| "localhost".into())
+            .to_ascii_lowercase();
+        crate::validate::domain(&apps_domain)
+            .map_err(|e| invalid("apps_domain", e.to_string()))?;
+        let access_log = s
+            .get("proxy.access_log", px.access_log.clone())
+            .unwrap_or_else(|| "off".into());
+        let access_log_sample = match access_log.as_str() {
+            "off" => 0.0,
+            "on" | "all" => 1.0,
+            v => match v.parse::<f64>() {
+                Ok(f) if (0.0..=1.0).contains(&f) => f,
+                _ => {
+                    return Err(invalid(
+                        "proxy.access_log",
+                        format!("`{v}`: use `off`, `on`, or a sample rate between 0.0 and 1.0"),
+                    ))
+                }
+            },
+        };
+        Ok(Config {
+            data_dir: PathBuf::from(
+                s.get("data_dir", raw.data_dir.clone())
+                    .unwrap_or_else(|| "./data".into()),
+            ),
+            api_addr: s.addr("api_addr", raw.api_addr.clone(), "127.0.0.1:7300")?.ok_or_else(
+                || invalid("api_addr", "the API cannot be turned off".into()),
+            )?,
+            http_addr: s.addr("http_addr", raw.http_addr.clone(), "0.0.0.0:80")?,
+            https_addr: s.addr("https_addr", raw.https_addr.clone(), "0.0.0.0:443")?,
+            apps_domain,
+            docker_host: s
+                .get("docker_host", raw.docker_host.clone())
+                .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            advertise_ip: s
+                .get("advertise_ip", raw.advertise_ip.clone())
+                .unwrap_or_else(|| "127.0.0.1".into())
+                .parse()
+                .map_err(|_| invalid("advertise_ip", "expected an IP address".into()))?,
+            max_instances,
+            log_format,
+            log_level: s
+                .get("log_level", raw.log_level.clone())
+                .unwrap_or_else(|| "info".into()),
+            scheduler: SchedulerConfig {
+                reconcile_interval: s.duration(
+                    "scheduler.reconcile_interval",
+                    sc.reconcile_interval.clone(),
+                    "2s",
+                )?,
+                deploy_timeout: s.duration(
+                    "scheduler.deploy_timeout",
+                    sc.deploy_timeout.clone(),
+                    "120s",
+                )?,
+                drain_grace: s.duration("scheduler.drain_grace", sc.drain_grace.clone(), "1s")?,
+                stop_timeout: s.duration(
+                    "scheduler.stop_timeout",
+                    sc.stop_timeout.clone(),
+                    "10s",
+                )?,
+                default_port: s.parse_num("scheduler.default_port", sc.default_port, 8080u16)?,
+                log_max_size: {
+                    let v = s
+                        .get("scheduler.log_max_size", sc.log_max_size.clone())
+                        .unwrap_or_else(|| "10m".into());
+                    crate::validate::memory(&v)
+                        .map_err(|e| invalid("scheduler.log_max_size", e.to_string()))?;
+                    v
+                },
+                log_max_files: s.parse_num("scheduler.log_max_files", sc.log_max_files, 3u32)?,
+            },
+            proxy: ProxySettings {
+                max_body_bytes: s.size("proxy.max_body_size", px.max_body_size.clone(), "100m")?,
+                max_header_bytes: s.size(
+                    "proxy.max_header_size",
+                    px.max_header_size.clone(),
+                    "64k",
+                )? as usize,
+                header_read_timeout: s.duration(
+                    "proxy.header_read_timeout",
+                    px.header_read_timeout.clone(),
+                    "10s",
+                )?,
+                idle_timeout: s.duration("proxy.idle_timeout", px.idle_timeout.clone(), "60s")?,
+                upstream_timeout: s.duration(
+                    "proxy.upstream_timeout",
+                    px.upstream_timeout.clone(),
+                    "60s",
+                )?,
+                access_log_sample,
+            },
+        })
+    }
+
+    /// The registry database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("escale.db")
+    }
+}
+
+impl RawConfig {
+    /// Parses a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn env_name(key: &'static str) -> &'static str {
+    ENV_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, e)| *e)
+        .expect("every key is listed in ENV_KEYS")
+}
+
+fn invalid(key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        env: env_name(key),
+        message,
+    }
+}
+
+struct Settings<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Settings<'_> {
+    fn get(&self, key: &'static str, file: Option<String>) -> Option<String> {
+        (self.env)(env_name(key)).or(file)
+    }
+
+    fn parse_num<T: std::str::FromStr + ToString>(
+        &self,
+        key: &'static str,
+        file: Option<T>,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        match (self.env)(env_name(key)) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| invalid(key, format!("`{v}` is not a valid number"))),
+            None => Ok(file.unwrap_or(default)),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &'static str,
+        file: Option<String>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
+        let v = self.get(key, file).unwrap_or_else(|| default.into());
+        humantime::parse_duration(v.trim()).map_err(|e| {
+            invalid(
+                key,
+                format!("`{v}` is not a duration ({e}); write e.g. `500ms`, `10s`, `2m`"),
+            )
+        })
+    }
+
+    fn size(&self, key: &'static str, file: Option<String>, default: &str) -> Result<u64, ConfigError> {
+        let v = self.get(key, file).unwrap_or_else(|| default.into());
+        crate::validate::memory(&v).map_err(|e| invalid(key, e.to_string()))
+    }
+
+    fn addr(
+        &self,
+        key: &'static str,
+        file: Option<String>,
+        default: &str,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        let v = self.get(key, file).unwrap_or_else(|| default.into());
+        if v == "off" {
+            return Ok(None);
+        }
+        v.parse().map(Some).map_err(|_| {
+            invalid(
+                key,
+                format!("`{v}` is not an address; write e.g. `0.0.0.0:80`, `[::]:443` or `off`"),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with_env(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_raw(RawConfig::default(), &move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_work_on_one_machine() {
+        let c = with_env(&[]).unwrap();
+        assert_eq!(c.api_addr.to_string(), "127.0.0.1:7300");
+        assert_eq!(c.http_addr.unwrap().to_string(), "0.0.0.0:80");
+        assert_eq!(c.docker_host, "unix:///var/run/docker.sock");
+        assert_eq!(c.max_instances, 100);
+        assert_eq!(c.apps_domain, "localhost");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let raw: RawConfig = toml::from_str("apps_domain = \"a.example\"\n[scheduler]\ndeploy_timeout = \"30s\"").unwrap();
+        let c = Config::from_raw(raw, &|k| {
+            (k == "ESCALE_APPS_DOMAIN").then(|| "b.example".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.apps_domain, "b.example");
+        assert_eq!(c.scheduler.deploy_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_setting_names_key_and_env() {
+        let e = with_env(&[("ESCALE_API_ADDR", "nowhere")]).unwrap_err().to_string();
+        assert!(e.contains("api_addr") && e.contains("ESCALE_API_ADDR") && e.contains("nowhere"), "{e}");
+        let e = with_env(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("scheduler.deploy_timeout"), "{e}");
+        let e = with_env(&[("ESCALE_APPS_DOMAIN", "bad domain")]).unwrap_err().to_string();
+        assert!(e.contains("apps_domain"), "{e}");
+        let e = with_env(&[("ESCALE_MAX_INSTANCES", "0")]).unwrap_err().to_string();
+        assert!(e.contains("max_instances"), "{e}");
+    }
+
+    #[test]
+    fn proxy_listeners_can_be_turned_off() {
+        let c = with_env(&[("ESCALE_HTTP_ADDR", "off"), ("ESCALE_HTTPS_ADDR", "off")]).unwrap();
+        assert!(c.http_addr.is_none() && c.https_addr.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_in_file_are_rejected() {
+        let e = toml::from_str::<RawConfig>("datadir = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("datadir"), "{e}");
+    }
+
+    #[test]
+    fn sample_config_parses_and_lists_every_key() {
+        let text = include_str!("../config/escale.toml");
+        let raw: RawConfig = toml::from_str(text).expect("sample config parses");
+        Config::from_raw(raw, &|_| None).expect("sample config is valid");
+        for (key, env) in ENV_KEYS {
+            let leaf = key.rsplit('.').next().unwrap();
+            assert!(text.contains(leaf), "sample config does not document `{key}`");
+            assert!(text.contains(env), "sample config does not name {env}");
+        }
+    }
+}

@@ -1,0 +1,554 @@
+//! Apps, their process types (formation, resources, health checks), config vars and domains.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{audit, insert_release, is_unique_violation, not_found, now_ms, Actor, Registry, RegistryError, Result};
+
+/// An app as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct App {
+    pub name: String,
+    pub team: String,
+    /// The release the scheduler converges to; `None` before the first deploy.
+    pub release: Option<u32>,
+    pub created_at: i64,
+    pub processes: Vec<ProcessType>,
+    pub domains: Vec<String>,
+}
+
+/// How an instance's health is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// `GET path` must answer 2xx or 3xx.
+    Http,
+    /// A TCP connection to the port must succeed.
+    Tcp,
+    /// No check: routable once running.
+    None,
+}
+
+impl HealthKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthKind::Http => "http",
+            HealthKind::Tcp => "tcp",
+            HealthKind::None => "none",
+        }
+    }
+    fn parse(s: &str) -> HealthKind {
+        match s {
+            "tcp" => HealthKind::Tcp,
+            "none" => HealthKind::None,
+            _ => HealthKind::Http,
+        }
+    }
+}
+
+/// A process type's health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub path: String,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Time after start during which failures do not count.
+    pub grace_ms: u32,
+}
+
+/// A process type of an app (`web`, `worker`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ProcessType {
+    pub name: String,
+    /// argv; `None` runs the image's default command.
+    pub command: Option<Vec<String>>,
+    /// The port the process listens on (given to it as `$PORT`).
+    pub port: u16,
+    pub instances: u32,
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in billionths of a CPU.
+    pub nano_cpus: Option<i64>,
+    /// Extra instances allowed during a rolling deploy.
+    pub surge: u32,
+    pub health: HealthCheck,
+}
+
+/// A validated change to a process type; `None` fields are left as they are.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessPatch {
+    pub command: Option<Option<Vec<String>>>,
+    pub port: Option<u16>,
+    pub memory_bytes: Option<Option<u64>>,
+    pub nano_cpus: Option<Option<i64>>,
+    pub surge: Option<u32>,
+    pub health_kind: Option<HealthKind>,
+    pub health_path: Option<String>,
+    pub health_interval_ms: Option<u32>,
+    pub health_timeout_ms: Option<u32>,
+    pub health_grace_ms: Option<u32>,
+}
+
+/// A config var. `value` is `None` for a secret unless revealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ConfigVar {
+    pub key: String,
+    pub value: Option<String>,
+    pub secret: bool,
+}
+
+/// A custom domain of an app.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
+pub struct Domain {
+    pub domain: String,
+    pub app: String,
+    pub created_at: i64,
+}
+
+/// An app row with its id, for use inside the registry and by the scheduler.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AppRef {
+    pub id: i64,
+    pub name: String,
+    pub team_id: i64,
+    pub team: String,
+    pub target_release: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ProcessRow {
+    name: String,
+    command: Option<String>,
+    port: i64,
+    instances: i64,
+    memory_bytes: Option<i64>,
+    nano_cpus: Option<i64>,
+    surge: i64,
+    health_kind: String,
+    health_path: String,
+    health_interval_ms: i64,
+    health_timeout_ms: i64,
+    health_grace_ms: i64,
+}
+
+impl From<ProcessRow> for ProcessType {
+    fn from(r: ProcessRow) -> ProcessType {
+        ProcessType {
+            name: r.name,
+            command: r.command.and_then(|c| serde_json::from_str(&c).ok()),
+            port: r.port as u16,
+            instances: r.instances as u32,
+            memory_bytes: r.memory_bytes.map(|m| m as u64),
+            nano_cpus: r.nano_cpus,
+            surge: r.surge as u32,
+            health: HealthCheck {
+                kind: HealthKind::parse(&r.health_kind),
+                path: r.health_path,
+                interval_ms: r.health_interval_ms as u32,
+                timeout_ms: r.health_timeout_ms as u32,
+                grace_ms: r.health_grace_ms as u32,
+            },
+        }
+    }
+}
+
+const APP_COLUMNS: &str = "SELECT a.id, a.name, a.team_id, t.name AS team, a.target_release, a.created_at FROM apps a JOIN teams t ON t.id = a.team_id";
+
+/// Where a config var's sealed value is bound (associated data).
+pub fn config_place(app: &str, key: &str) -> String {
+    format!("config/{app}/{key}")
+}
+
+impl Registry {
+    /// Creates an app owned by `team` (default: the actor's team; only an admin may pick
+    /// another), with a `web` process type listening on `port`, no instance yet.
+    pub async fn create_app(&self, actor: &Actor, name: &str, team: Option<&str>, port: u16) -> Result<App> {
+        let mut tx = self.write().await?;
+        let team_id = match team {
+            Some(t) if t != actor.team => {
+                actor.require_admin("creating an app for another team")?;
+                sqlx::query_scalar::<_, i64>("SELECT id FROM teams WHERE name = ?")
+                    .bind(t)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .ok_or_else(|| not_found("team", t))?
+            }
+            _ => actor.team_id,
+        };
+        let id: i64 = sqlx::query_scalar("INSERT INTO apps (name, team_id, created_at) VALUES (?, ?, ?) RETURNING id")
+            .bind(name)
+            .bind(team_id)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    RegistryError::Conflict(format!("an app named `{name}` already exists; pick another name"))
+                } else {
+                    e.into()
+                }
+            })?;
+        sqlx::query("INSERT INTO process_types (app_id, name, port, instances) VALUES (?, 'web', ?, 0)")
+            .bind(id)
+            .bind(port as i64)
+            .execute(&mut *tx)
+            .await?;
+        audit(&mut tx, &actor.name, Some(name), "app.create", &format!("app `{name}` created")).await?;
+        tx.commit().await?;
+        self.app_info(actor, name).await
+    }
+
+    /// The app, or "not found" when it does not exist or belongs to another team (for a member).
+    pub async fn app(&self, actor: &Actor, name: &str) -> Result<AppRef> {
+        let row: Option<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{APP_COLUMNS} WHERE a.name = ?")))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(a) if actor.is_admin() || a.team_id == actor.team_id => Ok(a),
+            _ => Err(not_found("app", name)),
+        }
+    }
+
+    /// Every app (for the scheduler).
+    pub async fn all_apps(&self) -> Result<Vec<AppRef>> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("{APP_COLUMNS} ORDER BY a.name")))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Apps the actor can see.
+    pub async fn list_apps(&self, actor: &Actor) -> Result<Vec<App>> {
+        let rows: Vec<AppRef> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{APP_COLUMNS} WHERE ? OR a.team_id = ? ORDER BY a.name")))
+                .bind(actor.is_admin())
+                .bind(actor.team_id)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(self.describe(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// One app with its process types and domains.
+    pub async fn app_info(&self, actor: &Actor, name: &str) -> Result<App> {
+        let r = self.app(actor, name).await?;
+        self.describe(r).await
+    }
+
+    async fn describe(&self, r: AppRef) -> Result<App> {
+        let processes = self.processes_of(r.id).await?;
+        let domains = sqlx::query_scalar("SELECT domain FROM domains WHERE app_id = ? ORDER BY domain")
+            .bind(r.id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(App {
+            name: r.name,
+            team: r.team,
+            release: r.target_release.map(|v| v as u32),
+            created_at: r.created_at,
+            processes,
+            domains,
+        })
+    }
+
+    /// Process types of an app by id.
+    pub async fn processes_of(&self, app_id: i64) -> Result<Vec<ProcessType>> {
+        let rows: Vec<ProcessRow> = sqlx::query_as(
+            "SELECT name, command, port, instances, memory_bytes, nano_cpus, surge, health_kind, health_path,
+                    health_interval_ms, health_timeout_ms, health_grace_ms
+             FROM process_types WHERE app_id = ? ORDER BY name",
+        )
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(ProcessType::from).collect())
+    }
+
+    /// Deletes an app and everything it owns (its containers are removed by the reconciler,
+    /// which sees them as orphans).
+    pub async fn destroy_app(&self, actor: &Actor, name: &str) -> Result<()> {
+        let app = self.app(actor, name).await?;
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM apps WHERE id = ?").bind(app.id).execute(&mut *tx).await?;
+        audit(&mut tx, &actor.name, Some(name), "app.destroy", &format!("app `{name}` destroyed")).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Creates or changes a process type.
+    pub async fn upsert_process(&self, actor: &Actor, app: &str, process: &str, patch: &ProcessPatch, default_port: u16) -> Result<ProcessType> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT OR IGNORE INTO process_types (app_id, name, port, instances) VALUES (?, ?, ?, 0)")
+            .bind(a.id)
+            .bind(process)
+            .bind(patch.port.unwrap_or(default_port) as i64)
+            .execute(&mut *tx)
+            .await?;
+        let p = patch;
+        sqlx::query(
+            "UPDATE process_types SET
+                command = CASE WHEN ?1 THEN ?2 ELSE command END,
+                port = COALESCE(?3, port),
+                memory_bytes = CASE WHEN ?4 THEN ?5 ELSE memory_bytes END,
+                nano_cpus = CASE WHEN ?6 THEN ?7 ELSE nano_cpus END,
+                surge = COALESCE(?8, surge),
+                health_kind = COALESCE(?9, health_kind),
+                health_path = COALESCE(?10, health_path),
+                health_interval_ms = COALESCE(?11, health_interval_ms),
+                health_timeout_ms = COALESCE(?12, health_timeout_ms),
+                health_grace_ms = COALESCE(?13, health_grace_ms)
+             WHERE app_id = ?14 AND name = ?15",
+        )
+        .bind(p.command.is_some())
+        .bind(p.command.clone().flatten().map(|c| serde_json::to_string(&c).expect("argv serialises")))
+        .bind(p.port.map(i64::from))
+        .bind(p.memory_bytes.is_some())
+        .bind(p.memory_bytes.flatten().map(|m| m as i64))
+        .bind(p.nano_cpus.is_some())
+        .bind(p.nano_cpus.flatten())
+        .bind(p.surge.map(i64::from))
+        .bind(p.health_kind.map(HealthKind::as_str))
+        .bind(p.health_path.clone())
+        .bind(p.health_interval_ms.map(i64::from))
+        .bind(p.health_timeout_ms.map(i64::from))
+        .bind(p.health_grace_ms.map(i64::from))
+        .bind(a.id)
+        .bind(process)
+        .execute(&mut *tx)
+        .await?;
+        audit(&mut tx, &actor.name, Some(app), "process.update", &describe_patch(process, p)).await?;
+        tx.commit().await?;
+        self.processes_of(a.id)
+            .await?
+            .into_iter()
+            .find(|x| x.name == process)
+            .ok_or_else(|| not_found("process type", process))
+    }
+
+    /// Sets instance counts of existing process types, all or nothing.
+    pub async fn set_formation(&self, actor: &Actor, app: &str, counts: &BTreeMap<String, u32>) -> Result<Vec<ProcessType>> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let known: Vec<String> = sqlx::query_scalar("SELECT name FROM process_types WHERE app_id = ? ORDER BY name")
+            .bind(a.id)
+            .fetch_all(&mut *tx)
+            .await?;
+        for name in counts.keys() {
+            if !known.contains(name) {
+                return Err(RegistryError::Invalid(format!(
+                    "app `{app}` has no process type `{name}` (it has: {}); define it first with `escale processes set {app} {name} --command ...`",
+                    known.join(", ")
+                )));
+            }
+        }
+        for (name, n) in counts {
+            sqlx::query("UPDATE process_types SET instances = ? WHERE app_id = ? AND name = ?")
+                .bind(*n as i64)
+                .bind(a.id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let detail = counts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+        audit(&mut tx, &actor.name, Some(app), "scale", &detail).await?;
+        tx.commit().await?;
+        self.processes_of(a.id).await
+    }
+
+    /// Config vars of an app; secret values only when `reveal` (admins only).
+    pub async fn config(&self, actor: &Actor, app: &str, reveal: bool) -> Result<Vec<ConfigVar>> {
+        if reveal {
+            actor.require_admin("revealing secret config values")?;
+        }
+        let a = self.app(actor, app).await?;
+        let rows = self.config_rows(a.id).await?;
+        rows.into_iter()
+            .map(|(key, value, secret)| {
+                let value = match (secret, reveal) {
+                    (false, _) => Some(value),
+                    (true, true) => Some(self.open_secret(&config_place(app, &key), &value)?),
+                    (true, false) => None,
+                };
+                Ok(ConfigVar { key, value, secret })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn config_rows(&self, app_id: i64) -> Result<Vec<(String, String, bool)>> {
+        Ok(sqlx::query_as("SELECT key, value, secret FROM config_vars WHERE app_id = ? ORDER BY key")
+            .bind(app_id)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Sets and unsets config vars in one step. When the app has been deployed, a new release
+    /// is created with the new config (as on Heroku) and its version returned.
+    pub async fn update_config(
+        &self,
+        actor: &Actor,
+        app: &str,
+        set: &[(String, String)],
+        secret: bool,
+        unset: &[String],
+    ) -> Result<Option<u32>> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        for key in unset {
+            let n = sqlx::query("DELETE FROM config_vars WHERE app_id = ? AND key = ?")
+                .bind(a.id)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                return Err(not_found("config var", key.clone()));
+            }
+        }
+        for (key, value) in set {
+            let stored = if secret {
+                self.key.seal(&config_place(app, key), value.as_bytes())
+            } else {
+                value.clone()
+            };
+            sqlx::query(
+                "INSERT INTO config_vars (app_id, key, value, secret) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (app_id, key) DO UPDATE SET value = excluded.value, secret = excluded.secret",
+            )
+            .bind(a.id)
+            .bind(key)
+            .bind(stored)
+            .bind(secret)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM config_vars WHERE app_id = ?")
+            .bind(a.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if count as usize > crate::validate::MAX_VARS {
+            return Err(RegistryError::Invalid(format!(
+                "app `{app}` would have {count} config vars; the limit is {}",
+                crate::validate::MAX_VARS
+            )));
+        }
+        let keys: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+        let mut description = String::new();
+        if !keys.is_empty() {
+            description.push_str(&format!("Set {}", keys.join(", ")));
+        }
+        if !unset.is_empty() {
+            if !description.is_empty() {
+                description.push_str("; ");
+            }
+            description.push_str(&format!("Unset {}", unset.join(", ")));
+        }
+        audit(&mut tx, &actor.name, Some(app), "config.update", &description).await?;
+        let release = match a.target_release {
+            Some(v) => {
+                let image: String = sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
+                    .bind(a.id)
+                    .bind(v)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                Some(insert_release(&mut tx, &a, &image, "config", &description, &actor.name, None).await?)
+            }
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(release)
+    }
+
+    /// Adds a custom domain (normalised by the caller) to an app.
+    pub async fn add_domain(&self, actor: &Actor, app: &str, domain: &str) -> Result<Domain> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let now = now_ms();
+        sqlx::query("INSERT INTO domains (domain, app_id, created_at) VALUES (?, ?, ?)")
+            .bind(domain)
+            .bind(a.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    RegistryError::Conflict(format!("domain `{domain}` is already attached to an app"))
+                } else {
+                    e.into()
+                }
+            })?;
+        audit(&mut tx, &actor.name, Some(app), "domain.add", domain).await?;
+        tx.commit().await?;
+        Ok(Domain {
+            domain: domain.into(),
+            app: app.into(),
+            created_at: now,
+        })
+    }
+
+    /// Removes a custom domain from an app.
+    pub async fn remove_domain(&self, actor: &Actor, app: &str, domain: &str) -> Result<()> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let n = sqlx::query("DELETE FROM domains WHERE domain = ? AND app_id = ?")
+            .bind(domain)
+            .bind(a.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(not_found("domain", domain));
+        }
+        audit(&mut tx, &actor.name, Some(app), "domain.remove", domain).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Custom domains of an app.
+    pub async fn domains(&self, actor: &Actor, app: &str) -> Result<Vec<Domain>> {
+        let a = self.app(actor, app).await?;
+        Ok(sqlx::query_as("SELECT domain, ? AS app, created_at FROM domains WHERE app_id = ? ORDER BY domain")
+            .bind(app)
+            .bind(a.id)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Every `(domain, app)` pair (for the routing table).
+    pub async fn all_domains(&self) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as("SELECT d.domain, a.name FROM domains d JOIN apps a ON a.id = d.app_id ORDER BY d.domain")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
+
+fn describe_patch(process: &str, p: &ProcessPatch) -> String {
+    let mut parts = vec![format!("process `{process}`")];
+    if let Some(c) = &p.command {
+        parts.push(match c {
+            Some(argv) => format!("command={}", argv.join(" ")),
+            None => "command=(image default)".into(),
+        });
+    }
+    if let Some(port) = p.port {
+        parts.push(format!("port={port}"));
+    }
+    if let Some(m) = p.memory_bytes {
+        parts.push(format!("memory={}", m.map(|m| m.to_string()).unwrap_or_else(|| "unlimited".into())));
+    }
+    if let Some(c) = p.nano_cpus {
+        parts.push(format!("cpus={}", c.map(|c| format!("{}", c as f64 / 1e9)).unwrap_or_else(|| "unlimited".into())));
+    }
+    if let Some(k) = p.health_kind {
+        parts.push(format!("health={}", k.as_str()));
+    }
+    if let Some(path) = &p.health_path {
+        parts.push(format!("health_path={path}"));
+    }
+    parts.join(" ")
+}

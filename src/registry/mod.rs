@@ -1,0 +1,218 @@
+//! The registry: SQLite-backed desired state (apps, process types, config, releases, domains,
+//! nodes, users, teams, tokens) and the audit log.
+//!
+//! Invariants:
+//! - Every change and its audit event are written in one transaction (`BEGIN IMMEDIATE`), so a
+//!   crash leaves either both or neither. The database runs in WAL mode with
+//!   `synchronous=FULL`: a write acknowledged to a client survives power loss.
+//! - Releases are immutable but for their status; versions of an app are 1, 2, 3, ... with no gap.
+//! - Secret config values and private keys are stored sealed by [`MasterKey`]; this module never
+//!   returns them opened unless asked through [`Registry::open_secret`].
+//! - Access is scoped here, not only in the API: app lookups take the [`Actor`] and answer
+//!   "not found" for an app of another team, so a handler cannot forget the check.
+
+mod accounts;
+mod apps;
+mod releases;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+pub use accounts::*;
+pub use apps::*;
+pub use releases::*;
+
+use crate::secrets::MasterKey;
+
+/// Registry failures. `NotFound`, `Conflict` and `Invalid` are the caller's to fix; `Database`
+/// is ours.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{what} `{name}` not found")]
+    NotFound { what: &'static str, name: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+}
+
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+pub(crate) fn not_found(what: &'static str, name: impl Into<String>) -> RegistryError {
+    RegistryError::NotFound {
+        what,
+        name: name.into(),
+    }
+}
+
+/// A handle on the registry; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    pool: SqlitePool,
+    key: MasterKey,
+    installation_id: String,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Milliseconds since the unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An audit event.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
+pub struct Event {
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub actor: String,
+    pub app: Option<String>,
+    pub action: String,
+    pub detail: String,
+}
+
+impl Registry {
+    /// Opens (creating if needed) the database at `path`, applies migrations and makes sure the
+    /// installation id and the default team exist.
+    pub async fn open(path: &Path, key: MasterKey) -> Result<Registry> {
+        let opts = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let mut reg = Registry {
+            pool,
+            key,
+            installation_id: String::new(),
+        };
+        let mut tx = reg.write().await?;
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT installation_id FROM installation WHERE id = 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = crate::auth::random_hex(6);
+                sqlx::query("INSERT INTO installation (id, installation_id, created_at) VALUES (1, ?, ?)")
+                    .bind(&id)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                id
+            }
+        };
+        sqlx::query("INSERT OR IGNORE INTO teams (name, created_at) VALUES ('default', ?)")
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        reg.installation_id = id;
+        Ok(reg)
+    }
+
+    /// This installation's id, carried by every container label so that several escale
+    /// installations can share an engine.
+    pub fn installation_id(&self) -> &str {
+        &self.installation_id
+    }
+
+    /// The master key, for sealing values outside the registry (certificates).
+    pub fn master_key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// The raw pool, for read-only diagnostics (integrity checks in tests).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Starts a write transaction that takes the write lock at once (no upgrade deadlocks).
+    pub(crate) async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Opens a sealed value stored at `place`.
+    pub fn open_secret(&self, place: &str, sealed: &str) -> Result<String> {
+        Ok(self.key.open_string(place, sealed)?)
+    }
+
+    /// Audit events, newest first; for a member only those of its team's apps.
+    pub async fn events(&self, actor: &Actor, app: Option<&str>, limit: i64) -> Result<Vec<Event>> {
+        let limit = limit.clamp(1, 1000);
+        if let Some(app) = app {
+            self.app(actor, app).await?;
+            return Ok(sqlx::query_as(
+                "SELECT id, at, actor, app, action, detail FROM events WHERE app = ? ORDER BY id DESC LIMIT ?",
+            )
+            .bind(app)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?);
+        }
+        if actor.is_admin() {
+            Ok(sqlx::query_as("SELECT id, at, actor, app, action, detail FROM events ORDER BY id DESC LIMIT ?")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+        } else {
+            Ok(sqlx::query_as(
+                "SELECT e.id, e.at, e.actor, e.app, e.action, e.detail FROM events e
+                 JOIN apps a ON a.name = e.app WHERE a.team_id = ? ORDER BY e.id DESC LIMIT ?",
+            )
+            .bind(actor.team_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+        }
+    }
+}
+
+/// Writes an audit event inside the caller's transaction.
+pub(crate) async fn audit(
+    tx: &mut Transaction<'static, Sqlite>,
+    actor: &str,
+    app: Option<&str>,
+    action: &str,
+    detail: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO events (at, actor, app, action, detail) VALUES (?, ?, ?, ?, ?)")
+        .bind(now_ms())
+        .bind(actor)
+        .bind(app)
+        .bind(action)
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// True when a sqlx error is a UNIQUE constraint violation.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}

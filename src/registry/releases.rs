@@ -1,0 +1,317 @@
+//! Releases: immutable, numbered snapshots of image + config, and their rollout status.
+
+use serde::{Deserialize, Serialize};
+use sqlx::{Sqlite, Transaction};
+
+use super::{audit, config_place, not_found, now_ms, Actor, AppRef, Registry, RegistryError, Result};
+
+/// Where a release is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseStatus {
+    /// Being rolled out.
+    Deploying,
+    /// Serving.
+    Active,
+    /// Its rollout failed; see `status_reason`.
+    Failed,
+    /// Replaced by a later release.
+    Superseded,
+}
+
+impl ReleaseStatus {
+    fn parse(s: &str) -> ReleaseStatus {
+        match s {
+            "active" => ReleaseStatus::Active,
+            "failed" => ReleaseStatus::Failed,
+            "superseded" => ReleaseStatus::Superseded,
+            _ => ReleaseStatus::Deploying,
+        }
+    }
+}
+
+/// A release as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Release {
+    pub version: u32,
+    pub image: String,
+    /// Names of the config vars frozen in this release (values are not shown here).
+    pub config_keys: Vec<String>,
+    pub source: String,
+    pub description: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub status: ReleaseStatus,
+    pub status_reason: Option<String>,
+}
+
+/// One frozen config var inside a release (secret values stay sealed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FrozenVar {
+    key: String,
+    value: String,
+    secret: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReleaseRow {
+    version: i64,
+    image: String,
+    config: String,
+    source: String,
+    description: String,
+    created_by: String,
+    created_at: i64,
+    status: String,
+    status_reason: Option<String>,
+}
+
+impl From<ReleaseRow> for Release {
+    fn from(r: ReleaseRow) -> Release {
+        let vars: Vec<FrozenVar> = serde_json::from_str(&r.config).unwrap_or_default();
+        Release {
+            version: r.version as u32,
+            image: r.image,
+            config_keys: vars.into_iter().map(|v| v.key).collect(),
+            source: r.source,
+            description: r.description,
+            created_by: r.created_by,
+            created_at: r.created_at,
+            status: ReleaseStatus::parse(&r.status),
+            status_reason: r.status_reason,
+        }
+    }
+}
+
+const RELEASE_COLUMNS: &str =
+    "SELECT version, image, config, source, description, created_by, created_at, status, status_reason FROM releases";
+
+/// Creates the next release of `app` with the app's current config, makes it the target, and
+/// returns its version.
+pub(crate) async fn insert_release(
+    tx: &mut Transaction<'static, Sqlite>,
+    app: &AppRef,
+    image: &str,
+    source: &str,
+    description: &str,
+    actor: &str,
+    build_log: Option<&str>,
+) -> Result<u32> {
+    let rows: Vec<(String, String, bool)> =
+        sqlx::query_as("SELECT key, value, secret FROM config_vars WHERE app_id = ? ORDER BY key")
+            .bind(app.id)
+            .fetch_all(&mut **tx)
+            .await?;
+    let frozen: Vec<FrozenVar> = rows
+        .into_iter()
+        .map(|(key, value, secret)| FrozenVar { key, value, secret })
+        .collect();
+    let version: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?")
+        .bind(app.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO releases (app_id, version, image, config, source, description, created_by, created_at, status, build_log)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'deploying', ?)",
+    )
+    .bind(app.id)
+    .bind(version)
+    .bind(image)
+    .bind(serde_json::to_string(&frozen).expect("config serialises"))
+    .bind(source)
+    .bind(description)
+    .bind(actor)
+    .bind(now_ms())
+    .bind(build_log)
+    .execute(&mut **tx)
+    .await?;
+    // A rollout in progress that is overtaken by this one is superseded.
+    sqlx::query("UPDATE releases SET status = 'superseded', deadline_ms = NULL WHERE app_id = ? AND status = 'deploying' AND version < ?")
+        .bind(app.id)
+        .bind(version)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE apps SET target_release = ? WHERE id = ?")
+        .bind(version)
+        .bind(app.id)
+        .execute(&mut **tx)
+        .await?;
+    audit(tx, actor, Some(&app.name), "release.create", &format!("v{version}: {description} ({image})")).await?;
+    Ok(version as u32)
+}
+
+impl Registry {
+    /// Creates a release of `image` with the app's current config: a deploy.
+    pub async fn create_release(&self, actor: &Actor, app: &str, image: &str, source: &str, description: &str) -> Result<u32> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let v = insert_release(&mut tx, &a, image, source, description, &actor.name, None).await?;
+        tx.commit().await?;
+        Ok(v)
+    }
+
+    /// Releases of an app, newest first.
+    pub async fn releases(&self, actor: &Actor, app: &str) -> Result<Vec<Release>> {
+        let a = self.app(actor, app).await?;
+        let rows: Vec<ReleaseRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{RELEASE_COLUMNS} WHERE app_id = ? ORDER BY version DESC")))
+                .bind(a.id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(Release::from).collect())
+    }
+
+    /// One release.
+    pub async fn release(&self, actor: &Actor, app: &str, version: u32) -> Result<Release> {
+        let a = self.app(actor, app).await?;
+        self.release_by_id(a.id, version)
+            .await?
+            .ok_or_else(|| not_found("release", format!("v{version} of {app}")))
+    }
+
+    pub(crate) async fn release_by_id(&self, app_id: i64, version: u32) -> Result<Option<Release>> {
+        let row: Option<ReleaseRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{RELEASE_COLUMNS} WHERE app_id = ? AND version = ?")))
+                .bind(app_id)
+                .bind(version as i64)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(Release::from))
+    }
+
+    /// Makes a new release with the image and config of `version`; the app's config vars are
+    /// restored to that release's, as on Heroku.
+    pub async fn rollback(&self, actor: &Actor, app: &str, version: u32) -> Result<u32> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let row: Option<(String, String)> = sqlx::query_as("SELECT image, config FROM releases WHERE app_id = ? AND version = ?")
+            .bind(a.id)
+            .bind(version as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (image, config) = row.ok_or_else(|| not_found("release", format!("v{version} of {app}")))?;
+        if a.target_release == Some(version as i64) {
+            return Err(RegistryError::Conflict(format!("v{version} is already the current release of `{app}`")));
+        }
+        let vars: Vec<FrozenVar> = serde_json::from_str(&config).unwrap_or_default();
+        sqlx::query("DELETE FROM config_vars WHERE app_id = ?").bind(a.id).execute(&mut *tx).await?;
+        for v in vars {
+            sqlx::query("INSERT INTO config_vars (app_id, key, value, secret) VALUES (?, ?, ?, ?)")
+                .bind(a.id)
+                .bind(v.key)
+                .bind(v.value)
+                .bind(v.secret)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let new = insert_release(&mut tx, &a, &image, &format!("rollback v{version}"), &format!("Rollback to v{version}"), &actor.name, None).await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// The environment of a release with secrets opened, for starting its instances.
+    pub async fn release_env(&self, app: &AppRef, version: u32) -> Result<Vec<(String, String)>> {
+        let config: String = sqlx::query_scalar("SELECT config FROM releases WHERE app_id = ? AND version = ?")
+            .bind(app.id)
+            .bind(version as i64)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| not_found("release", format!("v{version} of {}", app.name)))?;
+        let vars: Vec<FrozenVar> = serde_json::from_str(&config).unwrap_or_default();
+        vars.into_iter()
+            .map(|v| {
+                let value = if v.secret {
+                    self.open_secret(&config_place(&app.name, &v.key), &v.value)?
+                } else {
+                    v.value
+                };
+                Ok((v.key, value))
+            })
+            .collect()
+    }
+
+    /// The image of a release.
+    pub async fn release_image(&self, app_id: i64, version: u32) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
+            .bind(app_id)
+            .bind(version as i64)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// The rollout deadline of a deploying release, set on first call to `now + timeout`.
+    pub async fn rollout_deadline(&self, app_id: i64, version: u32, timeout_ms: i64) -> Result<Option<i64>> {
+        let mut tx = self.write().await?;
+        let row: Option<(String, Option<i64>)> =
+            sqlx::query_as("SELECT status, deadline_ms FROM releases WHERE app_id = ? AND version = ?")
+                .bind(app_id)
+                .bind(version as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let out = match row {
+            Some((s, Some(d))) if s == "deploying" => Some(d),
+            Some((s, None)) if s == "deploying" => {
+                let d = now_ms() + timeout_ms;
+                sqlx::query("UPDATE releases SET deadline_ms = ? WHERE app_id = ? AND version = ?")
+                    .bind(d)
+                    .bind(app_id)
+                    .bind(version as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                Some(d)
+            }
+            _ => None,
+        };
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Marks a rollout done: the release is active, the previous active one superseded.
+    pub async fn rollout_succeeded(&self, app: &AppRef, version: u32) -> Result<()> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("UPDATE releases SET status = 'active', deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
+            .bind(app.id)
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            sqlx::query("UPDATE releases SET status = 'superseded' WHERE app_id = ? AND status = 'active' AND version <> ?")
+                .bind(app.id)
+                .bind(version as i64)
+                .execute(&mut *tx)
+                .await?;
+            audit(&mut tx, "scheduler", Some(&app.name), "release.active", &format!("v{version} is serving")).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks a rollout failed with its reason and points the app back at its last active
+    /// release (if any), so the old release keeps serving.
+    pub async fn rollout_failed(&self, app: &AppRef, version: u32, reason: &str) -> Result<Option<u32>> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("UPDATE releases SET status = 'failed', status_reason = ?, deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
+            .bind(reason)
+            .bind(app.id)
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let previous: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM releases WHERE app_id = ? AND status = 'active'")
+            .bind(app.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if n == 1 {
+            sqlx::query("UPDATE apps SET target_release = ? WHERE id = ? AND target_release = ?")
+                .bind(previous)
+                .bind(app.id)
+                .bind(version as i64)
+                .execute(&mut *tx)
+                .await?;
+            audit(&mut tx, "scheduler", Some(&app.name), "release.failed", &format!("v{version} failed: {reason}")).await?;
+        }
+        tx.commit().await?;
+        Ok(previous.map(|v| v as u32))
+    }
+}

@@ -1,0 +1,412 @@
+//! Validation of every name and value a user can send, applied at the API edge.
+//!
+//! Each function returns the canonical form (or `()`) or a [`ValidationError`] whose text says
+//! what is wrong and what would be accepted. Nothing here does I/O.
+
+/// A value that does not fit; the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ValidationError> {
+    Err(ValidationError(msg.into()))
+}
+
+/// Largest value of one config var.
+pub const MAX_VALUE_BYTES: usize = 32 * 1024;
+/// Largest number of config vars of one app.
+pub const MAX_VARS: usize = 500;
+
+/// An app name: a DNS label, lowercase letters, digits and `-`, 1 to 30 characters, starting
+/// with a letter and not ending with `-` (it becomes `APP.<apps_domain>` and container names).
+pub fn app_name(name: &str) -> Result<(), ValidationError> {
+    dns_label(name, 30, "app name")
+}
+
+/// A process type name such as `web` or `worker`: same rules as an app name, 1 to 20 characters.
+pub fn process_name(name: &str) -> Result<(), ValidationError> {
+    dns_label(name, 20, "process type")
+}
+
+/// A user or team name: lowercase letters, digits, `-`, `_`, `.`, 1 to 40 characters.
+pub fn account_name(name: &str, what: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        err(format!(
+            "{what} `{}` is invalid: use 1 to 40 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit",
+            printable(name)
+        ))
+    }
+}
+
+/// A token name (label only): printable, 1 to 64 characters.
+pub fn token_name(name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        err("token name must be 1 to 64 letters, digits, `-`, `_`, `.`, `:` or `@`")
+    }
+}
+
+fn dns_label(name: &str, max: usize, what: &str) -> Result<(), ValidationError> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= max
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        err(format!(
+            "{what} `{}` is invalid: use 1 to {max} lowercase letters, digits and `-`, starting with a letter and not ending with `-`",
+            printable(name)
+        ))
+    }
+}
+
+/// A config var name: a POSIX environment variable name, not one escale sets itself.
+pub fn env_key(key: &str) -> Result<(), ValidationError> {
+    let b = key.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 255
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    if !ok {
+        return err(format!(
+            "config var name `{}` is invalid: use letters, digits and `_`, not starting with a digit (POSIX), at most 255",
+            printable(key)
+        ));
+    }
+    if key == "PORT" || key.starts_with("ESCALE_") {
+        return err(format!(
+            "config var `{key}` is set by escale itself (PORT and ESCALE_* are reserved)"
+        ));
+    }
+    Ok(())
+}
+
+/// A config var value: any text without NUL, at most [`MAX_VALUE_BYTES`].
+pub fn env_value(key: &str, value: &str) -> Result<(), ValidationError> {
+    if value.contains('\0') {
+        return err(format!("value of `{key}` contains a NUL byte, which environment variables cannot hold"));
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return err(format!(
+            "value of `{key}` is {} bytes; the limit is {MAX_VALUE_BYTES}",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A domain name (RFC 1123; international names are converted to punycode). Returns the
+/// canonical lowercase ASCII form.
+pub fn domain(input: &str) -> Result<String, ValidationError> {
+    let shown = printable(input);
+    let trimmed = input.strip_suffix('.').unwrap_or(input);
+    if trimmed.is_empty() || trimmed.len() > 253 || trimmed.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return err(format!("domain `{shown}` is invalid: expected a host name such as shop.example.eu"));
+    }
+    let ascii = idna::domain_to_ascii(trimmed)
+        .map_err(|_| ValidationError(format!("domain `{shown}` is not a valid international domain name")))?;
+    if ascii.parse::<std::net::Ipv4Addr>().is_ok() {
+        return err(format!("`{shown}` is an IP address; a domain name is needed"));
+    }
+    for label in ascii.split('.') {
+        let b = label.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-');
+        if !ok {
+            return err(format!(
+                "domain `{shown}` has an invalid label `{}`: labels are 1 to 63 letters, digits and `-`, not starting or ending with `-`",
+                printable(label)
+            ));
+        }
+    }
+    if ascii.len() > 253 {
+        return err(format!("domain `{shown}` is longer than 253 characters"));
+    }
+    Ok(ascii.to_ascii_lowercase())
+}
+
+/// An image reference, `[registry[:port]/]path[:tag][@sha256:hex]`, as the Docker engine
+/// accepts it.
+pub fn image_ref(input: &str) -> Result<(), ValidationError> {
+    let bad = |why: &str| {
+        err(format!(
+            "image reference `{}` is invalid: {why}; expected e.g. `nginx:1.27`, `registry.example.eu:5000/team/app:v3` or `app@sha256:...`",
+            printable(input)
+        ))
+    };
+    if input.is_empty() || input.len() > 512 {
+        return bad("it must be 1 to 512 characters");
+    }
+    let (rest, digest) = match input.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (input, None),
+    };
+    if let Some(d) = digest {
+        let ok = d
+            .split_once(':')
+            .map(|(alg, hex)| {
+                !alg.is_empty()
+                    && alg.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c))
+                    && hex.len() >= 32
+                    && hex.bytes().all(|c| c.is_ascii_hexdigit())
+            })
+            .unwrap_or(false);
+        if !ok {
+            return bad("the digest must look like `sha256:<64 hex digits>`");
+        }
+    }
+    // A tag is after the last ':' that comes after the last '/'.
+    let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        let tb = t.as_bytes();
+        let ok = !tb.is_empty()
+            && tb.len() <= 128
+            && (tb[0].is_ascii_alphanumeric() || tb[0] == b'_')
+            && tb.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
+        if !ok {
+            return bad("the tag must be 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`");
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let first = parts[0];
+        if first.contains('.') || first.contains(':') || first == "localhost" {
+            // registry host[:port]
+            let (host, port) = match first.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (first, None),
+            };
+            let host_ok = !host.is_empty()
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                });
+            let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()));
+            if !host_ok || !port_ok {
+                return bad("the registry host is not a valid host[:port]");
+            }
+            parts.remove(0);
+        }
+    }
+    if parts.is_empty() {
+        return bad("the repository path is missing");
+    }
+    for p in parts {
+        if !path_component(p) {
+            return bad("path components are lowercase letters and digits, separated by `.`, `_`, `__` or `-`");
+        }
+    }
+    Ok(())
+}
+
+fn path_component(p: &str) -> bool {
+    let b = p.as_bytes();
+    if b.is_empty() || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
+        return false;
+    }
+    b.iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+        && !p.contains("..")
+        && !p.contains("___")
+}
+
+/// A memory or size amount: `256m`, `1g`, `512k`, `1.5g`, or plain bytes. Units are binary
+/// (k = 1024). Returns bytes.
+pub fn memory(input: &str) -> Result<u64, ValidationError> {
+    let s = input.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('b').unwrap_or(&s);
+    let s = s.strip_suffix('i').unwrap_or(s);
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'g') => (&s[..s.len() - 1], 1 << 30),
+        Some(b't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let bad = || ValidationError(format!("`{}` is not a size: write e.g. `256m`, `1g`, `512k`", printable(input)));
+    if num.is_empty() || !num.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+        return Err(bad());
+    }
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = v * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > (1u64 << 50) as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Smallest memory limit the Docker engine accepts.
+pub const MIN_MEMORY: u64 = 6 << 20;
+
+/// A memory limit for an instance: a [`memory`] amount of at least 6 MiB.
+pub fn memory_limit(input: &str) -> Result<u64, ValidationError> {
+    let v = memory(input)?;
+    if v < MIN_MEMORY {
+        return err(format!("memory limit `{}` is below the engine's minimum of 6m", printable(input)));
+    }
+    Ok(v)
+}
+
+/// A CPU limit: `0.5`, `2`, at least 0.01 and at most 256. Returns nano-CPUs as the engine wants.
+pub fn cpus(input: &str) -> Result<i64, ValidationError> {
+    let t = input.trim();
+    let v: f64 = t
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && t.bytes().all(|c| c.is_ascii_digit() || c == b'.'))
+        .ok_or_else(|| ValidationError(format!("`{}` is not a CPU count: write e.g. `0.5` or `2`", printable(input))))?;
+    if !(0.01..=256.0).contains(&v) {
+        return err(format!("CPU limit `{t}` must be between 0.01 and 256"));
+    }
+    Ok((v * 1e9).round() as i64)
+}
+
+/// An instance count between 0 and `max`.
+pub fn instances(process: &str, n: i64, max: u32) -> Result<u32, ValidationError> {
+    if n < 0 || n > max as i64 {
+        return err(format!(
+            "instance count {n} for `{process}` is out of range: use 0 to {max} (the server's max_instances)"
+        ));
+    }
+    Ok(n as u32)
+}
+
+/// A TCP port an app listens on, 1 to 65535.
+pub fn port(n: i64) -> Result<u16, ValidationError> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ValidationError(format!("port {n} is out of range: use 1 to 65535")))
+}
+
+/// An HTTP health-check path: starts with `/`, printable ASCII, at most 512 characters.
+pub fn health_path(p: &str) -> Result<(), ValidationError> {
+    if p.starts_with('/') && p.len() <= 512 && p.bytes().all(|c| c.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        err(format!("health check path `{}` must start with `/` and contain no spaces or control characters", printable(p)))
+    }
+}
+
+/// A text safe to echo back in an error message: control characters escaped, length capped.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(80).flat_map(|c| c.escape_debug()).collect();
+    if s.chars().count() > 80 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names() {
+        for ok in ["shop", "a", "shop-2", "a23456789012345678901234567890"] {
+            assert!(app_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Shop", "2shop", "shop-", "sh_op", "sh.op", "a234567890123456789012345678901", "$(id)", "-x", "shop\n", "../x"] {
+            let e = app_name(bad).unwrap_err().0;
+            assert!(e.contains("app name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn env_keys_and_values() {
+        for ok in ["A", "_X", "DATABASE_URL", "lower_ok9"] {
+            assert!(env_key(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "9A", "A-B", "A B", "A=B", "PORT", "ESCALE_X", "é"] {
+            assert!(env_key(bad).is_err(), "{bad}");
+        }
+        assert!(env_value("A", "x\0y").unwrap_err().0.contains("NUL"));
+        assert!(env_value("A", &"x".repeat(MAX_VALUE_BYTES + 1)).is_err());
+        assert!(env_value("A", "multi\nline $(id) `x`").is_ok());
+    }
+
+    #[test]
+    fn domains() {
+        assert_eq!(domain("Shop.Example.EU").unwrap(), "shop.example.eu");
+        assert_eq!(domain("shop.example.eu.").unwrap(), "shop.example.eu");
+        assert_eq!(domain("bücher.example").unwrap(), "xn--bcher-kva.example");
+        assert_eq!(domain("localhost").unwrap(), "localhost");
+        for bad in ["", "a..b", "-a.b", "a-.b", "a b.c", "a_b.c", "1.2.3.4", &"a".repeat(64), "x;id.com", "a/b"] {
+            assert!(domain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn image_refs() {
+        for ok in [
+            "nginx", "nginx:1.27", "library/nginx:latest", "registry.example.eu:5000/team/app:v3",
+            "localhost/app", "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "escale-fixture/webapp:abc_1", "a__b/c-d.e",
+        ] {
+            assert!(image_ref(ok).is_ok(), "{ok}: {:?}", image_ref(ok));
+        }
+        for bad in ["", "Nginx", "nginx:", "nginx:-x", "a//b", "-a", "a b", "$(id)", "app@sha256:zz", "reg.io:abc/x", "a..b", "x:y:z"] {
+            assert!(image_ref(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_cpus() {
+        assert_eq!(memory("256m").unwrap(), 256 << 20);
+        assert_eq!(memory("1g").unwrap(), 1 << 30);
+        assert_eq!(memory("1GiB").unwrap(), 1 << 30);
+        assert_eq!(memory("512k").unwrap(), 512 << 10);
+        assert_eq!(memory("1.5g").unwrap(), 3 << 29);
+        assert_eq!(memory("1000").unwrap(), 1000);
+        for bad in ["", "m", "-1m", "1x", "1e9", "NaN", "0"] {
+            assert!(memory(bad).is_err(), "{bad}");
+        }
+        assert!(memory_limit("4m").is_err());
+        assert_eq!(cpus("0.5").unwrap(), 500_000_000);
+        assert_eq!(cpus("2").unwrap(), 2_000_000_000);
+        for bad in ["", "0", "-1", "abc", "1e3", "inf", "300"] {
+            assert!(cpus(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn counts_ports_paths() {
+        assert_eq!(instances("web", 7, 100).unwrap(), 7);
+        assert!(instances("web", 101, 100).unwrap_err().0.contains("0 to 100"));
+        assert!(instances("web", -1, 100).is_err());
+        assert!(port(0).is_err() && port(70000).is_err() && port(8080).is_ok());
+        assert!(health_path("/health").is_ok() && health_path("health").is_err() && health_path("/a b").is_err());
+    }
+
+    #[test]
+    fn printable_escapes_controls() {
+        assert_eq!(printable("a\nb\0"), "a\\nb\\0");
+    }
+}
