@@ -13,3 +13,5 @@ pub mod config;
 pub mod registry;
 pub mod secrets;
 pub mod validate;
+pub mod api;
+pub mod server;

@@ -1,0 +1,449 @@
+//! Apps, process types, formation, config, releases, domains and their audit events.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiError, AppState, Auth, Json};
+use crate::registry::{App, ConfigVar, Domain, Event, HealthKind, ProcessPatch, ProcessType, Release};
+use crate::validate;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAppRequest {
+    pub name: String,
+    /// Owning team; default the caller's. Only an admin may name another team.
+    #[serde(default)]
+    pub team: Option<String>,
+    /// Port of the `web` process; default from the server's `scheduler.default_port`.
+    #[serde(default)]
+    pub port: Option<i64>,
+}
+
+/// Changes to a process type; absent fields stay as they are.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessUpdate {
+    /// argv; an empty list means the image's default command.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub port: Option<i64>,
+    /// e.g. `256m`, `1g`; `none` removes the limit.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// e.g. `0.5`, `2`; `none` removes the limit.
+    #[serde(default)]
+    pub cpus: Option<String>,
+    #[serde(default)]
+    pub surge: Option<i64>,
+    #[serde(default)]
+    pub health: Option<HealthUpdate>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthUpdate {
+    #[serde(default)]
+    pub kind: Option<HealthKind>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub interval_ms: Option<i64>,
+    #[serde(default)]
+    pub timeout_ms: Option<i64>,
+    #[serde(default)]
+    pub grace_ms: Option<i64>,
+}
+
+/// Sets and unsets config vars in one change.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigUpdate {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub unset: Vec<String>,
+    /// Store the `set` values encrypted and hide them from reads.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+/// The result of a config change.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfigChanged {
+    pub vars: Vec<ConfigVar>,
+    /// The release created for the change, when the app had been deployed.
+    pub release: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigQuery {
+    /// Show secret values (admins only).
+    #[serde(default)]
+    pub reveal: bool,
+}
+
+/// Deploys an image: creates a release with the app's current config and rolls it out.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub image: String,
+    /// Port the `web` process listens on, if it changes.
+    #[serde(default)]
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The version to roll back to, e.g. `3` or `"v3"`.
+    pub version: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRequest {
+    pub domain: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+fn app_name(name: &str) -> Result<(), ApiError> {
+    // An invalid name cannot exist: answer 404 as for any unknown app, saying why.
+    validate::app_name(name).map_err(|e| ApiError::NotFound(e.0))
+}
+
+/// Parses `3` or `v3`.
+pub fn parse_version(v: &str) -> Result<u32, ApiError> {
+    v.strip_prefix('v')
+        .unwrap_or(v)
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ApiError::Unprocessable(format!("`{}` is not a release version; write e.g. `v3` or `3`", validate::printable(v))))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), responses((status = 200, body = [App])))]
+pub async fn list_apps(State(s): State<AppState>, Auth(actor): Auth) -> Result<Json<Vec<App>>, ApiError> {
+    Ok(Json(s.registry.list_apps(&actor).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/apps", tag = "apps", security(("token" = [])), request_body = CreateAppRequest,
+    responses((status = 201, body = App), (status = 409, body = super::Problem), (status = 422, body = super::Problem)))]
+pub async fn create_app(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Json(req): Json<CreateAppRequest>,
+) -> Result<(StatusCode, Json<App>), ApiError> {
+    validate::app_name(&req.name)?;
+    if let Some(t) = &req.team {
+        validate::account_name(t, "team name")?;
+    }
+    let port = match req.port {
+        Some(p) => validate::port(p)?,
+        None => s.config.scheduler.default_port,
+    };
+    let app = s.registry.create_app(&actor, &req.name, req.team.as_deref(), port).await?;
+    s.changed.notify_one();
+    Ok((StatusCode::CREATED, Json(app)))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}", tag = "apps", security(("token" = [])), params(("app" = String, Path)),
+    responses((status = 200, body = App), (status = 404, body = super::Problem)))]
+pub async fn get_app(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<App>, ApiError> {
+    app_name(&app)?;
+    Ok(Json(s.registry.app_info(&actor, &app).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/apps/{app}", tag = "apps", security(("token" = [])), params(("app" = String, Path)),
+    responses((status = 204), (status = 404, body = super::Problem)))]
+pub async fn destroy_app(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<StatusCode, ApiError> {
+    app_name(&app)?;
+    s.registry.destroy_app(&actor, &app).await?;
+    s.changed.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/processes", tag = "apps", security(("token" = [])), params(("app" = String, Path)),
+    responses((status = 200, body = [ProcessType])))]
+pub async fn list_processes(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<Vec<ProcessType>>, ApiError> {
+    app_name(&app)?;
+    let a = s.registry.app(&actor, &app).await?;
+    Ok(Json(s.registry.processes_of(a.id).await?))
+}
+
+/// Validates a process update into a registry patch.
+pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
+    let limit = |v: &Option<String>, parse: &dyn Fn(&str) -> Result<i64, validate::ValidationError>| -> Result<Option<Option<i64>>, ApiError> {
+        Ok(match v.as_deref() {
+            None => None,
+            Some("none") | Some("unlimited") => Some(None),
+            Some(x) => Some(Some(parse(x)?)),
+        })
+    };
+    let ms = |what: &str, v: Option<i64>, min: i64, max: i64| -> Result<Option<u32>, ApiError> {
+        match v {
+            None => Ok(None),
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n as u32)),
+            Some(n) => Err(ApiError::Unprocessable(format!("health {what} {n} ms is out of range: use {min} to {max}"))),
+        }
+    };
+    if let Some(cmd) = &u.command {
+        if cmd.iter().any(|a| a.contains('\0')) || cmd.iter().map(String::len).sum::<usize>() > 16 * 1024 {
+            return Err(ApiError::Unprocessable("command arguments must not contain NUL and must total at most 16 KiB".into()));
+        }
+    }
+    let h = u.health.as_ref();
+    if let Some(p) = h.and_then(|h| h.path.as_deref()) {
+        validate::health_path(p)?;
+    }
+    Ok(ProcessPatch {
+        command: u.command.clone().map(|c| if c.is_empty() { None } else { Some(c) }),
+        port: u.port.map(validate::port).transpose()?,
+        memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?.map(|o| o.map(|b| b as u64)),
+        nano_cpus: limit(&u.cpus, &validate::cpus)?,
+        surge: match u.surge {
+            None => None,
+            Some(n) if (1..=100).contains(&n) => Some(n as u32),
+            Some(n) => return Err(ApiError::Unprocessable(format!("surge {n} is out of range: use 1 to 100"))),
+        },
+        health_kind: h.and_then(|h| h.kind),
+        health_path: h.and_then(|h| h.path.clone()),
+        health_interval_ms: ms("interval", h.and_then(|h| h.interval_ms), 100, 3_600_000)?,
+        health_timeout_ms: ms("timeout", h.and_then(|h| h.timeout_ms), 50, 600_000)?,
+        health_grace_ms: ms("grace", h.and_then(|h| h.grace_ms), 0, 3_600_000)?,
+    })
+}
+
+#[utoipa::path(patch, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("process" = String, Path)), request_body = ProcessUpdate,
+    responses((status = 200, body = ProcessType)))]
+pub async fn update_process(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, process)): Path<(String, String)>,
+    Json(req): Json<ProcessUpdate>,
+) -> Result<Json<ProcessType>, ApiError> {
+    app_name(&app)?;
+    validate::process_name(&process)?;
+    let patch = process_patch(&req)?;
+    let p = s
+        .registry
+        .upsert_process(&actor, &app, &process, &patch, s.config.scheduler.default_port)
+        .await?;
+    s.changed.notify_one();
+    Ok(Json(p))
+}
+
+#[utoipa::path(patch, path = "/api/v1/apps/{app}/formation", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body(content = BTreeMap<String, i64>, description = "process type -> instances, e.g. {\"web\": 7}"),
+    responses((status = 200, body = [ProcessType])))]
+pub async fn update_formation(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<BTreeMap<String, i64>>,
+) -> Result<Json<Vec<ProcessType>>, ApiError> {
+    app_name(&app)?;
+    if req.is_empty() {
+        return Err(ApiError::Unprocessable("give at least one process type and count, e.g. {\"web\": 3}".into()));
+    }
+    let mut counts = BTreeMap::new();
+    for (name, n) in &req {
+        validate::process_name(name)?;
+        counts.insert(name.clone(), validate::instances(name, *n, s.config.max_instances)?);
+    }
+    let out = s.registry.set_formation(&actor, &app, &counts).await?;
+    s.changed.notify_one();
+    Ok(Json(out))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/config", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ConfigQuery), responses((status = 200, body = [ConfigVar])))]
+pub async fn get_config(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Query(q): Query<ConfigQuery>,
+) -> Result<Json<Vec<ConfigVar>>, ApiError> {
+    app_name(&app)?;
+    Ok(Json(s.registry.config(&actor, &app, q.reveal).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/apps/{app}/config", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body = ConfigUpdate, responses((status = 200, body = ConfigChanged)))]
+pub async fn update_config(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<ConfigUpdate>,
+) -> Result<Json<ConfigChanged>, ApiError> {
+    app_name(&app)?;
+    if req.set.is_empty() && req.unset.is_empty() {
+        return Err(ApiError::Unprocessable("nothing to change: give `set` and/or `unset`".into()));
+    }
+    for (k, v) in &req.set {
+        validate::env_key(k)?;
+        validate::env_value(k, v)?;
+    }
+    for k in &req.unset {
+        validate::env_key(k)?;
+        if req.set.contains_key(k) {
+            return Err(ApiError::Unprocessable(format!("`{k}` is both set and unset")));
+        }
+    }
+    let set: Vec<(String, String)> = req.set.into_iter().collect();
+    let release = s.registry.update_config(&actor, &app, &set, req.secret, &req.unset).await?;
+    s.changed.notify_one();
+    Ok(Json(ConfigChanged {
+        vars: s.registry.config(&actor, &app, false).await?,
+        release,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/releases", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), responses((status = 200, body = [Release])))]
+pub async fn list_releases(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<Vec<Release>>, ApiError> {
+    app_name(&app)?;
+    Ok(Json(s.registry.releases(&actor, &app).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/releases/{version}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("version" = String, Path, description = "`3` or `v3`")), responses((status = 200, body = Release)))]
+pub async fn get_release(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, version)): Path<(String, String)>,
+) -> Result<Json<Release>, ApiError> {
+    app_name(&app)?;
+    let v = parse_version(&version)?;
+    Ok(Json(s.registry.release(&actor, &app, v).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/apps/{app}/releases", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body = DeployRequest, responses((status = 201, body = Release)))]
+pub async fn create_release(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<DeployRequest>,
+) -> Result<(StatusCode, Json<Release>), ApiError> {
+    app_name(&app)?;
+    validate::image_ref(&req.image)?;
+    let port = req.port.map(validate::port).transpose()?;
+    let description = req.description.unwrap_or_else(|| format!("Deploy {}", req.image));
+    if description.len() > 500 || description.contains('\0') {
+        return Err(ApiError::Unprocessable("description must be at most 500 bytes without NUL".into()));
+    }
+    // Fails before anything changes when the app is unknown or not the caller's.
+    s.registry.app(&actor, &app).await?;
+    if let Some(p) = port {
+        let patch = ProcessPatch {
+            port: Some(p),
+            ..Default::default()
+        };
+        s.registry.upsert_process(&actor, &app, "web", &patch, p).await?;
+    }
+    let v = s.registry.create_release(&actor, &app, &req.image, "image", &description).await?;
+    s.changed.notify_one();
+    Ok((StatusCode::CREATED, Json(s.registry.release(&actor, &app, v).await?)))
+}
+
+#[utoipa::path(post, path = "/api/v1/apps/{app}/rollback", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body = RollbackRequest, responses((status = 201, body = Release)))]
+pub async fn rollback(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<RollbackRequest>,
+) -> Result<(StatusCode, Json<Release>), ApiError> {
+    app_name(&app)?;
+    let v = match &req.version {
+        serde_json::Value::Number(n) => parse_version(&n.to_string())?,
+        serde_json::Value::String(t) => parse_version(t)?,
+        _ => return Err(ApiError::Unprocessable("`version` must be a number or a string like \"v3\"".into())),
+    };
+    let new = s.registry.rollback(&actor, &app, v).await?;
+    s.changed.notify_one();
+    Ok((StatusCode::CREATED, Json(s.registry.release(&actor, &app, new).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), responses((status = 200, body = [Domain])))]
+pub async fn list_domains(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<Vec<Domain>>, ApiError> {
+    app_name(&app)?;
+    Ok(Json(s.registry.domains(&actor, &app).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body = DomainRequest, responses((status = 201, body = Domain)))]
+pub async fn add_domain(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<DomainRequest>,
+) -> Result<(StatusCode, Json<Domain>), ApiError> {
+    app_name(&app)?;
+    let domain = validate::domain(&req.domain)?;
+    let apps_domain = &s.config.apps_domain;
+    if domain == *apps_domain {
+        return Err(ApiError::Unprocessable(format!("`{domain}` is the apps domain itself; apps get APP.{apps_domain}")));
+    }
+    if let Some(label) = domain.strip_suffix(&format!(".{apps_domain}")) {
+        if !label.contains('.') && label != app {
+            return Err(ApiError::Conflict(format!(
+                "`{domain}` is reserved for an app named `{label}` under the apps domain"
+            )));
+        }
+    }
+    let d = s.registry.add_domain(&actor, &app, &domain).await?;
+    s.changed.notify_one();
+    Ok((StatusCode::CREATED, Json(d)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/apps/{app}/domains/{domain}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("domain" = String, Path)), responses((status = 204)))]
+pub async fn remove_domain(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, domain)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app_name(&app)?;
+    let domain = validate::domain(&domain)?;
+    s.registry.remove_domain(&actor, &app, &domain).await?;
+    s.changed.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/events", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), EventsQuery), responses((status = 200, body = [Event])))]
+pub async fn list_events(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    app_name(&app)?;
+    Ok(Json(s.registry.events(&actor, Some(&app), q.limit.unwrap_or(100)).await?))
+}
+
+/// Audit events of everything the caller can see.
+pub async fn list_all_events(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    Ok(Json(s.registry.events(&actor, None, q.limit.unwrap_or(100)).await?))
+}

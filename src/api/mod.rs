@@ -1,0 +1,140 @@
+//! The REST API under `/api/v1`: a [`Router`] value built by [`router`], testable with
+//! `tower::ServiceExt::oneshot` without sockets.
+//!
+//! Invariants: every route but `GET /api/v1/health`, `POST /api/v1/setup` and
+//! `POST /api/v1/login` requires a token ([`Auth`]); input is validated here, at the edge, with
+//! [`crate::validate`]; every error is `application/problem+json` ([`ApiError`]); no input
+//! yields a 500.
+
+mod accounts;
+mod apps;
+mod error;
+mod extract;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, patch, post};
+use axum::Router;
+use tokio::sync::Notify;
+use utoipa::OpenApi;
+
+pub use error::{ApiError, Problem};
+pub use extract::{Auth, Json};
+
+use crate::auth::LoginLimiter;
+use crate::config::Config;
+use crate::registry::Registry;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub config: Arc<Config>,
+    pub limiter: Arc<LoginLimiter>,
+    /// Woken on every change of desired state, so the reconciler acts at once.
+    pub changed: Arc<Notify>,
+}
+
+impl AppState {
+    pub fn new(registry: Registry, config: Arc<Config>) -> AppState {
+        AppState {
+            registry,
+            config,
+            limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "escale API", description = "Self-hosted PaaS: apps, releases, config, scale, domains."),
+    paths(
+        health, openapi_json,
+        accounts::setup, accounts::login, accounts::me,
+        accounts::list_users, accounts::create_user, accounts::delete_user,
+        accounts::list_teams, accounts::create_team,
+        accounts::list_tokens, accounts::create_token, accounts::delete_token,
+        apps::list_apps, apps::create_app, apps::get_app, apps::destroy_app,
+        apps::list_processes, apps::update_process, apps::update_formation,
+        apps::get_config, apps::update_config,
+        apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
+        apps::list_domains, apps::add_domain, apps::remove_domain,
+        apps::list_events,
+    ),
+    components(schemas(Problem)),
+    modifiers(&SecurityAddon),
+    tags((name = "apps"), (name = "accounts"), (name = "system")),
+)]
+pub struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole API as one router.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_json))
+        .route("/setup", post(accounts::setup))
+        .route("/login", post(accounts::login))
+        .route("/me", get(accounts::me))
+        .route("/users", get(accounts::list_users).post(accounts::create_user))
+        .route("/users/{name}", delete(accounts::delete_user))
+        .route("/teams", get(accounts::list_teams).post(accounts::create_team))
+        .route("/tokens", get(accounts::list_tokens).post(accounts::create_token))
+        .route("/tokens/{name}", delete(accounts::delete_token))
+        .route("/apps", get(apps::list_apps).post(apps::create_app))
+        .route("/apps/{app}", get(apps::get_app).delete(apps::destroy_app))
+        .route("/apps/{app}/processes", get(apps::list_processes))
+        .route("/apps/{app}/processes/{process}", patch(apps::update_process))
+        .route("/apps/{app}/formation", patch(apps::update_formation))
+        .route("/apps/{app}/config", get(apps::get_config).patch(apps::update_config))
+        .route("/apps/{app}/releases", get(apps::list_releases).post(apps::create_release))
+        .route("/apps/{app}/releases/{version}", get(apps::get_release))
+        .route("/apps/{app}/rollback", post(apps::rollback))
+        .route("/apps/{app}/domains", get(apps::list_domains).post(apps::add_domain))
+        .route("/apps/{app}/domains/{domain}", delete(apps::remove_domain))
+        .route("/apps/{app}/events", get(apps::list_events))
+        .route("/events", get(apps::list_all_events));
+    Router::new()
+        .nest("/api/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Liveness probe (no authentication).
+#[utoipa::path(get, path = "/api/v1/health", tag = "system", responses((status = 200, description = "the server is up")))]
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "system", security(("token" = [])),
+    responses((status = 200, description = "OpenAPI 3.1 document")))]
+async fn openapi_json(_auth: Auth) -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}

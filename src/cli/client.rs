@@ -1,0 +1,176 @@
+//! The CLI's HTTP client for the escale API, and where it keeps credentials.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::api::Problem;
+
+/// What a CLI command can fail with; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The server refused or failed the operation (exit 1).
+    #[error("{0}")]
+    Server(String),
+    /// The request was not authenticated or not allowed (exit 4).
+    #[error("{0}")]
+    Auth(String),
+    /// The server could not be reached (exit 3).
+    #[error("cannot reach the escale server at {url}: {reason}\n  (set ESCALE_URL or --url; is `escale serve` running?)")]
+    Unreachable { url: String, reason: String },
+    /// The command line was wrong in a way clap cannot see (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// A local failure (exit 1).
+    #[error("{0}")]
+    Local(String),
+    /// An operation ran and failed, e.g. a rollout (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Server(_) | CliError::Local(_) | CliError::Failed(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unreachable { .. } => 3,
+            CliError::Auth(_) => 4,
+        }
+    }
+}
+
+/// Stored by `escale login`, 0600.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Credentials {
+    pub url: String,
+    pub token: String,
+}
+
+/// `$XDG_CONFIG_HOME/escale/credentials.json` (or `~/.config/...`).
+pub fn credentials_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("escale").join("credentials.json"))
+}
+
+/// Reads stored credentials, if any.
+pub fn load_credentials() -> Option<Credentials> {
+    let text = std::fs::read_to_string(credentials_path()?).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Writes credentials 0600, replacing the previous ones atomically.
+pub fn store_credentials(c: &Credentials) -> Result<PathBuf, CliError> {
+    let path = credentials_path().ok_or_else(|| CliError::Local("cannot find a config directory: set HOME or XDG_CONFIG_HOME".into()))?;
+    let dir = path.parent().expect("credentials path has a parent");
+    std::fs::create_dir_all(dir).map_err(|e| CliError::Local(format!("cannot create {}: {e}", dir.display())))?;
+    let tmp = dir.join(format!(".credentials.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = crate::secrets::create_private(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(c).expect("credentials serialise").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| CliError::Local(format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
+}
+
+/// A client for one server with one token.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Result<Client, CliError> {
+        let base = url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(CliError::Usage(format!(
+                "server URL `{base}` must start with http:// (the API listener; put it behind the escale proxy for TLS)"
+            )));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+        Ok(Client {
+            base,
+            token,
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request and decodes a JSON answer; errors carry the server's problem detail.
+    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<T, CliError> {
+        let bytes = self.call_raw(method, path, body).await?;
+        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
+        serde_json::from_slice(&bytes).map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))
+    }
+
+    /// Like [`Client::call`] but returns the raw body.
+    pub async fn call_raw(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<Bytes, CliError> {
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Full::new(Bytes::from(serde_json::to_vec(&v).expect("json serialises")))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let req = req.body(body).map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
+        let resp = self.http.request(req).await.map_err(|e| CliError::Unreachable {
+            url: self.base.clone(),
+            reason: error_chain(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.base.clone(),
+                reason: e.to_string(),
+            })?
+            .to_bytes();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let detail = serde_json::from_slice::<Problem>(&bytes)
+            .map(|p| p.detail)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+        Err(match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth(detail),
+            _ => CliError::Server(detail),
+        })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,144 @@
+//! `escale serve`: opens the registry and runs the API (and, as they are wired in, the
+//! reconciler and the proxy) until shutdown.
+//!
+//! Like mini-redis, [`run`] takes already-bound listeners and a shutdown future, so tests bind
+//! port 0 and start the real thing.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::auth::generate_setup_token;
+use crate::config::{Config, LogFormat};
+use crate::registry::{Registry, RegistryError};
+use crate::secrets::{MasterKey, SecretsError};
+
+/// Start-up and run-time failures of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("cannot open the registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens (creating if needed) the data dir, master key and registry of `config`.
+pub async fn open_registry(config: &Config) -> Result<Registry, ServerError> {
+    create_data_dir(&config.data_dir)?;
+    let env_key = std::env::var("ESCALE_MASTER_KEY").ok();
+    let key = MasterKey::load_or_create(&config.data_dir, env_key.as_deref())?;
+    Ok(Registry::open(&config.database_path(), key).await?)
+}
+
+fn create_data_dir(path: &Path) -> Result<(), ServerError> {
+    let err = |source| ServerError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    if !path.exists() {
+        std::fs::create_dir_all(path).map_err(err)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds the configured API listener.
+pub async fn bind_api(config: &Config) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(config.api_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: "api_addr",
+            addr: config.api_addr,
+            source,
+        })
+}
+
+/// Runs escale on an already-bound API listener until `shutdown` resolves, then stops
+/// accepting, lets requests in flight finish, and returns.
+pub async fn run(
+    config: Config,
+    api_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let registry = open_registry(&config).await?;
+    if registry.user_count().await? == 0 {
+        let token = generate_setup_token();
+        registry.store_setup_token(&token.hash).await?;
+        announce_setup(&token.secret, api_listener.local_addr()?);
+    }
+    let config = Arc::new(config);
+    let state = AppState::new(registry, config.clone());
+    let app = api::router(state);
+    tracing::info!(api = %api_listener.local_addr()?, data_dir = %config.data_dir.display(), "escale is serving");
+    axum::serve(
+        api_listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
+    tracing::info!("escale stopped");
+    Ok(())
+}
+
+fn announce_setup(secret: &str, api: SocketAddr) {
+    // On the console on purpose: whoever reads the server's console owns the installation.
+    println!(
+        "\n  escale has no admin yet. Bind the first admin with this one-time token:\n\n    \
+         escale setup --url http://{api} --token {secret} --name admin\n\n  \
+         (a new token is printed at each start until an admin exists)\n"
+    );
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested");
+}
+
+/// Installs the `tracing` subscriber: human or JSON lines on stderr.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
