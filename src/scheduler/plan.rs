@@ -73,6 +73,9 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const BACKOFF_BASE_MS: u64 = 1_000;
 /// Largest crash-loop backoff delay, in milliseconds.
 pub const BACKOFF_MAX_MS: u64 = 60_000;
+/// Largest instance count per process; larger desired counts are clamped to it, so a corrupt
+/// registry row cannot make the planner iterate over billions of slots.
+pub const MAX_INSTANCES: u32 = 100;
 
 /// What should run: one entry per app.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +102,8 @@ pub struct DesiredApp {
 pub struct DesiredProcess {
     /// The process type name.
     pub process: String,
-    /// Desired instance count (0..=100); instances occupy slots `1..=instances`.
+    /// Desired instance count (0..=100, clamped to [`MAX_INSTANCES`]); instances occupy slots
+    /// `1..=instances`.
     pub instances: u32,
     /// Extra instances allowed during a rollout (>= 1; 0 is treated as 1).
     pub surge: u32,
@@ -547,7 +551,7 @@ fn plan_process<'v, 'a>(
     blocked: &BTreeSet<u32>,
     freeze_other_releases: bool,
 ) -> ProcessPlan<'v, 'a> {
-    let n = spec.instances;
+    let n = spec.instances.min(MAX_INSTANCES);
     let surge = spec.surge.max(1);
     let in_target = |slot: u32| (1..=n).contains(&slot);
 
@@ -665,7 +669,7 @@ fn rollout_verdict(
     let mut problems: Vec<String> = Vec::new();
 
     for (&process, spec) in &target.processes {
-        let n = spec.instances;
+        let n = spec.instances.min(MAX_INSTANCES);
         let group = groups.get(&(app, process)).unwrap_or(&empty);
         let mut healthy_slots: BTreeSet<u32> = BTreeSet::new();
         let (mut starting, mut unhealthy, mut others) = (0usize, 0usize, 0usize);
@@ -1196,6 +1200,12 @@ mod tests {
         assert!(actions
             .iter()
             .all(|a| matches!(a, Action::Start { release: 1, .. })));
+    }
+
+    #[test]
+    fn absurd_instance_counts_are_clamped() {
+        let a = plan(&shop(1, u32::MAX, u32::MAX), &observed(&["n1"], vec![]));
+        assert_eq!(starts(&a).len(), MAX_INSTANCES as usize);
     }
 
     #[test]
