@@ -15,3 +15,4 @@ pub mod secrets;
 pub mod validate;
 pub mod api;
 pub mod server;
+pub mod cli;

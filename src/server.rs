@@ -102,7 +102,7 @@ fn announce_setup(secret: &str, api: SocketAddr) {
     // On the console on purpose: whoever reads the server's console owns the installation.
     println!(
         "\n  escale has no admin yet. Bind the first admin with this one-time token:\n\n    \
-         escale setup --url http://{api} --token {secret} --name admin\n\n  \
+         escale setup --url http://{api} --setup-token {secret} --name admin\n\n  \
          (a new token is printed at each start until an admin exists)\n"
     );
 }

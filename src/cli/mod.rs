@@ -1,0 +1,313 @@
+//! The command-line interface: `escale serve` runs the server; every other command talks to
+//! its API (`ESCALE_URL`, `ESCALE_TOKEN`, or the credentials stored by `escale login`).
+//!
+//! Output is a human table by default and the API's JSON with `--json`. Exit codes: 0 success,
+//! 1 the operation failed, 2 usage error, 3 server unreachable, 4 not authenticated/allowed.
+
+mod client;
+mod commands;
+mod output;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+pub use client::{load_credentials, CliError, Client, Credentials};
+
+const EXAMPLES: &str = "\
+Examples:
+  escale serve                                   # run escale here (data in ./data, local Docker)
+  escale setup --setup-token escsetup_... --name admin   # first admin (token printed by serve)
+  escale apps create shop
+  escale config set shop DATABASE_URL=postgres://db/shop --secret
+  escale deploy shop --image registry.example.eu/shop:1.4 --port 8080
+  escale scale shop web=7
+  escale ps shop
+  escale logs shop -f
+  escale domains add shop shop.example.eu
+  escale rollback shop v3
+
+Exit codes: 0 ok, 1 operation failed, 2 usage error, 3 server unreachable, 4 not authenticated or not allowed.
+Environment: ESCALE_URL (default http://127.0.0.1:7300), ESCALE_TOKEN.";
+
+/// escale: your own Heroku on your own Docker hosts.
+#[derive(Debug, Parser)]
+#[command(name = "escale", version, about, after_help = EXAMPLES, propagate_version = true)]
+pub struct Cli {
+    /// API URL of the escale server.
+    #[arg(long, global = true, env = "ESCALE_URL")]
+    pub url: Option<String>,
+    /// API token (default: the one stored by `escale login`).
+    #[arg(long, global = true, env = "ESCALE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the escale server: registry, API, scheduler and proxy.
+    #[command(after_help = "Examples:\n  escale serve\n  escale serve --config /etc/escale/escale.toml\n  ESCALE_DATA_DIR=/var/lib/escale ESCALE_HTTP_ADDR=off escale serve")]
+    Serve {
+        /// Config file (default: ./config/escale.toml, then /etc/escale/escale.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Bind the first admin with the one-time token printed by `escale serve`.
+    #[command(after_help = "Example:\n  escale setup --url http://127.0.0.1:7300 --setup-token escsetup_... --name admin")]
+    Setup {
+        /// The one-time setup token.
+        #[arg(long = "setup-token", alias = "setup")]
+        setup_token: String,
+        /// Name of the first admin.
+        #[arg(long)]
+        name: String,
+        /// Read the password from standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Log in with a user name and password and store a token (0600) for later commands.
+    Login {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget the stored token.
+    Logout,
+    /// Show who the token belongs to.
+    Whoami,
+    /// Create, list, inspect and destroy apps.
+    #[command(subcommand)]
+    Apps(AppsCommand),
+    /// Config vars (environment) of an app.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Define or change a process type (command, port, health check).
+    #[command(subcommand)]
+    Processes(ProcessesCommand),
+    /// Set instance counts: `escale scale shop web=7 worker=2`.
+    #[command(after_help = "Examples:\n  escale scale shop web=7\n  escale scale shop web=2 worker=1\n  escale scale shop web=0")]
+    Scale {
+        app: String,
+        /// PROCESS=COUNT pairs.
+        #[arg(required = true, value_name = "PROCESS=COUNT")]
+        counts: Vec<String>,
+    },
+    /// Set memory and CPU limits of a process type.
+    #[command(after_help = "Examples:\n  escale resources shop web --memory 256m --cpus 0.5\n  escale resources shop web --memory none")]
+    Resources {
+        app: String,
+        process: String,
+        /// e.g. 256m, 1g; `none` removes the limit.
+        #[arg(long)]
+        memory: Option<String>,
+        /// e.g. 0.5, 2; `none` removes the limit.
+        #[arg(long)]
+        cpus: Option<String>,
+    },
+    /// Deploy an image as a new release.
+    #[command(after_help = "Examples:\n  escale deploy shop --image registry.example.eu/shop:1.4\n  escale deploy shop --image shop:2 --port 8080 --no-wait")]
+    Deploy {
+        app: String,
+        /// Image reference.
+        #[arg(long)]
+        image: String,
+        /// Port the web process listens on.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Return once the release is created, without following the rollout.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up following after this long (the rollout itself has the server's deploy timeout).
+        #[arg(long, default_value = "15m")]
+        wait_timeout: humantime::Duration,
+    },
+    /// List releases of an app.
+    Releases { app: String },
+    /// Make a new release with the image and config of an earlier one.
+    #[command(after_help = "Example:\n  escale rollback shop v3")]
+    Rollback {
+        app: String,
+        /// e.g. v3
+        version: String,
+    },
+    /// Custom domains of an app.
+    #[command(subcommand)]
+    Domains(DomainsCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Users (admin).
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Teams (admin).
+    #[command(subcommand)]
+    Teams(TeamsCommand),
+    /// Audit log: who changed what, when.
+    Events {
+        /// Only this app.
+        app: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  escale completions bash > /etc/bash_completion.d/escale")]
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// Create an app (with a `web` process type).
+    Create {
+        name: String,
+        #[arg(long)]
+        team: Option<String>,
+        /// Port of the web process.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// List apps.
+    List,
+    /// Show an app.
+    Info { name: String },
+    /// Destroy an app, its releases, config and instances.
+    Destroy {
+        name: String,
+        /// Repeat the app name to confirm.
+        #[arg(long)]
+        confirm: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Show config vars (secrets hidden unless --reveal, admins only).
+    Get {
+        app: String,
+        key: Option<String>,
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Set config vars: KEY=VALUE ...; creates a new release when the app is deployed.
+    Set {
+        app: String,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// Store encrypted and hide from reads.
+        #[arg(long)]
+        secret: bool,
+    },
+    /// Remove config vars.
+    Unset {
+        app: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProcessesCommand {
+    /// List process types.
+    List { app: String },
+    /// Create or change a process type.
+    #[command(after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz")]
+    Set(ProcessSet),
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessSet {
+    pub app: String,
+    pub process: String,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// http, tcp or none.
+    #[arg(long)]
+    pub health: Option<String>,
+    #[arg(long)]
+    pub health_path: Option<String>,
+    /// Extra instances during a rolling deploy.
+    #[arg(long)]
+    pub surge: Option<u32>,
+    /// Run the image's default command.
+    #[arg(long, conflicts_with = "command")]
+    pub default_command: bool,
+    /// The command, as argv, after `--`.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DomainsCommand {
+    Add { app: String, domain: String },
+    Remove { app: String, domain: String },
+    List { app: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Create a token. Without API credentials, on the server host, it creates an admin token
+    /// directly in the data dir (for scripting and recovery).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Create it in the local data dir even when API credentials exist.
+        #[arg(long)]
+        local: bool,
+        /// Config file of the local server (for --local).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    List,
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    Create {
+        name: String,
+        /// admin or member.
+        #[arg(long, default_value = "member")]
+        role: String,
+        #[arg(long)]
+        team: Option<String>,
+        /// Read a password from standard input (else the user has none and uses tokens).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    List,
+    Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TeamsCommand {
+    Create { name: String },
+    List,
+}
+
+/// Parses arguments, runs the command and exits with its code.
+pub fn main() -> ! {
+    let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "escale", &mut std::io::stdout());
+        std::process::exit(0);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    let code = match runtime.block_on(commands::run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    };
+    drop(runtime);
+    std::process::exit(code)
+}
