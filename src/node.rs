@@ -114,6 +114,17 @@ pub enum NodeError {
         instance: String,
         port: u16,
     },
+    /// The container exited before its port could be read; it is left in place for its logs.
+    #[error(
+        "node `{node}`: instance `{instance}` exited right after starting (exit code \
+         {exit_code}); its container `{container_id}` is kept so its logs can be read"
+    )]
+    ExitedAtStart {
+        node: String,
+        instance: String,
+        container_id: String,
+        exit_code: i64,
+    },
     /// The instance spec cannot be turned into a container.
     #[error("invalid instance spec for `{instance}`: {reason}")]
     InvalidSpec { instance: String, reason: String },
@@ -553,6 +564,14 @@ impl Node {
             .inspect_container(&id, None::<InspectContainerOptions>)
             .await
             .map_err(self.engine_err(format!("inspecting container `{name}`")))?;
+        if let Some(state) = inspect.state.as_ref().filter(|s| s.running == Some(false)) {
+            return Err(NodeError::ExitedAtStart {
+                node: self.name.clone(),
+                instance: spec.instance.clone(),
+                container_id: id,
+                exit_code: state.exit_code.unwrap_or(-1),
+            });
+        }
         let port_key = format!("{}/tcp", spec.port);
         let binding = inspect
             .network_settings
@@ -569,7 +588,6 @@ impl Node {
             // Prefer the IPv4 binding when the engine reports both families.
             .min_by_key(|(ip, _)| matches!(ip, Some(IpAddr::V6(_))));
         let Some((_, host_port)) = binding else {
-            // The container may have exited already (a crash at start); report that.
             return Err(NodeError::NoPublishedPort {
                 node: self.name.clone(),
                 instance: spec.instance.clone(),

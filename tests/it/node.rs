@@ -219,6 +219,15 @@ async fn exited_instance_reports_exit_code() {
     assert_eq!(gone.exit_code, Some(3));
     assert!(!gone.oom_killed);
 
+    // Dying at once (no such command in a scratch image is a start error; an app that
+    // exits immediately is ExitedAtStart or, if slower, an exited instance in the list).
+    let mut spec = t.spec("instant", image);
+    spec.env.push(("CRASH_AFTER_MS".into(), "0".into()));
+    match t.node.start_instance(&spec).await {
+        Err(NodeError::ExitedAtStart { exit_code, .. }) => assert_eq!(exit_code, 1),
+        Ok(_) => assert_eq!(wait_exited(&t, "instant").await.exit_code, Some(1)),
+        Err(e) => panic!("unexpected {e:?}"),
+    }
     let mut spec = t.spec("timed", image);
     spec.env.push(("CRASH_AFTER_MS".into(), "200".into()));
     t.node.start_instance(&spec).await.unwrap();
