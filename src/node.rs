@@ -904,7 +904,7 @@ impl Node {
         }
     }
 
-    /// Copies an image from `from` to `self`'s peer `to` by streaming `docker save` into
+    /// Copies an image from node `from` to node `to` by streaming `docker save` into
     /// `docker load`; nothing is buffered in memory. Skips the copy if `to` has it already.
     pub async fn copy_image(from: &Node, to: &Node, image: &str) -> Result<()> {
         let failed = |reason: String| NodeError::CopyFailed {
