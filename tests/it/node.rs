@@ -293,15 +293,24 @@ async fn logs_return_request_lines_with_timestamps() {
         .await;
     assert_eq!(tail.len(), 1);
 
-    // follow: a new request shows up on an open stream.
-    let mut follow = Box::pin(t.node.logs(&started.container_id, true, Some(0)));
-    http_get(started.addr, "/env/PORT").await.unwrap();
-    let line = tokio::time::timeout(WAIT, follow.next())
+    // follow: the stream replays what is there, stays open, and delivers new lines. (The
+    // request is only sent when the stream is first polled, so read old lines first.)
+    let mut follow = Box::pin(t.node.logs(&started.container_id, true, None));
+    let mut next_line = async |want: &str| {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = follow.next().await {
+                if line.unwrap().text == want {
+                    return;
+                }
+            }
+            panic!("log stream ended before `{want}`");
+        })
         .await
-        .expect("followed line")
-        .unwrap()
-        .unwrap();
-    assert_eq!(line.text, "GET /env/PORT 200");
+        .unwrap_or_else(|_| panic!("no log line `{want}`"))
+    };
+    next_line("GET /health 200").await;
+    http_get(started.addr, "/env/FOLLOW").await.unwrap();
+    next_line("GET /env/FOLLOW 404").await;
 }
 
 #[tokio::test]
