@@ -1,1 +1,1212 @@
 //! Docker engines (nodes) reached through bollard: the local unix socket or mutual TLS.
+//!
+//! A [`Node`] is one Docker engine. Everything escale does to an engine goes through here:
+//! starting and stopping app instances (one container each), listing them back by label,
+//! images (pull, build, copy between nodes), logs and events. No other module talks to
+//! bollard directly.
+//!
+//! Every container escale creates carries the labels [`LABEL_INSTALLATION`], [`LABEL_APP`],
+//! [`LABEL_PROCESS`], [`LABEL_RELEASE`], [`LABEL_SLOT`] and [`LABEL_INSTANCE`], so the state
+//! of a node can always be rebuilt from one labelled list call ([`Node::list_instances`]).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, EventMessage, HostConfig,
+    HostConfigLogConfig, PortBinding, PortSummaryTypeEnum, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    BuildImageOptions, BuilderVersion, CreateContainerOptions, CreateImageOptions, EventsOptions,
+    ImportImageOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
+    StopContainerOptions,
+};
+use bollard::Docker;
+use bytes::Bytes;
+use futures_util::stream::{Stream, StreamExt};
+
+/// Label: the installation (one escale deployment) a container belongs to.
+pub const LABEL_INSTALLATION: &str = "escale.installation";
+/// Label: the app name.
+pub const LABEL_APP: &str = "escale.app";
+/// Label: the process type within the app (`web`, `worker`, ...).
+pub const LABEL_PROCESS: &str = "escale.process";
+/// Label: the release number (decimal).
+pub const LABEL_RELEASE: &str = "escale.release";
+/// Label: the slot number (decimal) of the instance within its process.
+pub const LABEL_SLOT: &str = "escale.slot";
+/// Label: the instance id (unique within the installation).
+pub const LABEL_INSTANCE: &str = "escale.instance";
+
+/// Seconds bollard waits for an engine's response headers on ordinary calls.
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+
+/// What can go wrong talking to a node's Docker engine.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The engine could not be reached or the client could not be configured.
+    #[error("cannot connect to the Docker engine of node `{node}` at `{host}`: {source}")]
+    Connect {
+        node: String,
+        host: String,
+        #[source]
+        source: DockerError,
+    },
+    /// A TLS file for [`Node::connect_tls`] is missing or unreadable.
+    #[error("node `{node}`: cannot read TLS file `{path}`: {reason}")]
+    TlsFile {
+        node: String,
+        path: String,
+        reason: String,
+    },
+    /// An engine call failed; `action` says what escale was doing.
+    #[error("node `{node}`: {action} failed: {source}")]
+    Engine {
+        node: String,
+        action: String,
+        #[source]
+        source: DockerError,
+    },
+    /// The image is absent and pulling it failed (no registry access, unknown name, ...).
+    #[error("image `{image}` is not on node `{node}` and could not be pulled: {reason}")]
+    ImageUnavailable {
+        node: String,
+        image: String,
+        reason: String,
+    },
+    /// `docker build` reported an error.
+    #[error("building image `{tag}` on node `{node}` failed: {reason}")]
+    BuildFailed {
+        node: String,
+        tag: String,
+        reason: String,
+    },
+    /// Moving an image from one node to another failed.
+    #[error("copying image `{image}` from node `{from}` to node `{to}` failed: {reason}")]
+    CopyFailed {
+        image: String,
+        from: String,
+        to: String,
+        reason: String,
+    },
+    /// A container with the instance's name exists but belongs to something else.
+    #[error(
+        "node `{node}`: a container named `{name}` already exists and is not escale instance \
+         `{instance}` of installation `{installation}`; remove it by hand (`docker rm -f {name}`)"
+    )]
+    NameTaken {
+        node: String,
+        name: String,
+        installation: String,
+        instance: String,
+    },
+    /// The container started but the engine reports no host port for the app's port.
+    #[error(
+        "node `{node}`: instance `{instance}` started but publishes no host port for {port}/tcp"
+    )]
+    NoPublishedPort {
+        node: String,
+        instance: String,
+        port: u16,
+    },
+    /// The container exited before its port could be read; it is left in place for its logs.
+    #[error(
+        "node `{node}`: instance `{instance}` exited right after starting (exit code \
+         {exit_code}); its container `{container_id}` is kept so its logs can be read"
+    )]
+    ExitedAtStart {
+        node: String,
+        instance: String,
+        container_id: String,
+        exit_code: i64,
+    },
+    /// The instance spec cannot be turned into a container.
+    #[error("invalid instance spec for `{instance}`: {reason}")]
+    InvalidSpec { instance: String, reason: String },
+}
+
+/// Result alias for node operations.
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// One Docker engine that runs app instances.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The node's name in the registry (`local` for the engine escale runs beside).
+    pub name: String,
+    /// The bollard client, version already negotiated.
+    pub docker: Docker,
+    /// Address the proxy uses to reach ports published on `0.0.0.0`/`::` (127.0.0.1 locally).
+    pub advertise_ip: IpAddr,
+}
+
+/// Everything needed to start one instance (one container) of an app process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    pub installation: String,
+    pub app: String,
+    pub process: String,
+    pub release: u32,
+    pub slot: u32,
+    /// Instance id, unique within the installation; the container name derives from it.
+    pub instance: String,
+    pub image: String,
+    /// Environment; `PORT` is always set to [`InstanceSpec::port`] (a `PORT` here is replaced).
+    pub env: Vec<(String, String)>,
+    /// Overrides the image's CMD when set.
+    pub command: Option<Vec<String>>,
+    /// Port the app listens on inside the container; published on an engine-chosen host port.
+    pub port: u16,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    /// Host address the port is published on (`0.0.0.0`, `127.0.0.1`, a private interface).
+    pub bind_ip: IpAddr,
+    /// json-file log rotation: `max-size` (e.g. `10m`).
+    pub log_max_size: String,
+    /// json-file log rotation: `max-file`.
+    pub log_max_files: u32,
+    /// Run docker-init (tini) as PID 1 so signals reach apps that install no handler and
+    /// zombies are reaped. The engine must have an init binary (Docker's packages ship one).
+    pub init: bool,
+    /// Extra labels (tests use them); keys starting with `escale.` from the list above are
+    /// always overwritten by the spec's own values.
+    pub extra_labels: Vec<(String, String)>,
+}
+
+impl Default for InstanceSpec {
+    fn default() -> Self {
+        InstanceSpec {
+            installation: String::new(),
+            app: String::new(),
+            process: "web".into(),
+            release: 1,
+            slot: 0,
+            instance: String::new(),
+            image: String::new(),
+            env: Vec::new(),
+            command: None,
+            port: 8080,
+            memory_bytes: None,
+            nano_cpus: None,
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            log_max_size: "10m".into(),
+            log_max_files: 3,
+            init: true,
+            extra_labels: Vec::new(),
+        }
+    }
+}
+
+/// A container started by [`Node::start_instance`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedInstance {
+    pub container_id: String,
+    /// Where the proxy reaches the instance.
+    pub addr: SocketAddr,
+}
+
+/// Coarse container state as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceState {
+    Created,
+    Running,
+    Restarting,
+    Paused,
+    Exited,
+    Dead,
+    Removing,
+    Unknown,
+}
+
+/// An escale container found on a node, labels parsed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInstance {
+    pub container_id: String,
+    pub app: String,
+    pub process: String,
+    pub release: u32,
+    pub slot: u32,
+    pub instance: String,
+    pub image: String,
+    pub state: InstanceState,
+    /// Set for exited (and dead) containers.
+    pub exit_code: Option<i64>,
+    /// The kernel OOM killer ended it (only looked up for exited containers).
+    pub oom_killed: bool,
+    /// Published address, when the container is publishing a port.
+    pub addr: Option<SocketAddr>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+}
+
+/// Which stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// One line of container output with the engine's timestamp (RFC 3339, nanoseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub stream: LogStream,
+    pub time: String,
+    pub text: String,
+}
+
+/// A container lifecycle event of this installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEvent {
+    pub container_id: String,
+    /// `start`, `die`, `oom`, `kill` or `destroy`.
+    pub action: String,
+    pub app: Option<String>,
+    pub instance: Option<String>,
+    /// Set on `die`.
+    pub exit_code: Option<i64>,
+    /// Seconds since the Unix epoch.
+    pub time: i64,
+}
+
+/// Container actions [`Node::events`] reports.
+pub const EVENT_ACTIONS: [&str; 5] = ["die", "oom", "start", "kill", "destroy"];
+
+/// The container name escale uses for an instance: `escale-<installation>-<instance>`,
+/// with characters Docker does not allow in names replaced by `_`.
+pub fn container_name(installation: &str, instance: &str) -> String {
+    let raw = format!("escale-{installation}-{instance}");
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `true` when the engine answered "not found" (404).
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+fn is_conflict(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+/// Adds `:latest` to a reference without tag or digest, so a pull never fetches all tags.
+fn normalize_ref(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if last.contains(':') || image.contains('@') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+impl Node {
+    /// Connects to a local engine: `unix:///var/run/docker.sock`, a bare socket path, or
+    /// `tcp://host:2375` (plain HTTP, for engines on a trusted link). Negotiates the API version.
+    pub async fn connect_local(name: &str, socket_path_or_docker_host: &str) -> Result<Node> {
+        let host = socket_path_or_docker_host;
+        let connect_err = |source| NodeError::Connect {
+            node: name.to_string(),
+            host: host.to_string(),
+            source,
+        };
+        let docker = if host.starts_with("tcp://") || host.starts_with("http://") {
+            Docker::connect_with_http(host, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        } else {
+            let path = host.strip_prefix("unix://").unwrap_or(host);
+            Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        }
+        .map_err(connect_err)?;
+        let docker = docker.negotiate_version().await.map_err(connect_err)?;
+        Ok(Node {
+            name: name.to_string(),
+            docker,
+            advertise_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        })
+    }
+
+    /// Connects to a remote engine over mutual TLS (`tcp://host:2376`), trusting `ca_pem_path`
+    /// in addition to the system roots and presenting the client cert/key. Negotiates the API
+    /// version. `advertise_ip` defaults to the host's address when it is an IP literal, else
+    /// unspecified (`0.0.0.0`): set it before placing instances.
+    pub async fn connect_tls(
+        name: &str,
+        docker_host: &str,
+        ca_pem_path: &Path,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<Node> {
+        for p in [ca_pem_path, cert_path, key_path] {
+            if let Err(e) = std::fs::metadata(p) {
+                return Err(NodeError::TlsFile {
+                    node: name.to_string(),
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        let connect_err = |source| NodeError::Connect {
+            node: name.to_string(),
+            host: docker_host.to_string(),
+            source,
+        };
+        let docker = Docker::connect_with_ssl(
+            docker_host,
+            key_path,
+            cert_path,
+            ca_pem_path,
+            REQUEST_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(connect_err)?;
+        let docker = docker.negotiate_version().await.map_err(connect_err)?;
+        let advertise_ip = docker_host
+            .trim_start_matches("tcp://")
+            .trim_start_matches("https://")
+            .parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        Ok(Node {
+            name: name.to_string(),
+            docker,
+            advertise_ip,
+        })
+    }
+
+    /// Sets the address the proxy uses for this node's published ports.
+    pub fn with_advertise_ip(mut self, ip: IpAddr) -> Node {
+        self.advertise_ip = ip;
+        self
+    }
+
+    fn engine_err(&self, action: impl Into<String>) -> impl FnOnce(DockerError) -> NodeError {
+        let node = self.name.clone();
+        let action = action.into();
+        move |source| NodeError::Engine {
+            node,
+            action,
+            source,
+        }
+    }
+
+    /// Checks that the engine answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.docker
+            .ping()
+            .await
+            .map(|_| ())
+            .map_err(self.engine_err("ping"))
+    }
+
+    /// Where a port published on `host_ip` is reachable from the proxy.
+    fn reach_ip(&self, host_ip: Option<IpAddr>) -> IpAddr {
+        match host_ip {
+            Some(ip) if !ip.is_unspecified() => ip,
+            _ => self.advertise_ip,
+        }
+    }
+
+    fn container_body(&self, spec: &InstanceSpec) -> ContainerCreateBody {
+        let port_key = format!("{}/tcp", spec.port);
+        let mut env: Vec<String> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| k != "PORT")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.push(format!("PORT={}", spec.port));
+
+        let mut labels: HashMap<String, String> = spec.extra_labels.iter().cloned().collect();
+        labels.insert(LABEL_INSTALLATION.into(), spec.installation.clone());
+        labels.insert(LABEL_APP.into(), spec.app.clone());
+        labels.insert(LABEL_PROCESS.into(), spec.process.clone());
+        labels.insert(LABEL_RELEASE.into(), spec.release.to_string());
+        labels.insert(LABEL_SLOT.into(), spec.slot.to_string());
+        labels.insert(LABEL_INSTANCE.into(), spec.instance.clone());
+
+        let port_bindings = HashMap::from([(
+            port_key.clone(),
+            Some(vec![PortBinding {
+                host_ip: Some(spec.bind_ip.to_string()),
+                // Empty host port: the engine picks a free one.
+                host_port: Some(String::new()),
+            }]),
+        )]);
+
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(env),
+            cmd: spec.command.clone(),
+            labels: Some(labels),
+            exposed_ports: Some(vec![port_key]),
+            host_config: Some(HostConfig {
+                memory: spec.memory_bytes,
+                // Same as memory: no swap, so a memory limit really is one.
+                memory_swap: spec.memory_bytes,
+                nano_cpus: spec.nano_cpus,
+                init: Some(spec.init),
+                port_bindings: Some(port_bindings),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_string(), spec.log_max_size.clone()),
+                        ("max-file".to_string(), spec.log_max_files.to_string()),
+                    ])),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn validate(spec: &InstanceSpec) -> Result<()> {
+        let bad = |reason: &str| {
+            Err(NodeError::InvalidSpec {
+                instance: spec.instance.clone(),
+                reason: reason.to_string(),
+            })
+        };
+        if spec.installation.is_empty() || spec.instance.is_empty() || spec.app.is_empty() {
+            return bad("installation, app and instance must not be empty");
+        }
+        if spec.image.is_empty() {
+            return bad("image must not be empty");
+        }
+        if spec.port == 0 {
+            return bad("port must not be 0");
+        }
+        if spec.log_max_files == 0 {
+            return bad("log_max_files must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Creates and starts the container of one instance and returns where it listens.
+    ///
+    /// The container is named [`container_name`]`(installation, instance)`. If a container of
+    /// that name exists already (left by a crashed earlier attempt) and carries the same
+    /// installation and instance labels, it is removed and created afresh: the spec may have
+    /// changed and the old one was never reported as started. A container of that name that
+    /// is not this instance is left alone ([`NodeError::NameTaken`]). If starting fails the
+    /// created container is removed again.
+    pub async fn start_instance(&self, spec: &InstanceSpec) -> Result<StartedInstance> {
+        Self::validate(spec)?;
+        let name = container_name(&spec.installation, &spec.instance);
+        let body = self.container_body(spec);
+        let create = |body: ContainerCreateBody| {
+            self.docker.create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+        };
+
+        let created = match create(body.clone()).await {
+            Ok(c) => c,
+            Err(e) if is_conflict(&e) => {
+                self.clear_leftover(&name, spec).await?;
+                create(body)
+                    .await
+                    .map_err(self.engine_err(format!("creating container `{name}`")))?
+            }
+            Err(e) if is_not_found(&e) => {
+                return Err(NodeError::ImageUnavailable {
+                    node: self.name.clone(),
+                    image: spec.image.clone(),
+                    reason: format!("{e} (call ensure_image or copy_image first)"),
+                })
+            }
+            Err(e) => return Err(self.engine_err(format!("creating container `{name}`"))(e)),
+        };
+        for w in &created.warnings {
+            tracing::warn!(node = %self.name, container = %name, "engine warning: {w}");
+        }
+        let id = created.id;
+
+        if let Err(e) = self
+            .docker
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+        {
+            let _ = self.remove_instance(&id).await;
+            return Err(self.engine_err(format!("starting container `{name}`"))(e));
+        }
+
+        let inspect = self
+            .docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .map_err(self.engine_err(format!("inspecting container `{name}`")))?;
+        if let Some(state) = inspect.state.as_ref().filter(|s| s.running == Some(false)) {
+            return Err(NodeError::ExitedAtStart {
+                node: self.name.clone(),
+                instance: spec.instance.clone(),
+                container_id: id,
+                exit_code: state.exit_code.unwrap_or(-1),
+            });
+        }
+        let port_key = format!("{}/tcp", spec.port);
+        let binding = inspect
+            .network_settings
+            .and_then(|n| n.ports)
+            .and_then(|mut p| p.remove(&port_key))
+            .flatten()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|b| {
+                let port = b.host_port?.parse::<u16>().ok()?;
+                let ip = b.host_ip.and_then(|ip| ip.parse::<IpAddr>().ok());
+                Some((ip, port))
+            })
+            // Prefer the IPv4 binding when the engine reports both families.
+            .min_by_key(|(ip, _)| matches!(ip, Some(IpAddr::V6(_))));
+        let Some((_, host_port)) = binding else {
+            return Err(NodeError::NoPublishedPort {
+                node: self.name.clone(),
+                instance: spec.instance.clone(),
+                port: spec.port,
+            });
+        };
+        let ip = self.reach_ip(Some(spec.bind_ip));
+        Ok(StartedInstance {
+            container_id: id,
+            addr: SocketAddr::new(ip, host_port),
+        })
+    }
+
+    /// Removes a same-named leftover of this very instance, refuses anything else.
+    async fn clear_leftover(&self, name: &str, spec: &InstanceSpec) -> Result<()> {
+        let existing = match self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => c,
+            // Gone in the meantime: nothing to clear.
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(self.engine_err(format!("inspecting container `{name}`"))(e)),
+        };
+        let labels = existing.config.and_then(|c| c.labels).unwrap_or_default();
+        let ours = labels.get(LABEL_INSTALLATION) == Some(&spec.installation)
+            && labels.get(LABEL_INSTANCE) == Some(&spec.instance);
+        if !ours {
+            return Err(NodeError::NameTaken {
+                node: self.name.clone(),
+                name: name.to_string(),
+                installation: spec.installation.clone(),
+                instance: spec.instance.clone(),
+            });
+        }
+        tracing::warn!(
+            node = %self.name, container = %name,
+            "removing leftover container of instance {} from an earlier attempt", spec.instance
+        );
+        self.remove_instance(existing.id.as_deref().unwrap_or(name))
+            .await
+    }
+
+    /// Lists this installation's containers (running or not) with **one** labelled list call;
+    /// exited containers are inspected for their exit code and OOM flag. Containers whose
+    /// labels do not parse are skipped with a warning.
+    pub async fn list_instances(&self, installation: &str) -> Result<Vec<ContainerInstance>> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTALLATION}={installation}")],
+        )]);
+        let summaries = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(self.engine_err("listing containers"))?;
+
+        let mut out = Vec::with_capacity(summaries.len());
+        for summary in summaries {
+            let Some(mut instance) = self.parse_summary(&summary) else {
+                continue;
+            };
+            if matches!(instance.state, InstanceState::Exited | InstanceState::Dead) {
+                match self
+                    .docker
+                    .inspect_container(&instance.container_id, None::<InspectContainerOptions>)
+                    .await
+                {
+                    Ok(details) => {
+                        if let Some(state) = details.state {
+                            instance.oom_killed = state.oom_killed.unwrap_or(false);
+                            if state.exit_code.is_some() {
+                                instance.exit_code = state.exit_code;
+                            }
+                        }
+                    }
+                    // Removed between list and inspect: it is gone, leave it out.
+                    Err(e) if is_not_found(&e) => continue,
+                    Err(e) => {
+                        return Err(self.engine_err(format!(
+                            "inspecting container `{}`",
+                            instance.container_id
+                        ))(e))
+                    }
+                }
+            }
+            out.push(instance);
+        }
+        Ok(out)
+    }
+
+    fn parse_summary(&self, s: &ContainerSummary) -> Option<ContainerInstance> {
+        let id = s.id.clone().unwrap_or_default();
+        let empty = HashMap::new();
+        let labels = s.labels.as_ref().unwrap_or(&empty);
+        let get = |key: &str| -> Option<String> {
+            match labels.get(key) {
+                Some(v) if !v.is_empty() => Some(v.clone()),
+                _ => {
+                    tracing::warn!(node = %self.name, container = %id,
+                        "skipping container: label `{key}` missing or empty");
+                    None
+                }
+            }
+        };
+        let num = |key: &str| -> Option<u32> {
+            let v = get(key)?;
+            match v.parse() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    tracing::warn!(node = %self.name, container = %id,
+                        "skipping container: label `{key}={v}` is not a number");
+                    None
+                }
+            }
+        };
+        if id.is_empty() {
+            tracing::warn!(node = %self.name, "skipping container without id in list");
+            return None;
+        }
+        let app = get(LABEL_APP)?;
+        let process = get(LABEL_PROCESS)?;
+        let instance = get(LABEL_INSTANCE)?;
+        let release = num(LABEL_RELEASE)?;
+        let slot = num(LABEL_SLOT)?;
+
+        let state = match s.state {
+            Some(ContainerSummaryStateEnum::CREATED) => InstanceState::Created,
+            Some(ContainerSummaryStateEnum::RUNNING) => InstanceState::Running,
+            Some(ContainerSummaryStateEnum::RESTARTING) => InstanceState::Restarting,
+            Some(ContainerSummaryStateEnum::PAUSED) => InstanceState::Paused,
+            Some(ContainerSummaryStateEnum::EXITED) => InstanceState::Exited,
+            Some(ContainerSummaryStateEnum::DEAD) => InstanceState::Dead,
+            Some(ContainerSummaryStateEnum::REMOVING) => InstanceState::Removing,
+            _ => InstanceState::Unknown,
+        };
+        let exit_code = match state {
+            InstanceState::Exited | InstanceState::Dead => {
+                s.status.as_deref().and_then(parse_exit_code)
+            }
+            _ => None,
+        };
+        let addr = s
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| matches!(p.typ, Some(PortSummaryTypeEnum::TCP) | None))
+            .filter_map(|p| {
+                let port = p.public_port.filter(|&port| port != 0)?;
+                let ip = p.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+                Some((ip, port))
+            })
+            .min_by_key(|(ip, _)| matches!(ip, Some(IpAddr::V6(_))))
+            .map(|(ip, port)| SocketAddr::new(self.reach_ip(ip), port));
+
+        Some(ContainerInstance {
+            container_id: id,
+            app,
+            process,
+            release,
+            slot,
+            instance,
+            image: s.image.clone().unwrap_or_default(),
+            state,
+            exit_code,
+            oom_killed: false,
+            addr,
+            created: s.created.unwrap_or(0),
+        })
+    }
+
+    /// Stops a container: SIGTERM (or the image's stop signal), then SIGKILL after `timeout`.
+    /// Stopping a stopped or missing container succeeds.
+    pub async fn stop_instance(&self, container_id: &str, timeout: Duration) -> Result<()> {
+        let secs = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+        // The HTTP call lasts as long as the grace period: give it room.
+        let docker = self
+            .docker
+            .clone()
+            .with_timeout(timeout + Duration::from_secs(REQUEST_TIMEOUT_SECS));
+        match docker
+            .stop_container(
+                container_id,
+                Some(StopContainerOptions {
+                    t: Some(secs),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self
+                .engine_err(format!("stopping container `{container_id}`"))(
+                e
+            )),
+        }
+    }
+
+    /// Sends a signal (`KILL`, `TERM`, ...) to a container's main process.
+    pub async fn kill_instance(&self, container_id: &str, signal: &str) -> Result<()> {
+        self.docker
+            .kill_container(
+                container_id,
+                Some(KillContainerOptions {
+                    signal: signal.to_string(),
+                }),
+            )
+            .await
+            .map_err(self.engine_err(format!("sending {signal} to container `{container_id}`")))
+    }
+
+    /// Removes a container (forced, with its anonymous volumes). "No such container" is success.
+    pub async fn remove_instance(&self, container_id: &str) -> Result<()> {
+        match self
+            .docker
+            .remove_container(
+                container_id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    link: false,
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // Already being removed by someone else: it is going away.
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(self
+                .engine_err(format!("removing container `{container_id}`"))(
+                e
+            )),
+        }
+    }
+
+    /// Removes every container of the installation on this node; returns how many.
+    pub async fn remove_all(&self, installation: &str) -> Result<usize> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTALLATION}={installation}")],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(self.engine_err("listing containers"))?;
+        let mut n = 0;
+        for c in list {
+            if let Some(id) = c.id {
+                self.remove_instance(&id).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether the image (name:tag, digest or id) is present on this node.
+    pub async fn image_exists(&self, image: &str) -> Result<bool> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(self.engine_err(format!("inspecting image `{image}`"))(e)),
+        }
+    }
+
+    /// Makes sure the image is on this node: present is fine, absent is pulled. A failed pull
+    /// is [`NodeError::ImageUnavailable`].
+    pub async fn ensure_image(&self, image: &str) -> Result<()> {
+        if self.image_exists(image).await? {
+            return Ok(());
+        }
+        let unavailable = |reason: String| NodeError::ImageUnavailable {
+            node: self.name.clone(),
+            image: image.to_string(),
+            reason,
+        };
+        let reference = normalize_ref(image);
+        let mut pull = self.docker.create_image(
+            Some(CreateImageOptions {
+                from_image: Some(reference),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        while let Some(item) = pull.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(detail) = info.error_detail {
+                        return Err(unavailable(detail.message.unwrap_or_default()));
+                    }
+                }
+                Err(e) => return Err(unavailable(e.to_string())),
+            }
+        }
+        if self.image_exists(image).await? {
+            Ok(())
+        } else {
+            Err(unavailable(
+                "the pull finished but the image is still absent".into(),
+            ))
+        }
+    }
+
+    /// Copies an image from node `from` to node `to` by streaming `docker save` into
+    /// `docker load`; nothing is buffered in memory. Skips the copy if `to` has it already.
+    pub async fn copy_image(from: &Node, to: &Node, image: &str) -> Result<()> {
+        let failed = |reason: String| NodeError::CopyFailed {
+            image: image.to_string(),
+            from: from.name.clone(),
+            to: to.name.clone(),
+            reason,
+        };
+        if to.image_exists(image).await? {
+            return Ok(());
+        }
+        if !from.image_exists(image).await? {
+            return Err(failed(format!("it is not on node `{}`", from.name)));
+        }
+        let export = from.docker.export_image(image);
+        let mut load = to.docker.import_image_stream(
+            ImportImageOptions {
+                quiet: true,
+                ..Default::default()
+            },
+            export,
+            None,
+        );
+        while let Some(item) = load.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(detail) = info.error_detail {
+                        return Err(failed(detail.message.unwrap_or_default()));
+                    }
+                }
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        }
+        if to.image_exists(image).await? {
+            Ok(())
+        } else {
+            Err(failed("the load finished but the image is absent".into()))
+        }
+    }
+
+    /// Builds an image with the classic builder from a tar build context (with a `Dockerfile`
+    /// at its root), tags it `tag`, and returns the image id. Each line of builder output is
+    /// passed to `on_progress` as it arrives (without trailing newline).
+    pub async fn build_image(
+        &self,
+        context_tar: Bytes,
+        tag: &str,
+        build_args: &[(String, String)],
+        labels: &[(String, String)],
+        mut on_progress: impl FnMut(&str) + Send,
+    ) -> Result<String> {
+        let failed = |reason: String| NodeError::BuildFailed {
+            node: self.name.clone(),
+            tag: tag.to_string(),
+            reason,
+        };
+        let options = BuildImageOptions {
+            dockerfile: "Dockerfile".into(),
+            t: Some(tag.to_string()),
+            rm: true,
+            forcerm: true,
+            buildargs: Some(build_args.iter().cloned().collect()),
+            labels: Some(labels.iter().cloned().collect()),
+            version: BuilderVersion::BuilderV1,
+            ..Default::default()
+        };
+        // A build lasts as long as its steps; the timeout only covers the response headers,
+        // which the engine sends once it has the context.
+        let mut stream =
+            self.docker
+                .build_image(options, None, Some(bollard::body_full(context_tar)));
+        let mut image_id = None;
+        let mut last_line = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| failed(e.to_string()))?;
+            if let Some(detail) = info.error_detail {
+                let msg = detail.message.unwrap_or_default();
+                on_progress(msg.trim_end());
+                return Err(failed(msg.trim_end().to_string()));
+            }
+            if let Some(text) = info.stream.as_deref().or(info.status.as_deref()) {
+                for line in text.lines() {
+                    on_progress(line);
+                    last_line = line.to_string();
+                }
+            }
+            if let Some(id) = info.aux.and_then(|a| a.id) {
+                image_id = Some(id);
+            }
+        }
+        match image_id {
+            Some(id) => Ok(id),
+            // Old engines print only "Successfully built <id>".
+            None => match last_line.strip_prefix("Successfully tagged ") {
+                Some(_) => self
+                    .docker
+                    .inspect_image(tag)
+                    .await
+                    .map(|i| i.id.unwrap_or_default())
+                    .map_err(self.engine_err(format!("inspecting image `{tag}`"))),
+                None => Err(failed(format!(
+                    "the builder ended without an image id (last output: {last_line})"
+                ))),
+            },
+        }
+    }
+
+    /// Removes an image tag (and the image if nothing else uses it). Absent is success; an
+    /// image used by a container is an error.
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        match self
+            .docker
+            .remove_image(image, None::<RemoveImageOptions>, None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.engine_err(format!("removing image `{image}`"))(e)),
+        }
+    }
+
+    /// A container's output (stdout and stderr), with engine timestamps. `tail` limits to the
+    /// last n lines; `follow` keeps the stream open for new output until the container ends.
+    pub fn logs(
+        &self,
+        container_id: &str,
+        follow: bool,
+        tail: Option<usize>,
+    ) -> impl Stream<Item = Result<LogLine>> + Send + 'static {
+        let node = self.name.clone();
+        let action = format!("reading logs of container `{container_id}`");
+        self.docker
+            .logs(
+                container_id,
+                Some(LogsOptions {
+                    follow,
+                    stdout: true,
+                    stderr: true,
+                    timestamps: true,
+                    tail: tail.map_or_else(|| "all".to_string(), |n| n.to_string()),
+                    ..Default::default()
+                }),
+            )
+            .filter_map(move |item| {
+                let out = match item {
+                    Ok(LogOutput::StdOut { message }) => {
+                        Some(Ok(parse_log_line(LogStream::Stdout, &message)))
+                    }
+                    Ok(LogOutput::StdErr { message }) => {
+                        Some(Ok(parse_log_line(LogStream::Stderr, &message)))
+                    }
+                    Ok(LogOutput::Console { message }) => {
+                        Some(Ok(parse_log_line(LogStream::Stdout, &message)))
+                    }
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Err(source) => Some(Err(NodeError::Engine {
+                        node: node.clone(),
+                        action: action.clone(),
+                        source,
+                    })),
+                };
+                std::future::ready(out)
+            })
+    }
+
+    /// This installation's container events (`die`, `oom`, `start`, `kill`, `destroy`) from now on.
+    pub fn events(
+        &self,
+        installation: &str,
+    ) -> impl Stream<Item = Result<NodeEvent>> + Send + 'static {
+        self.events_since(installation, None)
+    }
+
+    /// Like [`Node::events`] but replays events since `since` first (the engine keeps a
+    /// bounded history), so a caller can subscribe after acting without missing anything.
+    pub fn events_since(
+        &self,
+        installation: &str,
+        since: Option<SystemTime>,
+    ) -> impl Stream<Item = Result<NodeEvent>> + Send + 'static {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            (
+                "label".to_string(),
+                vec![format!("{LABEL_INSTALLATION}={installation}")],
+            ),
+            (
+                "event".to_string(),
+                EVENT_ACTIONS.iter().map(|s| s.to_string()).collect(),
+            ),
+        ]);
+        let since = since.map(|t| {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+        });
+        let node = self.name.clone();
+        // Events are streamed for as long as the caller listens; no request timeout applies
+        // once the engine has answered.
+        self.docker
+            .events(Some(EventsOptions {
+                since,
+                until: None,
+                filters: Some(filters),
+            }))
+            .filter_map(move |item| {
+                let out = match item {
+                    Ok(msg) => parse_event(msg).map(Ok),
+                    Err(source) => Some(Err(NodeError::Engine {
+                        node: node.clone(),
+                        action: "reading events".into(),
+                        source,
+                    })),
+                };
+                std::future::ready(out)
+            })
+    }
+}
+
+/// `Exited (3) 5 seconds ago` -> 3.
+fn parse_exit_code(status: &str) -> Option<i64> {
+    let rest = status.strip_prefix("Exited (")?;
+    let end = rest.find(')')?;
+    rest[..end].parse().ok()
+}
+
+/// Splits `2024-01-01T00:00:00.123456789Z text\n` into timestamp and text.
+fn parse_log_line(stream: LogStream, message: &[u8]) -> LogLine {
+    let raw = String::from_utf8_lossy(message);
+    let raw = raw.strip_suffix('\n').unwrap_or(&raw);
+    let raw = raw.strip_suffix('\r').unwrap_or(raw);
+    let (time, text) = match raw.split_once(' ') {
+        Some((t, rest)) if t.len() >= 20 && t.as_bytes()[4] == b'-' => (t, rest),
+        _ => ("", raw),
+    };
+    LogLine {
+        stream,
+        time: time.to_string(),
+        text: text.to_string(),
+    }
+}
+
+fn parse_event(msg: EventMessage) -> Option<NodeEvent> {
+    let action = msg.action?;
+    // `exec_die`, `health_status: ...` and the like never pass the filter; be strict anyway.
+    let action = action
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if !EVENT_ACTIONS.contains(&action.as_str()) {
+        return None;
+    }
+    let actor = msg.actor?;
+    let container_id = actor.id?;
+    let mut attrs = actor.attributes.unwrap_or_default();
+    Some(NodeEvent {
+        container_id,
+        action,
+        app: attrs.remove(LABEL_APP),
+        instance: attrs.remove(LABEL_INSTANCE),
+        exit_code: attrs.get("exitCode").and_then(|c| c.parse().ok()),
+        time: msg.time.unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_docker_safe() {
+        assert_eq!(container_name("prod", "web-1"), "escale-prod-web-1");
+        assert_eq!(container_name("p", "a/b c"), "escale-p-a_b_c");
+    }
+
+    #[test]
+    fn refs_get_a_tag() {
+        assert_eq!(normalize_ref("foo"), "foo:latest");
+        assert_eq!(normalize_ref("foo:1"), "foo:1");
+        assert_eq!(normalize_ref("reg:5000/foo"), "reg:5000/foo:latest");
+        assert_eq!(normalize_ref("foo@sha256:ab"), "foo@sha256:ab");
+    }
+
+    #[test]
+    fn exit_codes_parse_from_status() {
+        assert_eq!(parse_exit_code("Exited (3) 5 seconds ago"), Some(3));
+        assert_eq!(
+            parse_exit_code("Exited (137) About a minute ago"),
+            Some(137)
+        );
+        assert_eq!(parse_exit_code("Up 3 minutes"), None);
+        assert_eq!(parse_exit_code("Exited (x"), None);
+    }
+
+    #[test]
+    fn log_lines_split_timestamp() {
+        let l = parse_log_line(LogStream::Stdout, b"2024-01-01T00:00:00.1Z GET / 200\n");
+        assert_eq!(l.time, "2024-01-01T00:00:00.1Z");
+        assert_eq!(l.text, "GET / 200");
+        let l = parse_log_line(LogStream::Stderr, b"no timestamp");
+        assert_eq!(l.time, "");
+        assert_eq!(l.text, "no timestamp");
+    }
+}

@@ -1,3 +1,4 @@
 //! The one integration-test binary: real `escale serve`, real Docker engine.
 
+mod node;
 mod support;
