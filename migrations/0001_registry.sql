@@ -60,7 +60,7 @@ CREATE TABLE process_types (
     surge              INTEGER NOT NULL DEFAULT 1,
     health_kind        TEXT NOT NULL DEFAULT 'http' CHECK (health_kind IN ('http', 'tcp', 'none')),
     health_path        TEXT NOT NULL DEFAULT '/',
-    health_interval_ms INTEGER NOT NULL DEFAULT 2000,
+    health_interval_ms INTEGER NOT NULL DEFAULT 5000,
     health_timeout_ms  INTEGER NOT NULL DEFAULT 2000,
     health_grace_ms    INTEGER NOT NULL DEFAULT 30000,
     PRIMARY KEY (app_id, name)

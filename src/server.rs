@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use crate::api::{self, AppState};
 use crate::auth::generate_setup_token;
 use crate::config::{Config, LogFormat};
 use crate::registry::{Registry, RegistryError};
+use crate::scheduler::Scheduler;
 use crate::secrets::{MasterKey, SecretsError};
 
 /// Start-up and run-time failures of the server.
@@ -31,6 +33,11 @@ pub enum ServerError {
         what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
+    },
+    #[error("cannot reach the Docker engine at {host} (set ESCALE_DOCKER_HOST): {source}")]
+    Docker {
+        host: String,
+        source: crate::node::NodeError,
     },
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -84,16 +91,53 @@ pub async fn run(
         registry.store_setup_token(&token.hash).await?;
         announce_setup(&token.secret, api_listener.local_addr()?);
     }
+    let local = crate::node::Node::connect_local("local", &config.docker_host)
+        .await
+        .map_err(|source| ServerError::Docker {
+            host: config.docker_host.clone(),
+            source,
+        })?
+        .with_advertise_ip(config.advertise_ip);
     let config = Arc::new(config);
-    let state = AppState::new(registry, config.clone());
+    let mut state = AppState::new(registry.clone(), config.clone());
+    let routes = crate::routing::shared();
+    let scheduler = Scheduler::new(
+        registry,
+        config.clone(),
+        vec![Arc::new(local)],
+        routes.clone(),
+        state.changed.clone(),
+    );
+    state.scheduler = Some(scheduler.clone());
     let app = api::router(state);
-    tracing::info!(api = %api_listener.local_addr()?, data_dir = %config.data_dir.display(), "escale is serving");
-    axum::serve(
-        api_listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+
+    // One shutdown signal, fanned out to every part.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let sched_task = tokio::spawn(scheduler.run(stopped()));
+    let api_addr = api_listener.local_addr()?;
+    tracing::info!(api = %api_addr, data_dir = %config.data_dir.display(), "escale is serving");
+    println!("escale: API listening on http://{api_addr}");
+    let api_task = tokio::spawn(
+        axum::serve(
+            api_listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped())
+        .into_future(),
+    );
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = sched_task.await;
+    match api_task.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "API task failed"),
+    }
     tracing::info!("escale stopped");
     Ok(())
 }

@@ -347,8 +347,15 @@ pub async fn create_release(
     if description.len() > 500 || description.contains('\0') {
         return Err(ApiError::Unprocessable("description must be at most 500 bytes without NUL".into()));
     }
-    // Fails before anything changes when the app is unknown or not the caller's.
+    // Fails before anything changes when the app is unknown or not the caller's, or when the
+    // image cannot be had on any node.
     s.registry.app(&actor, &app).await?;
+    if let Some(sched) = &s.scheduler {
+        sched
+            .check_image(&req.image)
+            .await
+            .map_err(|e| ApiError::Unprocessable(format!("cannot deploy `{}`: {e}; nothing was changed", req.image)))?;
+    }
     if let Some(p) = port {
         let patch = ProcessPatch {
             port: Some(p),

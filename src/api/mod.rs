@@ -8,6 +8,7 @@
 
 mod accounts;
 mod apps;
+mod cluster;
 mod error;
 mod extract;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub limiter: Arc<LoginLimiter>,
     /// Woken on every change of desired state, so the reconciler acts at once.
     pub changed: Arc<Notify>,
+    /// The scheduler, when this server runs one (API-only tests do not).
+    pub scheduler: Option<Arc<crate::scheduler::Scheduler>>,
 }
 
 impl AppState {
@@ -44,6 +47,7 @@ impl AppState {
             config,
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
             changed: Arc::new(Notify::new()),
+            scheduler: None,
         }
     }
 }
@@ -64,6 +68,7 @@ impl AppState {
         apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
         apps::list_domains, apps::add_domain, apps::remove_domain,
         apps::list_events,
+        cluster::list_instances, cluster::logs, cluster::list_nodes,
     ),
     components(schemas(Problem)),
     modifiers(&SecurityAddon),
@@ -109,6 +114,9 @@ pub fn router(state: AppState) -> Router {
         .route("/apps/{app}/domains", get(apps::list_domains).post(apps::add_domain))
         .route("/apps/{app}/domains/{domain}", delete(apps::remove_domain))
         .route("/apps/{app}/events", get(apps::list_events))
+        .route("/apps/{app}/instances", get(cluster::list_instances))
+        .route("/apps/{app}/logs", get(cluster::logs))
+        .route("/nodes", get(cluster::list_nodes))
         .route("/events", get(apps::list_all_events));
     Router::new()
         .nest("/api/v1", v1)

@@ -164,6 +164,38 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
+    /// until the body ends or `sink` returns false.
+    pub async fn stream_raw(&self, method: Method, path: &str, mut sink: impl FnMut(&[u8]) -> bool) -> Result<(), CliError> {
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
+        let resp = self.http.request(req).await.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: error_chain(&e) })?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let detail = serde_json::from_slice::<Problem>(&bytes).map(|p| p.detail).unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(match status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth(detail),
+                _ => CliError::Server(detail),
+            });
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: e.to_string() })?;
+            if let Some(data) = frame.data_ref() {
+                if !sink(data) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

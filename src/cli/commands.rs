@@ -104,6 +104,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             print_json_or(json_out, &done, || println!("v{v} of {app} is serving."));
             Ok(())
         }
+        Command::Ps { app } => {
+            let out: Value = api()?.call(Method::GET, &format!("/api/v1/apps/{}/instances", seg(&app)), None).await?;
+            print_json_or(json_out, &out, || print_ps(&app, &out));
+            Ok(())
+        }
+        Command::Logs { app, follow, process, tail } => {
+            let mut path = format!("/api/v1/apps/{}/logs?tail={tail}&follow={follow}", seg(&app));
+            if let Some(p) = &process {
+                path.push_str(&format!("&process={}", seg(p)));
+            }
+            api()?.stream_raw(Method::GET, &path, |chunk| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(chunk).and_then(|_| out.flush()).is_ok()
+            })
+            .await
+        }
         Command::Releases { app } => {
             let out: Value = api()?.call(Method::GET, &format!("/api/v1/apps/{}/releases", seg(&app)), None).await?;
             print_json_or(json_out, &out, || {
@@ -196,7 +213,7 @@ pub(super) async fn follow_rollout(c: &Client, app: &str, v: u64, timeout: std::
             _ => {}
         }
         if let Ok(ps) = c.call::<Value>(Method::GET, &format!("/api/v1/apps/{}/instances", seg(app)), None).await {
-            let list = ps.as_array().cloned().unwrap_or_default();
+            let list = ps["instances"].as_array().cloned().unwrap_or_default();
             let new_healthy = list.iter().filter(|i| i["release"].as_u64() == Some(v) && i["health"] == "healthy").count();
             let new_total = list.iter().filter(|i| i["release"].as_u64() == Some(v)).count();
             let old = list.iter().filter(|i| i["release"].as_u64() != Some(v)).count();
@@ -334,6 +351,47 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
         }
     }
     Ok(())
+}
+
+fn print_ps(app: &str, out: &Value) {
+    let rows: Vec<Vec<String>> = out["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            vec![
+                format!("{}.{}", s(&i["process"]), i["slot"]),
+                format!("v{}", i["release"]),
+                s(&i["node"]),
+                s(&i["state"]),
+                s(&i["health"]),
+                s(&i["address"]),
+                ago(i["created_at"].as_i64().unwrap_or(0)).trim_end_matches(" ago").to_string(),
+                i["restarts"].to_string(),
+                s(&i["instance"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("{app} has no instances (scale it with `escale scale {app} web=N`).");
+    } else {
+        table(&["PROCESS", "RELEASE", "NODE", "STATE", "HEALTH", "ADDRESS", "UPTIME", "RESTARTS", "INSTANCE"], &rows);
+    }
+    for c in out["crashing"].as_array().into_iter().flatten() {
+        println!();
+        println!(
+            "{app} is crashing: {}.{} crashed {} time(s) in a row (last exit code {}{}); next try {}",
+            s(&c["process"]),
+            c["slot"],
+            c["crashes"],
+            s(&c["last_exit_code"]),
+            if c["oom"] == true { ", out of memory" } else { "" },
+            ago(c["retry_at"].as_i64().unwrap_or(0)).replace(" ago", " from now"),
+        );
+        for l in c["last_logs"].as_array().into_iter().flatten() {
+            println!("    | {}", s(l));
+        }
+    }
 }
 
 fn print_processes(list: &[Value]) {

@@ -127,6 +127,23 @@ pub enum Command {
         #[arg(long, default_value = "15m")]
         wait_timeout: humantime::Duration,
     },
+    /// List an app's instances: release, node, state, health, address, uptime, restarts.
+    #[command(after_help = "Examples:\n  escale ps shop\n  escale ps shop --json | jq '.instances[].health'")]
+    Ps { app: String },
+    /// Show (and follow) the merged output of an app's instances.
+    #[command(after_help = "Examples:\n  escale logs shop\n  escale logs shop -f --process web --tail 20")]
+    Logs {
+        app: String,
+        /// Keep streaming.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this process type.
+        #[arg(long)]
+        process: Option<String>,
+        /// Lines per instance from the end.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
     /// List releases of an app.
     Releases { app: String },
     /// Make a new release with the image and config of an earlier one.

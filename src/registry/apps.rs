@@ -190,7 +190,7 @@ impl Registry {
                     e.into()
                 }
             })?;
-        sqlx::query("INSERT INTO process_types (app_id, name, port, instances) VALUES (?, 'web', ?, 0)")
+        sqlx::query("INSERT INTO process_types (app_id, name, port, instances) VALUES (?, 'web', ?, 1)")
             .bind(id)
             .bind(port as i64)
             .execute(&mut *tx)
@@ -267,6 +267,28 @@ impl Registry {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(ProcessType::from).collect())
+    }
+
+    /// Process types of every app, by app id (for the scheduler).
+    pub async fn all_processes(&self) -> Result<std::collections::HashMap<i64, Vec<ProcessType>>> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            app_id: i64,
+            #[sqlx(flatten)]
+            p: ProcessRow,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT app_id, name, command, port, instances, memory_bytes, nano_cpus, surge, health_kind, health_path,
+                    health_interval_ms, health_timeout_ms, health_grace_ms
+             FROM process_types ORDER BY app_id, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: std::collections::HashMap<i64, Vec<ProcessType>> = Default::default();
+        for r in rows {
+            out.entry(r.app_id).or_default().push(r.p.into());
+        }
+        Ok(out)
     }
 
     /// Deletes an app and everything it owns (its containers are removed by the reconciler,

@@ -315,3 +315,56 @@ impl Registry {
         Ok(previous.map(|v| v as u32))
     }
 }
+
+/// What the scheduler needs of one app, read in one pass.
+#[derive(Debug, Clone)]
+pub struct DesiredApp {
+    pub app: AppRef,
+    /// Target release: version, image, status and rollout deadline.
+    pub release: Option<(u32, String, ReleaseStatus, Option<i64>)>,
+    pub processes: Vec<super::ProcessType>,
+}
+
+impl Registry {
+    /// Every app with its target release and process types: two queries, whatever the size.
+    pub async fn desired_state(&self) -> Result<Vec<DesiredApp>> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            id: i64,
+            name: String,
+            team_id: i64,
+            team: String,
+            target_release: Option<i64>,
+            created_at: i64,
+            image: Option<String>,
+            status: Option<String>,
+            deadline_ms: Option<i64>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT a.id, a.name, a.team_id, t.name AS team, a.target_release, a.created_at, r.image, r.status, r.deadline_ms
+             FROM apps a JOIN teams t ON t.id = a.team_id
+             LEFT JOIN releases r ON r.app_id = a.id AND r.version = a.target_release ORDER BY a.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let procs = self.all_processes().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DesiredApp {
+                processes: procs.get(&r.id).cloned().unwrap_or_default(),
+                release: match (r.target_release, r.image, r.status) {
+                    (Some(v), Some(img), Some(st)) => Some((v as u32, img, ReleaseStatus::parse(&st), r.deadline_ms)),
+                    _ => None,
+                },
+                app: AppRef {
+                    id: r.id,
+                    name: r.name,
+                    team_id: r.team_id,
+                    team: r.team,
+                    target_release: r.target_release,
+                    created_at: r.created_at,
+                },
+            })
+            .collect())
+    }
+}

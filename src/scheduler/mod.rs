@@ -1,3 +1,704 @@
 //! The scheduler: a pure planner ([`plan`]) and the reconciler that feeds and executes it.
+//!
+//! Each pass of the [`Scheduler`] reads the desired state from the registry (two queries),
+//! observes every node (one labelled list call per node), asks [`plan::plan`] what to do, and
+//! executes the actions through thin executors. Starting and draining run as tasks so a pass
+//! never waits on a container; what is in flight is remembered (`pending`, `draining`) and shown
+//! to the planner, so nothing is done twice. Docker is observed, never trusted as memory: after a
+//! restart the whole picture is rebuilt from container labels.
+//!
+//! A pass runs on every API change and engine event, on health verdict changes, and at least
+//! every `scheduler.reconcile_interval`. At the end of each pass the routing table (host ->
+//! healthy `web` instances) is rebuilt and, when it changed, published for the proxy.
 
+pub mod health;
 pub mod plan;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::node::{self, InstanceSpec, Node};
+use crate::registry::{now_ms, AppRef, DesiredApp as RegistryApp, ProcessType, Registry, ReleaseStatus};
+use crate::routing::{Backend, Route, RoutingTable, SharedRoutes};
+use health::{Health, HealthTable, ProbeTarget};
+use plan::{Action, InstanceState};
+
+/// Scheduler failures (a failed pass is logged and retried at the next one).
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+    #[error("no node is reachable")]
+    NoNode,
+}
+
+/// One instance as `escale ps` and the API show it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct InstanceView {
+    pub instance: String,
+    pub app: String,
+    pub process: String,
+    pub release: u32,
+    pub slot: u32,
+    pub node: String,
+    pub container_id: String,
+    /// `starting`, `running`, `draining` or `exited`.
+    pub state: String,
+    /// `starting`, `healthy`, `unhealthy`, or `-` when not running.
+    pub health: String,
+    pub address: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Crashes of this slot in a row.
+    pub restarts: u32,
+}
+
+/// A slot whose instances keep crashing.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CrashView {
+    pub app: String,
+    pub process: String,
+    pub slot: u32,
+    pub crashes: u32,
+    /// Unix milliseconds at which the next start is allowed.
+    pub retry_at: i64,
+    pub last_exit_code: Option<i64>,
+    pub oom: bool,
+    pub last_logs: Vec<String>,
+}
+
+/// What the scheduler last saw, for the API.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct ClusterView {
+    pub instances: Vec<InstanceView>,
+    pub crashing: Vec<CrashView>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// A node's reachability.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct NodeView {
+    pub name: String,
+    pub ready: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    node: String,
+    app: String,
+    process: String,
+    release: u32,
+    slot: u32,
+    created_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SlotCrash {
+    crashes: u32,
+    until_ms: u64,
+    last_exit: Option<i64>,
+    oom: bool,
+    last_logs: Vec<String>,
+}
+
+#[derive(Default)]
+struct ExecState {
+    /// Starts in flight, by instance id.
+    pending: HashMap<String, Pending>,
+    /// Instances whose start must be undone once it lands (drained while pending).
+    cancelled: HashSet<String>,
+    /// Containers being drained.
+    draining: HashSet<String>,
+    crashes: HashMap<(String, String, u32), SlotCrash>,
+}
+
+/// The reconciler and its shared views.
+pub struct Scheduler {
+    registry: Registry,
+    config: Arc<Config>,
+    nodes: Vec<Arc<Node>>,
+    installation: String,
+    /// The routing snapshot the proxy reads.
+    pub routes: SharedRoutes,
+    /// What the API shows.
+    pub view: Arc<ArcSwap<ClusterView>>,
+    pub health: Arc<HealthTable>,
+    changed: Arc<Notify>,
+    state: Mutex<ExecState>,
+    /// Engine calls made by passes (for the benchmark of calls per pass).
+    pub engine_calls: std::sync::atomic::AtomicU64,
+    /// Completed passes.
+    pub passes: std::sync::atomic::AtomicU64,
+}
+
+/// The processes of an app to converge, with what the executor needs to start instances.
+struct AppPlanInput {
+    app: AppRef,
+    image: String,
+    processes: Vec<ProcessType>,
+}
+
+impl Scheduler {
+    /// A scheduler over `nodes`, sharing `changed` with the API and `routes` with the proxy.
+    pub fn new(registry: Registry, config: Arc<Config>, nodes: Vec<Arc<Node>>, routes: SharedRoutes, changed: Arc<Notify>) -> Arc<Scheduler> {
+        let installation = registry.installation_id().to_string();
+        Arc::new(Scheduler {
+            registry,
+            config,
+            nodes,
+            installation,
+            routes,
+            view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
+            health: Arc::new(HealthTable::default()),
+            changed,
+            state: Mutex::new(ExecState::default()),
+            engine_calls: Default::default(),
+            passes: Default::default(),
+        })
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// All nodes.
+    pub fn nodes(&self) -> &[Arc<Node>] {
+        &self.nodes
+    }
+
+    /// Makes sure `image` can be run: present on a node, or pullable. Fails with the engine's
+    /// reason otherwise, before anything is recorded.
+    pub async fn check_image(&self, image: &str) -> Result<(), SchedulerError> {
+        let mut last = None;
+        for n in &self.nodes {
+            match n.image_exists(image).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last = Some(e),
+            }
+        }
+        for n in &self.nodes {
+            match n.ensure_image(image).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map(SchedulerError::Node).unwrap_or(SchedulerError::NoNode))
+    }
+
+    /// Runs passes until `shutdown`; also runs the health checker and follows engine events.
+    /// Containers keep running when escale stops: they are the apps.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let health = tokio::spawn(self.health.clone().run(self.changed.clone()));
+        let mut watchers = Vec::new();
+        for n in &self.nodes {
+            watchers.push(tokio::spawn(watch_events(n.clone(), self.installation.clone(), self.changed.clone())));
+        }
+        tokio::pin!(shutdown);
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = self.changed.notified() => {},
+                _ = tokio::time::sleep(wait) => {},
+            }
+            wait = match self.pass().await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconcile pass failed; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+        }
+        health.abort();
+        for w in watchers {
+            w.abort();
+        }
+    }
+
+    /// One reconcile pass. Returns how long to wait before the next one at the latest.
+    pub async fn pass(self: &Arc<Self>) -> Result<Duration, SchedulerError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let desired_apps = self.registry.desired_state().await?;
+        let domains = self.registry.all_domains().await?;
+        let now = now_ms();
+
+        // Observe every node: one labelled list call each.
+        let mut observed_nodes = Vec::new();
+        let mut containers = Vec::new();
+        let mut node_views = Vec::new();
+        for n in &self.nodes {
+            self.engine_calls.fetch_add(1, Relaxed);
+            match n.list_instances(&self.installation).await {
+                Ok(list) => {
+                    observed_nodes.push(plan::NodeState { name: n.name.clone(), ready: true });
+                    node_views.push(NodeView { name: n.name.clone(), ready: true, error: None });
+                    containers.extend(list.into_iter().map(|c| (n.name.clone(), c)));
+                }
+                Err(e) => {
+                    tracing::warn!(node = %n.name, error = %e, "node unreachable");
+                    observed_nodes.push(plan::NodeState { name: n.name.clone(), ready: false });
+                    node_views.push(NodeView { name: n.name.clone(), ready: false, error: Some(e.to_string()) });
+                }
+            }
+        }
+
+        // Desired state, with rollout deadlines.
+        let timeout_ms = self.config.scheduler.deploy_timeout.as_millis() as i64;
+        let mut desired = plan::Desired { apps: Vec::new() };
+        let mut inputs: HashMap<String, AppPlanInput> = HashMap::new();
+        for RegistryApp { app, release, processes } in desired_apps {
+            let Some((version, image, status, deadline)) = release else { continue };
+            let deadline = match (status, deadline) {
+                (ReleaseStatus::Deploying, Some(d)) => Some(d),
+                (ReleaseStatus::Deploying, None) => self.registry.rollout_deadline(app.id, version, timeout_ms).await?,
+                _ => None,
+            };
+            desired.apps.push(plan::DesiredApp {
+                app: app.name.clone(),
+                release: version,
+                processes: processes
+                    .iter()
+                    .map(|p| plan::DesiredProcess { process: p.name.clone(), instances: p.instances, surge: p.surge.max(1) })
+                    .collect(),
+                rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
+            });
+            inputs.insert(app.name.clone(), AppPlanInput { app, image, processes });
+        }
+
+        // Observed instances, as the planner sees them.
+        let (observed, views) = {
+            let st = self.state.lock().expect("scheduler lock");
+            let mut instances = Vec::new();
+            let mut views = Vec::new();
+            let mut seen = HashSet::new();
+            for (node_name, c) in &containers {
+                seen.insert(c.instance.clone());
+                let health = self.health.get(&c.container_id);
+                let state = if st.draining.contains(&c.container_id) {
+                    InstanceState::Draining
+                } else {
+                    match c.state {
+                        node::InstanceState::Running => match health {
+                            Some(Health::Healthy) => InstanceState::Healthy,
+                            Some(Health::Unhealthy) => InstanceState::Unhealthy,
+                            _ => InstanceState::Starting,
+                        },
+                        node::InstanceState::Exited | node::InstanceState::Dead => {
+                            InstanceState::Exited { code: c.exit_code.unwrap_or(-1), oom: c.oom_killed }
+                        }
+                        node::InstanceState::Removing => InstanceState::Draining,
+                        // A start of ours in flight, or a leftover of a crash between create and start.
+                        _ if st.pending.contains_key(&c.instance) => InstanceState::Starting,
+                        _ => InstanceState::Exited { code: -1, oom: false },
+                    }
+                };
+                let restarts = st.crashes.get(&(c.app.clone(), c.process.clone(), c.slot)).map(|s| s.crashes).unwrap_or(0);
+                views.push(InstanceView {
+                    instance: c.instance.clone(),
+                    app: c.app.clone(),
+                    process: c.process.clone(),
+                    release: c.release,
+                    slot: c.slot,
+                    node: node_name.clone(),
+                    container_id: c.container_id.chars().take(12).collect(),
+                    state: match state {
+                        InstanceState::Draining => "draining",
+                        InstanceState::Exited { .. } => "exited",
+                        InstanceState::Starting if c.state != node::InstanceState::Running => "starting",
+                        _ => "running",
+                    }
+                    .into(),
+                    health: match state {
+                        InstanceState::Healthy => "healthy",
+                        InstanceState::Unhealthy => "unhealthy",
+                        InstanceState::Starting => "starting",
+                        _ => "-",
+                    }
+                    .into(),
+                    address: c.addr.map(|a| a.to_string()),
+                    created_at: c.created * 1000,
+                    restarts,
+                });
+                instances.push(plan::ObservedInstance {
+                    container_id: c.container_id.clone(),
+                    node: node_name.clone(),
+                    app: c.app.clone(),
+                    process: c.process.clone(),
+                    release: c.release,
+                    slot: c.slot,
+                    state,
+                });
+            }
+            for (instance, p) in &st.pending {
+                if seen.contains(instance) {
+                    continue;
+                }
+                instances.push(plan::ObservedInstance {
+                    container_id: pending_id(instance),
+                    node: p.node.clone(),
+                    app: p.app.clone(),
+                    process: p.process.clone(),
+                    release: p.release,
+                    slot: p.slot,
+                    state: if st.cancelled.contains(instance) { InstanceState::Draining } else { InstanceState::Starting },
+                });
+                views.push(InstanceView {
+                    instance: instance.clone(),
+                    app: p.app.clone(),
+                    process: p.process.clone(),
+                    release: p.release,
+                    slot: p.slot,
+                    node: p.node.clone(),
+                    container_id: String::new(),
+                    state: "starting".into(),
+                    health: "starting".into(),
+                    address: None,
+                    created_at: p.created_at,
+                    restarts: st.crashes.get(&(p.app.clone(), p.process.clone(), p.slot)).map(|s| s.crashes).unwrap_or(0),
+                });
+            }
+            // A slot that has been healthy is no longer crash-looping.
+            let backoff = st
+                .crashes
+                .iter()
+                .filter(|(_, c)| c.until_ms > now as u64)
+                .map(|((app, process, slot), c)| plan::SlotBackoff { app: app.clone(), process: process.clone(), slot: *slot, until_ms: c.until_ms })
+                .collect();
+            (plan::Observed { now_ms: now as u64, nodes: observed_nodes, instances, backoff }, views)
+        };
+
+        let actions = plan::plan(&desired, &observed);
+        for action in actions {
+            self.execute(action, &inputs, &observed).await;
+        }
+
+        // Health targets and routes from what is running now.
+        let mut targets = Vec::new();
+        for (node_name, c) in &containers {
+            if c.state != node::InstanceState::Running {
+                continue;
+            }
+            let (Some(input), Some(addr)) = (inputs.get(&c.app), c.addr) else { continue };
+            let Some(p) = input.processes.iter().find(|p| p.name == c.process) else { continue };
+            let _ = node_name;
+            targets.push((
+                c.container_id.clone(),
+                ProbeTarget {
+                    addr,
+                    kind: p.health.kind,
+                    path: p.health.path.clone(),
+                    interval: Duration::from_millis(p.health.interval_ms as u64),
+                    timeout: Duration::from_millis(p.health.timeout_ms as u64),
+                    grace: Duration::from_millis(p.health.grace_ms as u64),
+                },
+            ));
+        }
+        self.health.sync(targets);
+        self.publish_routes(&containers, &inputs, &domains);
+
+        // Healthy slots forget their crash history.
+        let crashing = {
+            let mut st = self.state.lock().expect("scheduler lock");
+            for o in &observed.instances {
+                if o.state == InstanceState::Healthy {
+                    if let Some(c) = st.crashes.get_mut(&(o.app.clone(), o.process.clone(), o.slot)) {
+                        if c.until_ms + 10_000 < now as u64 {
+                            c.crashes = 0;
+                        }
+                    }
+                }
+            }
+            st.crashes.retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
+            // Two crashes in a row make a crash loop worth showing.
+            let loops = st.crashes.iter().filter(|(_, c)| c.crashes >= 2);
+            loops
+                .map(|((app, process, slot), c)| CrashView {
+                    app: app.clone(),
+                    process: process.clone(),
+                    slot: *slot,
+                    crashes: c.crashes,
+                    retry_at: c.until_ms as i64,
+                    last_exit_code: c.last_exit,
+                    oom: c.oom,
+                    last_logs: c.last_logs.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let next_backoff = crashing.iter().map(|c| c.retry_at - now).filter(|d| *d > 0).min();
+        self.view.store(Arc::new(ClusterView { instances: views, crashing, nodes: node_views }));
+        self.passes.fetch_add(1, Relaxed);
+        let interval = self.config.scheduler.reconcile_interval;
+        Ok(match next_backoff {
+            Some(ms) => interval.min(Duration::from_millis(ms as u64 + 5)),
+            None => interval,
+        })
+    }
+
+    async fn execute(self: &Arc<Self>, action: Action, inputs: &HashMap<String, AppPlanInput>, observed: &plan::Observed) {
+        match action {
+            Action::Start { app, process, release, slot, node } => {
+                let Some(input) = inputs.get(&app) else { return };
+                let Some(p) = input.processes.iter().find(|p| p.name == process).cloned() else { return };
+                let instance = format!("{app}-{process}-{slot}-v{release}-{}", crate::auth::random_hex(2));
+                self.state.lock().expect("scheduler lock").pending.insert(
+                    instance.clone(),
+                    Pending { node: node.clone(), app: app.clone(), process: process.clone(), release, slot, created_at: now_ms() },
+                );
+                tracing::info!(%app, %process, release, slot, %node, %instance, "starting instance");
+                let me = self.clone();
+                let app_ref = input.app.clone();
+                let image = input.image.clone();
+                tokio::spawn(async move {
+                    let result = me.start(&app_ref, &image, &p, release, slot, &node, &instance).await;
+                    let cancel = {
+                        let mut st = me.state.lock().expect("scheduler lock");
+                        st.pending.remove(&instance);
+                        st.cancelled.remove(&instance)
+                    };
+                    match result {
+                        Ok(started) if cancel => {
+                            if let Some(n) = me.node(&node) {
+                                let _ = n.remove_instance(&started.container_id).await;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(%instance, error = %e, "instance failed to start");
+                            me.record_crash(&app_ref.name, &p.name, slot, None, false, vec![e.to_string()]);
+                        }
+                    }
+                    me.changed.notify_one();
+                });
+            }
+            Action::Drain { container_id, node, app, process, reason } => {
+                if let Some(instance) = container_id.strip_prefix("pending:") {
+                    self.state.lock().expect("scheduler lock").cancelled.insert(instance.to_string());
+                    return;
+                }
+                if reason == plan::DrainReason::Unhealthy {
+                    let slot = observed.instances.iter().find(|i| i.container_id == container_id).map(|i| i.slot);
+                    if let Some(slot) = slot {
+                        let logs = self.last_logs(&node, &container_id).await;
+                        let mut lines = vec![self.health.last_error(&container_id).map(|e| format!("health check: {e}")).unwrap_or_default()];
+                        lines.extend(logs);
+                        self.record_crash(&app, &process, slot, None, false, lines);
+                    }
+                }
+                if !self.state.lock().expect("scheduler lock").draining.insert(container_id.clone()) {
+                    return;
+                }
+                tracing::info!(%app, %process, container = %short(&container_id), ?reason, "draining instance");
+                let me = self.clone();
+                tokio::spawn(async move {
+                    // Out of the routing table first; then the grace period lets in-flight requests end.
+                    me.changed.notify_one();
+                    tokio::time::sleep(me.config.scheduler.drain_grace).await;
+                    if let Some(n) = me.node(&node) {
+                        if let Err(e) = n.stop_instance(&container_id, me.config.scheduler.stop_timeout).await {
+                            tracing::warn!(container = %short(&container_id), error = %e, "stop failed");
+                        }
+                        if let Err(e) = n.remove_instance(&container_id).await {
+                            tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
+                        }
+                    }
+                    me.state.lock().expect("scheduler lock").draining.remove(&container_id);
+                    me.changed.notify_one();
+                });
+            }
+            Action::Remove { container_id, node, app, process, slot, release, crashed } => {
+                let exited = observed.instances.iter().find(|i| i.container_id == container_id).map(|i| i.state.clone());
+                if crashed {
+                    let logs = self.last_logs(&node, &container_id).await;
+                    let (code, oom) = match exited {
+                        Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
+                        _ => (None, false),
+                    };
+                    tracing::warn!(%app, %process, slot, release, exit_code = ?code, oom, "instance exited; it will be replaced");
+                    self.record_crash(&app, &process, slot, code, oom, logs);
+                }
+                if let Some(n) = self.node(&node) {
+                    self.engine_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(e) = n.remove_instance(&container_id).await {
+                        tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
+                    }
+                }
+            }
+            Action::RolloutSucceeded { app, release } => {
+                if let Some(input) = inputs.get(&app) {
+                    tracing::info!(%app, release, "rollout succeeded");
+                    if let Err(e) = self.registry.rollout_succeeded(&input.app, release).await {
+                        tracing::warn!(%app, error = %e, "cannot record the rollout");
+                    }
+                }
+            }
+            Action::RolloutFailed { app, release, reason } => {
+                let Some(input) = inputs.get(&app) else { return };
+                let mut full = reason.clone();
+                let logs: Vec<String> = {
+                    let st = self.state.lock().expect("scheduler lock");
+                    st.crashes
+                        .iter()
+                        .filter(|((a, _, _), _)| *a == app)
+                        .flat_map(|(_, c)| c.last_logs.clone())
+                        .filter(|l| !l.is_empty())
+                        .collect()
+                };
+                if !logs.is_empty() {
+                    let tail: Vec<String> = logs.iter().rev().take(10).rev().cloned().collect();
+                    full.push_str("\nlast log lines:\n");
+                    full.push_str(&tail.join("\n"));
+                }
+                tracing::warn!(%app, release, reason = %reason, "rollout failed; the previous release keeps serving");
+                match self.registry.rollout_failed(&input.app, release, &full).await {
+                    Ok(_) => self.changed.notify_one(),
+                    Err(e) => tracing::warn!(%app, error = %e, "cannot record the failed rollout"),
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start(&self, app: &AppRef, image: &str, p: &ProcessType, release: u32, slot: u32, node_name: &str, instance: &str) -> Result<node::StartedInstance, SchedulerError> {
+        let node = self.node(node_name).ok_or(SchedulerError::NoNode)?;
+        if !node.image_exists(image).await? {
+            let mut copied = false;
+            for other in &self.nodes {
+                if other.name != node.name && other.image_exists(image).await.unwrap_or(false) {
+                    Node::copy_image(other, node, image).await?;
+                    copied = true;
+                    break;
+                }
+            }
+            if !copied {
+                node.ensure_image(image).await?;
+            }
+        }
+        let mut env = self.registry.release_env(app, release).await?;
+        env.push(("ESCALE_APP".into(), app.name.clone()));
+        env.push(("ESCALE_PROCESS".into(), p.name.clone()));
+        env.push(("ESCALE_RELEASE".into(), format!("v{release}")));
+        env.push(("ESCALE_INSTANCE".into(), instance.to_string()));
+        let spec = InstanceSpec {
+            installation: self.installation.clone(),
+            app: app.name.clone(),
+            process: p.name.clone(),
+            release,
+            slot,
+            instance: instance.to_string(),
+            image: image.to_string(),
+            env,
+            command: p.command.clone(),
+            port: p.port,
+            memory_bytes: p.memory_bytes.map(|m| m as i64),
+            nano_cpus: p.nano_cpus,
+            bind_ip: node.advertise_ip,
+            log_max_size: self.config.scheduler.log_max_size.clone(),
+            log_max_files: self.config.scheduler.log_max_files,
+            ..Default::default()
+        };
+        Ok(node.start_instance(&spec).await?)
+    }
+
+    fn record_crash(&self, app: &str, process: &str, slot: u32, code: Option<i64>, oom: bool, logs: Vec<String>) {
+        let mut st = self.state.lock().expect("scheduler lock");
+        let c = st.crashes.entry((app.to_string(), process.to_string(), slot)).or_default();
+        c.crashes += 1;
+        c.until_ms = now_ms() as u64 + plan::backoff_delay_ms(c.crashes);
+        if code.is_some() {
+            c.last_exit = code;
+        }
+        c.oom = oom;
+        if logs.iter().any(|l| !l.is_empty()) {
+            c.last_logs = logs;
+        }
+    }
+
+    async fn last_logs(&self, node_name: &str, container_id: &str) -> Vec<String> {
+        let Some(n) = self.node(node_name) else { return vec![] };
+        let stream = n.logs(container_id, false, Some(10));
+        let collect = stream.take(10).filter_map(|l| async move { l.ok().map(|l| l.text.trim_end().to_string()) }).collect::<Vec<_>>();
+        tokio::time::timeout(Duration::from_secs(2), collect).await.unwrap_or_default()
+    }
+
+    fn publish_routes(&self, containers: &[(String, node::ContainerInstance)], inputs: &HashMap<String, AppPlanInput>, domains: &[(String, String)]) {
+        let draining = self.state.lock().expect("scheduler lock").draining.clone();
+        let mut backends: BTreeMap<&str, Vec<Backend>> = BTreeMap::new();
+        for name in inputs.keys() {
+            backends.insert(name.as_str(), Vec::new());
+        }
+        for (_, c) in containers {
+            if c.process != "web" || c.state != node::InstanceState::Running || draining.contains(&c.container_id) {
+                continue;
+            }
+            if self.health.get(&c.container_id) != Some(Health::Healthy) {
+                continue;
+            }
+            if let (Some(list), Some(addr)) = (backends.get_mut(c.app.as_str()), c.addr) {
+                list.push(Backend { instance: c.instance.clone(), addr: advertise(addr) });
+            }
+        }
+        let mut entries = Vec::new();
+        let mut routes: HashMap<&str, Arc<Route>> = HashMap::new();
+        for (app, mut list) in backends {
+            list.sort_by(|a, b| a.instance.cmp(&b.instance));
+            let route = Arc::new(Route { app: app.to_string(), backends: list, max_body_bytes: self.config.proxy.max_body_bytes, redirect_https: false });
+            entries.push((format!("{app}.{}", self.config.apps_domain), route.clone()));
+            routes.insert(app, route);
+        }
+        for (domain, app) in domains {
+            if let Some(r) = routes.get(app.as_str()) {
+                entries.push((domain.clone(), r.clone()));
+            }
+        }
+        let table = RoutingTable::new(entries);
+        if **self.routes.load() != table {
+            tracing::debug!(hosts = table.len(), "publishing routing table");
+            self.routes.store(Arc::new(table));
+        }
+    }
+}
+
+fn advertise(addr: SocketAddr) -> SocketAddr {
+    addr
+}
+
+fn pending_id(instance: &str) -> String {
+    format!("pending:{instance}")
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// Follows a node's container events and wakes the reconciler on each; reconnects on error.
+async fn watch_events(node: Arc<Node>, installation: String, changed: Arc<Notify>) {
+    loop {
+        let mut events = Box::pin(node.events(&installation));
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => {
+                    tracing::debug!(node = %node.name, action = %ev.action, instance = ?ev.instance, "engine event");
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    tracing::debug!(node = %node.name, error = %e, "event stream ended");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -75,7 +75,7 @@ pub const BACKOFF_BASE_MS: u64 = 1_000;
 pub const BACKOFF_MAX_MS: u64 = 60_000;
 /// Largest instance count per process; larger desired counts are clamped to it, so a corrupt
 /// registry row cannot make the planner iterate over billions of slots.
-pub const MAX_INSTANCES: u32 = 100;
+pub const MAX_INSTANCES: u32 = 10_000;
 
 /// What should run: one entry per app.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +102,7 @@ pub struct DesiredApp {
 pub struct DesiredProcess {
     /// The process type name.
     pub process: String,
-    /// Desired instance count (0..=100, clamped to [`MAX_INSTANCES`]); instances occupy slots
+    /// Desired instance count (clamped to [`MAX_INSTANCES`]); instances occupy slots
     /// `1..=instances`.
     pub instances: u32,
     /// Extra instances allowed during a rollout (>= 1; 0 is treated as 1).

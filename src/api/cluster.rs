@@ -1,0 +1,99 @@
+//! Instances (`escale ps`), logs and nodes: what the scheduler observes.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::Response;
+use futures_util::stream::{self, StreamExt};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::{ApiError, AppState, Auth, Json};
+use crate::scheduler::{CrashView, InstanceView, NodeView};
+
+/// Instances of an app and the slots that are crash-looping.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct AppInstances {
+    pub instances: Vec<InstanceView>,
+    /// Non-empty when instances keep crashing: `escale ps` shows the app as "crashing".
+    pub crashing: Vec<CrashView>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// Keep streaming new lines.
+    #[serde(default)]
+    pub follow: bool,
+    /// Lines per instance from the end (default 100, at most 10000).
+    #[serde(default)]
+    pub tail: Option<usize>,
+    /// Only this process type.
+    #[serde(default)]
+    pub process: Option<String>,
+}
+
+fn scheduler(s: &AppState) -> Result<&std::sync::Arc<crate::scheduler::Scheduler>, ApiError> {
+    s.scheduler
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("the scheduler is not running on this server".into()))
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{app}/instances", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), responses((status = 200, body = AppInstances)))]
+pub async fn list_instances(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<AppInstances>, ApiError> {
+    crate::validate::app_name(&app).map_err(|e| ApiError::NotFound(e.0))?;
+    s.registry.app(&actor, &app).await?;
+    let view = scheduler(&s)?.view.load();
+    let mut instances: Vec<InstanceView> = view.instances.iter().filter(|i| i.app == app).cloned().collect();
+    instances.sort_by(|a, b| (&a.process, a.slot, a.release).cmp(&(&b.process, b.slot, b.release)));
+    let crashing = view.crashing.iter().filter(|c| c.app == app).cloned().collect();
+    Ok(Json(AppInstances { instances, crashing }))
+}
+
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "system", security(("token" = [])), responses((status = 200, body = [NodeView])))]
+pub async fn list_nodes(State(s): State<AppState>, Auth(actor): Auth) -> Result<Json<Vec<NodeView>>, ApiError> {
+    actor.require_admin("listing nodes")?;
+    Ok(Json(scheduler(&s)?.view.load().nodes.clone()))
+}
+
+/// Streams the merged output of an app's instances as text lines:
+/// `<engine time> <instance> <text>`.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/logs", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), LogsQuery), responses((status = 200, content_type = "text/plain", description = "log lines")))]
+pub async fn logs(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    crate::validate::app_name(&app).map_err(|e| ApiError::NotFound(e.0))?;
+    s.registry.app(&actor, &app).await?;
+    if let Some(p) = &q.process {
+        crate::validate::process_name(p)?;
+    }
+    let tail = q.tail.unwrap_or(100).min(10_000);
+    let sched = scheduler(&s)?.clone();
+    let view = sched.view.load();
+    let mut streams = Vec::new();
+    for i in view.instances.iter().filter(|i| i.app == app && !i.container_id.is_empty()) {
+        if q.process.as_deref().is_some_and(|p| p != i.process) {
+            continue;
+        }
+        let Some(node) = sched.node(&i.node) else { continue };
+        let tag = format!("{}.{}[v{}]", i.process, i.slot, i.release);
+        let lines = node.logs(&i.container_id, q.follow, Some(tail)).filter_map(move |l| {
+            let tag = tag.clone();
+            async move {
+                l.ok().map(|l| Ok::<_, std::io::Error>(bytes::Bytes::from(format!("{} {tag} {}\n", l.time, l.text.trim_end_matches('\n')))))
+            }
+        });
+        streams.push(lines.boxed());
+    }
+    let body = Body::from_stream(stream::select_all(streams));
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-content-type-options", "nosniff")
+        .body(body)
+        .expect("static response parts"))
+}

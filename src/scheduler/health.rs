@@ -1,0 +1,277 @@
+//! Health checks of running instances, done by escale itself (images built `FROM scratch` have
+//! no shell for a Docker HEALTHCHECK).
+//!
+//! A new instance is probed every 250 ms until it first passes (fast rollouts), then at its
+//! process type's interval. It is `Starting` until its first success, `Unhealthy` if its start
+//! grace runs out first or after [`FAILURES_TO_UNHEALTHY`] consecutive failures. Every change of
+//! verdict wakes the reconciler, which republishes the routing table.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::registry::HealthKind;
+
+/// Consecutive failures that turn a healthy instance unhealthy.
+pub const FAILURES_TO_UNHEALTHY: u32 = 2;
+const STARTING_PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// The verdict on one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// How and where to probe an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub addr: SocketAddr,
+    pub kind: HealthKind,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub grace: Duration,
+}
+
+#[derive(Debug)]
+struct Entry {
+    target: ProbeTarget,
+    health: Health,
+    since: Instant,
+    failures: u32,
+    next_probe: Instant,
+    last_error: Option<String>,
+}
+
+/// Verdicts by container id. The lock is never held across an await.
+#[derive(Debug, Default)]
+pub struct HealthTable {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl HealthTable {
+    /// The verdict on a container, `None` if it is not tracked.
+    pub fn get(&self, container_id: &str) -> Option<Health> {
+        self.entries.lock().expect("health lock").get(container_id).map(|e| e.health)
+    }
+
+    /// The last probe error of a container.
+    pub fn last_error(&self, container_id: &str) -> Option<String> {
+        self.entries.lock().expect("health lock").get(container_id).and_then(|e| e.last_error.clone())
+    }
+
+    /// Makes the table track exactly these running containers. A new container starts as
+    /// `Starting` (or `Healthy` at once when its kind is `None`); a changed target restarts it.
+    pub fn sync(&self, targets: Vec<(String, ProbeTarget)>) {
+        let now = Instant::now();
+        let mut map = self.entries.lock().expect("health lock");
+        let keep: std::collections::HashSet<&String> = targets.iter().map(|(id, _)| id).collect();
+        map.retain(|id, _| keep.contains(id));
+        for (id, target) in targets {
+            match map.get(&id) {
+                Some(e) if e.target == target => {}
+                _ => {
+                    let health = if target.kind == HealthKind::None { Health::Healthy } else { Health::Starting };
+                    map.insert(
+                        id,
+                        Entry {
+                            target,
+                            health,
+                            since: now,
+                            failures: 0,
+                            next_probe: now,
+                            last_error: None,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs the probes that are due, concurrently, and records their results. Returns true when
+    /// any verdict changed.
+    pub async fn probe_due(&self) -> bool {
+        let now = Instant::now();
+        let due: Vec<(String, ProbeTarget)> = {
+            let map = self.entries.lock().expect("health lock");
+            map.iter()
+                .filter(|(_, e)| e.target.kind != HealthKind::None && e.next_probe <= now)
+                .map(|(id, e)| (id.clone(), e.target.clone()))
+                .collect()
+        };
+        if due.is_empty() {
+            return false;
+        }
+        let results = join_all(due.into_iter().map(|(id, t)| async move {
+            let r = probe(&t).await;
+            (id, r)
+        }))
+        .await;
+        let now = Instant::now();
+        let mut changed = false;
+        let mut map = self.entries.lock().expect("health lock");
+        for (id, result) in results {
+            let Some(e) = map.get_mut(&id) else { continue };
+            let before = e.health;
+            match result {
+                Ok(()) => {
+                    e.failures = 0;
+                    e.last_error = None;
+                    e.health = Health::Healthy;
+                }
+                Err(err) => {
+                    e.failures += 1;
+                    e.last_error = Some(err);
+                    match e.health {
+                        Health::Starting if now.duration_since(e.since) >= e.target.grace => e.health = Health::Unhealthy,
+                        Health::Healthy if e.failures >= FAILURES_TO_UNHEALTHY => e.health = Health::Unhealthy,
+                        _ => {}
+                    }
+                }
+            }
+            e.next_probe = now
+                + match e.health {
+                    Health::Starting => STARTING_PROBE_EVERY,
+                    // A failing healthy instance is re-probed quickly, so ejection is fast.
+                    Health::Healthy if e.failures > 0 => STARTING_PROBE_EVERY,
+                    _ => e.target.interval,
+                };
+            if e.health != before {
+                e.since = now;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Probes forever, waking `changed` whenever a verdict changes.
+    pub async fn run(self: Arc<Self>, changed: Arc<Notify>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.probe_due().await {
+                changed.notify_one();
+            }
+        }
+    }
+}
+
+/// One probe: HTTP `GET path` must answer 2xx or 3xx, or TCP must connect, within the timeout.
+pub async fn probe(t: &ProbeTarget) -> Result<(), String> {
+    let work = async {
+        let mut stream = TcpStream::connect(t.addr).await.map_err(|e| format!("connect {}: {e}", t.addr))?;
+        if t.kind == HealthKind::Tcp {
+            return Ok(());
+        }
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: escale-health\r\nConnection: close\r\n\r\n",
+            t.path, t.addr
+        );
+        stream.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let r = stream.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        let head = std::str::from_utf8(&buf[..n]).unwrap_or("");
+        let code: u16 = head
+            .strip_prefix("HTTP/1.")
+            .and_then(|r| r.get(2..5))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| "no HTTP status line in the answer".to_string())?;
+        if (200..400).contains(&code) {
+            Ok(())
+        } else {
+            Err(format!("GET {} answered {code}", t.path))
+        }
+    };
+    match tokio::time::timeout(t.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", t.timeout.as_millis())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn server(status: &'static str) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn target(addr: SocketAddr, kind: HealthKind, grace_ms: u64) -> ProbeTarget {
+        ProbeTarget {
+            addr,
+            kind,
+            path: "/health".into(),
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(500),
+            grace: Duration::from_millis(grace_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_probe_accepts_2xx_3xx_only() {
+        assert!(probe(&target(server("200 OK").await, HealthKind::Http, 0)).await.is_ok());
+        assert!(probe(&target(server("302 Found").await, HealthKind::Http, 0)).await.is_ok());
+        let e = probe(&target(server("500 Oops").await, HealthKind::Http, 0)).await.unwrap_err();
+        assert!(e.contains("500"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_and_refused_connection() {
+        let addr = server("200 OK").await;
+        assert!(probe(&target(addr, HealthKind::Tcp, 0)).await.is_ok());
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        assert!(probe(&target(closed, HealthKind::Tcp, 0)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn verdicts_follow_probes_and_grace() {
+        let table = HealthTable::default();
+        let good = server("200 OK").await;
+        let bad = server("503 No").await;
+        table.sync(vec![
+            ("good".into(), target(good, HealthKind::Http, 10_000)),
+            ("bad-in-grace".into(), target(bad, HealthKind::Http, 10_000)),
+            ("bad".into(), target(bad, HealthKind::Http, 0)),
+            ("none".into(), target(bad, HealthKind::None, 0)),
+        ]);
+        assert_eq!(table.get("none"), Some(Health::Healthy), "no check: healthy at once");
+        assert!(table.probe_due().await);
+        assert_eq!(table.get("good"), Some(Health::Healthy));
+        assert_eq!(table.get("bad-in-grace"), Some(Health::Starting));
+        assert_eq!(table.get("bad"), Some(Health::Unhealthy));
+        assert!(table.last_error("bad").unwrap().contains("503"));
+        table.sync(vec![("good".into(), target(good, HealthKind::Http, 10_000))]);
+        assert_eq!(table.get("bad"), None, "untracked after sync");
+        assert_eq!(table.get("good"), Some(Health::Healthy), "kept across sync");
+    }
+}
