@@ -41,6 +41,7 @@ pub struct RawConfig {
     pub apps_domain: Option<String>,
     pub docker_host: Option<String>,
     pub advertise_ip: Option<String>,
+    pub installation_id: Option<String>,
     pub max_instances: Option<u32>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
@@ -99,6 +100,9 @@ pub struct Config {
     pub docker_host: String,
     /// Address at which the local node's published ports are reached by the proxy.
     pub advertise_ip: std::net::IpAddr,
+    /// Id written into the registry when it is created (default: random); every container
+    /// escale creates is labelled with it.
+    pub installation_id: Option<String>,
     /// Largest instance count of one process type.
     pub max_instances: u32,
     pub log_format: LogFormat,
@@ -141,6 +145,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("apps_domain", "ESCALE_APPS_DOMAIN"),
     ("docker_host", "ESCALE_DOCKER_HOST"),
     ("advertise_ip", "ESCALE_ADVERTISE_IP"),
+    ("installation_id", "ESCALE_INSTALLATION_ID"),
     ("max_instances", "ESCALE_MAX_INSTANCES"),
     ("log_format", "ESCALE_LOG_FORMAT"),
     ("log_level", "ESCALE_LOG_LEVEL"),
@@ -245,6 +250,18 @@ impl Config {
                 .unwrap_or_else(|| "127.0.0.1".into())
                 .parse()
                 .map_err(|_| invalid("advertise_ip", "expected an IP address".into()))?,
+            installation_id: match s.get("installation_id", raw.installation_id.clone()) {
+                None => None,
+                Some(id) => {
+                    let ok = !id.is_empty()
+                        && id.len() <= 32
+                        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                    if !ok {
+                        return Err(invalid("installation_id", format!("`{id}`: use 1 to 32 lowercase letters, digits or `-`")));
+                    }
+                    Some(id)
+                }
+            },
             max_instances,
             log_format,
             log_level: s

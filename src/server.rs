@@ -48,7 +48,7 @@ pub async fn open_registry(config: &Config) -> Result<Registry, ServerError> {
     create_data_dir(&config.data_dir)?;
     let env_key = std::env::var("ESCALE_MASTER_KEY").ok();
     let key = MasterKey::load_or_create(&config.data_dir, env_key.as_deref())?;
-    Ok(Registry::open(&config.database_path(), key).await?)
+    Ok(Registry::open_with(&config.database_path(), key, config.installation_id.as_deref()).await?)
 }
 
 fn create_data_dir(path: &Path) -> Result<(), ServerError> {

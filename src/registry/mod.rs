@@ -92,6 +92,12 @@ impl Registry {
     /// Opens (creating if needed) the database at `path`, applies migrations and makes sure the
     /// installation id and the default team exist.
     pub async fn open(path: &Path, key: MasterKey) -> Result<Registry> {
+        Registry::open_with(path, key, None).await
+    }
+
+    /// Like [`Registry::open`], with the installation id to use if the registry is new. An
+    /// existing registry with another id is an error.
+    pub async fn open_with(path: &Path, key: MasterKey, installation_id: Option<&str>) -> Result<Registry> {
         let opts = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -116,9 +122,16 @@ impl Registry {
                 .fetch_optional(&mut *tx)
                 .await?;
         let id = match existing {
-            Some(id) => id,
+            Some(id) => {
+                if let Some(want) = installation_id.filter(|w| *w != id) {
+                    return Err(RegistryError::Invalid(format!(
+                        "installation_id `{want}` is configured but this registry belongs to installation `{id}`; remove the setting or fix the data dir"
+                    )));
+                }
+                id
+            }
             None => {
-                let id = crate::auth::random_hex(6);
+                let id = installation_id.map(str::to_string).unwrap_or_else(|| crate::auth::random_hex(6));
                 sqlx::query("INSERT INTO installation (id, installation_id, created_at) VALUES (1, ?, ?)")
                     .bind(&id)
                     .bind(now_ms())
