@@ -440,6 +440,8 @@ pub async fn list_events(
 }
 
 /// Audit events of everything the caller can see.
+#[utoipa::path(get, path = "/api/v1/events", tag = "apps", security(("token" = [])),
+    params(EventsQuery), responses((status = 200, body = [Event])))]
 pub async fn list_all_events(
     State(s): State<AppState>,
     Auth(actor): Auth,

@@ -63,7 +63,7 @@ impl AppState {
         apps::get_config, apps::update_config,
         apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
         apps::list_domains, apps::add_domain, apps::remove_domain,
-        apps::list_events,
+        apps::list_events, apps::list_all_events,
     ),
     components(schemas(Problem)),
     modifiers(&SecurityAddon),
