@@ -2,12 +2,12 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState, Auth, Json};
+use super::{ApiError, AppState, Auth, Json, Path};
 use crate::auth::{generate_token, hash_password, token_hash, verify_password};
 use crate::registry::{NewToken, Role, Team, TokenInfo, User};
 use crate::validate;

@@ -2,12 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState, Auth, Json};
+use super::{ApiError, AppState, Auth, Json, Path, Query};
 use crate::registry::{App, ConfigVar, Domain, Event, HealthKind, ProcessPatch, ProcessType, Release};
 use crate::validate;
 

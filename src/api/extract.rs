@@ -1,5 +1,6 @@
-//! Request extractors: the authenticated [`Auth`] caller and a [`Json`] body whose rejections
-//! are problem+json (unknown fields, wrong types and bad syntax all say what to fix).
+//! Request extractors: the authenticated [`Auth`] caller, and a [`Json`] body, [`Path`]
+//! parameters and a [`Query`] whose rejections are problem+json (unknown fields, wrong types
+//! and bad syntax all say what to fix).
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
@@ -75,6 +76,37 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                     other => ApiError::BadRequest(other.body_text()),
                 })
             }
+        }
+    }
+}
+
+/// Path parameters. Like axum's, but a rejection (e.g. a segment that is not UTF-8) is a
+/// problem+json.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Path<T>, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) if e.status().is_server_error() => Err(ApiError::Internal(e.body_text())),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// A query string. Like axum's, but a rejection (unknown parameter, wrong type) is a
+/// problem+json saying which parameter is wrong.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Query<T>, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use utoipa::OpenApi;
 
 pub use error::{ApiError, Problem};
-pub use extract::{Auth, Json};
+pub use extract::{Auth, Json, Path, Query};
 
 use crate::auth::LoginLimiter;
 use crate::config::Config;
