@@ -27,7 +27,7 @@ pub struct SetupRequest {
 pub struct LoginRequest {
     pub name: String,
     pub password: String,
-    /// Name of the token to create; default `login-<unix time>`.
+    /// Name of the token to create; default `login-<unix time>-<random>`.
     #[serde(default)]
     pub token_name: Option<String>,
 }
@@ -142,7 +142,7 @@ pub async fn login(
     s.limiter.succeeded(&user, peer.ip());
     let name = req
         .token_name
-        .unwrap_or_else(|| format!("login-{}", crate::registry::now_ms() / 1000));
+        .unwrap_or_else(|| format!("login-{}-{}", crate::registry::now_ms() / 1000, crate::auth::random_hex(3)));
     validate::token_name(&name)?;
     let token = generate_token();
     s.registry
