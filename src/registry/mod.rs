@@ -163,12 +163,18 @@ impl Registry {
     }
 
     /// Audit events, newest first; for a member only those of its team's apps.
+    ///
+    /// Events name their app, and a destroyed app's name can be taken again (by another team):
+    /// an app's events are those since its latest `app.create`, so a new app does not show the
+    /// history of an earlier one of the same name.
     pub async fn events(&self, actor: &Actor, app: Option<&str>, limit: i64) -> Result<Vec<Event>> {
         let limit = limit.clamp(1, 1000);
         if let Some(app) = app {
             self.app(actor, app).await?;
             return Ok(sqlx::query_as(
-                "SELECT id, at, actor, app, action, detail FROM events WHERE app = ? ORDER BY id DESC LIMIT ?",
+                "SELECT id, at, actor, app, action, detail FROM events WHERE app = ?1
+                 AND id >= COALESCE((SELECT MAX(id) FROM events WHERE app = ?1 AND action = 'app.create'), 0)
+                 ORDER BY id DESC LIMIT ?2",
             )
             .bind(app)
             .bind(limit)
@@ -183,7 +189,9 @@ impl Registry {
         } else {
             Ok(sqlx::query_as(
                 "SELECT e.id, e.at, e.actor, e.app, e.action, e.detail FROM events e
-                 JOIN apps a ON a.name = e.app WHERE a.team_id = ? ORDER BY e.id DESC LIMIT ?",
+                 JOIN apps a ON a.name = e.app WHERE a.team_id = ?
+                 AND e.id >= COALESCE((SELECT MAX(c.id) FROM events c WHERE c.app = e.app AND c.action = 'app.create'), 0)
+                 ORDER BY e.id DESC LIMIT ?",
             )
             .bind(actor.team_id)
             .bind(limit)
