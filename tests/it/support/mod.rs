@@ -1,1 +1,2 @@
 //! Test harness: temp data dirs, servers bound to port 0, fixture images, cleanup by label.
+pub mod api;
