@@ -1986,3 +1986,44 @@ async fn a_new_app_does_not_inherit_the_events_of_a_destroyed_app_of_the_same_na
         .await;
     assert_eq!(app_events.as_array().unwrap().len(), 1, "{app_events:#}");
 }
+
+#[tokio::test]
+async fn deleting_a_user_revokes_its_tokens_and_passwordless_users_cannot_log_in() {
+    let Teams {
+        api, admin, rosa, ..
+    } = teams().await;
+    api.expect(StatusCode::OK, "GET", "/api/v1/me", Some(&rosa), None)
+        .await;
+    api.expect(
+        StatusCode::NO_CONTENT,
+        "DELETE",
+        "/api/v1/users/rosa",
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_unauthorized(
+        &api.call("GET", "/api/v1/me", Some(&rosa), None).await,
+        "deleted user's token",
+    );
+    api.call("DELETE", "/api/v1/users/rosa", Some(&admin), None)
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "delete twice");
+    api.expect(
+        StatusCode::CREATED,
+        "POST",
+        "/api/v1/users",
+        Some(&admin),
+        Some(json!({"name": "robot", "team": "red"})),
+    )
+    .await;
+    for password in ["", "anything at all", PASSWORD] {
+        let r = api
+            .send(
+                Req::new("POST", "/api/v1/login")
+                    .json(&json!({"name": "robot", "password": password})),
+            )
+            .await;
+        assert_unauthorized(&r, &format!("password-less user with {password:?}"));
+    }
+}
