@@ -83,13 +83,18 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
 /// so timing does not tell whether a user exists.
 pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let dummy = DUMMY.get_or_init(|| hash_password("dummy-password-for-timing").expect("hashing works"));
+    let dummy =
+        DUMMY.get_or_init(|| hash_password("dummy-password-for-timing").expect("hashing works"));
     let (hash, real) = match stored {
         Some(h) => (h, true),
         None => (dummy.as_str(), false),
     };
     let ok = PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false);
     ok && real
 }
@@ -132,7 +137,10 @@ impl LoginLimiter {
         let mut map = self.failures.lock().expect("limiter lock");
         if map.len() > 100_000 {
             // Bound memory under a spray of user names: forget windows that have passed.
-            map.retain(|_, v| v.last().is_some_and(|t| now.duration_since(*t) < self.window));
+            map.retain(|_, v| {
+                v.last()
+                    .is_some_and(|t| now.duration_since(*t) < self.window)
+            });
         }
         map.entry((user.to_string(), addr)).or_default().push(now);
     }

@@ -149,8 +149,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("max_instances", "ESCALE_MAX_INSTANCES"),
     ("log_format", "ESCALE_LOG_FORMAT"),
     ("log_level", "ESCALE_LOG_LEVEL"),
-    ("scheduler.reconcile_interval", "ESCALE_SCHEDULER_RECONCILE_INTERVAL"),
-    ("scheduler.deploy_timeout", "ESCALE_SCHEDULER_DEPLOY_TIMEOUT"),
+    (
+        "scheduler.reconcile_interval",
+        "ESCALE_SCHEDULER_RECONCILE_INTERVAL",
+    ),
+    (
+        "scheduler.deploy_timeout",
+        "ESCALE_SCHEDULER_DEPLOY_TIMEOUT",
+    ),
     ("scheduler.drain_grace", "ESCALE_SCHEDULER_DRAIN_GRACE"),
     ("scheduler.stop_timeout", "ESCALE_SCHEDULER_STOP_TIMEOUT"),
     ("scheduler.default_port", "ESCALE_SCHEDULER_DEFAULT_PORT"),
@@ -158,7 +164,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("scheduler.log_max_files", "ESCALE_SCHEDULER_LOG_MAX_FILES"),
     ("proxy.max_body_size", "ESCALE_PROXY_MAX_BODY_SIZE"),
     ("proxy.max_header_size", "ESCALE_PROXY_MAX_HEADER_SIZE"),
-    ("proxy.header_read_timeout", "ESCALE_PROXY_HEADER_READ_TIMEOUT"),
+    (
+        "proxy.header_read_timeout",
+        "ESCALE_PROXY_HEADER_READ_TIMEOUT",
+    ),
     ("proxy.idle_timeout", "ESCALE_PROXY_IDLE_TIMEOUT"),
     ("proxy.upstream_timeout", "ESCALE_PROXY_UPSTREAM_TIMEOUT"),
     ("proxy.access_log", "ESCALE_PROXY_ACCESS_LOG"),
@@ -203,18 +212,25 @@ impl Config {
         {
             "human" => LogFormat::Human,
             "json" => LogFormat::Json,
-            other => return Err(invalid("log_format", format!("`{other}`: use `human` or `json`"))),
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("`{other}`: use `human` or `json`"),
+                ))
+            }
         };
         let max_instances = s.parse_num("max_instances", raw.max_instances, 100u32)?;
         if max_instances == 0 || max_instances > 10_000 {
-            return Err(invalid("max_instances", "must be between 1 and 10000".into()));
+            return Err(invalid(
+                "max_instances",
+                "must be between 1 and 10000".into(),
+            ));
         }
         let apps_domain = s
             .get("apps_domain", raw.apps_domain.clone())
             .unwrap_or_else(|| "localhost".into())
             .to_ascii_lowercase();
-        crate::validate::domain(&apps_domain)
-            .map_err(|e| invalid("apps_domain", e.to_string()))?;
+        crate::validate::domain(&apps_domain).map_err(|e| invalid("apps_domain", e.to_string()))?;
         let access_log = s
             .get("proxy.access_log", px.access_log.clone())
             .unwrap_or_else(|| "off".into());
@@ -236,9 +252,9 @@ impl Config {
                 s.get("data_dir", raw.data_dir.clone())
                     .unwrap_or_else(|| "./data".into()),
             ),
-            api_addr: s.addr("api_addr", raw.api_addr.clone(), "127.0.0.1:7300")?.ok_or_else(
-                || invalid("api_addr", "the API cannot be turned off".into()),
-            )?,
+            api_addr: s
+                .addr("api_addr", raw.api_addr.clone(), "127.0.0.1:7300")?
+                .ok_or_else(|| invalid("api_addr", "the API cannot be turned off".into()))?,
             http_addr: s.addr("http_addr", raw.http_addr.clone(), "0.0.0.0:80")?,
             https_addr: s.addr("https_addr", raw.https_addr.clone(), "0.0.0.0:443")?,
             apps_domain,
@@ -255,9 +271,14 @@ impl Config {
                 Some(id) => {
                     let ok = !id.is_empty()
                         && id.len() <= 32
-                        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                        && id
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
                     if !ok {
-                        return Err(invalid("installation_id", format!("`{id}`: use 1 to 32 lowercase letters, digits or `-`")));
+                        return Err(invalid(
+                            "installation_id",
+                            format!("`{id}`: use 1 to 32 lowercase letters, digits or `-`"),
+                        ));
                     }
                     Some(id)
                 }
@@ -393,7 +414,12 @@ impl Settings<'_> {
         })
     }
 
-    fn size(&self, key: &'static str, file: Option<String>, default: &str) -> Result<u64, ConfigError> {
+    fn size(
+        &self,
+        key: &'static str,
+        file: Option<String>,
+        default: &str,
+    ) -> Result<u64, ConfigError> {
         let v = self.get(key, file).unwrap_or_else(|| default.into());
         crate::validate::memory(&v).map_err(|e| invalid(key, e.to_string()))
     }
@@ -442,7 +468,9 @@ mod tests {
 
     #[test]
     fn env_overrides_file() {
-        let raw: RawConfig = toml::from_str("apps_domain = \"a.example\"\n[scheduler]\ndeploy_timeout = \"30s\"").unwrap();
+        let raw: RawConfig =
+            toml::from_str("apps_domain = \"a.example\"\n[scheduler]\ndeploy_timeout = \"30s\"")
+                .unwrap();
         let c = Config::from_raw(raw, &|k| {
             (k == "ESCALE_APPS_DOMAIN").then(|| "b.example".to_string())
         })
@@ -453,13 +481,24 @@ mod tests {
 
     #[test]
     fn bad_setting_names_key_and_env() {
-        let e = with_env(&[("ESCALE_API_ADDR", "nowhere")]).unwrap_err().to_string();
-        assert!(e.contains("api_addr") && e.contains("ESCALE_API_ADDR") && e.contains("nowhere"), "{e}");
-        let e = with_env(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "soon")]).unwrap_err().to_string();
+        let e = with_env(&[("ESCALE_API_ADDR", "nowhere")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("api_addr") && e.contains("ESCALE_API_ADDR") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = with_env(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "soon")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("scheduler.deploy_timeout"), "{e}");
-        let e = with_env(&[("ESCALE_APPS_DOMAIN", "bad domain")]).unwrap_err().to_string();
+        let e = with_env(&[("ESCALE_APPS_DOMAIN", "bad domain")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("apps_domain"), "{e}");
-        let e = with_env(&[("ESCALE_MAX_INSTANCES", "0")]).unwrap_err().to_string();
+        let e = with_env(&[("ESCALE_MAX_INSTANCES", "0")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_instances"), "{e}");
     }
 
@@ -471,7 +510,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_in_file_are_rejected() {
-        let e = toml::from_str::<RawConfig>("datadir = \"x\"").unwrap_err().to_string();
+        let e = toml::from_str::<RawConfig>("datadir = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("datadir"), "{e}");
     }
 
@@ -482,7 +523,10 @@ mod tests {
         Config::from_raw(raw, &|_| None).expect("sample config is valid");
         for (key, env) in ENV_KEYS {
             let leaf = key.rsplit('.').next().unwrap();
-            assert!(text.contains(leaf), "sample config does not document `{key}`");
+            assert!(
+                text.contains(leaf),
+                "sample config does not document `{key}`"
+            );
             assert!(text.contains(env), "sample config does not name {env}");
         }
     }

@@ -4,15 +4,15 @@
 //! containers on Docker engines, and the reverse proxy. The same binary is the CLI.
 //! See `ARCHITECTURE.md` for the bird's-eye view, the code map and the invariants.
 
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
 pub mod node;
 pub mod proxy;
+pub mod registry;
 pub mod routing;
 pub mod scheduler;
-pub mod auth;
-pub mod config;
-pub mod registry;
 pub mod secrets;
-pub mod validate;
-pub mod api;
 pub mod server;
-pub mod cli;
+pub mod validate;

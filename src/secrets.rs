@@ -23,7 +23,9 @@ pub enum SecretsError {
     },
     #[error("the master key {origin} is invalid: expected 64 hex digits (32 bytes)")]
     BadKey { origin: String },
-    #[error("a sealed value could not be decrypted: wrong master key, or the value was tampered with")]
+    #[error(
+        "a sealed value could not be decrypted: wrong master key, or the value was tampered with"
+    )]
     Open,
 }
 
@@ -43,7 +45,10 @@ const PREFIX: &str = "v1:";
 
 impl MasterKey {
     /// From `ESCALE_MASTER_KEY` when given, else `data_dir/master.key`, created if absent.
-    pub fn load_or_create(data_dir: &Path, from_env: Option<&str>) -> Result<MasterKey, SecretsError> {
+    pub fn load_or_create(
+        data_dir: &Path,
+        from_env: Option<&str>,
+    ) -> Result<MasterKey, SecretsError> {
         if let Some(hex_key) = from_env {
             return MasterKey::from_hex(hex_key, "in ESCALE_MASTER_KEY");
         }
@@ -67,9 +72,12 @@ impl MasterKey {
     }
 
     fn from_hex(text: &str, origin: &str) -> Result<MasterKey, SecretsError> {
-        let bytes = hex::decode(text).ok().filter(|b| b.len() == 32).ok_or_else(|| SecretsError::BadKey {
-            origin: origin.to_string(),
-        })?;
+        let bytes = hex::decode(text)
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| SecretsError::BadKey {
+                origin: origin.to_string(),
+            })?;
         Ok(MasterKey::from_bytes(&bytes))
     }
 
@@ -92,24 +100,43 @@ impl MasterKey {
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ct = self
             .cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad: place.as_bytes() })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: place.as_bytes(),
+                },
+            )
             .expect("AES-GCM encryption does not fail for in-memory buffers");
         let mut out = Vec::with_capacity(12 + ct.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
-        format!("{PREFIX}{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(out))
+        format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(out)
+        )
     }
 
     /// Decrypts a value made by [`MasterKey::seal`] for the same `place`.
     pub fn open(&self, place: &str, sealed: &str) -> Result<Vec<u8>, SecretsError> {
         let raw = sealed
             .strip_prefix(PREFIX)
-            .and_then(|b| base64::engine::general_purpose::STANDARD_NO_PAD.decode(b).ok())
+            .and_then(|b| {
+                base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(b)
+                    .ok()
+            })
             .filter(|r| r.len() > 12)
             .ok_or(SecretsError::Open)?;
         let (nonce, ct) = raw.split_at(12);
         self.cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: place.as_bytes() })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: place.as_bytes(),
+                },
+            )
             .map_err(|_| SecretsError::Open)
     }
 
@@ -142,9 +169,16 @@ mod tests {
         assert!(s.starts_with("v1:") && !s.contains("secret"));
         assert_eq!(k.open("config/shop/DB", &s).unwrap(), b"postgres://secret");
         assert!(k.open("config/other/DB", &s).is_err(), "bound to its place");
-        assert!(MasterKey::random().open("config/shop/DB", &s).is_err(), "other key");
+        assert!(
+            MasterKey::random().open("config/shop/DB", &s).is_err(),
+            "other key"
+        );
         assert!(k.open("x", "garbage").is_err());
-        assert_ne!(s, k.seal("config/shop/DB", b"postgres://secret"), "random nonce");
+        assert_ne!(
+            s,
+            k.seal("config/shop/DB", b"postgres://secret"),
+            "random nonce"
+        );
     }
 
     #[test]
@@ -157,7 +191,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("master.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("master.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(matches!(

@@ -5,8 +5,8 @@
 //! port 0 and start the real thing.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::future::IntoFuture;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +23,10 @@ use crate::secrets::{MasterKey, SecretsError};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot create the data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Secrets(#[from] SecretsError),
     #[error("cannot open the registry: {0}")]
@@ -48,7 +51,12 @@ pub async fn open_registry(config: &Config) -> Result<Registry, ServerError> {
     create_data_dir(&config.data_dir)?;
     let env_key = std::env::var("ESCALE_MASTER_KEY").ok();
     let key = MasterKey::load_or_create(&config.data_dir, env_key.as_deref())?;
-    Ok(Registry::open_with(&config.database_path(), key, config.installation_id.as_deref()).await?)
+    Ok(Registry::open_with(
+        &config.database_path(),
+        key,
+        config.installation_id.as_deref(),
+    )
+    .await?)
 }
 
 fn create_data_dir(path: &Path) -> Result<(), ServerError> {

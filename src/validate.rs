@@ -102,7 +102,9 @@ pub fn env_key(key: &str) -> Result<(), ValidationError> {
 /// A config var value: any text without NUL, at most [`MAX_VALUE_BYTES`].
 pub fn env_value(key: &str, value: &str) -> Result<(), ValidationError> {
     if value.contains('\0') {
-        return err(format!("value of `{key}` contains a NUL byte, which environment variables cannot hold"));
+        return err(format!(
+            "value of `{key}` contains a NUL byte, which environment variables cannot hold"
+        ));
     }
     if value.len() > MAX_VALUE_BYTES {
         return err(format!(
@@ -118,13 +120,23 @@ pub fn env_value(key: &str, value: &str) -> Result<(), ValidationError> {
 pub fn domain(input: &str) -> Result<String, ValidationError> {
     let shown = printable(input);
     let trimmed = input.strip_suffix('.').unwrap_or(input);
-    if trimmed.is_empty() || trimmed.len() > 253 || trimmed.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return err(format!("domain `{shown}` is invalid: expected a host name such as shop.example.eu"));
+    if trimmed.is_empty()
+        || trimmed.len() > 253
+        || trimmed.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return err(format!(
+            "domain `{shown}` is invalid: expected a host name such as shop.example.eu"
+        ));
     }
-    let ascii = idna::domain_to_ascii(trimmed)
-        .map_err(|_| ValidationError(format!("domain `{shown}` is not a valid international domain name")))?;
+    let ascii = idna::domain_to_ascii(trimmed).map_err(|_| {
+        ValidationError(format!(
+            "domain `{shown}` is not a valid international domain name"
+        ))
+    })?;
     if ascii.parse::<std::net::Ipv4Addr>().is_ok() {
-        return err(format!("`{shown}` is an IP address; a domain name is needed"));
+        return err(format!(
+            "`{shown}` is an IP address; a domain name is needed"
+        ));
     }
     for label in ascii.split('.') {
         let b = label.as_bytes();
@@ -167,7 +179,9 @@ pub fn image_ref(input: &str) -> Result<(), ValidationError> {
             .split_once(':')
             .map(|(alg, hex)| {
                 !alg.is_empty()
-                    && alg.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c))
+                    && alg.bytes().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c)
+                    })
                     && hex.len() >= 32
                     && hex.bytes().all(|c| c.is_ascii_hexdigit())
             })
@@ -187,7 +201,9 @@ pub fn image_ref(input: &str) -> Result<(), ValidationError> {
         let ok = !tb.is_empty()
             && tb.len() <= 128
             && (tb[0].is_ascii_alphanumeric() || tb[0] == b'_')
-            && tb.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
+            && tb
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
         if !ok {
             return bad("the tag must be 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`");
         }
@@ -208,7 +224,9 @@ pub fn image_ref(input: &str) -> Result<(), ValidationError> {
                         && !l.ends_with('-')
                         && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
                 });
-            let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()));
+            let port_ok = port.is_none_or(|p| {
+                !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit())
+            });
             if !host_ok || !port_ok {
                 return bad("the registry host is not a valid host[:port]");
             }
@@ -250,7 +268,12 @@ pub fn memory(input: &str) -> Result<u64, ValidationError> {
         Some(b't') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
-    let bad = || ValidationError(format!("`{}` is not a size: write e.g. `256m`, `1g`, `512k`", printable(input)));
+    let bad = || {
+        ValidationError(format!(
+            "`{}` is not a size: write e.g. `256m`, `1g`, `512k`",
+            printable(input)
+        ))
+    };
     if num.is_empty() || !num.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
         return Err(bad());
     }
@@ -269,7 +292,10 @@ pub const MIN_MEMORY: u64 = 6 << 20;
 pub fn memory_limit(input: &str) -> Result<u64, ValidationError> {
     let v = memory(input)?;
     if v < MIN_MEMORY {
-        return err(format!("memory limit `{}` is below the engine's minimum of 6m", printable(input)));
+        return err(format!(
+            "memory limit `{}` is below the engine's minimum of 6m",
+            printable(input)
+        ));
     }
     Ok(v)
 }
@@ -281,7 +307,12 @@ pub fn cpus(input: &str) -> Result<i64, ValidationError> {
         .parse()
         .ok()
         .filter(|v: &f64| v.is_finite() && t.bytes().all(|c| c.is_ascii_digit() || c == b'.'))
-        .ok_or_else(|| ValidationError(format!("`{}` is not a CPU count: write e.g. `0.5` or `2`", printable(input))))?;
+        .ok_or_else(|| {
+            ValidationError(format!(
+                "`{}` is not a CPU count: write e.g. `0.5` or `2`",
+                printable(input)
+            ))
+        })?;
     if !(0.01..=256.0).contains(&v) {
         return err(format!("CPU limit `{t}` must be between 0.01 and 256"));
     }
@@ -333,7 +364,19 @@ mod tests {
         for ok in ["shop", "a", "shop-2", "a23456789012345678901234567890"] {
             assert!(app_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Shop", "2shop", "shop-", "sh_op", "sh.op", "a234567890123456789012345678901", "$(id)", "-x", "shop\n", "../x"] {
+        for bad in [
+            "",
+            "Shop",
+            "2shop",
+            "shop-",
+            "sh_op",
+            "sh.op",
+            "a234567890123456789012345678901",
+            "$(id)",
+            "-x",
+            "shop\n",
+            "../x",
+        ] {
             let e = app_name(bad).unwrap_err().0;
             assert!(e.contains("app name"), "{bad}: {e}");
         }
@@ -358,7 +401,18 @@ mod tests {
         assert_eq!(domain("shop.example.eu.").unwrap(), "shop.example.eu");
         assert_eq!(domain("bücher.example").unwrap(), "xn--bcher-kva.example");
         assert_eq!(domain("localhost").unwrap(), "localhost");
-        for bad in ["", "a..b", "-a.b", "a-.b", "a b.c", "a_b.c", "1.2.3.4", &"a".repeat(64), "x;id.com", "a/b"] {
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b.c",
+            "a_b.c",
+            "1.2.3.4",
+            &"a".repeat(64),
+            "x;id.com",
+            "a/b",
+        ] {
             assert!(domain(bad).is_err(), "{bad}");
         }
     }
@@ -366,13 +420,31 @@ mod tests {
     #[test]
     fn image_refs() {
         for ok in [
-            "nginx", "nginx:1.27", "library/nginx:latest", "registry.example.eu:5000/team/app:v3",
-            "localhost/app", "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-            "escale-fixture/webapp:abc_1", "a__b/c-d.e",
+            "nginx",
+            "nginx:1.27",
+            "library/nginx:latest",
+            "registry.example.eu:5000/team/app:v3",
+            "localhost/app",
+            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "escale-fixture/webapp:abc_1",
+            "a__b/c-d.e",
         ] {
             assert!(image_ref(ok).is_ok(), "{ok}: {:?}", image_ref(ok));
         }
-        for bad in ["", "Nginx", "nginx:", "nginx:-x", "a//b", "-a", "a b", "$(id)", "app@sha256:zz", "reg.io:abc/x", "a..b", "x:y:z"] {
+        for bad in [
+            "",
+            "Nginx",
+            "nginx:",
+            "nginx:-x",
+            "a//b",
+            "-a",
+            "a b",
+            "$(id)",
+            "app@sha256:zz",
+            "reg.io:abc/x",
+            "a..b",
+            "x:y:z",
+        ] {
             assert!(image_ref(bad).is_err(), "{bad}");
         }
     }
@@ -399,10 +471,17 @@ mod tests {
     #[test]
     fn counts_ports_paths() {
         assert_eq!(instances("web", 7, 100).unwrap(), 7);
-        assert!(instances("web", 101, 100).unwrap_err().0.contains("0 to 100"));
+        assert!(instances("web", 101, 100)
+            .unwrap_err()
+            .0
+            .contains("0 to 100"));
         assert!(instances("web", -1, 100).is_err());
         assert!(port(0).is_err() && port(70000).is_err() && port(8080).is_ok());
-        assert!(health_path("/health").is_ok() && health_path("health").is_err() && health_path("/a b").is_err());
+        assert!(
+            health_path("/health").is_ok()
+                && health_path("health").is_err()
+                && health_path("/a b").is_err()
+        );
     }
 
     #[test]

@@ -2,12 +2,12 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState, Auth, Json};
+use super::{ApiError, AppState, Auth, Json, Path};
 use crate::auth::{generate_token, hash_password, token_hash, verify_password};
 use crate::registry::{NewToken, Role, Team, TokenInfo, User};
 use crate::validate;
@@ -27,7 +27,7 @@ pub struct SetupRequest {
 pub struct LoginRequest {
     pub name: String,
     pub password: String,
-    /// Name of the token to create; default `login-<unix time>`.
+    /// Name of the token to create; default `login-<unix time>-<random>`.
     #[serde(default)]
     pub token_name: Option<String>,
 }
@@ -140,9 +140,13 @@ pub async fn login(
         }
     };
     s.limiter.succeeded(&user, peer.ip());
-    let name = req
-        .token_name
-        .unwrap_or_else(|| format!("login-{}", crate::registry::now_ms() / 1000));
+    let name = req.token_name.unwrap_or_else(|| {
+        format!(
+            "login-{}-{}",
+            crate::registry::now_ms() / 1000,
+            crate::auth::random_hex(3)
+        )
+    });
     validate::token_name(&name)?;
     let token = generate_token();
     s.registry
@@ -176,7 +180,10 @@ pub async fn me(Auth(actor): Auth) -> Json<Me> {
 }
 
 #[utoipa::path(get, path = "/api/v1/users", tag = "accounts", security(("token" = [])), responses((status = 200, body = [User])))]
-pub async fn list_users(State(s): State<AppState>, Auth(actor): Auth) -> Result<Json<Vec<User>>, ApiError> {
+pub async fn list_users(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+) -> Result<Json<Vec<User>>, ApiError> {
     Ok(Json(s.registry.list_users(&actor).await?))
 }
 
@@ -214,7 +221,10 @@ pub async fn delete_user(
 }
 
 #[utoipa::path(get, path = "/api/v1/teams", tag = "accounts", security(("token" = [])), responses((status = 200, body = [Team])))]
-pub async fn list_teams(State(s): State<AppState>, Auth(actor): Auth) -> Result<Json<Vec<Team>>, ApiError> {
+pub async fn list_teams(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+) -> Result<Json<Vec<Team>>, ApiError> {
     Ok(Json(s.registry.list_teams(&actor).await?))
 }
 
@@ -227,11 +237,17 @@ pub async fn create_team(
 ) -> Result<(StatusCode, Json<Team>), ApiError> {
     actor.require_admin("creating teams")?;
     validate::account_name(&req.name, "team name")?;
-    Ok((StatusCode::CREATED, Json(s.registry.create_team(&actor, &req.name).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.registry.create_team(&actor, &req.name).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "accounts", security(("token" = [])), responses((status = 200, body = [TokenInfo])))]
-pub async fn list_tokens(State(s): State<AppState>, Auth(actor): Auth) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+pub async fn list_tokens(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
     Ok(Json(s.registry.list_tokens(&actor).await?))
 }
 

@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState, Auth, Json};
-use crate::registry::{App, ConfigVar, Domain, Event, HealthKind, ProcessPatch, ProcessType, Release};
+use super::{ApiError, AppState, Auth, Json, Path, Query};
+use crate::registry::{
+    App, ConfigVar, Domain, Event, HealthKind, ProcessPatch, ProcessType, Release,
+};
 use crate::validate;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -132,11 +134,19 @@ pub fn parse_version(v: &str) -> Result<u32, ApiError> {
         .parse::<u32>()
         .ok()
         .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::Unprocessable(format!("`{}` is not a release version; write e.g. `v3` or `3`", validate::printable(v))))
+        .ok_or_else(|| {
+            ApiError::Unprocessable(format!(
+                "`{}` is not a release version; write e.g. `v3` or `3`",
+                validate::printable(v)
+            ))
+        })
 }
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), responses((status = 200, body = [App])))]
-pub async fn list_apps(State(s): State<AppState>, Auth(actor): Auth) -> Result<Json<Vec<App>>, ApiError> {
+pub async fn list_apps(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+) -> Result<Json<Vec<App>>, ApiError> {
     Ok(Json(s.registry.list_apps(&actor).await?))
 }
 
@@ -155,21 +165,32 @@ pub async fn create_app(
         Some(p) => validate::port(p)?,
         None => s.config.scheduler.default_port,
     };
-    let app = s.registry.create_app(&actor, &req.name, req.team.as_deref(), port).await?;
+    let app = s
+        .registry
+        .create_app(&actor, &req.name, req.team.as_deref(), port)
+        .await?;
     s.changed.notify_one();
     Ok((StatusCode::CREATED, Json(app)))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}", tag = "apps", security(("token" = [])), params(("app" = String, Path)),
     responses((status = 200, body = App), (status = 404, body = super::Problem)))]
-pub async fn get_app(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<App>, ApiError> {
+pub async fn get_app(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<Json<App>, ApiError> {
     app_name(&app)?;
     Ok(Json(s.registry.app_info(&actor, &app).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/apps/{app}", tag = "apps", security(("token" = [])), params(("app" = String, Path)),
     responses((status = 204), (status = 404, body = super::Problem)))]
-pub async fn destroy_app(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn destroy_app(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<StatusCode, ApiError> {
     app_name(&app)?;
     s.registry.destroy_app(&actor, &app).await?;
     s.changed.notify_one();
@@ -178,7 +199,11 @@ pub async fn destroy_app(State(s): State<AppState>, Auth(actor): Auth, Path(app)
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/processes", tag = "apps", security(("token" = [])), params(("app" = String, Path)),
     responses((status = 200, body = [ProcessType])))]
-pub async fn list_processes(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<Vec<ProcessType>>, ApiError> {
+pub async fn list_processes(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<ProcessType>>, ApiError> {
     app_name(&app)?;
     let a = s.registry.app(&actor, &app).await?;
     Ok(Json(s.registry.processes_of(a.id).await?))
@@ -186,7 +211,9 @@ pub async fn list_processes(State(s): State<AppState>, Auth(actor): Auth, Path(a
 
 /// Validates a process update into a registry patch.
 pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
-    let limit = |v: &Option<String>, parse: &dyn Fn(&str) -> Result<i64, validate::ValidationError>| -> Result<Option<Option<i64>>, ApiError> {
+    let limit = |v: &Option<String>,
+                 parse: &dyn Fn(&str) -> Result<i64, validate::ValidationError>|
+     -> Result<Option<Option<i64>>, ApiError> {
         Ok(match v.as_deref() {
             None => None,
             Some("none") | Some("unlimited") => Some(None),
@@ -197,12 +224,18 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
         match v {
             None => Ok(None),
             Some(n) if (min..=max).contains(&n) => Ok(Some(n as u32)),
-            Some(n) => Err(ApiError::Unprocessable(format!("health {what} {n} ms is out of range: use {min} to {max}"))),
+            Some(n) => Err(ApiError::Unprocessable(format!(
+                "health {what} {n} ms is out of range: use {min} to {max}"
+            ))),
         }
     };
     if let Some(cmd) = &u.command {
-        if cmd.iter().any(|a| a.contains('\0')) || cmd.iter().map(String::len).sum::<usize>() > 16 * 1024 {
-            return Err(ApiError::Unprocessable("command arguments must not contain NUL and must total at most 16 KiB".into()));
+        if cmd.iter().any(|a| a.contains('\0'))
+            || cmd.iter().map(String::len).sum::<usize>() > 16 * 1024
+        {
+            return Err(ApiError::Unprocessable(
+                "command arguments must not contain NUL and must total at most 16 KiB".into(),
+            ));
         }
     }
     let h = u.health.as_ref();
@@ -210,14 +243,22 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
         validate::health_path(p)?;
     }
     Ok(ProcessPatch {
-        command: u.command.clone().map(|c| if c.is_empty() { None } else { Some(c) }),
+        command: u
+            .command
+            .clone()
+            .map(|c| if c.is_empty() { None } else { Some(c) }),
         port: u.port.map(validate::port).transpose()?,
-        memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?.map(|o| o.map(|b| b as u64)),
+        memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?
+            .map(|o| o.map(|b| b as u64)),
         nano_cpus: limit(&u.cpus, &validate::cpus)?,
         surge: match u.surge {
             None => None,
             Some(n) if (1..=100).contains(&n) => Some(n as u32),
-            Some(n) => return Err(ApiError::Unprocessable(format!("surge {n} is out of range: use 1 to 100"))),
+            Some(n) => {
+                return Err(ApiError::Unprocessable(format!(
+                    "surge {n} is out of range: use 1 to 100"
+                )))
+            }
         },
         health_kind: h.and_then(|h| h.kind),
         health_path: h.and_then(|h| h.path.clone()),
@@ -241,7 +282,13 @@ pub async fn update_process(
     let patch = process_patch(&req)?;
     let p = s
         .registry
-        .upsert_process(&actor, &app, &process, &patch, s.config.scheduler.default_port)
+        .upsert_process(
+            &actor,
+            &app,
+            &process,
+            &patch,
+            s.config.scheduler.default_port,
+        )
         .await?;
     s.changed.notify_one();
     Ok(Json(p))
@@ -258,12 +305,17 @@ pub async fn update_formation(
 ) -> Result<Json<Vec<ProcessType>>, ApiError> {
     app_name(&app)?;
     if req.is_empty() {
-        return Err(ApiError::Unprocessable("give at least one process type and count, e.g. {\"web\": 3}".into()));
+        return Err(ApiError::Unprocessable(
+            "give at least one process type and count, e.g. {\"web\": 3}".into(),
+        ));
     }
     let mut counts = BTreeMap::new();
     for (name, n) in &req {
         validate::process_name(name)?;
-        counts.insert(name.clone(), validate::instances(name, *n, s.config.max_instances)?);
+        counts.insert(
+            name.clone(),
+            validate::instances(name, *n, s.config.max_instances)?,
+        );
     }
     let out = s.registry.set_formation(&actor, &app, &counts).await?;
     s.changed.notify_one();
@@ -292,7 +344,9 @@ pub async fn update_config(
 ) -> Result<Json<ConfigChanged>, ApiError> {
     app_name(&app)?;
     if req.set.is_empty() && req.unset.is_empty() {
-        return Err(ApiError::Unprocessable("nothing to change: give `set` and/or `unset`".into()));
+        return Err(ApiError::Unprocessable(
+            "nothing to change: give `set` and/or `unset`".into(),
+        ));
     }
     for (k, v) in &req.set {
         validate::env_key(k)?;
@@ -301,11 +355,16 @@ pub async fn update_config(
     for k in &req.unset {
         validate::env_key(k)?;
         if req.set.contains_key(k) {
-            return Err(ApiError::Unprocessable(format!("`{k}` is both set and unset")));
+            return Err(ApiError::Unprocessable(format!(
+                "`{k}` is both set and unset"
+            )));
         }
     }
     let set: Vec<(String, String)> = req.set.into_iter().collect();
-    let release = s.registry.update_config(&actor, &app, &set, req.secret, &req.unset).await?;
+    let release = s
+        .registry
+        .update_config(&actor, &app, &set, req.secret, &req.unset)
+        .await?;
     s.changed.notify_one();
     Ok(Json(ConfigChanged {
         vars: s.registry.config(&actor, &app, false).await?,
@@ -315,7 +374,11 @@ pub async fn update_config(
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases", tag = "apps", security(("token" = [])),
     params(("app" = String, Path)), responses((status = 200, body = [Release])))]
-pub async fn list_releases(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<Vec<Release>>, ApiError> {
+pub async fn list_releases(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<Release>>, ApiError> {
     app_name(&app)?;
     Ok(Json(s.registry.releases(&actor, &app).await?))
 }
@@ -343,29 +406,43 @@ pub async fn create_release(
     app_name(&app)?;
     validate::image_ref(&req.image)?;
     let port = req.port.map(validate::port).transpose()?;
-    let description = req.description.unwrap_or_else(|| format!("Deploy {}", req.image));
+    let description = req
+        .description
+        .unwrap_or_else(|| format!("Deploy {}", req.image));
     if description.len() > 500 || description.contains('\0') {
-        return Err(ApiError::Unprocessable("description must be at most 500 bytes without NUL".into()));
+        return Err(ApiError::Unprocessable(
+            "description must be at most 500 bytes without NUL".into(),
+        ));
     }
     // Fails before anything changes when the app is unknown or not the caller's, or when the
     // image cannot be had on any node.
     s.registry.app(&actor, &app).await?;
     if let Some(sched) = &s.scheduler {
-        sched
-            .check_image(&req.image)
-            .await
-            .map_err(|e| ApiError::Unprocessable(format!("cannot deploy `{}`: {e}; nothing was changed", req.image)))?;
+        sched.check_image(&req.image).await.map_err(|e| {
+            ApiError::Unprocessable(format!(
+                "cannot deploy `{}`: {e}; nothing was changed",
+                req.image
+            ))
+        })?;
     }
     if let Some(p) = port {
         let patch = ProcessPatch {
             port: Some(p),
             ..Default::default()
         };
-        s.registry.upsert_process(&actor, &app, "web", &patch, p).await?;
+        s.registry
+            .upsert_process(&actor, &app, "web", &patch, p)
+            .await?;
     }
-    let v = s.registry.create_release(&actor, &app, &req.image, "image", &description).await?;
+    let v = s
+        .registry
+        .create_release(&actor, &app, &req.image, "image", &description)
+        .await?;
     s.changed.notify_one();
-    Ok((StatusCode::CREATED, Json(s.registry.release(&actor, &app, v).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.registry.release(&actor, &app, v).await?),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/apps/{app}/rollback", tag = "apps", security(("token" = [])),
@@ -380,16 +457,27 @@ pub async fn rollback(
     let v = match &req.version {
         serde_json::Value::Number(n) => parse_version(&n.to_string())?,
         serde_json::Value::String(t) => parse_version(t)?,
-        _ => return Err(ApiError::Unprocessable("`version` must be a number or a string like \"v3\"".into())),
+        _ => {
+            return Err(ApiError::Unprocessable(
+                "`version` must be a number or a string like \"v3\"".into(),
+            ))
+        }
     };
     let new = s.registry.rollback(&actor, &app, v).await?;
     s.changed.notify_one();
-    Ok((StatusCode::CREATED, Json(s.registry.release(&actor, &app, new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.registry.release(&actor, &app, new).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
     params(("app" = String, Path)), responses((status = 200, body = [Domain])))]
-pub async fn list_domains(State(s): State<AppState>, Auth(actor): Auth, Path(app): Path<String>) -> Result<Json<Vec<Domain>>, ApiError> {
+pub async fn list_domains(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<Domain>>, ApiError> {
     app_name(&app)?;
     Ok(Json(s.registry.domains(&actor, &app).await?))
 }
@@ -406,7 +494,9 @@ pub async fn add_domain(
     let domain = validate::domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
     if domain == *apps_domain {
-        return Err(ApiError::Unprocessable(format!("`{domain}` is the apps domain itself; apps get APP.{apps_domain}")));
+        return Err(ApiError::Unprocessable(format!(
+            "`{domain}` is the apps domain itself; apps get APP.{apps_domain}"
+        )));
     }
     if let Some(label) = domain.strip_suffix(&format!(".{apps_domain}")) {
         if !label.contains('.') && label != app {
@@ -443,14 +533,24 @@ pub async fn list_events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
     app_name(&app)?;
-    Ok(Json(s.registry.events(&actor, Some(&app), q.limit.unwrap_or(100)).await?))
+    Ok(Json(
+        s.registry
+            .events(&actor, Some(&app), q.limit.unwrap_or(100))
+            .await?,
+    ))
 }
 
 /// Audit events of everything the caller can see.
+#[utoipa::path(get, path = "/api/v1/events", tag = "apps", security(("token" = [])),
+    params(EventsQuery), responses((status = 200, body = [Event])))]
 pub async fn list_all_events(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    Ok(Json(s.registry.events(&actor, None, q.limit.unwrap_or(100)).await?))
+    Ok(Json(
+        s.registry
+            .events(&actor, None, q.limit.unwrap_or(100))
+            .await?,
+    ))
 }

@@ -88,7 +88,9 @@ impl IntoResponse for ApiError {
         }
         let detail = match &self {
             // Do not leak internals; the log has them.
-            ApiError::Internal(_) => "the server failed to handle this request; its log says why".to_string(),
+            ApiError::Internal(_) => {
+                "the server failed to handle this request; its log says why".to_string()
+            }
             other => other.to_string(),
         };
         let body = Problem {
@@ -97,12 +99,22 @@ impl IntoResponse for ApiError {
             status: status.as_u16(),
             detail,
         };
-        let mut resp = (status, serde_json::to_string(&body).expect("problem serialises")).into_response();
+        let mut resp = (
+            status,
+            serde_json::to_string(&body).expect("problem serialises"),
+        )
+            .into_response();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         match &self {
             ApiError::Unauthorized(_) => {
-                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"escale\", Basic realm=\"escale\""));
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"escale\", Basic realm=\"escale\""),
+                );
             }
             ApiError::TooManyRequests(secs) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));

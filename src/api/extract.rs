@@ -1,5 +1,6 @@
-//! Request extractors: the authenticated [`Auth`] caller and a [`Json`] body whose rejections
-//! are problem+json (unknown fields, wrong types and bad syntax all say what to fix).
+//! Request extractors: the authenticated [`Auth`] caller, and a [`Json`] body, [`Path`]
+//! parameters and a [`Query`] whose rejections are problem+json (unknown fields, wrong types
+//! and bad syntax all say what to fix).
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
@@ -38,7 +39,10 @@ impl FromRequestParts<AppState> for Auth {
                 .ok()
                 .and_then(|d| String::from_utf8(d).ok())
                 .ok_or_else(missing)?;
-            decoded.split_once(':').map(|(_, p)| p.to_string()).ok_or_else(missing)?
+            decoded
+                .split_once(':')
+                .map(|(_, p)| p.to_string())
+                .ok_or_else(missing)?
         } else {
             return Err(missing());
         };
@@ -66,15 +70,53 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             Err(rejection) => {
                 use axum::extract::rejection::JsonRejection::*;
                 Err(match rejection {
-                    JsonDataError(e) => ApiError::Unprocessable(format!("invalid request body: {}", e.body_text())),
-                    JsonSyntaxError(e) => ApiError::BadRequest(format!("request body is not valid JSON: {}", e.body_text())),
-                    MissingJsonContentType(_) => {
-                        ApiError::BadRequest("send the body as JSON with `Content-Type: application/json`".into())
+                    JsonDataError(e) => {
+                        ApiError::Unprocessable(format!("invalid request body: {}", e.body_text()))
                     }
-                    other if other.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(1 << 20),
+                    JsonSyntaxError(e) => ApiError::BadRequest(format!(
+                        "request body is not valid JSON: {}",
+                        e.body_text()
+                    )),
+                    MissingJsonContentType(_) => ApiError::BadRequest(
+                        "send the body as JSON with `Content-Type: application/json`".into(),
+                    ),
+                    other if other.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                        ApiError::PayloadTooLarge(1 << 20)
+                    }
                     other => ApiError::BadRequest(other.body_text()),
                 })
             }
+        }
+    }
+}
+
+/// Path parameters. Like axum's, but a rejection (e.g. a segment that is not UTF-8) is a
+/// problem+json.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Path<T>, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) if e.status().is_server_error() => Err(ApiError::Internal(e.body_text())),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// A query string. Like axum's, but a rejection (unknown parameter, wrong type) is a
+/// problem+json saying which parameter is wrong.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Query<T>, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }
 }

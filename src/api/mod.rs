@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use utoipa::OpenApi;
 
 pub use error::{ApiError, Problem};
-pub use extract::{Auth, Json};
+pub use extract::{Auth, Json, Path, Query};
 
 use crate::auth::LoginLimiter;
 use crate::config::Config;
@@ -67,7 +67,7 @@ impl AppState {
         apps::get_config, apps::update_config,
         apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
         apps::list_domains, apps::add_domain, apps::remove_domain,
-        apps::list_events,
+        apps::list_events, apps::list_all_events,
         cluster::list_instances, cluster::logs, cluster::list_nodes,
     ),
     components(schemas(Problem)),
@@ -97,21 +97,42 @@ pub fn router(state: AppState) -> Router {
         .route("/setup", post(accounts::setup))
         .route("/login", post(accounts::login))
         .route("/me", get(accounts::me))
-        .route("/users", get(accounts::list_users).post(accounts::create_user))
+        .route(
+            "/users",
+            get(accounts::list_users).post(accounts::create_user),
+        )
         .route("/users/{name}", delete(accounts::delete_user))
-        .route("/teams", get(accounts::list_teams).post(accounts::create_team))
-        .route("/tokens", get(accounts::list_tokens).post(accounts::create_token))
+        .route(
+            "/teams",
+            get(accounts::list_teams).post(accounts::create_team),
+        )
+        .route(
+            "/tokens",
+            get(accounts::list_tokens).post(accounts::create_token),
+        )
         .route("/tokens/{name}", delete(accounts::delete_token))
         .route("/apps", get(apps::list_apps).post(apps::create_app))
         .route("/apps/{app}", get(apps::get_app).delete(apps::destroy_app))
         .route("/apps/{app}/processes", get(apps::list_processes))
-        .route("/apps/{app}/processes/{process}", patch(apps::update_process))
+        .route(
+            "/apps/{app}/processes/{process}",
+            patch(apps::update_process),
+        )
         .route("/apps/{app}/formation", patch(apps::update_formation))
-        .route("/apps/{app}/config", get(apps::get_config).patch(apps::update_config))
-        .route("/apps/{app}/releases", get(apps::list_releases).post(apps::create_release))
+        .route(
+            "/apps/{app}/config",
+            get(apps::get_config).patch(apps::update_config),
+        )
+        .route(
+            "/apps/{app}/releases",
+            get(apps::list_releases).post(apps::create_release),
+        )
         .route("/apps/{app}/releases/{version}", get(apps::get_release))
         .route("/apps/{app}/rollback", post(apps::rollback))
-        .route("/apps/{app}/domains", get(apps::list_domains).post(apps::add_domain))
+        .route(
+            "/apps/{app}/domains",
+            get(apps::list_domains).post(apps::add_domain),
+        )
         .route("/apps/{app}/domains/{domain}", delete(apps::remove_domain))
         .route("/apps/{app}/events", get(apps::list_events))
         .route("/apps/{app}/instances", get(cluster::list_instances))

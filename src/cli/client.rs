@@ -72,15 +72,22 @@ pub fn load_credentials() -> Option<Credentials> {
 
 /// Writes credentials 0600, replacing the previous ones atomically.
 pub fn store_credentials(c: &Credentials) -> Result<PathBuf, CliError> {
-    let path = credentials_path().ok_or_else(|| CliError::Local("cannot find a config directory: set HOME or XDG_CONFIG_HOME".into()))?;
+    let path = credentials_path().ok_or_else(|| {
+        CliError::Local("cannot find a config directory: set HOME or XDG_CONFIG_HOME".into())
+    })?;
     let dir = path.parent().expect("credentials path has a parent");
-    std::fs::create_dir_all(dir).map_err(|e| CliError::Local(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::Local(format!("cannot create {}: {e}", dir.display())))?;
     let tmp = dir.join(format!(".credentials.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = crate::secrets::create_private(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(c).expect("credentials serialise").as_bytes())?;
+        f.write_all(
+            serde_json::to_string_pretty(c)
+                .expect("credentials serialise")
+                .as_bytes(),
+        )?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     };
@@ -117,30 +124,55 @@ impl Client {
     }
 
     /// Sends a request and decodes a JSON answer; errors carry the server's problem detail.
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<T, CliError> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, CliError> {
         let bytes = self.call_raw(method, path, body).await?;
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
-        serde_json::from_slice(&bytes).map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))
     }
 
     /// Like [`Client::call`] but returns the raw body.
-    pub async fn call_raw(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<Bytes, CliError> {
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Bytes, CliError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let body = match body {
             Some(v) => {
                 req = req.header("content-type", "application/json");
-                Full::new(Bytes::from(serde_json::to_vec(&v).expect("json serialises")))
+                Full::new(Bytes::from(
+                    serde_json::to_vec(&v).expect("json serialises"),
+                ))
             }
             None => Full::new(Bytes::new()),
         };
-        let req = req.body(body).map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
-        let resp = self.http.request(req).await.map_err(|e| CliError::Unreachable {
-            url: self.base.clone(),
-            reason: error_chain(&e),
-        })?;
+        let req = req
+            .body(body)
+            .map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.base.clone(),
+                reason: error_chain(&e),
+            })?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -167,25 +199,50 @@ impl Client {
 impl Client {
     /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
     /// until the body ends or `sink` returns false.
-    pub async fn stream_raw(&self, method: Method, path: &str, mut sink: impl FnMut(&[u8]) -> bool) -> Result<(), CliError> {
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+    pub async fn stream_raw(
+        &self,
+        method: Method,
+        path: &str,
+        mut sink: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), CliError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req.body(Full::new(Bytes::new())).map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
-        let resp = self.http.request(req).await.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: error_chain(&e) })?;
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.base.clone(),
+                reason: error_chain(&e),
+            })?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            let detail = serde_json::from_slice::<Problem>(&bytes).map(|p| p.detail).unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let detail = serde_json::from_slice::<Problem>(&bytes)
+                .map(|p| p.detail)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             return Err(match status {
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth(detail),
                 _ => CliError::Server(detail),
             });
         }
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: e.to_string() })?;
+            let frame = frame.map_err(|e| CliError::Unreachable {
+                url: self.base.clone(),
+                reason: e.to_string(),
+            })?;
             if let Some(data) = frame.data_ref() {
                 if !sink(data) {
                     break;

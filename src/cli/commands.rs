@@ -21,45 +21,89 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         .clone()
         .or_else(|| stored.as_ref().map(|c| c.url.clone()))
         .unwrap_or_else(|| DEFAULT_URL.to_string());
-    let token = cli.token.clone().or_else(|| stored.as_ref().map(|c| c.token.clone()));
+    let token = cli
+        .token
+        .clone()
+        .or_else(|| stored.as_ref().map(|c| c.token.clone()));
     let json_out = cli.json;
     let api = || Client::new(&url, token.clone());
     match cli.command {
         Command::Serve { config } => serve(config).await,
         Command::Completions { .. } => unreachable!("handled before the runtime starts"),
-        Command::Setup { setup_token, name, password_stdin } => {
+        Command::Setup {
+            setup_token,
+            name,
+            password_stdin,
+        } => {
             let password = read_password(password_stdin, "Password for the first admin: ", true)?;
             let c = Client::new(&url, None)?;
             let out: Value = c
-                .call(Method::POST, "/api/v1/setup", Some(json!({"setup_token": setup_token, "name": name, "password": password})))
+                .call(
+                    Method::POST,
+                    "/api/v1/setup",
+                    Some(json!({"setup_token": setup_token, "name": name, "password": password})),
+                )
                 .await?;
             save_login(&url, &out)?;
             print_json_or(json_out, &out, || {
-                println!("Admin `{}` created; token stored for this user. Next: escale apps create NAME", out["user"].as_str().unwrap_or(""));
+                println!(
+                    "Admin `{}` created; token stored for this user. Next: escale apps create NAME",
+                    out["user"].as_str().unwrap_or("")
+                );
             });
             Ok(())
         }
-        Command::Login { name, password_stdin } => {
+        Command::Login {
+            name,
+            password_stdin,
+        } => {
             let password = read_password(password_stdin, "Password: ", false)?;
             let c = Client::new(&url, None)?;
-            let out: Value = c.call(Method::POST, "/api/v1/login", Some(json!({"name": name, "password": password}))).await?;
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    "/api/v1/login",
+                    Some(json!({"name": name, "password": password})),
+                )
+                .await?;
             let path = save_login(&url, &out)?;
-            print_json_or(json_out, &out, || println!("Logged in as {} ({}); token stored in {}", out["user"].as_str().unwrap_or(""), out["role"].as_str().unwrap_or(""), path.display()));
+            print_json_or(json_out, &out, || {
+                println!(
+                    "Logged in as {} ({}); token stored in {}",
+                    out["user"].as_str().unwrap_or(""),
+                    out["role"].as_str().unwrap_or(""),
+                    path.display()
+                )
+            });
             Ok(())
         }
         Command::Logout => {
             if let Some(p) = client::credentials_path() {
                 match std::fs::remove_file(&p) {
                     Ok(()) => println!("Forgot the token in {}", p.display()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("Not logged in."),
-                    Err(e) => return Err(CliError::Local(format!("cannot remove {}: {e}", p.display()))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        println!("Not logged in.")
+                    }
+                    Err(e) => {
+                        return Err(CliError::Local(format!(
+                            "cannot remove {}: {e}",
+                            p.display()
+                        )))
+                    }
                 }
             }
             Ok(())
         }
         Command::Whoami => {
             let me: Value = api()?.call(Method::GET, "/api/v1/me", None).await?;
-            print_json_or(json_out, &me, || println!("{} ({}, team {}) at {url}", s(&me["name"]), s(&me["role"]), s(&me["team"])));
+            print_json_or(json_out, &me, || {
+                println!(
+                    "{} ({}, team {}) at {url}",
+                    s(&me["name"]),
+                    s(&me["role"]),
+                    s(&me["team"])
+                )
+            });
             Ok(())
         }
         Command::Apps(cmd) => apps(&api()?, json_out, cmd).await,
@@ -68,61 +112,125 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Scale { app, counts } => {
             let mut body = BTreeMap::new();
             for c in &counts {
-                let (p, n) = c.split_once('=').ok_or_else(|| CliError::Usage(format!("`{c}`: write PROCESS=COUNT, e.g. web=7")))?;
-                let n: i64 = n.parse().map_err(|_| CliError::Usage(format!("`{c}`: the count must be a whole number")))?;
+                let (p, n) = c.split_once('=').ok_or_else(|| {
+                    CliError::Usage(format!("`{c}`: write PROCESS=COUNT, e.g. web=7"))
+                })?;
+                let n: i64 = n.parse().map_err(|_| {
+                    CliError::Usage(format!("`{c}`: the count must be a whole number"))
+                })?;
                 body.insert(p.to_string(), n);
             }
-            let out: Value = api()?.call(Method::PATCH, &format!("/api/v1/apps/{}/formation", seg(&app)), Some(json!(body))).await?;
+            let out: Value = api()?
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/apps/{}/formation", seg(&app)),
+                    Some(json!(body)),
+                )
+                .await?;
             print_json_or(json_out, &out, || {
-                let list: Vec<String> = out.as_array().into_iter().flatten().map(|p| format!("{}={}", s(&p["name"]), p["instances"])).collect();
+                let list: Vec<String> = out
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| format!("{}={}", s(&p["name"]), p["instances"]))
+                    .collect();
                 println!("Scaled {app}: {}", list.join(" "));
             });
             Ok(())
         }
-        Command::Resources { app, process, memory, cpus } => {
+        Command::Resources {
+            app,
+            process,
+            memory,
+            cpus,
+        } => {
             if memory.is_none() && cpus.is_none() {
                 return Err(CliError::Usage("give --memory and/or --cpus".into()));
             }
             let body = json!({"memory": memory, "cpus": cpus});
-            let out: Value = api()?.call(Method::PATCH, &format!("/api/v1/apps/{}/processes/{}", seg(&app), seg(&process)), Some(strip_nulls(body))).await?;
-            print_json_or(json_out, &out, || print_processes(std::slice::from_ref(&out)));
+            let out: Value = api()?
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/apps/{}/processes/{}", seg(&app), seg(&process)),
+                    Some(strip_nulls(body)),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                print_processes(std::slice::from_ref(&out))
+            });
             Ok(())
         }
-        Command::Deploy { app, image, port, no_wait, wait_timeout } => {
+        Command::Deploy {
+            app,
+            image,
+            port,
+            no_wait,
+            wait_timeout,
+        } => {
             let c = api()?;
             let body = strip_nulls(json!({"image": image, "port": port}));
-            let rel: Value = c.call(Method::POST, &format!("/api/v1/apps/{}/releases", seg(&app)), Some(body)).await?;
+            let rel: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/apps/{}/releases", seg(&app)),
+                    Some(body),
+                )
+                .await?;
             let v = rel["version"].as_u64().unwrap_or(0);
             if no_wait {
-                print_json_or(json_out, &rel, || println!("Release v{v} of {app} created; rolling out."));
+                print_json_or(json_out, &rel, || {
+                    println!("Release v{v} of {app} created; rolling out.")
+                });
                 return Ok(());
             }
             if !json_out {
                 println!("Release v{v} of {app} created ({image}); rolling out...");
             }
-            let done = super::commands::follow_rollout(&c, &app, v, *wait_timeout, json_out).await?;
+            let done =
+                super::commands::follow_rollout(&c, &app, v, *wait_timeout, json_out).await?;
             print_json_or(json_out, &done, || println!("v{v} of {app} is serving."));
             Ok(())
         }
         Command::Ps { app } => {
-            let out: Value = api()?.call(Method::GET, &format!("/api/v1/apps/{}/instances", seg(&app)), None).await?;
+            let out: Value = api()?
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/instances", seg(&app)),
+                    None,
+                )
+                .await?;
             print_json_or(json_out, &out, || print_ps(&app, &out));
             Ok(())
         }
-        Command::Logs { app, follow, process, tail } => {
-            let mut path = format!("/api/v1/apps/{}/logs?tail={tail}&follow={follow}", seg(&app));
+        Command::Logs {
+            app,
+            follow,
+            process,
+            tail,
+        } => {
+            let mut path = format!(
+                "/api/v1/apps/{}/logs?tail={tail}&follow={follow}",
+                seg(&app)
+            );
             if let Some(p) = &process {
                 path.push_str(&format!("&process={}", seg(p)));
             }
-            api()?.stream_raw(Method::GET, &path, |chunk| {
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                out.write_all(chunk).and_then(|_| out.flush()).is_ok()
-            })
-            .await
+            api()?
+                .stream_raw(Method::GET, &path, |chunk| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(chunk).and_then(|_| out.flush()).is_ok()
+                })
+                .await
         }
         Command::Releases { app } => {
-            let out: Value = api()?.call(Method::GET, &format!("/api/v1/apps/{}/releases", seg(&app)), None).await?;
+            let out: Value = api()?
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/releases", seg(&app)),
+                    None,
+                )
+                .await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
@@ -139,13 +247,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         ]
                     })
                     .collect();
-                table(&["VERSION", "STATUS", "IMAGE", "DESCRIPTION", "BY", "CREATED"], &rows);
+                table(
+                    &["VERSION", "STATUS", "IMAGE", "DESCRIPTION", "BY", "CREATED"],
+                    &rows,
+                );
             });
             Ok(())
         }
         Command::Rollback { app, version } => {
-            let out: Value = api()?.call(Method::POST, &format!("/api/v1/apps/{}/rollback", seg(&app)), Some(json!({"version": version}))).await?;
-            print_json_or(json_out, &out, || println!("Rolled back {app} to {version}: new release v{}.", out["version"]));
+            let out: Value = api()?
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/apps/{}/rollback", seg(&app)),
+                    Some(json!({"version": version})),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!(
+                    "Rolled back {app} to {version}: new release v{}.",
+                    out["version"]
+                )
+            });
             Ok(())
         }
         Command::Domains(cmd) => domains(&api()?, json_out, cmd).await,
@@ -155,13 +277,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let c = api()?;
             match cmd {
                 TeamsCommand::Create { name } => {
-                    let out: Value = c.call(Method::POST, "/api/v1/teams", Some(json!({"name": name}))).await?;
+                    let out: Value = c
+                        .call(Method::POST, "/api/v1/teams", Some(json!({"name": name})))
+                        .await?;
                     print_json_or(json_out, &out, || println!("Team {name} created."));
                 }
                 TeamsCommand::List => {
                     let out: Value = c.call(Method::GET, "/api/v1/teams", None).await?;
                     print_json_or(json_out, &out, || {
-                        let rows: Vec<Vec<String>> = out.as_array().into_iter().flatten().map(|t| vec![s(&t["name"]), ago(t["created_at"].as_i64().unwrap_or(0))]).collect();
+                        let rows: Vec<Vec<String>> = out
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|t| {
+                                vec![s(&t["name"]), ago(t["created_at"].as_i64().unwrap_or(0))]
+                            })
+                            .collect();
                         table(&["TEAM", "CREATED"], &rows);
                     });
                 }
@@ -179,7 +310,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|e| vec![ago(e["at"].as_i64().unwrap_or(0)), s(&e["actor"]), s(&e["app"]), s(&e["action"]), s(&e["detail"])])
+                    .map(|e| {
+                        vec![
+                            ago(e["at"].as_i64().unwrap_or(0)),
+                            s(&e["actor"]),
+                            s(&e["app"]),
+                            s(&e["action"]),
+                            s(&e["detail"]),
+                        ]
+                    })
                     .collect();
                 table(&["WHEN", "WHO", "APP", "ACTION", "DETAIL"], &rows);
             });
@@ -189,35 +328,71 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn serve(config: Option<PathBuf>) -> Result<(), CliError> {
-    let cfg = crate::config::Config::load(config.as_deref()).map_err(|e| CliError::Local(e.to_string()))?;
+    let cfg = crate::config::Config::load(config.as_deref())
+        .map_err(|e| CliError::Local(e.to_string()))?;
     crate::server::init_logging(cfg.log_format, &cfg.log_level);
-    let listener = crate::server::bind_api(&cfg).await.map_err(|e| CliError::Local(e.to_string()))?;
+    let listener = crate::server::bind_api(&cfg)
+        .await
+        .map_err(|e| CliError::Local(e.to_string()))?;
     crate::server::run(cfg, listener, crate::server::shutdown_signal())
         .await
         .map_err(|e| CliError::Local(e.to_string()))
 }
 
 /// Polls the release until its rollout succeeds or fails, printing progress.
-pub(super) async fn follow_rollout(c: &Client, app: &str, v: u64, timeout: std::time::Duration, quiet: bool) -> Result<Value, CliError> {
+pub(super) async fn follow_rollout(
+    c: &Client,
+    app: &str,
+    v: u64,
+    timeout: std::time::Duration,
+    quiet: bool,
+) -> Result<Value, CliError> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let rel: Value = c.call(Method::GET, &format!("/api/v1/apps/{}/releases/{v}", seg(app)), None).await?;
+        let rel: Value = c
+            .call(
+                Method::GET,
+                &format!("/api/v1/apps/{}/releases/{v}", seg(app)),
+                None,
+            )
+            .await?;
         let status = s(&rel["status"]);
         match status.as_str() {
             "active" => return Ok(rel),
             "failed" | "superseded" => {
-                let reason = rel["status_reason"].as_str().unwrap_or("superseded by a newer release");
-                return Err(CliError::Failed(format!("rollout of v{v} failed: {reason}; the previous release keeps serving")));
+                let reason = rel["status_reason"]
+                    .as_str()
+                    .unwrap_or("superseded by a newer release");
+                return Err(CliError::Failed(format!(
+                    "rollout of v{v} failed: {reason}; the previous release keeps serving"
+                )));
             }
             _ => {}
         }
-        if let Ok(ps) = c.call::<Value>(Method::GET, &format!("/api/v1/apps/{}/instances", seg(app)), None).await {
+        if let Ok(ps) = c
+            .call::<Value>(
+                Method::GET,
+                &format!("/api/v1/apps/{}/instances", seg(app)),
+                None,
+            )
+            .await
+        {
             let list = ps["instances"].as_array().cloned().unwrap_or_default();
-            let new_healthy = list.iter().filter(|i| i["release"].as_u64() == Some(v) && i["health"] == "healthy").count();
-            let new_total = list.iter().filter(|i| i["release"].as_u64() == Some(v)).count();
-            let old = list.iter().filter(|i| i["release"].as_u64() != Some(v)).count();
-            let line = format!("  v{v}: {new_healthy}/{new_total} healthy, {old} old instance(s) left");
+            let new_healthy = list
+                .iter()
+                .filter(|i| i["release"].as_u64() == Some(v) && i["health"] == "healthy")
+                .count();
+            let new_total = list
+                .iter()
+                .filter(|i| i["release"].as_u64() == Some(v))
+                .count();
+            let old = list
+                .iter()
+                .filter(|i| i["release"].as_u64() != Some(v))
+                .count();
+            let line =
+                format!("  v{v}: {new_healthy}/{new_total} healthy, {old} old instance(s) left");
             if line != last && !quiet {
                 eprintln!("{line}");
                 last = line;
@@ -233,8 +408,18 @@ pub(super) async fn follow_rollout(c: &Client, app: &str, v: u64, timeout: std::
 async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliError> {
     match cmd {
         AppsCommand::Create { name, team, port } => {
-            let out: Value = c.call(Method::POST, "/api/v1/apps", Some(strip_nulls(json!({"name": name, "team": team, "port": port})))).await?;
-            print_json_or(json_out, &out, || println!("App {name} created (team {}). Deploy it with: escale deploy {name} --image IMAGE", s(&out["team"])));
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    "/api/v1/apps",
+                    Some(strip_nulls(
+                        json!({"name": name, "team": team, "port": port}),
+                    )),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!("App {name} created (team {}). Deploy it with: escale deploy {name} --image IMAGE", s(&out["team"]))
+            });
         }
         AppsCommand::List => {
             let out: Value = c.call(Method::GET, "/api/v1/apps", None).await?;
@@ -244,23 +429,62 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
                     .into_iter()
                     .flatten()
                     .map(|a| {
-                        let formation: Vec<String> = a["processes"].as_array().into_iter().flatten().map(|p| format!("{}={}", s(&p["name"]), p["instances"])).collect();
-                        vec![s(&a["name"]), s(&a["team"]), a["release"].as_u64().map(|v| format!("v{v}")).unwrap_or_else(|| "-".into()), formation.join(" "), ago(a["created_at"].as_i64().unwrap_or(0))]
+                        let formation: Vec<String> = a["processes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|p| format!("{}={}", s(&p["name"]), p["instances"]))
+                            .collect();
+                        vec![
+                            s(&a["name"]),
+                            s(&a["team"]),
+                            a["release"]
+                                .as_u64()
+                                .map(|v| format!("v{v}"))
+                                .unwrap_or_else(|| "-".into()),
+                            formation.join(" "),
+                            ago(a["created_at"].as_i64().unwrap_or(0)),
+                        ]
                     })
                     .collect();
                 table(&["APP", "TEAM", "RELEASE", "FORMATION", "CREATED"], &rows);
             });
         }
         AppsCommand::Info { name } => {
-            let out: Value = c.call(Method::GET, &format!("/api/v1/apps/{}", seg(&name)), None).await?;
+            let out: Value = c
+                .call(Method::GET, &format!("/api/v1/apps/{}", seg(&name)), None)
+                .await?;
             print_json_or(json_out, &out, || {
                 println!("App:      {}", s(&out["name"]));
                 println!("Team:     {}", s(&out["team"]));
-                println!("Release:  {}", out["release"].as_u64().map(|v| format!("v{v}")).unwrap_or_else(|| "- (not deployed)".into()));
-                let domains: Vec<String> = out["domains"].as_array().into_iter().flatten().map(s).collect();
-                println!("Domains:  {}", if domains.is_empty() { "-".into() } else { domains.join(", ") });
+                println!(
+                    "Release:  {}",
+                    out["release"]
+                        .as_u64()
+                        .map(|v| format!("v{v}"))
+                        .unwrap_or_else(|| "- (not deployed)".into())
+                );
+                let domains: Vec<String> = out["domains"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                println!(
+                    "Domains:  {}",
+                    if domains.is_empty() {
+                        "-".into()
+                    } else {
+                        domains.join(", ")
+                    }
+                );
                 println!();
-                print_processes(out["processes"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+                print_processes(
+                    out["processes"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
+                );
             });
         }
         AppsCommand::Destroy { name, confirm } => {
@@ -269,16 +493,32 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
                 None if std::io::stdin().is_terminal() => {
                     eprint!("This destroys {name}, its releases, config and instances. Type the app name to confirm: ");
                     let mut line = String::new();
-                    std::io::stdin().lock().read_line(&mut line).map_err(|e| CliError::Local(e.to_string()))?;
+                    std::io::stdin()
+                        .lock()
+                        .read_line(&mut line)
+                        .map_err(|e| CliError::Local(e.to_string()))?;
                     line.trim() == name
                 }
-                None => return Err(CliError::Usage(format!("destroying needs confirmation: add --confirm {name}"))),
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "destroying needs confirmation: add --confirm {name}"
+                    )))
+                }
             };
             if !confirmed {
-                return Err(CliError::Usage("confirmation did not match the app name; nothing destroyed".into()));
+                return Err(CliError::Usage(
+                    "confirmation did not match the app name; nothing destroyed".into(),
+                ));
             }
-            c.call_raw(Method::DELETE, &format!("/api/v1/apps/{}", seg(&name)), None).await?;
-            print_json_or(json_out, &json!({"destroyed": name}), || println!("App {name} destroyed."));
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/apps/{}", seg(&name)),
+                None,
+            )
+            .await?;
+            print_json_or(json_out, &json!({"destroyed": name}), || {
+                println!("App {name} destroyed.")
+            });
         }
     }
     Ok(())
@@ -287,17 +527,40 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
 async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), CliError> {
     match cmd {
         ConfigCommand::Get { app, key, reveal } => {
-            let path = format!("/api/v1/apps/{}/config{}", seg(&app), if reveal { "?reveal=true" } else { "" });
+            let path = format!(
+                "/api/v1/apps/{}/config{}",
+                seg(&app),
+                if reveal { "?reveal=true" } else { "" }
+            );
             let out: Value = c.call(Method::GET, &path, None).await?;
             if let Some(k) = key {
-                let var = out.as_array().into_iter().flatten().find(|v| v["key"] == k.as_str()).ok_or_else(|| CliError::Server(format!("config var `{k}` not found")))?;
-                print_json_or(json_out, var, || println!("{}", var["value"].as_str().unwrap_or("(secret: use --reveal)")));
+                let var = out
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["key"] == k.as_str())
+                    .ok_or_else(|| CliError::Server(format!("config var `{k}` not found")))?;
+                print_json_or(json_out, var, || {
+                    println!(
+                        "{}",
+                        var["value"].as_str().unwrap_or("(secret: use --reveal)")
+                    )
+                });
                 return Ok(());
             }
             print_json_or(json_out, &out, || {
                 for v in out.as_array().into_iter().flatten() {
                     match v["value"].as_str() {
-                        Some(val) => println!("{}={}{}", s(&v["key"]), val, if v["secret"] == true { "  (secret)" } else { "" }),
+                        Some(val) => println!(
+                            "{}={}{}",
+                            s(&v["key"]),
+                            val,
+                            if v["secret"] == true {
+                                "  (secret)"
+                            } else {
+                                ""
+                            }
+                        ),
                         None => println!("{}=(secret)", s(&v["key"])),
                     }
                 }
@@ -306,21 +569,52 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
         ConfigCommand::Set { app, pairs, secret } => {
             let mut set = BTreeMap::new();
             for p in &pairs {
-                let (k, v) = p.split_once('=').ok_or_else(|| CliError::Usage(format!("`{}`: write KEY=VALUE", crate::validate::printable(p))))?;
+                let (k, v) = p.split_once('=').ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "`{}`: write KEY=VALUE",
+                        crate::validate::printable(p)
+                    ))
+                })?;
                 set.insert(k.to_string(), v.to_string());
             }
-            let out: Value = c.call(Method::PATCH, &format!("/api/v1/apps/{}/config", seg(&app)), Some(json!({"set": set, "secret": secret}))).await?;
+            let out: Value = c
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/apps/{}/config", seg(&app)),
+                    Some(json!({"set": set, "secret": secret})),
+                )
+                .await?;
             print_json_or(json_out, &out, || {
                 let keys: Vec<&String> = set.keys().collect();
                 match out["release"].as_u64() {
-                    Some(v) => println!("Set {} on {app}; release v{v} is rolling out.", join(&keys)),
-                    None => println!("Set {} on {app}; it applies at the first deploy.", join(&keys)),
+                    Some(v) => {
+                        println!("Set {} on {app}; release v{v} is rolling out.", join(&keys))
+                    }
+                    None => println!(
+                        "Set {} on {app}; it applies at the first deploy.",
+                        join(&keys)
+                    ),
                 }
             });
         }
         ConfigCommand::Unset { app, keys } => {
-            let out: Value = c.call(Method::PATCH, &format!("/api/v1/apps/{}/config", seg(&app)), Some(json!({"unset": keys}))).await?;
-            print_json_or(json_out, &out, || println!("Unset {} on {app}{}.", keys.join(", "), out["release"].as_u64().map(|v| format!("; release v{v} is rolling out")).unwrap_or_default()));
+            let out: Value = c
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/apps/{}/config", seg(&app)),
+                    Some(json!({"unset": keys})),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!(
+                    "Unset {} on {app}{}.",
+                    keys.join(", "),
+                    out["release"]
+                        .as_u64()
+                        .map(|v| format!("; release v{v} is rolling out"))
+                        .unwrap_or_default()
+                )
+            });
         }
     }
     Ok(())
@@ -329,8 +623,16 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
 async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<(), CliError> {
     match cmd {
         ProcessesCommand::List { app } => {
-            let out: Value = c.call(Method::GET, &format!("/api/v1/apps/{}/processes", seg(&app)), None).await?;
-            print_json_or(json_out, &out, || print_processes(out.as_array().map(Vec::as_slice).unwrap_or(&[])));
+            let out: Value = c
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/processes", seg(&app)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                print_processes(out.as_array().map(Vec::as_slice).unwrap_or(&[]))
+            });
         }
         ProcessesCommand::Set(p) => {
             let command = if p.default_command {
@@ -341,13 +643,25 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
                 Some(p.command.clone())
             };
             let health = if p.health.is_some() || p.health_path.is_some() {
-                Some(strip_nulls(json!({"kind": p.health, "path": p.health_path})))
+                Some(strip_nulls(
+                    json!({"kind": p.health, "path": p.health_path}),
+                ))
             } else {
                 None
             };
-            let body = strip_nulls(json!({"command": command, "port": p.port, "surge": p.surge, "health": health}));
-            let out: Value = c.call(Method::PATCH, &format!("/api/v1/apps/{}/processes/{}", seg(&p.app), seg(&p.process)), Some(body)).await?;
-            print_json_or(json_out, &out, || print_processes(std::slice::from_ref(&out)));
+            let body = strip_nulls(
+                json!({"command": command, "port": p.port, "surge": p.surge, "health": health}),
+            );
+            let out: Value = c
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/apps/{}/processes/{}", seg(&p.app), seg(&p.process)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                print_processes(std::slice::from_ref(&out))
+            });
         }
     }
     Ok(())
@@ -366,7 +680,9 @@ fn print_ps(app: &str, out: &Value) {
                 s(&i["state"]),
                 s(&i["health"]),
                 s(&i["address"]),
-                ago(i["created_at"].as_i64().unwrap_or(0)).trim_end_matches(" ago").to_string(),
+                ago(i["created_at"].as_i64().unwrap_or(0))
+                    .trim_end_matches(" ago")
+                    .to_string(),
                 i["restarts"].to_string(),
                 s(&i["instance"]),
             ]
@@ -375,7 +691,13 @@ fn print_ps(app: &str, out: &Value) {
     if rows.is_empty() {
         println!("{app} has no instances (scale it with `escale scale {app} web=N`).");
     } else {
-        table(&["PROCESS", "RELEASE", "NODE", "STATE", "HEALTH", "ADDRESS", "UPTIME", "RESTARTS", "INSTANCE"], &rows);
+        table(
+            &[
+                "PROCESS", "RELEASE", "NODE", "STATE", "HEALTH", "ADDRESS", "UPTIME", "RESTARTS",
+                "INSTANCE",
+            ],
+            &rows,
+        );
     }
     for c in out["crashing"].as_array().into_iter().flatten() {
         println!();
@@ -398,7 +720,10 @@ fn print_processes(list: &[Value]) {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|p| {
-            let cmd = p["command"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_else(|| "(image default)".into());
+            let cmd = p["command"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|| "(image default)".into());
             let health = match p["health"]["kind"].as_str() {
                 Some("http") => format!("http {}", s(&p["health"]["path"])),
                 Some(k) => k.to_string(),
@@ -408,30 +733,73 @@ fn print_processes(list: &[Value]) {
                 s(&p["name"]),
                 p["instances"].to_string(),
                 p["port"].to_string(),
-                p["memory_bytes"].as_u64().map(size).unwrap_or_else(|| "-".into()),
-                p["nano_cpus"].as_i64().map(|n| format!("{}", n as f64 / 1e9)).unwrap_or_else(|| "-".into()),
+                p["memory_bytes"]
+                    .as_u64()
+                    .map(size)
+                    .unwrap_or_else(|| "-".into()),
+                p["nano_cpus"]
+                    .as_i64()
+                    .map(|n| format!("{}", n as f64 / 1e9))
+                    .unwrap_or_else(|| "-".into()),
                 health,
                 cmd,
             ]
         })
         .collect();
-    table(&["PROCESS", "INSTANCES", "PORT", "MEMORY", "CPUS", "HEALTH", "COMMAND"], &rows);
+    table(
+        &[
+            "PROCESS",
+            "INSTANCES",
+            "PORT",
+            "MEMORY",
+            "CPUS",
+            "HEALTH",
+            "COMMAND",
+        ],
+        &rows,
+    );
 }
 
 async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), CliError> {
     match cmd {
         DomainsCommand::Add { app, domain } => {
-            let out: Value = c.call(Method::POST, &format!("/api/v1/apps/{}/domains", seg(&app)), Some(json!({"domain": domain}))).await?;
-            print_json_or(json_out, &out, || println!("Domain {} added to {app}.", s(&out["domain"])));
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/apps/{}/domains", seg(&app)),
+                    Some(json!({"domain": domain})),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!("Domain {} added to {app}.", s(&out["domain"]))
+            });
         }
         DomainsCommand::Remove { app, domain } => {
-            c.call_raw(Method::DELETE, &format!("/api/v1/apps/{}/domains/{}", seg(&app), seg(&domain)), None).await?;
-            print_json_or(json_out, &json!({"removed": domain}), || println!("Domain {domain} removed from {app}."));
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/apps/{}/domains/{}", seg(&app), seg(&domain)),
+                None,
+            )
+            .await?;
+            print_json_or(json_out, &json!({"removed": domain}), || {
+                println!("Domain {domain} removed from {app}.")
+            });
         }
         DomainsCommand::List { app } => {
-            let out: Value = c.call(Method::GET, &format!("/api/v1/apps/{}/domains", seg(&app)), None).await?;
+            let out: Value = c
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/domains", seg(&app)),
+                    None,
+                )
+                .await?;
             print_json_or(json_out, &out, || {
-                let rows: Vec<Vec<String>> = out.as_array().into_iter().flatten().map(|d| vec![s(&d["domain"]), ago(d["created_at"].as_i64().unwrap_or(0))]).collect();
+                let rows: Vec<Vec<String>> = out
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| vec![s(&d["domain"]), ago(d["created_at"].as_i64().unwrap_or(0))])
+                    .collect();
                 table(&["DOMAIN", "ADDED"], &rows);
             });
         }
@@ -439,31 +807,62 @@ async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), 
     Ok(())
 }
 
-async fn tokens(url: &str, token: Option<String>, json_out: bool, cmd: TokensCommand) -> Result<(), CliError> {
+async fn tokens(
+    url: &str,
+    token: Option<String>,
+    json_out: bool,
+    cmd: TokensCommand,
+) -> Result<(), CliError> {
     match cmd {
-        TokensCommand::Create { name, local, config } => {
+        TokensCommand::Create {
+            name,
+            local,
+            config,
+        } => {
             crate::validate::token_name(&name).map_err(|e| CliError::Usage(e.0))?;
             if local || token.is_none() {
                 return local_token(&name, config, json_out).await;
             }
-            let out: Value = Client::new(url, token)?.call(Method::POST, "/api/v1/tokens", Some(json!({"name": name}))).await?;
+            let out: Value = Client::new(url, token)?
+                .call(Method::POST, "/api/v1/tokens", Some(json!({"name": name})))
+                .await?;
             print_json_or(json_out, &out, || print_token(&out));
         }
         TokensCommand::List => {
-            let out: Value = Client::new(url, token)?.call(Method::GET, "/api/v1/tokens", None).await?;
+            let out: Value = Client::new(url, token)?
+                .call(Method::GET, "/api/v1/tokens", None)
+                .await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|t| vec![s(&t["name"]), format!("{}...", s(&t["prefix"])), ago(t["created_at"].as_i64().unwrap_or(0)), t["last_used_at"].as_i64().map(ago).unwrap_or_else(|| "never".into())])
+                    .map(|t| {
+                        vec![
+                            s(&t["name"]),
+                            format!("{}...", s(&t["prefix"])),
+                            ago(t["created_at"].as_i64().unwrap_or(0)),
+                            t["last_used_at"]
+                                .as_i64()
+                                .map(ago)
+                                .unwrap_or_else(|| "never".into()),
+                        ]
+                    })
                     .collect();
                 table(&["NAME", "PREFIX", "CREATED", "LAST USED"], &rows);
             });
         }
         TokensCommand::Revoke { name } => {
-            Client::new(url, token)?.call_raw(Method::DELETE, &format!("/api/v1/tokens/{}", seg(&name)), None).await?;
-            print_json_or(json_out, &json!({"revoked": name}), || println!("Token {name} revoked."));
+            Client::new(url, token)?
+                .call_raw(
+                    Method::DELETE,
+                    &format!("/api/v1/tokens/{}", seg(&name)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &json!({"revoked": name}), || {
+                println!("Token {name} revoked.")
+            });
         }
     }
     Ok(())
@@ -471,18 +870,31 @@ async fn tokens(url: &str, token: Option<String>, json_out: bool, cmd: TokensCom
 
 /// Creates an admin token directly in the local registry (the host owns the installation).
 async fn local_token(name: &str, config: Option<PathBuf>, json_out: bool) -> Result<(), CliError> {
-    let cfg = crate::config::Config::load(config.as_deref()).map_err(|e| CliError::Local(e.to_string()))?;
+    let cfg = crate::config::Config::load(config.as_deref())
+        .map_err(|e| CliError::Local(e.to_string()))?;
     if !cfg.database_path().exists() {
         return Err(CliError::Local(format!(
             "no API token given and no registry at {} (set ESCALE_TOKEN, run `escale login`, or run this on the server host with its --config)",
             cfg.database_path().display()
         )));
     }
-    let registry = crate::server::open_registry(&cfg).await.map_err(|e| CliError::Local(e.to_string()))?;
-    let admin = registry.host_admin().await.map_err(|e| CliError::Local(e.to_string()))?;
+    let registry = crate::server::open_registry(&cfg)
+        .await
+        .map_err(|e| CliError::Local(e.to_string()))?;
+    let admin = registry
+        .host_admin()
+        .await
+        .map_err(|e| CliError::Local(e.to_string()))?;
     let t = crate::auth::generate_token();
     registry
-        .create_token(&admin, crate::registry::NewToken { name, prefix: &t.prefix, hash: &t.hash })
+        .create_token(
+            &admin,
+            crate::registry::NewToken {
+                name,
+                prefix: &t.prefix,
+                hash: &t.hash,
+            },
+        )
         .await
         .map_err(|e| CliError::Server(e.to_string()))?;
     let out = json!({"name": name, "token": t.secret, "user": admin.name, "role": "admin"});
@@ -492,45 +904,101 @@ async fn local_token(name: &str, config: Option<PathBuf>, json_out: bool) -> Res
 
 fn print_token(out: &Value) {
     println!("{}", s(&out["token"]));
-    eprintln!("(token `{}` for {}: store it now, it is not shown again)", s(&out["name"]), s(&out["user"]));
+    eprintln!(
+        "(token `{}` for {}: store it now, it is not shown again)",
+        s(&out["name"]),
+        s(&out["user"])
+    );
 }
 
 async fn users(c: &Client, json_out: bool, cmd: UsersCommand) -> Result<(), CliError> {
     match cmd {
-        UsersCommand::Create { name, role, team, password_stdin } => {
-            let password = if password_stdin { Some(read_password(true, "", false)?) } else { None };
-            let out: Value = c.call(Method::POST, "/api/v1/users", Some(strip_nulls(json!({"name": name, "role": role, "team": team, "password": password})))).await?;
-            print_json_or(json_out, &out, || println!("User {name} ({}) created in team {}.", s(&out["role"]), s(&out["team"])));
+        UsersCommand::Create {
+            name,
+            role,
+            team,
+            password_stdin,
+        } => {
+            let password = if password_stdin {
+                Some(read_password(true, "", false)?)
+            } else {
+                None
+            };
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    "/api/v1/users",
+                    Some(strip_nulls(
+                        json!({"name": name, "role": role, "team": team, "password": password}),
+                    )),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!(
+                    "User {name} ({}) created in team {}.",
+                    s(&out["role"]),
+                    s(&out["team"])
+                )
+            });
         }
         UsersCommand::List => {
             let out: Value = c.call(Method::GET, "/api/v1/users", None).await?;
             print_json_or(json_out, &out, || {
-                let rows: Vec<Vec<String>> = out.as_array().into_iter().flatten().map(|u| vec![s(&u["name"]), s(&u["role"]), s(&u["team"]), ago(u["created_at"].as_i64().unwrap_or(0))]).collect();
+                let rows: Vec<Vec<String>> = out
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|u| {
+                        vec![
+                            s(&u["name"]),
+                            s(&u["role"]),
+                            s(&u["team"]),
+                            ago(u["created_at"].as_i64().unwrap_or(0)),
+                        ]
+                    })
+                    .collect();
                 table(&["USER", "ROLE", "TEAM", "CREATED"], &rows);
             });
         }
         UsersCommand::Remove { name } => {
-            c.call_raw(Method::DELETE, &format!("/api/v1/users/{}", seg(&name)), None).await?;
-            print_json_or(json_out, &json!({"removed": name}), || println!("User {name} removed."));
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/users/{}", seg(&name)),
+                None,
+            )
+            .await?;
+            print_json_or(json_out, &json!({"removed": name}), || {
+                println!("User {name} removed.")
+            });
         }
     }
     Ok(())
 }
 
 fn save_login(url: &str, out: &Value) -> Result<std::path::PathBuf, CliError> {
-    let token = out["token"].as_str().ok_or_else(|| CliError::Local("the server returned no token".into()))?;
-    store_credentials(&Credentials { url: url.to_string(), token: token.to_string() })
+    let token = out["token"]
+        .as_str()
+        .ok_or_else(|| CliError::Local("the server returned no token".into()))?;
+    store_credentials(&Credentials {
+        url: url.to_string(),
+        token: token.to_string(),
+    })
 }
 
 fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> Result<String, CliError> {
     if from_stdin || !std::io::stdin().is_terminal() {
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).map_err(|e| CliError::Local(format!("cannot read the password: {e}")))?;
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| CliError::Local(format!("cannot read the password: {e}")))?;
         return Ok(line.trim_end_matches(['\n', '\r']).to_string());
     }
-    let p = rpassword::prompt_password(prompt).map_err(|e| CliError::Local(format!("cannot read the password: {e}")))?;
+    let p = rpassword::prompt_password(prompt)
+        .map_err(|e| CliError::Local(format!("cannot read the password: {e}")))?;
     if confirm {
-        let again = rpassword::prompt_password("Again: ").map_err(|e| CliError::Local(e.to_string()))?;
+        let again =
+            rpassword::prompt_password("Again: ").map_err(|e| CliError::Local(e.to_string()))?;
         if again != p {
             return Err(CliError::Usage("the passwords differ".into()));
         }
@@ -540,7 +1008,10 @@ fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> Result<String
 
 fn print_json_or(json_out: bool, v: &Value, human: impl FnOnce()) {
     if json_out {
-        println!("{}", serde_json::to_string_pretty(v).expect("json serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("json serialises")
+        );
     } else {
         human();
     }
@@ -556,7 +1027,10 @@ fn s(v: &Value) -> String {
 }
 
 fn join(keys: &[&String]) -> String {
-    keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+    keys.iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Removes null members so optional fields are omitted (the API rejects nothing for absence).

@@ -51,14 +51,18 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the escale server: registry, API, scheduler and proxy.
-    #[command(after_help = "Examples:\n  escale serve\n  escale serve --config /etc/escale/escale.toml\n  ESCALE_DATA_DIR=/var/lib/escale ESCALE_HTTP_ADDR=off escale serve")]
+    #[command(
+        after_help = "Examples:\n  escale serve\n  escale serve --config /etc/escale/escale.toml\n  ESCALE_DATA_DIR=/var/lib/escale ESCALE_HTTP_ADDR=off escale serve"
+    )]
     Serve {
         /// Config file (default: ./config/escale.toml, then /etc/escale/escale.toml).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Bind the first admin with the one-time token printed by `escale serve`.
-    #[command(after_help = "Example:\n  escale setup --url http://127.0.0.1:7300 --setup-token escsetup_... --name admin")]
+    #[command(
+        after_help = "Example:\n  escale setup --url http://127.0.0.1:7300 --setup-token escsetup_... --name admin"
+    )]
     Setup {
         /// The one-time setup token.
         #[arg(long = "setup-token", alias = "setup")]
@@ -91,7 +95,9 @@ pub enum Command {
     #[command(subcommand)]
     Processes(ProcessesCommand),
     /// Set instance counts: `escale scale shop web=7 worker=2`.
-    #[command(after_help = "Examples:\n  escale scale shop web=7\n  escale scale shop web=2 worker=1\n  escale scale shop web=0")]
+    #[command(
+        after_help = "Examples:\n  escale scale shop web=7\n  escale scale shop web=2 worker=1\n  escale scale shop web=0"
+    )]
     Scale {
         app: String,
         /// PROCESS=COUNT pairs.
@@ -99,7 +105,9 @@ pub enum Command {
         counts: Vec<String>,
     },
     /// Set memory and CPU limits of a process type.
-    #[command(after_help = "Examples:\n  escale resources shop web --memory 256m --cpus 0.5\n  escale resources shop web --memory none")]
+    #[command(
+        after_help = "Examples:\n  escale resources shop web --memory 256m --cpus 0.5\n  escale resources shop web --memory none"
+    )]
     Resources {
         app: String,
         process: String,
@@ -111,7 +119,9 @@ pub enum Command {
         cpus: Option<String>,
     },
     /// Deploy an image as a new release.
-    #[command(after_help = "Examples:\n  escale deploy shop --image registry.example.eu/shop:1.4\n  escale deploy shop --image shop:2 --port 8080 --no-wait")]
+    #[command(
+        after_help = "Examples:\n  escale deploy shop --image registry.example.eu/shop:1.4\n  escale deploy shop --image shop:2 --port 8080 --no-wait"
+    )]
     Deploy {
         app: String,
         /// Image reference.
@@ -128,10 +138,14 @@ pub enum Command {
         wait_timeout: humantime::Duration,
     },
     /// List an app's instances: release, node, state, health, address, uptime, restarts.
-    #[command(after_help = "Examples:\n  escale ps shop\n  escale ps shop --json | jq '.instances[].health'")]
+    #[command(
+        after_help = "Examples:\n  escale ps shop\n  escale ps shop --json | jq '.instances[].health'"
+    )]
     Ps { app: String },
     /// Show (and follow) the merged output of an app's instances.
-    #[command(after_help = "Examples:\n  escale logs shop\n  escale logs shop -f --process web --tail 20")]
+    #[command(
+        after_help = "Examples:\n  escale logs shop\n  escale logs shop -f --process web --tail 20"
+    )]
     Logs {
         app: String,
         /// Keep streaming.
@@ -232,7 +246,9 @@ pub enum ProcessesCommand {
     /// List process types.
     List { app: String },
     /// Create or change a process type.
-    #[command(after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz")]
+    #[command(
+        after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz"
+    )]
     Set(ProcessSet),
 }
 
@@ -280,7 +296,9 @@ pub enum TokensCommand {
         config: Option<PathBuf>,
     },
     List,
-    Revoke { name: String },
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,7 +315,9 @@ pub enum UsersCommand {
         password_stdin: bool,
     },
     List,
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

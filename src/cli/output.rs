@@ -66,7 +66,13 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = render_table(&["NAME", "RELEASE"], &[vec!["shop".into(), "v3".into()], vec!["a".into(), "-".into()]]);
+        let t = render_table(
+            &["NAME", "RELEASE"],
+            &[
+                vec!["shop".into(), "v3".into()],
+                vec!["a".into(), "-".into()],
+            ],
+        );
         assert_eq!(t, "NAME  RELEASE\nshop  v3\na     -\n");
     }
 

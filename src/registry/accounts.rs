@@ -49,7 +49,9 @@ impl Actor {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(RegistryError::Forbidden(format!("{what} needs the admin role")))
+            Err(RegistryError::Forbidden(format!(
+                "{what} needs the admin role"
+            )))
         }
     }
 }
@@ -144,11 +146,12 @@ impl Registry {
         let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
             .fetch_one(&mut *tx)
             .await?;
-        let used = sqlx::query("UPDATE setup_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL")
-            .bind(now_ms())
-            .bind(setup_hash)
-            .execute(&mut *tx)
-            .await?;
+        let used =
+            sqlx::query("UPDATE setup_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL")
+                .bind(now_ms())
+                .bind(setup_hash)
+                .execute(&mut *tx)
+                .await?;
         if users > 0 || used.rows_affected() != 1 {
             return Err(RegistryError::Forbidden(
                 "the setup token is invalid or was already used; the first admin exists or a newer token was printed by `escale serve`".into(),
@@ -167,7 +170,14 @@ impl Registry {
         .fetch_one(&mut *tx)
         .await?;
         insert_token(&mut tx, user_id, &token).await?;
-        audit(&mut tx, name, None, "setup", &format!("first admin `{name}` created")).await?;
+        audit(
+            &mut tx,
+            name,
+            None,
+            "setup",
+            &format!("first admin `{name}` created"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Actor {
             user_id,
@@ -210,7 +220,14 @@ impl Registry {
                     e.into()
                 }
             })?;
-        audit(&mut tx, &actor.name, None, "user.create", &format!("user `{name}` ({}) in team `{team}`", role.as_str())).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            None,
+            "user.create",
+            &format!("user `{name}` ({}) in team `{team}`", role.as_str()),
+        )
+        .await?;
         tx.commit().await?;
         Ok(User {
             name: name.into(),
@@ -253,11 +270,23 @@ impl Registry {
                 .fetch_one(&mut *tx)
                 .await?;
             if admins <= 1 {
-                return Err(RegistryError::Conflict(format!("`{name}` is the last admin; create another admin first")));
+                return Err(RegistryError::Conflict(format!(
+                    "`{name}` is the last admin; create another admin first"
+                )));
             }
         }
-        sqlx::query("DELETE FROM users WHERE name = ?").bind(name).execute(&mut *tx).await?;
-        audit(&mut tx, &actor.name, None, "user.delete", &format!("user `{name}` removed")).await?;
+        sqlx::query("DELETE FROM users WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            None,
+            "user.delete",
+            &format!("user `{name}` removed"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -279,7 +308,14 @@ impl Registry {
                     e.into()
                 }
             })?;
-        audit(&mut tx, &actor.name, None, "team.create", &format!("team `{name}`")).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            None,
+            "team.create",
+            &format!("team `{name}`"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Team {
             name: name.into(),
@@ -289,11 +325,13 @@ impl Registry {
 
     /// Teams the actor can see: all for an admin, its own for a member.
     pub async fn list_teams(&self, actor: &Actor) -> Result<Vec<Team>> {
-        Ok(sqlx::query_as("SELECT name, created_at FROM teams WHERE ? OR id = ? ORDER BY name")
-            .bind(actor.is_admin())
-            .bind(actor.team_id)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT name, created_at FROM teams WHERE ? OR id = ? ORDER BY name")
+                .bind(actor.is_admin())
+                .bind(actor.team_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// The actor owning a token hash, updating its last use.
@@ -356,7 +394,14 @@ impl Registry {
         if n == 0 {
             return Err(not_found("user", name));
         }
-        audit(&mut tx, &actor.name, None, "user.password", &format!("password of `{name}` changed")).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            None,
+            "user.password",
+            &format!("password of `{name}` changed"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -365,7 +410,14 @@ impl Registry {
     pub async fn create_token(&self, actor: &Actor, token: NewToken<'_>) -> Result<TokenInfo> {
         let mut tx = self.write().await?;
         insert_token(&mut tx, actor.user_id, &token).await?;
-        audit(&mut tx, &actor.name, None, "token.create", &format!("token `{}`", token.name)).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            None,
+            "token.create",
+            &format!("token `{}`", token.name),
+        )
+        .await?;
         tx.commit().await?;
         Ok(TokenInfo {
             name: token.name.into(),
@@ -397,7 +449,14 @@ impl Registry {
         if n == 0 {
             return Err(not_found("token", name));
         }
-        audit(&mut tx, &actor.name, None, "token.delete", &format!("token `{name}` revoked")).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            None,
+            "token.delete",
+            &format!("token `{name}` revoked"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -415,9 +474,10 @@ impl Registry {
         let actor = match existing {
             Some(r) => r.into(),
             None => {
-                let team_id: i64 = sqlx::query_scalar("SELECT id FROM teams WHERE name = 'default'")
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let team_id: i64 =
+                    sqlx::query_scalar("SELECT id FROM teams WHERE name = 'default'")
+                        .fetch_one(&mut *tx)
+                        .await?;
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO users (name, password_hash, role, team_id, created_at) VALUES ('root', NULL, 'admin', ?, ?) RETURNING id",
                 )
@@ -425,8 +485,17 @@ impl Registry {
                 .bind(now_ms())
                 .fetch_one(&mut *tx)
                 .await?;
-                sqlx::query("DELETE FROM setup_tokens WHERE used_at IS NULL").execute(&mut *tx).await?;
-                audit(&mut tx, "host", None, "user.create", "admin `root` created on the host").await?;
+                sqlx::query("DELETE FROM setup_tokens WHERE used_at IS NULL")
+                    .execute(&mut *tx)
+                    .await?;
+                audit(
+                    &mut tx,
+                    "host",
+                    None,
+                    "user.create",
+                    "admin `root` created on the host",
+                )
+                .await?;
                 Actor {
                     user_id: id,
                     name: "root".into(),
@@ -446,23 +515,25 @@ async fn insert_token(
     user_id: i64,
     token: &NewToken<'_>,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO api_tokens (user_id, name, prefix, hash, created_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(user_id)
-        .bind(token.name)
-        .bind(token.prefix)
-        .bind(token.hash)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                RegistryError::Conflict(format!(
-                    "a token named `{}` exists already; revoke it or pick another name",
-                    token.name
-                ))
-            } else {
-                e.into()
-            }
-        })?;
+    sqlx::query(
+        "INSERT INTO api_tokens (user_id, name, prefix, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(user_id)
+    .bind(token.name)
+    .bind(token.prefix)
+    .bind(token.hash)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            RegistryError::Conflict(format!(
+                "a token named `{}` exists already; revoke it or pick another name",
+                token.name
+            ))
+        } else {
+            e.into()
+        }
+    })?;
     Ok(())
 }

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{audit, insert_release, is_unique_violation, not_found, now_ms, Actor, Registry, RegistryError, Result};
+use super::{
+    audit, insert_release, is_unique_violation, not_found, now_ms, Actor, Registry, RegistryError,
+    Result,
+};
 
 /// An app as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -164,7 +167,13 @@ pub fn config_place(app: &str, key: &str) -> String {
 impl Registry {
     /// Creates an app owned by `team` (default: the actor's team; only an admin may pick
     /// another), with a `web` process type listening on `port`, no instance yet.
-    pub async fn create_app(&self, actor: &Actor, name: &str, team: Option<&str>, port: u16) -> Result<App> {
+    pub async fn create_app(
+        &self,
+        actor: &Actor,
+        name: &str,
+        team: Option<&str>,
+        port: u16,
+    ) -> Result<App> {
         let mut tx = self.write().await?;
         let team_id = match team {
             Some(t) if t != actor.team => {
@@ -177,35 +186,50 @@ impl Registry {
             }
             _ => actor.team_id,
         };
-        let id: i64 = sqlx::query_scalar("INSERT INTO apps (name, team_id, created_at) VALUES (?, ?, ?) RETURNING id")
-            .bind(name)
-            .bind(team_id)
-            .bind(now_ms())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    RegistryError::Conflict(format!("an app named `{name}` already exists; pick another name"))
-                } else {
-                    e.into()
-                }
-            })?;
-        sqlx::query("INSERT INTO process_types (app_id, name, port, instances) VALUES (?, 'web', ?, 1)")
-            .bind(id)
-            .bind(port as i64)
-            .execute(&mut *tx)
-            .await?;
-        audit(&mut tx, &actor.name, Some(name), "app.create", &format!("app `{name}` created")).await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO apps (name, team_id, created_at) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(team_id)
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                RegistryError::Conflict(format!(
+                    "an app named `{name}` already exists; pick another name"
+                ))
+            } else {
+                e.into()
+            }
+        })?;
+        sqlx::query(
+            "INSERT INTO process_types (app_id, name, port, instances) VALUES (?, 'web', ?, 1)",
+        )
+        .bind(id)
+        .bind(port as i64)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            Some(name),
+            "app.create",
+            &format!("app `{name}` created"),
+        )
+        .await?;
         tx.commit().await?;
         self.app_info(actor, name).await
     }
 
     /// The app, or "not found" when it does not exist or belongs to another team (for a member).
     pub async fn app(&self, actor: &Actor, name: &str) -> Result<AppRef> {
-        let row: Option<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{APP_COLUMNS} WHERE a.name = ?")))
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{APP_COLUMNS} WHERE a.name = ?"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
             Some(a) if actor.is_admin() || a.team_id == actor.team_id => Ok(a),
             _ => Err(not_found("app", name)),
@@ -214,19 +238,22 @@ impl Registry {
 
     /// Every app (for the scheduler).
     pub async fn all_apps(&self) -> Result<Vec<AppRef>> {
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("{APP_COLUMNS} ORDER BY a.name")))
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{APP_COLUMNS} ORDER BY a.name"
+        )))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Apps the actor can see.
     pub async fn list_apps(&self, actor: &Actor) -> Result<Vec<App>> {
-        let rows: Vec<AppRef> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("{APP_COLUMNS} WHERE ? OR a.team_id = ? ORDER BY a.name")))
-                .bind(actor.is_admin())
-                .bind(actor.team_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{APP_COLUMNS} WHERE ? OR a.team_id = ? ORDER BY a.name"
+        )))
+        .bind(actor.is_admin())
+        .bind(actor.team_id)
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(self.describe(r).await?);
@@ -242,10 +269,11 @@ impl Registry {
 
     async fn describe(&self, r: AppRef) -> Result<App> {
         let processes = self.processes_of(r.id).await?;
-        let domains = sqlx::query_scalar("SELECT domain FROM domains WHERE app_id = ? ORDER BY domain")
-            .bind(r.id)
-            .fetch_all(&self.pool)
-            .await?;
+        let domains =
+            sqlx::query_scalar("SELECT domain FROM domains WHERE app_id = ? ORDER BY domain")
+                .bind(r.id)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(App {
             name: r.name,
             team: r.team,
@@ -296,14 +324,31 @@ impl Registry {
     pub async fn destroy_app(&self, actor: &Actor, name: &str) -> Result<()> {
         let app = self.app(actor, name).await?;
         let mut tx = self.write().await?;
-        sqlx::query("DELETE FROM apps WHERE id = ?").bind(app.id).execute(&mut *tx).await?;
-        audit(&mut tx, &actor.name, Some(name), "app.destroy", &format!("app `{name}` destroyed")).await?;
+        sqlx::query("DELETE FROM apps WHERE id = ?")
+            .bind(app.id)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            Some(name),
+            "app.destroy",
+            &format!("app `{name}` destroyed"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Creates or changes a process type.
-    pub async fn upsert_process(&self, actor: &Actor, app: &str, process: &str, patch: &ProcessPatch, default_port: u16) -> Result<ProcessType> {
+    pub async fn upsert_process(
+        &self,
+        actor: &Actor,
+        app: &str,
+        process: &str,
+        patch: &ProcessPatch,
+        default_port: u16,
+    ) -> Result<ProcessType> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
         sqlx::query("INSERT OR IGNORE INTO process_types (app_id, name, port, instances) VALUES (?, ?, ?, 0)")
@@ -328,7 +373,12 @@ impl Registry {
              WHERE app_id = ?14 AND name = ?15",
         )
         .bind(p.command.is_some())
-        .bind(p.command.clone().flatten().map(|c| serde_json::to_string(&c).expect("argv serialises")))
+        .bind(
+            p.command
+                .clone()
+                .flatten()
+                .map(|c| serde_json::to_string(&c).expect("argv serialises")),
+        )
         .bind(p.port.map(i64::from))
         .bind(p.memory_bytes.is_some())
         .bind(p.memory_bytes.flatten().map(|m| m as i64))
@@ -344,7 +394,14 @@ impl Registry {
         .bind(process)
         .execute(&mut *tx)
         .await?;
-        audit(&mut tx, &actor.name, Some(app), "process.update", &describe_patch(process, p)).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            Some(app),
+            "process.update",
+            &describe_patch(process, p),
+        )
+        .await?;
         tx.commit().await?;
         self.processes_of(a.id)
             .await?
@@ -354,13 +411,19 @@ impl Registry {
     }
 
     /// Sets instance counts of existing process types, all or nothing.
-    pub async fn set_formation(&self, actor: &Actor, app: &str, counts: &BTreeMap<String, u32>) -> Result<Vec<ProcessType>> {
+    pub async fn set_formation(
+        &self,
+        actor: &Actor,
+        app: &str,
+        counts: &BTreeMap<String, u32>,
+    ) -> Result<Vec<ProcessType>> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
-        let known: Vec<String> = sqlx::query_scalar("SELECT name FROM process_types WHERE app_id = ? ORDER BY name")
-            .bind(a.id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM process_types WHERE app_id = ? ORDER BY name")
+                .bind(a.id)
+                .fetch_all(&mut *tx)
+                .await?;
         for name in counts.keys() {
             if !known.contains(name) {
                 return Err(RegistryError::Invalid(format!(
@@ -377,7 +440,11 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
-        let detail = counts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+        let detail = counts
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         audit(&mut tx, &actor.name, Some(app), "scale", &detail).await?;
         tx.commit().await?;
         self.processes_of(a.id).await
@@ -403,10 +470,12 @@ impl Registry {
     }
 
     pub(crate) async fn config_rows(&self, app_id: i64) -> Result<Vec<(String, String, bool)>> {
-        Ok(sqlx::query_as("SELECT key, value, secret FROM config_vars WHERE app_id = ? ORDER BY key")
-            .bind(app_id)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT key, value, secret FROM config_vars WHERE app_id = ? ORDER BY key",
+        )
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Sets and unsets config vars in one step. When the app has been deployed, a new release
@@ -470,15 +539,35 @@ impl Registry {
             }
             description.push_str(&format!("Unset {}", unset.join(", ")));
         }
-        audit(&mut tx, &actor.name, Some(app), "config.update", &description).await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            Some(app),
+            "config.update",
+            &description,
+        )
+        .await?;
         let release = match a.target_release {
             Some(v) => {
-                let image: String = sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
-                    .bind(a.id)
-                    .bind(v)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                Some(insert_release(&mut tx, &a, &image, "config", &description, &actor.name, None).await?)
+                let image: String = sqlx::query_scalar(
+                    "SELECT image FROM releases WHERE app_id = ? AND version = ?",
+                )
+                .bind(a.id)
+                .bind(v)
+                .fetch_one(&mut *tx)
+                .await?;
+                Some(
+                    insert_release(
+                        &mut tx,
+                        &a,
+                        &image,
+                        "config",
+                        &description,
+                        &actor.name,
+                        None,
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
@@ -499,7 +588,9 @@ impl Registry {
             .await
             .map_err(|e| {
                 if is_unique_violation(&e) {
-                    RegistryError::Conflict(format!("domain `{domain}` is already attached to an app"))
+                    RegistryError::Conflict(format!(
+                        "domain `{domain}` is already attached to an app"
+                    ))
                 } else {
                     e.into()
                 }
@@ -534,11 +625,13 @@ impl Registry {
     /// Custom domains of an app.
     pub async fn domains(&self, actor: &Actor, app: &str) -> Result<Vec<Domain>> {
         let a = self.app(actor, app).await?;
-        Ok(sqlx::query_as("SELECT domain, ? AS app, created_at FROM domains WHERE app_id = ? ORDER BY domain")
-            .bind(app)
-            .bind(a.id)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT domain, ? AS app, created_at FROM domains WHERE app_id = ? ORDER BY domain",
+        )
+        .bind(app)
+        .bind(a.id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Every `(domain, app)` pair (for the routing table).
@@ -561,10 +654,18 @@ fn describe_patch(process: &str, p: &ProcessPatch) -> String {
         parts.push(format!("port={port}"));
     }
     if let Some(m) = p.memory_bytes {
-        parts.push(format!("memory={}", m.map(|m| m.to_string()).unwrap_or_else(|| "unlimited".into())));
+        parts.push(format!(
+            "memory={}",
+            m.map(|m| m.to_string())
+                .unwrap_or_else(|| "unlimited".into())
+        ));
     }
     if let Some(c) = p.nano_cpus {
-        parts.push(format!("cpus={}", c.map(|c| format!("{}", c as f64 / 1e9)).unwrap_or_else(|| "unlimited".into())));
+        parts.push(format!(
+            "cpus={}",
+            c.map(|c| format!("{}", c as f64 / 1e9))
+                .unwrap_or_else(|| "unlimited".into())
+        ));
     }
     if let Some(k) = p.health_kind {
         parts.push(format!("health={}", k.as_str()));

@@ -97,7 +97,11 @@ impl Registry {
 
     /// Like [`Registry::open`], with the installation id to use if the registry is new. An
     /// existing registry with another id is an error.
-    pub async fn open_with(path: &Path, key: MasterKey, installation_id: Option<&str>) -> Result<Registry> {
+    pub async fn open_with(
+        path: &Path,
+        key: MasterKey,
+        installation_id: Option<&str>,
+    ) -> Result<Registry> {
         let opts = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -131,12 +135,16 @@ impl Registry {
                 id
             }
             None => {
-                let id = installation_id.map(str::to_string).unwrap_or_else(|| crate::auth::random_hex(6));
-                sqlx::query("INSERT INTO installation (id, installation_id, created_at) VALUES (1, ?, ?)")
-                    .bind(&id)
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await?;
+                let id = installation_id
+                    .map(str::to_string)
+                    .unwrap_or_else(|| crate::auth::random_hex(6));
+                sqlx::query(
+                    "INSERT INTO installation (id, installation_id, created_at) VALUES (1, ?, ?)",
+                )
+                .bind(&id)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
                 id
             }
         };
@@ -176,12 +184,18 @@ impl Registry {
     }
 
     /// Audit events, newest first; for a member only those of its team's apps.
+    ///
+    /// Events name their app, and a destroyed app's name can be taken again (by another team):
+    /// an app's events are those since its latest `app.create`, so a new app does not show the
+    /// history of an earlier one of the same name.
     pub async fn events(&self, actor: &Actor, app: Option<&str>, limit: i64) -> Result<Vec<Event>> {
         let limit = limit.clamp(1, 1000);
         if let Some(app) = app {
             self.app(actor, app).await?;
             return Ok(sqlx::query_as(
-                "SELECT id, at, actor, app, action, detail FROM events WHERE app = ? ORDER BY id DESC LIMIT ?",
+                "SELECT id, at, actor, app, action, detail FROM events WHERE app = ?1
+                 AND id >= COALESCE((SELECT MAX(id) FROM events WHERE app = ?1 AND action = 'app.create'), 0)
+                 ORDER BY id DESC LIMIT ?2",
             )
             .bind(app)
             .bind(limit)
@@ -189,14 +203,18 @@ impl Registry {
             .await?);
         }
         if actor.is_admin() {
-            Ok(sqlx::query_as("SELECT id, at, actor, app, action, detail FROM events ORDER BY id DESC LIMIT ?")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?)
+            Ok(sqlx::query_as(
+                "SELECT id, at, actor, app, action, detail FROM events ORDER BY id DESC LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
         } else {
             Ok(sqlx::query_as(
                 "SELECT e.id, e.at, e.actor, e.app, e.action, e.detail FROM events e
-                 JOIN apps a ON a.name = e.app WHERE a.team_id = ? ORDER BY e.id DESC LIMIT ?",
+                 JOIN apps a ON a.name = e.app WHERE a.team_id = ?
+                 AND e.id >= COALESCE((SELECT MAX(c.id) FROM events c WHERE c.app = e.app AND c.action = 'app.create'), 0)
+                 ORDER BY e.id DESC LIMIT ?",
             )
             .bind(actor.team_id)
             .bind(limit)

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 use sqlx::{Sqlite, Transaction};
 
-use super::{audit, config_place, not_found, now_ms, Actor, AppRef, Registry, RegistryError, Result};
+use super::{
+    audit, config_place, not_found, now_ms, Actor, AppRef, Registry, RegistryError, Result,
+};
 
 /// Where a release is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -106,10 +108,11 @@ pub(crate) async fn insert_release(
         .into_iter()
         .map(|(key, value, secret)| FrozenVar { key, value, secret })
         .collect();
-    let version: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?")
-        .bind(app.id)
-        .fetch_one(&mut **tx)
-        .await?;
+    let version: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?")
+            .bind(app.id)
+            .fetch_one(&mut **tx)
+            .await?;
     sqlx::query(
         "INSERT INTO releases (app_id, version, image, config, source, description, created_by, created_at, status, build_log)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'deploying', ?)",
@@ -136,13 +139,27 @@ pub(crate) async fn insert_release(
         .bind(app.id)
         .execute(&mut **tx)
         .await?;
-    audit(tx, actor, Some(&app.name), "release.create", &format!("v{version}: {description} ({image})")).await?;
+    audit(
+        tx,
+        actor,
+        Some(&app.name),
+        "release.create",
+        &format!("v{version}: {description} ({image})"),
+    )
+    .await?;
     Ok(version as u32)
 }
 
 impl Registry {
     /// Creates a release of `image` with the app's current config: a deploy.
-    pub async fn create_release(&self, actor: &Actor, app: &str, image: &str, source: &str, description: &str) -> Result<u32> {
+    pub async fn create_release(
+        &self,
+        actor: &Actor,
+        app: &str,
+        image: &str,
+        source: &str,
+        description: &str,
+    ) -> Result<u32> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
         let v = insert_release(&mut tx, &a, image, source, description, &actor.name, None).await?;
@@ -153,11 +170,12 @@ impl Registry {
     /// Releases of an app, newest first.
     pub async fn releases(&self, actor: &Actor, app: &str) -> Result<Vec<Release>> {
         let a = self.app(actor, app).await?;
-        let rows: Vec<ReleaseRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("{RELEASE_COLUMNS} WHERE app_id = ? ORDER BY version DESC")))
-                .bind(a.id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<ReleaseRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{RELEASE_COLUMNS} WHERE app_id = ? ORDER BY version DESC"
+        )))
+        .bind(a.id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(Release::from).collect())
     }
 
@@ -170,12 +188,13 @@ impl Registry {
     }
 
     pub(crate) async fn release_by_id(&self, app_id: i64, version: u32) -> Result<Option<Release>> {
-        let row: Option<ReleaseRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("{RELEASE_COLUMNS} WHERE app_id = ? AND version = ?")))
-                .bind(app_id)
-                .bind(version as i64)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<ReleaseRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{RELEASE_COLUMNS} WHERE app_id = ? AND version = ?"
+        )))
+        .bind(app_id)
+        .bind(version as i64)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(Release::from))
     }
 
@@ -184,17 +203,24 @@ impl Registry {
     pub async fn rollback(&self, actor: &Actor, app: &str, version: u32) -> Result<u32> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
-        let row: Option<(String, String)> = sqlx::query_as("SELECT image, config FROM releases WHERE app_id = ? AND version = ?")
-            .bind(a.id)
-            .bind(version as i64)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (image, config) = row.ok_or_else(|| not_found("release", format!("v{version} of {app}")))?;
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT image, config FROM releases WHERE app_id = ? AND version = ?")
+                .bind(a.id)
+                .bind(version as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (image, config) =
+            row.ok_or_else(|| not_found("release", format!("v{version} of {app}")))?;
         if a.target_release == Some(version as i64) {
-            return Err(RegistryError::Conflict(format!("v{version} is already the current release of `{app}`")));
+            return Err(RegistryError::Conflict(format!(
+                "v{version} is already the current release of `{app}`"
+            )));
         }
         let vars: Vec<FrozenVar> = serde_json::from_str(&config).unwrap_or_default();
-        sqlx::query("DELETE FROM config_vars WHERE app_id = ?").bind(a.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM config_vars WHERE app_id = ?")
+            .bind(a.id)
+            .execute(&mut *tx)
+            .await?;
         for v in vars {
             sqlx::query("INSERT INTO config_vars (app_id, key, value, secret) VALUES (?, ?, ?, ?)")
                 .bind(a.id)
@@ -204,19 +230,29 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
-        let new = insert_release(&mut tx, &a, &image, &format!("rollback v{version}"), &format!("Rollback to v{version}"), &actor.name, None).await?;
+        let new = insert_release(
+            &mut tx,
+            &a,
+            &image,
+            &format!("rollback v{version}"),
+            &format!("Rollback to v{version}"),
+            &actor.name,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(new)
     }
 
     /// The environment of a release with secrets opened, for starting its instances.
     pub async fn release_env(&self, app: &AppRef, version: u32) -> Result<Vec<(String, String)>> {
-        let config: String = sqlx::query_scalar("SELECT config FROM releases WHERE app_id = ? AND version = ?")
-            .bind(app.id)
-            .bind(version as i64)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| not_found("release", format!("v{version} of {}", app.name)))?;
+        let config: String =
+            sqlx::query_scalar("SELECT config FROM releases WHERE app_id = ? AND version = ?")
+                .bind(app.id)
+                .bind(version as i64)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| not_found("release", format!("v{version} of {}", app.name)))?;
         let vars: Vec<FrozenVar> = serde_json::from_str(&config).unwrap_or_default();
         vars.into_iter()
             .map(|v| {
@@ -232,22 +268,30 @@ impl Registry {
 
     /// The image of a release.
     pub async fn release_image(&self, app_id: i64, version: u32) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
-            .bind(app_id)
-            .bind(version as i64)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
+                .bind(app_id)
+                .bind(version as i64)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// The rollout deadline of a deploying release, set on first call to `now + timeout`.
-    pub async fn rollout_deadline(&self, app_id: i64, version: u32, timeout_ms: i64) -> Result<Option<i64>> {
+    pub async fn rollout_deadline(
+        &self,
+        app_id: i64,
+        version: u32,
+        timeout_ms: i64,
+    ) -> Result<Option<i64>> {
         let mut tx = self.write().await?;
-        let row: Option<(String, Option<i64>)> =
-            sqlx::query_as("SELECT status, deadline_ms FROM releases WHERE app_id = ? AND version = ?")
-                .bind(app_id)
-                .bind(version as i64)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(String, Option<i64>)> = sqlx::query_as(
+            "SELECT status, deadline_ms FROM releases WHERE app_id = ? AND version = ?",
+        )
+        .bind(app_id)
+        .bind(version as i64)
+        .fetch_optional(&mut *tx)
+        .await?;
         let out = match row {
             Some((s, Some(d))) if s == "deploying" => Some(d),
             Some((s, None)) if s == "deploying" => {
@@ -281,7 +325,14 @@ impl Registry {
                 .bind(version as i64)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut tx, "scheduler", Some(&app.name), "release.active", &format!("v{version} is serving")).await?;
+            audit(
+                &mut tx,
+                "scheduler",
+                Some(&app.name),
+                "release.active",
+                &format!("v{version} is serving"),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -289,7 +340,12 @@ impl Registry {
 
     /// Marks a rollout failed with its reason and points the app back at its last active
     /// release (if any), so the old release keeps serving.
-    pub async fn rollout_failed(&self, app: &AppRef, version: u32, reason: &str) -> Result<Option<u32>> {
+    pub async fn rollout_failed(
+        &self,
+        app: &AppRef,
+        version: u32,
+        reason: &str,
+    ) -> Result<Option<u32>> {
         let mut tx = self.write().await?;
         let n = sqlx::query("UPDATE releases SET status = 'failed', status_reason = ?, deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
             .bind(reason)
@@ -298,10 +354,12 @@ impl Registry {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        let previous: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM releases WHERE app_id = ? AND status = 'active'")
-            .bind(app.id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let previous: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(version) FROM releases WHERE app_id = ? AND status = 'active'",
+        )
+        .bind(app.id)
+        .fetch_one(&mut *tx)
+        .await?;
         if n == 1 {
             sqlx::query("UPDATE apps SET target_release = ? WHERE id = ? AND target_release = ?")
                 .bind(previous)
@@ -309,7 +367,14 @@ impl Registry {
                 .bind(version as i64)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut tx, "scheduler", Some(&app.name), "release.failed", &format!("v{version} failed: {reason}")).await?;
+            audit(
+                &mut tx,
+                "scheduler",
+                Some(&app.name),
+                "release.failed",
+                &format!("v{version} failed: {reason}"),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(previous.map(|v| v as u32))
@@ -353,7 +418,9 @@ impl Registry {
             .map(|r| DesiredApp {
                 processes: procs.get(&r.id).cloned().unwrap_or_default(),
                 release: match (r.target_release, r.image, r.status) {
-                    (Some(v), Some(img), Some(st)) => Some((v as u32, img, ReleaseStatus::parse(&st), r.deadline_ms)),
+                    (Some(v), Some(img), Some(st)) => {
+                        Some((v as u32, img, ReleaseStatus::parse(&st), r.deadline_ms))
+                    }
                     _ => None,
                 },
                 app: AppRef {

@@ -61,12 +61,20 @@ pub struct HealthTable {
 impl HealthTable {
     /// The verdict on a container, `None` if it is not tracked.
     pub fn get(&self, container_id: &str) -> Option<Health> {
-        self.entries.lock().expect("health lock").get(container_id).map(|e| e.health)
+        self.entries
+            .lock()
+            .expect("health lock")
+            .get(container_id)
+            .map(|e| e.health)
     }
 
     /// The last probe error of a container.
     pub fn last_error(&self, container_id: &str) -> Option<String> {
-        self.entries.lock().expect("health lock").get(container_id).and_then(|e| e.last_error.clone())
+        self.entries
+            .lock()
+            .expect("health lock")
+            .get(container_id)
+            .and_then(|e| e.last_error.clone())
     }
 
     /// Makes the table track exactly these running containers. A new container starts as
@@ -80,7 +88,11 @@ impl HealthTable {
             match map.get(&id) {
                 Some(e) if e.target == target => {}
                 _ => {
-                    let health = if target.kind == HealthKind::None { Health::Healthy } else { Health::Starting };
+                    let health = if target.kind == HealthKind::None {
+                        Health::Healthy
+                    } else {
+                        Health::Starting
+                    };
                     map.insert(
                         id,
                         Entry {
@@ -132,8 +144,12 @@ impl HealthTable {
                     e.failures += 1;
                     e.last_error = Some(err);
                     match e.health {
-                        Health::Starting if now.duration_since(e.since) >= e.target.grace => e.health = Health::Unhealthy,
-                        Health::Healthy if e.failures >= FAILURES_TO_UNHEALTHY => e.health = Health::Unhealthy,
+                        Health::Starting if now.duration_since(e.since) >= e.target.grace => {
+                            e.health = Health::Unhealthy
+                        }
+                        Health::Healthy if e.failures >= FAILURES_TO_UNHEALTHY => {
+                            e.health = Health::Unhealthy
+                        }
                         _ => {}
                     }
                 }
@@ -169,7 +185,9 @@ impl HealthTable {
 /// One probe: HTTP `GET path` must answer 2xx or 3xx, or TCP must connect, within the timeout.
 pub async fn probe(t: &ProbeTarget) -> Result<(), String> {
     let work = async {
-        let mut stream = TcpStream::connect(t.addr).await.map_err(|e| format!("connect {}: {e}", t.addr))?;
+        let mut stream = TcpStream::connect(t.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", t.addr))?;
         if t.kind == HealthKind::Tcp {
             return Ok(());
         }
@@ -177,11 +195,17 @@ pub async fn probe(t: &ProbeTarget) -> Result<(), String> {
             "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: escale-health\r\nConnection: close\r\n\r\n",
             t.path, t.addr
         );
-        stream.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
         let mut buf = [0u8; 64];
         let mut n = 0;
         while n < 12 {
-            let r = stream.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))?;
+            let r = stream
+                .read(&mut buf[n..])
+                .await
+                .map_err(|e| format!("read: {e}"))?;
             if r == 0 {
                 break;
             }
@@ -215,11 +239,17 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else { return };
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                    let _ = s
+                        .write_all(
+                            format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                        )
+                        .await;
                 });
             }
         });
@@ -239,9 +269,17 @@ mod tests {
 
     #[tokio::test]
     async fn http_probe_accepts_2xx_3xx_only() {
-        assert!(probe(&target(server("200 OK").await, HealthKind::Http, 0)).await.is_ok());
-        assert!(probe(&target(server("302 Found").await, HealthKind::Http, 0)).await.is_ok());
-        let e = probe(&target(server("500 Oops").await, HealthKind::Http, 0)).await.unwrap_err();
+        assert!(probe(&target(server("200 OK").await, HealthKind::Http, 0))
+            .await
+            .is_ok());
+        assert!(
+            probe(&target(server("302 Found").await, HealthKind::Http, 0))
+                .await
+                .is_ok()
+        );
+        let e = probe(&target(server("500 Oops").await, HealthKind::Http, 0))
+            .await
+            .unwrap_err();
         assert!(e.contains("500"), "{e}");
     }
 
@@ -249,7 +287,11 @@ mod tests {
     async fn tcp_probe_and_refused_connection() {
         let addr = server("200 OK").await;
         assert!(probe(&target(addr, HealthKind::Tcp, 0)).await.is_ok());
-        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
         assert!(probe(&target(closed, HealthKind::Tcp, 0)).await.is_err());
     }
 
@@ -264,13 +306,20 @@ mod tests {
             ("bad".into(), target(bad, HealthKind::Http, 0)),
             ("none".into(), target(bad, HealthKind::None, 0)),
         ]);
-        assert_eq!(table.get("none"), Some(Health::Healthy), "no check: healthy at once");
+        assert_eq!(
+            table.get("none"),
+            Some(Health::Healthy),
+            "no check: healthy at once"
+        );
         assert!(table.probe_due().await);
         assert_eq!(table.get("good"), Some(Health::Healthy));
         assert_eq!(table.get("bad-in-grace"), Some(Health::Starting));
         assert_eq!(table.get("bad"), Some(Health::Unhealthy));
         assert!(table.last_error("bad").unwrap().contains("503"));
-        table.sync(vec![("good".into(), target(good, HealthKind::Http, 10_000))]);
+        table.sync(vec![(
+            "good".into(),
+            target(good, HealthKind::Http, 10_000),
+        )]);
         assert_eq!(table.get("bad"), None, "untracked after sync");
         assert_eq!(table.get("good"), Some(Health::Healthy), "kept across sync");
     }

@@ -26,7 +26,9 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::node::{self, InstanceSpec, Node};
-use crate::registry::{now_ms, AppRef, DesiredApp as RegistryApp, ProcessType, Registry, ReleaseStatus};
+use crate::registry::{
+    now_ms, AppRef, DesiredApp as RegistryApp, ProcessType, Registry, ReleaseStatus,
+};
 use crate::routing::{Backend, Route, RoutingTable, SharedRoutes};
 use health::{Health, HealthTable, ProbeTarget};
 use plan::{Action, InstanceState};
@@ -151,7 +153,13 @@ struct AppPlanInput {
 
 impl Scheduler {
     /// A scheduler over `nodes`, sharing `changed` with the API and `routes` with the proxy.
-    pub fn new(registry: Registry, config: Arc<Config>, nodes: Vec<Arc<Node>>, routes: SharedRoutes, changed: Arc<Notify>) -> Arc<Scheduler> {
+    pub fn new(
+        registry: Registry,
+        config: Arc<Config>,
+        nodes: Vec<Arc<Node>>,
+        routes: SharedRoutes,
+        changed: Arc<Notify>,
+    ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
         Arc::new(Scheduler {
             registry,
@@ -195,7 +203,9 @@ impl Scheduler {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.map(SchedulerError::Node).unwrap_or(SchedulerError::NoNode))
+        Err(last
+            .map(SchedulerError::Node)
+            .unwrap_or(SchedulerError::NoNode))
     }
 
     /// Runs passes until `shutdown`; also runs the health checker and follows engine events.
@@ -204,7 +214,11 @@ impl Scheduler {
         let health = tokio::spawn(self.health.clone().run(self.changed.clone()));
         let mut watchers = Vec::new();
         for n in &self.nodes {
-            watchers.push(tokio::spawn(watch_events(n.clone(), self.installation.clone(), self.changed.clone())));
+            watchers.push(tokio::spawn(watch_events(
+                n.clone(),
+                self.installation.clone(),
+                self.changed.clone(),
+            )));
         }
         tokio::pin!(shutdown);
         let mut wait = Duration::ZERO;
@@ -243,14 +257,28 @@ impl Scheduler {
             self.engine_calls.fetch_add(1, Relaxed);
             match n.list_instances(&self.installation).await {
                 Ok(list) => {
-                    observed_nodes.push(plan::NodeState { name: n.name.clone(), ready: true });
-                    node_views.push(NodeView { name: n.name.clone(), ready: true, error: None });
+                    observed_nodes.push(plan::NodeState {
+                        name: n.name.clone(),
+                        ready: true,
+                    });
+                    node_views.push(NodeView {
+                        name: n.name.clone(),
+                        ready: true,
+                        error: None,
+                    });
                     containers.extend(list.into_iter().map(|c| (n.name.clone(), c)));
                 }
                 Err(e) => {
                     tracing::warn!(node = %n.name, error = %e, "node unreachable");
-                    observed_nodes.push(plan::NodeState { name: n.name.clone(), ready: false });
-                    node_views.push(NodeView { name: n.name.clone(), ready: false, error: Some(e.to_string()) });
+                    observed_nodes.push(plan::NodeState {
+                        name: n.name.clone(),
+                        ready: false,
+                    });
+                    node_views.push(NodeView {
+                        name: n.name.clone(),
+                        ready: false,
+                        error: Some(e.to_string()),
+                    });
                 }
             }
         }
@@ -259,11 +287,22 @@ impl Scheduler {
         let timeout_ms = self.config.scheduler.deploy_timeout.as_millis() as i64;
         let mut desired = plan::Desired { apps: Vec::new() };
         let mut inputs: HashMap<String, AppPlanInput> = HashMap::new();
-        for RegistryApp { app, release, processes } in desired_apps {
-            let Some((version, image, status, deadline)) = release else { continue };
+        for RegistryApp {
+            app,
+            release,
+            processes,
+        } in desired_apps
+        {
+            let Some((version, image, status, deadline)) = release else {
+                continue;
+            };
             let deadline = match (status, deadline) {
                 (ReleaseStatus::Deploying, Some(d)) => Some(d),
-                (ReleaseStatus::Deploying, None) => self.registry.rollout_deadline(app.id, version, timeout_ms).await?,
+                (ReleaseStatus::Deploying, None) => {
+                    self.registry
+                        .rollout_deadline(app.id, version, timeout_ms)
+                        .await?
+                }
                 _ => None,
             };
             desired.apps.push(plan::DesiredApp {
@@ -271,11 +310,22 @@ impl Scheduler {
                 release: version,
                 processes: processes
                     .iter()
-                    .map(|p| plan::DesiredProcess { process: p.name.clone(), instances: p.instances, surge: p.surge.max(1) })
+                    .map(|p| plan::DesiredProcess {
+                        process: p.name.clone(),
+                        instances: p.instances,
+                        surge: p.surge.max(1),
+                    })
                     .collect(),
                 rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
             });
-            inputs.insert(app.name.clone(), AppPlanInput { app, image, processes });
+            inputs.insert(
+                app.name.clone(),
+                AppPlanInput {
+                    app,
+                    image,
+                    processes,
+                },
+            );
         }
 
         // Observed instances, as the planner sees them.
@@ -297,15 +347,25 @@ impl Scheduler {
                             _ => InstanceState::Starting,
                         },
                         node::InstanceState::Exited | node::InstanceState::Dead => {
-                            InstanceState::Exited { code: c.exit_code.unwrap_or(-1), oom: c.oom_killed }
+                            InstanceState::Exited {
+                                code: c.exit_code.unwrap_or(-1),
+                                oom: c.oom_killed,
+                            }
                         }
                         node::InstanceState::Removing => InstanceState::Draining,
                         // A start of ours in flight, or a leftover of a crash between create and start.
                         _ if st.pending.contains_key(&c.instance) => InstanceState::Starting,
-                        _ => InstanceState::Exited { code: -1, oom: false },
+                        _ => InstanceState::Exited {
+                            code: -1,
+                            oom: false,
+                        },
                     }
                 };
-                let restarts = st.crashes.get(&(c.app.clone(), c.process.clone(), c.slot)).map(|s| s.crashes).unwrap_or(0);
+                let restarts = st
+                    .crashes
+                    .get(&(c.app.clone(), c.process.clone(), c.slot))
+                    .map(|s| s.crashes)
+                    .unwrap_or(0);
                 views.push(InstanceView {
                     instance: c.instance.clone(),
                     app: c.app.clone(),
@@ -317,7 +377,9 @@ impl Scheduler {
                     state: match state {
                         InstanceState::Draining => "draining",
                         InstanceState::Exited { .. } => "exited",
-                        InstanceState::Starting if c.state != node::InstanceState::Running => "starting",
+                        InstanceState::Starting if c.state != node::InstanceState::Running => {
+                            "starting"
+                        }
                         _ => "running",
                     }
                     .into(),
@@ -353,7 +415,11 @@ impl Scheduler {
                     process: p.process.clone(),
                     release: p.release,
                     slot: p.slot,
-                    state: if st.cancelled.contains(instance) { InstanceState::Draining } else { InstanceState::Starting },
+                    state: if st.cancelled.contains(instance) {
+                        InstanceState::Draining
+                    } else {
+                        InstanceState::Starting
+                    },
                 });
                 views.push(InstanceView {
                     instance: instance.clone(),
@@ -367,7 +433,11 @@ impl Scheduler {
                     health: "starting".into(),
                     address: None,
                     created_at: p.created_at,
-                    restarts: st.crashes.get(&(p.app.clone(), p.process.clone(), p.slot)).map(|s| s.crashes).unwrap_or(0),
+                    restarts: st
+                        .crashes
+                        .get(&(p.app.clone(), p.process.clone(), p.slot))
+                        .map(|s| s.crashes)
+                        .unwrap_or(0),
                 });
             }
             // A slot that has been healthy is no longer crash-looping.
@@ -375,9 +445,22 @@ impl Scheduler {
                 .crashes
                 .iter()
                 .filter(|(_, c)| c.until_ms > now as u64)
-                .map(|((app, process, slot), c)| plan::SlotBackoff { app: app.clone(), process: process.clone(), slot: *slot, until_ms: c.until_ms })
+                .map(|((app, process, slot), c)| plan::SlotBackoff {
+                    app: app.clone(),
+                    process: process.clone(),
+                    slot: *slot,
+                    until_ms: c.until_ms,
+                })
                 .collect();
-            (plan::Observed { now_ms: now as u64, nodes: observed_nodes, instances, backoff }, views)
+            (
+                plan::Observed {
+                    now_ms: now as u64,
+                    nodes: observed_nodes,
+                    instances,
+                    backoff,
+                },
+                views,
+            )
         };
 
         let actions = plan::plan(&desired, &observed);
@@ -391,8 +474,12 @@ impl Scheduler {
             if c.state != node::InstanceState::Running {
                 continue;
             }
-            let (Some(input), Some(addr)) = (inputs.get(&c.app), c.addr) else { continue };
-            let Some(p) = input.processes.iter().find(|p| p.name == c.process) else { continue };
+            let (Some(input), Some(addr)) = (inputs.get(&c.app), c.addr) else {
+                continue;
+            };
+            let Some(p) = input.processes.iter().find(|p| p.name == c.process) else {
+                continue;
+            };
             let _ = node_name;
             targets.push((
                 c.container_id.clone(),
@@ -414,14 +501,18 @@ impl Scheduler {
             let mut st = self.state.lock().expect("scheduler lock");
             for o in &observed.instances {
                 if o.state == InstanceState::Healthy {
-                    if let Some(c) = st.crashes.get_mut(&(o.app.clone(), o.process.clone(), o.slot)) {
+                    if let Some(c) = st
+                        .crashes
+                        .get_mut(&(o.app.clone(), o.process.clone(), o.slot))
+                    {
                         if c.until_ms + 10_000 < now as u64 {
                             c.crashes = 0;
                         }
                     }
                 }
             }
-            st.crashes.retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
+            st.crashes
+                .retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
             // Two crashes in a row make a crash loop worth showing.
             let loops = st.crashes.iter().filter(|(_, c)| c.crashes >= 2);
             loops
@@ -437,8 +528,16 @@ impl Scheduler {
                 })
                 .collect::<Vec<_>>()
         };
-        let next_backoff = crashing.iter().map(|c| c.retry_at - now).filter(|d| *d > 0).min();
-        self.view.store(Arc::new(ClusterView { instances: views, crashing, nodes: node_views }));
+        let next_backoff = crashing
+            .iter()
+            .map(|c| c.retry_at - now)
+            .filter(|d| *d > 0)
+            .min();
+        self.view.store(Arc::new(ClusterView {
+            instances: views,
+            crashing,
+            nodes: node_views,
+        }));
         self.passes.fetch_add(1, Relaxed);
         let interval = self.config.scheduler.reconcile_interval;
         Ok(match next_backoff {
@@ -447,22 +546,49 @@ impl Scheduler {
         })
     }
 
-    async fn execute(self: &Arc<Self>, action: Action, inputs: &HashMap<String, AppPlanInput>, observed: &plan::Observed) {
+    async fn execute(
+        self: &Arc<Self>,
+        action: Action,
+        inputs: &HashMap<String, AppPlanInput>,
+        observed: &plan::Observed,
+    ) {
         match action {
-            Action::Start { app, process, release, slot, node } => {
-                let Some(input) = inputs.get(&app) else { return };
-                let Some(p) = input.processes.iter().find(|p| p.name == process).cloned() else { return };
-                let instance = format!("{app}-{process}-{slot}-v{release}-{}", crate::auth::random_hex(2));
+            Action::Start {
+                app,
+                process,
+                release,
+                slot,
+                node,
+            } => {
+                let Some(input) = inputs.get(&app) else {
+                    return;
+                };
+                let Some(p) = input.processes.iter().find(|p| p.name == process).cloned() else {
+                    return;
+                };
+                let instance = format!(
+                    "{app}-{process}-{slot}-v{release}-{}",
+                    crate::auth::random_hex(2)
+                );
                 self.state.lock().expect("scheduler lock").pending.insert(
                     instance.clone(),
-                    Pending { node: node.clone(), app: app.clone(), process: process.clone(), release, slot, created_at: now_ms() },
+                    Pending {
+                        node: node.clone(),
+                        app: app.clone(),
+                        process: process.clone(),
+                        release,
+                        slot,
+                        created_at: now_ms(),
+                    },
                 );
                 tracing::info!(%app, %process, release, slot, %node, %instance, "starting instance");
                 let me = self.clone();
                 let app_ref = input.app.clone();
                 let image = input.image.clone();
                 tokio::spawn(async move {
-                    let result = me.start(&app_ref, &image, &p, release, slot, &node, &instance).await;
+                    let result = me
+                        .start(&app_ref, &image, &p, release, slot, &node, &instance)
+                        .await;
                     let cancel = {
                         let mut st = me.state.lock().expect("scheduler lock");
                         st.pending.remove(&instance);
@@ -477,27 +603,58 @@ impl Scheduler {
                         Ok(_) => {}
                         Err(e) => {
                             tracing::warn!(%instance, error = %e, "instance failed to start");
-                            me.record_crash(&app_ref.name, &p.name, slot, None, false, vec![e.to_string()]);
+                            me.record_crash(
+                                &app_ref.name,
+                                &p.name,
+                                slot,
+                                None,
+                                false,
+                                vec![e.to_string()],
+                            );
                         }
                     }
                     me.changed.notify_one();
                 });
             }
-            Action::Drain { container_id, node, app, process, reason } => {
+            Action::Drain {
+                container_id,
+                node,
+                app,
+                process,
+                reason,
+            } => {
                 if let Some(instance) = container_id.strip_prefix("pending:") {
-                    self.state.lock().expect("scheduler lock").cancelled.insert(instance.to_string());
+                    self.state
+                        .lock()
+                        .expect("scheduler lock")
+                        .cancelled
+                        .insert(instance.to_string());
                     return;
                 }
                 if reason == plan::DrainReason::Unhealthy {
-                    let slot = observed.instances.iter().find(|i| i.container_id == container_id).map(|i| i.slot);
+                    let slot = observed
+                        .instances
+                        .iter()
+                        .find(|i| i.container_id == container_id)
+                        .map(|i| i.slot);
                     if let Some(slot) = slot {
                         let logs = self.last_logs(&node, &container_id).await;
-                        let mut lines = vec![self.health.last_error(&container_id).map(|e| format!("health check: {e}")).unwrap_or_default()];
+                        let mut lines = vec![self
+                            .health
+                            .last_error(&container_id)
+                            .map(|e| format!("health check: {e}"))
+                            .unwrap_or_default()];
                         lines.extend(logs);
                         self.record_crash(&app, &process, slot, None, false, lines);
                     }
                 }
-                if !self.state.lock().expect("scheduler lock").draining.insert(container_id.clone()) {
+                if !self
+                    .state
+                    .lock()
+                    .expect("scheduler lock")
+                    .draining
+                    .insert(container_id.clone())
+                {
                     return;
                 }
                 tracing::info!(%app, %process, container = %short(&container_id), ?reason, "draining instance");
@@ -507,19 +664,38 @@ impl Scheduler {
                     me.changed.notify_one();
                     tokio::time::sleep(me.config.scheduler.drain_grace).await;
                     if let Some(n) = me.node(&node) {
-                        if let Err(e) = n.stop_instance(&container_id, me.config.scheduler.stop_timeout).await {
+                        if let Err(e) = n
+                            .stop_instance(&container_id, me.config.scheduler.stop_timeout)
+                            .await
+                        {
                             tracing::warn!(container = %short(&container_id), error = %e, "stop failed");
                         }
                         if let Err(e) = n.remove_instance(&container_id).await {
                             tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
                         }
                     }
-                    me.state.lock().expect("scheduler lock").draining.remove(&container_id);
+                    me.state
+                        .lock()
+                        .expect("scheduler lock")
+                        .draining
+                        .remove(&container_id);
                     me.changed.notify_one();
                 });
             }
-            Action::Remove { container_id, node, app, process, slot, release, crashed } => {
-                let exited = observed.instances.iter().find(|i| i.container_id == container_id).map(|i| i.state.clone());
+            Action::Remove {
+                container_id,
+                node,
+                app,
+                process,
+                slot,
+                release,
+                crashed,
+            } => {
+                let exited = observed
+                    .instances
+                    .iter()
+                    .find(|i| i.container_id == container_id)
+                    .map(|i| i.state.clone());
                 if crashed {
                     let logs = self.last_logs(&node, &container_id).await;
                     let (code, oom) = match exited {
@@ -530,7 +706,8 @@ impl Scheduler {
                     self.record_crash(&app, &process, slot, code, oom, logs);
                 }
                 if let Some(n) = self.node(&node) {
-                    self.engine_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.engine_calls
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = n.remove_instance(&container_id).await {
                         tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
                     }
@@ -544,8 +721,14 @@ impl Scheduler {
                     }
                 }
             }
-            Action::RolloutFailed { app, release, reason } => {
-                let Some(input) = inputs.get(&app) else { return };
+            Action::RolloutFailed {
+                app,
+                release,
+                reason,
+            } => {
+                let Some(input) = inputs.get(&app) else {
+                    return;
+                };
                 let mut full = reason.clone();
                 let logs: Vec<String> = {
                     let st = self.state.lock().expect("scheduler lock");
@@ -562,7 +745,11 @@ impl Scheduler {
                     full.push_str(&tail.join("\n"));
                 }
                 tracing::warn!(%app, release, reason = %reason, "rollout failed; the previous release keeps serving");
-                match self.registry.rollout_failed(&input.app, release, &full).await {
+                match self
+                    .registry
+                    .rollout_failed(&input.app, release, &full)
+                    .await
+                {
                     Ok(_) => self.changed.notify_one(),
                     Err(e) => tracing::warn!(%app, error = %e, "cannot record the failed rollout"),
                 }
@@ -571,7 +758,16 @@ impl Scheduler {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn start(&self, app: &AppRef, image: &str, p: &ProcessType, release: u32, slot: u32, node_name: &str, instance: &str) -> Result<node::StartedInstance, SchedulerError> {
+    async fn start(
+        &self,
+        app: &AppRef,
+        image: &str,
+        p: &ProcessType,
+        release: u32,
+        slot: u32,
+        node_name: &str,
+        instance: &str,
+    ) -> Result<node::StartedInstance, SchedulerError> {
         let node = self.node(node_name).ok_or(SchedulerError::NoNode)?;
         if !node.image_exists(image).await? {
             let mut copied = false;
@@ -612,9 +808,20 @@ impl Scheduler {
         Ok(node.start_instance(&spec).await?)
     }
 
-    fn record_crash(&self, app: &str, process: &str, slot: u32, code: Option<i64>, oom: bool, logs: Vec<String>) {
+    fn record_crash(
+        &self,
+        app: &str,
+        process: &str,
+        slot: u32,
+        code: Option<i64>,
+        oom: bool,
+        logs: Vec<String>,
+    ) {
         let mut st = self.state.lock().expect("scheduler lock");
-        let c = st.crashes.entry((app.to_string(), process.to_string(), slot)).or_default();
+        let c = st
+            .crashes
+            .entry((app.to_string(), process.to_string(), slot))
+            .or_default();
         c.crashes += 1;
         c.until_ms = now_ms() as u64 + plan::backoff_delay_ms(c.crashes);
         if code.is_some() {
@@ -627,34 +834,57 @@ impl Scheduler {
     }
 
     async fn last_logs(&self, node_name: &str, container_id: &str) -> Vec<String> {
-        let Some(n) = self.node(node_name) else { return vec![] };
+        let Some(n) = self.node(node_name) else {
+            return vec![];
+        };
         let stream = n.logs(container_id, false, Some(10));
-        let collect = stream.take(10).filter_map(|l| async move { l.ok().map(|l| l.text.trim_end().to_string()) }).collect::<Vec<_>>();
-        tokio::time::timeout(Duration::from_secs(2), collect).await.unwrap_or_default()
+        let collect = stream
+            .take(10)
+            .filter_map(|l| async move { l.ok().map(|l| l.text.trim_end().to_string()) })
+            .collect::<Vec<_>>();
+        tokio::time::timeout(Duration::from_secs(2), collect)
+            .await
+            .unwrap_or_default()
     }
 
-    fn publish_routes(&self, containers: &[(String, node::ContainerInstance)], inputs: &HashMap<String, AppPlanInput>, domains: &[(String, String)]) {
+    fn publish_routes(
+        &self,
+        containers: &[(String, node::ContainerInstance)],
+        inputs: &HashMap<String, AppPlanInput>,
+        domains: &[(String, String)],
+    ) {
         let draining = self.state.lock().expect("scheduler lock").draining.clone();
         let mut backends: BTreeMap<&str, Vec<Backend>> = BTreeMap::new();
         for name in inputs.keys() {
             backends.insert(name.as_str(), Vec::new());
         }
         for (_, c) in containers {
-            if c.process != "web" || c.state != node::InstanceState::Running || draining.contains(&c.container_id) {
+            if c.process != "web"
+                || c.state != node::InstanceState::Running
+                || draining.contains(&c.container_id)
+            {
                 continue;
             }
             if self.health.get(&c.container_id) != Some(Health::Healthy) {
                 continue;
             }
             if let (Some(list), Some(addr)) = (backends.get_mut(c.app.as_str()), c.addr) {
-                list.push(Backend { instance: c.instance.clone(), addr: advertise(addr) });
+                list.push(Backend {
+                    instance: c.instance.clone(),
+                    addr: advertise(addr),
+                });
             }
         }
         let mut entries = Vec::new();
         let mut routes: HashMap<&str, Arc<Route>> = HashMap::new();
         for (app, mut list) in backends {
             list.sort_by(|a, b| a.instance.cmp(&b.instance));
-            let route = Arc::new(Route { app: app.to_string(), backends: list, max_body_bytes: self.config.proxy.max_body_bytes, redirect_https: false });
+            let route = Arc::new(Route {
+                app: app.to_string(),
+                backends: list,
+                max_body_bytes: self.config.proxy.max_body_bytes,
+                redirect_https: false,
+            });
             entries.push((format!("{app}.{}", self.config.apps_domain), route.clone()));
             routes.insert(app, route);
         }

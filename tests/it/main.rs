@@ -2,3 +2,5 @@
 
 mod node;
 mod support;
+
+mod api;
