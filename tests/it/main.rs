@@ -1,3 +1,5 @@
 //! The one integration-test binary: real `escale serve`, real Docker engine.
 
 mod support;
+
+mod proxy;
