@@ -874,3 +874,72 @@ mod tls {
         s.task.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let b = backend("shop").await;
+    let config = ProxyConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let (s, _, _) = read(
+        sender
+            .send_request(request("shop.example.test", "/").body(empty()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // The proxy closes the kept-alive connection once idle; the guard only prevents a hang.
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("idle connection was not closed")
+        .unwrap()
+        .unwrap();
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn upstream_errors_answer_json_when_preferred() {
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("d1", dead_addr().await)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/")
+            .header("accept", "application/json, text/plain;q=0.5")
+            .header("x-request-id", "abc")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let (s, h, body) = read(resp).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(error_code(&h), "upstream-connect");
+    assert_eq!(h.get("content-type").unwrap(), "application/json");
+    assert!(
+        body.starts_with("{\"status\":502,\"error\":\"upstream-connect\",")
+            && body.contains("\"request_id\":\"abc\""),
+        "{body}"
+    );
+    p.shutdown().await.unwrap();
+}
