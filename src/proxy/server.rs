@@ -2,8 +2,8 @@
 //! upgrades), idle timeouts, and graceful shutdown.
 //!
 //! Shutdown has two steps, published on a `watch` channel to every connection task:
-//! [`DRAINING`] stops accepting and asks each connection to finish its in-flight requests and
-//! close (hyper's graceful shutdown); after `drain_timeout`, [`FORCE_CLOSE`] drops whatever is
+//! *draining* stops accepting and asks each connection to finish its in-flight requests and
+//! close (hyper's graceful shutdown); after `drain_timeout`, *force close* drops whatever is
 //! left, upgraded tunnels included. Completion is tracked mini-redis style: each task holds a
 //! clone of an `mpsc::Sender`, and the receiver sees `None` once all are gone.
 

@@ -943,3 +943,48 @@ async fn upstream_errors_answer_json_when_preferred() {
     );
     p.shutdown().await.unwrap();
 }
+
+/// Not a test: the escale side of `scripts/bench-proxy`. Serves `ESCALE_BENCH_HOST` (default
+/// `bench.test`) on `ESCALE_BENCH_LISTEN`, forwarding to `ESCALE_BENCH_BACKEND`, with
+/// `ESCALE_BENCH_THREADS` runtime threads, until `ESCALE_BENCH_SECONDS` (default 3600) pass.
+#[test]
+#[ignore = "benchmark server, started by scripts/bench-proxy"]
+fn bench_server() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let listen: SocketAddr = env("ESCALE_BENCH_LISTEN", "127.0.0.1:18003")
+        .parse()
+        .unwrap();
+    let backend: SocketAddr = env("ESCALE_BENCH_BACKEND", "127.0.0.1:18000")
+        .parse()
+        .unwrap();
+    let host = env("ESCALE_BENCH_HOST", "bench.test");
+    let threads: usize = env("ESCALE_BENCH_THREADS", "1").parse().unwrap();
+    let seconds: u64 = env("ESCALE_BENCH_SECONDS", "3600").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = TcpListener::bind(listen).await.unwrap();
+        let routes = routing::shared();
+        routes.store(Arc::new(table(vec![(
+            host.as_str(),
+            route("bench", &[("bench-1", backend)], 1 << 30),
+        )])));
+        let metrics = Arc::new(ProxyMetrics::new());
+        eprintln!("escale bench proxy on {listen} -> {backend} for {host}");
+        proxy::run(
+            listener,
+            routes,
+            ProxyConfig::default(),
+            metrics.clone(),
+            tokio::time::sleep(Duration::from_secs(seconds)),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        metrics.render_prometheus(&mut out);
+        eprintln!("{out}");
+    });
+}
