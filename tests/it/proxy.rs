@@ -676,6 +676,39 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
 }
 
 #[tokio::test]
+async fn drain_timeout_closes_what_is_left() {
+    let b = backend("shop").await;
+    let config = ProxyConfig {
+        drain_timeout: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let in_flight = tokio::spawn(async move {
+        sender
+            .send_request(request("shop.example.test", "/wait").body(empty()).unwrap())
+            .await
+    });
+    b.state.arrived.notified().await;
+    // The backend never answers: shutdown still completes once the drain timeout expires,
+    // and the client sees its connection closed rather than a response.
+    p.shutdown().await.unwrap();
+    assert!(in_flight.await.unwrap().is_err());
+}
+
+#[tokio::test]
 async fn metrics_count_requests_per_app() {
     let b = backend("shop").await;
     let p = start_proxy(
