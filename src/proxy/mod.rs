@@ -1,1 +1,141 @@
 //! The built-in reverse proxy: routes HTTP(S) by host name to healthy instances.
+//!
+//! The proxy is a hyper 1.x server (HTTP/1.1 and HTTP/2, plain or TLS) in front of a pooled
+//! keep-alive HTTP/1.1 client. Per request it:
+//!
+//! 1. loads the routing snapshot once ([`SharedRoutes`]) and looks the host up
+//!    (`Host` header, or the `:authority` of HTTP/2 and absolute-form requests);
+//! 2. picks a backend (least outstanding requests, round-robin tie break, passively ejected
+//!    backends last) from per-backend state that survives snapshot swaps;
+//! 3. forwards the request with hop-by-hop headers stripped and `X-Forwarded-*` and
+//!    `X-Request-Id` set, streaming both bodies and enforcing the route's body limit;
+//! 4. retries once on another backend when the connection could not be made (the request
+//!    was not sent), and answers explicit errors (`x-escale-error`) naming the failing side.
+//!
+//! Module map: [`server`] accepts connections and drains them on shutdown, `forward` is
+//! the per-request logic, `balance` picks backends, `body` holds the streaming body
+//! wrappers, `headers` the header rewriting, [`metrics`] the Prometheus counters and
+//! [`tls`] the certificate store and rustls configuration.
+
+mod balance;
+mod body;
+mod forward;
+mod headers;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use metrics::ProxyMetrics;
+pub use server::{run, run_tls};
+pub use tls::{certified_key_from_pem, CertStore};
+
+#[allow(unused_imports)] // re-exported for the docs above
+use crate::routing::SharedRoutes;
+
+/// Limits and timeouts of the proxy. [`Default`] gives values suitable for production.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Largest request head (request line and headers) accepted from a client, in bytes.
+    /// HTTP/1: hyper's read buffer (at least 8 KiB); HTTP/2: the header list size.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete HTTP/1 request head.
+    pub header_read_timeout: Duration,
+    /// A client connection with no traffic and no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed for the TLS handshake of a client connection.
+    pub tls_handshake_timeout: Duration,
+    /// Time allowed to open a TCP connection to a backend.
+    pub upstream_connect_timeout: Duration,
+    /// Time allowed between sending a request to a backend and receiving its response head.
+    pub upstream_response_timeout: Duration,
+    /// Idle pooled upstream connections are closed after this long.
+    pub upstream_idle_timeout: Duration,
+    /// Idle pooled connections kept per backend.
+    pub upstream_max_idle_per_backend: usize,
+    /// How long a backend that refused a connection is skipped (passive ejection).
+    pub eject_duration: Duration,
+    /// On shutdown, how long in-flight requests (and upgraded tunnels) may take to finish.
+    pub drain_timeout: Duration,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            tls_handshake_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(3),
+            upstream_response_timeout: Duration::from_secs(60),
+            upstream_idle_timeout: Duration::from_secs(30),
+            upstream_max_idle_per_backend: 64,
+            eject_duration: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            h2_max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// Everything that can go wrong in the proxy. Each variant names the side that failed:
+/// the listener, the client, an upstream backend, or the TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The listening socket failed.
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+    /// Reading the request body from the client failed.
+    #[error("client: reading the request body failed: {0}")]
+    ClientBody(#[source] hyper::Error),
+    /// The client sent more body than the route allows.
+    #[error("client: request body exceeds the route limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The route's `max_body_bytes`.
+        limit: u64,
+    },
+    /// No TCP connection could be made to the backend; the request was not sent.
+    #[error("upstream {backend}: connect failed: {source}")]
+    UpstreamConnect {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// The client error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The backend did not answer (connect or response head) in time.
+    #[error("upstream {backend}: no response within {timeout:?}")]
+    UpstreamTimeout {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The request was (possibly) sent but the exchange with the backend failed.
+    #[error("upstream {backend}: request failed: {source}")]
+    Upstream {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// The client error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// An HTTP upgrade (WebSocket) could not be completed on one side.
+    #[error("upgrade ({side}): {source}")]
+    Upgrade {
+        /// `client` or `upstream`.
+        side: &'static str,
+        /// The hyper error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The TLS configuration could not be built.
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A certificate or key could not be parsed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+}

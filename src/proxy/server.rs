@@ -1,0 +1,383 @@
+//! Accepting client connections, serving them with hyper (HTTP/1.1 and HTTP/2, with
+//! upgrades), idle timeouts, and graceful shutdown.
+//!
+//! Shutdown has two steps, published on a `watch` channel to every connection task:
+//! *draining* stops accepting and asks each connection to finish its in-flight requests and
+//! close (hyper's graceful shutdown); after `drain_timeout`, *force close* drops whatever is
+//! left, upgraded tunnels included. Completion is tracked mini-redis style: each task holds a
+//! clone of an `mpsc::Sender`, and the receiver sees `None` once all are gone.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::server::ResolvesServerCert;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::forward::Proxy;
+use super::metrics::ProxyMetrics;
+use super::{ProxyConfig, ProxyError};
+use crate::routing::SharedRoutes;
+
+/// Shutdown state: serving.
+const RUNNING: u8 = 0;
+/// Shutdown state: finish in-flight requests, then close.
+pub(crate) const DRAINING: u8 = 1;
+/// Shutdown state: drain timeout expired, close now.
+pub(crate) const FORCE_CLOSE: u8 = 2;
+
+/// Serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) on `listener` until
+/// `shutdown` completes, then drains in-flight requests for up to `config.drain_timeout`.
+pub async fn run(
+    listener: TcpListener,
+    routes: SharedRoutes,
+    config: ProxyConfig,
+    metrics: Arc<ProxyMetrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    serve(listener, None, routes, config, metrics, shutdown).await
+}
+
+/// Serves HTTPS on `listener` with certificates from `certs` (usually a
+/// [`CertStore`](super::CertStore)), ALPN `h2` and `http/1.1`. A request whose host differs
+/// from the TLS server name is answered `421`. Shutdown as in [`run`].
+pub async fn run_tls(
+    listener: TcpListener,
+    routes: SharedRoutes,
+    config: ProxyConfig,
+    metrics: Arc<ProxyMetrics>,
+    certs: Arc<dyn ResolvesServerCert>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    let tls = super::tls::server_config(certs)?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    serve(listener, Some(acceptor), routes, config, metrics, shutdown).await
+}
+
+/// Last traffic and requests in flight on one client connection, for the idle timeout.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+/// Marks a request in flight on its connection until dropped.
+#[derive(Debug)]
+pub(crate) struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Relaxed);
+        self.0.touch();
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Relaxed);
+    }
+
+    pub(crate) fn busy(&self) -> Busy<'_> {
+        self.busy.fetch_add(1, Relaxed);
+        Busy(self)
+    }
+
+    /// Time since the last traffic, or zero while a request is in flight.
+    fn idle_for(&self) -> Duration {
+        if self.busy.load(Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let now = self.epoch.elapsed();
+        now.saturating_sub(Duration::from_millis(self.last_ms.load(Relaxed)))
+    }
+}
+
+/// What the request handler knows about the client connection.
+#[derive(Debug)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) https: bool,
+    /// The TLS server name, lowercase.
+    pub(crate) sni: Option<Box<str>>,
+    pub(crate) activity: Arc<Activity>,
+    /// Shutdown state, for upgraded tunnels.
+    pub(crate) stop: watch::Receiver<u8>,
+    /// Held while the connection (or a tunnel spawned from it) lives.
+    pub(crate) done: mpsc::Sender<()>,
+}
+
+/// An IO wrapper recording the time of the last byte read or written.
+struct IdleIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn conn_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(config.h2_max_concurrent_streams);
+    builder
+}
+
+/// Everything a connection task needs.
+struct Shared {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    config: ProxyConfig,
+}
+
+async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    routes: SharedRoutes,
+    config: ProxyConfig,
+    metrics: Arc<ProxyMetrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    let shared = Arc::new(Shared {
+        proxy: Arc::new(Proxy::new(routes, config.clone(), metrics)),
+        builder: conn_builder(&config),
+        tls,
+        config: config.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(RUNNING);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Usually EMFILE/ENFILE or an aborted handshake: back off and keep going.
+                    warn!(error = %ProxyError::Listener(e), "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(connection(
+            tcp,
+            peer,
+            shared.clone(),
+            stop_rx.clone(),
+            done_tx.clone(),
+        ));
+    }
+    drop(listener);
+    drop(done_tx);
+    info!("proxy: shutting down, draining connections");
+    let _ = stop_tx.send(DRAINING);
+    if tokio::time::timeout(config.drain_timeout, done_rx.recv())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = shared.proxy.metrics().open_connections(),
+            "proxy: drain timeout, closing remaining connections"
+        );
+        let _ = stop_tx.send(FORCE_CLOSE);
+        let _ = tokio::time::timeout(Duration::from_secs(1), done_rx.recv()).await;
+    }
+    Ok(())
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<u8>,
+    done: mpsc::Sender<()>,
+) {
+    let _open = shared.proxy.metrics().connection();
+    let activity = Arc::new(Activity::new());
+    let io = IdleIo {
+        inner: tcp,
+        activity: activity.clone(),
+    };
+    let Some(acceptor) = shared.tls.clone() else {
+        let info = ConnInfo {
+            peer,
+            https: false,
+            sni: None,
+            activity,
+            stop: stop.clone(),
+            done,
+        };
+        return serve_connection(io, info, &shared, stop).await;
+    };
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(shared.config.tls_handshake_timeout, acceptor.accept(io)) => r,
+        _ = stop.wait_for(|s| *s >= DRAINING) => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "client: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "client: TLS handshake timed out");
+            return;
+        }
+    };
+    let sni = stream
+        .get_ref()
+        .1
+        .server_name()
+        .map(|s| s.to_ascii_lowercase().into_boxed_str());
+    let info = ConnInfo {
+        peer,
+        https: true,
+        sni,
+        activity,
+        stop: stop.clone(),
+        done,
+    };
+    serve_connection(stream, info, &shared, stop).await
+}
+
+async fn serve_connection<I>(
+    io: I,
+    info: ConnInfo,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<u8>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(info);
+    let activity = info.activity.clone();
+    let service = {
+        let proxy = shared.proxy.clone();
+        let info = info.clone();
+        service_fn(move |req| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+        })
+    };
+    drop(info);
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let idle_timeout = shared.config.idle_timeout;
+    let mut draining = false;
+    loop {
+        let idle_check = idle_timeout
+            .saturating_sub(activity.idle_for())
+            .max(Duration::from_millis(50));
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "client: connection ended with an error");
+                }
+                return;
+            }
+            r = stop.changed() => {
+                let state = if r.is_ok() { *stop.borrow_and_update() } else { FORCE_CLOSE };
+                if state >= FORCE_CLOSE {
+                    return;
+                }
+                if state >= DRAINING && !draining {
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+            }
+            () = tokio::time::sleep(idle_check), if !draining => {
+                if activity.idle_for() >= idle_timeout {
+                    debug!("client: idle timeout, closing connection");
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! TLS for the proxy: the certificate store the rest of escale fills, and the rustls server
+//! configuration (ring provider, ALPN `h2` and `http/1.1`).
+//!
+//! [`CertStore`] maps host names to certified keys in an `ArcSwap`, so the handshake path
+//! only loads a snapshot. Lookup is exact first, then a `*.` wildcard for one label
+//! (`*.example.eu` covers `shop.example.eu`, not `example.eu` nor `a.b.example.eu`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use super::ProxyError;
+
+/// Host name -> certificate, swapped atomically.
+#[derive(Default)]
+pub struct CertStore {
+    certs: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let certs = self.certs.load();
+        let mut names: Vec<&str> = certs.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("CertStore").field("hosts", &names).finish()
+    }
+}
+
+impl CertStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces the certificate for `host` (exact name or `*.domain`).
+    pub fn insert(&self, host: &str, key: Arc<CertifiedKey>) {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.certs.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(host.clone(), key.clone());
+            m
+        });
+    }
+
+    /// Removes the certificate for `host`; returns whether one was present.
+    pub fn remove(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let mut removed = false;
+        self.certs.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            removed = m.remove(&host).is_some();
+            m
+        });
+        removed
+    }
+
+    /// Replaces the whole store.
+    pub fn replace_all(&self, certs: impl IntoIterator<Item = (String, Arc<CertifiedKey>)>) {
+        let map = certs
+            .into_iter()
+            .map(|(h, k)| (h.trim_end_matches('.').to_ascii_lowercase(), k))
+            .collect();
+        self.certs.store(Arc::new(map));
+    }
+
+    /// The certificate for a TLS server name: exact match, then a one-label wildcard.
+    pub fn get(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        let certs = self.certs.load();
+        if let Some(k) = certs.get(&name) {
+            return Some(k.clone());
+        }
+        let (_, parent) = name.split_once('.')?;
+        if parent.is_empty() {
+            return None;
+        }
+        certs.get(&format!("*.{parent}")).cloned()
+    }
+
+    /// Number of host names with a certificate.
+    pub fn len(&self) -> usize {
+        self.certs.load().len()
+    }
+
+    /// True when the store holds no certificate.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get(client_hello.server_name()?)
+    }
+}
+
+/// Builds a [`CertifiedKey`] from a PEM certificate chain and a PEM private key
+/// (PKCS#8, PKCS#1 or SEC1), signing with the ring provider.
+pub fn certified_key_from_pem(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, ProxyError> {
+    let chain = rustls_pemfile::certs(&mut &chain_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProxyError::Certificate(format!("reading the certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(ProxyError::Certificate(
+            "the certificate chain holds no certificate".into(),
+        ));
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| ProxyError::Certificate(format!("reading the private key: {e}")))?
+        .ok_or_else(|| ProxyError::Certificate("no private key found".into()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    Ok(CertifiedKey::new(chain, signer))
+}
+
+/// The rustls server configuration: ring provider, safe default versions, no client auth,
+/// ALPN `h2` then `http/1.1`.
+pub(crate) fn server_config(
+    certs: Arc<dyn ResolvesServerCert>,
+) -> Result<ServerConfig, ProxyError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> Arc<CertifiedKey> {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        Arc::new(
+            certified_key_from_pem(
+                c.cert.pem().as_bytes(),
+                c.signing_key.serialize_pem().as_bytes(),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn exact_then_one_label_wildcard() {
+        let store = CertStore::new();
+        let exact = key("shop.example.eu");
+        let wild = key("*.example.eu");
+        store.insert("Shop.Example.eu", exact.clone());
+        store.insert("*.example.eu", wild.clone());
+        assert!(Arc::ptr_eq(&store.get("shop.example.eu").unwrap(), &exact));
+        assert!(Arc::ptr_eq(&store.get("BLOG.example.eu").unwrap(), &wild));
+        assert!(store.get("example.eu").is_none());
+        assert!(store.get("a.b.example.eu").is_none());
+        assert!(store.remove("shop.example.eu"));
+        assert!(Arc::ptr_eq(&store.get("shop.example.eu").unwrap(), &wild));
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn rejects_garbage_pem() {
+        assert!(certified_key_from_pem(b"nope", b"nope").is_err());
+    }
+}

@@ -1,0 +1,1023 @@
+//! The reverse proxy end to end: the real `proxy::run` / `proxy::run_tls` on 127.0.0.1:0,
+//! backends are small hyper servers started by each test. No Docker, no timing assertions.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use escale::proxy::{self, CertStore, ProxyConfig, ProxyError, ProxyMetrics};
+use escale::routing::{self, Backend, Route, RoutingTable, SharedRoutes};
+use futures_util::stream;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TestBody = BoxBody<Bytes, BoxError>;
+
+const MIB: usize = 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+fn empty() -> TestBody {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// Lazily produced body: `total` bytes in 64 KiB chunks; after the first chunk it waits for
+/// `gate` (if any), so the receiver must get the first chunk before the body can finish.
+fn lazy_body(total: usize, gate: Option<Arc<Notify>>) -> TestBody {
+    let s = stream::unfold((0usize, gate), move |(sent, gate)| async move {
+        if sent >= total {
+            return None;
+        }
+        if sent > 0 {
+            if let Some(g) = &gate {
+                g.notified().await;
+            }
+        }
+        let n = CHUNK.min(total - sent);
+        let frame = Frame::data(Bytes::from(vec![b'x'; n]));
+        Some((Ok::<_, BoxError>(frame), (sent + n, None)))
+    });
+    StreamBody::new(s).boxed()
+}
+
+/// A test backend and what it observed.
+struct TestBackend {
+    addr: SocketAddr,
+    state: Arc<BackendState>,
+}
+
+struct BackendState {
+    name: &'static str,
+    hits: AtomicUsize,
+    /// Notified when `/upload` received its first chunk.
+    upload_first_chunk: Arc<Notify>,
+    /// `/download` waits for this after its first chunk.
+    download_gate: Arc<Notify>,
+    /// Notified when `/wait` arrives; `/wait` then waits for `release`.
+    arrived: Notify,
+    release: Notify,
+}
+
+async fn backend(name: &'static str) -> TestBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(BackendState {
+        name,
+        hits: AtomicUsize::new(0),
+        upload_first_chunk: Arc::new(Notify::new()),
+        download_gate: Arc::new(Notify::new()),
+        arrived: Notify::new(),
+        release: Notify::new(),
+    });
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let st = st.clone();
+                    async move { Ok::<_, Infallible>(backend_handle(st, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    TestBackend { addr, state }
+}
+
+async fn backend_handle(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<TestBody> {
+    st.hits.fetch_add(1, Ordering::SeqCst);
+    let mut resp = if req.headers().contains_key(http::header::UPGRADE) {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            let mut io = TokioIo::new(up);
+            let mut buf = [0u8; 1024];
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("upgrade", "echo")
+            .header("connection", "upgrade")
+            .body(empty())
+            .unwrap()
+    } else {
+        match req.uri().path() {
+            "/headers" => {
+                let mut lines: Vec<String> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| format!("{}: {}", k, v.to_str().unwrap_or("?")))
+                    .collect();
+                lines.sort();
+                Response::builder()
+                    .header("connection", "x-upstream-private")
+                    .header("x-upstream-private", "1")
+                    .header("keep-alive", "timeout=5")
+                    .body(full(lines.join("\n")))
+                    .unwrap()
+            }
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Response::new(full("too late"))
+            }
+            "/wait" => {
+                st.arrived.notify_one();
+                st.release.notified().await;
+                Response::new(full("finished"))
+            }
+            "/upload" => {
+                let mut body = req.into_body();
+                let mut n = 0usize;
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { break };
+                    if let Some(d) = frame.data_ref() {
+                        if n == 0 && !d.is_empty() {
+                            st.upload_first_chunk.notify_one();
+                        }
+                        n += d.len();
+                    }
+                }
+                Response::new(full(format!("received {n}")))
+            }
+            "/download" => Response::new(lazy_body(50 * MIB, Some(st.download_gate.clone()))),
+            _ => Response::new(full(st.name)),
+        }
+    };
+    resp.headers_mut()
+        .insert("x-backend", st.name.parse().unwrap());
+    resp
+}
+
+/// An address nothing listens on (connection refused).
+async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+fn route(app: &str, backends: &[(&str, SocketAddr)], max_body_bytes: u64) -> Arc<Route> {
+    Arc::new(Route {
+        app: app.to_string(),
+        backends: backends
+            .iter()
+            .map(|(i, a)| Backend {
+                instance: i.to_string(),
+                addr: *a,
+            })
+            .collect(),
+        max_body_bytes,
+        redirect_https: false,
+    })
+}
+
+fn table(entries: Vec<(&str, Arc<Route>)>) -> RoutingTable {
+    RoutingTable::new(entries.into_iter().map(|(h, r)| (h.to_string(), r)))
+}
+
+/// A running proxy.
+struct TestProxy {
+    addr: SocketAddr,
+    routes: SharedRoutes,
+    metrics: Arc<ProxyMetrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ProxyError>>,
+}
+
+impl TestProxy {
+    async fn shutdown(mut self) -> Result<(), ProxyError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap()
+    }
+}
+
+async fn start_proxy(t: RoutingTable, config: ProxyConfig) -> TestProxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = routing::shared();
+    routes.store(Arc::new(t));
+    let metrics = Arc::new(ProxyMetrics::new());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy::run(
+        listener,
+        routes.clone(),
+        config,
+        metrics.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    TestProxy {
+        addr,
+        routes,
+        metrics,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection.
+async fn send(addr: SocketAddr, req: Request<TestBody>) -> Response<Incoming> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender.send_request(req).await.unwrap()
+}
+
+fn request(host: &str, path: &str) -> http::request::Builder {
+    Request::builder().uri(path).header("host", host)
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str) -> (StatusCode, HeaderMap, String) {
+    let resp = send(addr, request(host, path).body(empty()).unwrap()).await;
+    read(resp).await
+}
+
+async fn read(resp: Response<Incoming>) -> (StatusCode, HeaderMap, String) {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn error_code(h: &HeaderMap) -> &str {
+    h.get("x-escale-error")
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn routes_by_host_ignoring_case_and_port() {
+    let shop = backend("shop").await;
+    let blog = backend("blog").await;
+    let p = start_proxy(
+        table(vec![
+            (
+                "shop.example.test",
+                route("shop", &[("shop-1", shop.addr)], 1 << 20),
+            ),
+            (
+                "blog.example.test",
+                route("blog", &[("blog-1", blog.addr)], 1 << 20),
+            ),
+        ]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let (s, h, body) = get(p.addr, "SHOP.Example.test:8080", "/").await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "shop"));
+    assert!(h.contains_key("x-request-id"));
+    let (s, _, body) = get(p.addr, "blog.example.test", "/").await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "blog"));
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_host_is_404_and_empty_route_is_503() {
+    let p = start_proxy(
+        table(vec![("empty.example.test", route("empty", &[], 1 << 20))]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let (s, h, body) = get(p.addr, "nowhere.example.test", "/").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&h), "unknown-host");
+    assert!(body.starts_with("404"), "{body}");
+
+    let resp = send(
+        p.addr,
+        request("nowhere.example.test", "/")
+            .header("accept", "application/json")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let (s, h, body) = read(resp).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(h.get("content-type").unwrap(), "application/json");
+    assert!(body.contains("\"error\":\"unknown-host\""), "{body}");
+
+    let (s, h, _) = get(p.addr, "empty.example.test", "/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(&h), "no-backend");
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_backend_is_retried_on_a_healthy_one() {
+    let live = backend("live").await;
+    let dead = dead_addr().await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("dead-1", dead), ("live-1", live.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    for _ in 0..4 {
+        let (s, _, body) = get(p.addr, "shop.example.test", "/").await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "live"));
+    }
+    // A body survives the retry too (it was never sent to the dead backend).
+    p.routes.store(Arc::new(table(vec![(
+        "shop.example.test",
+        route("shop", &[("dead-2", dead), ("live-1", live.addr)], 1 << 20),
+    )])));
+    for _ in 0..2 {
+        let resp = send(
+            p.addr,
+            request("shop.example.test", "/upload")
+                .method("POST")
+                .body(full(vec![b'y'; 1000]))
+                .unwrap(),
+        )
+        .await;
+        let (s, _, body) = read(resp).await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "received 1000"));
+    }
+    assert_eq!(live.state.hits.load(Ordering::SeqCst), 6);
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn all_backends_down_is_502_upstream_connect() {
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route(
+                "shop",
+                &[("d1", dead_addr().await), ("d2", dead_addr().await)],
+                1 << 20,
+            ),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let (s, h, body) = get(p.addr, "shop.example.test", "/").await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(error_code(&h), "upstream-connect");
+    assert!(body.contains("upstream:"), "{body}");
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let slow = backend("slow").await;
+    let config = ProxyConfig {
+        upstream_response_timeout: Duration::from_millis(300),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", slow.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    let (s, h, _) = get(p.addr, "shop.example.test", "/slow").await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(error_code(&h), "upstream-timeout");
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn body_over_the_route_limit_is_413() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1000),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    // Declared length.
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/upload")
+            .method("POST")
+            .body(full(vec![b'x'; 2000]))
+            .unwrap(),
+    )
+    .await;
+    let (s, h, _) = read(resp).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(&h), "body-too-large");
+    assert_eq!(b.state.hits.load(Ordering::SeqCst), 0);
+    // Streamed (chunked, no length): cut off by the limited body.
+    let chunks =
+        stream::iter((0..3).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 600])))));
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/upload")
+            .method("POST")
+            .body(StreamBody::new(chunks).boxed())
+            .unwrap(),
+    )
+    .await;
+    let (s, h, _) = read(resp).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(&h), "body-too-large");
+    // Within the limit is fine.
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/upload")
+            .method("POST")
+            .body(full(vec![b'x'; 1000]))
+            .unwrap(),
+    )
+    .await;
+    let (s, _, body) = read(resp).await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "received 1000"));
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_without_buffering() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 100 * MIB as u64),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    // Upload: after the first chunk the client body waits until the backend has seen it,
+    // which can only happen if the proxy forwards before the body is complete.
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/upload")
+            .method("POST")
+            .body(lazy_body(
+                50 * MIB,
+                Some(b.state.upload_first_chunk.clone()),
+            ))
+            .unwrap(),
+    )
+    .await;
+    let (s, _, body) = read(resp).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body, format!("received {}", 50 * MIB));
+
+    // Download: the backend waits after its first chunk until the client has it.
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/download")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut n = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            if n == 0 {
+                b.state.download_gate.notify_one();
+            }
+            n += d.len();
+        }
+    }
+    assert_eq!(n, 50 * MIB);
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn forwarded_headers_and_request_id_added_hop_by_hop_removed() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/headers")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("connection", "x-private")
+            .header("x-private", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authorization", "Basic Zm9v")
+            .header("te", "trailers")
+            .header("x-request-id", "req-123")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let (s, h, body) = read(resp).await;
+    assert_eq!(s, StatusCode::OK);
+    let lines: Vec<&str> = body.lines().collect();
+    for want in [
+        "x-forwarded-for: 203.0.113.9, 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: shop.example.test",
+        "x-request-id: req-123",
+        "host: shop.example.test",
+        "te: trailers",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in {lines:?}");
+    }
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert!(
+            !lines.iter().any(|l| l.starts_with(&format!("{gone}:"))),
+            "{gone} forwarded: {lines:?}"
+        );
+    }
+    // Response side: hop-by-hop from the backend is stripped, the request id echoed.
+    assert!(!h.contains_key("x-upstream-private"));
+    assert!(!h.contains_key("keep-alive"));
+    assert_eq!(h.get("x-request-id").unwrap(), "req-123");
+
+    // No (or an insane) request id: one is generated.
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/headers")
+            .header("x-request-id", "has spaces and \"quotes\"")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let (_, h, body) = read(resp).await;
+    let rid = h.get("x-request-id").unwrap().to_str().unwrap().to_string();
+    assert_eq!(rid.len(), 32);
+    assert!(body.contains(&format!("x-request-id: {rid}")), "{body}");
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn upgrade_is_tunnelled_both_ways() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let mut tcp = TcpStream::connect(p.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: shop.example.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"hello"[..], &b"second message"[..]] {
+        tcp.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tcp.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+    drop(tcp);
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_swap_moves_traffic_to_new_backends() {
+    let a = backend("a").await;
+    let b = backend("b").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("a1", a.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    assert_eq!(get(p.addr, "shop.example.test", "/").await.2, "a");
+    p.routes.store(Arc::new(table(vec![(
+        "shop.example.test",
+        route("shop", &[("b1", b.addr)], 1 << 20),
+    )])));
+    for _ in 0..3 {
+        assert_eq!(get(p.addr, "shop.example.test", "/").await.2, "b");
+    }
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_in_flight_requests_finish() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let addr = p.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "shop.example.test", "/wait").await });
+    b.state.arrived.notified().await;
+    let shutdown = tokio::spawn(p.shutdown());
+    // The listener closes while the request is still in flight.
+    loop {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    b.state.release.notify_one();
+    let (s, _, body) = in_flight.await.unwrap();
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "finished"));
+    shutdown.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn drain_timeout_closes_what_is_left() {
+    let b = backend("shop").await;
+    let config = ProxyConfig {
+        drain_timeout: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let in_flight = tokio::spawn(async move {
+        sender
+            .send_request(request("shop.example.test", "/wait").body(empty()).unwrap())
+            .await
+    });
+    b.state.arrived.notified().await;
+    // The backend never answers: shutdown still completes once the drain timeout expires,
+    // and the client sees its connection closed rather than a response.
+    p.shutdown().await.unwrap();
+    assert!(in_flight.await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_per_app() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    get(p.addr, "shop.example.test", "/").await;
+    get(p.addr, "shop.example.test", "/").await;
+    get(p.addr, "unknown.example.test", "/").await;
+    let mut out = String::new();
+    p.metrics.render_prometheus(&mut out);
+    assert!(
+        out.contains("escale_proxy_requests_total{app=\"shop\",class=\"2xx\"} 2\n"),
+        "{out}"
+    );
+    assert!(out.contains("escale_proxy_request_duration_seconds_count{app=\"shop\"} 2\n"));
+    assert!(out.contains("escale_proxy_unknown_host_requests_total 1\n"));
+    assert!(
+        out.contains("escale_proxy_response_bytes_total{app=\"shop\"} 8\n"),
+        "{out}"
+    );
+    assert!(out.contains("# TYPE escale_proxy_request_duration_seconds histogram"));
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_proxied_as_http1() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://shop.example.test/headers")
+        .body(empty())
+        .unwrap();
+    let (s, _, body) = read(sender.send_request(req).await.unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        body.lines().any(|l| l == "host: shop.example.test"),
+        "{body}"
+    );
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn redirects_to_https_when_the_route_asks() {
+    let b = backend("shop").await;
+    let mut r = route("shop", &[("s1", b.addr)], 1 << 20);
+    Arc::make_mut(&mut r).redirect_https = true;
+    let p = start_proxy(
+        table(vec![("shop.example.test", r)]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let (s, h, _) = get(p.addr, "shop.example.test:80", "/cart?x=1").await;
+    assert_eq!(s, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        h.get("location").unwrap(),
+        "https://shop.example.test/cart?x=1"
+    );
+    assert_eq!(b.state.hits.load(Ordering::SeqCst), 0);
+    p.shutdown().await.unwrap();
+}
+
+mod tls {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::TlsConnector;
+
+    struct TlsSetup {
+        addr: SocketAddr,
+        ca: CertificateDer<'static>,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<Result<(), ProxyError>>,
+    }
+
+    async fn start(t: RoutingTable) -> TlsSetup {
+        let cert = rcgen::generate_simple_self_signed(vec!["secure.test".to_string()]).unwrap();
+        let key = proxy::certified_key_from_pem(
+            cert.cert.pem().as_bytes(),
+            cert.signing_key.serialize_pem().as_bytes(),
+        )
+        .unwrap();
+        let store = Arc::new(CertStore::new());
+        store.insert("secure.test", Arc::new(key));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = routing::shared();
+        routes.store(Arc::new(t));
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy::run_tls(
+            listener,
+            routes,
+            ProxyConfig::default(),
+            Arc::new(ProxyMetrics::new()),
+            store,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TlsSetup {
+            addr,
+            ca: cert.cert.der().clone(),
+            stop,
+            task,
+        }
+    }
+
+    async fn connect(s: &TlsSetup, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(s.ca.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("secure.test").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sni_h2_via_alpn_and_421_on_host_mismatch() {
+        let b = backend("secure").await;
+        let s = start(table(vec![
+            ("secure.test", route("secure", &[("s1", b.addr)], 1 << 20)),
+            ("other.test", route("other", &[("o1", b.addr)], 1 << 20)),
+        ]))
+        .await;
+
+        // HTTP/2 negotiated by ALPN.
+        let io = connect(&s, &[b"h2", b"http/1.1"]).await;
+        assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("https://secure.test/headers")
+            .body(empty())
+            .unwrap();
+        let (status, _, body) = read(sender.send_request(req).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.lines().any(|l| l == "x-forwarded-proto: https"),
+            "{body}"
+        );
+        assert!(body.lines().any(|l| l == "host: secure.test"), "{body}");
+
+        // HTTP/1.1 with a Host that is not the SNI name.
+        let io = connect(&s, &[b"http/1.1"]).await;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (status, h, _) = read(
+            sender
+                .send_request(request("other.test", "/").body(empty()).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(error_code(&h), "misdirected-request");
+        let (status, _, body) = read(
+            sender
+                .send_request(request("Secure.Test:443", "/").body(empty()).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "secure"));
+
+        let _ = s.stop.send(());
+        s.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let b = backend("shop").await;
+    let config = ProxyConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let (s, _, _) = read(
+        sender
+            .send_request(request("shop.example.test", "/").body(empty()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // The proxy closes the kept-alive connection once idle; the guard only prevents a hang.
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("idle connection was not closed")
+        .unwrap()
+        .unwrap();
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn upstream_errors_answer_json_when_preferred() {
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("d1", dead_addr().await)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/")
+            .header("accept", "application/json, text/plain;q=0.5")
+            .header("x-request-id", "abc")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let (s, h, body) = read(resp).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(error_code(&h), "upstream-connect");
+    assert_eq!(h.get("content-type").unwrap(), "application/json");
+    assert!(
+        body.starts_with("{\"status\":502,\"error\":\"upstream-connect\",")
+            && body.contains("\"request_id\":\"abc\""),
+        "{body}"
+    );
+    p.shutdown().await.unwrap();
+}
+
+/// Not a test: the escale side of `scripts/bench-proxy`. Serves `ESCALE_BENCH_HOST` (default
+/// `bench.test`) on `ESCALE_BENCH_LISTEN`, forwarding to `ESCALE_BENCH_BACKEND`, with
+/// `ESCALE_BENCH_THREADS` runtime threads, until `ESCALE_BENCH_SECONDS` (default 3600) pass.
+#[test]
+#[ignore = "benchmark server, started by scripts/bench-proxy"]
+fn bench_server() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let listen: SocketAddr = env("ESCALE_BENCH_LISTEN", "127.0.0.1:18003")
+        .parse()
+        .unwrap();
+    let backend: SocketAddr = env("ESCALE_BENCH_BACKEND", "127.0.0.1:18000")
+        .parse()
+        .unwrap();
+    let host = env("ESCALE_BENCH_HOST", "bench.test");
+    let threads: usize = env("ESCALE_BENCH_THREADS", "1").parse().unwrap();
+    let seconds: u64 = env("ESCALE_BENCH_SECONDS", "3600").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = TcpListener::bind(listen).await.unwrap();
+        let routes = routing::shared();
+        routes.store(Arc::new(table(vec![(
+            host.as_str(),
+            route("bench", &[("bench-1", backend)], 1 << 30),
+        )])));
+        let metrics = Arc::new(ProxyMetrics::new());
+        eprintln!("escale bench proxy on {listen} -> {backend} for {host}");
+        proxy::run(
+            listener,
+            routes,
+            ProxyConfig::default(),
+            metrics.clone(),
+            tokio::time::sleep(Duration::from_secs(seconds)),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        metrics.render_prometheus(&mut out);
+        eprintln!("{out}");
+    });
+}
