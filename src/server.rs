@@ -109,6 +109,8 @@ pub async fn run(
     let config = Arc::new(config);
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();
+    let metrics = state.metrics.clone();
+    let certs = Arc::new(crate::proxy::CertStore::new());
     let scheduler = Scheduler::new(
         registry,
         config.clone(),
@@ -128,6 +130,46 @@ pub async fn run(
         }
     };
     let sched_task = tokio::spawn(scheduler.run(stopped()));
+
+    // The proxy: plain HTTP and HTTPS listeners on the routing snapshot.
+    let proxy_config = proxy_config(&config);
+    let mut proxy_tasks = Vec::new();
+    if let Some(addr) = config.http_addr {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "http_addr",
+                addr,
+                source,
+            })?;
+        println!("escale: proxy listening on http://{}", l.local_addr()?);
+        proxy_tasks.push(tokio::spawn(crate::proxy::run(
+            l,
+            routes.clone(),
+            proxy_config.clone(),
+            metrics.clone(),
+            stopped(),
+        )));
+    }
+    if let Some(addr) = config.https_addr {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "https_addr",
+                addr,
+                source,
+            })?;
+        println!("escale: proxy listening on https://{}", l.local_addr()?);
+        let certs: Arc<dyn rustls::server::ResolvesServerCert> = certs.clone();
+        proxy_tasks.push(tokio::spawn(crate::proxy::run_tls(
+            l,
+            routes.clone(),
+            proxy_config.clone(),
+            metrics.clone(),
+            certs,
+            stopped(),
+        )));
+    }
     let api_addr = api_listener.local_addr()?;
     tracing::info!(api = %api_addr, data_dir = %config.data_dir.display(), "escale is serving");
     println!("escale: API listening on http://{api_addr}");
@@ -142,12 +184,30 @@ pub async fn run(
     shutdown.await;
     let _ = stop_tx.send(true);
     let _ = sched_task.await;
+    for t in proxy_tasks {
+        match t.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "proxy stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "proxy task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     match api_task.await {
         Ok(r) => r?,
         Err(e) => tracing::error!(error = %e, "API task failed"),
     }
     tracing::info!("escale stopped");
     Ok(())
+}
+
+/// The proxy's settings from `[proxy]`.
+pub fn proxy_config(config: &Config) -> crate::proxy::ProxyConfig {
+    crate::proxy::ProxyConfig {
+        max_header_bytes: config.proxy.max_header_bytes,
+        header_read_timeout: config.proxy.header_read_timeout,
+        idle_timeout: config.proxy.idle_timeout,
+        upstream_response_timeout: config.proxy.upstream_timeout,
+        ..Default::default()
+    }
 }
 
 fn announce_setup(secret: &str, api: SocketAddr) {

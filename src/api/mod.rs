@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use tokio::sync::Notify;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub changed: Arc<Notify>,
     /// The scheduler, when this server runs one (API-only tests do not).
     pub scheduler: Option<Arc<crate::scheduler::Scheduler>>,
+    /// The proxy's counters, rendered at `/metrics`.
+    pub metrics: Arc<crate::proxy::ProxyMetrics>,
 }
 
 impl AppState {
@@ -48,6 +51,7 @@ impl AppState {
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
             changed: Arc::new(Notify::new()),
             scheduler: None,
+            metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
         }
     }
 }
@@ -141,6 +145,7 @@ pub fn router(state: AppState) -> Router {
         .route("/events", get(apps::list_all_events));
     Router::new()
         .nest("/api/v1", v1)
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))
@@ -153,6 +158,41 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// Prometheus metrics of the proxy and the scheduler (text format; any valid token).
+async fn metrics(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    _auth: Auth,
+) -> axum::response::Response {
+    let mut out = String::with_capacity(4096);
+    s.metrics.render_prometheus(&mut out);
+    if let Some(sched) = &s.scheduler {
+        use std::sync::atomic::Ordering::Relaxed;
+        let view = sched.view.load();
+        out.push_str("# HELP escale_instances Instances observed, by health.\n# TYPE escale_instances gauge\n");
+        for h in ["healthy", "unhealthy", "starting", "-"] {
+            let n = view.instances.iter().filter(|i| i.health == h).count();
+            let label = if h == "-" { "none" } else { h };
+            out.push_str(&format!("escale_instances{{health=\"{label}\"}} {n}\n"));
+        }
+        out.push_str(&format!(
+            "# HELP escale_reconcile_passes_total Reconcile passes completed.\n# TYPE escale_reconcile_passes_total counter\nescale_reconcile_passes_total {}\n",
+            sched.passes.load(Relaxed)
+        ));
+        out.push_str(&format!(
+            "# HELP escale_engine_calls_total Docker engine calls made by reconcile passes.\n# TYPE escale_engine_calls_total counter\nescale_engine_calls_total {}\n",
+            sched.engine_calls.load(Relaxed)
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 /// Liveness probe (no authentication).
