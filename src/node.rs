@@ -43,6 +43,10 @@ pub const LABEL_SLOT: &str = "escale.slot";
 /// Label: the instance id (unique within the installation).
 pub const LABEL_INSTANCE: &str = "escale.instance";
 
+/// Label: a hash of the process definition (image, command, port, limits) the instance was
+/// started with, so the reconciler can tell stale instances after a change. Optional.
+pub const LABEL_SPEC: &str = "escale.spec";
+
 /// Seconds bollard waits for an engine's response headers on ordinary calls.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 
@@ -241,6 +245,8 @@ pub struct ContainerInstance {
     pub addr: Option<SocketAddr>,
     /// Creation time, seconds since the Unix epoch.
     pub created: i64,
+    /// The [`LABEL_SPEC`] label, if set.
+    pub spec: Option<String>,
 }
 
 /// Which stream a log line came from.
@@ -762,6 +768,7 @@ impl Node {
             oom_killed: false,
             addr,
             created: s.created.unwrap_or(0),
+            spec: labels.get(LABEL_SPEC).cloned(),
         })
     }
 

@@ -162,6 +162,7 @@ impl HealthTable {
                     _ => e.target.interval,
                 };
             if e.health != before {
+                tracing::debug!(container = %&id[..id.len().min(12)], from = ?before, to = ?e.health, error = ?e.last_error, "health verdict changed");
                 e.since = now;
                 changed = true;
             }

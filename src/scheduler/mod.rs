@@ -15,7 +15,6 @@ pub mod health;
 pub mod plan;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -249,6 +248,16 @@ impl Scheduler {
         let domains = self.registry.all_domains().await?;
         let now = now_ms();
 
+        // What is in flight, taken before listing: a start or drain that completes while we list
+        // must still be seen as in flight, not as a leftover or a live instance.
+        let (pending_before, draining_before) = {
+            let st = self.state.lock().expect("scheduler lock");
+            (
+                st.pending.keys().cloned().collect::<HashSet<String>>(),
+                st.draining.clone(),
+            )
+        };
+
         // Observe every node: one labelled list call each.
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
@@ -337,7 +346,9 @@ impl Scheduler {
             for (node_name, c) in &containers {
                 seen.insert(c.instance.clone());
                 let health = self.health.get(&c.container_id);
-                let state = if st.draining.contains(&c.container_id) {
+                let state = if st.draining.contains(&c.container_id)
+                    || draining_before.contains(&c.container_id)
+                {
                     InstanceState::Draining
                 } else {
                     match c.state {
@@ -354,7 +365,11 @@ impl Scheduler {
                         }
                         node::InstanceState::Removing => InstanceState::Draining,
                         // A start of ours in flight, or a leftover of a crash between create and start.
-                        _ if st.pending.contains_key(&c.instance) => InstanceState::Starting,
+                        _ if st.pending.contains_key(&c.instance)
+                            || pending_before.contains(&c.instance) =>
+                        {
+                            InstanceState::Starting
+                        }
                         _ => InstanceState::Exited {
                             code: -1,
                             oom: false,
@@ -394,12 +409,27 @@ impl Scheduler {
                     created_at: c.created * 1000,
                     restarts,
                 });
+                // An instance of the target release started from an older process definition
+                // is shown to the planner as an older release, so it is rolled like one.
+                let stale = inputs.get(&c.app).is_some_and(|i| {
+                    i.app.target_release == Some(c.release as i64)
+                        && i.processes.iter().any(|p| {
+                            p.name == c.process
+                                && c.spec
+                                    .as_deref()
+                                    .is_some_and(|h| h != spec_hash(&i.image, p))
+                        })
+                });
                 instances.push(plan::ObservedInstance {
                     container_id: c.container_id.clone(),
                     node: node_name.clone(),
                     app: c.app.clone(),
                     process: c.process.clone(),
-                    release: c.release,
+                    release: if stale {
+                        c.release.saturating_sub(1)
+                    } else {
+                        c.release
+                    },
                     slot: c.slot,
                     state,
                 });
@@ -730,6 +760,16 @@ impl Scheduler {
                     return;
                 };
                 let mut full = reason.clone();
+                let health_errors: std::collections::BTreeSet<String> = observed
+                    .instances
+                    .iter()
+                    .filter(|i| i.app == app && i.release == release)
+                    .filter_map(|i| self.health.last_error(&i.container_id))
+                    .collect();
+                if !health_errors.is_empty() {
+                    let list: Vec<String> = health_errors.into_iter().collect();
+                    full.push_str(&format!("; last health check: {}", list.join("; ")));
+                }
                 let logs: Vec<String> = {
                     let st = self.state.lock().expect("scheduler lock");
                     st.crashes
@@ -803,6 +843,7 @@ impl Scheduler {
             bind_ip: node.advertise_ip,
             log_max_size: self.config.scheduler.log_max_size.clone(),
             log_max_files: self.config.scheduler.log_max_files,
+            extra_labels: vec![(node::LABEL_SPEC.to_string(), spec_hash(image, p))],
             ..Default::default()
         };
         Ok(node.start_instance(&spec).await?)
@@ -871,7 +912,7 @@ impl Scheduler {
             if let (Some(list), Some(addr)) = (backends.get_mut(c.app.as_str()), c.addr) {
                 list.push(Backend {
                     instance: c.instance.clone(),
-                    addr: advertise(addr),
+                    addr,
                 });
             }
         }
@@ -901,8 +942,13 @@ impl Scheduler {
     }
 }
 
-fn advertise(addr: SocketAddr) -> SocketAddr {
-    addr
+/// A short hash of what an instance of `p` runs with: a change (resources, command, port)
+/// makes running instances stale, and the planner rolls them like a new release.
+pub fn spec_hash(image: &str, p: &ProcessType) -> String {
+    use sha2::{Digest, Sha256};
+    let text =
+        serde_json::json!([image, p.command, p.port, p.memory_bytes, p.nano_cpus]).to_string();
+    hex::encode(&Sha256::digest(text.as_bytes())[..6])
 }
 
 fn pending_id(instance: &str) -> String {

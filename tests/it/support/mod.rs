@@ -3,6 +3,7 @@ pub mod api;
 
 pub mod docker;
 pub mod fixture;
+pub mod server;
 pub mod tar;
 
 #[allow(unused_imports)]

@@ -1,0 +1,407 @@
+//! The scheduler against the real engine: a real `escale serve`, the real CLI, fixture images
+//! built from nothing. Each test has its own server, installation and containers.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::fixture_image;
+use crate::support::server::{healthy, TestServer};
+
+/// Creates `app` and deploys the fixture image to it; returns the image.
+async fn deployed(s: &TestServer, app: &str) -> String {
+    let image = fixture_image().await.to_string();
+    s.ok(&["apps", "create", app]);
+    s.ok(&["deploy", app, "--image", &image]);
+    image
+}
+
+/// Asserts that no slot of a process holds two live instances of the same release.
+fn assert_no_duplicates(instances: &[Value]) {
+    let mut seen = HashSet::new();
+    for i in instances
+        .iter()
+        .filter(|i| i["state"] != "draining" && i["state"] != "exited")
+    {
+        let key = (
+            i["process"].to_string(),
+            i["slot"].as_u64(),
+            i["release"].as_u64(),
+        );
+        assert!(
+            seen.insert(key.clone()),
+            "two live instances in {key:?}: {instances:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn deploy_scale_up_down_to_zero_and_destroy_leaves_nothing() {
+    let s = TestServer::start(&[]).await;
+    deployed(&s, "shop").await;
+    let ps = s.instances("shop");
+    assert_eq!(
+        healthy(&ps, "web", 1),
+        1,
+        "a new app runs one web instance: {ps:#?}"
+    );
+
+    s.ok(&["scale", "shop", "web=7"]);
+    let ps = s
+        .wait_for("7 healthy instances", Duration::from_secs(60), || {
+            let ps = s.instances("shop");
+            (healthy(&ps, "web", 1) == 7).then_some(ps)
+        })
+        .await;
+    let slots: HashSet<u64> = ps.iter().filter_map(|i| i["slot"].as_u64()).collect();
+    assert_eq!(slots, (1..=7).collect(), "slots 1..=7");
+    // Every instance answers through its published address with its own identity.
+    let mut names = HashSet::new();
+    for i in &ps {
+        let addr: std::net::SocketAddr = i["address"].as_str().unwrap().parse().unwrap();
+        let (status, body) = crate::support::http_get(addr, "/")
+            .await
+            .expect("instance answers");
+        assert_eq!(status, 200);
+        names.insert(body.lines().next().unwrap_or("").to_string());
+    }
+    assert_eq!(names.len(), 7, "seven distinct instances answered");
+
+    s.ok(&["scale", "shop", "web=2"]);
+    s.wait_for("2 instances left", Duration::from_secs(30), || {
+        let c = s.containers();
+        (c.len() == 2 && healthy(&s.instances("shop"), "web", 1) == 2).then_some(())
+    })
+    .await;
+
+    s.ok(&["scale", "shop", "web=0"]);
+    s.wait_for("no container left", Duration::from_secs(30), || {
+        s.containers().is_empty().then_some(())
+    })
+    .await;
+
+    s.ok(&["scale", "shop", "web=2"]);
+    s.wait_for("2 healthy again", Duration::from_secs(30), || {
+        (healthy(&s.instances("shop"), "web", 1) == 2).then_some(())
+    })
+    .await;
+    s.ok(&["apps", "destroy", "shop", "--confirm", "shop"]);
+    s.wait_for(
+        "destroy removes every container",
+        Duration::from_secs(30),
+        || s.containers().is_empty().then_some(()),
+    )
+    .await;
+    let out = s.cli(&["ps", "shop"]);
+    assert_eq!(out.status.code(), Some(1), "the app is gone");
+}
+
+#[tokio::test]
+async fn a_killed_instance_is_replaced() {
+    let s = TestServer::start(&[]).await;
+    deployed(&s, "heal").await;
+    s.ok(&["scale", "heal", "web=2"]);
+    let before = s
+        .wait_for("2 healthy", Duration::from_secs(30), || {
+            let ps = s.instances("heal");
+            (healthy(&ps, "web", 1) == 2).then_some(ps)
+        })
+        .await;
+    let victim = before[0]["container_id"].as_str().unwrap().to_string();
+    crate::support::docker_cli(&["kill", &victim]);
+    let after = s
+        .wait_for("a replacement", Duration::from_secs(15), || {
+            let ps = s.instances("heal");
+            let replaced = ps.iter().all(|i| i["container_id"] != victim.as_str());
+            (replaced && healthy(&ps, "web", 1) == 2).then_some(ps)
+        })
+        .await;
+    let slot = before[0]["slot"].as_u64();
+    let replacement = after
+        .iter()
+        .find(|i| i["slot"].as_u64() == slot)
+        .expect("same slot refilled");
+    assert_eq!(replacement["restarts"], 1, "{after:#?}");
+    assert_eq!(s.containers().len(), 2, "the dead container was removed");
+}
+
+#[tokio::test]
+async fn a_failing_health_check_fails_the_deploy_and_the_old_release_keeps_serving() {
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "6s")]).await;
+    let image = deployed(&s, "fragile").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "fragile",
+        "web",
+        "--health-path",
+        "/health",
+    ]);
+    s.ok(&["scale", "fragile", "web=2"]);
+    s.wait_for("2 healthy", Duration::from_secs(30), || {
+        (healthy(&s.instances("fragile"), "web", 1) == 2).then_some(())
+    })
+    .await;
+
+    // The config change itself makes v2, whose instances never pass their health check.
+    s.ok(&["config", "set", "fragile", "FAIL_HEALTH=1"]);
+    let out = s.cli(&["deploy", "fragile", "--image", &image]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "deploy fails: {stderr}");
+    assert!(
+        stderr.contains("rollout of v3 failed") && stderr.contains("healthy"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("previous release keeps serving"),
+        "{stderr}"
+    );
+
+    let releases = s.json(&["releases", "fragile"]);
+    let status = |v: u64| {
+        releases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["version"] == v)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status(3), "failed");
+    assert_eq!(status(1), "active");
+    let reason = releases[0]["status_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("last health check") && reason.contains("500"),
+        "reason names the cause: {reason}"
+    );
+    assert_eq!(
+        s.json(&["apps", "info", "fragile"])["release"],
+        1,
+        "target back on v1"
+    );
+    let ps = s
+        .wait_for("only v1 left", Duration::from_secs(20), || {
+            let ps = s.instances("fragile");
+            ps.iter().all(|i| i["release"] == 1).then_some(ps)
+        })
+        .await;
+    assert_eq!(healthy(&ps, "web", 1), 2, "v1 kept serving: {ps:#?}");
+}
+
+#[tokio::test]
+async fn a_bad_image_is_refused_and_nothing_changes() {
+    let s = TestServer::start(&[]).await;
+    deployed(&s, "steady").await;
+    let before = s.json(&["releases", "steady"]);
+    let out = s.cli(&[
+        "deploy",
+        "steady",
+        "--image",
+        "escale-test/does-not-exist:1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("does-not-exist")
+            && stderr.contains("could not be pulled")
+            && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        s.json(&["releases", "steady"]),
+        before,
+        "no release was created"
+    );
+    let out = s.cli(&["deploy", "steady", "--image", "Not A Ref"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image reference"));
+}
+
+#[tokio::test]
+async fn memory_and_cpu_limits_are_enforced_by_the_engine() {
+    let s = TestServer::start(&[]).await;
+    deployed(&s, "limited").await;
+    let first = s.instances("limited")[0]["container_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.ok(&[
+        "resources",
+        "limited",
+        "web",
+        "--memory",
+        "64m",
+        "--cpus",
+        "0.5",
+    ]);
+    // A resource change rolls the running instances (health-gated), as a resize does on Heroku.
+    let want = format!("{} 500000000 no", 64 << 20);
+    s.wait_for("the instance rolled with its new limits", Duration::from_secs(30), || {
+        let ps = s.instances("limited");
+        let fresh: Vec<&Value> = ps.iter().filter(|i| i["container_id"] != first.as_str() && i["health"] == "healthy").collect();
+        let id = fresh.first()?["container_id"].as_str()?.to_string();
+        let inspect = crate::support::docker_cli(&["inspect", "--format", "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.RestartPolicy.Name}}", &id]);
+        (inspect.trim() == want && ps.len() == 1).then_some(())
+    })
+    .await;
+
+    // And the engine really enforces memory: an instance that allocates more is OOM-killed.
+    s.ok(&["config", "set", "limited", "ALLOC_MB=200"]);
+    s.wait_for(
+        "the OOM kill to be reported",
+        Duration::from_secs(60),
+        || {
+            let v = s.json(&["ps", "limited"]);
+            v["crashing"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["oom"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_crash_loop_backs_off_and_the_app_shows_crashing() {
+    let s = TestServer::start(&[]).await;
+    let image = fixture_image().await;
+    s.ok(&["apps", "create", "loopy"]);
+    s.ok(&["config", "set", "loopy", "CRASH_AFTER_MS=100"]);
+    let out = s.cli(&["deploy", "loopy", "--image", image, "--no-wait"]);
+    assert!(out.status.success());
+    let crash = s
+        .wait_for("crashing to show", Duration::from_secs(30), || {
+            let v = s.json(&["ps", "loopy"]);
+            v["crashing"].as_array().unwrap().first().cloned()
+        })
+        .await;
+    assert!(crash["crashes"].as_u64().unwrap() >= 2);
+    assert_eq!(crash["last_exit_code"], 1);
+    let human = s.ok(&["ps", "loopy"]);
+    assert!(human.contains("loopy is crashing"), "{human}");
+    // Exponential backoff: 1 s, 2 s, 4 s, 8 s ... so after ~10 s at most ~5 crashes, where a
+    // restart without backoff would have crashed dozens of times.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let v = s.json(&["ps", "loopy"]);
+    let crashes = v["crashing"][0]["crashes"].as_u64().unwrap();
+    assert!((3..=6).contains(&crashes), "crashes after ~12 s: {crashes}");
+    assert!(
+        s.containers().len() <= 1,
+        "no pile of containers: {:?}",
+        s.containers()
+    );
+}
+
+#[tokio::test]
+async fn kill_9_in_the_middle_of_a_rollout_converges_without_duplicates() {
+    let s0 = TestServer::start(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "8s")]).await;
+    let mut s = s0;
+    let image = deployed(&s, "phoenix").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "phoenix",
+        "web",
+        "--health-path",
+        "/health",
+    ]);
+    s.ok(&["scale", "phoenix", "web=3"]);
+    s.wait_for("3 healthy", Duration::from_secs(30), || {
+        (healthy(&s.instances("phoenix"), "web", 1) == 3).then_some(())
+    })
+    .await;
+
+    // v2 never becomes healthy, so the rollout is surely in flight when escale dies.
+    s.ok(&["config", "set", "phoenix", "FAIL_HEALTH=1"]);
+    s.wait_for("a v2 instance", Duration::from_secs(10), || {
+        s.instances("phoenix")
+            .iter()
+            .any(|i| i["release"] == 2)
+            .then_some(())
+    })
+    .await;
+    s.kill9();
+    s.restart();
+    // After the restart: the rollout is resumed and fails at its (persisted) deadline, v1 serves.
+    let ps = s
+        .wait_for(
+            "v2 rolled back and v1 serving",
+            Duration::from_secs(40),
+            || {
+                let ps = s.instances("phoenix");
+                (ps.iter().all(|i| i["release"] == 1) && healthy(&ps, "web", 1) == 3).then_some(ps)
+            },
+        )
+        .await;
+    assert_no_duplicates(&ps);
+    assert_eq!(
+        s.containers().len(),
+        3,
+        "no orphan left: {:?}",
+        s.containers()
+    );
+
+    // A good deploy after that converges to exactly 3 instances of the new release.
+    s.ok(&["config", "unset", "phoenix", "FAIL_HEALTH"]);
+    let out = s.cli(&["deploy", "phoenix", "--image", &image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = s.json(&["apps", "info", "phoenix"])["release"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(last, 4, "v2 failed config, v3 config unset, v4 deploy");
+    let ps = s
+        .wait_for(
+            "3 instances of the last release only",
+            Duration::from_secs(30),
+            || {
+                let ps = s.instances("phoenix");
+                (ps.len() == 3 && healthy(&ps, "web", last) == 3).then_some(ps)
+            },
+        )
+        .await;
+    assert_no_duplicates(&ps);
+    s.wait_for("old containers removed", Duration::from_secs(20), || {
+        (s.containers().len() == 3).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_escale_gracefully_and_a_restart_adopts_running_instances() {
+    let mut s = TestServer::start(&[]).await;
+    deployed(&s, "calm").await;
+    s.ok(&["scale", "calm", "web=2"]);
+    s.wait_for("2 healthy", Duration::from_secs(30), || {
+        (healthy(&s.instances("calm"), "web", 1) == 2).then_some(())
+    })
+    .await;
+    let before: HashSet<String> = s.containers().into_iter().map(|c| c.0).collect();
+    let status = s.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(s.server_log().contains("escale stopped"));
+    let running: HashSet<String> = s
+        .containers()
+        .into_iter()
+        .filter(|c| c.2 == "running")
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(running, before, "apps keep running while escale is down");
+    s.restart();
+    s.wait_for(
+        "the same 2 instances healthy",
+        Duration::from_secs(20),
+        || (healthy(&s.instances("calm"), "web", 1) == 2).then_some(()),
+    )
+    .await;
+    // Give the reconciler a few passes: nothing is started or stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: HashSet<String> = s.containers().into_iter().map(|c| c.0).collect();
+    assert_eq!(after, before, "adopted, not replaced");
+}
