@@ -254,11 +254,27 @@ impl Registry {
         .bind(actor.team_id)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(self.describe(r).await?);
+        // Three queries whatever the number of apps.
+        let mut processes = self.all_processes().await?;
+        let mut domains: std::collections::HashMap<i64, Vec<String>> = Default::default();
+        let all: Vec<(i64, String)> =
+            sqlx::query_as("SELECT app_id, domain FROM domains ORDER BY domain")
+                .fetch_all(&self.pool)
+                .await?;
+        for (id, d) in all {
+            domains.entry(id).or_default().push(d);
         }
-        Ok(out)
+        Ok(rows
+            .into_iter()
+            .map(|r| App {
+                processes: processes.remove(&r.id).unwrap_or_default(),
+                domains: domains.remove(&r.id).unwrap_or_default(),
+                name: r.name,
+                team: r.team,
+                release: r.target_release.map(|v| v as u32),
+                created_at: r.created_at,
+            })
+            .collect())
     }
 
     /// One app with its process types and domains.
