@@ -642,13 +642,19 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
             } else {
                 Some(p.command.clone())
             };
-            let health = if p.health.is_some() || p.health_path.is_some() {
-                Some(strip_nulls(
-                    json!({"kind": p.health, "path": p.health_path}),
-                ))
-            } else {
-                None
-            };
+            let ms = |d: Option<humantime::Duration>| d.map(|d| d.as_millis() as u64);
+            let health = strip_nulls(json!({
+                "kind": p.health,
+                "path": p.health_path,
+                "interval_ms": ms(p.health_interval),
+                "timeout_ms": ms(p.health_timeout),
+                "grace_ms": ms(p.health_grace),
+            }));
+            let health = health
+                .as_object()
+                .is_some_and(|o| !o.is_empty())
+                .then_some(health);
+
             let body = strip_nulls(
                 json!({"command": command, "port": p.port, "surge": p.surge, "health": health}),
             );

@@ -263,6 +263,15 @@ pub struct ProcessSet {
     pub health: Option<String>,
     #[arg(long)]
     pub health_path: Option<String>,
+    /// Time between health checks of a healthy instance, e.g. 5s.
+    #[arg(long)]
+    pub health_interval: Option<humantime::Duration>,
+    /// Time a health check may take, e.g. 2s.
+    #[arg(long)]
+    pub health_timeout: Option<humantime::Duration>,
+    /// Time after start during which failed checks do not make an instance unhealthy, e.g. 30s.
+    #[arg(long)]
+    pub health_grace: Option<humantime::Duration>,
     /// Extra instances during a rolling deploy.
     #[arg(long)]
     pub surge: Option<u32>,

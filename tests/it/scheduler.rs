@@ -405,3 +405,65 @@ async fn sigterm_stops_escale_gracefully_and_a_restart_adopts_running_instances(
     let after: HashSet<String> = s.containers().into_iter().map(|c| c.0).collect();
     assert_eq!(after, before, "adopted, not replaced");
 }
+
+#[tokio::test]
+async fn logs_merge_instances_tagged_with_process_slot_and_release() {
+    let s = TestServer::start(&[]).await;
+    deployed(&s, "chatty").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "chatty",
+        "web",
+        "--health-path",
+        "/health",
+        "--health-interval",
+        "1s",
+        "--health-grace",
+        "20s",
+    ]);
+    let p = s.json(&["processes", "list", "chatty"]);
+    assert_eq!(p[0]["health"]["interval_ms"], 1000);
+    assert_eq!(p[0]["health"]["grace_ms"], 20000);
+    s.ok(&["scale", "chatty", "web=2"]);
+    s.wait_for("2 healthy", Duration::from_secs(30), || {
+        (healthy(&s.instances("chatty"), "web", 1) == 2).then_some(())
+    })
+    .await;
+    // Requests through the proxy land in the instances' output.
+    let proxy: std::net::SocketAddr = s.proxy.as_deref().expect("proxy address").parse().unwrap();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(
+                b"GET /hello-logs HTTP/1.1\r\nHost: chatty.localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+    }
+    let text = s
+        .wait_for("both instances' lines", Duration::from_secs(10), || {
+            let t = s.ok(&["logs", "chatty", "--tail", "50"]);
+            (t.contains("web.1[v1]") && t.contains("web.2[v1]") && t.contains("/hello-logs"))
+                .then_some(t)
+        })
+        .await;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ' ');
+        let time = parts.next().unwrap();
+        let tag = parts.next().unwrap_or("");
+        assert!(
+            time.starts_with("20") && time.contains('T'),
+            "engine timestamp first: {line}"
+        );
+        assert!(
+            tag.starts_with("web.") && tag.ends_with("[v1]"),
+            "instance tag second: {line}"
+        );
+    }
+    let only = s.ok(&["logs", "chatty", "--tail", "50", "--process", "worker"]);
+    assert!(only.is_empty(), "no worker instances, no lines: {only}");
+}
