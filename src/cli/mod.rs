@@ -165,6 +165,9 @@ pub enum Command {
     Rollback {
         app: String,
         /// e.g. v3
+        // Not the id `version`: that is the `--version` flag's, and clap panics at parse time
+        // on the clash.
+        #[arg(id = "release", value_name = "VERSION")]
         version: String,
     },
     /// Custom domains of an app.
@@ -347,4 +350,27 @@ pub fn main() -> ! {
     };
     drop(runtime);
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap checks its definitions only when a command is parsed (and only in debug builds):
+    /// check every subcommand here so a clash fails a unit test, not a user's command.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rollback_parses_its_version() {
+        let cli = Cli::try_parse_from(["escale", "rollback", "shop", "v3"]).expect("parses");
+        match cli.command {
+            Command::Rollback { app, version } => {
+                assert_eq!((app.as_str(), version.as_str()), ("shop", "v3"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
