@@ -86,13 +86,22 @@ pub enum Command {
     /// Show who the token belongs to.
     Whoami,
     /// Create, list, inspect and destroy apps.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale apps create shop --port 8080\n  escale apps list\n  escale apps info shop\n  escale apps destroy shop --confirm shop"
+    )]
     Apps(AppsCommand),
     /// Config vars (environment) of an app.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale config get shop\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret\n  escale config get shop DATABASE_URL --reveal\n  escale config unset shop LOG_LEVEL"
+    )]
     Config(ConfigCommand),
     /// Define or change a process type (command, port, health check).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale processes list shop\n  escale processes set shop worker --health none -- /app/worker --queue default"
+    )]
     Processes(ProcessesCommand),
     /// Set instance counts: `escale scale shop web=7 worker=2`.
     #[command(
@@ -171,10 +180,16 @@ pub enum Command {
         version: String,
     },
     /// Custom domains of an app.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale domains add shop shop.example.eu\n  escale domains list shop\n  escale domains remove shop shop.example.eu"
+    )]
     Domains(DomainsCommand),
     /// API tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale tokens create --name ci\n  escale tokens list\n  escale tokens revoke ci\n  ESCALE_DATA_DIR=/var/lib/escale escale tokens create --name recovery   # on the server host"
+    )]
     Tokens(TokensCommand),
     /// Users (admin).
     #[command(subcommand)]
@@ -221,6 +236,9 @@ pub enum AppsCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Show config vars (secrets hidden unless --reveal, admins only).
+    #[command(
+        after_help = "Examples:\n  escale config get shop\n  escale config get shop DATABASE_URL --reveal\n  escale config get shop --json"
+    )]
     Get {
         app: String,
         key: Option<String>,
@@ -228,6 +246,9 @@ pub enum ConfigCommand {
         reveal: bool,
     },
     /// Set config vars: KEY=VALUE ...; creates a new release when the app is deployed.
+    #[command(
+        after_help = "Examples:\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret"
+    )]
     Set {
         app: String,
         #[arg(required = true, value_name = "KEY=VALUE")]
@@ -237,6 +258,7 @@ pub enum ConfigCommand {
         secret: bool,
     },
     /// Remove config vars.
+    #[command(after_help = "Example:\n  escale config unset shop LOG_LEVEL WORKERS")]
     Unset {
         app: String,
         #[arg(required = true)]
