@@ -14,6 +14,9 @@ use super::*;
 const DEFAULT_URL: &str = "http://127.0.0.1:7300";
 
 /// Runs a parsed command line.
+///
+/// The token stored by `escale login` belongs to the server it was issued by: it is sent only
+/// to that URL, never to another one given with `--url`/`ESCALE_URL`.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let stored = load_credentials();
     let url = cli
@@ -21,10 +24,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         .clone()
         .or_else(|| stored.as_ref().map(|c| c.url.clone()))
         .unwrap_or_else(|| DEFAULT_URL.to_string());
-    let token = cli
-        .token
-        .clone()
-        .or_else(|| stored.as_ref().map(|c| c.token.clone()));
+    let (stored_here, stored_elsewhere) = match stored {
+        Some(c) if same_server(&c.url, &url) => (Some(c.token), None),
+        Some(c) => (None, Some(c.url)),
+        None => (None, None),
+    };
+    let token = cli.token.clone().or(stored_here);
+    // Hints on how to authenticate, except where the command is the authentication.
+    let hint =
+        token.is_none() && !matches!(cli.command, Command::Setup { .. } | Command::Login { .. });
+    run_with(cli, url.clone(), token).await.map_err(|e| match e {
+        CliError::Auth(detail) if hint => match stored_elsewhere {
+            Some(other) => CliError::Auth(format!(
+                "{detail}\n  (the stored login is for {other}, not {url}: run `escale login --url {url}` or set ESCALE_TOKEN)"
+            )),
+            None => CliError::Auth(format!(
+                "{detail}\n  (log in with `escale login --name NAME` or set ESCALE_TOKEN)"
+            )),
+        },
+        other => other,
+    })
+}
+
+/// True when two API URLs name the same server (up to trailing slashes).
+fn same_server(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), CliError> {
     let json_out = cli.json;
     let api = || Client::new(&url, token.clone());
     match cli.command {
