@@ -998,3 +998,74 @@ async fn the_setup_token_binds_the_first_admin_once() {
         ])
         .fails(4, &[]);
 }
+
+/// A one-shot HTTP server that records the request head and answers 401.
+fn recording_server() -> (String, std::thread::JoinHandle<String>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = r#"{"type":"about:blank","title":"Unauthorized","status":401,"detail":"missing token"}"#;
+        let _ = write!(
+            c,
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    (url, h)
+}
+
+#[tokio::test]
+async fn a_stored_login_is_only_sent_to_its_own_server() {
+    let s = TestServer::start(&[]).await;
+    Run::admin(&s)
+        .stdin("bob-password-1")
+        .run(&["users", "create", "bob", "--password-stdin"])
+        .ok();
+    let bob = Run::anonymous(&s, "bob-home");
+    bob.stdin("bob-password-1")
+        .run(&["login", "--name", "bob", "--password-stdin"])
+        .ok();
+    assert_eq!(bob.json(&["whoami"])["name"], "bob");
+    // The same server with a trailing slash is the same server.
+    let slash = format!("{}/", s.api);
+    assert_eq!(
+        bob.no_url().json(&["--url", &slash, "whoami"])["name"],
+        "bob"
+    );
+
+    // Another server named with --url gets no token, and the message says why.
+    let (other, seen) = recording_server();
+    let out = bob.run(&["--url", &other, "apps", "list"]);
+    let head = seen.join().expect("recording server");
+    assert!(
+        !head.to_ascii_lowercase().contains("authorization"),
+        "the stored token went to another server:\n{head}"
+    );
+    out.fails(4, &["stored login", &s.api, &other]);
+
+    // An explicit token is sent where it is told to go.
+    let (other, seen) = recording_server();
+    bob.token("esc_explicit")
+        .run(&["--url", &other, "apps", "list"])
+        .fails(4, &[]);
+    assert!(seen
+        .join()
+        .expect("recording server")
+        .contains("Bearer esc_explicit"));
+
+    // Without a login at all the message says how to log in.
+    Run::anonymous(&s, "nobody")
+        .run(&["apps", "list"])
+        .fails(4, &["escale login"]);
+}
