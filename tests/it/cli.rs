@@ -1069,3 +1069,32 @@ async fn a_stored_login_is_only_sent_to_its_own_server() {
         .run(&["apps", "list"])
         .fails(4, &["escale login"]);
 }
+
+#[tokio::test]
+async fn sigterm_is_not_held_up_by_idle_or_slow_clients() {
+    let mut s = TestServer::start(&[]).await;
+    let addr = s.api.trim_start_matches("http://").to_string();
+    // An idle keep-alive connection after one request.
+    let mut idle = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(idle, "GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // A connection that sent half a request head.
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(slow, "GET /api/v1/apps HTTP/1.1\r\nHost: x\r\n").expect("write");
+    // And one that sent nothing.
+    let _silent = std::net::TcpStream::connect(&addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let status = s.terminate_within(Duration::from_secs(25));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "escale serve did not stop within 25 s of SIGTERM; log:\n{}",
+            s.server_log()
+        )
+    });
+    assert!(status.success(), "{status:?}");
+    s.restart();
+    Run::admin(&s).run(&["apps", "list"]).ok();
+}

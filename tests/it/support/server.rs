@@ -212,6 +212,29 @@ impl TestServer {
         c.wait().expect("wait")
     }
 
+    /// SIGTERM and wait up to `timeout` for the exit; `None` (server then killed) if it did
+    /// not exit in time.
+    pub fn terminate_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take().expect("server running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signal");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the server again on the same data dir (after `kill9` or `terminate`).
     pub fn restart(&mut self) {
         self.kill9();
