@@ -107,9 +107,15 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Logout => {
             if let Some(p) = client::credentials_path() {
                 match std::fs::remove_file(&p) {
-                    Ok(()) => println!("Forgot the token in {}", p.display()),
+                    Ok(()) => print_json_or(
+                        json_out,
+                        &json!({"logged_out": true, "credentials": p.display().to_string()}),
+                        || println!("Forgot the token in {}", p.display()),
+                    ),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        println!("Not logged in.")
+                        print_json_or(json_out, &json!({"logged_out": false}), || {
+                            println!("Not logged in.")
+                        })
                     }
                     Err(e) => {
                         return Err(CliError::Local(format!(
