@@ -445,6 +445,7 @@ async fn a_user_walks_through_the_cli() {
     assert!(!creds.exists());
     bob.run(&["apps", "list"]).fails(4, &[]);
     assert!(bob.run(&["logout"]).ok().contains("Not logged in"));
+    assert_eq!(bob.json(&["logout"])["logged_out"], false);
 
     // Login --json prints the token.
     let lj = Run::anonymous(&s, "bob-home")
@@ -454,6 +455,8 @@ async fn a_user_walks_through_the_cli() {
         lj["token"].as_str().unwrap_or("").starts_with("esc_"),
         "{lj}"
     );
+    let lo = Run::anonymous(&s, "bob-home").json(&["logout"]);
+    assert_eq!(lo["logged_out"], true, "{lo}");
 
     // Destroy with confirmation.
     let d = admin.json(&["apps", "destroy", "blog", "--confirm", "blog"]);
