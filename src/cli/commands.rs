@@ -911,9 +911,16 @@ async fn local_token(name: &str, config: Option<PathBuf>, json_out: bool) -> Res
             cfg.database_path().display()
         )));
     }
-    let registry = crate::server::open_registry(&cfg)
-        .await
-        .map_err(|e| CliError::Local(e.to_string()))?;
+    // Tokens are stored hashed, not sealed: no master key is needed. Loading it here would
+    // create a stray `master.key` in a data dir whose server takes its key from
+    // ESCALE_MASTER_KEY.
+    let registry = crate::registry::Registry::open_with(
+        &cfg.database_path(),
+        crate::secrets::MasterKey::random(),
+        cfg.installation_id.as_deref(),
+    )
+    .await
+    .map_err(|e| CliError::Local(e.to_string()))?;
     let admin = registry
         .host_admin()
         .await
