@@ -607,7 +607,12 @@ async fn exit_codes_and_messages_say_what_to_fix() {
 
 #[tokio::test]
 async fn tokens_create_on_the_host_makes_an_admin_token() {
-    let s = TestServer::start(&[]).await;
+    // The server's key comes from the environment: the host command must not leave a
+    // `master.key` of its own in the data dir.
+    let key = hex::encode(rand::random::<[u8; 32]>());
+    let s = TestServer::start(&[("ESCALE_MASTER_KEY", &key)]).await;
+    let master_key_file = s.dir.path().join("data").join("master.key");
+    assert!(!master_key_file.exists());
     Run::admin(&s).run(&["apps", "create", "shop"]).ok();
     let data = s.dir.path().join("data");
 
@@ -627,6 +632,7 @@ async fn tokens_create_on_the_host_makes_an_admin_token() {
     assert!(j["token"].as_str().unwrap_or("").starts_with("esc_"), "{j}");
     host.run(&["tokens", "create", "--name", "x"])
         .fails(1, &["`x`"]);
+    assert!(!master_key_file.exists(), "a stray master.key was written");
 
     // No registry there: a message saying what to do.
     let empty = s.dir.path().join("no-data");
