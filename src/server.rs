@@ -46,6 +46,9 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+/// How long API connections may take to finish after a shutdown signal before they are cut.
+pub const API_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens (creating if needed) the data dir, master key and registry of `config`.
 pub async fn open_registry(config: &Config) -> Result<Registry, ServerError> {
     create_data_dir(&config.data_dir)?;
@@ -183,6 +186,7 @@ pub async fn run(
     );
     shutdown.await;
     let _ = stop_tx.send(true);
+    let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
     let _ = sched_task.await;
     for t in proxy_tasks {
         match t.await {
@@ -191,9 +195,19 @@ pub async fn run(
             Ok(Ok(())) => {}
         }
     }
-    match api_task.await {
-        Ok(r) => r?,
-        Err(e) => tracing::error!(error = %e, "API task failed"),
+    // Requests in flight may finish, but a client that never completes its request (or a
+    // followed log stream) must not keep the server from stopping.
+    let mut api_task = api_task;
+    match tokio::time::timeout_at(api_deadline, &mut api_task).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => tracing::error!(error = %e, "API task failed"),
+        Err(_) => {
+            tracing::warn!(
+                grace = ?API_DRAIN_GRACE,
+                "API connections still open after the shutdown grace; closing them"
+            );
+            api_task.abort();
+        }
     }
     tracing::info!("escale stopped");
     Ok(())

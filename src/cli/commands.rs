@@ -14,6 +14,9 @@ use super::*;
 const DEFAULT_URL: &str = "http://127.0.0.1:7300";
 
 /// Runs a parsed command line.
+///
+/// The token stored by `escale login` belongs to the server it was issued by: it is sent only
+/// to that URL, never to another one given with `--url`/`ESCALE_URL`.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let stored = load_credentials();
     let url = cli
@@ -21,10 +24,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         .clone()
         .or_else(|| stored.as_ref().map(|c| c.url.clone()))
         .unwrap_or_else(|| DEFAULT_URL.to_string());
-    let token = cli
-        .token
-        .clone()
-        .or_else(|| stored.as_ref().map(|c| c.token.clone()));
+    let (stored_here, stored_elsewhere) = match stored {
+        Some(c) if same_server(&c.url, &url) => (Some(c.token), None),
+        Some(c) => (None, Some(c.url)),
+        None => (None, None),
+    };
+    let token = cli.token.clone().or(stored_here);
+    // Hints on how to authenticate, except where the command is the authentication.
+    let hint =
+        token.is_none() && !matches!(cli.command, Command::Setup { .. } | Command::Login { .. });
+    run_with(cli, url.clone(), token).await.map_err(|e| match e {
+        CliError::Auth(detail) if hint => match stored_elsewhere {
+            Some(other) => CliError::Auth(format!(
+                "{detail}\n  (the stored login is for {other}, not {url}: run `escale login --url {url}` or set ESCALE_TOKEN)"
+            )),
+            None => CliError::Auth(format!(
+                "{detail}\n  (log in with `escale login --name NAME` or set ESCALE_TOKEN)"
+            )),
+        },
+        other => other,
+    })
+}
+
+/// True when two API URLs name the same server (up to trailing slashes).
+fn same_server(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), CliError> {
     let json_out = cli.json;
     let api = || Client::new(&url, token.clone());
     match cli.command {
@@ -80,9 +107,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Logout => {
             if let Some(p) = client::credentials_path() {
                 match std::fs::remove_file(&p) {
-                    Ok(()) => println!("Forgot the token in {}", p.display()),
+                    Ok(()) => print_json_or(
+                        json_out,
+                        &json!({"logged_out": true, "credentials": p.display().to_string()}),
+                        || println!("Forgot the token in {}", p.display()),
+                    ),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        println!("Not logged in.")
+                        print_json_or(json_out, &json!({"logged_out": false}), || {
+                            println!("Not logged in.")
+                        })
                     }
                     Err(e) => {
                         return Err(CliError::Local(format!(
@@ -884,9 +917,16 @@ async fn local_token(name: &str, config: Option<PathBuf>, json_out: bool) -> Res
             cfg.database_path().display()
         )));
     }
-    let registry = crate::server::open_registry(&cfg)
-        .await
-        .map_err(|e| CliError::Local(e.to_string()))?;
+    // Tokens are stored hashed, not sealed: no master key is needed. Loading it here would
+    // create a stray `master.key` in a data dir whose server takes its key from
+    // ESCALE_MASTER_KEY.
+    let registry = crate::registry::Registry::open_with(
+        &cfg.database_path(),
+        crate::secrets::MasterKey::random(),
+        cfg.installation_id.as_deref(),
+    )
+    .await
+    .map_err(|e| CliError::Local(e.to_string()))?;
     let admin = registry
         .host_admin()
         .await

@@ -86,13 +86,22 @@ pub enum Command {
     /// Show who the token belongs to.
     Whoami,
     /// Create, list, inspect and destroy apps.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale apps create shop --port 8080\n  escale apps list\n  escale apps info shop\n  escale apps destroy shop --confirm shop"
+    )]
     Apps(AppsCommand),
     /// Config vars (environment) of an app.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale config get shop\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret\n  escale config get shop DATABASE_URL --reveal\n  escale config unset shop LOG_LEVEL"
+    )]
     Config(ConfigCommand),
     /// Define or change a process type (command, port, health check).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale processes list shop\n  escale processes set shop worker --health none -- /app/worker --queue default"
+    )]
     Processes(ProcessesCommand),
     /// Set instance counts: `escale scale shop web=7 worker=2`.
     #[command(
@@ -165,13 +174,22 @@ pub enum Command {
     Rollback {
         app: String,
         /// e.g. v3
+        // Not the id `version`: that is the `--version` flag's, and clap panics at parse time
+        // on the clash.
+        #[arg(id = "release", value_name = "VERSION")]
         version: String,
     },
     /// Custom domains of an app.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale domains add shop shop.example.eu\n  escale domains list shop\n  escale domains remove shop shop.example.eu"
+    )]
     Domains(DomainsCommand),
     /// API tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale tokens create --name ci\n  escale tokens list\n  escale tokens revoke ci\n  ESCALE_DATA_DIR=/var/lib/escale escale tokens create --name recovery   # on the server host"
+    )]
     Tokens(TokensCommand),
     /// Users (admin).
     #[command(subcommand)]
@@ -218,6 +236,9 @@ pub enum AppsCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Show config vars (secrets hidden unless --reveal, admins only).
+    #[command(
+        after_help = "Examples:\n  escale config get shop\n  escale config get shop DATABASE_URL --reveal\n  escale config get shop --json"
+    )]
     Get {
         app: String,
         key: Option<String>,
@@ -225,6 +246,9 @@ pub enum ConfigCommand {
         reveal: bool,
     },
     /// Set config vars: KEY=VALUE ...; creates a new release when the app is deployed.
+    #[command(
+        after_help = "Examples:\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret"
+    )]
     Set {
         app: String,
         #[arg(required = true, value_name = "KEY=VALUE")]
@@ -234,6 +258,7 @@ pub enum ConfigCommand {
         secret: bool,
     },
     /// Remove config vars.
+    #[command(after_help = "Example:\n  escale config unset shop LOG_LEVEL WORKERS")]
     Unset {
         app: String,
         #[arg(required = true)]
@@ -356,4 +381,27 @@ pub fn main() -> ! {
     };
     drop(runtime);
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap checks its definitions only when a command is parsed (and only in debug builds):
+    /// check every subcommand here so a clash fails a unit test, not a user's command.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rollback_parses_its_version() {
+        let cli = Cli::try_parse_from(["escale", "rollback", "shop", "v3"]).expect("parses");
+        match cli.command {
+            Command::Rollback { app, version } => {
+                assert_eq!((app.as_str(), version.as_str()), ("shop", "v3"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

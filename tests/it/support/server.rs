@@ -64,6 +64,33 @@ pub fn sweep_server_leftovers() {
 impl TestServer {
     /// Starts a server with fast test timings (plus `env`), and binds the first admin.
     pub async fn start(env: &[(&str, &str)]) -> TestServer {
+        let (mut s, setup) = TestServer::start_unbound(env).await;
+        let out = s.cli_with_token(
+            None,
+            &[
+                "setup",
+                "--setup-token",
+                &setup,
+                "--name",
+                "admin",
+                "--password-stdin",
+                "--json",
+            ],
+            Some("test-password-1"),
+        );
+        assert!(
+            out.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("setup --json prints JSON");
+        s.token = v["token"].as_str().expect("token").to_string();
+        s
+    }
+
+    /// Starts a server with no admin yet (`token` is empty); returns it and the setup token it
+    /// printed.
+    pub async fn start_unbound(env: &[(&str, &str)]) -> (TestServer, String) {
         super::docker::sweep_leftovers();
         sweep_server_leftovers();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -96,27 +123,7 @@ impl TestServer {
             log,
         };
         let setup = s.spawn().expect("a new server prints a setup token");
-        let out = s.cli_with_token(
-            None,
-            &[
-                "setup",
-                "--setup-token",
-                &setup,
-                "--name",
-                "admin",
-                "--password-stdin",
-                "--json",
-            ],
-            Some("test-password-1"),
-        );
-        assert!(
-            out.status.success(),
-            "setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("setup --json prints JSON");
-        s.token = v["token"].as_str().expect("token").to_string();
-        s
+        (s, setup)
     }
 
     /// Starts the process on the data dir; returns the setup token if it printed one.
@@ -203,6 +210,29 @@ impl TestServer {
         )
         .expect("signal");
         c.wait().expect("wait")
+    }
+
+    /// SIGTERM and wait up to `timeout` for the exit; `None` (server then killed) if it did
+    /// not exit in time.
+    pub fn terminate_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take().expect("server running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signal");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts the server again on the same data dir (after `kill9` or `terminate`).
