@@ -147,6 +147,42 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<Bytes, CliError> {
+        let resp = self.send(method, path, body).await?;
+        Ok(resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e.to_string()))?
+            .to_bytes())
+    }
+
+    /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
+    /// until the body ends or `sink` returns false.
+    pub async fn stream_raw(
+        &self,
+        method: Method,
+        path: &str,
+        mut sink: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), CliError> {
+        let mut body = self.send(method, path, None).await?.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.unreachable(e.to_string()))?;
+            if let Some(data) = frame.data_ref() {
+                if !sink(data) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a request; a non-2xx answer becomes an error carrying the server's problem detail.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<http::Response<hyper::body::Incoming>, CliError> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
@@ -169,23 +205,17 @@ impl Client {
             .http
             .request(req)
             .await
-            .map_err(|e| CliError::Unreachable {
-                url: self.base.clone(),
-                reason: error_chain(&e),
-            })?;
+            .map_err(|e| self.unreachable(error_chain(&e)))?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| CliError::Unreachable {
-                url: self.base.clone(),
-                reason: e.to_string(),
-            })?
-            .to_bytes();
-        if status.is_success() {
-            return Ok(bytes);
-        }
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let detail = serde_json::from_slice::<Problem>(&bytes)
             .map(|p| p.detail)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(500).collect());
@@ -194,62 +224,12 @@ impl Client {
             _ => CliError::Server(detail),
         })
     }
-}
 
-impl Client {
-    /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
-    /// until the body ends or `sink` returns false.
-    pub async fn stream_raw(
-        &self,
-        method: Method,
-        path: &str,
-        mut sink: impl FnMut(&[u8]) -> bool,
-    ) -> Result<(), CliError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
+    fn unreachable(&self, reason: String) -> CliError {
+        CliError::Unreachable {
+            url: self.base.clone(),
+            reason,
         }
-        let req = req
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| CliError::Unreachable {
-                url: self.base.clone(),
-                reason: error_chain(&e),
-            })?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let detail = serde_json::from_slice::<Problem>(&bytes)
-                .map(|p| p.detail)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(match status {
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth(detail),
-                _ => CliError::Server(detail),
-            });
-        }
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| CliError::Unreachable {
-                url: self.base.clone(),
-                reason: e.to_string(),
-            })?;
-            if let Some(data) = frame.data_ref() {
-                if !sink(data) {
-                    break;
-                }
-            }
-        }
-        Ok(())
     }
 }
 
