@@ -117,6 +117,19 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         r#"{"domain":"{app}.example.eu"}"#,
         Access::App,
     ),
+    ("GET", "/api/v1/apps/{app}/certs", "", Access::App),
+    (
+        "POST",
+        "/api/v1/apps/{app}/certs",
+        r#"{"domain":"{app}.example.eu","cert_pem":"{cert_pem}","key_pem":"{key_pem}"}"#,
+        Access::App,
+    ),
+    (
+        "DELETE",
+        "/api/v1/apps/{app}/certs/{domain}",
+        "",
+        Access::App,
+    ),
     (
         "DELETE",
         "/api/v1/apps/{app}/domains/{domain}",
@@ -137,13 +150,26 @@ fn fill(template: &str, app: &str, newapp: &str) -> String {
     } else {
         "ci"
     };
+    let (cert_pem, key_pem) = wildcard_cert();
     template
+        .replace("{cert_pem}", &cert_pem.replace('\n', "\\n"))
+        .replace("{key_pem}", &key_pem.replace('\n', "\\n"))
         .replace("{domain}", &format!("{app}.example.eu"))
         .replace("{newapp}", newapp)
         .replace("{app}", app)
         .replace("{process}", "web")
         .replace("{version}", "1")
         .replace("{name}", name)
+}
+
+/// A self-signed `*.example.eu` certificate and its key (PEM), made once.
+fn wildcard_cert() -> &'static (String, String) {
+    static CERT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        let c = rcgen::generate_simple_self_signed(vec!["*.example.eu".to_string()])
+            .expect("rcgen makes a certificate");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    })
 }
 
 fn body_of(template: &str, app: &str, newapp: &str) -> Option<Value> {
@@ -399,7 +425,7 @@ async fn a_member_of_another_team_gets_404_on_every_app_route() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 17);
+    assert_eq!(checked, 20);
     // bert does not see redshop anywhere.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&bert), None)

@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod certs;
 mod node;
 mod proxy;
 mod scheduler;
