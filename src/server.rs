@@ -40,7 +40,7 @@ pub enum ServerError {
     #[error("cannot reach the Docker engine at {host} (set ESCALE_DOCKER_HOST): {source}")]
     Docker {
         host: String,
-        source: crate::node::NodeError,
+        source: Box<crate::node::NodeError>,
     },
     #[error("cannot load the certificates: {0}")]
     Certs(#[from] crate::certs::CertError),
@@ -105,7 +105,7 @@ pub async fn run(
         .await
         .map_err(|source| ServerError::Docker {
             host: config.docker_host.clone(),
-            source,
+            source: Box::new(source),
         })?
         .with_advertise_ip(config.advertise_ip);
     let config = Arc::new(config);

@@ -128,7 +128,7 @@ impl CertManager {
         .await?;
         self.store.insert(domain, info.key.clone());
         self.changed.notify_one();
-        Ok(self.state(domain).await?)
+        self.state(domain).await
     }
 
     /// Stores a certificate obtained from the ACME CA and serves it at once.

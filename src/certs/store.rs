@@ -110,6 +110,7 @@ pub struct Stored {
 
 /// Saves (replacing) the certificate of `domain` and clears its `last_error`, with an audit
 /// event by `actor` on `app`.
+#[allow(clippy::too_many_arguments)]
 pub async fn save(
     reg: &Registry,
     actor: &str,

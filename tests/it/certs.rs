@@ -205,9 +205,11 @@ async fn an_uploaded_certificate_is_served_and_turns_on_the_https_redirect() {
     ]);
     assert_eq!(bad.status.code(), Some(1), "a refused upload exits 1");
     // No certificate yet: no TLS for the host, plain HTTP is served.
-    assert!(https_get(https, "shop.example.eu", &[ca.der.clone()], "/")
-        .await
-        .is_err());
+    assert!(
+        https_get(https, "shop.example.eu", std::slice::from_ref(&ca.der), "/")
+            .await
+            .is_err()
+    );
 
     s.ok(&[
         "certs",
@@ -220,7 +222,7 @@ async fn an_uploaded_certificate_is_served_and_turns_on_the_https_redirect() {
         &write(dir, "key.pem", &key),
     ]);
     // Served at once, no restart.
-    let a = https_get(https, "shop.example.eu", &[ca.der.clone()], "/")
+    let a = https_get(https, "shop.example.eu", std::slice::from_ref(&ca.der), "/")
         .await
         .expect("TLS with the uploaded certificate");
     assert_eq!(a.status, 200, "{}", a.text);
@@ -275,9 +277,11 @@ async fn an_uploaded_certificate_is_served_and_turns_on_the_https_redirect() {
 
     // Removing it stops TLS and the redirect.
     s.ok(&["certs", "remove", "shop", "shop.example.eu"]);
-    assert!(https_get(https, "shop.example.eu", &[ca.der.clone()], "/")
-        .await
-        .is_err());
+    assert!(
+        https_get(https, "shop.example.eu", std::slice::from_ref(&ca.der), "/")
+            .await
+            .is_err()
+    );
     wait_for("the redirect goes", Duration::from_secs(15), || async {
         let r = http_get_host(&http, "shop.example.eu", "/").await;
         (r.0 == 200).then_some(())
@@ -442,7 +446,7 @@ async fn a_domain_added_to_an_app_gets_a_certificate_from_pebble() {
     let root = https_get(
         format!("127.0.0.1:{mgmt_port}").parse().unwrap(),
         "localhost",
-        &[ca.der.clone()],
+        std::slice::from_ref(&ca.der),
         "/roots/0",
     )
     .await
