@@ -123,7 +123,10 @@ pub async fn run(
         routes.clone(),
         state.changed.clone(),
     );
-    scheduler.redirect_https_with(certs.clone());
+    if config.https_addr.is_some() {
+        // Redirecting to HTTPS only makes sense when something listens there.
+        scheduler.redirect_https_with(certs.clone());
+    }
     state.scheduler = Some(scheduler.clone());
     let app = api::router(state);
 

@@ -293,3 +293,22 @@ async fn authz_problem(order: &mut instant_acme::Order) -> String {
     }
     String::new()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_answer_only_pending_tokens() {
+        let c = Http01Challenges::default();
+        c.insert("tok", "tok.thumb");
+        assert_eq!(
+            c.answer("/.well-known/acme-challenge/tok").as_deref(),
+            Some("tok.thumb")
+        );
+        assert!(c.answer("/.well-known/acme-challenge/other").is_none());
+        assert!(c.answer("/tok").is_none());
+        c.remove("tok");
+        assert!(c.answer("/.well-known/acme-challenge/tok").is_none());
+    }
+}
