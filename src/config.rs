@@ -49,6 +49,18 @@ pub struct RawConfig {
     pub scheduler: RawScheduler,
     #[serde(default)]
     pub proxy: RawProxy,
+    #[serde(default)]
+    pub acme: RawAcme,
+}
+
+/// `[acme]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory_url: Option<String>,
+    pub email: Option<String>,
+    pub renew_before: Option<String>,
+    pub ca_root: Option<String>,
 }
 
 /// `[scheduler]` as written.
@@ -110,7 +122,25 @@ pub struct Config {
     pub log_level: String,
     pub scheduler: SchedulerConfig,
     pub proxy: ProxySettings,
+    pub acme: AcmeConfig,
 }
+
+/// `[acme]`, validated.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The ACME directory; `None` (`off`) disables ordering certificates.
+    pub directory_url: Option<String>,
+    /// Contact address registered with the CA.
+    pub email: Option<String>,
+    /// ACME certificates are renewed this long before they expire.
+    pub renew_before: Duration,
+    /// A PEM CA root trusted for the HTTPS connection to the directory (test CAs such as
+    /// Pebble); `None` uses the platform's roots.
+    pub ca_root: Option<PathBuf>,
+}
+
+/// Let's Encrypt's production directory, the default `acme.directory_url`.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// `[scheduler]`, validated.
 #[derive(Debug, Clone)]
@@ -171,6 +201,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("proxy.idle_timeout", "ESCALE_PROXY_IDLE_TIMEOUT"),
     ("proxy.upstream_timeout", "ESCALE_PROXY_UPSTREAM_TIMEOUT"),
     ("proxy.access_log", "ESCALE_PROXY_ACCESS_LOG"),
+    ("acme.directory_url", "ESCALE_ACME_DIRECTORY_URL"),
+    ("acme.email", "ESCALE_ACME_EMAIL"),
+    ("acme.renew_before", "ESCALE_ACME_RENEW_BEFORE"),
+    ("acme.ca_root", "ESCALE_ACME_CA_ROOT"),
 ];
 
 /// Where `escale serve` looks for a config file when `--config` is not given.
@@ -205,6 +239,31 @@ impl Config {
         let s = Settings { env };
         let sc = &raw.scheduler;
         let px = &raw.proxy;
+        let ac = &raw.acme;
+        let directory_url = match s
+            .get("acme.directory_url", ac.directory_url.clone())
+            .unwrap_or_else(|| LETS_ENCRYPT.into())
+        {
+            v if v == "off" => None,
+            v if v.starts_with("https://") || v.starts_with("http://") => Some(v),
+            v => {
+                return Err(invalid(
+                    "acme.directory_url",
+                    format!("`{v}`: write an https:// URL or `off`"),
+                ))
+            }
+        };
+        let email = s
+            .get("acme.email", ac.email.clone())
+            .filter(|e| !e.is_empty());
+        if let Some(e) = &email {
+            if !e.contains('@') || e.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "acme.email",
+                    format!("`{e}` is not an email address"),
+                ));
+            }
+        }
         let log_format = match s
             .get("log_format", raw.log_format.clone())
             .as_deref()
@@ -335,6 +394,15 @@ impl Config {
                     "60s",
                 )?,
                 access_log_sample,
+            },
+            acme: AcmeConfig {
+                directory_url,
+                email,
+                renew_before: s.duration("acme.renew_before", ac.renew_before.clone(), "30days")?,
+                ca_root: s
+                    .get("acme.ca_root", ac.ca_root.clone())
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from),
             },
         })
     }
@@ -506,6 +574,24 @@ mod tests {
     fn proxy_listeners_can_be_turned_off() {
         let c = with_env(&[("ESCALE_HTTP_ADDR", "off"), ("ESCALE_HTTPS_ADDR", "off")]).unwrap();
         assert!(c.http_addr.is_none() && c.https_addr.is_none());
+    }
+
+    #[test]
+    fn acme_defaults_and_off() {
+        let c = with_env(&[]).unwrap();
+        assert_eq!(c.acme.directory_url.as_deref(), Some(LETS_ENCRYPT));
+        assert_eq!(c.acme.renew_before, Duration::from_secs(30 * 86400));
+        let c = with_env(&[
+            ("ESCALE_ACME_DIRECTORY_URL", "off"),
+            ("ESCALE_ACME_RENEW_BEFORE", "10d"),
+        ])
+        .unwrap();
+        assert!(c.acme.directory_url.is_none());
+        assert_eq!(c.acme.renew_before, Duration::from_secs(10 * 86400));
+        let e = with_env(&[("ESCALE_ACME_EMAIL", "nobody")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("acme.email"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod node;

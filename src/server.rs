@@ -42,6 +42,8 @@ pub enum ServerError {
         host: String,
         source: Box<crate::node::NodeError>,
     },
+    #[error("cannot load the certificates: {0}")]
+    Certs(#[from] crate::certs::CertError),
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -113,7 +115,10 @@ pub async fn run(
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();
     let metrics = state.metrics.clone();
-    let certs = Arc::new(crate::proxy::CertStore::new());
+    let cert_manager = state.certs.clone();
+    let loaded = cert_manager.load().await?;
+    tracing::info!(certificates = loaded, "certificates loaded");
+    let certs = cert_manager.store().clone();
     let scheduler = Scheduler::new(
         registry,
         config.clone(),
@@ -121,6 +126,10 @@ pub async fn run(
         routes.clone(),
         state.changed.clone(),
     );
+    if config.https_addr.is_some() {
+        // Redirecting to HTTPS only makes sense when something listens there.
+        scheduler.redirect_https_with(certs.clone());
+    }
     state.scheduler = Some(scheduler.clone());
     let app = api::router(state);
 
@@ -133,9 +142,20 @@ pub async fn run(
         }
     };
     let sched_task = tokio::spawn(scheduler.run(stopped()));
+    let acme_task = tokio::spawn(crate::certs::acme::run(
+        cert_manager.clone(),
+        crate::certs::acme::AcmeSettings {
+            directory_url: config.acme.directory_url.clone(),
+            email: config.acme.email.clone(),
+            renew_before: config.acme.renew_before,
+            ca_root: config.acme.ca_root.clone(),
+        },
+        stopped(),
+    ));
 
     // The proxy: plain HTTP and HTTPS listeners on the routing snapshot.
-    let proxy_config = proxy_config(&config);
+    let mut proxy_config = proxy_config(&config);
+    proxy_config.acme_challenges = Some(cert_manager.challenges().clone());
     let mut proxy_tasks = Vec::new();
     if let Some(addr) = config.http_addr {
         let l = TcpListener::bind(addr)
@@ -188,6 +208,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
     let _ = sched_task.await;
+    let _ = acme_task.await;
     for t in proxy_tasks {
         match t.await {
             Ok(Err(e)) => tracing::error!(error = %e, "proxy stopped with an error"),

@@ -471,15 +471,38 @@ pub async fn rollback(
     ))
 }
 
+/// A custom domain with the state of its TLS certificate.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DomainView {
+    pub domain: String,
+    pub app: String,
+    pub created_at: i64,
+    pub certificate: crate::certs::CertState,
+}
+
 #[utoipa::path(get, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path)), responses((status = 200, body = [Domain])))]
+    params(("app" = String, Path)), responses((status = 200, body = [DomainView])))]
 pub async fn list_domains(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
-) -> Result<Json<Vec<Domain>>, ApiError> {
+) -> Result<Json<Vec<DomainView>>, ApiError> {
     app_name(&app)?;
-    Ok(Json(s.registry.domains(&actor, &app).await?))
+    let domains = s.registry.domains(&actor, &app).await?;
+    let mut states = crate::certs::store::states(&s.registry).await?;
+    Ok(Json(
+        domains
+            .into_iter()
+            .map(|d| DomainView {
+                certificate: states
+                    .remove(&d.domain)
+                    .unwrap_or_else(|| crate::certs::CertState::none(&d.domain)),
+                domain: d.domain,
+                app: d.app,
+                created_at: d.created_at,
+            })
+            .collect(),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
@@ -507,6 +530,7 @@ pub async fn add_domain(
     }
     let d = s.registry.add_domain(&actor, &app, &domain).await?;
     s.changed.notify_one();
+    s.certs.wake_acme();
     Ok((StatusCode::CREATED, Json(d)))
 }
 
@@ -520,6 +544,7 @@ pub async fn remove_domain(
     app_name(&app)?;
     let domain = validate::domain(&domain)?;
     s.registry.remove_domain(&actor, &app, &domain).await?;
+    s.certs.forget(&domain).await?;
     s.changed.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,6 +8,7 @@
 
 mod accounts;
 mod apps;
+mod certs;
 mod cluster;
 mod error;
 mod extract;
@@ -41,15 +42,21 @@ pub struct AppState {
     pub scheduler: Option<Arc<crate::scheduler::Scheduler>>,
     /// The proxy's counters, rendered at `/metrics`.
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
+    /// Certificates: registry rows and the proxy's certificate store.
+    pub certs: Arc<crate::certs::CertManager>,
 }
 
 impl AppState {
     pub fn new(registry: Registry, config: Arc<Config>) -> AppState {
+        let changed = Arc::new(Notify::new());
+        let certs =
+            crate::certs::CertManager::new(registry.clone(), changed.clone(), &config.apps_domain);
         AppState {
             registry,
             config,
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
-            changed: Arc::new(Notify::new()),
+            changed,
+            certs,
             scheduler: None,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
         }
@@ -59,7 +66,7 @@ impl AppState {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "escale API", description = "Self-hosted PaaS: apps, releases, config, scale, domains."),
+    info(title = "escale API", description = "Self-hosted PaaS: apps, releases, config, scale, domains, certificates."),
     paths(
         health, openapi_json,
         accounts::setup, accounts::login, accounts::me,
@@ -71,6 +78,7 @@ impl AppState {
         apps::get_config, apps::update_config,
         apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
         apps::list_domains, apps::add_domain, apps::remove_domain,
+        certs::list_certs, certs::add_cert, certs::remove_cert,
         apps::list_events, apps::list_all_events,
         cluster::list_instances, cluster::logs, cluster::list_nodes,
     ),
@@ -138,6 +146,11 @@ pub fn router(state: AppState) -> Router {
             get(apps::list_domains).post(apps::add_domain),
         )
         .route("/apps/{app}/domains/{domain}", delete(apps::remove_domain))
+        .route(
+            "/apps/{app}/certs",
+            get(certs::list_certs).post(certs::add_cert),
+        )
+        .route("/apps/{app}/certs/{domain}", delete(certs::remove_cert))
         .route("/apps/{app}/events", get(apps::list_events))
         .route("/apps/{app}/instances", get(cluster::list_instances))
         .route("/apps/{app}/logs", get(cluster::logs))

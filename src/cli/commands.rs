@@ -304,6 +304,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             Ok(())
         }
         Command::Domains(cmd) => domains(&api()?, json_out, cmd).await,
+        Command::Certs(cmd) => certs(&api()?, json_out, cmd).await,
         Command::Tokens(cmd) => tokens(&url, token.clone(), json_out, cmd).await,
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
         Command::Teams(cmd) => {
@@ -837,9 +838,124 @@ async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), 
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|d| vec![s(&d["domain"]), ago(d["created_at"].as_i64().unwrap_or(0))])
+                    .map(|d| {
+                        let mut row =
+                            vec![s(&d["domain"]), ago(d["created_at"].as_i64().unwrap_or(0))];
+                        row.extend(cert_cells(&d["certificate"]));
+                        row
+                    })
                     .collect();
-                table(&["DOMAIN", "ADDED"], &rows);
+                table(
+                    &[
+                        "DOMAIN",
+                        "ADDED",
+                        "ISSUER",
+                        "EXPIRES",
+                        "SOURCE",
+                        "LAST ERROR",
+                    ],
+                    &rows,
+                );
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Issuer, expiry, source and last error of a certificate state, `-` when absent.
+fn cert_cells(c: &Value) -> Vec<String> {
+    let or_dash = |v: &Value| match v.as_str() {
+        Some(x) if !x.is_empty() => x.to_string(),
+        _ => "-".into(),
+    };
+    let expires = match c["not_after"].as_i64() {
+        Some(ms) => {
+            let days = (ms - crate::registry::now_ms()) / 86_400_000;
+            let date = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+            )
+            .to_string();
+            let date = date.split('T').next().unwrap_or("").to_string();
+            if ms <= crate::registry::now_ms() {
+                format!("{date} (expired)")
+            } else {
+                format!("{date} ({days}d)")
+            }
+        }
+        None => "-".into(),
+    };
+    vec![
+        or_dash(&c["issuer"]),
+        expires,
+        or_dash(&c["source"]),
+        or_dash(&c["last_error"]),
+    ]
+}
+
+async fn certs(c: &Client, json_out: bool, cmd: CertsCommand) -> Result<(), CliError> {
+    match cmd {
+        CertsCommand::Add {
+            app,
+            domain,
+            cert,
+            key,
+        } => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
+            };
+            let body = json!({"domain": domain, "cert_pem": read(&cert)?, "key_pem": read(&key)?});
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/apps/{}/certs", seg(&app)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                let cells = cert_cells(&out);
+                println!(
+                    "Certificate for {} added to {app}: issued by {}, expires {}.",
+                    s(&out["domain"]),
+                    cells[0],
+                    cells[1]
+                )
+            });
+        }
+        CertsCommand::List { app } => {
+            let out: Value = c
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/certs", seg(&app)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                let rows: Vec<Vec<String>> = out
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        let mut row = vec![s(&d["domain"])];
+                        row.extend(cert_cells(d));
+                        row
+                    })
+                    .collect();
+                table(
+                    &["DOMAIN", "ISSUER", "EXPIRES", "SOURCE", "LAST ERROR"],
+                    &rows,
+                );
+            });
+        }
+        CertsCommand::Remove { app, domain } => {
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/apps/{}/certs/{}", seg(&app), seg(&domain)),
+                None,
+            )
+            .await?;
+            print_json_or(json_out, &json!({"removed": domain}), || {
+                println!("Certificate for {domain} removed from {app}.")
             });
         }
     }

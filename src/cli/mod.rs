@@ -185,6 +185,9 @@ pub enum Command {
         after_help = "Examples:\n  escale domains add shop shop.example.eu\n  escale domains list shop\n  escale domains remove shop shop.example.eu"
     )]
     Domains(DomainsCommand),
+    /// TLS certificates of an app's host names (uploaded; ACME ones are listed too).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// API tokens.
     #[command(
         subcommand,
@@ -313,6 +316,29 @@ pub enum DomainsCommand {
     Add { app: String, domain: String },
     Remove { app: String, domain: String },
     List { app: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Upload a certificate (PEM chain, leaf first) and its private key for DOMAIN, a custom
+    /// domain of APP or APP.<apps domain>. Served at once; plain HTTP then redirects to HTTPS.
+    #[command(
+        after_help = "Example:\n  escale certs add shop shop.example.eu --cert fullchain.pem --key privkey.pem"
+    )]
+    Add {
+        app: String,
+        domain: String,
+        /// PEM certificate chain file.
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        /// PEM private key file.
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
+    /// Certificate state of each host name of APP.
+    List { app: String },
+    /// Remove the certificate of DOMAIN.
+    Remove { app: String, domain: String },
 }
 
 #[derive(Debug, Subcommand)]

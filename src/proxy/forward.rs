@@ -278,6 +278,14 @@ impl Proxy {
                 return error_page(ErrorKind::Misdirected, json, &rid);
             }
         }
+        if let Some(answer) = self
+            .config
+            .acme_challenges
+            .as_ref()
+            .and_then(|c| c.answer(req.uri().path()))
+        {
+            return acme_answer(answer, &rid);
+        }
         let Some(route) = self.routes.load().lookup(&host_str).cloned() else {
             self.metrics.unknown_host();
             return error_page(ErrorKind::UnknownHost, json, &rid);
@@ -524,6 +532,19 @@ async fn tunnel(
 
 fn is_acme_challenge<B>(req: &Request<B>) -> bool {
     req.uri().path().starts_with("/.well-known/acme-challenge/")
+}
+
+/// `200` with an ACME HTTP-01 key authorization.
+fn acme_answer(key_authorization: String, rid: &HeaderValue) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::local(key_authorization));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(&X_REQUEST_ID, rid.clone());
+    resp
 }
 
 /// `308` to the same host and path over HTTPS.

@@ -61,6 +61,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Concurrent HTTP/2 streams per client connection.
     pub h2_max_concurrent_streams: u32,
+    /// Pending ACME HTTP-01 tokens, answered at `/.well-known/acme-challenge/<token>` for any
+    /// host before routing.
+    pub acme_challenges: Option<std::sync::Arc<crate::certs::Http01Challenges>>,
 }
 
 impl Default for ProxyConfig {
@@ -77,6 +80,7 @@ impl Default for ProxyConfig {
             eject_duration: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             h2_max_concurrent_streams: 256,
+            acme_challenges: None,
         }
     }
 }

@@ -141,6 +141,8 @@ pub struct Scheduler {
     pub engine_calls: std::sync::atomic::AtomicU64,
     /// Completed passes.
     pub passes: std::sync::atomic::AtomicU64,
+    /// Hosts with a certificate here get `redirect_https` routes.
+    certs: std::sync::OnceLock<Arc<crate::proxy::CertStore>>,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -172,7 +174,13 @@ impl Scheduler {
             state: Mutex::new(ExecState::default()),
             engine_calls: Default::default(),
             passes: Default::default(),
+            certs: Default::default(),
         })
+    }
+
+    /// Routes of hosts with a certificate in `certs` redirect plain HTTP to HTTPS.
+    pub fn redirect_https_with(&self, certs: Arc<crate::proxy::CertStore>) {
+        let _ = self.certs.set(certs);
     }
 
     /// The node named `name`.
@@ -932,6 +940,16 @@ impl Scheduler {
         for (domain, app) in domains {
             if let Some(r) = routes.get(app.as_str()) {
                 entries.push((domain.clone(), r.clone()));
+            }
+        }
+        if let Some(certs) = self.certs.get() {
+            for (host, route) in &mut entries {
+                if certs.get(host).is_some() {
+                    *route = Arc::new(Route {
+                        redirect_https: true,
+                        ..Route::clone(route)
+                    });
+                }
             }
         }
         let table = RoutingTable::new(entries);

@@ -117,6 +117,19 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         r#"{"domain":"{app}.example.eu"}"#,
         Access::App,
     ),
+    ("GET", "/api/v1/apps/{app}/certs", "", Access::App),
+    (
+        "POST",
+        "/api/v1/apps/{app}/certs",
+        r#"{"domain":"{app}.example.eu","cert_pem":"{cert_pem}","key_pem":"{key_pem}"}"#,
+        Access::App,
+    ),
+    (
+        "DELETE",
+        "/api/v1/apps/{app}/certs/{domain}",
+        "",
+        Access::App,
+    ),
     (
         "DELETE",
         "/api/v1/apps/{app}/domains/{domain}",
@@ -137,13 +150,26 @@ fn fill(template: &str, app: &str, newapp: &str) -> String {
     } else {
         "ci"
     };
+    let (cert_pem, key_pem) = wildcard_cert();
     template
+        .replace("{cert_pem}", &cert_pem.replace('\n', "\\n"))
+        .replace("{key_pem}", &key_pem.replace('\n', "\\n"))
         .replace("{domain}", &format!("{app}.example.eu"))
         .replace("{newapp}", newapp)
         .replace("{app}", app)
         .replace("{process}", "web")
         .replace("{version}", "1")
         .replace("{name}", name)
+}
+
+/// A self-signed `*.example.eu` certificate and its key (PEM), made once.
+fn wildcard_cert() -> &'static (String, String) {
+    static CERT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        let c = rcgen::generate_simple_self_signed(vec!["*.example.eu".to_string()])
+            .expect("rcgen makes a certificate");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    })
 }
 
 fn body_of(template: &str, app: &str, newapp: &str) -> Option<Value> {
@@ -166,6 +192,8 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
     let src = include_str!("../../src/api/mod.rs");
     let body = src.split("pub fn router(").nth(1).expect("router fn");
     let body = body.split("\n}\n").next().expect("router body");
+    // Only the `/api/v1` router: routes after `.nest(` (e.g. `/metrics`) are not under it.
+    let body = body.split(".nest(").next().expect("v1 router");
     let mut out = BTreeSet::new();
     for chunk in body.split(".route(").skip(1) {
         let path = chunk.split('"').nth(1).expect("route path");
@@ -399,7 +427,7 @@ async fn a_member_of_another_team_gets_404_on_every_app_route() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 17);
+    assert_eq!(checked, 20);
     // bert does not see redshop anywhere.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&bert), None)
@@ -535,7 +563,7 @@ async fn the_owner_succeeds_on_every_route_of_its_own_app() {
             Access::Public => {}
         }
     }
-    assert_eq!(checked, 26);
+    assert_eq!(checked, 29);
     // The last row destroyed the app; the one created through the table remains.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&rosa), None)

@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod certs;
 mod cli;
 mod node;
 mod proxy;

@@ -24,6 +24,8 @@ pub struct TestServer {
     pub installation: String,
     pub api: String,
     pub proxy: Option<String>,
+    /// The proxy's HTTPS address, when `ESCALE_HTTPS_ADDR` is not `off`.
+    pub https: Option<String>,
     pub token: String,
     child: Option<Child>,
     extra_env: Vec<(String, String)>,
@@ -106,6 +108,7 @@ impl TestServer {
             ("ESCALE_SCHEDULER_STOP_TIMEOUT".into(), "5s".into()),
             ("ESCALE_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             ("ESCALE_HTTPS_ADDR".into(), "off".into()),
+            ("ESCALE_ACME_DIRECTORY_URL".into(), "off".into()),
         ];
         for (k, v) in env {
             extra_env.retain(|(ek, _)| ek != k);
@@ -117,6 +120,7 @@ impl TestServer {
             installation,
             api: String::new(),
             proxy: None,
+            https: None,
             token: String::new(),
             child: None,
             extra_env,
@@ -178,6 +182,9 @@ impl TestServer {
             if let Some(url) = line.strip_prefix("escale: proxy listening on ") {
                 if url.starts_with("http://") {
                     self.proxy = Some(url.trim_start_matches("http://").to_string());
+                }
+                if let Some(addr) = url.strip_prefix("https://") {
+                    self.https = Some(addr.to_string());
                 }
             }
             if let Some(url) = line.strip_prefix("escale: API listening on ") {
