@@ -6,3 +6,4 @@ mod api;
 mod node;
 mod proxy;
 mod scheduler;
+mod zero_downtime;
