@@ -14,11 +14,18 @@
 //! | connect refused/reset before sending (after retry) | 502    | `upstream-connect`         |
 //! | connect timed out (after retry)                    | 504    | `upstream-connect-timeout` |
 //! | no response head within the response timeout       | 504    | `upstream-timeout`         |
-//! | exchange failed after the request was sent         | 502    | `upstream-failed`          |
+//! | exchange failed after the request was sent (after  | 502    | `upstream-failed`          |
+//! | retry, when idempotent)                            |        |                            |
 //!
-//! A request is retried once, on another backend, only when it was provably not sent
-//! (connect error, or a connection closed before the request was written) and its body was
-//! not polled; the failing backend is passively ejected.
+//! A request is retried once, on another backend, when its body can be sent again (it was
+//! empty or never polled) and either it was provably not sent (connect error, or a connection
+//! closed before the request was written) or it is idempotent (GET, HEAD, OPTIONS, TRACE, PUT,
+//! DELETE; not an upgrade) and the exchange failed before any response head arrived (the
+//! connection was closed or reset under it). The second case matters because backends are
+//! usually published through Docker's userland proxy, which accepts every connection and then
+//! closes it when the app behind it stopped listening: to the proxy a stopping or crashed
+//! instance looks like a connection closed after the request was written, never like a refused
+//! connect. The failing backend is passively ejected in both cases.
 
 use std::error::Error as _;
 use std::io;
@@ -162,6 +169,9 @@ struct Failure {
     error: ProxyError,
     /// The request was not sent: it may go to another backend.
     not_sent: bool,
+    /// No response head arrived (the request may have reached the backend): an idempotent
+    /// request may go to another backend.
+    no_response: bool,
 }
 
 /// Sorts a client error into what the client is told and whether a retry is safe.
@@ -189,6 +199,7 @@ fn classify(e: hyper_util::client::legacy::Error, backend: SocketAddr) -> Failur
             kind,
             error: ProxyError::Upstream { backend, source: e },
             not_sent: false,
+            no_response: false,
         };
     }
     if e.is_connect() || canceled {
@@ -201,12 +212,16 @@ fn classify(e: hyper_util::client::legacy::Error, backend: SocketAddr) -> Failur
             kind,
             error: ProxyError::UpstreamConnect { backend, source: e },
             not_sent: true,
+            no_response: true,
         };
     }
+    // The client's request future resolves with the response head, so any other error came
+    // before it: the connection was closed or reset, or the head was malformed.
     Failure {
         kind: ErrorKind::UpstreamFailed,
         error: ProxyError::Upstream { backend, source: e },
         not_sent: false,
+        no_response: true,
     }
 }
 
@@ -357,7 +372,8 @@ impl Proxy {
         let mut result = self.send(route, &pick, out, body).await;
         let mut pick = pick;
         if let (Err(f), Some(spare)) = (&result, spare) {
-            if f.not_sent {
+            let replayable = is_idempotent(&spare.method) && !upgrading;
+            if f.not_sent || (f.no_response && replayable) {
                 self.balancer.eject(&pick);
                 let body =
                     slot.and_then(|s| s.lock().unwrap_or_else(PoisonError::into_inner).take());
@@ -397,7 +413,7 @@ impl Proxy {
                 rid,
             ),
             Err(f) => {
-                if f.not_sent {
+                if f.not_sent || f.no_response {
                     self.balancer.eject(&pick);
                 }
                 warn!(
@@ -445,6 +461,8 @@ impl Proxy {
                     timeout,
                 },
                 not_sent: false,
+                // The backend may still be working on it: waiting again elsewhere is no help.
+                no_response: false,
             }),
         }
     }
@@ -528,6 +546,14 @@ async fn tunnel(
         Err(e) => debug!(error = %e, "upgraded tunnel closed"),
     }
     Ok(())
+}
+
+/// Methods whose requests may be sent twice (RFC 9110, 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 fn is_acme_challenge<B>(req: &Request<B>) -> bool {

@@ -10,7 +10,8 @@
 //! 3. forwards the request with hop-by-hop headers stripped and `X-Forwarded-*` and
 //!    `X-Request-Id` set, streaming both bodies and enforcing the route's body limit;
 //! 4. retries once on another backend when the connection could not be made (the request
-//!    was not sent), and answers explicit errors (`x-escale-error`) naming the failing side.
+//!    was not sent), or when an idempotent request's connection was closed before any response
+//!    head arrived, and answers explicit errors (`x-escale-error`) naming the failing side.
 //!
 //! Module map: [`server`] accepts connections and drains them on shutdown, `forward` is
 //! the per-request logic, `balance` picks backends, `body` holds the streaming body

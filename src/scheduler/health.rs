@@ -78,16 +78,31 @@ impl HealthTable {
     }
 
     /// Makes the table track exactly these running containers. A new container starts as
-    /// `Starting` (or `Healthy` at once when its kind is `None`); a changed target restarts it.
+    /// `Starting` (or `Healthy` at once when its kind is `None`).
+    ///
+    /// A changed target (the process's health check was edited) keeps the container's verdict
+    /// and probes it again at once: a serving instance stays routed until the new check fails
+    /// [`FAILURES_TO_UNHEALTHY`] times, instead of being pulled out of the routing table while it
+    /// is re-checked (which, with every instance re-checked at once, left the app with no
+    /// backend at all).
     pub fn sync(&self, targets: Vec<(String, ProbeTarget)>) {
         let now = Instant::now();
         let mut map = self.entries.lock().expect("health lock");
         let keep: std::collections::HashSet<&String> = targets.iter().map(|(id, _)| id).collect();
         map.retain(|id, _| keep.contains(id));
         for (id, target) in targets {
-            match map.get(&id) {
+            match map.get_mut(&id) {
                 Some(e) if e.target == target => {}
-                _ => {
+                Some(e) => {
+                    if target.kind == HealthKind::None {
+                        e.health = Health::Healthy;
+                    }
+                    e.target = target;
+                    e.failures = 0;
+                    e.last_error = None;
+                    e.next_probe = now;
+                }
+                None => {
                     let health = if target.kind == HealthKind::None {
                         Health::Healthy
                     } else {
@@ -323,5 +338,35 @@ mod tests {
         )]);
         assert_eq!(table.get("bad"), None, "untracked after sync");
         assert_eq!(table.get("good"), Some(Health::Healthy), "kept across sync");
+    }
+
+    #[tokio::test]
+    async fn a_changed_check_keeps_the_verdict_until_the_new_check_fails() {
+        let table = HealthTable::default();
+        let good = server("200 OK").await;
+        table.sync(vec![("a".into(), target(good, HealthKind::Http, 10_000))]);
+        assert!(table.probe_due().await);
+        assert_eq!(table.get("a"), Some(Health::Healthy));
+
+        // The check moves to another path: still routable while it is re-probed.
+        let mut moved = target(good, HealthKind::Http, 10_000);
+        moved.path = "/ready".into();
+        table.sync(vec![("a".into(), moved.clone())]);
+        assert_eq!(
+            table.get("a"),
+            Some(Health::Healthy),
+            "not reset to starting"
+        );
+
+        // A new check that fails turns it unhealthy after the usual consecutive failures.
+        let bad = server("503 No").await;
+        moved.addr = bad;
+        table.sync(vec![("a".into(), moved)]);
+        for _ in 0..FAILURES_TO_UNHEALTHY {
+            assert_eq!(table.get("a"), Some(Health::Healthy));
+            tokio::time::sleep(STARTING_PROBE_EVERY).await;
+            table.probe_due().await;
+        }
+        assert_eq!(table.get("a"), Some(Health::Unhealthy));
     }
 }

@@ -121,6 +121,8 @@ struct ExecState {
     cancelled: HashSet<String>,
     /// Containers being drained.
     draining: HashSet<String>,
+    /// Routing snapshots built so far; bumped (under this lock) when one reads `draining`.
+    routes_built: u64,
     crashes: HashMap<(String, String, u32), SlotCrash>,
 }
 
@@ -137,6 +139,9 @@ pub struct Scheduler {
     pub health: Arc<HealthTable>,
     changed: Arc<Notify>,
     state: Mutex<ExecState>,
+    /// The number of the last routing snapshot published (see `ExecState::routes_built`):
+    /// a drain waits for a snapshot without its instance before its grace period starts.
+    routes_published: tokio::sync::watch::Sender<u64>,
     /// Engine calls made by passes (for the benchmark of calls per pass).
     pub engine_calls: std::sync::atomic::AtomicU64,
     /// Completed passes.
@@ -172,6 +177,7 @@ impl Scheduler {
             health: Arc::new(HealthTable::default()),
             changed,
             state: Mutex::new(ExecState::default()),
+            routes_published: tokio::sync::watch::Sender::new(0),
             engine_calls: Default::default(),
             passes: Default::default(),
             certs: Default::default(),
@@ -532,7 +538,7 @@ impl Scheduler {
             ));
         }
         self.health.sync(targets);
-        self.publish_routes(&containers, &inputs, &domains);
+        self.publish_routes(&containers, &inputs, &domains, &draining_before);
 
         // Healthy slots forget their crash history.
         let crashing = {
@@ -686,20 +692,30 @@ impl Scheduler {
                         self.record_crash(&app, &process, slot, None, false, lines);
                     }
                 }
-                if !self
-                    .state
-                    .lock()
-                    .expect("scheduler lock")
-                    .draining
-                    .insert(container_id.clone())
-                {
-                    return;
-                }
+                // The first snapshot built after this insert leaves the instance out.
+                let unrouted = {
+                    let mut st = self.state.lock().expect("scheduler lock");
+                    if !st.draining.insert(container_id.clone()) {
+                        return;
+                    }
+                    st.routes_built + 1
+                };
                 tracing::info!(%app, %process, container = %short(&container_id), ?reason, "draining instance");
                 let me = self.clone();
+                let mut published = self.routes_published.subscribe();
                 tokio::spawn(async move {
-                    // Out of the routing table first; then the grace period lets in-flight requests end.
+                    // Out of the routing table first: the grace period starts once the proxy
+                    // has a snapshot without the instance (this pass publishes one after its
+                    // actions, however long they take), so no new request reaches the instance
+                    // after the grace, when it is stopped. The timeout is only a safety net.
                     me.changed.notify_one();
+                    let wait = published.wait_for(|n| *n >= unrouted);
+                    if tokio::time::timeout(Duration::from_secs(30), wait)
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(container = %short(&container_id), "no routing snapshot published; draining anyway");
+                    }
                     tokio::time::sleep(me.config.scheduler.drain_grace).await;
                     if let Some(n) = me.node(&node) {
                         if let Err(e) = n
@@ -896,13 +912,21 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
+    /// Builds and publishes the routing table. `draining_before` (taken before `containers`
+    /// were listed) keeps out a container whose drain completed during this pass: the listing
+    /// still shows it running, but it is stopped or gone.
     fn publish_routes(
         &self,
         containers: &[(String, node::ContainerInstance)],
         inputs: &HashMap<String, AppPlanInput>,
         domains: &[(String, String)],
+        draining_before: &HashSet<String>,
     ) {
-        let draining = self.state.lock().expect("scheduler lock").draining.clone();
+        let (draining, built) = {
+            let mut st = self.state.lock().expect("scheduler lock");
+            st.routes_built += 1;
+            (st.draining.clone(), st.routes_built)
+        };
         let mut backends: BTreeMap<&str, Vec<Backend>> = BTreeMap::new();
         for name in inputs.keys() {
             backends.insert(name.as_str(), Vec::new());
@@ -911,6 +935,7 @@ impl Scheduler {
             if c.process != "web"
                 || c.state != node::InstanceState::Running
                 || draining.contains(&c.container_id)
+                || draining_before.contains(&c.container_id)
             {
                 continue;
             }
@@ -957,6 +982,7 @@ impl Scheduler {
             tracing::debug!(hosts = table.len(), "publishing routing table");
             self.routes.store(Arc::new(table));
         }
+        self.routes_published.send_replace(built);
     }
 }
 

@@ -8,3 +8,4 @@ mod cli;
 mod node;
 mod proxy;
 mod scheduler;
+mod zero_downtime;

@@ -373,6 +373,93 @@ async fn refused_backend_is_retried_on_a_healthy_one() {
     p.shutdown().await.unwrap();
 }
 
+/// A backend that accepts a connection, reads the request head and closes without answering:
+/// what Docker's userland proxy does on the published port of a container whose app stopped
+/// listening (a stopping or crashed instance). Counts the requests it swallowed.
+async fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let swallowed = Arc::new(AtomicUsize::new(0));
+    let n = swallowed.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let n = n.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, swallowed)
+}
+
+#[tokio::test]
+async fn idempotent_request_closed_before_any_answer_is_retried_on_another_backend() {
+    let live = backend("live").await;
+    let (gone, swallowed) = closing_backend().await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("gone-1", gone), ("live-1", live.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    for _ in 0..6 {
+        let (s, h, body) = get(p.addr, "shop.example.test", "/").await;
+        assert_eq!(
+            (s, body.as_str()),
+            (StatusCode::OK, "live"),
+            "{}",
+            error_code(&h)
+        );
+    }
+    assert!(
+        swallowed.load(Ordering::SeqCst) >= 1,
+        "the closing backend was tried"
+    );
+
+    // Both backends close: one retry, then 502; a POST is never sent twice.
+    let (gone_b, swallowed_b) = closing_backend().await;
+    p.routes.store(Arc::new(table(vec![(
+        "shop.example.test",
+        route("shop", &[("gone-a", gone), ("gone-b", gone_b)], 1 << 20),
+    )])));
+    let before = swallowed.load(Ordering::SeqCst);
+    let tries = || swallowed.load(Ordering::SeqCst) - before + swallowed_b.load(Ordering::SeqCst);
+    let (s, h, _) = get(p.addr, "shop.example.test", "/").await;
+    assert_eq!(
+        (s, error_code(&h)),
+        (StatusCode::BAD_GATEWAY, "upstream-failed")
+    );
+    assert_eq!(tries(), 2, "a GET is tried on two backends");
+    let resp = send(
+        p.addr,
+        request("shop.example.test", "/upload")
+            .method("POST")
+            .body(full(vec![b'y'; 10]))
+            .unwrap(),
+    )
+    .await;
+    let (s, h, _) = read(resp).await;
+    assert_eq!(
+        (s, error_code(&h)),
+        (StatusCode::BAD_GATEWAY, "upstream-failed")
+    );
+    assert_eq!(tries(), 3, "a POST is not replayed");
+    p.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn all_backends_down_is_502_upstream_connect() {
     let p = start_proxy(
