@@ -220,23 +220,11 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
             Some(x) => Some(Some(parse(x)?)),
         })
     };
-    let ms = |what: &str, v: Option<i64>, min: i64, max: i64| -> Result<Option<u32>, ApiError> {
-        match v {
-            None => Ok(None),
-            Some(n) if (min..=max).contains(&n) => Ok(Some(n as u32)),
-            Some(n) => Err(ApiError::Unprocessable(format!(
-                "health {what} {n} ms is out of range: use {min} to {max}"
-            ))),
-        }
+    let ms = |what: &str, v: Option<i64>| -> Result<Option<u32>, ApiError> {
+        Ok(v.map(|n| validate::health_ms(what, n)).transpose()?)
     };
     if let Some(cmd) = &u.command {
-        if cmd.iter().any(|a| a.contains('\0'))
-            || cmd.iter().map(String::len).sum::<usize>() > 16 * 1024
-        {
-            return Err(ApiError::Unprocessable(
-                "command arguments must not contain NUL and must total at most 16 KiB".into(),
-            ));
-        }
+        validate::command(cmd)?;
     }
     let h = u.health.as_ref();
     if let Some(p) = h.and_then(|h| h.path.as_deref()) {
@@ -251,20 +239,12 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
         memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?
             .map(|o| o.map(|b| b as u64)),
         nano_cpus: limit(&u.cpus, &validate::cpus)?,
-        surge: match u.surge {
-            None => None,
-            Some(n) if (1..=100).contains(&n) => Some(n as u32),
-            Some(n) => {
-                return Err(ApiError::Unprocessable(format!(
-                    "surge {n} is out of range: use 1 to 100"
-                )))
-            }
-        },
+        surge: u.surge.map(validate::surge).transpose()?,
         health_kind: h.and_then(|h| h.kind),
         health_path: h.and_then(|h| h.path.clone()),
-        health_interval_ms: ms("interval", h.and_then(|h| h.interval_ms), 100, 3_600_000)?,
-        health_timeout_ms: ms("timeout", h.and_then(|h| h.timeout_ms), 50, 600_000)?,
-        health_grace_ms: ms("grace", h.and_then(|h| h.grace_ms), 0, 3_600_000)?,
+        health_interval_ms: ms("interval", h.and_then(|h| h.interval_ms))?,
+        health_timeout_ms: ms("timeout", h.and_then(|h| h.timeout_ms))?,
+        health_grace_ms: ms("grace", h.and_then(|h| h.grace_ms))?,
     })
 }
 
@@ -493,18 +473,14 @@ pub async fn add_domain(
     app_name(&app)?;
     let domain = validate::domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
-    if domain == *apps_domain {
-        return Err(ApiError::Unprocessable(format!(
-            "`{domain}` is the apps domain itself; apps get APP.{apps_domain}"
-        )));
-    }
-    if let Some(label) = domain.strip_suffix(&format!(".{apps_domain}")) {
-        if !label.contains('.') && label != app {
-            return Err(ApiError::Conflict(format!(
-                "`{domain}` is reserved for an app named `{label}` under the apps domain"
-            )));
+    validate::custom_domain(&domain, &app, apps_domain).map_err(|e| {
+        // The apps domain itself is not a domain one can have; another app's name is taken.
+        if domain == *apps_domain {
+            ApiError::Unprocessable(e.0)
+        } else {
+            ApiError::Conflict(e.0)
         }
-    }
+    })?;
     let d = s.registry.add_domain(&actor, &app, &domain).await?;
     s.changed.notify_one();
     Ok((StatusCode::CREATED, Json(d)))
