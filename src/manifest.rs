@@ -309,7 +309,7 @@ fn key(k: &str) -> String {
 }
 
 /// Bytes as `256m`, `1g`, `512k` when exact, else plain bytes.
-fn memory_text(bytes: u64) -> String {
+pub(crate) fn memory_text(bytes: u64) -> String {
     for (unit, shift) in [("t", 40), ("g", 30), ("m", 20), ("k", 10)] {
         if bytes % (1 << shift) == 0 {
             return format!("{}{unit}", bytes >> shift);
@@ -319,7 +319,7 @@ fn memory_text(bytes: u64) -> String {
 }
 
 /// Billionths of a CPU as a TOML number: `0.5`, `2`.
-fn cpus_text(nano: i64) -> String {
+pub(crate) fn cpus_text(nano: i64) -> String {
     let whole = nano / 1_000_000_000;
     let frac = nano % 1_000_000_000;
     if frac == 0 {
@@ -330,7 +330,7 @@ fn cpus_text(nano: i64) -> String {
 }
 
 /// Milliseconds as `5s`, `1m 30s`, `500ms`.
-fn duration_text(ms: u32) -> String {
+pub(crate) fn duration_text(ms: u32) -> String {
     humantime::format_duration(std::time::Duration::from_millis(u64::from(ms))).to_string()
 }
 

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppState, Auth, Json, Path, Query};
+use crate::manifest::{Checks, Manifest};
 use crate::registry::{
-    App, ConfigVar, Domain, Event, HealthKind, ProcessPatch, ProcessType, Release,
+    App, ConfigVar, Domain, Event, HealthKind, ManifestApplied, ProcessPatch, ProcessType, Release,
 };
 use crate::validate;
 
@@ -113,6 +114,22 @@ pub struct RollbackRequest {
 #[serde(deny_unknown_fields)]
 pub struct DomainRequest {
     pub domain: String,
+}
+
+/// An `escale.toml` manifest to apply.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestRequest {
+    /// The TOML text.
+    pub manifest: String,
+}
+
+/// An app's current state as an `escale.toml` manifest (secret config vars left out).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ManifestDocument {
+    pub app: String,
+    /// The TOML text; applying it back changes nothing.
+    pub manifest: String,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -498,6 +515,69 @@ pub async fn remove_domain(
     s.registry.remove_domain(&actor, &app, &domain).await?;
     s.changed.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Exports the app as an `escale.toml` manifest.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/manifest", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), responses((status = 200, body = ManifestDocument), (status = 404, body = super::Problem)))]
+pub async fn get_manifest(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<Json<ManifestDocument>, ApiError> {
+    app_name(&app)?;
+    let info = s.registry.app_info(&actor, &app).await?;
+    let config = s.registry.config(&actor, &app, false).await?;
+    let secrets: Vec<&str> = config
+        .iter()
+        .filter(|v| v.secret)
+        .map(|v| v.key.as_str())
+        .collect();
+    let mut text =
+        format!("# escale manifest of app `{app}`; apply with: escale apply -f escale.toml\n");
+    if !secrets.is_empty() {
+        text.push_str(&format!(
+            "# Secret config vars are not exported (set them with `escale config set --secret`): {}\n",
+            secrets.join(", ")
+        ));
+    }
+    text.push_str(&Manifest::from_app(&info, &config).to_toml());
+    Ok(Json(ManifestDocument {
+        app,
+        manifest: text,
+    }))
+}
+
+/// Applies an `escale.toml` manifest in one transaction: process types, formation, domains
+/// and non-secret config vars. Nothing is changed when any part is refused.
+#[utoipa::path(put, path = "/api/v1/apps/{app}/manifest", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body = ManifestRequest,
+    responses((status = 200, body = ManifestApplied), (status = 404, body = super::Problem),
+        (status = 409, body = super::Problem), (status = 422, body = super::Problem)))]
+pub async fn apply_manifest(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<ManifestRequest>,
+) -> Result<Json<ManifestApplied>, ApiError> {
+    app_name(&app)?;
+    // Another team's app is "not found" before anything about the manifest is said.
+    s.registry.app(&actor, &app).await?;
+    let checks = Checks {
+        app: Some(&app),
+        max_instances: Some(s.config.max_instances),
+        apps_domain: Some(&s.config.apps_domain),
+    };
+    let m = Manifest::parse_with(&req.manifest, &checks)
+        .map_err(|e| ApiError::Unprocessable(format!("invalid manifest: {e}")))?;
+    let out = s
+        .registry
+        .apply_manifest(&actor, &app, &m, s.config.scheduler.default_port)
+        .await?;
+    if !out.changes.is_empty() {
+        s.changed.notify_one();
+    }
+    Ok(Json(out))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/events", tag = "apps", security(("token" = [])),

@@ -71,6 +71,7 @@ impl AppState {
         apps::get_config, apps::update_config,
         apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
         apps::list_domains, apps::add_domain, apps::remove_domain,
+        apps::get_manifest, apps::apply_manifest,
         apps::list_events, apps::list_all_events,
         cluster::list_instances, cluster::logs, cluster::list_nodes,
     ),
@@ -138,6 +139,10 @@ pub fn router(state: AppState) -> Router {
             get(apps::list_domains).post(apps::add_domain),
         )
         .route("/apps/{app}/domains/{domain}", delete(apps::remove_domain))
+        .route(
+            "/apps/{app}/manifest",
+            get(apps::get_manifest).put(apps::apply_manifest),
+        )
         .route("/apps/{app}/events", get(apps::list_events))
         .route("/apps/{app}/instances", get(cluster::list_instances))
         .route("/apps/{app}/logs", get(cluster::logs))
