@@ -177,7 +177,13 @@ impl Manifest {
                 line,
                 column,
                 field: String::new(),
-                message: e.message().trim().to_string(),
+                message: e
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             })
         })?;
         let mut w = Walker {
