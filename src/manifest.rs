@@ -361,6 +361,14 @@ fn path(parent: &str, name: &str) -> String {
     }
 }
 
+/// A key of a table, its item, the key's span and the value's span.
+type Entry<'d> = (
+    &'d str,
+    &'d Item,
+    Option<Range<usize>>,
+    Option<Range<usize>>,
+);
+
 /// Walks the document, collecting every problem with its byte offset.
 struct Walker<'t> {
     text: &'t str,
@@ -390,12 +398,7 @@ impl Walker<'_> {
         table_span: Option<Range<usize>>,
         field: &str,
         allowed: Option<&[&str]>,
-    ) -> Vec<(
-        &'d str,
-        &'d Item,
-        Option<Range<usize>>,
-        Option<Range<usize>>,
-    )> {
+    ) -> Vec<Entry<'d>> {
         let mut out = Vec::new();
         for (k, item) in table.iter() {
             let key_span = table
@@ -974,11 +977,13 @@ kind = "none"
         let text = m.to_toml();
         assert_eq!(Manifest::parse(&text).unwrap(), m, "{text}");
         // Odd keys and values survive quoting.
-        let mut m = Manifest::default();
-        m.env = Some(BTreeMap::from([(
-            "lower_ok".to_string(),
-            "line\nbreak \\ \"q\" é".to_string(),
-        )]));
+        let mut m = Manifest {
+            env: Some(BTreeMap::from([(
+                "lower_ok".to_string(),
+                "line\nbreak \\ \"q\" é".to_string(),
+            )])),
+            ..Default::default()
+        };
         m.processes.insert(
             "web".into(),
             ProcessSpec {

@@ -961,7 +961,7 @@ fn process_diff(old: &ProcessType, new: &ProcessType) -> Vec<String> {
     };
     let cmd = |c: &Option<Vec<String>>| {
         c.as_ref()
-            .map(|c| show(c))
+            .map(show)
             .unwrap_or_else(|| "(image default)".into())
     };
     field("command", cmd(&old.command), cmd(&new.command));
