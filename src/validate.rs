@@ -346,6 +346,60 @@ pub fn health_path(p: &str) -> Result<(), ValidationError> {
     }
 }
 
+/// Extra instances a rolling deploy may start, 1 to 100.
+pub fn surge(n: i64) -> Result<u32, ValidationError> {
+    if (1..=100).contains(&n) {
+        Ok(n as u32)
+    } else {
+        err(format!("surge {n} is out of range: use 1 to 100"))
+    }
+}
+
+/// A health-check timing in milliseconds: `interval` 100 ms to 1 h, `timeout` 50 ms to 10 min,
+/// `grace` 0 to 1 h.
+pub fn health_ms(what: &str, ms: i64) -> Result<u32, ValidationError> {
+    let (min, max) = match what {
+        "timeout" => (50, 600_000),
+        "grace" => (0, 3_600_000),
+        _ => (100, 3_600_000),
+    };
+    if (min..=max).contains(&ms) {
+        Ok(ms as u32)
+    } else {
+        err(format!(
+            "health {what} {ms} ms is out of range: use {min} to {max} ms"
+        ))
+    }
+}
+
+/// A command as argv: no NUL byte, at most 16 KiB in all.
+pub fn command(argv: &[String]) -> Result<(), ValidationError> {
+    if argv.iter().any(|a| a.contains('\0'))
+        || argv.iter().map(String::len).sum::<usize>() > 16 * 1024
+    {
+        return err("command arguments must not contain NUL and must total at most 16 KiB");
+    }
+    Ok(())
+}
+
+/// A custom domain (already [`domain`]-normalised) for `app`: not the apps domain itself, and
+/// not `OTHER.<apps_domain>`, which is reserved for the app named `OTHER`.
+pub fn custom_domain(domain: &str, app: &str, apps_domain: &str) -> Result<(), ValidationError> {
+    if domain == apps_domain {
+        return err(format!(
+            "`{domain}` is the apps domain itself; apps get APP.{apps_domain}"
+        ));
+    }
+    if let Some(label) = domain.strip_suffix(&format!(".{apps_domain}")) {
+        if !label.contains('.') && label != app {
+            return err(format!(
+                "`{domain}` is reserved for an app named `{label}` under the apps domain"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A text safe to echo back in an error message: control characters escaped, length capped.
 pub fn printable(s: &str) -> String {
     let mut out: String = s.chars().take(80).flat_map(|c| c.escape_debug()).collect();

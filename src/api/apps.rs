@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppState, Auth, Json, Path, Query};
+use crate::manifest::{Checks, Manifest};
 use crate::registry::{
-    App, ConfigVar, Domain, Event, HealthKind, ProcessPatch, ProcessType, Release,
+    App, ConfigVar, Domain, Event, HealthKind, ManifestApplied, ProcessPatch, ProcessType, Release,
 };
 use crate::validate;
 
@@ -113,6 +114,22 @@ pub struct RollbackRequest {
 #[serde(deny_unknown_fields)]
 pub struct DomainRequest {
     pub domain: String,
+}
+
+/// An `escale.toml` manifest to apply.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestRequest {
+    /// The TOML text.
+    pub manifest: String,
+}
+
+/// An app's current state as an `escale.toml` manifest (secret config vars left out).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ManifestDocument {
+    pub app: String,
+    /// The TOML text; applying it back changes nothing.
+    pub manifest: String,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -220,23 +237,11 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
             Some(x) => Some(Some(parse(x)?)),
         })
     };
-    let ms = |what: &str, v: Option<i64>, min: i64, max: i64| -> Result<Option<u32>, ApiError> {
-        match v {
-            None => Ok(None),
-            Some(n) if (min..=max).contains(&n) => Ok(Some(n as u32)),
-            Some(n) => Err(ApiError::Unprocessable(format!(
-                "health {what} {n} ms is out of range: use {min} to {max}"
-            ))),
-        }
+    let ms = |what: &str, v: Option<i64>| -> Result<Option<u32>, ApiError> {
+        Ok(v.map(|n| validate::health_ms(what, n)).transpose()?)
     };
     if let Some(cmd) = &u.command {
-        if cmd.iter().any(|a| a.contains('\0'))
-            || cmd.iter().map(String::len).sum::<usize>() > 16 * 1024
-        {
-            return Err(ApiError::Unprocessable(
-                "command arguments must not contain NUL and must total at most 16 KiB".into(),
-            ));
-        }
+        validate::command(cmd)?;
     }
     let h = u.health.as_ref();
     if let Some(p) = h.and_then(|h| h.path.as_deref()) {
@@ -251,20 +256,12 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
         memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?
             .map(|o| o.map(|b| b as u64)),
         nano_cpus: limit(&u.cpus, &validate::cpus)?,
-        surge: match u.surge {
-            None => None,
-            Some(n) if (1..=100).contains(&n) => Some(n as u32),
-            Some(n) => {
-                return Err(ApiError::Unprocessable(format!(
-                    "surge {n} is out of range: use 1 to 100"
-                )))
-            }
-        },
+        surge: u.surge.map(validate::surge).transpose()?,
         health_kind: h.and_then(|h| h.kind),
         health_path: h.and_then(|h| h.path.clone()),
-        health_interval_ms: ms("interval", h.and_then(|h| h.interval_ms), 100, 3_600_000)?,
-        health_timeout_ms: ms("timeout", h.and_then(|h| h.timeout_ms), 50, 600_000)?,
-        health_grace_ms: ms("grace", h.and_then(|h| h.grace_ms), 0, 3_600_000)?,
+        health_interval_ms: ms("interval", h.and_then(|h| h.interval_ms))?,
+        health_timeout_ms: ms("timeout", h.and_then(|h| h.timeout_ms))?,
+        health_grace_ms: ms("grace", h.and_then(|h| h.grace_ms))?,
     })
 }
 
@@ -516,18 +513,14 @@ pub async fn add_domain(
     app_name(&app)?;
     let domain = validate::domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
-    if domain == *apps_domain {
-        return Err(ApiError::Unprocessable(format!(
-            "`{domain}` is the apps domain itself; apps get APP.{apps_domain}"
-        )));
-    }
-    if let Some(label) = domain.strip_suffix(&format!(".{apps_domain}")) {
-        if !label.contains('.') && label != app {
-            return Err(ApiError::Conflict(format!(
-                "`{domain}` is reserved for an app named `{label}` under the apps domain"
-            )));
+    validate::custom_domain(&domain, &app, apps_domain).map_err(|e| {
+        // The apps domain itself is not a domain one can have; another app's name is taken.
+        if domain == *apps_domain {
+            ApiError::Unprocessable(e.0)
+        } else {
+            ApiError::Conflict(e.0)
         }
-    }
+    })?;
     let d = s.registry.add_domain(&actor, &app, &domain).await?;
     s.changed.notify_one();
     s.certs.wake_acme();
@@ -547,6 +540,69 @@ pub async fn remove_domain(
     s.certs.forget(&domain).await?;
     s.changed.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Exports the app as an `escale.toml` manifest.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/manifest", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), responses((status = 200, body = ManifestDocument), (status = 404, body = super::Problem)))]
+pub async fn get_manifest(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+) -> Result<Json<ManifestDocument>, ApiError> {
+    app_name(&app)?;
+    let info = s.registry.app_info(&actor, &app).await?;
+    let config = s.registry.config(&actor, &app, false).await?;
+    let secrets: Vec<&str> = config
+        .iter()
+        .filter(|v| v.secret)
+        .map(|v| v.key.as_str())
+        .collect();
+    let mut text =
+        format!("# escale manifest of app `{app}`; apply with: escale apply -f escale.toml\n");
+    if !secrets.is_empty() {
+        text.push_str(&format!(
+            "# Secret config vars are not exported (set them with `escale config set --secret`): {}\n",
+            secrets.join(", ")
+        ));
+    }
+    text.push_str(&Manifest::from_app(&info, &config).to_toml());
+    Ok(Json(ManifestDocument {
+        app,
+        manifest: text,
+    }))
+}
+
+/// Applies an `escale.toml` manifest in one transaction: process types, formation, domains
+/// and non-secret config vars. Nothing is changed when any part is refused.
+#[utoipa::path(put, path = "/api/v1/apps/{app}/manifest", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path)), request_body = ManifestRequest,
+    responses((status = 200, body = ManifestApplied), (status = 404, body = super::Problem),
+        (status = 409, body = super::Problem), (status = 422, body = super::Problem)))]
+pub async fn apply_manifest(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path(app): Path<String>,
+    Json(req): Json<ManifestRequest>,
+) -> Result<Json<ManifestApplied>, ApiError> {
+    app_name(&app)?;
+    // Another team's app is "not found" before anything about the manifest is said.
+    s.registry.app(&actor, &app).await?;
+    let checks = Checks {
+        app: Some(&app),
+        max_instances: Some(s.config.max_instances),
+        apps_domain: Some(&s.config.apps_domain),
+    };
+    let m = Manifest::parse_with(&req.manifest, &checks)
+        .map_err(|e| ApiError::Unprocessable(format!("invalid manifest: {e}")))?;
+    let out = s
+        .registry
+        .apply_manifest(&actor, &app, &m, s.config.scheduler.default_port)
+        .await?;
+    if !out.changes.is_empty() {
+        s.changed.notify_one();
+    }
+    Ok(Json(out))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/events", tag = "apps", security(("token" = [])),

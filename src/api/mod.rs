@@ -79,6 +79,7 @@ impl AppState {
         apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
         apps::list_domains, apps::add_domain, apps::remove_domain,
         certs::list_certs, certs::add_cert, certs::remove_cert,
+        apps::get_manifest, apps::apply_manifest,
         apps::list_events, apps::list_all_events,
         cluster::list_instances, cluster::logs, cluster::list_nodes,
     ),
@@ -151,6 +152,10 @@ pub fn router(state: AppState) -> Router {
             get(certs::list_certs).post(certs::add_cert),
         )
         .route("/apps/{app}/certs/{domain}", delete(certs::remove_cert))
+        .route(
+            "/apps/{app}/manifest",
+            get(apps::get_manifest).put(apps::apply_manifest),
+        )
         .route("/apps/{app}/events", get(apps::list_events))
         .route("/apps/{app}/instances", get(cluster::list_instances))
         .route("/apps/{app}/logs", get(cluster::logs))

@@ -139,6 +139,18 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             });
             Ok(())
         }
+        Command::Apply { file, app } => apply(&api()?, json_out, &file, app).await,
+        Command::Export { app } => {
+            let out: Value = api()?
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/manifest", seg(&app)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &out, || print!("{}", s(&out["manifest"])));
+            Ok(())
+        }
         Command::Apps(cmd) => apps(&api()?, json_out, cmd).await,
         Command::Config(cmd) => config(&api()?, json_out, cmd).await,
         Command::Processes(cmd) => processes(&api()?, json_out, cmd).await,
@@ -437,6 +449,77 @@ pub(super) async fn follow_rollout(
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+/// `escale apply`: checks the manifest here (so that a typo is shown with its line before
+/// anything is sent), then has the server apply it in one transaction.
+async fn apply(
+    c: &Client,
+    json_out: bool,
+    file: &std::path::Path,
+    app: Option<String>,
+) -> Result<(), CliError> {
+    use std::io::Read;
+    let stdin = file.as_os_str() == "-";
+    let shown = if stdin {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let text = if stdin {
+        let mut t = String::new();
+        std::io::stdin().read_to_string(&mut t).map_err(|e| {
+            CliError::Local(format!("cannot read the manifest from standard input: {e}"))
+        })?;
+        t
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| CliError::Local(format!("cannot read {shown}: {e}")))?
+    };
+    let checks = crate::manifest::Checks {
+        app: app.as_deref(),
+        ..Default::default()
+    };
+    let m = crate::manifest::Manifest::parse_with(&text, &checks).map_err(|e| {
+        let lines: Vec<String> = e
+            .to_string()
+            .lines()
+            .map(|l| format!("{shown}:{l}"))
+            .collect();
+        CliError::Local(lines.join("\n"))
+    })?;
+    let app = app.or(m.app.clone()).ok_or_else(|| {
+        CliError::Usage(format!(
+            "which app? add `app = \"NAME\"` to {shown} or give --app NAME"
+        ))
+    })?;
+    let out: Value = c
+        .call(
+            Method::PUT,
+            &format!("/api/v1/apps/{}/manifest", seg(&app)),
+            Some(json!({"manifest": text})),
+        )
+        .await?;
+    print_json_or(json_out, &out, || {
+        let changes: Vec<String> = out["changes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        if changes.is_empty() {
+            println!("{app} already matches {shown}; nothing changed.");
+            return;
+        }
+        println!("Applied {shown} to {app}:");
+        for c in &changes {
+            println!("  {c}");
+        }
+        if let Some(v) = out["release"].as_u64() {
+            println!("The config changed: release v{v} is rolling out.");
+        }
+    });
+    Ok(())
 }
 
 async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliError> {

@@ -27,6 +27,7 @@ Examples:
   escale logs shop -f
   escale domains add shop shop.example.eu
   escale rollback shop v3
+  escale apply -f escale.toml                    # process types, scale, domains, env from a file
 
 Exit codes: 0 ok, 1 operation failed, 2 usage error, 3 server unreachable, 4 not authenticated or not allowed.
 Environment: ESCALE_URL (default http://127.0.0.1:7300), ESCALE_TOKEN.";
@@ -188,6 +189,22 @@ pub enum Command {
     /// TLS certificates of an app's host names (uploaded; ACME ones are listed too).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Make an app match an `escale.toml` manifest: process types, formation, resources,
+    /// health checks, domains and non-secret config vars, in one step.
+    #[command(
+        after_help = "Examples:\n  escale export shop > escale.toml\n  escale apply -f escale.toml\n  escale apply -f staging.toml --app shop-staging\n\nAn invalid manifest changes nothing and exits 1 with FILE:LINE:COLUMN FIELD: MESSAGE."
+    )]
+    Apply {
+        /// The manifest (`-` reads standard input).
+        #[arg(short = 'f', long = "file", default_value = "escale.toml")]
+        file: PathBuf,
+        /// The app (default: the manifest's `app` key; if both are given they must agree).
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Print an app's current state as an `escale.toml` manifest (secret config vars left out).
+    #[command(after_help = "Example:\n  escale export shop > escale.toml")]
+    Export { app: String },
     /// API tokens.
     #[command(
         subcommand,

@@ -691,3 +691,318 @@ fn describe_patch(process: &str, p: &ProcessPatch) -> String {
     }
     parts.join(" ")
 }
+
+/// What applying a manifest changed; all empty when the app already matched it.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ManifestApplied {
+    /// One line per change, e.g. `process web: memory 256m -> 512m`.
+    pub changes: Vec<String>,
+    pub processes_created: Vec<String>,
+    pub processes_updated: Vec<String>,
+    pub domains_added: Vec<String>,
+    pub domains_removed: Vec<String>,
+    pub env_set: Vec<String>,
+    pub env_unset: Vec<String>,
+    /// The release created because the config changed, when the app had been deployed.
+    pub release: Option<u32>,
+}
+
+const PROCESS_SELECT: &str = "SELECT name, command, port, instances, memory_bytes, nano_cpus, surge, health_kind, health_path,
+        health_interval_ms, health_timeout_ms, health_grace_ms
+ FROM process_types WHERE app_id = ? ORDER BY name";
+
+impl Registry {
+    /// Makes the app match a manifest in one transaction: process types in it are created or
+    /// changed (formation included), domains and non-secret config vars are made to match
+    /// when the manifest has them, and a release is created when the config changed and the
+    /// app has been deployed. On any error nothing is changed; when nothing differs nothing is
+    /// written (no event, no release).
+    pub async fn apply_manifest(
+        &self,
+        actor: &Actor,
+        app: &str,
+        m: &crate::manifest::Manifest,
+        default_port: u16,
+    ) -> Result<ManifestApplied> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        // Read inside the transaction: a deploy in between must not be lost.
+        let target: Option<i64> =
+            sqlx::query_scalar("SELECT target_release FROM apps WHERE id = ?")
+                .bind(a.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| not_found("app", app))?;
+        let mut out = ManifestApplied::default();
+
+        let current: Vec<ProcessType> = sqlx::query_as::<_, ProcessRow>(PROCESS_SELECT)
+            .bind(a.id)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(ProcessType::from)
+            .collect();
+        for (name, spec) in &m.processes {
+            let old = current.iter().find(|p| &p.name == name);
+            let want = ProcessType {
+                name: name.clone(),
+                command: spec.command.clone(),
+                port: spec.port.or(old.map(|o| o.port)).unwrap_or(default_port),
+                instances: spec.instances.or(old.map(|o| o.instances)).unwrap_or(0),
+                memory_bytes: spec.memory_bytes,
+                nano_cpus: spec.nano_cpus,
+                surge: spec.surge,
+                health: spec.health.clone(),
+            };
+            let diff = match old {
+                Some(o) => process_diff(o, &want),
+                None => vec![format!("created ({})", process_summary(&want))],
+            };
+            if diff.is_empty() {
+                continue;
+            }
+            let h = &want.health;
+            sqlx::query(
+                "INSERT INTO process_types (app_id, name, command, port, instances, memory_bytes, nano_cpus, surge,
+                    health_kind, health_path, health_interval_ms, health_timeout_ms, health_grace_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (app_id, name) DO UPDATE SET command = excluded.command, port = excluded.port,
+                    instances = excluded.instances, memory_bytes = excluded.memory_bytes,
+                    nano_cpus = excluded.nano_cpus, surge = excluded.surge, health_kind = excluded.health_kind,
+                    health_path = excluded.health_path, health_interval_ms = excluded.health_interval_ms,
+                    health_timeout_ms = excluded.health_timeout_ms, health_grace_ms = excluded.health_grace_ms",
+            )
+            .bind(a.id)
+            .bind(name)
+            .bind(
+                want.command
+                    .as_ref()
+                    .map(|c| serde_json::to_string(c).expect("argv serialises")),
+            )
+            .bind(i64::from(want.port))
+            .bind(i64::from(want.instances))
+            .bind(want.memory_bytes.map(|b| b as i64))
+            .bind(want.nano_cpus)
+            .bind(i64::from(want.surge))
+            .bind(h.kind.as_str())
+            .bind(&h.path)
+            .bind(i64::from(h.interval_ms))
+            .bind(i64::from(h.timeout_ms))
+            .bind(i64::from(h.grace_ms))
+            .execute(&mut *tx)
+            .await?;
+            if old.is_some() {
+                out.processes_updated.push(name.clone());
+            } else {
+                out.processes_created.push(name.clone());
+            }
+            out.changes
+                .extend(diff.into_iter().map(|d| format!("process {name}: {d}")));
+        }
+
+        if let Some(domains) = &m.domains {
+            let have: Vec<String> =
+                sqlx::query_scalar("SELECT domain FROM domains WHERE app_id = ? ORDER BY domain")
+                    .bind(a.id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for d in have.iter().filter(|d| !domains.contains(d)) {
+                sqlx::query("DELETE FROM domains WHERE domain = ? AND app_id = ?")
+                    .bind(d)
+                    .bind(a.id)
+                    .execute(&mut *tx)
+                    .await?;
+                out.domains_removed.push(d.clone());
+                out.changes.push(format!("domain {d} removed"));
+            }
+            for d in domains.iter().filter(|d| !have.contains(d)) {
+                sqlx::query("INSERT INTO domains (domain, app_id, created_at) VALUES (?, ?, ?)")
+                    .bind(d)
+                    .bind(a.id)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| {
+                        if is_unique_violation(&e) {
+                            RegistryError::Conflict(format!(
+                                "domain `{d}` is already attached to another app; nothing was applied"
+                            ))
+                        } else {
+                            e.into()
+                        }
+                    })?;
+                out.domains_added.push(d.clone());
+                out.changes.push(format!("domain {d} added"));
+            }
+        }
+
+        if let Some(env) = &m.env {
+            let have: Vec<(String, String, bool)> = sqlx::query_as(
+                "SELECT key, value, secret FROM config_vars WHERE app_id = ? ORDER BY key",
+            )
+            .bind(a.id)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (key, value) in env {
+                match have.iter().find(|(k, _, _)| k == key) {
+                    Some((_, _, true)) => {
+                        return Err(RegistryError::Conflict(format!(
+                            "`{key}` is a secret config var of `{app}`; a manifest holds only non-secret values: remove it from [env], or first unset the secret with `escale config unset {app} {key}`; nothing was applied"
+                        )))
+                    }
+                    Some((_, v, false)) if v == value => continue,
+                    _ => {}
+                }
+                sqlx::query(
+                    "INSERT INTO config_vars (app_id, key, value, secret) VALUES (?, ?, ?, 0)
+                     ON CONFLICT (app_id, key) DO UPDATE SET value = excluded.value",
+                )
+                .bind(a.id)
+                .bind(key)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+                out.env_set.push(key.clone());
+            }
+            for (key, _, secret) in &have {
+                if !secret && !env.contains_key(key) {
+                    sqlx::query("DELETE FROM config_vars WHERE app_id = ? AND key = ?")
+                        .bind(a.id)
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await?;
+                    out.env_unset.push(key.clone());
+                }
+            }
+            let count: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM config_vars WHERE app_id = ?")
+                    .bind(a.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if count as usize > crate::validate::MAX_VARS {
+                return Err(RegistryError::Invalid(format!(
+                    "app `{app}` would have {count} config vars (secrets included); the limit is {}",
+                    crate::validate::MAX_VARS
+                )));
+            }
+        }
+        let mut config_change = Vec::new();
+        if !out.env_set.is_empty() {
+            config_change.push(format!("Set {}", out.env_set.join(", ")));
+        }
+        if !out.env_unset.is_empty() {
+            config_change.push(format!("Unset {}", out.env_unset.join(", ")));
+        }
+        let config_change = config_change.join("; ");
+        if !config_change.is_empty() {
+            out.changes.push(format!("config: {config_change}"));
+        }
+
+        if out.changes.is_empty() {
+            // Nothing differs: write nothing (the transaction rolls back on drop).
+            return Ok(out);
+        }
+        audit(
+            &mut tx,
+            &actor.name,
+            Some(app),
+            "manifest.apply",
+            &out.changes.join("; "),
+        )
+        .await?;
+        if let (Some(v), false) = (target, config_change.is_empty()) {
+            let image: String =
+                sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
+                    .bind(a.id)
+                    .bind(v)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let release = insert_release(
+                &mut tx,
+                &a,
+                &image,
+                "config",
+                &format!("Manifest: {config_change}"),
+                &actor.name,
+                None,
+            )
+            .await?;
+            out.release = Some(release);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// A process type in a few words, for the change list.
+fn process_summary(p: &ProcessType) -> String {
+    let mut parts = vec![
+        format!("port {}", p.port),
+        format!("instances {}", p.instances),
+    ];
+    if let Some(c) = &p.command {
+        parts.push(format!("command {}", c.join(" ")));
+    }
+    parts.join(", ")
+}
+
+/// Field-by-field differences `old -> new` of a process type.
+fn process_diff(old: &ProcessType, new: &ProcessType) -> Vec<String> {
+    use crate::manifest::{cpus_text, duration_text, memory_text};
+    fn show<T: std::fmt::Debug>(v: &T) -> String {
+        format!("{v:?}")
+    }
+    let limit = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+    let mut out = Vec::new();
+    let mut field = |name: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{name} {a} -> {b}"));
+        }
+    };
+    let cmd = |c: &Option<Vec<String>>| {
+        c.as_ref()
+            .map(show)
+            .unwrap_or_else(|| "(image default)".into())
+    };
+    field("command", cmd(&old.command), cmd(&new.command));
+    field("port", old.port.to_string(), new.port.to_string());
+    field(
+        "instances",
+        old.instances.to_string(),
+        new.instances.to_string(),
+    );
+    field(
+        "memory",
+        limit(old.memory_bytes.map(memory_text)),
+        limit(new.memory_bytes.map(memory_text)),
+    );
+    field(
+        "cpus",
+        limit(old.nano_cpus.map(cpus_text)),
+        limit(new.nano_cpus.map(cpus_text)),
+    );
+    field("surge", old.surge.to_string(), new.surge.to_string());
+    let (oh, nh) = (&old.health, &new.health);
+    field(
+        "health kind",
+        oh.kind.as_str().into(),
+        nh.kind.as_str().into(),
+    );
+    field("health path", oh.path.clone(), nh.path.clone());
+    field(
+        "health interval",
+        duration_text(oh.interval_ms),
+        duration_text(nh.interval_ms),
+    );
+    field(
+        "health timeout",
+        duration_text(oh.timeout_ms),
+        duration_text(nh.timeout_ms),
+    );
+    field(
+        "health grace",
+        duration_text(oh.grace_ms),
+        duration_text(nh.grace_ms),
+    );
+    out
+}

@@ -84,6 +84,13 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         r#"{"web":2}"#,
         Access::App,
     ),
+    (
+        "PUT",
+        "/api/v1/apps/{app}/manifest",
+        r#"{"manifest":"[processes.web]\ninstances = 1\nmemory = \"128m\"\n"}"#,
+        Access::App,
+    ),
+    ("GET", "/api/v1/apps/{app}/manifest", "", Access::App),
     ("GET", "/api/v1/apps/{app}/config", "", Access::App),
     (
         "POST",
@@ -427,7 +434,7 @@ async fn a_member_of_another_team_gets_404_on_every_app_route() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 20);
+    assert_eq!(checked, 22);
     // bert does not see redshop anywhere.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&bert), None)
@@ -563,7 +570,7 @@ async fn the_owner_succeeds_on_every_route_of_its_own_app() {
             Access::Public => {}
         }
     }
-    assert_eq!(checked, 29);
+    assert_eq!(checked, 31);
     // The last row destroyed the app; the one created through the table remains.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&rosa), None)
