@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod git;
 pub mod node;
 pub mod proxy;
 pub mod registry;

@@ -41,6 +41,8 @@ pub struct AppState {
     pub scheduler: Option<Arc<crate::scheduler::Scheduler>>,
     /// The proxy's counters, rendered at `/metrics`.
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
+    /// Deploys by `git push` in progress.
+    pub git: Arc<crate::git::GitState>,
 }
 
 impl AppState {
@@ -52,6 +54,7 @@ impl AppState {
             changed: Arc::new(Notify::new()),
             scheduler: None,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
+            git: Arc::default(),
         }
     }
 }
@@ -146,6 +149,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", v1)
         .route("/metrics", get(metrics))
+        // Git smart HTTP under `/git/` (see `crate::git`); outside `/api/v1`.
+        .merge(crate::git::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))
