@@ -383,7 +383,7 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
             format!("/git/{name}.git/info/refs?service=git-receive-pack"),
             format!("/git/{name}.git/git-receive-pack"),
         ] {
-            let method = if path.ends_with("pack") { "POST" } else { "GET" };
+            let method = if path.contains("info/refs") { "GET" } else { "POST" };
             let (status, text) = raw(&s, method, &path, Some(&s.token)).await;
             assert_eq!(status, 404, "{path}: {text}");
         }
