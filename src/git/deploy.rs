@@ -69,7 +69,11 @@ impl Job<'_> {
             )));
         }
 
-        let next = self.state.registry.next_release_version(self.app.id).await?;
+        let next = self
+            .state
+            .registry
+            .next_release_version(self.app.id)
+            .await?;
         let tag = format!("{}:v{next}-{short}", self.app.name);
         let node = sched
             .nodes()
@@ -88,7 +92,9 @@ impl Job<'_> {
         let mut log = String::new();
         let built = node
             .build_image(Bytes::from(context), &tag, &[], &labels, |line| {
-                self.progress.say(&format!("       {line}"));
+                if !line.trim().is_empty() {
+                    self.progress.say(&format!("       {line}"));
+                }
                 log.push_str(line);
                 log.push('\n');
                 if log.len() > MAX_BUILD_LOG * 2 {

@@ -136,7 +136,9 @@ pub fn valid_ref(r: &str) -> bool {
 
 /// An object id: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
 pub fn valid_oid(o: &str) -> bool {
-    (o.len() == 40 || o.len() == 64) && o.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    (o.len() == 40 || o.len() == 64)
+        && o.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn is_zero(oid: &str) -> bool {
@@ -422,7 +424,9 @@ mod tests {
         assert!(valid_oid(ZERO_OID));
         assert!(valid_oid(&"a".repeat(64)));
         assert!(!valid_oid(&"A".repeat(40)));
-        assert!(!valid_oid("-0000000000000000000000000000000000000000"[..40].as_ref()));
+        assert!(!valid_oid(
+            "-0000000000000000000000000000000000000000"[..40].as_ref()
+        ));
         assert!(!valid_oid("abc"));
     }
 
@@ -430,7 +434,8 @@ mod tests {
     fn commands_parse_with_capabilities() {
         let a = "1".repeat(40);
         let b = "2".repeat(40);
-        let first = format!("{ZERO_OID} {a} refs/heads/main\0report-status side-band-64k agent=git/2\n");
+        let first =
+            format!("{ZERO_OID} {a} refs/heads/main\0report-status side-band-64k agent=git/2\n");
         let second = format!("{a} {b} refs/tags/v1\n");
         let pkts = vec![
             pkt::Pkt::Data(first.into_bytes()),

@@ -196,11 +196,12 @@ impl Registry {
 
     /// The version the next release of an app will get (for naming a build before it exists).
     pub async fn next_release_version(&self, app_id: i64) -> Result<u32> {
-        let v: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?")
-                .bind(app_id)
-                .fetch_one(&self.pool)
-                .await?;
+        let v: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?",
+        )
+        .bind(app_id)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(v as u32)
     }
 

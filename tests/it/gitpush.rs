@@ -139,7 +139,12 @@ fn built_seconds(out: &str) -> f64 {
     out.lines()
         .find_map(|l| {
             let rest = l.split("-----> Built ").nth(1)?;
-            rest.rsplit(" in ").next()?.trim().strip_suffix('s')?.parse().ok()
+            rest.rsplit(" in ")
+                .next()?
+                .trim()
+                .strip_suffix('s')?
+                .parse()
+                .ok()
         })
         .unwrap_or(0.0)
 }
@@ -149,12 +154,22 @@ async fn a_push_to_main_builds_deploys_and_serves() {
     let image = fixture_image().await;
     let s = TestServer::start(&[]).await;
     s.ok(&["apps", "create", "shop"]);
-    s.ok(&["processes", "set", "shop", "web", "--health-path", "/health"]);
+    s.ok(&[
+        "processes",
+        "set",
+        "shop",
+        "web",
+        "--health-path",
+        "/health",
+    ]);
     s.ok(&["scale", "shop", "web=3"]);
     let repo = Repo::new();
     let sha = repo.commit(
         &[
-            ("Dockerfile", &format!("FROM {image}\nENV GREETING=hello-from-git\n")),
+            (
+                "Dockerfile",
+                &format!("FROM {image}\nENV GREETING=hello-from-git\n"),
+            ),
             ("README", "hi\n"),
         ],
         "first",
@@ -247,7 +262,10 @@ async fn a_failing_build_fails_the_push_and_creates_no_release() {
     let (ok, out) = repo.push(&url, "main");
     assert!(!ok, "push with a failing build fails: {out}");
     assert!(out.contains("build failed"), "{out}");
-    assert!(out.contains("no-such-command"), "the build error is shown: {out}");
+    assert!(
+        out.contains("no-such-command"),
+        "the build error is shown: {out}"
+    );
 
     // A missing base image.
     repo.commit(
@@ -257,10 +275,7 @@ async fn a_failing_build_fails_the_push_and_creates_no_release() {
     let (ok, out) = repo.push(&url, "main");
     assert!(!ok, "push with a missing base fails: {out}");
     assert!(out.contains("build failed"), "{out}");
-    assert!(
-        releases(&s, "broken").is_empty(),
-        "no release was created"
-    );
+    assert!(releases(&s, "broken").is_empty(), "no release was created");
 
     // Fixed: the same branch deploys (the failed pushes left it where it was).
     repo.commit(&[("Dockerfile", &format!("FROM {image}\n"))], "fixed");
@@ -274,7 +289,14 @@ async fn a_failing_health_check_fails_the_push_and_the_old_release_keeps_serving
     let image = fixture_image().await;
     let s = TestServer::start(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "6s")]).await;
     s.ok(&["apps", "create", "fragile"]);
-    s.ok(&["processes", "set", "fragile", "web", "--health-path", "/health"]);
+    s.ok(&[
+        "processes",
+        "set",
+        "fragile",
+        "web",
+        "--health-path",
+        "/health",
+    ]);
     let url = push_url(&s, "fragile");
     let repo = Repo::new();
     repo.commit(
@@ -291,7 +313,28 @@ async fn a_failing_health_check_fails_the_push_and_the_old_release_keeps_serving
         )],
         "unhealthy",
     );
-    let (ok, out) = repo.push(&url, "main");
+    // The push runs while a second one, from elsewhere, is refused: one deploy at a time.
+    let pusher = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let r = repo.push(&url, "main");
+            (repo, r)
+        })
+    };
+    s.wait_for("v2 deploying", Duration::from_secs(30), || {
+        let rel = releases(&s, "fragile");
+        rel.iter().any(|r| r["version"] == 2).then_some(())
+    })
+    .await;
+    let other = Repo::new();
+    other.commit(&[("Dockerfile", &format!("FROM {image}\n"))], "elsewhere");
+    let (ok2, out2) = other.push(&url, "+main");
+    assert!(!ok2, "{out2}");
+    assert!(
+        out2.contains("another push to `fragile` is deploying"),
+        "{out2}"
+    );
+    let (repo, (ok, out)) = pusher.join().unwrap();
     assert!(!ok, "an unhealthy release fails the push: {out}");
     assert!(
         out.contains("rollout of v2 failed") && out.contains("previous release keeps serving"),
@@ -308,6 +351,9 @@ async fn a_failing_health_check_fails_the_push_and_the_old_release_keeps_serving
         .await;
     assert_eq!(healthy(&ps, "web", 1), 1, "{ps:#?}");
     assert!(answer(&ps[0]).await.contains("v1"));
+    // The branch was put back: pushing the same commit again tries again (and fails again).
+    let (ok, out) = repo.push(&url, "main");
+    assert!(!ok && out.contains("rollout of v3 failed"), "{out}");
 }
 
 /// A raw HTTP/1.1 request to the API; returns status and body.
@@ -354,9 +400,18 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
     );
     let (ok, out) = repo.push(&format!("http://git:esc_bogus@{host}/git/shop.git"), "main");
     assert!(!ok && out.contains("Authentication failed"), "{out}");
-    let (status, text) = raw(&s, "GET", "/git/shop.git/info/refs?service=git-receive-pack", None).await;
+    let (status, text) = raw(
+        &s,
+        "GET",
+        "/git/shop.git/info/refs?service=git-receive-pack",
+        None,
+    )
+    .await;
     assert_eq!(status, 401, "{text}");
-    assert!(text.contains("www-authenticate: Basic realm=\"escale\""), "{text}");
+    assert!(
+        text.contains("www-authenticate: Basic realm=\"escale\""),
+        "{text}"
+    );
     // An unknown app is 404; clone is refused with a message.
     let (ok, out) = repo.push(&push_url(&s, "nope"), "main");
     assert!(!ok, "{out}");
@@ -383,7 +438,11 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
             format!("/git/{name}.git/info/refs?service=git-receive-pack"),
             format!("/git/{name}.git/git-receive-pack"),
         ] {
-            let method = if path.contains("info/refs") { "GET" } else { "POST" };
+            let method = if path.contains("info/refs") {
+                "GET"
+            } else {
+                "POST"
+            };
             let (status, text) = raw(&s, method, &path, Some(&s.token)).await;
             assert_eq!(status, 404, "{path}: {text}");
         }
@@ -403,7 +462,7 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
         "refs/tags/x;id",
     ] {
         let (ok, out) = repo.push(&push_url(&s, "shop"), &format!("main:{r}"));
-        assert!(!ok, "{r}: {out}");
+        assert!(!ok && out.contains("remote rejected"), "{r}: {out}");
     }
     // A plain branch works, and only it exists.
     let (ok, out) = repo.push(&push_url(&s, "shop"), "main:refs/heads/dev");
