@@ -498,6 +498,9 @@ async fn receive_pack(
                 return;
             }
         };
+        if let Err(e) = &upload {
+            out.say(&format!("-----> push failed: {e}"));
+        }
         tracing::info!(app = %app.name, user = %actor.name, refs = commands.updates.len(), "git push received");
         for u in &commands.updates {
             if u.name == DEPLOY_REF || !report.ok(&u.name) {

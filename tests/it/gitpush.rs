@@ -164,6 +164,10 @@ async fn a_push_to_main_builds_deploys_and_serves() {
     ]);
     s.ok(&["scale", "shop", "web=3"]);
     let repo = Repo::new();
+    // 3 MiB that do not compress: larger than git's 1 MiB post buffer, so git probes and then
+    // streams the pack in chunks.
+    let noise: Vec<u8> = (0..3 << 20).map(|_| rand::random::<u8>()).collect();
+    std::fs::write(repo.dir.join("noise.bin"), noise).unwrap();
     let sha = repo.commit(
         &[
             (
