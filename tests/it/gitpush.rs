@@ -416,6 +416,62 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
         text.contains("www-authenticate: Basic realm=\"escale\""),
         "{text}"
     );
+    // Another team's member cannot see the app: 404, as for an unknown app.
+    s.ok(&["teams", "create", "blue"]);
+    let out = s.cli_with_token(
+        Some(&s.token.clone()),
+        &[
+            "users",
+            "create",
+            "eve",
+            "--role",
+            "member",
+            "--team",
+            "blue",
+            "--password-stdin",
+        ],
+        Some("eve-password-1"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s.cli_with_token(
+        None,
+        &["login", "--name", "eve", "--password-stdin"],
+        Some("eve-password-1"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.dir.path().join("home/.config/escale/credentials.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let eve = creds["token"].as_str().unwrap().to_string();
+    let (status, text) = raw(
+        &s,
+        "GET",
+        "/git/shop.git/info/refs?service=git-receive-pack",
+        Some(&eve),
+    )
+    .await;
+    assert_eq!(status, 404, "{text}");
+    let (ok, out) = repo.push(&format!("http://eve:{eve}@{host}/git/shop.git"), "main");
+    assert!(!ok, "{out}");
+    let (status, text) = raw(
+        &s,
+        "GET",
+        "/git/shop.git/info/refs?service=git-receive-pack",
+        Some(&s.token),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+
     // An unknown app is 404; clone is refused with a message.
     let (ok, out) = repo.push(&push_url(&s, "nope"), "main");
     assert!(!ok, "{out}");
