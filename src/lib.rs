@@ -9,6 +9,7 @@ pub mod auth;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod git;
 pub mod manifest;
 pub mod node;
 pub mod proxy;

@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
     /// Certificates: registry rows and the proxy's certificate store.
     pub certs: Arc<crate::certs::CertManager>,
+    /// Deploys by `git push` in progress.
+    pub git: Arc<crate::git::GitState>,
 }
 
 impl AppState {
@@ -59,6 +61,7 @@ impl AppState {
             certs,
             scheduler: None,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
+            git: Arc::default(),
         }
     }
 }
@@ -164,6 +167,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", v1)
         .route("/metrics", get(metrics))
+        // Git smart HTTP under `/git/` (see `crate::git`); outside `/api/v1`.
+        .merge(crate::git::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))

@@ -167,6 +167,61 @@ impl Registry {
         Ok(v)
     }
 
+    /// Creates a release of an image built by escale (e.g. from a `git push`), keeping the
+    /// build's output in the release's `build_log`.
+    pub async fn create_built_release(
+        &self,
+        actor: &Actor,
+        app: &str,
+        image: &str,
+        source: &str,
+        description: &str,
+        build_log: &str,
+    ) -> Result<u32> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let v = insert_release(
+            &mut tx,
+            &a,
+            image,
+            source,
+            description,
+            &actor.name,
+            Some(build_log),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(v)
+    }
+
+    /// The version the next release of an app will get (for naming a build before it exists).
+    pub async fn next_release_version(&self, app_id: i64) -> Result<u32> {
+        let v: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app_id = ?",
+        )
+        .bind(app_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(v as u32)
+    }
+
+    /// The build output kept with a release, if escale built its image.
+    pub async fn release_build_log(
+        &self,
+        actor: &Actor,
+        app: &str,
+        version: u32,
+    ) -> Result<Option<String>> {
+        let a = self.app(actor, app).await?;
+        let row: Option<Option<String>> =
+            sqlx::query_scalar("SELECT build_log FROM releases WHERE app_id = ? AND version = ?")
+                .bind(a.id)
+                .bind(version as i64)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.ok_or_else(|| not_found("release", format!("v{version} of {app}")))
+    }
+
     /// Releases of an app, newest first.
     pub async fn releases(&self, actor: &Actor, app: &str) -> Result<Vec<Release>> {
         let a = self.app(actor, app).await?;

@@ -1,0 +1,486 @@
+//! Deploy by `git push`: git's smart HTTP protocol on the API listener, one bare repository
+//! per app under `data_dir/git/<app>.git`, and a build-and-deploy of the deploy branch after
+//! every push that moves it.
+//!
+//! Routes (outside `/api/v1`, merged into [`crate::api::router`]):
+//! - `GET /git/{app}.git/info/refs?service=git-receive-pack`: ref advertisement;
+//! - `POST /git/{app}.git/git-receive-pack`: the push itself.
+//!
+//! Clone and fetch (`git-upload-pack`) are refused with a message: the repository is a deploy
+//! target, not a source host.
+//!
+//! Policy:
+//! - Authentication is HTTP Basic with an API token as password (any user name); a request
+//!   without valid credentials gets 401 with `WWW-Authenticate: Basic`, so git asks for them.
+//!   An app the caller cannot see is 404, as in the API.
+//! - Only [`DEPLOY_REF`] deploys. Pushes to other branches and tags are stored, not deployed,
+//!   and the pusher is told so; deleting the deploy branch stops nothing.
+//! - Ref names are restricted to letters, digits, `.`, `_`, `-` and `/` (see [`valid_ref`]);
+//!   a push naming anything else is rejected as a whole before git sees it.
+//! - One deploying push per app at a time: a second push to the deploy branch while one is
+//!   building or rolling out is rejected with a message saying so.
+//! - When the build or the rollout fails, the deploy branch is put back where it was, so the
+//!   repository's branch always names what serves (or was last tried and kept), the push fails
+//!   (`! [remote rejected] main -> main (reason)`), and pushing the same commit again retries.
+//!
+//! Invariants: user input never reaches a shell. Git runs through
+//! [`tokio::process::Command`] with argv arrays; the only user-derived arguments are the
+//! repository path (from a validated app name) and object ids (checked to be hex); ref names
+//! travel to git on standard input and are validated anyway.
+
+mod deploy;
+mod http;
+pub mod pkt;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::process::Command;
+
+pub use http::router;
+
+/// The branch whose pushes are built and deployed.
+pub const DEPLOY_REF: &str = "refs/heads/main";
+/// Largest request body of one push.
+pub const MAX_PUSH_BYTES: u64 = 512 << 20;
+/// Largest build context (the archived commit).
+pub const MAX_CONTEXT_BYTES: usize = 256 << 20;
+/// The all-zero object id (SHA-1): "no object".
+pub const ZERO_OID: &str = "0000000000000000000000000000000000000000";
+
+/// What can go wrong serving git or deploying a push.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("git protocol error: {0}")]
+    Protocol(String),
+    #[error("running git {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("git {what} failed: {stderr}")]
+    Git { what: &'static str, stderr: String },
+    #[error("{0}")]
+    Rejected(String),
+    #[error("build failed: {0}")]
+    Build(String),
+    #[error("{0}")]
+    Deploy(String),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("git I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Git state shared by handlers: which apps have a deploying push.
+#[derive(Debug, Default)]
+pub struct GitState {
+    busy: Mutex<HashSet<i64>>,
+    /// Serialises `git init` of new repositories.
+    init: tokio::sync::Mutex<()>,
+}
+
+/// Held while an app's push deploys; released on drop.
+pub struct DeployGuard {
+    state: Arc<GitState>,
+    app_id: i64,
+}
+
+impl GitState {
+    /// Marks `app_id` as deploying, or `None` if a push of it already is.
+    pub fn try_lock(self: &Arc<Self>, app_id: i64) -> Option<DeployGuard> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.insert(app_id).then(|| DeployGuard {
+            state: self.clone(),
+            app_id,
+        })
+    }
+}
+
+impl Drop for DeployGuard {
+    fn drop(&mut self) {
+        let mut busy = self.state.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.remove(&self.app_id);
+    }
+}
+
+/// The bare repository of `app` (a validated app name).
+pub fn repo_path(data_dir: &Path, app: &str) -> PathBuf {
+    data_dir.join("git").join(format!("{app}.git"))
+}
+
+/// A ref escale accepts: `refs/heads/...` or `refs/tags/...`, components of ASCII letters,
+/// digits, `.`, `_` and `-`, none empty, none starting with `.` or `-`, none ending in `.lock`,
+/// no `..`, at most 200 bytes.
+pub fn valid_ref(r: &str) -> bool {
+    let rest = match r
+        .strip_prefix("refs/heads/")
+        .or_else(|| r.strip_prefix("refs/tags/"))
+    {
+        Some(rest) => rest,
+        None => return false,
+    };
+    r.len() <= 200
+        && !r.contains("..")
+        && rest.split('/').all(|c| {
+            !c.is_empty()
+                && !c.starts_with('.')
+                && !c.starts_with('-')
+                && !c.ends_with(".lock")
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+}
+
+/// An object id: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
+pub fn valid_oid(o: &str) -> bool {
+    (o.len() == 40 || o.len() == 64)
+        && o.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn is_zero(oid: &str) -> bool {
+    oid.bytes().all(|b| b == b'0')
+}
+
+/// One ref update of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefUpdate {
+    pub old: String,
+    pub new: String,
+    pub name: String,
+}
+
+impl RefUpdate {
+    pub fn is_delete(&self) -> bool {
+        is_zero(&self.new)
+    }
+}
+
+/// The command section of a receive-pack request: ref updates and the client's capabilities.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PushCommands {
+    pub updates: Vec<RefUpdate>,
+    pub capabilities: Vec<String>,
+}
+
+impl PushCommands {
+    pub fn has(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| c == cap)
+    }
+
+    /// Parses the packets up to the first flush. Ref names that escale refuses are kept (the
+    /// caller rejects them with a message); lines that are not ref updates are an error.
+    pub fn parse(pkts: &[pkt::Pkt]) -> Result<PushCommands, GitError> {
+        let mut out = PushCommands::default();
+        for p in pkts {
+            let data = match p {
+                pkt::Pkt::Data(d) => d,
+                pkt::Pkt::Flush => break,
+                pkt::Pkt::Special(_) => {
+                    return Err(GitError::Protocol("unexpected delimiter packet".into()))
+                }
+            };
+            let line = data.strip_suffix(b"\n").unwrap_or(data);
+            let (cmd, caps) = match line.iter().position(|b| *b == 0) {
+                Some(i) => (&line[..i], Some(&line[i + 1..])),
+                None => (line, None),
+            };
+            let cmd = std::str::from_utf8(cmd)
+                .map_err(|_| GitError::Protocol("ref update is not UTF-8".into()))?;
+            if cmd.starts_with("shallow ") {
+                continue;
+            }
+            let mut parts = cmd.splitn(3, ' ');
+            let (old, new, name) = match (parts.next(), parts.next(), parts.next()) {
+                (Some(o), Some(n), Some(r)) if valid_oid(o) && valid_oid(n) => (o, n, r),
+                _ => {
+                    return Err(GitError::Protocol(
+                        "unsupported request (signed pushes are not supported)".into(),
+                    ))
+                }
+            };
+            if let Some(caps) = caps {
+                out.capabilities = String::from_utf8_lossy(caps)
+                    .split(' ')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+            out.updates.push(RefUpdate {
+                old: old.into(),
+                new: new.into(),
+                name: name.into(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A receive-pack status report (`report-status` or `report-status-v2`), as its lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub lines: Vec<String>,
+}
+
+impl Report {
+    /// Parses the report's packets (up to its flush).
+    pub fn parse(bytes: &[u8]) -> Result<Report, GitError> {
+        let mut lines = Vec::new();
+        for p in pkt::parse_all(bytes)? {
+            match p {
+                pkt::Pkt::Data(d) => lines.push(
+                    String::from_utf8_lossy(d.strip_suffix(b"\n").unwrap_or(&d)).into_owned(),
+                ),
+                _ => break,
+            }
+        }
+        Ok(Report { lines })
+    }
+
+    /// A report for a push rejected before git ran: every ref `ng` with `reason`.
+    pub fn rejected(updates: &[RefUpdate], reason: &str) -> Report {
+        let mut lines = vec!["unpack ok".to_string()];
+        for u in updates {
+            lines.push(format!("ng {} {}", u.name, one_line(reason)));
+        }
+        Report { lines }
+    }
+
+    /// Whether git reported `ok` for `name`.
+    pub fn ok(&self, name: &str) -> bool {
+        self.lines.iter().any(|l| l == &format!("ok {name}"))
+    }
+
+    /// Turns the `ok` of `name` into `ng` with `reason`.
+    pub fn fail(&mut self, name: &str, reason: &str) {
+        let ok = format!("ok {name}");
+        for l in &mut self.lines {
+            if *l == ok {
+                *l = format!("ng {name} {}", one_line(reason));
+            }
+        }
+    }
+
+    /// The report as packets, with its flush.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in &self.lines {
+            let mut line = l.clone().into_bytes();
+            line.truncate(pkt::MAX_PKT - 100);
+            line.push(b'\n');
+            out.extend_from_slice(&pkt::encode(&line));
+        }
+        out.extend_from_slice(pkt::FLUSH);
+        out
+    }
+}
+
+/// `s` on one line, printable, at most 1000 bytes: for `ng` reasons.
+pub fn one_line(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if out.len() > 1000 {
+        let mut cut = 1000;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+/// A `git` command with a clean environment: no system or global config, no prompts.
+pub(crate) fn git() -> Command {
+    let mut cmd = Command::new("git");
+    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_OBJECT_DIRECTORY")
+        .env_remove("GIT_ALTERNATE_OBJECT_DIRECTORIES")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a git command to completion; its stdout, or its stderr as the error.
+pub(crate) async fn run_git(
+    what: &'static str,
+    repo: &Path,
+    args: &[&str],
+) -> Result<Vec<u8>, GitError> {
+    let out = git()
+        .arg("--git-dir")
+        .arg(repo)
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| GitError::Spawn { what, source })?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(GitError::Git {
+            what,
+            stderr: one_line(&String::from_utf8_lossy(&out.stderr)),
+        })
+    }
+}
+
+/// Creates the bare repository of `app` if it does not exist yet; returns its path.
+pub async fn ensure_repo(
+    state: &GitState,
+    data_dir: &Path,
+    app: &str,
+) -> Result<PathBuf, GitError> {
+    crate::validate::app_name(app).map_err(|e| GitError::Rejected(e.0))?;
+    let path = repo_path(data_dir, app);
+    if path.join("HEAD").exists() {
+        return Ok(path);
+    }
+    let _g = state.init.lock().await;
+    if path.join("HEAD").exists() {
+        return Ok(path);
+    }
+    let parent = path.parent().expect("repo path has a parent");
+    tokio::fs::create_dir_all(parent).await?;
+    // Built under a temporary name and renamed, so a crash never leaves half a repository.
+    let tmp = parent.join(format!(".{app}.git.tmp"));
+    let _ = tokio::fs::remove_dir_all(&tmp).await;
+    let out = git()
+        .args(["init", "--quiet", "--bare", "--initial-branch=main", "--"])
+        .arg(&tmp)
+        .output()
+        .await
+        .map_err(|source| GitError::Spawn {
+            what: "init",
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(GitError::Git {
+            what: "init",
+            stderr: one_line(&String::from_utf8_lossy(&out.stderr)),
+        });
+    }
+    // Pushes only: no hooks, objects checked on receipt, no rewinding history by accident.
+    for (k, v) in [
+        ("core.hooksPath", "/dev/null"),
+        ("receive.fsckObjects", "true"),
+        ("receive.denyDeletes", "false"),
+        ("gc.auto", "0"),
+    ] {
+        run_git("config", &tmp, &["config", "--", k, v]).await?;
+    }
+    tokio::fs::rename(&tmp, &path).await?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_are_restricted() {
+        for ok in [
+            "refs/heads/main",
+            "refs/heads/feature/x-1",
+            "refs/tags/v1.2.3",
+            "refs/heads/a_b",
+        ] {
+            assert!(valid_ref(ok), "{ok}");
+        }
+        for bad in [
+            "refs/heads/$(id)",
+            "refs/heads/`id`",
+            "refs/heads/a;b",
+            "refs/heads/a\nb",
+            "refs/heads/-x",
+            "refs/heads/../x",
+            "refs/heads/a..b",
+            "refs/heads/.hidden",
+            "refs/heads/x.lock",
+            "refs/heads/",
+            "refs/heads//x",
+            "refs/notes/x",
+            "HEAD",
+            "refs/heads/a b",
+            "refs/heads/ü",
+        ] {
+            assert!(!valid_ref(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oids_are_hex() {
+        assert!(valid_oid(ZERO_OID));
+        assert!(valid_oid(&"a".repeat(64)));
+        assert!(!valid_oid(&"A".repeat(40)));
+        assert!(!valid_oid(
+            "-0000000000000000000000000000000000000000"[..40].as_ref()
+        ));
+        assert!(!valid_oid("abc"));
+    }
+
+    #[test]
+    fn commands_parse_with_capabilities() {
+        let a = "1".repeat(40);
+        let b = "2".repeat(40);
+        let first =
+            format!("{ZERO_OID} {a} refs/heads/main\0report-status side-band-64k agent=git/2\n");
+        let second = format!("{a} {b} refs/tags/v1\n");
+        let pkts = vec![
+            pkt::Pkt::Data(first.into_bytes()),
+            pkt::Pkt::Data(second.into_bytes()),
+            pkt::Pkt::Flush,
+        ];
+        let c = PushCommands::parse(&pkts).unwrap();
+        assert!(c.has("side-band-64k") && c.has("report-status"));
+        assert_eq!(c.updates.len(), 2);
+        assert_eq!(c.updates[0].name, "refs/heads/main");
+        assert_eq!(c.updates[1].old, a);
+        assert!(!c.updates[0].is_delete());
+        let bad = vec![pkt::Pkt::Data(b"push-cert\0caps\n".to_vec())];
+        assert!(PushCommands::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn reports_are_rewritten() {
+        let mut bytes = pkt::encode(b"unpack ok\n");
+        bytes.extend(pkt::encode(b"ok refs/heads/main\n"));
+        bytes.extend(pkt::encode(b"ok refs/heads/dev\n"));
+        bytes.extend_from_slice(pkt::FLUSH);
+        let mut r = Report::parse(&bytes).unwrap();
+        assert!(r.ok("refs/heads/main"));
+        r.fail("refs/heads/main", "build failed:\nstep 2\n");
+        assert!(!r.ok("refs/heads/main"));
+        assert!(r.ok("refs/heads/dev"));
+        let again = Report::parse(&r.encode()).unwrap();
+        assert_eq!(again.lines[1], "ng refs/heads/main build failed: step 2");
+    }
+
+    #[tokio::test]
+    async fn a_repository_is_created_once_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = GitState::default();
+        let p = ensure_repo(&state, dir.path(), "shop").await.unwrap();
+        assert!(p.join("HEAD").exists());
+        assert_eq!(ensure_repo(&state, dir.path(), "shop").await.unwrap(), p);
+        for bad in ["../x", "-x", "$(id)", "a;b", "a\nb", "`id`"] {
+            assert!(ensure_repo(&state, dir.path(), bad).await.is_err(), "{bad}");
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("git"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("shop.git")]);
+    }
+}
