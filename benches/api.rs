@@ -22,20 +22,29 @@ async fn main() {
     let idle_rss = s.rss_kib();
 
     let mut create = Vec::with_capacity(N);
+    let mut lists: Vec<(usize, Vec<Duration>)> = Vec::new();
     for i in 0..N {
         let body = serde_json::json!({"name": format!("bench-{i}")});
         let t = Instant::now();
         let (status, _) = s.call("POST", "/api/v1/apps", Some(body)).await;
         create.push(t.elapsed());
         assert_eq!(status, 201);
+        // List latency at 10, 100 and 1,000 apps: 1,000 requests each.
+        if [10, 100, N].contains(&(i + 1)) {
+            let mut list = Vec::with_capacity(N);
+            for _ in 0..N {
+                let t = Instant::now();
+                let (status, v) = s.call("GET", "/api/v1/apps", None).await;
+                list.push(t.elapsed());
+                assert_eq!(status, 200);
+                assert_eq!(v.as_array().map(Vec::len), Some(i + 1));
+            }
+            list.sort();
+            lists.push((i + 1, list));
+        }
     }
-    let mut list = Vec::with_capacity(N);
     let mut get = Vec::with_capacity(N);
     for i in 0..N {
-        let t = Instant::now();
-        let (status, _) = s.call("GET", "/api/v1/apps", None).await;
-        list.push(t.elapsed());
-        assert_eq!(status, 200);
         let t = Instant::now();
         let (status, _) = s
             .call("GET", &format!("/api/v1/apps/bench-{i}"), None)
@@ -44,9 +53,8 @@ async fn main() {
         assert_eq!(status, 200);
     }
     let loaded_rss = s.rss_kib();
-    for v in [&mut create, &mut list, &mut get] {
-        v.sort();
-    }
+    create.sort();
+    get.sort();
     println!(
         "escale API benchmark ({N} sequential requests each, keep-alive, loopback, release build)"
     );
@@ -68,11 +76,14 @@ async fn main() {
         ms(percentile(&get, 50.0)),
         ms(percentile(&get, 99.0))
     );
-    println!(
-        "  GET  /api/v1/apps ({N} apps) p50 {}  p99 {}",
-        ms(percentile(&list, 50.0)),
-        ms(percentile(&list, 99.0))
-    );
+    for (n, list) in &lists {
+        println!(
+            "  GET  /api/v1/apps ({n:>4} apps) p50 {}  p99 {}",
+            ms(percentile(list, 50.0)),
+            ms(percentile(list, 99.0))
+        );
+    }
+
     let size = std::fs::metadata(common::ESCALE)
         .map(|m| m.len())
         .unwrap_or(0);

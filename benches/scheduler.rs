@@ -240,6 +240,52 @@ async fn main() {
         ms(t.elapsed())
     );
 
+    // Healing: kill one of 7 instances, time until 7 are healthy again without it (5 times).
+    let mut heals = Vec::new();
+    for _ in 0..5 {
+        let (_, v) = s.call("GET", "/api/v1/apps/bench/instances", None).await;
+        let victim = v["instances"][0]["container_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let t = Instant::now();
+        let st = Command::new("docker")
+            .args(["kill", &victim])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        loop {
+            let (_, v) = s.call("GET", "/api/v1/apps/bench/instances", None).await;
+            let list = v["instances"].as_array().cloned().unwrap_or_default();
+            let ok = list
+                .iter()
+                .filter(|i| i["health"] == "healthy" && i["container_id"] != victim.as_str())
+                .count();
+            if ok == 7 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no replacement after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        heals.push(t.elapsed());
+        // Let the slot's crash history expire so each round starts from the first backoff.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+    }
+    let shown: Vec<String> = heals
+        .iter()
+        .map(|d| format!("{:.2}", d.as_secs_f64()))
+        .collect();
+    heals.sort();
+    println!(
+        "  killed instance replaced and healthy: median {} (runs: {} s)",
+        ms(heals[2]),
+        shown.join(", ")
+    );
+
     for n in [10u32, 100, 300] {
         println!(
             "  planning a steady pass, {n:>3} instances: {:?}",
