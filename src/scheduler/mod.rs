@@ -541,7 +541,7 @@ impl Scheduler {
         self.publish_routes(&containers, &inputs, &domains, &draining_before);
 
         // Healthy slots forget their crash history.
-        let crashing = {
+        let (crashing, next_backoff) = {
             let mut st = self.state.lock().expect("scheduler lock");
             for o in &observed.instances {
                 if o.state == InstanceState::Healthy {
@@ -557,9 +557,16 @@ impl Scheduler {
             }
             st.crashes
                 .retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
+            // The next pass is due when the earliest backoff of any slot ends.
+            let next_backoff = st
+                .crashes
+                .values()
+                .map(|c| c.until_ms as i64 - now)
+                .filter(|d| *d > 0)
+                .min();
             // Two crashes in a row make a crash loop worth showing.
             let loops = st.crashes.iter().filter(|(_, c)| c.crashes >= 2);
-            loops
+            let crashing = loops
                 .map(|((app, process, slot), c)| CrashView {
                     app: app.clone(),
                     process: process.clone(),
@@ -570,13 +577,9 @@ impl Scheduler {
                     oom: c.oom,
                     last_logs: c.last_logs.clone(),
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (crashing, next_backoff)
         };
-        let next_backoff = crashing
-            .iter()
-            .map(|c| c.retry_at - now)
-            .filter(|d| *d > 0)
-            .min();
         self.view.store(Arc::new(ClusterView {
             instances: views,
             crashing,
@@ -888,7 +891,9 @@ impl Scheduler {
             .entry((app.to_string(), process.to_string(), slot))
             .or_default();
         c.crashes += 1;
-        c.until_ms = now_ms() as u64 + plan::backoff_delay_ms(c.crashes);
+        // A first crash is restarted at once (as Heroku does); a loop backs off 1 s, 2 s, 4 s ...
+        c.until_ms = now_ms() as u64 + plan::backoff_delay_ms(c.crashes - 1);
+
         if code.is_some() {
             c.last_exit = code;
         }
