@@ -657,12 +657,13 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
                     .flatten()
                     .find(|v| v["key"] == k.as_str())
                     .ok_or_else(|| CliError::Server(format!("config var `{k}` not found")))?;
-                print_json_or(json_out, var, || {
-                    println!(
-                        "{}",
-                        var["value"].as_str().unwrap_or("(secret: use --reveal)")
-                    )
-                });
+                if !json_out && var["value"].is_null() {
+                    // Never print a placeholder where a script expects the value.
+                    return Err(CliError::Failed(format!(
+                        "config var `{k}` is secret: add --reveal (admins only) to print it"
+                    )));
+                }
+                print_json_or(json_out, var, || println!("{}", s(&var["value"])));
                 return Ok(());
             }
             print_json_or(json_out, &out, || {

@@ -518,6 +518,16 @@ impl Registry {
             }
         }
         for (key, value) in set {
+            // A secret stays secret when its value changes, even without `secret` this time:
+            // turning it into plain text silently would show it to everyone.
+            let was_secret: bool =
+                sqlx::query_scalar("SELECT secret FROM config_vars WHERE app_id = ? AND key = ?")
+                    .bind(a.id)
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or(false);
+            let secret = secret || was_secret;
             let stored = if secret {
                 self.key.seal(&config_place(app, key), value.as_bytes())
             } else {
@@ -563,7 +573,13 @@ impl Registry {
             &description,
         )
         .await?;
-        let release = match a.target_release {
+        // Read inside the transaction: a deploy committed since `self.app()` moved the target.
+        let target: Option<i64> =
+            sqlx::query_scalar("SELECT target_release FROM apps WHERE id = ?")
+                .bind(a.id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let release = match target {
             Some(v) => {
                 let image: String = sqlx::query_scalar(
                     "SELECT image FROM releases WHERE app_id = ? AND version = ?",

@@ -247,9 +247,18 @@ async fn a_user_walks_through_the_cli() {
     assert!(!get.ok().contains("S=x"), "secret hidden: {get:?}");
     assert!(get.stdout.contains("S="), "secret key listed: {get:?}");
     let one = admin.run(&["config", "get", "shop", "S"]);
-    assert!(!one.ok().contains('x'), "secret hidden: {one:?}");
+    one.fails(1, &["secret", "--reveal"]);
+    assert!(one.stdout.is_empty(), "nothing on stdout: {one:?}");
+
     let one = admin.run(&["config", "get", "shop", "S", "--reveal"]);
     assert_eq!(one.ok().trim(), "x");
+    // Changing a secret's value without --secret keeps it secret.
+    admin.run(&["config", "set", "shop", "S=x2"]).ok();
+    assert_eq!(config_of(&s, "shop", false)["S"], (Value::Null, true));
+    admin
+        .run(&["config", "set", "shop", "S=x", "--secret"])
+        .ok();
+
     let cfg = config_of(&s, "shop", false);
     assert_eq!(cfg["S"], (Value::Null, true), "{cfg:?}");
     assert_eq!(config_of(&s, "shop", true)["S"].0, "x");
