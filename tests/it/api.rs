@@ -1513,6 +1513,7 @@ async fn secret_config_values_are_sealed_at_rest() {
         )
         .await;
     assert!(!changed.to_string().contains(&canary), "{changed}");
+    // Re-setting a secret without `secret` keeps it secret; making it plain takes an unset.
     api.expect(
         StatusCode::OK,
         "PATCH",
@@ -1521,6 +1522,31 @@ async fn secret_config_values_are_sealed_at_rest() {
         Some(json!({"set": {"PLAIN": "visible"}})),
     )
     .await;
+    let still = api
+        .expect(StatusCode::OK, "GET", cfg, Some(&admin), None)
+        .await;
+    assert_eq!(
+        still[1],
+        json!({"key": "PLAIN", "value": null, "secret": true}),
+        "{still}"
+    );
+    api.expect(
+        StatusCode::OK,
+        "PATCH",
+        cfg,
+        Some(&admin),
+        Some(json!({"unset": ["PLAIN"]})),
+    )
+    .await;
+    api.expect(
+        StatusCode::OK,
+        "PATCH",
+        cfg,
+        Some(&admin),
+        Some(json!({"set": {"PLAIN": "visible"}})),
+    )
+    .await;
+
     let hidden = json!([
         {"key": "DATABASE_URL", "value": null, "secret": true},
         {"key": "PLAIN", "value": "visible", "secret": false},
