@@ -244,10 +244,17 @@ async fn main() {
     let mut heals = Vec::new();
     for _ in 0..5 {
         let (_, v) = s.call("GET", "/api/v1/apps/bench/instances", None).await;
-        let victim = v["instances"][0]["container_id"]
+        // A healthy instance (right after a rollout, old ones may still be draining).
+        let victim = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["health"] == "healthy")
+            .expect("a healthy instance")["container_id"]
             .as_str()
             .unwrap()
             .to_string();
+
         let t = Instant::now();
         let st = Command::new("docker")
             .args(["kill", &victim])
