@@ -258,7 +258,9 @@ impl Scheduler {
     /// One reconcile pass. Returns how long to wait before the next one at the latest.
     pub async fn pass(self: &Arc<Self>) -> Result<Duration, SchedulerError> {
         use std::sync::atomic::Ordering::Relaxed;
+        let started = std::time::Instant::now();
         let desired_apps = self.registry.desired_state().await?;
+
         let domains = self.registry.all_domains().await?;
         let now = now_ms();
 
@@ -586,6 +588,8 @@ impl Scheduler {
             nodes: node_views,
         }));
         self.passes.fetch_add(1, Relaxed);
+        tracing::trace!(took = ?started.elapsed(), "reconcile pass done");
+
         let interval = self.config.scheduler.reconcile_interval;
         Ok(match next_backoff {
             Some(ms) => interval.min(Duration::from_millis(ms as u64 + 5)),
@@ -754,7 +758,9 @@ impl Scheduler {
                     .find(|i| i.container_id == container_id)
                     .map(|i| i.state.clone());
                 if crashed {
+                    let t = std::time::Instant::now();
                     let logs = self.last_logs(&node, &container_id).await;
+                    tracing::debug!(took = ?t.elapsed(), lines = logs.len(), "last logs read");
                     let (code, oom) = match exited {
                         Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
                         _ => (None, false),
@@ -1017,6 +1023,17 @@ async fn watch_events(node: Arc<Node>, installation: String, changed: Arc<Notify
                 Ok(ev) => {
                     tracing::debug!(node = %node.name, action = %ev.action, instance = ?ev.instance, "engine event");
                     changed.notify_one();
+                    // The engine sends `die` a moment before its container list says
+                    // "exited": look again shortly, so healing does not wait for the interval.
+                    if matches!(ev.action.as_str(), "die" | "oom") {
+                        let again = changed.clone();
+                        tokio::spawn(async move {
+                            for ms in [150, 350, 500] {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                                again.notify_one();
+                            }
+                        });
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(node = %node.name, error = %e, "event stream ended");
