@@ -555,3 +555,66 @@ fn assert_nothing_named(dir: &Path, names: &[&str]) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_pushed_escale_toml_is_applied_and_an_invalid_one_changes_nothing() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[]).await;
+    s.ok(&["apps", "create", "declared"]);
+    let url = push_url(&s, "declared");
+    let repo = Repo::new();
+
+    // An invalid manifest: the push fails naming line, column and field; nothing changes.
+    repo.commit(
+        &[
+            ("Dockerfile", &format!("FROM {image}\n")),
+            (
+                "escale.toml",
+                "domains = [\"declared.example.eu\"]\n\n[processes.web]\ninstances = 2\nmemory = \"lots\"\n",
+            ),
+        ],
+        "invalid manifest",
+    );
+    let (ok, out) = repo.push(&url, "main");
+    assert!(!ok, "an invalid manifest fails the push: {out}");
+    assert!(
+        out.contains("remote: escale.toml:5:10 processes.web.memory:"),
+        "the problem is named with its line: {out}"
+    );
+    assert!(out.contains("remote rejected"), "{out}");
+    assert!(!out.contains("-----> Building"), "nothing was built: {out}");
+    assert!(releases(&s, "declared").is_empty(), "no release");
+    let domains = s.json(&["domains", "list", "declared"]);
+    assert!(
+        !domains.to_string().contains("declared.example.eu"),
+        "no domain was added: {domains}"
+    );
+    assert!(s.instances("declared").is_empty());
+
+    // Fixed: applied before the release, its changes reported; 2 instances and the domain.
+    repo.commit(
+        &[(
+            "escale.toml",
+            "domains = [\"declared.example.eu\"]\n\n[processes.web]\ninstances = 2\n",
+        )],
+        "valid manifest",
+    );
+    let (ok, out) = repo.push(&url, "main");
+    assert!(ok, "{out}");
+    assert!(out.contains("remote: -----> escale.toml applied"), "{out}");
+    assert!(out.contains("declared.example.eu"), "{out}");
+    assert!(out.contains("remote: -----> v1 is serving"), "{out}");
+    assert_eq!(status_of(&releases(&s, "declared"), 1), "active");
+    let domains = s.json(&["domains", "list", "declared"]);
+    assert!(
+        domains.to_string().contains("declared.example.eu"),
+        "{domains}"
+    );
+    let ps = s
+        .wait_for("2 healthy instances", Duration::from_secs(30), || {
+            let ps = s.instances("declared");
+            (healthy(&ps, "web", 1) == 2).then_some(ps)
+        })
+        .await;
+    assert_eq!(ps.len(), 2, "{ps:#?}");
+}
