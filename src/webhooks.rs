@@ -152,8 +152,14 @@ pub async fn check_repo_url(url: &str, cfg: &WebhooksConfig) -> Result<(), Webho
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    if path.split('/').any(|seg| seg == ".." || seg == ".") {
-        return Err(bad_url(url, "`.` and `..` path segments are not allowed"));
+    if path
+        .split('/')
+        .any(|seg| seg == ".." || seg == "." || seg.starts_with('-'))
+    {
+        return Err(bad_url(
+            url,
+            "`.` and `..` path segments, and segments starting with `-`, are not allowed",
+        ));
     }
     match scheme {
         "https" | "http" => {}
@@ -609,6 +615,7 @@ mod tests {
             "https://example.com/a;id",
             "https://example.com/a\nb",
             "https://example.com/../../etc",
+            "https://example.com/-x",
             "https://example.com/a\0b",
             "https://user:pw@example.com/x",
             "https://example.com/x?upload-pack=id",

@@ -14,14 +14,14 @@ use crate::support::fixture_image;
 use crate::support::server::{healthy, TestServer};
 
 /// A git working copy with its own HOME, so no user config leaks in.
-struct Repo {
+pub(crate) struct Repo {
     _tmp: tempfile::TempDir,
     home: PathBuf,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl Repo {
-    fn new() -> Repo {
+    pub(crate) fn new() -> Repo {
         let tmp = tempfile::tempdir().expect("temp dir");
         let home = tmp.path().join("home");
         let dir = tmp.path().join("src");
@@ -36,7 +36,7 @@ impl Repo {
         r
     }
 
-    fn git(&self, args: &[&str]) -> Output {
+    pub(crate) fn git(&self, args: &[&str]) -> Output {
         Command::new("git")
             .args([
                 "-c",
@@ -59,7 +59,7 @@ impl Repo {
             .expect("git runs")
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.git(args);
         assert!(
             out.status.success(),
@@ -70,7 +70,7 @@ impl Repo {
     }
 
     /// Writes `files` and commits them.
-    fn commit(&self, files: &[(&str, &str)], msg: &str) -> String {
+    pub(crate) fn commit(&self, files: &[(&str, &str)], msg: &str) -> String {
         for (name, content) in files {
             std::fs::write(self.dir.join(name), content).unwrap();
         }
@@ -80,7 +80,7 @@ impl Repo {
     }
 
     /// `git push URL REFSPEC`; returns (success, stderr).
-    fn push(&self, url: &str, refspec: &str) -> (bool, String) {
+    pub(crate) fn push(&self, url: &str, refspec: &str) -> (bool, String) {
         let out = self.git(&["push", "--progress", url, refspec]);
         let text = format!(
             "{}{}",
@@ -96,7 +96,7 @@ fn push_url(s: &TestServer, app: &str) -> String {
     format!("http://admin:{}@{host}/git/{app}.git", s.token)
 }
 
-fn releases(s: &TestServer, app: &str) -> Vec<Value> {
+pub(crate) fn releases(s: &TestServer, app: &str) -> Vec<Value> {
     s.json(&["releases", app]).as_array().cloned().unwrap()
 }
 
