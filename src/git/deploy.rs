@@ -92,6 +92,10 @@ impl Job<'_> {
             node.name
         ));
         let labels = vec![
+            (
+                crate::node::LABEL_INSTALLATION.to_string(),
+                self.state.registry.installation_id().to_string(),
+            ),
             ("escale.app".to_string(), self.app.name.clone()),
             ("escale.git.commit".to_string(), sha.to_string()),
         ];
@@ -181,7 +185,75 @@ impl Job<'_> {
         say(&format!("-----> Releasing v{v}: rolling out"));
         self.follow(v).await?;
         say(&format!("-----> v{v} is serving"));
+        self.prune_images().await;
         Ok(v)
+    }
+
+    /// Removes, on every node, the images escale built for this app that belong to none of
+    /// its last `scheduler.keep_releases` releases and that no instance (live or not) of the
+    /// installation uses. Failures are logged, never fatal: the deploy has succeeded.
+    async fn prune_images(&self) {
+        let Some(sched) = self.state.scheduler.as_ref() else {
+            return;
+        };
+        let keep_n = self.state.config.scheduler.keep_releases as usize;
+        let releases = match self
+            .state
+            .registry
+            .releases(self.actor, &self.app.name)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(app = %self.app.name, error = %e, "image pruning: cannot list releases");
+                return;
+            }
+        };
+        // Newest first; any release still rolling out is among them.
+        let mut keep: std::collections::HashSet<String> = releases
+            .iter()
+            .take(keep_n)
+            .map(|r| r.image.clone())
+            .collect();
+        let installation = self.state.registry.installation_id().to_string();
+        let labels = vec![
+            format!("{}={installation}", crate::node::LABEL_INSTALLATION),
+            format!("escale.app={}", self.app.name),
+        ];
+        // Never an image an instance uses, whatever its release, state or node: when a node
+        // cannot be asked, nothing is pruned.
+        for node in sched.nodes() {
+            match node.list_instances(&installation).await {
+                Ok(instances) => keep.extend(instances.into_iter().map(|i| i.image)),
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "image pruning skipped: cannot list instances");
+                    return;
+                }
+            }
+        }
+        let mut removed = 0usize;
+        for node in sched.nodes() {
+            let images = match node.list_labelled_images(&labels).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "image pruning: cannot list images");
+                    continue;
+                }
+            };
+            for tag in images.iter().filter(|t| !keep.contains(*t)) {
+                match node.remove_image(tag).await {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::info!(node = %node.name, image = %tag, error = %e, "image pruning: not removed")
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            self.progress.say(&format!(
+                "-----> Removed {removed} old image(s) (keeping the last {keep_n} releases')"
+            ));
+        }
     }
 
     /// The commit's `escale.toml`, parsed and checked as the API checks it; `None` when the

@@ -618,3 +618,58 @@ async fn a_pushed_escale_toml_is_applied_and_an_invalid_one_changes_nothing() {
         .await;
     assert_eq!(ps.len(), 2, "{ps:#?}");
 }
+
+/// Tags of the images this server built for `app`, sorted.
+fn built_images(s: &TestServer, app: &str) -> Vec<String> {
+    let out = crate::support::docker::docker_cli(&[
+        "images",
+        "--filter",
+        &format!("label=escale.installation={}", s.installation),
+        "--filter",
+        &format!("label=escale.app={app}"),
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+    ]);
+    let mut tags: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    tags.sort();
+    tags
+}
+
+#[tokio::test]
+async fn old_built_images_are_pruned_after_a_deploy() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_KEEP_RELEASES", "2")]).await;
+    s.ok(&["apps", "create", "pruned"]);
+    let url = push_url(&s, "pruned");
+    let repo = Repo::new();
+    let mut shas = Vec::new();
+    for n in 1..=4 {
+        let sha = repo.commit(
+            &[("Dockerfile", &format!("FROM {image}\nENV BUILD={n}\n"))],
+            &format!("build {n}"),
+        );
+        let (ok, out) = repo.push(&url, "main");
+        assert!(ok, "push {n}: {out}");
+        shas.push(sha);
+    }
+    let want: Vec<String> = (3..=4)
+        .map(|n| format!("pruned:v{n}-{}", &shas[n - 1][..7]))
+        .collect();
+    // The last 2 releases' images remain; older ones were removed by the deploys.
+    let got = s
+        .wait_for("only the last 2 images", Duration::from_secs(30), || {
+            let got = built_images(&s, "pruned");
+            (got == want).then_some(got)
+        })
+        .await;
+    assert_eq!(got, want);
+    let rel = releases(&s, "pruned");
+    assert_eq!(status_of(&rel, 4), "active");
+    // Rolling back to a kept release still works (its image is there).
+    s.ok(&["rollback", "pruned", "3"]);
+}
