@@ -13,7 +13,8 @@
 //! and deployed in the background: the configured repository is fetched into the app's bare
 //! repository (`git fetch` with argv only, `--` before the URL, `GIT_TERMINAL_PROMPT=0`,
 //! `GIT_ALLOW_PROTOCOL`, no redirects, a timeout), `main` is moved to the pushed commit and the
-//! commit is built and released by [`crate::git::deploy`]; the release shows the outcome.
+//! commit is built and released by [`crate::git::deploy`]; the release shows the outcome, and
+//! a deploy that created no release (fetch or build failed) is a `webhook.deploy_failed` event.
 //!
 //! Repository URLs ([`check_repo_url`]) are `https://` or `http://` (`file://` only when
 //! `webhooks.allow_file_repositories`), a restricted character set, no credentials, no `..`;
@@ -448,6 +449,15 @@ async fn deploy_in_background(s: AppState, target: WebhookTarget, provider: Prov
     let app = target.app.name.clone();
     if let Err(e) = deploy(&s, &target, provider, &sha).await {
         tracing::warn!(app = %app, commit = %sha, error = %e, "webhook deploy failed");
+        let detail = git::one_line(&format!("commit {}: {e}", &sha[..7]));
+        let actor = format!("webhook ({})", provider.as_str());
+        if let Err(e) = s
+            .registry
+            .webhook_deploy_failed(&app, &actor, &detail)
+            .await
+        {
+            tracing::warn!(app = %app, error = %e, "recording a failed webhook deploy");
+        }
     }
 }
 

@@ -190,4 +190,13 @@ impl Registry {
         tx.commit().await?;
         Ok(())
     }
+
+    /// Records the outcome of a webhook deploy that did not go live (a failed fetch or build
+    /// creates no release, so the app's events are where it shows).
+    pub async fn webhook_deploy_failed(&self, app: &str, actor: &str, detail: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        audit(&mut tx, actor, Some(app), "webhook.deploy_failed", detail).await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }

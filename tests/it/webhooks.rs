@@ -224,6 +224,39 @@ async fn signed_push_events_deploy_the_pushed_commit() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&main.stdout).trim(), sha);
+    // A commit that does not build: no release, a `webhook.deploy_failed` event, and `main`
+    // of the app's repository stays where it was.
+    let broken = source.commit(
+        &[("Dockerfile", "FROM escale-test/does-not-exist:nope\n")],
+        "broken",
+    );
+    let body = push_body("main", &broken);
+    let (status, text) = post_hook(
+        &s,
+        "lab",
+        &delivery(Provider::GitLab, &secrets[1].2, &body, "lab-delivery-2"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let events = s
+        .wait_for("the failure event", Duration::from_secs(60), || {
+            let ev = s.json(&["events", "lab"]);
+            ev.to_string()
+                .contains("webhook.deploy_failed")
+                .then_some(ev)
+        })
+        .await;
+    assert!(events.to_string().contains(&broken[..7]), "{events}");
+    assert_eq!(releases(&s, "lab").len(), 1);
+    let main = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(s.dir.path().join("data/git/lab.git"))
+        .args(["rev-parse", "refs/heads/main"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&main.stdout).trim(), sha);
+
     // After removal, deliveries are refused.
     s.ok(&["webhooks", "remove", "hub"]);
     let body = push_body("main", &sha);
