@@ -8,8 +8,9 @@
 //! - Gitea/Forgejo: `X-Gitea-Event: push`, `X-Gitea-Signature: <hex HMAC-SHA256>`,
 //!   `X-Gitea-Delivery` (or the `X-Forgejo-*` equivalents).
 //!
-//! Signatures are compared in constant time; a delivery id seen before is refused (409), so a
-//! captured request cannot be replayed. A push to the configured branch is answered 202 at once
+//! Signatures are compared in constant time; a delivery id or a body seen before is refused
+//! (409), so a captured request cannot be replayed, not even under a new delivery id (the id
+//! header is not signed). A push to the configured branch is answered 202 at once
 //! and deployed in the background: the configured repository is fetched into the app's bare
 //! repository (`git fetch` with argv only, `--` before the URL, `GIT_TERMINAL_PROMPT=0`,
 //! `GIT_ALLOW_PROTOCOL`, no redirects, a timeout), `main` is moved to the pushed commit and the
@@ -413,7 +414,12 @@ async fn hook(
     let target = s.registry.webhook_target(&app).await?.ok_or_else(no_hook)?;
     let delivery = verify(&headers, &body, &target.secret)?;
     s.registry
-        .record_delivery(target.app.id, &target.app.name, &delivery.id)
+        .record_delivery(
+            target.app.id,
+            &target.app.name,
+            &delivery.id,
+            &hex::encode(Sha256::digest(&body)),
+        )
         .await?;
     if !delivery.push {
         return Ok(answer("ignored", "not a push event".into()));

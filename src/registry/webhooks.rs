@@ -154,30 +154,47 @@ impl Registry {
         }))
     }
 
-    /// Records a delivery id of `app_id`; a conflict when it was seen before (a replay).
-    pub async fn record_delivery(&self, app_id: i64, app: &str, delivery: &str) -> Result<()> {
+    /// Records a delivery of `app_id`: its id and the digest of its body. A conflict when
+    /// either was seen before: a replay, under its own id or under a new one (the id header
+    /// is not covered by the providers' signatures, the body is).
+    pub async fn record_delivery(
+        &self,
+        app_id: i64,
+        app: &str,
+        delivery: &str,
+        body_sha256: &str,
+    ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.write().await?;
         sqlx::query("DELETE FROM webhook_deliveries WHERE received_at < ?")
             .bind(now - DELIVERY_RETENTION_MS)
             .execute(&mut *tx)
             .await?;
-        let r = sqlx::query(
-            "INSERT INTO webhook_deliveries (app_id, delivery_id, received_at) VALUES (?, ?, ?)",
-        )
-        .bind(app_id)
-        .bind(delivery)
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        match r {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                return Err(RegistryError::Conflict(format!(
-                    "delivery `{delivery}` of app `{app}` was already received; replays are refused"
-                )))
+        let body_key = format!("body:{body_sha256}");
+        for (key, what) in [
+            (delivery, format!("delivery `{delivery}`")),
+            (
+                body_key.as_str(),
+                "this payload (under another delivery id)".to_string(),
+            ),
+        ] {
+            let r = sqlx::query(
+                "INSERT INTO webhook_deliveries (app_id, delivery_id, received_at) VALUES (?, ?, ?)",
+            )
+            .bind(app_id)
+            .bind(key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            match r {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(RegistryError::Conflict(format!(
+                        "{what} of app `{app}` was already received; replays are refused"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
         audit(
             &mut tx,

@@ -192,6 +192,15 @@ async fn signed_push_events_deploy_the_pushed_commit() {
         let (status, text) =
             post_hook(&s, app, &delivery(*provider, secret, &body, &id), &body).await;
         assert_eq!(status, 409, "{provider:?}: {text}");
+        // So is the same signed body under a new delivery id (the id is not signed).
+        let (status, text) = post_hook(
+            &s,
+            app,
+            &delivery(*provider, secret, &body, &format!("{app}-forged")),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 409, "{provider:?}: {text}");
     }
     for (app, _, _) in &secrets {
         let rel = s
