@@ -21,7 +21,8 @@
 //! `webhooks.allow_file_repositories`), a restricted character set, no credentials, no `..`;
 //! hosts that resolve to loopback, private, link-local or unspecified addresses are refused
 //! unless `webhooks.allow_private_repositories`. The check runs when the webhook is configured
-//! and again before every fetch.
+//! and again before every fetch, and git is pinned to the address that was checked
+//! (`http.curloptResolve`).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -130,8 +131,13 @@ fn bad_url(url: &str, why: &str) -> WebhookError {
 }
 
 /// Checks a repository URL (see the module docs); resolves its host unless private
-/// repositories are allowed.
-pub async fn check_repo_url(url: &str, cfg: &WebhooksConfig) -> Result<(), WebhookError> {
+/// repositories are allowed. When a host name was resolved, returns the `HOST:PORT:ADDRESS`
+/// that was checked, for `http.curloptResolve`, so that git connects to that address and not
+/// to what a second lookup might answer (DNS rebinding).
+pub async fn check_repo_url(
+    url: &str,
+    cfg: &WebhooksConfig,
+) -> Result<Option<String>, WebhookError> {
     if url.is_empty() || url.len() > MAX_URL {
         return Err(bad_url(
             url,
@@ -169,7 +175,7 @@ pub async fn check_repo_url(url: &str, cfg: &WebhooksConfig) -> Result<(), Webho
             if !authority.is_empty() || !path.starts_with('/') || path.len() < 2 {
                 return Err(bad_url(url, "write file:///absolute/path"));
             }
-            return Ok(());
+            return Ok(None);
         }
         "file" => {
             return Err(bad_url(
@@ -215,7 +221,7 @@ pub async fn check_repo_url(url: &str, cfg: &WebhooksConfig) -> Result<(), Webho
                 "the host is a loopback, private, link-local or unspecified address (an admin can allow it with webhooks.allow_private_repositories)",
             ));
         }
-        return Ok(());
+        return Ok(None);
     }
     if authority.starts_with('[')
         || !host.split('.').all(|l| {
@@ -227,7 +233,7 @@ pub async fn check_repo_url(url: &str, cfg: &WebhooksConfig) -> Result<(), Webho
         return Err(bad_url(url, "the host is not a valid name"));
     }
     if cfg.allow_private_repositories {
-        return Ok(());
+        return Ok(None);
     }
     let addrs = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
         .await
@@ -244,7 +250,11 @@ pub async fn check_repo_url(url: &str, cfg: &WebhooksConfig) -> Result<(), Webho
             "the host resolves to a loopback, private, link-local or unspecified address (an admin can allow it with webhooks.allow_private_repositories)",
         ));
     }
-    Ok(())
+    let pin = match addrs[0] {
+        IpAddr::V4(a) => format!("{host}:{port}:{a}"),
+        IpAddr::V6(a) => format!("{host}:{port}:[{a}]"),
+    };
+    Ok(Some(pin))
 }
 
 /// Where a delivery came from.
@@ -476,7 +486,7 @@ async fn deploy(
 ) -> Result<u32, WebhookError> {
     let hook = &target.hook;
     // Again: the setting may predate a configuration change, and DNS answers change.
-    check_repo_url(&hook.repository, &s.config.webhooks).await?;
+    let pin = check_repo_url(&hook.repository, &s.config.webhooks).await?;
     check_branch(&hook.branch)?;
     // One deploy per app at a time: wait for one in progress (a push or another webhook).
     let wait_limit = s.config.scheduler.deploy_timeout + Duration::from_secs(600);
@@ -496,10 +506,15 @@ async fn deploy(
         protocols.push_str(":file");
     }
     let refspec = format!("+refs/heads/{}:{FETCH_REF}", hook.branch);
-    let fetch = git::git()
+    let mut fetch = git::git();
+    fetch
         .env("GIT_ALLOW_PROTOCOL", &protocols)
         .arg("--git-dir")
-        .arg(&repo)
+        .arg(&repo);
+    if let Some(pin) = &pin {
+        fetch.arg("-c").arg(format!("http.curloptResolve={pin}"));
+    }
+    let fetch = fetch
         .args([
             "-c",
             "http.followRedirects=false",
