@@ -51,6 +51,16 @@ pub struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub acme: RawAcme,
+    #[serde(default)]
+    pub webhooks: RawWebhooks,
+}
+
+/// `[webhooks]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhooks {
+    pub allow_private_repositories: Option<bool>,
+    pub allow_file_repositories: Option<bool>,
 }
 
 /// `[acme]` as written.
@@ -74,6 +84,7 @@ pub struct RawScheduler {
     pub default_port: Option<u16>,
     pub log_max_size: Option<String>,
     pub log_max_files: Option<u32>,
+    pub keep_releases: Option<u32>,
 }
 
 /// `[proxy]` as written.
@@ -123,6 +134,17 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub proxy: ProxySettings,
     pub acme: AcmeConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`, validated.
+#[derive(Debug, Clone, Default)]
+pub struct WebhooksConfig {
+    /// Webhook repository URLs may name hosts that resolve to loopback, private, link-local
+    /// or unspecified addresses.
+    pub allow_private_repositories: bool,
+    /// Webhook repository URLs may be `file://` paths on the server.
+    pub allow_file_repositories: bool,
 }
 
 /// `[acme]`, validated.
@@ -152,6 +174,9 @@ pub struct SchedulerConfig {
     pub default_port: u16,
     pub log_max_size: String,
     pub log_max_files: u32,
+    /// Built images of an app's last `keep_releases` releases are kept on every node; older
+    /// ones are removed after each successful deploy by `git push` or webhook.
+    pub keep_releases: u32,
 }
 
 /// `[proxy]`, validated.
@@ -192,6 +217,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("scheduler.default_port", "ESCALE_SCHEDULER_DEFAULT_PORT"),
     ("scheduler.log_max_size", "ESCALE_SCHEDULER_LOG_MAX_SIZE"),
     ("scheduler.log_max_files", "ESCALE_SCHEDULER_LOG_MAX_FILES"),
+    ("scheduler.keep_releases", "ESCALE_SCHEDULER_KEEP_RELEASES"),
     ("proxy.max_body_size", "ESCALE_PROXY_MAX_BODY_SIZE"),
     ("proxy.max_header_size", "ESCALE_PROXY_MAX_HEADER_SIZE"),
     (
@@ -205,6 +231,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("acme.email", "ESCALE_ACME_EMAIL"),
     ("acme.renew_before", "ESCALE_ACME_RENEW_BEFORE"),
     ("acme.ca_root", "ESCALE_ACME_CA_ROOT"),
+    (
+        "webhooks.allow_private_repositories",
+        "ESCALE_WEBHOOKS_ALLOW_PRIVATE_REPOSITORIES",
+    ),
+    (
+        "webhooks.allow_file_repositories",
+        "ESCALE_WEBHOOKS_ALLOW_FILE_REPOSITORIES",
+    ),
 ];
 
 /// Where `escale serve` looks for a config file when `--config` is not given.
@@ -374,6 +408,16 @@ impl Config {
                     v
                 },
                 log_max_files: s.parse_num("scheduler.log_max_files", sc.log_max_files, 3u32)?,
+                keep_releases: {
+                    let n = s.parse_num("scheduler.keep_releases", sc.keep_releases, 5u32)?;
+                    if n == 0 || n > 1000 {
+                        return Err(invalid(
+                            "scheduler.keep_releases",
+                            format!("`{n}`: keep between 1 and 1000 releases' images"),
+                        ));
+                    }
+                    n
+                },
             },
             proxy: ProxySettings {
                 max_body_bytes: s.size("proxy.max_body_size", px.max_body_size.clone(), "100m")?,
@@ -403,6 +447,16 @@ impl Config {
                     .get("acme.ca_root", ac.ca_root.clone())
                     .filter(|p| !p.is_empty())
                     .map(PathBuf::from),
+            },
+            webhooks: WebhooksConfig {
+                allow_private_repositories: s.flag(
+                    "webhooks.allow_private_repositories",
+                    raw.webhooks.allow_private_repositories,
+                )?,
+                allow_file_repositories: s.flag(
+                    "webhooks.allow_file_repositories",
+                    raw.webhooks.allow_file_repositories,
+                )?,
             },
         })
     }
@@ -464,6 +518,18 @@ impl Settings<'_> {
                 .parse()
                 .map_err(|_| invalid(key, format!("`{v}` is not a valid number"))),
             None => Ok(file.unwrap_or(default)),
+        }
+    }
+
+    /// A boolean, `false` by default; the environment takes `true`/`false`/`1`/`0`.
+    fn flag(&self, key: &'static str, file: Option<bool>) -> Result<bool, ConfigError> {
+        match (self.env)(env_name(key)) {
+            Some(v) => match v.trim() {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(invalid(key, format!("`{v}`: write `true` or `false`"))),
+            },
+            None => Ok(file.unwrap_or(false)),
         }
     }
 

@@ -19,3 +19,4 @@ pub mod scheduler;
 pub mod secrets;
 pub mod server;
 pub mod validate;
+pub mod webhooks;

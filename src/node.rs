@@ -23,8 +23,8 @@ use bollard::models::{
 use bollard::query_parameters::{
     BuildImageOptions, BuilderVersion, CreateContainerOptions, CreateImageOptions, EventsOptions,
     ImportImageOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions,
-    LogsOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
-    StopContainerOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+    StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -1021,6 +1021,25 @@ impl Node {
 
     /// Removes an image tag (and the image if nothing else uses it). Absent is success; an
     /// image used by a container is an error.
+    /// Tags of the images on this engine that carry every one of `labels` (`key=value`), e.g.
+    /// the images escale built for one app of one installation.
+    pub async fn list_labelled_images(&self, labels: &[String]) -> Result<Vec<String>> {
+        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(self.engine_err("listing images"))?;
+        Ok(images
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t != "<none>:<none>")
+            .collect())
+    }
+
     pub async fn remove_image(&self, image: &str) -> Result<()> {
         match self
             .docker

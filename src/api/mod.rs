@@ -12,6 +12,7 @@ mod certs;
 mod cluster;
 mod error;
 mod extract;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +84,7 @@ impl AppState {
         apps::list_domains, apps::add_domain, apps::remove_domain,
         certs::list_certs, certs::add_cert, certs::remove_cert,
         apps::get_manifest, apps::apply_manifest,
+        webhooks::set_webhook, webhooks::get_webhook, webhooks::remove_webhook,
         apps::list_events, apps::list_all_events,
         cluster::list_instances, cluster::logs, cluster::list_nodes,
     ),
@@ -159,6 +161,12 @@ pub fn router(state: AppState) -> Router {
             "/apps/{app}/manifest",
             get(apps::get_manifest).put(apps::apply_manifest),
         )
+        .route(
+            "/apps/{app}/webhook",
+            get(webhooks::get_webhook)
+                .put(webhooks::set_webhook)
+                .delete(webhooks::remove_webhook),
+        )
         .route("/apps/{app}/events", get(apps::list_events))
         .route("/apps/{app}/instances", get(cluster::list_instances))
         .route("/apps/{app}/logs", get(cluster::logs))
@@ -169,6 +177,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         // Git smart HTTP under `/git/` (see `crate::git`); outside `/api/v1`.
         .merge(crate::git::router())
+        // Push webhooks under `/hooks/` (see `crate::webhooks`); signed, no token.
+        .merge(crate::webhooks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))

@@ -317,6 +317,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         }
         Command::Domains(cmd) => domains(&api()?, json_out, cmd).await,
         Command::Certs(cmd) => certs(&api()?, json_out, cmd).await,
+        Command::Webhooks(cmd) => webhooks(&api()?, json_out, cmd).await,
         Command::Tokens(cmd) => tokens(&url, token.clone(), json_out, cmd).await,
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
         Command::Teams(cmd) => {
@@ -882,6 +883,77 @@ fn print_processes(list: &[Value]) {
         ],
         &rows,
     );
+}
+
+async fn webhooks(c: &Client, json_out: bool, cmd: WebhooksCommand) -> Result<(), CliError> {
+    match cmd {
+        WebhooksCommand::Set {
+            app,
+            repo,
+            branch,
+            secret_stdin,
+        } => {
+            let mut body = json!({"repository": repo, "branch": branch});
+            if secret_stdin {
+                let mut sec = String::new();
+                std::io::stdin()
+                    .read_line(&mut sec)
+                    .map_err(|e| CliError::Local(format!("reading the secret: {e}")))?;
+                body["secret"] = json!(sec.trim_end_matches(['\n', '\r']));
+            }
+            let out: Value = c
+                .call(
+                    Method::PUT,
+                    &format!("/api/v1/apps/{}/webhook", seg(&app)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!(
+                    "Webhook of {app} set: pushes to `{}` of {} deploy.",
+                    s(&out["branch"]),
+                    s(&out["repository"])
+                );
+                println!(
+                    "Payload URL: {}{}",
+                    c.url().trim_end_matches('/'),
+                    s(&out["path"])
+                );
+                println!("Secret (shown once): {}", s(&out["secret"]));
+            });
+        }
+        WebhooksCommand::Show { app } => {
+            let out: Value = c
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/webhook", seg(&app)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!("repository  {}", s(&out["repository"]));
+                println!("branch      {}", s(&out["branch"]));
+                println!(
+                    "payload URL {}{}",
+                    c.url().trim_end_matches('/'),
+                    s(&out["path"])
+                );
+                println!("set by      {}", s(&out["created_by"]));
+            });
+        }
+        WebhooksCommand::Remove { app } => {
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/apps/{}/webhook", seg(&app)),
+                None,
+            )
+            .await?;
+            print_json_or(json_out, &json!({"removed": app}), || {
+                println!("Webhook of {app} removed.")
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), CliError> {

@@ -189,6 +189,12 @@ pub enum Command {
     /// TLS certificates of an app's host names (uploaded; ACME ones are listed too).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Push webhooks: deploy when GitHub, GitLab or Gitea/Forgejo report a push.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale webhooks set shop --repo https://github.com/acme/shop.git --branch main\n  escale webhooks show shop\n  escale webhooks remove shop\n\nThe secret is printed once by `set`; give it to the provider with the URL https://ESCALE/hooks/APP."
+    )]
+    Webhooks(WebhooksCommand),
     /// Make an app match an `escale.toml` manifest: process types, formation, resources,
     /// health checks, domains and non-secret config vars, in one step.
     #[command(
@@ -333,6 +339,27 @@ pub enum DomainsCommand {
     Add { app: String, domain: String },
     Remove { app: String, domain: String },
     List { app: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Set (or replace) the app's webhook; prints the secret once.
+    Set {
+        app: String,
+        /// The repository fetched on a push (https:// or http://).
+        #[arg(long = "repo")]
+        repo: String,
+        /// The branch whose pushes deploy.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// Use this secret instead of a generated one (read from standard input).
+        #[arg(long)]
+        secret_stdin: bool,
+    },
+    /// Show the app's webhook (never its secret).
+    Show { app: String },
+    /// Remove the app's webhook.
+    Remove { app: String },
 }
 
 #[derive(Debug, Subcommand)]

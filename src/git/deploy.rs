@@ -10,10 +10,16 @@ use bytes::Bytes;
 use super::http::Progress;
 use super::{run_git, GitError, RefUpdate, MAX_CONTEXT_BYTES};
 use crate::api::AppState;
+use crate::manifest::{Checks, Located, Manifest, ManifestError};
 use crate::registry::{Actor, AppRef, ReleaseStatus};
 
 /// Largest build log kept with a release; the tail is kept.
 const MAX_BUILD_LOG: usize = 256 * 1024;
+
+/// The manifest file read from the root of a pushed commit.
+pub const MANIFEST_FILE: &str = "escale.toml";
+/// Largest manifest read from a commit.
+const MAX_MANIFEST_BYTES: usize = 1 << 20;
 
 /// One deploy of a push.
 pub(crate) struct Job<'a> {
@@ -47,6 +53,7 @@ impl Job<'_> {
                 "commit {short} has no `Dockerfile` at the root of the repository: escale builds every push to `main` with it (e.g. `FROM nginx:alpine` and `COPY . /usr/share/nginx/html`); commit one and push again"
             )));
         }
+        let manifest = self.manifest(sha).await?;
         let subject = run_git(
             "log",
             self.repo,
@@ -85,6 +92,10 @@ impl Job<'_> {
             node.name
         ));
         let labels = vec![
+            (
+                crate::node::LABEL_INSTALLATION.to_string(),
+                self.state.registry.installation_id().to_string(),
+            ),
             ("escale.app".to_string(), self.app.name.clone()),
             ("escale.git.commit".to_string(), sha.to_string()),
         ];
@@ -137,6 +148,27 @@ impl Job<'_> {
             }
             d
         };
+        if let Some(m) = &manifest {
+            let out = self
+                .state
+                .registry
+                .apply_manifest(
+                    self.actor,
+                    &self.app.name,
+                    m,
+                    self.state.config.scheduler.default_port,
+                )
+                .await?;
+            if out.changes.is_empty() {
+                say("-----> escale.toml: the app already matches it");
+            } else {
+                say("-----> escale.toml applied:");
+                for c in &out.changes {
+                    say(&format!("       {c}"));
+                }
+                self.state.changed.notify_one();
+            }
+        }
         let v = self
             .state
             .registry
@@ -153,7 +185,123 @@ impl Job<'_> {
         say(&format!("-----> Releasing v{v}: rolling out"));
         self.follow(v).await?;
         say(&format!("-----> v{v} is serving"));
+        self.prune_images().await;
         Ok(v)
+    }
+
+    /// Removes, on every node, the images escale built for this app that belong to none of
+    /// its last `scheduler.keep_releases` releases and that no instance (live or not) of the
+    /// installation uses. Failures are logged, never fatal: the deploy has succeeded.
+    async fn prune_images(&self) {
+        let Some(sched) = self.state.scheduler.as_ref() else {
+            return;
+        };
+        let keep_n = self.state.config.scheduler.keep_releases as usize;
+        let releases = match self
+            .state
+            .registry
+            .releases(self.actor, &self.app.name)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(app = %self.app.name, error = %e, "image pruning: cannot list releases");
+                return;
+            }
+        };
+        // Newest first; any release still rolling out is among them.
+        let mut keep: std::collections::HashSet<String> = releases
+            .iter()
+            .take(keep_n)
+            .map(|r| r.image.clone())
+            .collect();
+        let installation = self.state.registry.installation_id().to_string();
+        let labels = vec![
+            format!("{}={installation}", crate::node::LABEL_INSTALLATION),
+            format!("escale.app={}", self.app.name),
+        ];
+        // Never an image an instance uses, whatever its release, state or node: when a node
+        // cannot be asked, nothing is pruned.
+        for node in sched.nodes() {
+            match node.list_instances(&installation).await {
+                Ok(instances) => keep.extend(instances.into_iter().map(|i| i.image)),
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "image pruning skipped: cannot list instances");
+                    return;
+                }
+            }
+        }
+        let mut removed = 0usize;
+        for node in sched.nodes() {
+            let images = match node.list_labelled_images(&labels).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "image pruning: cannot list images");
+                    continue;
+                }
+            };
+            for tag in images.iter().filter(|t| !keep.contains(*t)) {
+                match node.remove_image(tag).await {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::info!(node = %node.name, image = %tag, error = %e, "image pruning: not removed")
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            self.progress.say(&format!(
+                "-----> Removed {removed} old image(s) (keeping the last {keep_n} releases')"
+            ));
+        }
+    }
+
+    /// The commit's `escale.toml`, parsed and checked as the API checks it; `None` when the
+    /// commit has none at its root. An invalid manifest rejects the push, naming where.
+    async fn manifest(&self, sha: &str) -> Result<Option<Manifest>, GitError> {
+        let spec = format!("{sha}:{MANIFEST_FILE}");
+        if run_git("cat-file", self.repo, &["cat-file", "-e", &spec])
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let bytes = run_git("show", self.repo, &["show", "--no-textconv", &spec, "--"]).await?;
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(GitError::Rejected(format!(
+                "{MANIFEST_FILE} is {} KiB; a manifest may be at most {} KiB",
+                bytes.len() / 1024,
+                MAX_MANIFEST_BYTES / 1024
+            )));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| GitError::Rejected(format!("{MANIFEST_FILE} is not UTF-8 text")))?;
+        let checks = Checks {
+            app: Some(&self.app.name),
+            max_instances: Some(self.state.config.max_instances),
+            apps_domain: Some(&self.state.config.apps_domain),
+        };
+        match Manifest::parse_with(&text, &checks) {
+            Ok(m) => {
+                self.progress.say(&format!(
+                    "-----> {MANIFEST_FILE} is valid; applied before the release"
+                ));
+                Ok(Some(m))
+            }
+            Err(e) => {
+                let problems: Vec<Located> = match e {
+                    ManifestError::Syntax(l) => vec![l],
+                    ManifestError::Invalid(v) => v,
+                };
+                for p in &problems {
+                    self.progress.say(&format!("{MANIFEST_FILE}:{p}"));
+                }
+                Err(GitError::Rejected(format!(
+                    "invalid {MANIFEST_FILE}: {MANIFEST_FILE}:{}; nothing was changed",
+                    problems[0]
+                )))
+            }
+        }
     }
 
     /// Waits for release `v` to become active or fail, reporting healthy instances.

@@ -184,6 +184,8 @@ async fn upload_pack(
 pub(crate) enum Framing {
     Band(usize),
     Plain,
+    /// No client (a webhook deploy): lines go to the server's log.
+    Log,
 }
 
 /// Progress lines to the pusher (`remote: ...`), on side band 2; dropped when the client did
@@ -195,7 +197,20 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// Progress of a deploy nobody watches (webhooks): lines go to the server's log.
+    pub(crate) fn detached() -> Progress {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Progress {
+            tx,
+            framing: Framing::Log,
+        }
+    }
+
     pub(crate) fn say(&self, line: &str) {
+        if let Framing::Log = self.framing {
+            tracing::info!(line = %line.trim_end(), "webhook deploy");
+            return;
+        }
         if let Framing::Band(max) = self.framing {
             let mut l = line.trim_end_matches(['\n', '\r']).to_string();
             l.push('\n');
@@ -218,6 +233,7 @@ impl Progress {
                 self.raw(out);
             }
             Framing::Plain => self.raw(report.encode()),
+            Framing::Log => {}
         }
     }
 }
@@ -444,7 +460,7 @@ async fn receive_pack(
                 Ok(n) => n,
             };
             match framing {
-                Framing::Plain => report.extend_from_slice(&buf[..n]),
+                Framing::Plain | Framing::Log => report.extend_from_slice(&buf[..n]),
                 Framing::Band(_) => {
                     parser.push(&buf[..n]);
                     loop {
@@ -541,7 +557,7 @@ async fn receive_pack(
 }
 
 /// Puts the deploy branch back where it was before a push whose deploy failed.
-async fn reset_branch(repo: &std::path::Path, u: &super::RefUpdate) {
+pub(crate) async fn reset_branch(repo: &std::path::Path, u: &super::RefUpdate) {
     let args: Vec<&str> = if super::is_zero(&u.old) {
         vec!["update-ref", "-d", "--", &u.name, &u.new]
     } else {

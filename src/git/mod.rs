@@ -28,8 +28,8 @@
 //! repository path (from a validated app name) and object ids (checked to be hex); ref names
 //! travel to git on standard input and are validated anyway.
 
-mod deploy;
-mod http;
+pub(crate) mod deploy;
+pub(crate) mod http;
 pub mod pkt;
 
 use std::collections::HashSet;

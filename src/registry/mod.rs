@@ -14,6 +14,7 @@
 mod accounts;
 mod apps;
 mod releases;
+mod webhooks;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -26,6 +27,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 pub use accounts::*;
 pub use apps::*;
 pub use releases::*;
+pub use webhooks::*;
 
 use crate::secrets::MasterKey;
 

@@ -91,6 +91,14 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         Access::App,
     ),
     ("GET", "/api/v1/apps/{app}/manifest", "", Access::App),
+    (
+        "PUT",
+        "/api/v1/apps/{app}/webhook",
+        r#"{"repository":"https://203.0.113.9/{app}.git","branch":"main"}"#,
+        Access::App,
+    ),
+    ("GET", "/api/v1/apps/{app}/webhook", "", Access::App),
+    ("DELETE", "/api/v1/apps/{app}/webhook", "", Access::App),
     ("GET", "/api/v1/apps/{app}/config", "", Access::App),
     (
         "POST",
@@ -434,7 +442,7 @@ async fn a_member_of_another_team_gets_404_on_every_app_route() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 22);
+    assert_eq!(checked, 25);
     // bert does not see redshop anywhere.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&bert), None)
@@ -570,7 +578,7 @@ async fn the_owner_succeeds_on_every_route_of_its_own_app() {
             Access::Public => {}
         }
     }
-    assert_eq!(checked, 31);
+    assert_eq!(checked, 34);
     // The last row destroyed the app; the one created through the table remains.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&rosa), None)

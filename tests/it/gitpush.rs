@@ -14,14 +14,14 @@ use crate::support::fixture_image;
 use crate::support::server::{healthy, TestServer};
 
 /// A git working copy with its own HOME, so no user config leaks in.
-struct Repo {
+pub(crate) struct Repo {
     _tmp: tempfile::TempDir,
     home: PathBuf,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl Repo {
-    fn new() -> Repo {
+    pub(crate) fn new() -> Repo {
         let tmp = tempfile::tempdir().expect("temp dir");
         let home = tmp.path().join("home");
         let dir = tmp.path().join("src");
@@ -36,7 +36,7 @@ impl Repo {
         r
     }
 
-    fn git(&self, args: &[&str]) -> Output {
+    pub(crate) fn git(&self, args: &[&str]) -> Output {
         Command::new("git")
             .args([
                 "-c",
@@ -59,7 +59,7 @@ impl Repo {
             .expect("git runs")
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.git(args);
         assert!(
             out.status.success(),
@@ -70,7 +70,7 @@ impl Repo {
     }
 
     /// Writes `files` and commits them.
-    fn commit(&self, files: &[(&str, &str)], msg: &str) -> String {
+    pub(crate) fn commit(&self, files: &[(&str, &str)], msg: &str) -> String {
         for (name, content) in files {
             std::fs::write(self.dir.join(name), content).unwrap();
         }
@@ -80,7 +80,7 @@ impl Repo {
     }
 
     /// `git push URL REFSPEC`; returns (success, stderr).
-    fn push(&self, url: &str, refspec: &str) -> (bool, String) {
+    pub(crate) fn push(&self, url: &str, refspec: &str) -> (bool, String) {
         let out = self.git(&["push", "--progress", url, refspec]);
         let text = format!(
             "{}{}",
@@ -96,7 +96,7 @@ fn push_url(s: &TestServer, app: &str) -> String {
     format!("http://admin:{}@{host}/git/{app}.git", s.token)
 }
 
-fn releases(s: &TestServer, app: &str) -> Vec<Value> {
+pub(crate) fn releases(s: &TestServer, app: &str) -> Vec<Value> {
     s.json(&["releases", app]).as_array().cloned().unwrap()
 }
 
@@ -554,4 +554,122 @@ fn assert_nothing_named(dir: &Path, names: &[&str]) {
             assert_nothing_named(&e.path(), names);
         }
     }
+}
+
+#[tokio::test]
+async fn a_pushed_escale_toml_is_applied_and_an_invalid_one_changes_nothing() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[]).await;
+    s.ok(&["apps", "create", "declared"]);
+    let url = push_url(&s, "declared");
+    let repo = Repo::new();
+
+    // An invalid manifest: the push fails naming line, column and field; nothing changes.
+    repo.commit(
+        &[
+            ("Dockerfile", &format!("FROM {image}\n")),
+            (
+                "escale.toml",
+                "domains = [\"declared.example.eu\"]\n\n[processes.web]\ninstances = 2\nmemory = \"lots\"\n",
+            ),
+        ],
+        "invalid manifest",
+    );
+    let (ok, out) = repo.push(&url, "main");
+    assert!(!ok, "an invalid manifest fails the push: {out}");
+    assert!(
+        out.contains("remote: escale.toml:5:10 processes.web.memory:"),
+        "the problem is named with its line: {out}"
+    );
+    assert!(out.contains("remote rejected"), "{out}");
+    assert!(!out.contains("-----> Building"), "nothing was built: {out}");
+    assert!(releases(&s, "declared").is_empty(), "no release");
+    let domains = s.json(&["domains", "list", "declared"]);
+    assert!(
+        !domains.to_string().contains("declared.example.eu"),
+        "no domain was added: {domains}"
+    );
+    assert!(s.instances("declared").is_empty());
+
+    // Fixed: applied before the release, its changes reported; 2 instances and the domain.
+    repo.commit(
+        &[(
+            "escale.toml",
+            "domains = [\"declared.example.eu\"]\n\n[processes.web]\ninstances = 2\n",
+        )],
+        "valid manifest",
+    );
+    let (ok, out) = repo.push(&url, "main");
+    assert!(ok, "{out}");
+    assert!(out.contains("remote: -----> escale.toml applied"), "{out}");
+    assert!(out.contains("declared.example.eu"), "{out}");
+    assert!(out.contains("remote: -----> v1 is serving"), "{out}");
+    assert_eq!(status_of(&releases(&s, "declared"), 1), "active");
+    let domains = s.json(&["domains", "list", "declared"]);
+    assert!(
+        domains.to_string().contains("declared.example.eu"),
+        "{domains}"
+    );
+    let ps = s
+        .wait_for("2 healthy instances", Duration::from_secs(30), || {
+            let ps = s.instances("declared");
+            (healthy(&ps, "web", 1) == 2).then_some(ps)
+        })
+        .await;
+    assert_eq!(ps.len(), 2, "{ps:#?}");
+}
+
+/// Tags of the images this server built for `app`, sorted.
+fn built_images(s: &TestServer, app: &str) -> Vec<String> {
+    let out = crate::support::docker::docker_cli(&[
+        "images",
+        "--filter",
+        &format!("label=escale.installation={}", s.installation),
+        "--filter",
+        &format!("label=escale.app={app}"),
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+    ]);
+    let mut tags: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    tags.sort();
+    tags
+}
+
+#[tokio::test]
+async fn old_built_images_are_pruned_after_a_deploy() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_KEEP_RELEASES", "2")]).await;
+    s.ok(&["apps", "create", "pruned"]);
+    let url = push_url(&s, "pruned");
+    let repo = Repo::new();
+    let mut shas = Vec::new();
+    for n in 1..=4 {
+        let sha = repo.commit(
+            &[("Dockerfile", &format!("FROM {image}\nENV BUILD={n}\n"))],
+            &format!("build {n}"),
+        );
+        let (ok, out) = repo.push(&url, "main");
+        assert!(ok, "push {n}: {out}");
+        shas.push(sha);
+    }
+    let want: Vec<String> = (3..=4)
+        .map(|n| format!("pruned:v{n}-{}", &shas[n - 1][..7]))
+        .collect();
+    // The last 2 releases' images remain; older ones were removed by the deploys.
+    let got = s
+        .wait_for("only the last 2 images", Duration::from_secs(30), || {
+            let got = built_images(&s, "pruned");
+            (got == want).then_some(got)
+        })
+        .await;
+    assert_eq!(got, want);
+    let rel = releases(&s, "pruned");
+    assert_eq!(status_of(&rel, 4), "active");
+    // Rolling back to a kept release still works (its image is there).
+    s.ok(&["rollback", "pruned", "3"]);
 }

@@ -10,4 +10,5 @@ mod manifest;
 mod node;
 mod proxy;
 mod scheduler;
+mod webhooks;
 mod zero_downtime;
