@@ -53,6 +53,32 @@ pub struct RawConfig {
     pub acme: RawAcme,
     #[serde(default)]
     pub webhooks: RawWebhooks,
+    #[serde(default)]
+    pub git: RawGit,
+}
+
+/// `[git]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGit {
+    pub deploy_branch: Option<String>,
+    pub dockerfile: Option<String>,
+}
+
+/// `[git]`, validated: how pushed code is built and deployed.
+#[derive(Debug, Clone)]
+pub struct GitSettings {
+    /// Pushes to this branch (and webhook deliveries for it) are built and deployed.
+    pub deploy_branch: String,
+    /// Path of the Dockerfile inside the repository.
+    pub dockerfile: String,
+}
+
+impl GitSettings {
+    /// The full ref name of the deploy branch, e.g. `refs/heads/main`.
+    pub fn deploy_ref(&self) -> String {
+        format!("refs/heads/{}", self.deploy_branch)
+    }
 }
 
 /// `[webhooks]` as written.
@@ -135,6 +161,7 @@ pub struct Config {
     pub proxy: ProxySettings,
     pub acme: AcmeConfig,
     pub webhooks: WebhooksConfig,
+    pub git: GitSettings,
 }
 
 /// `[webhooks]`, validated.
@@ -239,6 +266,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "webhooks.allow_file_repositories",
         "ESCALE_WEBHOOKS_ALLOW_FILE_REPOSITORIES",
     ),
+    ("git.deploy_branch", "ESCALE_GIT_DEPLOY_BRANCH"),
+    ("git.dockerfile", "ESCALE_GIT_DOCKERFILE"),
 ];
 
 /// Where `escale serve` looks for a config file when `--config` is not given.
@@ -458,6 +487,38 @@ impl Config {
                     raw.webhooks.allow_file_repositories,
                 )?,
             },
+            git: GitSettings {
+                deploy_branch: {
+                    let b = s
+                        .get("git.deploy_branch", raw.git.deploy_branch.clone())
+                        .unwrap_or_else(|| "main".into());
+                    if !crate::git::valid_ref(&format!("refs/heads/{b}")) {
+                        return Err(invalid(
+                            "git.deploy_branch",
+                            format!("`{b}` is not a branch name: use letters, digits, `.`, `_`, `-` and `/`"),
+                        ));
+                    }
+                    b
+                },
+                dockerfile: {
+                    let d = s
+                        .get("git.dockerfile", raw.git.dockerfile.clone())
+                        .unwrap_or_else(|| "Dockerfile".into());
+                    let ok = !d.is_empty()
+                        && d.len() <= 255
+                        && !d.starts_with(['/', '-', '.'])
+                        && d.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+                        && d.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+                    if !ok {
+                        return Err(invalid(
+                            "git.dockerfile",
+                            format!("`{d}` is not a path inside the repository, e.g. `Dockerfile` or `deploy/Dockerfile`"),
+                        ));
+                    }
+                    d
+                },
+            },
         })
     }
 
@@ -630,6 +691,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("apps_domain"), "{e}");
+        for (env, bad) in [
+            ("ESCALE_GIT_DEPLOY_BRANCH", "-x"),
+            ("ESCALE_GIT_DEPLOY_BRANCH", "a..b"),
+            ("ESCALE_GIT_DOCKERFILE", "../Dockerfile"),
+            ("ESCALE_GIT_DOCKERFILE", "/etc/passwd"),
+            ("ESCALE_GIT_DOCKERFILE", "a b"),
+        ] {
+            let e = with_env(&[(env, bad)]).unwrap_err().to_string();
+            assert!(e.contains(env), "{env}={bad}: {e}");
+        }
         let e = with_env(&[("ESCALE_MAX_INSTANCES", "0")])
             .unwrap_err()
             .to_string();

@@ -961,6 +961,27 @@ impl Node {
         tag: &str,
         build_args: &[(String, String)],
         labels: &[(String, String)],
+        on_progress: impl FnMut(&str) + Send,
+    ) -> Result<String> {
+        self.build_image_with(
+            "Dockerfile",
+            context_tar,
+            tag,
+            build_args,
+            labels,
+            on_progress,
+        )
+        .await
+    }
+
+    /// [`Node::build_image`] with the Dockerfile at `dockerfile` inside the context.
+    pub async fn build_image_with(
+        &self,
+        dockerfile: &str,
+        context_tar: Bytes,
+        tag: &str,
+        build_args: &[(String, String)],
+        labels: &[(String, String)],
         mut on_progress: impl FnMut(&str) + Send,
     ) -> Result<String> {
         let failed = |reason: String| NodeError::BuildFailed {
@@ -969,7 +990,8 @@ impl Node {
             reason,
         };
         let options = BuildImageOptions {
-            dockerfile: "Dockerfile".into(),
+            dockerfile: dockerfile.into(),
+
             t: Some(tag.to_string()),
             rm: true,
             forcerm: true,

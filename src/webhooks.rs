@@ -39,7 +39,7 @@ use subtle::ConstantTimeEq;
 
 use crate::api::{ApiError, AppState};
 use crate::config::WebhooksConfig;
-use crate::git::{self, GitError, RefUpdate, DEPLOY_REF, ZERO_OID};
+use crate::git::{self, GitError, RefUpdate, ZERO_OID};
 use crate::registry::{Actor, Role, WebhookTarget};
 
 /// How long fetching the source repository may take.
@@ -560,10 +560,11 @@ async fn deploy(
                 hook.repository
             ))
         })?;
+    let deploy_ref = s.config.git.deploy_ref();
     let old = git::run_git(
         "rev-parse",
         &repo,
-        &["rev-parse", "--verify", "--quiet", DEPLOY_REF],
+        &["rev-parse", "--verify", "--quiet", &deploy_ref],
     )
     .await
     .map(|o| String::from_utf8_lossy(&o).trim().to_string())
@@ -573,13 +574,13 @@ async fn deploy(
     git::run_git(
         "update-ref",
         &repo,
-        &["update-ref", "--", DEPLOY_REF, sha, &old],
+        &["update-ref", "--", &deploy_ref, sha, &old],
     )
     .await?;
     let update = RefUpdate {
         old,
         new: sha.to_string(),
-        name: DEPLOY_REF.to_string(),
+        name: deploy_ref.clone(),
     };
     let actor = Actor {
         user_id: 0,

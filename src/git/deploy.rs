@@ -44,13 +44,16 @@ impl Job<'_> {
             .as_ref()
             .ok_or_else(|| GitError::Deploy("this server runs no scheduler".into()))?;
 
-        let dockerfile = format!("{sha}:Dockerfile");
-        if run_git("cat-file", self.repo, &["cat-file", "-e", &dockerfile])
+        let git_settings = &self.state.config.git;
+        let dockerfile = git_settings.dockerfile.as_str();
+        let object = format!("{sha}:{dockerfile}");
+        if run_git("cat-file", self.repo, &["cat-file", "-e", &object])
             .await
             .is_err()
         {
             return Err(GitError::Rejected(format!(
-                "commit {short} has no `Dockerfile` at the root of the repository: escale builds every push to `main` with it (e.g. `FROM nginx:alpine` and `COPY . /usr/share/nginx/html`); commit one and push again"
+                "commit {short} has no `{dockerfile}` in the repository: escale builds every push to `{}` with it (e.g. `FROM nginx:alpine` and `COPY . /usr/share/nginx/html`; the path is the server's `git.dockerfile` setting); commit one and push again",
+                git_settings.deploy_branch
             )));
         }
         let manifest = self.manifest(sha).await?;
@@ -99,23 +102,41 @@ impl Job<'_> {
             ("escale.app".to_string(), self.app.name.clone()),
             ("escale.git.commit".to_string(), sha.to_string()),
         ];
+        // Non-secret config vars are build args (a Dockerfile takes one with `ARG NAME`);
+        // secrets are not: build args are visible in the image's history.
+        let build_args: Vec<(String, String)> = self
+            .state
+            .registry
+            .config_rows(self.app.id)
+            .await?
+            .into_iter()
+            .filter(|(_, _, secret)| !secret)
+            .map(|(k, v, _)| (k, v))
+            .collect();
         let started = std::time::Instant::now();
         let mut log = String::new();
         let built = node
-            .build_image(Bytes::from(context), &tag, &[], &labels, |line| {
-                if !line.trim().is_empty() {
-                    self.progress.say(&format!("       {line}"));
-                }
-                log.push_str(line);
-                log.push('\n');
-                if log.len() > MAX_BUILD_LOG * 2 {
-                    let cut = log.len() - MAX_BUILD_LOG;
-                    let cut = (cut..log.len())
-                        .find(|i| log.is_char_boundary(*i))
-                        .unwrap_or(log.len());
-                    log.drain(..cut);
-                }
-            })
+            .build_image_with(
+                dockerfile,
+                Bytes::from(context),
+                &tag,
+                &build_args,
+                &labels,
+                |line| {
+                    if !line.trim().is_empty() {
+                        self.progress.say(&format!("       {line}"));
+                    }
+                    log.push_str(line);
+                    log.push('\n');
+                    if log.len() > MAX_BUILD_LOG * 2 {
+                        let cut = log.len() - MAX_BUILD_LOG;
+                        let cut = (cut..log.len())
+                            .find(|i| log.is_char_boundary(*i))
+                            .unwrap_or(log.len());
+                        log.drain(..cut);
+                    }
+                },
+            )
             .await;
         if let Err(e) = built {
             return Err(GitError::Build(match e {

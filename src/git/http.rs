@@ -18,8 +18,7 @@ use tokio::sync::mpsc;
 
 use super::pkt::{self, Pkt};
 use super::{
-    deploy, ensure_repo, git, one_line, valid_ref, GitError, PushCommands, Report, DEPLOY_REF,
-    MAX_PUSH_BYTES,
+    deploy, ensure_repo, git, one_line, valid_ref, GitError, PushCommands, Report, MAX_PUSH_BYTES,
 };
 use crate::api::{ApiError, AppState, Auth};
 use crate::registry::{Actor, AppRef};
@@ -348,10 +347,12 @@ async fn receive_pack(
     let (tx, rx) = mpsc::unbounded_channel();
     let progress = Progress { tx, framing };
 
+    let deploy_ref = s.config.git.deploy_ref();
+    let deploy_branch = s.config.git.deploy_branch.clone();
     let deploying = commands
         .updates
         .iter()
-        .find(|u| u.name == DEPLOY_REF && !u.is_delete())
+        .find(|u| u.name == deploy_ref && !u.is_delete())
         .cloned();
     let mut guard = None;
     let refusal = if commands.updates.iter().any(|u| !valid_ref(&u.name)) {
@@ -519,20 +520,22 @@ async fn receive_pack(
         }
         tracing::info!(app = %app.name, user = %actor.name, refs = commands.updates.len(), "git push received");
         for u in &commands.updates {
-            if u.name == DEPLOY_REF || !report.ok(&u.name) {
+            if u.name == deploy_ref || !report.ok(&u.name) {
                 continue;
             }
             out.say(&format!(
-                "escale deploys pushes to `main` only: `{}` was stored, not deployed",
+                "escale deploys pushes to `{deploy_branch}` only: `{}` was stored, not deployed",
                 u.name
             ));
         }
         if commands
             .updates
             .iter()
-            .any(|u| u.name == DEPLOY_REF && u.is_delete() && report.ok(&u.name))
+            .any(|u| u.name == deploy_ref && u.is_delete() && report.ok(&u.name))
         {
-            out.say("`main` was deleted; nothing was stopped: the current release keeps serving");
+            out.say(&format!(
+                "`{deploy_branch}` was deleted; nothing was stopped: the current release keeps serving"
+            ));
         }
         if let Some(u) = deploying.filter(|u| report.ok(&u.name)) {
             let job = deploy::Job {

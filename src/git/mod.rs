@@ -13,7 +13,7 @@
 //! - Authentication is HTTP Basic with an API token as password (any user name); a request
 //!   without valid credentials gets 401 with `WWW-Authenticate: Basic`, so git asks for them.
 //!   An app the caller cannot see is 404, as in the API.
-//! - Only [`DEPLOY_REF`] deploys. Pushes to other branches and tags are stored, not deployed,
+//! - Only the deploy branch (`git.deploy_branch`, default `main`) deploys. Pushes to other branches and tags are stored, not deployed,
 //!   and the pusher is told so; deleting the deploy branch stops nothing.
 //! - Ref names are restricted to letters, digits, `.`, `_`, `-` and `/` (see [`valid_ref`]);
 //!   a push naming anything else is rejected as a whole before git sees it.
@@ -41,8 +41,6 @@ use tokio::process::Command;
 
 pub use http::router;
 
-/// The branch whose pushes are built and deployed.
-pub const DEPLOY_REF: &str = "refs/heads/main";
 /// Largest request body of one push.
 pub const MAX_PUSH_BYTES: u64 = 512 << 20;
 /// Largest build context (the archived commit).

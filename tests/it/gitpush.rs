@@ -673,3 +673,56 @@ async fn old_built_images_are_pruned_after_a_deploy() {
     // Rolling back to a kept release still works (its image is there).
     s.ok(&["rollback", "pruned", "3"]);
 }
+
+#[tokio::test]
+async fn deploy_branch_and_dockerfile_come_from_config_and_config_vars_are_build_args() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[
+        ("ESCALE_GIT_DEPLOY_BRANCH", "production"),
+        ("ESCALE_GIT_DOCKERFILE", "deploy/Dockerfile"),
+    ])
+    .await;
+    s.ok(&["apps", "create", "shop"]);
+    s.ok(&["config", "set", "shop", "BUILD_MARK=mark42"]);
+    s.ok(&["config", "set", "shop", "SECRET_MARK=hush", "--secret"]);
+    let repo = Repo::new();
+    std::fs::create_dir_all(repo.dir.join("deploy")).unwrap();
+    repo.commit(
+        &[(
+            "deploy/Dockerfile",
+            &format!(
+                "FROM {image}\nARG BUILD_MARK\nARG SECRET_MARK\nENV GREETING=built-with-$BUILD_MARK LEAK=x$SECRET_MARK\n"
+            ),
+        )],
+        "first",
+    );
+    let url = push_url(&s, "shop");
+    // `main` is not the deploy branch here: stored only, with a message naming the right one.
+    let (ok, out) = repo.push(&url, "main");
+    assert!(ok, "{out}");
+    assert!(out.contains("deploys pushes to `production` only"), "{out}");
+    assert!(releases(&s, "shop").is_empty());
+
+    let (ok, out) = repo.push(&url, "main:production");
+    assert!(ok, "push to the deploy branch deploys: {out}");
+    assert!(out.contains("remote: -----> v1 is serving"), "{out}");
+    let ps = s.instances("shop");
+    let i = ps
+        .iter()
+        .find(|i| i["health"] == "healthy")
+        .expect("a healthy instance");
+    assert!(
+        answer(i).await.contains("built-with-mark42"),
+        "a non-secret config var is a build arg"
+    );
+    let addr = i["address"].as_str().unwrap().parse().unwrap();
+    let (_, leak) = crate::support::http_get_ready(addr, "/env/LEAK").await;
+    assert_eq!(leak.trim(), "x", "secrets are not build args");
+
+    // Without the configured Dockerfile the push says which path escale builds.
+    repo.ok(&["rm", "--quiet", "deploy/Dockerfile"]);
+    repo.commit(&[("Dockerfile", &format!("FROM {image}\n"))], "moved");
+    let (ok, out) = repo.push(&url, "main:production");
+    assert!(!ok, "{out}");
+    assert!(out.contains("`deploy/Dockerfile`"), "{out}");
+}
