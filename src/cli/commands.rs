@@ -628,15 +628,14 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
                     "confirmation did not match the app name; nothing destroyed".into(),
                 ));
             }
-            c.call_raw(
-                Method::DELETE,
+            delete(
+                c,
                 &format!("/api/v1/apps/{}", seg(&name)),
-                None,
+                json_out,
+                json!({"destroyed": name}),
+                &format!("App {name} destroyed."),
             )
             .await?;
-            print_json_or(json_out, &json!({"destroyed": name}), || {
-                println!("App {name} destroyed.")
-            });
         }
     }
     Ok(())
@@ -942,15 +941,14 @@ async fn webhooks(c: &Client, json_out: bool, cmd: WebhooksCommand) -> Result<()
             });
         }
         WebhooksCommand::Remove { app } => {
-            c.call_raw(
-                Method::DELETE,
+            delete(
+                c,
                 &format!("/api/v1/apps/{}/webhook", seg(&app)),
-                None,
+                json_out,
+                json!({"removed": app}),
+                &format!("Webhook of {app} removed."),
             )
             .await?;
-            print_json_or(json_out, &json!({"removed": app}), || {
-                println!("Webhook of {app} removed.")
-            });
         }
     }
     Ok(())
@@ -971,15 +969,14 @@ async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), 
             });
         }
         DomainsCommand::Remove { app, domain } => {
-            c.call_raw(
-                Method::DELETE,
+            delete(
+                c,
                 &format!("/api/v1/apps/{}/domains/{}", seg(&app), seg(&domain)),
-                None,
+                json_out,
+                json!({"removed": domain}),
+                &format!("Domain {domain} removed from {app}."),
             )
             .await?;
-            print_json_or(json_out, &json!({"removed": domain}), || {
-                println!("Domain {domain} removed from {app}.")
-            });
         }
         DomainsCommand::List { app } => {
             let out: Value = c
@@ -1104,15 +1101,14 @@ async fn certs(c: &Client, json_out: bool, cmd: CertsCommand) -> Result<(), CliE
             });
         }
         CertsCommand::Remove { app, domain } => {
-            c.call_raw(
-                Method::DELETE,
+            delete(
+                c,
                 &format!("/api/v1/apps/{}/certs/{}", seg(&app), seg(&domain)),
-                None,
+                json_out,
+                json!({"removed": domain}),
+                &format!("Certificate for {domain} removed from {app}."),
             )
             .await?;
-            print_json_or(json_out, &json!({"removed": domain}), || {
-                println!("Certificate for {domain} removed from {app}.")
-            });
         }
     }
     Ok(())
@@ -1164,16 +1160,14 @@ async fn tokens(
             });
         }
         TokensCommand::Revoke { name } => {
-            Client::new(url, token)?
-                .call_raw(
-                    Method::DELETE,
-                    &format!("/api/v1/tokens/{}", seg(&name)),
-                    None,
-                )
-                .await?;
-            print_json_or(json_out, &json!({"revoked": name}), || {
-                println!("Token {name} revoked.")
-            });
+            delete(
+                &Client::new(url, token)?,
+                &format!("/api/v1/tokens/{}", seg(&name)),
+                json_out,
+                json!({"revoked": name}),
+                &format!("Token {name} revoked."),
+            )
+            .await?;
         }
     }
     Ok(())
@@ -1279,15 +1273,14 @@ async fn users(c: &Client, json_out: bool, cmd: UsersCommand) -> Result<(), CliE
             });
         }
         UsersCommand::Remove { name } => {
-            c.call_raw(
-                Method::DELETE,
+            delete(
+                c,
                 &format!("/api/v1/users/{}", seg(&name)),
-                None,
+                json_out,
+                json!({"removed": name}),
+                &format!("User {name} removed."),
             )
             .await?;
-            print_json_or(json_out, &json!({"removed": name}), || {
-                println!("User {name} removed.")
-            });
         }
     }
     Ok(())
@@ -1322,6 +1315,19 @@ fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> Result<String
         }
     }
     Ok(p)
+}
+
+/// Sends a DELETE and reports it: `done` as JSON with `--json`, else the human line.
+async fn delete(
+    c: &Client,
+    path: &str,
+    json_out: bool,
+    done: Value,
+    human: &str,
+) -> Result<(), CliError> {
+    c.call_raw(Method::DELETE, path, None).await?;
+    print_json_or(json_out, &done, || println!("{human}"));
+    Ok(())
 }
 
 fn print_json_or(json_out: bool, v: &Value, human: impl FnOnce()) {
