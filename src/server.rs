@@ -241,6 +241,8 @@ pub fn proxy_config(config: &Config) -> crate::proxy::ProxyConfig {
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
         upstream_response_timeout: config.proxy.upstream_timeout,
+        access_log_sample: config.proxy.access_log_sample,
+
         ..Default::default()
     }
 }

@@ -306,6 +306,10 @@ impl Proxy {
             return error_page(ErrorKind::UnknownHost, json, &rid);
         };
         let app = self.metrics.app(&route.app);
+        // Decided up front so an unsampled request costs one comparison and no allocation.
+        let sample = self.config.access_log_sample;
+        let logged = (sample >= 1.0 || (sample > 0.0 && rand::random::<f64>() < sample))
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let resp = if route.redirect_https && !conn.https && !is_acme_challenge(&req) {
             redirect_https(&host_str, req.uri(), &rid)
         } else {
@@ -313,6 +317,20 @@ impl Proxy {
                 .await
         };
         app.record(resp.status().as_u16(), start.elapsed());
+        if let Some((method, path)) = logged {
+            tracing::info!(
+                target: "escale::access",
+                app = %route.app,
+                host = %host_str,
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                ms = start.elapsed().as_secs_f64() * 1e3,
+                client = %conn.peer.ip(),
+                request_id = rid.to_str().unwrap_or(""),
+                "request"
+            );
+        }
         resp
     }
 

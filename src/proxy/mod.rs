@@ -65,6 +65,9 @@ pub struct ProxyConfig {
     /// Pending ACME HTTP-01 tokens, answered at `/.well-known/acme-challenge/<token>` for any
     /// host before routing.
     pub acme_challenges: Option<std::sync::Arc<crate::certs::Http01Challenges>>,
+    /// Fraction of routed requests written to the access log (target `escale::access`, one
+    /// structured event per request at its response head): 0.0 is off, 1.0 every request.
+    pub access_log_sample: f64,
 }
 
 impl Default for ProxyConfig {
@@ -82,6 +85,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(30),
             h2_max_concurrent_streams: 256,
             acme_challenges: None,
+            access_log_sample: 0.0,
         }
     }
 }

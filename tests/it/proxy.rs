@@ -1108,3 +1108,86 @@ fn bench_server() {
         eprintln!("{out}");
     });
 }
+
+/// Collects what a `tracing` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// One thread: the proxy's tasks log into this test's subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn access_log_is_off_by_default_and_structured_when_sampled() {
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(out.clone())
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let b = backend("logged").await;
+    let routes = || {
+        table(vec![(
+            "logged.test",
+            route("logged", &[("logged-1", b.addr)], 1 << 20),
+        )])
+    };
+
+    let p = start_proxy(routes(), ProxyConfig::default()).await;
+    assert_eq!(get(p.addr, "logged.test", "/quiet").await.0, StatusCode::OK);
+    p.shutdown().await.unwrap();
+    assert!(
+        !out.text().contains("escale::access"),
+        "off by default: {}",
+        out.text()
+    );
+
+    let config = ProxyConfig {
+        access_log_sample: 1.0,
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(routes(), config).await;
+    let req = request("logged.test", "/shop/cart?token=hush")
+        .header("x-request-id", "req-42")
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(p.addr, req).await.status(), StatusCode::OK);
+    p.shutdown().await.unwrap();
+    let text = out.text();
+    let line: serde_json::Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "escale::access")
+        .unwrap_or_else(|| panic!("an access log event: {text}"));
+    let f = &line["fields"];
+    assert_eq!(f["app"], "logged");
+    assert_eq!(f["host"], "logged.test");
+    assert_eq!(f["method"], "GET");
+    assert_eq!(f["path"], "/shop/cart", "the query string is not logged");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["request_id"], "req-42");
+    assert_eq!(f["client"], "127.0.0.1");
+    assert!(f["ms"].as_f64().is_some());
+    assert!(!text.contains("hush"), "query values never reach the log");
+}
