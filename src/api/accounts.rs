@@ -148,26 +148,7 @@ pub async fn login(
         )
     });
     validate::token_name(&name)?;
-    let token = generate_token();
-    s.registry
-        .create_token(
-            &actor,
-            NewToken {
-                name: &name,
-                prefix: &token.prefix,
-                hash: &token.hash,
-            },
-        )
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(NewTokenResponse {
-            name,
-            token: token.secret,
-            user: actor.name,
-            role: actor.role,
-        }),
-    ))
+    issue_token(&s, actor, name).await
 }
 
 #[utoipa::path(get, path = "/api/v1/me", tag = "accounts", security(("token" = [])), responses((status = 200, body = Me)))]
@@ -259,12 +240,21 @@ pub async fn create_token(
     Json(req): Json<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<NewTokenResponse>), ApiError> {
     validate::token_name(&req.name)?;
+    issue_token(&s, actor, req.name).await
+}
+
+/// Mints a token for `actor`, stores its hash under `name`, and returns the secret once.
+async fn issue_token(
+    s: &AppState,
+    actor: crate::registry::Actor,
+    name: String,
+) -> Result<(StatusCode, Json<NewTokenResponse>), ApiError> {
     let token = generate_token();
     s.registry
         .create_token(
             &actor,
             NewToken {
-                name: &req.name,
+                name: &name,
                 prefix: &token.prefix,
                 hash: &token.hash,
             },
@@ -273,7 +263,7 @@ pub async fn create_token(
     Ok((
         StatusCode::CREATED,
         Json(NewTokenResponse {
-            name: req.name,
+            name,
             token: token.secret,
             user: actor.name,
             role: actor.role,
