@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{audit, is_unique_violation, not_found, now_ms, Registry, RegistryError, Result};
+use super::{audit, conflict_if_unique, not_found, now_ms, Registry, RegistryError, Result};
 
 /// What a user may do: an admin everything, a member its team's apps only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -213,13 +213,7 @@ impl Registry {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    RegistryError::Conflict(format!("user `{name}` already exists"))
-                } else {
-                    e.into()
-                }
-            })?;
+            .map_err(conflict_if_unique(|| format!("user `{name}` already exists")))?;
         audit(
             &mut tx,
             &actor.name,
@@ -301,13 +295,9 @@ impl Registry {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    RegistryError::Conflict(format!("team `{name}` already exists"))
-                } else {
-                    e.into()
-                }
-            })?;
+            .map_err(conflict_if_unique(|| {
+                format!("team `{name}` already exists")
+            }))?;
         audit(
             &mut tx,
             &actor.name,
@@ -525,15 +515,11 @@ async fn insert_token(
     .bind(now_ms())
     .execute(&mut **tx)
     .await
-    .map_err(|e| {
-        if is_unique_violation(&e) {
-            RegistryError::Conflict(format!(
-                "a token named `{}` exists already; revoke it or pick another name",
-                token.name
-            ))
-        } else {
-            e.into()
-        }
-    })?;
+    .map_err(conflict_if_unique(|| {
+        format!(
+            "a token named `{}` exists already; revoke it or pick another name",
+            token.name
+        )
+    }))?;
     Ok(())
 }

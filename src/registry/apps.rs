@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{
-    audit, insert_release, is_unique_violation, not_found, now_ms, Actor, Registry, RegistryError,
+    audit, conflict_if_unique, insert_release, not_found, now_ms, Actor, Registry, RegistryError,
     Result,
 };
 
@@ -194,15 +194,9 @@ impl Registry {
         .bind(now_ms())
         .fetch_one(&mut *tx)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                RegistryError::Conflict(format!(
-                    "an app named `{name}` already exists; pick another name"
-                ))
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(conflict_if_unique(|| {
+            format!("an app named `{name}` already exists; pick another name")
+        }))?;
         sqlx::query(
             "INSERT INTO process_types (app_id, name, port, instances) VALUES (?, 'web', ?, 1)",
         )
@@ -618,15 +612,9 @@ impl Registry {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    RegistryError::Conflict(format!(
-                        "domain `{domain}` is already attached to an app"
-                    ))
-                } else {
-                    e.into()
-                }
-            })?;
+            .map_err(conflict_if_unique(|| {
+                format!("domain `{domain}` is already attached to an app")
+            }))?;
         audit(&mut tx, &actor.name, Some(app), "domain.add", domain).await?;
         tx.commit().await?;
         Ok(Domain {
@@ -838,15 +826,11 @@ impl Registry {
                     .bind(now_ms())
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            RegistryError::Conflict(format!(
-                                "domain `{d}` is already attached to another app; nothing was applied"
-                            ))
-                        } else {
-                            e.into()
-                        }
-                    })?;
+                    .map_err(conflict_if_unique(|| {
+                        format!(
+                            "domain `{d}` is already attached to another app; nothing was applied"
+                        )
+                    }))?;
                 out.domains_added.push(d.clone());
                 out.changes.push(format!("domain {d} added"));
             }

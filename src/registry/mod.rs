@@ -245,6 +245,20 @@ pub(crate) async fn audit(
     Ok(())
 }
 
+/// Maps a UNIQUE constraint violation to [`RegistryError::Conflict`] with `message`; any other
+/// error stays a database error.
+pub(crate) fn conflict_if_unique(
+    message: impl FnOnce() -> String,
+) -> impl FnOnce(sqlx::Error) -> RegistryError {
+    move |e| {
+        if is_unique_violation(&e) {
+            RegistryError::Conflict(message())
+        } else {
+            e.into()
+        }
+    }
+}
+
 /// True when a sqlx error is a UNIQUE constraint violation.
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
