@@ -97,6 +97,7 @@ pub struct RawAcme {
     pub email: Option<String>,
     pub renew_before: Option<String>,
     pub ca_root: Option<String>,
+    pub challenge: Option<String>,
 }
 
 /// `[scheduler]` as written.
@@ -186,6 +187,31 @@ pub struct AcmeConfig {
     /// A PEM CA root trusted for the HTTPS connection to the directory (test CAs such as
     /// Pebble); `None` uses the platform's roots.
     pub ca_root: Option<PathBuf>,
+    /// How the CA validates that this host answers for a domain.
+    pub challenge: AcmeChallenge,
+}
+
+/// The ACME challenge type used to prove control of a domain (`acme.challenge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AcmeChallenge {
+    /// `http-01`: the CA fetches `/.well-known/acme-challenge/<token>` from port 80, answered
+    /// by the proxy's HTTP listener (`http_addr`).
+    #[default]
+    Http01,
+    /// `tls-alpn-01` (RFC 8737): the CA opens a TLS connection to port 443 offering ALPN
+    /// `acme-tls/1`, answered by the proxy's HTTPS listener (`https_addr`) with a self-signed
+    /// validation certificate.
+    TlsAlpn01,
+}
+
+impl AcmeChallenge {
+    /// The name used in the config and by ACME (`http-01`, `tls-alpn-01`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeChallenge::Http01 => "http-01",
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
 }
 
 /// Let's Encrypt's production directory, the default `acme.directory_url`.
@@ -258,6 +284,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("acme.email", "ESCALE_ACME_EMAIL"),
     ("acme.renew_before", "ESCALE_ACME_RENEW_BEFORE"),
     ("acme.ca_root", "ESCALE_ACME_CA_ROOT"),
+    ("acme.challenge", "ESCALE_ACME_CHALLENGE"),
     (
         "webhooks.allow_private_repositories",
         "ESCALE_WEBHOOKS_ALLOW_PRIVATE_REPOSITORIES",
@@ -327,6 +354,21 @@ impl Config {
                 ));
             }
         }
+        let challenge = match s
+            .get("acme.challenge", ac.challenge.clone())
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or("http-01")
+        {
+            "http-01" => AcmeChallenge::Http01,
+            "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+            other => {
+                return Err(invalid(
+                    "acme.challenge",
+                    format!("`{other}`: use `http-01` or `tls-alpn-01`"),
+                ))
+            }
+        };
         let log_format = match s
             .get("log_format", raw.log_format.clone())
             .as_deref()
@@ -369,7 +411,7 @@ impl Config {
                 }
             },
         };
-        Ok(Config {
+        let config = Config {
             data_dir: PathBuf::from(
                 s.get("data_dir", raw.data_dir.clone())
                     .unwrap_or_else(|| "./data".into()),
@@ -476,6 +518,7 @@ impl Config {
                     .get("acme.ca_root", ac.ca_root.clone())
                     .filter(|p| !p.is_empty())
                     .map(PathBuf::from),
+                challenge,
             },
             webhooks: WebhooksConfig {
                 allow_private_repositories: s.flag(
@@ -519,7 +562,19 @@ impl Config {
                     d
                 },
             },
-        })
+        };
+        if config.acme.directory_url.is_some()
+            && config.acme.challenge == AcmeChallenge::TlsAlpn01
+            && config.https_addr.is_none()
+        {
+            return Err(invalid(
+                "acme.challenge",
+                "`tls-alpn-01` is answered by the HTTPS listener, but `https_addr` is `off`: \
+                 turn it on, use `http-01`, or set `acme.directory_url = \"off\"`"
+                    .into(),
+            ));
+        }
+        Ok(config)
     }
 
     /// The registry database file.
@@ -729,6 +784,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("acme.email"), "{e}");
+    }
+
+    #[test]
+    fn acme_challenge_is_http01_by_default_and_checked() {
+        assert_eq!(with_env(&[]).unwrap().acme.challenge, AcmeChallenge::Http01);
+        let c = with_env(&[("ESCALE_ACME_CHALLENGE", "tls-alpn-01")]).unwrap();
+        assert_eq!(c.acme.challenge, AcmeChallenge::TlsAlpn01);
+        let raw: RawConfig = toml::from_str("[acme]\nchallenge = \"tls-alpn-01\"").unwrap();
+        let c = Config::from_raw(raw, &|_| None).unwrap();
+        assert_eq!(c.acme.challenge, AcmeChallenge::TlsAlpn01);
+
+        let e = with_env(&[("ESCALE_ACME_CHALLENGE", "dns-01")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("acme.challenge")
+                && e.contains("ESCALE_ACME_CHALLENGE")
+                && e.contains("dns-01")
+                && e.contains("`http-01` or `tls-alpn-01`"),
+            "{e}"
+        );
+        // TLS-ALPN-01 needs the HTTPS listener, unless ACME is off.
+        let e = with_env(&[
+            ("ESCALE_ACME_CHALLENGE", "tls-alpn-01"),
+            ("ESCALE_HTTPS_ADDR", "off"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("acme.challenge") && e.contains("https_addr"),
+            "{e}"
+        );
+        with_env(&[
+            ("ESCALE_ACME_CHALLENGE", "tls-alpn-01"),
+            ("ESCALE_HTTPS_ADDR", "off"),
+            ("ESCALE_ACME_DIRECTORY_URL", "off"),
+        ])
+        .unwrap();
     }
 
     #[test]

@@ -142,6 +142,15 @@ pub async fn run(
         }
     };
     let sched_task = tokio::spawn(scheduler.run(stopped()));
+    if config.acme.directory_url.is_some()
+        && config.acme.challenge == crate::config::AcmeChallenge::Http01
+        && config.http_addr.is_none()
+    {
+        tracing::warn!(
+            "acme.challenge is http-01 but http_addr is off: certificates can only be ordered \
+             if port 80 reaches this host some other way (or set acme.challenge = \"tls-alpn-01\")"
+        );
+    }
     let acme_task = tokio::spawn(crate::certs::acme::run(
         cert_manager.clone(),
         crate::certs::acme::AcmeSettings {
@@ -149,6 +158,7 @@ pub async fn run(
             email: config.acme.email.clone(),
             renew_before: config.acme.renew_before,
             ca_root: config.acme.ca_root.clone(),
+            challenge: config.acme.challenge,
         },
         stopped(),
     ));
@@ -183,7 +193,8 @@ pub async fn run(
                 source,
             })?;
         println!("escale: proxy listening on https://{}", l.local_addr()?);
-        let certs: Arc<dyn rustls::server::ResolvesServerCert> = certs.clone();
+        // The store, plus TLS-ALPN-01 validation certificates for `acme-tls/1` clients.
+        let certs: Arc<dyn rustls::server::ResolvesServerCert> = cert_manager.resolver();
         proxy_tasks.push(tokio::spawn(crate::proxy::run_tls(
             l,
             routes.clone(),

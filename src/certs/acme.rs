@@ -1,11 +1,15 @@
-//! ACME: orders certificates for custom domains (HTTP-01, answered by the proxy on port 80
-//! from [`Http01Challenges`]) and renews ACME certificates nearing expiry, from a daemon loop.
+//! ACME: orders certificates for custom domains and renews ACME certificates nearing expiry,
+//! from a daemon loop. The challenge is `acme.challenge`: HTTP-01, answered by the proxy on
+//! port 80 from [`Http01Challenges`], or TLS-ALPN-01, answered by the proxy's HTTPS listener
+//! with a validation certificate from [`TlsAlpn01Challenges`](super::TlsAlpn01Challenges).
 //!
 //! Each pass: forget certificates of host names no app has; then, when ACME is enabled, order
 //! a certificate for every custom domain that has none (or an ACME one expiring within
 //! `renew_before`). A failure is recorded as the domain's `last_error` and retried with
 //! exponential backoff (1 min, doubling, at most 6 h). Domains with an uploaded certificate are
-//! left alone. The ACME account is created once per run and kept in memory.
+//! left alone. The ACME account is registered once per directory and stored in the registry
+//! ([`account`](super::account)); it is reused across restarts, and replaced when the CA says
+//! it does not exist.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,12 +18,14 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
-    RetryPolicy,
+    AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy,
 };
 
+use super::account::{self, Accounts};
+use super::alpn::validation_certificate;
 use super::store::{self, Source};
 use super::{CertError, CertManager};
+use crate::config::AcmeChallenge;
 use crate::registry::now_ms;
 
 /// The HTTP-01 path prefix the proxy answers from this map.
@@ -71,6 +77,8 @@ pub struct AcmeSettings {
     /// A PEM root trusted for the connection to the directory (test CAs), instead of the
     /// platform's roots.
     pub ca_root: Option<PathBuf>,
+    /// The challenge type answered.
+    pub challenge: AcmeChallenge,
 }
 
 const FIRST_BACKOFF_MS: i64 = 60_000;
@@ -85,7 +93,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut account: Option<Account> = None;
+    let mut accounts = Accounts::default();
     // domain -> (failures in a row, next attempt at)
     let mut backoff: HashMap<String, (u32, i64)> = HashMap::new();
     loop {
@@ -105,10 +113,14 @@ pub async fn run(
                                 continue;
                             }
                         }
-                        tracing::info!(%domain, "ordering a certificate (ACME HTTP-01)");
+                        tracing::info!(
+                            %domain,
+                            challenge = settings.challenge.as_str(),
+                            "ordering a certificate (ACME)"
+                        );
                         let result = tokio::time::timeout(
                             ORDER_TIMEOUT,
-                            obtain(&manager, &settings, url, &mut account, &domain),
+                            obtain(&manager, &settings, url, &mut accounts, &domain),
                         )
                         .await
                         .unwrap_or_else(|_| {
@@ -138,8 +150,8 @@ pub async fn run(
                                     tracing::warn!(%domain, error = %e, "cannot record the error");
                                 }
                                 if matches!(e, CertError::Acme(_)) {
-                                    // A broken account (e.g. the CA restarted) is made anew.
-                                    account = None;
+                                    // Restored from the registry afresh on the next attempt.
+                                    accounts.forget();
                                 }
                             }
                         }
@@ -180,54 +192,49 @@ fn acme_err(what: &str) -> impl FnOnce(instant_acme::Error) -> CertError + '_ {
     move |e| CertError::Acme(format!("{what}: {e}"))
 }
 
-async fn account_for(
-    settings: &AcmeSettings,
-    url: &str,
-    slot: &mut Option<Account>,
-) -> Result<Account, CertError> {
-    if let Some(a) = slot {
-        return Ok(a.clone());
-    }
-    let builder = match &settings.ca_root {
-        Some(root) => Account::builder_with_root(root),
-        None => Account::builder(),
-    }
-    .map_err(acme_err(
-        "setting up the HTTPS client for the ACME directory",
-    ))?;
-    let contact = settings.email.as_ref().map(|e| format!("mailto:{e}"));
-    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-    let (account, _credentials) = builder
-        .create(
-            &NewAccount {
-                contact: &contacts,
-                terms_of_service_agreed: true,
-                only_return_existing: false,
-            },
-            url.to_string(),
-            None,
-        )
-        .await
-        .map_err(acme_err(&format!("creating an account at {url}")))?;
-    *slot = Some(account.clone());
-    Ok(account)
+/// A challenge answer the proxy gives while an order validates.
+enum Answer {
+    /// An HTTP-01 token.
+    Http01(String),
+    /// A TLS-ALPN-01 validation certificate, by domain.
+    TlsAlpn01(String),
 }
 
-/// Orders, validates (HTTP-01) and installs a certificate for `domain`.
+/// Orders, validates (HTTP-01 or TLS-ALPN-01) and installs a certificate for `domain`.
 async fn obtain(
     manager: &CertManager,
     settings: &AcmeSettings,
     url: &str,
-    slot: &mut Option<Account>,
+    accounts: &mut Accounts,
     domain: &str,
 ) -> Result<(), CertError> {
-    let account = account_for(settings, url, slot).await?;
+    let account = accounts.get(manager.registry(), settings, url).await?;
     let identifiers = [Identifier::Dns(domain.to_string())];
-    let mut order = account
-        .new_order(&NewOrder::new(&identifiers))
-        .await
-        .map_err(acme_err("creating the order"))?;
-    let mut tokens = Vec::new();
+    let new_order = NewOrder::new(&identifiers);
+    let mut order = match account.new_order(&new_order).await {
+        Ok(order) => order,
+        Err(e) if account::rejected(&e) => {
+            tracing::warn!(
+                account = %account.id(),
+                directory = %url,
+                error = %e,
+                "the CA rejects the stored ACME account (was the CA reset?); registering a new one"
+            );
+            accounts
+                .replace(manager.registry(), settings, url)
+                .await?
+                .new_order(&new_order)
+                .await
+                .map_err(acme_err("creating the order"))?
+        }
+        Err(e) => return Err(acme_err("creating the order")(e)),
+    };
+    let (kind, port) = match settings.challenge {
+        AcmeChallenge::Http01 => (ChallengeType::Http01, 80),
+        AcmeChallenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, 443),
+    };
+    let name = settings.challenge.as_str();
+    let mut answers = Vec::new();
     let result = async {
         let mut authzs = order.authorizations();
         while let Some(authz) = authzs.next().await {
@@ -241,17 +248,27 @@ async fn obtain(
                     )))
                 }
             }
-            let mut challenge = authz.challenge(ChallengeType::Http01).ok_or_else(|| {
-                CertError::Acme("the CA offers no HTTP-01 challenge".into())
+            let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
+                CertError::Acme(format!("the CA offers no {name} challenge"))
             })?;
-            let token = challenge.token.clone();
             let key_auth = challenge.key_authorization();
-            manager.challenges().insert(&token, key_auth.as_str());
-            tokens.push(token);
+            match settings.challenge {
+                AcmeChallenge::Http01 => {
+                    let token = challenge.token.clone();
+                    manager.challenges().insert(&token, key_auth.as_str());
+                    answers.push(Answer::Http01(token));
+                }
+                AcmeChallenge::TlsAlpn01 => {
+                    let host = challenge.identifier().to_string();
+                    let cert = validation_certificate(&host, key_auth.digest().as_ref())?;
+                    manager.alpn_challenges().insert(&host, Arc::new(cert));
+                    answers.push(Answer::TlsAlpn01(host));
+                }
+            }
             challenge
                 .set_ready()
                 .await
-                .map_err(acme_err("starting the HTTP-01 validation"))?;
+                .map_err(acme_err(&format!("starting the {name} validation")))?;
         }
         let status = order
             .poll_ready(&RetryPolicy::new().timeout(Duration::from_secs(90)))
@@ -259,7 +276,7 @@ async fn obtain(
             .map_err(acme_err("waiting for the validation"))?;
         if status != OrderStatus::Ready {
             return Err(CertError::Acme(format!(
-                "validation failed (order {status:?}){}: is port 80 of this host reachable as {domain}?",
+                "{name} validation failed (order {status:?}){}: is port {port} of this host reachable as {domain}?",
                 authz_problem(&mut order).await
             )));
         }
@@ -274,8 +291,11 @@ async fn obtain(
         Ok((chain_pem, key_pem))
     }
     .await;
-    for t in &tokens {
-        manager.challenges().remove(t);
+    for a in &answers {
+        match a {
+            Answer::Http01(token) => manager.challenges().remove(token),
+            Answer::TlsAlpn01(host) => manager.alpn_challenges().remove(host),
+        }
     }
     let (chain_pem, key_pem) = result?;
     manager.install_acme(domain, &chain_pem, &key_pem).await

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::acme::Http01Challenges;
+use super::alpn::{CertResolver, TlsAlpn01Challenges};
 use super::store::{self, CertState, Source};
 use super::{inspect, CertError};
 use crate::proxy::CertStore;
@@ -18,6 +19,7 @@ pub struct CertManager {
     registry: Registry,
     store: Arc<CertStore>,
     challenges: Arc<Http01Challenges>,
+    alpn_challenges: Arc<TlsAlpn01Challenges>,
     /// The reconciler's wake-up (routes carry `redirect_https`).
     changed: Arc<Notify>,
     /// The ACME loop's wake-up (a domain was added).
@@ -32,6 +34,7 @@ impl CertManager {
             registry,
             store: Arc::new(CertStore::new()),
             challenges: Arc::new(Http01Challenges::default()),
+            alpn_challenges: Arc::new(TlsAlpn01Challenges::default()),
             changed,
             acme_wake: Notify::new(),
             apps_domain: apps_domain.to_string(),
@@ -46,6 +49,20 @@ impl CertManager {
     /// The HTTP-01 tokens the proxy answers.
     pub fn challenges(&self) -> &Arc<Http01Challenges> {
         &self.challenges
+    }
+
+    /// The pending TLS-ALPN-01 validation certificates.
+    pub fn alpn_challenges(&self) -> &Arc<TlsAlpn01Challenges> {
+        &self.alpn_challenges
+    }
+
+    /// The HTTPS listener's certificate resolver: the [`CertStore`], and TLS-ALPN-01
+    /// validation certificates for clients offering `acme-tls/1`.
+    pub fn resolver(&self) -> Arc<CertResolver> {
+        Arc::new(CertResolver::new(
+            self.store.clone(),
+            self.alpn_challenges.clone(),
+        ))
     }
 
     pub(crate) fn registry(&self) -> &Registry {

@@ -1,5 +1,6 @@
 //! TLS certificates of app host names: uploaded ones ("manual") and ones ordered from an ACME
-//! CA (HTTP-01), stored in the registry with their private key sealed, and served by the proxy.
+//! CA (HTTP-01 or TLS-ALPN-01), stored in the registry with their private key sealed, and
+//! served by the proxy.
 //!
 //! - [`inspect`]: parses a PEM chain and key, checks that they match and that the leaf covers
 //!   the host name, and reads its issuer and expiry.
@@ -11,14 +12,22 @@
 //!   certificate redirect plain HTTP to HTTPS.
 //! - [`acme`]: the daemon loop that orders certificates for custom domains and renews those
 //!   nearing expiry, answering HTTP-01 from [`Http01Challenges`] (consulted by the proxy before
-//!   routing), with exponential backoff and a readable `last_error` on failure.
+//!   routing) or TLS-ALPN-01 from [`TlsAlpn01Challenges`] (`acme.challenge`), with exponential
+//!   backoff and a readable `last_error` on failure.
+//! - [`alpn`]: TLS-ALPN-01 validation certificates and [`CertResolver`], the HTTPS listener's
+//!   certificate resolver (validation certificates for `acme-tls/1` clients only).
+//! - [`account`]: the ACME account, registered once per directory and stored in the
+//!   `acme_accounts` table with its credentials sealed (bound to `acme-account:<directory>`).
 
+pub mod account;
 pub mod acme;
+pub mod alpn;
 pub mod inspect;
 mod manager;
 pub mod store;
 
 pub use acme::Http01Challenges;
+pub use alpn::{CertResolver, TlsAlpn01Challenges};
 pub use inspect::{inspect, CertInfo};
 pub use manager::CertManager;
 pub use store::CertState;
@@ -61,6 +70,10 @@ pub enum CertError {
     /// Ordering a certificate from the ACME CA failed.
     #[error("ACME: {0}")]
     Acme(String),
+    /// The stored ACME account of a directory cannot be opened (wrong master key, or the row
+    /// was altered).
+    #[error("ACME: the stored account for {directory} cannot be read: {reason}")]
+    AccountUnreadable { directory: String, reason: String },
 }
 
 impl From<sqlx::Error> for CertError {

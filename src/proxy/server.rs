@@ -21,7 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::ResolvesServerCert;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -53,7 +53,8 @@ pub async fn run(
 
 /// Serves HTTPS on `listener` with certificates from `certs` (usually a
 /// [`CertStore`](super::CertStore)), ALPN `h2` and `http/1.1`. A request whose host differs
-/// from the TLS server name is answered `421`. Shutdown as in [`run`].
+/// from the TLS server name is answered `421`. A connection that negotiates ALPN `acme-tls/1`
+/// (an ACME CA validating TLS-ALPN-01) is closed after the handshake. Shutdown as in [`run`].
 pub async fn run_tls(
     listener: TcpListener,
     routes: SharedRoutes,
@@ -308,6 +309,13 @@ async fn connection(
             return;
         }
     };
+    if stream.get_ref().1.alpn_protocol() == Some(super::tls::ACME_TLS_ALPN) {
+        // An ACME TLS-ALPN-01 validation: the handshake was the answer; no HTTP (RFC 8737).
+        debug!(%peer, "client: acme-tls/1 validation handshake done, closing");
+        let mut stream = stream;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        return;
+    }
     let sni = stream
         .get_ref()
         .1

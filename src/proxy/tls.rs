@@ -1,5 +1,9 @@
 //! TLS for the proxy: the certificate store the rest of escale fills, and the rustls server
-//! configuration (ring provider, ALPN `h2` and `http/1.1`).
+//! configuration (ring provider, ALPN `acme-tls/1`, `h2` and `http/1.1`).
+//!
+//! `acme-tls/1` (RFC 8737) is only for an ACME CA validating a TLS-ALPN-01 challenge: the
+//! resolver given to [`run_tls`](super::run_tls) decides which certificate such a client gets
+//! (see `certs::alpn`), and the connection is closed after the handshake, never served HTTP.
 //!
 //! [`CertStore`] maps host names to certified keys in an `ArcSwap`, so the handshake path
 //! only loads a snapshot. Lookup is exact first, then a `*.` wildcard for one label
@@ -120,8 +124,21 @@ pub fn certified_key_from_pem(
     Ok(CertifiedKey::new(chain, signer))
 }
 
+/// The ALPN protocol of ACME TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Whether a ClientHello offers ALPN `acme-tls/1`, i.e. comes from an ACME CA validating a
+/// TLS-ALPN-01 challenge.
+pub fn offers_acme_tls(client_hello: &ClientHello<'_>) -> bool {
+    client_hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN))
+}
+
 /// The rustls server configuration: ring provider, safe default versions, no client auth,
-/// ALPN `h2` then `http/1.1`.
+/// ALPN `acme-tls/1`, `h2`, `http/1.1`. The server picks the first of these the client
+/// offers, so a client offering `acme-tls/1` negotiates it (and gets no HTTP); ordinary
+/// clients never offer it.
 pub(crate) fn server_config(
     certs: Arc<dyn ResolvesServerCert>,
 ) -> Result<ServerConfig, ProxyError> {
@@ -130,7 +147,7 @@ pub(crate) fn server_config(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(certs);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
