@@ -37,7 +37,10 @@ fn main() {
         .enumerate()
         .map(|(i, a)| Backend {
             instance: format!("bench-{i}"),
-            addr: a.trim().parse().expect("ESCALE_BENCH_BACKENDS are addresses"),
+            addr: a
+                .trim()
+                .parse()
+                .expect("ESCALE_BENCH_BACKENDS are addresses"),
         })
         .collect();
     let host = env("ESCALE_BENCH_HOST", "bench.test");

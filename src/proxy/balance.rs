@@ -3,7 +3,9 @@
 //!
 //! Per-backend state is keyed by instance id, so it survives routing snapshot swaps. The map
 //! is read-mostly (`RwLock`, never held across an await); entries are added the first time an
-//! instance is picked and pruned when the map grows well past the routed instances.
+//! instance is picked and pruned when the map grows well past the routed instances. The state
+//! also holds the instance's idle upstream connections, so they go away with it.
+
 //! Ejection fails open: when every backend of a route is ejected, the least loaded one is
 //! still tried (the reconciler's health checks, not this hint, decide what is routable).
 
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use super::upstream::IdlePool;
 use crate::routing::{Route, SharedRoutes};
 
 /// Live state of one instance.
@@ -20,6 +23,8 @@ pub(crate) struct BackendState {
     outstanding: AtomicUsize,
     /// Milliseconds since the balancer's epoch; 0 = not ejected.
     ejected_until_ms: AtomicU64,
+    /// Idle keep-alive connections to the instance, closed with it when it leaves the routes.
+    pub(crate) idle: IdlePool,
 }
 
 /// Decrements the backend's outstanding count on drop.
@@ -134,6 +139,25 @@ impl Balancer {
             self.prune_at.store((states.len() * 2).max(256), Relaxed);
         }
         states.entry(instance.to_owned()).or_default().clone()
+    }
+
+    /// Closes idle connections older than `max_age`, and those of instances no longer
+    /// routed (their state is dropped at the next prune; their sockets are closed now).
+    pub(crate) fn sweep_idle(&self, max_age: Duration) {
+        let table = self.routes.load();
+        let live: HashSet<&str> = table
+            .iter()
+            .flat_map(|(_, r)| r.backends.iter().map(|b| b.instance.as_str()))
+            .collect();
+        let states = self.states.read().unwrap_or_else(PoisonError::into_inner);
+        for (instance, state) in states.iter() {
+            let age = if live.contains(instance.as_str()) {
+                max_age
+            } else {
+                Duration::ZERO
+            };
+            state.idle.sweep(age);
+        }
     }
 
     #[cfg(test)]

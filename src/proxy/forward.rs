@@ -27,31 +27,29 @@
 //! instance looks like a connection closed after the request was written, never like a refused
 //! connect. The failing backend is passively ejected in both cases.
 
-use std::error::Error as _;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
 use super::balance::{Balancer, Outstanding, Pick};
-use super::body::{ProxyBody, ReturnSlot, StreamGuards, UpstreamBody};
+use super::body::{ProxyBody, StreamGuards, UpstreamBody};
 use super::headers::{
     self, is_upgrade_request, prefers_json, request_host, strip_hop_by_hop, RequestIds,
     X_ESCALE_ERROR, X_REQUEST_ID,
 };
 use super::metrics::{AppMetrics, InFlight, ProxyMetrics};
 use super::server::ConnInfo;
+use super::upstream::{self, Conn, Exchanged, Failed, RequestHead, ReturnTo};
 use super::{ProxyConfig, ProxyError};
 use crate::routing::{normalize_host, Backend, Route, SharedRoutes};
 
@@ -172,56 +170,77 @@ struct Failure {
     /// No response head arrived (the request may have reached the backend): an idempotent
     /// request may go to another backend.
     no_response: bool,
+    /// The attempt used a pooled connection (which the backend may have just closed).
+    reused: bool,
+    /// The client's body, back unpolled, for another attempt.
+    body: Option<UpstreamBody>,
 }
 
-/// Sorts a client error into what the client is told and whether a retry is safe.
-fn classify(e: hyper_util::client::legacy::Error, backend: SocketAddr) -> Failure {
-    let mut timed_out = false;
-    let mut canceled = false;
-    let mut body_kind = None;
-    let mut src = e.source();
-    while let Some(s) = src {
-        if let Some(pe) = s.downcast_ref::<ProxyError>() {
-            match pe {
-                ProxyError::BodyTooLarge { .. } => body_kind = Some(ErrorKind::BodyTooLarge),
-                ProxyError::ClientBody(_) => body_kind = Some(ErrorKind::ClientBody),
-                _ => {}
-            }
-        } else if let Some(he) = s.downcast_ref::<hyper::Error>() {
-            canceled |= he.is_canceled();
-        } else if let Some(io) = s.downcast_ref::<io::Error>() {
-            timed_out |= io.kind() == io::ErrorKind::TimedOut;
+/// Sorts an upstream failure into what the client is told and whether a retry is safe.
+fn classify(
+    failed: Failed,
+    backend: SocketAddr,
+    connect_timeout: Duration,
+    reused: bool,
+    body: Option<UpstreamBody>,
+) -> Failure {
+    let (kind, error, not_sent, no_response) = match failed {
+        Failed::Connect(source) => {
+            let kind = if source.kind() == io::ErrorKind::TimedOut {
+                ErrorKind::UpstreamConnectTimeout
+            } else {
+                ErrorKind::UpstreamConnect
+            };
+            (
+                kind,
+                ProxyError::UpstreamConnect { backend, source },
+                true,
+                true,
+            )
         }
-        src = s.source();
-    }
-    if let Some(kind) = body_kind {
-        return Failure {
-            kind,
-            error: ProxyError::Upstream { backend, source: e },
-            not_sent: false,
-            no_response: false,
-        };
-    }
-    if e.is_connect() || canceled {
-        let kind = if timed_out {
-            ErrorKind::UpstreamConnectTimeout
-        } else {
-            ErrorKind::UpstreamConnect
-        };
-        return Failure {
-            kind,
-            error: ProxyError::UpstreamConnect { backend, source: e },
-            not_sent: true,
-            no_response: true,
-        };
-    }
-    // The client's request future resolves with the response head, so any other error came
-    // before it: the connection was closed or reset, or the head was malformed.
+        Failed::ConnectTimeout => (
+            ErrorKind::UpstreamConnectTimeout,
+            ProxyError::UpstreamTimeout {
+                backend,
+                timeout: connect_timeout,
+            },
+            true,
+            true,
+        ),
+        // The backend closed before the head was written: it cannot have acted on it.
+        Failed::Write(source) => (
+            ErrorKind::UpstreamFailed,
+            ProxyError::Upstream { backend, source },
+            true,
+            true,
+        ),
+        Failed::NoResponse(source) => (
+            ErrorKind::UpstreamFailed,
+            ProxyError::Upstream { backend, source },
+            false,
+            true,
+        ),
+        Failed::Protocol(reason) => (
+            ErrorKind::UpstreamFailed,
+            ProxyError::UpstreamProtocol { backend, reason },
+            false,
+            true,
+        ),
+        Failed::ClientBody(e) => {
+            let kind = match e {
+                ProxyError::BodyTooLarge { .. } => ErrorKind::BodyTooLarge,
+                _ => ErrorKind::ClientBody,
+            };
+            (kind, e, false, false)
+        }
+    };
     Failure {
-        kind: ErrorKind::UpstreamFailed,
-        error: ProxyError::Upstream { backend, source: e },
-        not_sent: false,
-        no_response: true,
+        kind,
+        error,
+        not_sent,
+        no_response,
+        reused,
+        body,
     }
 }
 
@@ -231,16 +250,8 @@ pub(crate) struct Proxy {
     routes: SharedRoutes,
     config: ProxyConfig,
     metrics: Arc<ProxyMetrics>,
-    client: Client<HttpConnector, UpstreamBody>,
     balancer: Balancer,
     ids: RequestIds,
-}
-
-/// The parts of a request kept for (re)sending it upstream.
-struct Outgoing {
-    method: Method,
-    path: PathAndQuery,
-    headers: HeaderMap,
 }
 
 impl Proxy {
@@ -249,28 +260,22 @@ impl Proxy {
         config: ProxyConfig,
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.upstream_connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.upstream_idle_timeout)
-            .pool_max_idle_per_host(config.upstream_max_idle_per_backend)
-            .build(http);
         Proxy {
             balancer: Balancer::new(routes.clone(), config.eject_duration),
             routes,
             config,
             metrics,
-            client,
             ids: RequestIds::new(),
         }
     }
 
     pub(crate) fn metrics(&self) -> &Arc<ProxyMetrics> {
         &self.metrics
+    }
+
+    /// Closes idle upstream connections past the idle timeout or to departed instances.
+    pub(crate) fn sweep_idle(&self) {
+        self.balancer.sweep_idle(self.config.upstream_idle_timeout);
     }
 
     /// Serves one client request; never fails (errors become error pages).
@@ -363,65 +368,64 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers, upgrading);
+        // The proxy answers `Expect: 100-continue` itself and sends the body without waiting.
+        headers.remove(header::EXPECT);
         headers::set_forwarded(&mut headers, conn.peer.ip(), conn.https, host_str);
         headers.insert(header::HOST, host);
-        let out = Outgoing {
-            method: parts.method,
-            path: parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            headers,
-        };
+        let body_empty = body.is_end_stream();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let head = RequestHead::new(&parts.method, path, &headers, body_empty);
+        let replayable = is_idempotent(&parts.method) && !upgrading;
 
-        let retry = route.backends.len() > 1;
-        let slot: Option<ReturnSlot> = retry.then(Default::default);
-        let spare = retry.then(|| Outgoing {
-            method: out.method.clone(),
-            path: out.path.clone(),
-            headers: out.headers.clone(),
-        });
-        let body_was_empty = body.is_end_stream();
-        let Some(pick) = self.balancer.pick(route, None) else {
+        let Some(mut pick) = self.balancer.pick(route, None) else {
             return error_page(ErrorKind::NoBackend, json, rid);
         };
-        let body = UpstreamBody::new(body, route.max_body_bytes, app.clone(), slot.clone());
-        let mut result = self.send(route, &pick, out, body).await;
-        let mut pick = pick;
-        if let (Err(f), Some(spare)) = (&result, spare) {
-            let replayable = is_idempotent(&spare.method) && !upgrading;
-            if f.not_sent || (f.no_response && replayable) {
-                self.balancer.eject(&pick);
-                let body =
-                    slot.and_then(|s| s.lock().unwrap_or_else(PoisonError::into_inner).take());
-                let body = match body {
-                    Some(b) => Some(UpstreamBody::new(
-                        b,
-                        route.max_body_bytes,
-                        app.clone(),
-                        None,
-                    )),
-                    None if body_was_empty => Some(UpstreamBody::empty(app.clone())),
-                    None => None,
-                };
-                if let (Some(body), Some(next)) =
-                    (body, self.balancer.pick(route, Some(pick.index)))
-                {
-                    warn!(
-                        app = %route.app,
-                        instance = %route.backends[pick.index].instance,
-                        error = %f.error,
-                        "retrying on another instance"
-                    );
-                    pick = next;
-                    result = self.send(route, &pick, spare, body).await;
-                }
+        let mut body = UpstreamBody::new(body, route.max_body_bytes, app.clone());
+        let mut fresh = false;
+        let mut moved = false;
+        let result = loop {
+            let mut f = match self.send(route, &pick, &head, body, fresh).await {
+                Ok(ok) => break Ok(ok),
+                Err(f) => f,
+            };
+            let retry_body = if f.not_sent || (f.no_response && replayable) {
+                f.body
+                    .take()
+                    .or_else(|| body_empty.then(|| UpstreamBody::empty(app.clone())))
+            } else {
+                None
+            };
+            let Some(retry_body) = retry_body else {
+                break Err(f);
+            };
+            body = retry_body;
+            if f.reused && !fresh {
+                // Most likely a keep-alive connection the backend closed as it was reused.
+                debug!(app = %route.app, error = %f.error, "retrying on a new connection");
+                fresh = true;
+                continue;
             }
-        }
+            self.balancer.eject(&pick);
+            if moved {
+                break Err(f);
+            }
+            let Some(next) = self.balancer.pick(route, Some(pick.index)) else {
+                f.body = None;
+                break Err(f);
+            };
+            warn!(
+                app = %route.app,
+                instance = %route.backends[pick.index].instance,
+                error = %f.error,
+                "retrying on another instance"
+            );
+            pick = next;
+            fresh = false;
+            moved = true;
+        };
         match result {
-            Ok((resp, outstanding)) => self.respond(
-                resp,
+            Ok((exchanged, outstanding)) => self.respond(
+                exchanged,
                 outstanding,
                 in_flight,
                 app,
@@ -446,32 +450,44 @@ impl Proxy {
         }
     }
 
-    /// One attempt against one backend, up to the response head.
+    /// One attempt against one backend, up to the response head. `fresh` skips the pool.
     async fn send(
         &self,
         route: &Route,
         pick: &Pick,
-        out: Outgoing,
+        head: &RequestHead,
         body: UpstreamBody,
-    ) -> Result<(Response<Incoming>, Outstanding), Failure> {
+        fresh: bool,
+    ) -> Result<(Exchanged, Outstanding), Failure> {
         let backend: &Backend = &route.backends[pick.index];
         let addr = backend.addr;
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(addr.to_string())
-            .path_and_query(out.path)
-            .build()
-            .expect("a socket address and a parsed path make a valid URI");
-        let mut req = Request::new(body);
-        *req.method_mut() = out.method;
-        *req.uri_mut() = uri;
-        *req.headers_mut() = out.headers;
-        *req.version_mut() = Version::HTTP_11;
+        let connect_timeout = self.config.upstream_connect_timeout;
         let outstanding = pick.start();
+        let pooled = if fresh {
+            None
+        } else {
+            pick.state.idle.take(self.config.upstream_idle_timeout)
+        };
+        let conn = match pooled {
+            Some(c) => c,
+            None => match Conn::connect(addr, connect_timeout).await {
+                Ok(c) => c,
+                Err(e) => return Err(classify(e, addr, connect_timeout, false, Some(body))),
+            },
+        };
+        let reused = conn.reused();
         let timeout = self.config.upstream_response_timeout;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok((resp, outstanding)),
-            Ok(Err(e)) => Err(classify(e, addr)),
+        match tokio::time::timeout(timeout, upstream::exchange(conn, head, body)).await {
+            Ok(Ok(mut exchanged)) => {
+                if exchanged.status != StatusCode::SWITCHING_PROTOCOLS {
+                    exchanged.body.return_to(ReturnTo {
+                        pool: pick.state.clone(),
+                        max_idle: self.config.upstream_max_idle_per_backend,
+                    });
+                }
+                Ok((exchanged, outstanding))
+            }
+            Ok(Err((failed, body))) => Err(classify(failed, addr, connect_timeout, reused, body)),
             Err(_) => Err(Failure {
                 kind: ErrorKind::UpstreamTimeout,
                 error: ProxyError::UpstreamTimeout {
@@ -481,6 +497,8 @@ impl Proxy {
                 not_sent: false,
                 // The backend may still be working on it: waiting again elsewhere is no help.
                 no_response: false,
+                reused,
+                body: None,
             }),
         }
     }
@@ -489,7 +507,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
+        exchanged: Exchanged,
         outstanding: Outstanding,
         in_flight: InFlight,
         app: &Arc<AppMetrics>,
@@ -498,21 +516,25 @@ impl Proxy {
         json: bool,
         rid: &HeaderValue,
     ) -> Response<ProxyBody> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+        let Exchanged {
+            status,
+            mut headers,
+            body,
+        } = exchanged;
+        let guards = StreamGuards {
+            app: app.clone(),
+            _in_flight: in_flight,
+            _outstanding: outstanding,
+        };
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client_upgrade), Some(upstream)) = (client_upgrade, body.into_conn()) else {
                 return error_page(ErrorKind::UpstreamFailed, json, rid);
-            };
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let guards = StreamGuards {
-                app: app.clone(),
-                _in_flight: in_flight,
-                _outstanding: outstanding,
             };
             let mut stop = conn.stop.clone();
             let done = conn.done.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    r = tunnel(client_upgrade, upstream_upgrade, &guards.app) => {
+                    r = tunnel(client_upgrade, upstream, &guards.app) => {
                         if let Err(e) = r {
                             debug!(error = %e, "upgraded connection ended with an error");
                         }
@@ -521,41 +543,40 @@ impl Proxy {
                 }
                 drop((guards, done));
             });
-            let (mut parts, _) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, true);
-            parts.headers.insert(&X_REQUEST_ID, rid.clone());
-            return Response::from_parts(parts, ProxyBody::Local(None));
+            strip_hop_by_hop(&mut headers, true);
+            headers.insert(&X_REQUEST_ID, rid.clone());
+            let mut resp = Response::new(ProxyBody::Local(None));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
+            return resp;
         }
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
-        if !parts.headers.contains_key(&X_REQUEST_ID) {
-            parts.headers.insert(&X_REQUEST_ID, rid.clone());
+        strip_hop_by_hop(&mut headers, false);
+        if !headers.contains_key(&X_REQUEST_ID) {
+            headers.insert(&X_REQUEST_ID, rid.clone());
         }
-        let guards = StreamGuards {
-            app: app.clone(),
-            _in_flight: in_flight,
-            _outstanding: outstanding,
-        };
-        Response::from_parts(parts, ProxyBody::upstream(body, guards))
+        let mut resp = Response::new(ProxyBody::upstream(body, guards));
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        resp
     }
 }
 
-/// Copies bytes both ways between the upgraded client and backend connections.
-async fn tunnel(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    app: &AppMetrics,
-) -> Result<(), ProxyError> {
-    let upstream = upstream.await.map_err(|source| ProxyError::Upgrade {
-        side: "upstream",
-        source,
-    })?;
+/// Copies bytes both ways between the upgraded client connection and the backend's socket
+/// (starting with what the backend sent right after its `101`).
+async fn tunnel(client: OnUpgrade, upstream: Conn, app: &AppMetrics) -> Result<(), ProxyError> {
     let client = client.await.map_err(|source| ProxyError::Upgrade {
         side: "client",
         source,
     })?;
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    let (mut upstream, early) = upstream.into_parts();
+    if !early.is_empty() {
+        if let Err(e) = client.write_all(&early).await {
+            debug!(error = %e, "upgraded tunnel closed");
+            return Ok(());
+        }
+        app.add_bytes_out(early.len() as u64);
+    }
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((to_upstream, to_client)) => {
             app.add_bytes_in(to_upstream);

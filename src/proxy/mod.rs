@@ -14,9 +14,10 @@
 //!    head arrived, and answers explicit errors (`x-escale-error`) naming the failing side.
 //!
 //! Module map: [`server`] accepts connections and drains them on shutdown, `forward` is
-//! the per-request logic, `balance` picks backends, `body` holds the streaming body
-//! wrappers, `headers` the header rewriting, [`metrics`] the Prometheus counters and
-//! [`tls`] the certificate store and rustls configuration.
+//! the per-request logic, `balance` picks backends, `upstream` is the HTTP/1.1 client that
+//! talks to them (run inline by the client connection's task, pooled per backend), `body`
+//! holds the streaming body wrappers, `headers` the header rewriting, [`metrics`] the
+//! Prometheus counters and [`tls`] the certificate store and rustls configuration.
 
 mod balance;
 mod body;
@@ -25,6 +26,7 @@ mod headers;
 pub mod metrics;
 pub mod server;
 pub mod tls;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -111,9 +113,9 @@ pub enum ProxyError {
     UpstreamConnect {
         /// The backend's address.
         backend: SocketAddr,
-        /// The client error.
+        /// The socket error.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: std::io::Error,
     },
     /// The backend did not answer (connect or response head) in time.
     #[error("upstream {backend}: no response within {timeout:?}")]
@@ -123,15 +125,27 @@ pub enum ProxyError {
         /// The timeout that expired.
         timeout: Duration,
     },
-    /// The request was (possibly) sent but the exchange with the backend failed.
+    /// The request was (possibly) sent but the exchange with the backend failed before a
+    /// complete response head arrived.
     #[error("upstream {backend}: request failed: {source}")]
     Upstream {
         /// The backend's address.
         backend: SocketAddr,
-        /// The client error.
+        /// The socket error.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: std::io::Error,
     },
+    /// The backend's response head is not valid HTTP/1.1.
+    #[error("upstream {backend}: invalid response: {reason}")]
+    UpstreamProtocol {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The backend's response body failed after its head was forwarded.
+    #[error("upstream: the response body failed: {0}")]
+    UpstreamBody(#[source] std::io::Error),
     /// An HTTP upgrade (WebSocket) could not be completed on one side.
     #[error("upgrade ({side}): {source}")]
     Upgrade {

@@ -226,6 +226,20 @@ async fn serve(
         tls,
         config: config.clone(),
     });
+    let sweeper = {
+        let proxy = Arc::downgrade(&shared.proxy);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match proxy.upgrade() {
+                    Some(p) => p.sweep_idle(),
+                    None => return,
+                }
+            }
+        })
+    };
     let (stop_tx, stop_rx) = watch::channel(RUNNING);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
@@ -254,6 +268,8 @@ async fn serve(
     }
     drop(listener);
     drop(done_tx);
+    sweeper.abort();
+
     info!("proxy: shutting down, draining connections");
     let _ = stop_tx.send(DRAINING);
     if tokio::time::timeout(config.drain_timeout, done_rx.recv())

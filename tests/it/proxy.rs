@@ -1064,51 +1064,6 @@ async fn upstream_errors_answer_json_when_preferred() {
     p.shutdown().await.unwrap();
 }
 
-/// Not a test: the escale side of `scripts/bench-proxy`. Serves `ESCALE_BENCH_HOST` (default
-/// `bench.test`) on `ESCALE_BENCH_LISTEN`, forwarding to `ESCALE_BENCH_BACKEND`, with
-/// `ESCALE_BENCH_THREADS` runtime threads, until `ESCALE_BENCH_SECONDS` (default 3600) pass.
-#[test]
-#[ignore = "benchmark server, started by scripts/bench-proxy"]
-fn bench_server() {
-    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-    let listen: SocketAddr = env("ESCALE_BENCH_LISTEN", "127.0.0.1:18003")
-        .parse()
-        .unwrap();
-    let backend: SocketAddr = env("ESCALE_BENCH_BACKEND", "127.0.0.1:18000")
-        .parse()
-        .unwrap();
-    let host = env("ESCALE_BENCH_HOST", "bench.test");
-    let threads: usize = env("ESCALE_BENCH_THREADS", "1").parse().unwrap();
-    let seconds: u64 = env("ESCALE_BENCH_SECONDS", "3600").parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let listener = TcpListener::bind(listen).await.unwrap();
-        let routes = routing::shared();
-        routes.store(Arc::new(table(vec![(
-            host.as_str(),
-            route("bench", &[("bench-1", backend)], 1 << 30),
-        )])));
-        let metrics = Arc::new(ProxyMetrics::new());
-        eprintln!("escale bench proxy on {listen} -> {backend} for {host}");
-        proxy::run(
-            listener,
-            routes,
-            ProxyConfig::default(),
-            metrics.clone(),
-            tokio::time::sleep(Duration::from_secs(seconds)),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        metrics.render_prometheus(&mut out);
-        eprintln!("{out}");
-    });
-}
-
 /// Collects what a `tracing` subscriber writes.
 #[derive(Clone, Default)]
 struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -1190,4 +1145,183 @@ async fn access_log_is_off_by_default_and_structured_when_sampled() {
     assert_eq!(f["client"], "127.0.0.1");
     assert!(f["ms"].as_f64().is_some());
     assert!(!text.contains("hush"), "query values never reach the log");
+}
+
+/// A hand-written HTTP/1.1 backend: answers each request head with `answer(method, path)`
+/// (raw bytes, `None` closes the connection), closes a connection idle for `idle_close`,
+/// and counts the connections it accepted.
+async fn raw_backend(
+    idle_close: Duration,
+    answer: fn(&str, &str) -> Option<Vec<u8>>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request head (these tests send no request bodies).
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tokio::time::timeout(idle_close, tcp.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return, // idle timeout, EOF or error: close
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                    match answer(method, path) {
+                        Some(bytes) => {
+                            if tcp.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn raw_answers(method: &str, path: &str) -> Option<Vec<u8>> {
+    let ok = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let text = match (method, path) {
+        ("HEAD", _) => "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n".to_string(),
+        (_, "/chunked") => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+             5;ext\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: 1\r\n\r\n"
+            .to_string(),
+        (_, "/no-content") => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+        (_, "/continue") => format!("HTTP/1.1 100 Continue\r\n\r\n{}", ok("after 100")),
+        (_, "/conn-close") => {
+            format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose")
+        }
+        (_, "/bad") => {
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n".to_string()
+        }
+        _ => ok("ok"),
+    };
+    Some(text.into_bytes())
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_stale_ones_replaced() {
+    // The backend closes keep-alive connections idle for 100 ms (like Node's 5 s default).
+    let (addr, accepted) = raw_backend(Duration::from_millis(100), raw_answers).await;
+    let p = start_proxy(
+        table(vec![(
+            "raw.test",
+            route("raw", &[("raw-1", addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..20 {
+        let resp = client
+            .send_request(request("raw.test", "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        let (status, _, body) = read(resp).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection, reused"
+    );
+
+    // After the backend closed the idle connection, even a POST (never retried once sent)
+    // goes through: the closed connection is not reused.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let resp = client
+            .send_request(
+                request("raw.test", "/")
+                    .method("POST")
+                    .body(full("x"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (status, headers, body) = read(resp).await;
+        assert_eq!(
+            (status, body.as_str(), error_code(&headers)),
+            (StatusCode::OK, "ok", ""),
+            "round {round}"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn upstream_response_framings_are_relayed() {
+    let (addr, accepted) = raw_backend(Duration::from_secs(30), raw_answers).await;
+    let p = start_proxy(
+        table(vec![(
+            "raw.test",
+            route("raw", &[("raw-1", addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut call = |method: &'static str, path: &'static str| {
+        let req = request("raw.test", path)
+            .method(method)
+            .body(empty())
+            .unwrap();
+        let fut = client.send_request(req);
+        async move { read(fut.await.unwrap()).await }
+    };
+    // Chunked (with an extension and a trailer), decoded and re-framed for the client.
+    let (status, _, body) = call("GET", "/chunked").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "hello, world"));
+    // HEAD: the content-length describes a body that is not sent.
+    let (status, headers, body) = call("HEAD", "/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    assert_eq!(headers.get("content-length").unwrap(), "10");
+    let (status, _, body) = call("GET", "/no-content").await;
+    assert_eq!((status, body.as_str()), (StatusCode::NO_CONTENT, ""));
+    // Interim 100 skipped.
+    let (status, _, body) = call("GET", "/continue").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "after 100"));
+    // All of the above on one upstream connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // `Connection: close` is honoured: the next request needs a new connection.
+    let (status, headers, body) = call("GET", "/conn-close").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "close"));
+    assert!(headers.get("connection").is_none(), "hop-by-hop removed");
+    let (status, _, body) = call("GET", "/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // An invalid response head is a 502 naming the upstream.
+    let (status, headers, _) = call("POST", "/bad").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(error_code(&headers), "upstream-failed");
+    p.shutdown().await.unwrap();
 }

@@ -1,0 +1,934 @@
+//! The upstream HTTP/1.1 client: keep-alive connections to backends, driven by the request's
+//! own task.
+//!
+//! A general-purpose client (hyper's) runs every connection as its own task and talks to it
+//! through channels, and spawns one more task per request to put the connection back in its
+//! pool. A proxy does not need that: the client connection task that asked for the response is
+//! the one that will stream it, so here the exchange is plain code in that task. Per request:
+//! the head is serialized once into [`RequestHead`] (kept for a retry), one `write` sends it
+//! (plus the body, streamed by [`RequestPump`], chunked when its length is unknown), the
+//! response head is read and parsed with `httparse`, and the [`ResponseBody`] reads the body
+//! straight from the socket (content-length, chunked or until close) as the client consumes
+//! it. When the body ends on a reusable connection it goes back to the backend's [`IdlePool`].
+//!
+//! Framing follows RFC 9112 §6: no body for HEAD, 1xx, 204 and 304; `Transfer-Encoding`
+//! (chunked last) wins over `Content-Length`; conflicting lengths are an error; otherwise the
+//! body runs until the backend closes. Interim 1xx responses other than 101 are skipped (the
+//! client's `Expect: 100-continue` is answered by the proxy's server side). Chunked trailers
+//! are read and dropped. A connection is reused only when both messages were complete, the
+//! response allowed keep-alive and no byte is left over.
+//!
+//! Idle connections are checked before reuse without a system call: the runtime has already
+//! recorded whether the socket became readable (a FIN, usually the backend's keep-alive
+//! timeout) since its last read drained it.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::body::UpstreamBody;
+use super::ProxyError;
+
+/// Headers accepted in a backend's response head.
+const MAX_HEADERS: usize = 128;
+/// Largest response head accepted from a backend.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Read size for response bodies.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One TCP connection to a backend and the bytes read from it but not consumed yet.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    /// Taken from a pool (it carried an earlier exchange).
+    reused: bool,
+}
+
+impl Conn {
+    /// Opens a connection to `addr` within `timeout`.
+    pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Failed> {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(io)) => {
+                let _ = io.set_nodelay(true);
+                Ok(Conn {
+                    io,
+                    buf: BytesMut::new(),
+                    reused: false,
+                })
+            }
+            Ok(Err(e)) => Err(Failed::Connect(e)),
+            Err(_) => Err(Failed::ConnectTimeout),
+        }
+    }
+
+    pub(crate) fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The socket and the bytes already read past the response head (an upgraded tunnel
+    /// starts with them).
+    pub(crate) fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.io, self.buf)
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let dst = self.buf.spare_capacity_mut();
+        let mut rb = ReadBuf::uninit(dst);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// True when nothing arrived on the idle socket since its last read drained it (no FIN,
+    /// no stray bytes). Uses the readiness the runtime recorded; reads only if it says
+    /// readable, to tell a FIN from a stale flag.
+    fn still_open(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// Idle keep-alive connections to one backend, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct IdlePool {
+    conns: Mutex<Vec<(Conn, Instant)>>,
+}
+
+impl IdlePool {
+    /// The most recently used idle connection that is still open and younger than `max_age`.
+    pub(crate) fn take(&self, max_age: Duration) -> Option<Conn> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some((conn, since)) = conns.pop() {
+            if since.elapsed() > max_age {
+                // The newest is too old: so are the others.
+                conns.clear();
+                return None;
+            }
+            if conn.still_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` for reuse unless `max` connections are already idle.
+    pub(crate) fn put(&self, mut conn: Conn, max: usize) {
+        conn.reused = true;
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.len() < max {
+            conns.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes connections idle for longer than `max_age`.
+    pub(crate) fn sweep(&self, max_age: Duration) {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        conns.retain(|(_, since)| since.elapsed() <= max_age);
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestFraming {
+    /// No body.
+    Empty,
+    /// The body is sent as is: the client's `Content-Length` is forwarded.
+    Length,
+    /// Length unknown: `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A serialized request head, ready to be written to any backend (and again for a retry).
+#[derive(Debug, Clone)]
+pub(crate) struct RequestHead {
+    bytes: Bytes,
+    framing: RequestFraming,
+    /// HEAD requests get no response body whatever the headers say.
+    head_method: bool,
+}
+
+impl RequestHead {
+    /// Serializes `method path HTTP/1.1` and `headers` (already rewritten for the backend:
+    /// hop-by-hop headers removed, `Host` and `X-Forwarded-*` set). `body_empty` tells whether
+    /// the client's body is known to be empty; otherwise `Content-Length` is forwarded when the
+    /// client sent one and the body is chunked when not.
+    pub(crate) fn new(method: &Method, path: &str, headers: &HeaderMap, body_empty: bool) -> Self {
+        let has_length = headers.contains_key(header::CONTENT_LENGTH);
+        let framing = if body_empty {
+            RequestFraming::Empty
+        } else if has_length {
+            RequestFraming::Length
+        } else {
+            RequestFraming::Chunked
+        };
+        let mut out = Vec::with_capacity(256 + headers.len() * 32);
+        out.extend_from_slice(method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in headers {
+            if body_empty && name == header::CONTENT_LENGTH {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            RequestFraming::Empty
+                if has_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) =>
+            {
+                out.extend_from_slice(b"content-length: 0\r\n")
+            }
+            _ => {}
+        }
+        out.extend_from_slice(b"\r\n");
+        RequestHead {
+            bytes: Bytes::from(out),
+            framing,
+            head_method: *method == Method::HEAD,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Why an exchange failed, with what a retry needs to know.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// The TCP connection could not be opened: nothing was sent.
+    Connect(io::Error),
+    /// The TCP connection was not opened in time: nothing was sent.
+    ConnectTimeout,
+    /// Writing the request head failed: the backend cannot have acted on it.
+    Write(io::Error),
+    /// The connection failed or closed before a complete response head arrived.
+    NoResponse(io::Error),
+    /// The backend's response head is not valid HTTP/1.1.
+    Protocol(&'static str),
+    /// The client's body failed or exceeded the route limit while being sent.
+    ClientBody(ProxyError),
+}
+
+/// A backend's response head and the body to stream.
+#[derive(Debug)]
+pub(crate) struct Exchanged {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: ResponseBody,
+}
+
+/// Sends `head` and `body` on `conn` and reads the response head, sending the body meanwhile
+/// (a backend may answer before it read everything, or echo as it reads). On failure the
+/// client body comes back if it was never polled, so the request can go elsewhere.
+pub(crate) async fn exchange(
+    mut conn: Conn,
+    head: &RequestHead,
+    body: UpstreamBody,
+) -> Result<Exchanged, (Failed, Option<UpstreamBody>)> {
+    if let Err(e) = conn.io.write_all(&head.bytes).await {
+        return Err((Failed::Write(e), Some(body)));
+    }
+    let mut pump = match head.framing {
+        RequestFraming::Empty => None,
+        framing => Some(RequestPump::new(body, framing == RequestFraming::Chunked)),
+    };
+    let parsed = std::future::poll_fn(|cx| {
+        if let Some(p) = pump.as_mut() {
+            match p.poll_send(cx, &mut conn.io) {
+                Poll::Ready(Ok(())) => pump = None,
+                Poll::Ready(Err(PumpError::Client(e))) => {
+                    return Poll::Ready(Err(Failed::ClientBody(e)))
+                }
+                // The backend stopped reading: it may still answer (413, say).
+                Poll::Ready(Err(PumpError::Write)) => p.abandon(),
+                Poll::Pending => {}
+            }
+        }
+        poll_head(&mut conn, cx)
+    })
+    .await;
+    let (status, headers, framing, keep_alive) = match parsed {
+        Ok(h) => h,
+        Err(f) => return Err((f, None)),
+    };
+    let framing = if head.head_method {
+        Framing::Empty
+    } else {
+        framing
+    };
+    let pump = pump.filter(|p| !p.abandoned);
+    Ok(Exchanged {
+        status,
+        headers,
+        body: ResponseBody {
+            conn: Some(conn),
+            framing,
+            reusable: keep_alive,
+            pump,
+            returned: None,
+        },
+    })
+}
+
+/// Reads and parses the response head, skipping interim (1xx but 101) responses.
+fn poll_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(StatusCode, HeaderMap, Framing, bool), Failed>> {
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf)? {
+                Some(Parsed::Interim) => continue,
+                Some(Parsed::Final(h)) => return Poll::Ready(Ok(h)),
+                None if conn.buf.len() >= MAX_HEAD_BYTES => {
+                    return Poll::Ready(Err(Failed::Protocol("response head too large")))
+                }
+                None => {}
+            }
+        }
+        match ready!(conn.poll_fill(cx)) {
+            Ok(0) => {
+                return Poll::Ready(Err(Failed::NoResponse(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before a complete response head",
+                ))))
+            }
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(Failed::NoResponse(e))),
+        }
+    }
+}
+
+enum Parsed {
+    Interim,
+    Final((StatusCode, HeaderMap, Framing, bool)),
+}
+
+/// Parses one response head at the start of `buf` and consumes it; `None` if incomplete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
+    // Header positions as offsets into `buf`, so the head can be split off without copying.
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let (len, code, http11, count) = {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Failed::Protocol("too many response headers"))
+            }
+            Err(_) => return Err(Failed::Protocol("malformed response head")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (name, name + h.name.len(), value, value + h.value.len());
+        }
+        (
+            len,
+            resp.code.unwrap_or(0),
+            resp.version == Some(1),
+            resp.headers.len(),
+        )
+    };
+    let status =
+        StatusCode::from_u16(code).map_err(|_| Failed::Protocol("invalid response status"))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Some(Parsed::Interim));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut close = !http11 || status == StatusCode::SWITCHING_PROTOCOLS;
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let raw_value = &head[v0..v1];
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| Failed::Protocol("invalid response header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| Failed::Protocol("invalid response header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(raw_value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(Failed::Protocol("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Failed::Protocol("conflicting content-length headers"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            // Only the last coding matters: `chunked` must be it for chunked framing.
+            chunked = raw_value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in raw_value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if transfer_encoding {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); the length is dropped.
+        headers.remove(header::CONTENT_LENGTH);
+        if chunked {
+            Framing::Chunked(Chunked::default())
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    let keep_alive = !close && !matches!(framing, Framing::Close);
+    Ok(Some(Parsed::Final((status, headers, framing, keep_alive))))
+}
+
+/// How much of the response body is left.
+#[derive(Debug)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the backend closes the connection.
+    Close,
+}
+
+/// Chunked transfer coding decoder (RFC 9112 §7.1), incremental over a buffer.
+#[derive(Debug, Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading the hex chunk size.
+    #[default]
+    Size,
+    /// Skipping a chunk extension up to the line end.
+    Extension,
+    /// Expecting the LF ending the size line.
+    SizeLf,
+    /// Inside chunk data: `size` bytes left.
+    Data,
+    /// Expecting the CR (or LF) after chunk data.
+    DataCr,
+    /// Expecting the LF after chunk data.
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// Skipping a trailer field line.
+    TrailerLine,
+    /// Expecting the LF of the final empty line.
+    EndLf,
+    Done,
+}
+
+/// What one decoding step produced.
+#[derive(Debug, PartialEq, Eq)]
+enum Decoded {
+    Data(Bytes),
+    NeedMore,
+    Done,
+}
+
+impl Chunked {
+    /// Consumes framing bytes from `buf` and returns the next data slice, or what is missing.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+        loop {
+            if self.state == ChunkState::Done {
+                return Ok(Decoded::Done);
+            }
+            if self.state == ChunkState::Data {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                self.size -= n as u64;
+                if self.size == 0 {
+                    self.state = ChunkState::DataCr;
+                }
+                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+            }
+            let Some(&b) = buf.first() else {
+                return Ok(Decoded::NeedMore);
+            };
+            buf.advance(1);
+            self.state = match (self.state, b) {
+                (ChunkState::Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
+                    let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+                    self.size = self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|s| s.checked_add(digit))
+                        .ok_or("chunk size overflow")?;
+                    ChunkState::Size
+                }
+                (ChunkState::Size, b';' | b' ' | b'\t') => ChunkState::Extension,
+                (ChunkState::Size | ChunkState::Extension, b'\r') => ChunkState::SizeLf,
+                (ChunkState::Size | ChunkState::Extension | ChunkState::SizeLf, b'\n') => {
+                    if self.size == 0 {
+                        ChunkState::TrailerStart
+                    } else {
+                        ChunkState::Data
+                    }
+                }
+                (ChunkState::Extension, _) => ChunkState::Extension,
+                (ChunkState::DataCr, b'\r') => ChunkState::DataLf,
+                (ChunkState::DataCr | ChunkState::DataLf, b'\n') => ChunkState::Size,
+                (ChunkState::TrailerStart, b'\r') => ChunkState::EndLf,
+                (ChunkState::TrailerStart | ChunkState::EndLf, b'\n') => ChunkState::Done,
+                (ChunkState::TrailerLine, b'\n') => ChunkState::TrailerStart,
+                (ChunkState::TrailerStart | ChunkState::TrailerLine, _) => ChunkState::TrailerLine,
+                _ => return Err("malformed chunked body"),
+            };
+        }
+    }
+}
+
+/// Sends the client's body to the backend, framed, frame by frame.
+#[derive(Debug)]
+pub(crate) struct RequestPump {
+    body: UpstreamBody,
+    chunked: bool,
+    pending: VecDeque<Bytes>,
+    ended: bool,
+    /// The backend stopped accepting the body; the rest is dropped.
+    abandoned: bool,
+}
+
+#[derive(Debug)]
+enum PumpError {
+    /// The client's body failed or went over the limit.
+    Client(ProxyError),
+    /// Writing to the backend failed.
+    Write,
+}
+
+impl RequestPump {
+    fn new(body: UpstreamBody, chunked: bool) -> Self {
+        RequestPump {
+            body,
+            chunked,
+            pending: VecDeque::new(),
+            ended: false,
+            abandoned: false,
+        }
+    }
+
+    fn abandon(&mut self) {
+        self.abandoned = true;
+        self.pending.clear();
+    }
+
+    /// Writes what can be written now; `Ready(Ok)` once the whole body is sent.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut TcpStream,
+    ) -> Poll<Result<(), PumpError>> {
+        if self.abandoned {
+            return Poll::Pending;
+        }
+        loop {
+            while !self.pending.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 3];
+                let n = self.pending.len().min(3);
+                for (slot, b) in slices.iter_mut().zip(self.pending.iter()) {
+                    *slot = IoSlice::new(b);
+                }
+                let mut written =
+                    match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])) {
+                        Ok(0) | Err(_) => return Poll::Ready(Err(PumpError::Write)),
+                        Ok(w) => w,
+                    };
+                while written > 0 {
+                    let front = self
+                        .pending
+                        .front_mut()
+                        .expect("written bytes were pending");
+                    let k = written.min(front.len());
+                    front.advance(k);
+                    written -= k;
+                    if front.is_empty() {
+                        self.pending.pop_front();
+                    }
+                }
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        if self.chunked {
+                            self.pending
+                                .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                            self.pending.push_back(data);
+                            self.pending.push_back(Bytes::from_static(b"\r\n"));
+                        } else {
+                            self.pending.push_back(data);
+                        }
+                    }
+                    // Request trailers are not forwarded.
+                }
+                Some(Err(e)) => return Poll::Ready(Err(PumpError::Client(e))),
+                None => {
+                    self.ended = true;
+                    if self.chunked {
+                        self.pending.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a finished connection goes: the backend's idle pool and its size limit.
+#[derive(Debug)]
+pub(crate) struct ReturnTo {
+    pub(crate) pool: std::sync::Arc<super::balance::BackendState>,
+    pub(crate) max_idle: usize,
+}
+
+/// One step of reading the response body.
+enum Step {
+    Data(Bytes),
+    /// The last bytes of the body.
+    Last(Bytes),
+    End,
+    Fail(io::Error),
+    Read,
+}
+
+/// A backend's response body, read from the connection as the client consumes it.
+#[derive(Debug)]
+pub(crate) struct ResponseBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
+    /// The rest of the request body, still being sent.
+    pump: Option<RequestPump>,
+    returned: Option<ReturnTo>,
+}
+
+impl ResponseBody {
+    /// Returns the connection to `to` when the exchange ends cleanly.
+    pub(crate) fn return_to(&mut self, to: ReturnTo) {
+        self.returned = Some(to);
+        if matches!(self.framing, Framing::Empty) {
+            self.finish();
+        }
+    }
+
+    /// The connection, for an upgraded tunnel (after a `101`).
+    pub(crate) fn into_conn(mut self) -> Option<Conn> {
+        self.conn.take()
+    }
+
+    /// The body ended: pool the connection if both messages completed cleanly.
+    fn finish(&mut self) {
+        self.framing = Framing::Empty;
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.reusable && self.pump.is_none() && conn.buf.is_empty() {
+            if let Some(to) = &self.returned {
+                to.pool.idle.put(conn, to.max_idle);
+            }
+        }
+    }
+
+    fn error(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
+        self.conn = None;
+        self.framing = Framing::Empty;
+        Poll::Ready(Some(Err(ProxyError::UpstreamBody(e))))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ProxyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
+        let this = &mut *self;
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(p) = this.pump.as_mut() {
+            match p.poll_send(cx, &mut conn.io) {
+                Poll::Ready(Ok(())) => this.pump = None,
+                Poll::Ready(Err(PumpError::Client(e))) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Err(PumpError::Write)) => {
+                    p.abandon();
+                    this.reusable = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            let conn = this.conn.as_mut().expect("checked above");
+            let step = match &mut this.framing {
+                Framing::Empty => Step::End,
+                Framing::Length(_) if conn.buf.is_empty() => Step::Read,
+                Framing::Length(left) => {
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.buf.len());
+                    *left -= n as u64;
+                    let data = conn.buf.split_to(n).freeze();
+                    if *left == 0 {
+                        Step::Last(data)
+                    } else {
+                        Step::Data(data)
+                    }
+                }
+                Framing::Chunked(dec) => match dec.decode(&mut conn.buf) {
+                    Ok(Decoded::Data(d)) => Step::Data(d),
+                    Ok(Decoded::NeedMore) => Step::Read,
+                    Ok(Decoded::Done) => Step::End,
+                    Err(e) => Step::Fail(io::Error::new(io::ErrorKind::InvalidData, e)),
+                },
+                Framing::Close if conn.buf.is_empty() => Step::Read,
+                Framing::Close => Step::Data(conn.buf.split().freeze()),
+            };
+            match step {
+                Step::Data(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Step::Last(d) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Step::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Step::Fail(e) => return this.error(e),
+                Step::Read => {}
+            }
+            let conn = this.conn.as_mut().expect("checked above");
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.framing, Framing::Close) => {
+                    this.reusable = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.error(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the backend closed the connection before the body ended",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return this.error(e),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, bool), &'static str> {
+        let mut dec = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(split.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match dec.decode(&mut buf)? {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::NeedMore => break,
+                    Decoded::Done => return Ok((out, true)),
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    #[test]
+    fn chunked_decodes_whatever_the_split() {
+        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-sum: 1\r\n\r\n";
+        for split in 1..wire.len() {
+            let (data, done) = decode_all(wire, split).unwrap();
+            assert_eq!(data, b"hello, world", "split {split}");
+            assert!(done, "split {split}");
+        }
+    }
+
+    #[test]
+    fn chunked_accepts_bare_lf_and_rejects_garbage() {
+        assert_eq!(
+            decode_all(b"3\nabc\n0\n\n", 100).unwrap(),
+            (b"abc".to_vec(), true)
+        );
+        assert!(decode_all(b"zz\r\n", 100).is_err());
+        assert!(decode_all(b"3\r\nabcX\r\n", 100).is_err());
+        assert!(decode_all(b"ffffffffffffffffff\r\n", 100).is_err());
+    }
+
+    #[test]
+    fn chunked_stops_at_the_end_and_leaves_the_rest() {
+        let mut dec = Chunked::default();
+        let mut buf = BytesMut::from(&b"1\r\na\r\n0\r\n\r\nHTTP/1.1"[..]);
+        assert_eq!(
+            dec.decode(&mut buf),
+            Ok(Decoded::Data(Bytes::from_static(b"a")))
+        );
+        assert_eq!(dec.decode(&mut buf), Ok(Decoded::Done));
+        assert_eq!(&buf[..], b"HTTP/1.1");
+    }
+
+    fn parse(raw: &[u8]) -> Result<Option<Parsed>, Failed> {
+        parse_head(&mut BytesMut::from(raw))
+    }
+
+    fn final_head(raw: &[u8]) -> (StatusCode, HeaderMap, Framing, bool) {
+        match parse(raw) {
+            Ok(Some(Parsed::Final(h))) => h,
+            other => panic!("not a final head: {:?}", other.map(|o| o.is_some())),
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let (s, h, f, ka) = final_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\n");
+        assert_eq!(s, 200);
+        assert_eq!(h.get("x-a").unwrap(), "b");
+        assert!(matches!(f, Framing::Length(5)) && ka);
+        let (_, h, f, ka) = final_head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+        );
+        assert!(matches!(f, Framing::Chunked(_)) && ka);
+        assert!(h.get("content-length").is_none());
+        let (_, _, f, ka) = final_head(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(matches!(f, Framing::Close) && !ka);
+        let (_, _, f, ka) = final_head(b"HTTP/1.1 204 No Content\r\n\r\n");
+        assert!(matches!(f, Framing::Empty) && ka);
+        let (_, _, f, _) = final_head(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n");
+        assert!(matches!(f, Framing::Empty));
+        let (_, _, _, ka) =
+            final_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!ka);
+        let (_, _, _, ka) = final_head(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert!(!ka);
+        let (_, _, _, ka) =
+            final_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n");
+        assert!(ka);
+    }
+
+    #[test]
+    fn bad_response_heads_are_protocol_errors() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            assert!(matches!(parse(raw), Err(Failed::Protocol(_))), "{raw:?}");
+        }
+        assert!(matches!(parse(b"HTTP/1.1 200 OK\r\nX-A"), Ok(None)));
+    }
+
+    #[test]
+    fn interim_responses_are_skipped() {
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n\r\n"[..]);
+        assert!(matches!(parse_head(&mut buf), Ok(Some(Parsed::Interim))));
+        assert!(matches!(parse_head(&mut buf), Ok(Some(Parsed::Final((s, ..)))) if s == 201));
+    }
+
+    #[test]
+    fn request_head_framing() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("shop.example.eu"));
+        let get = RequestHead::new(&Method::GET, "/a?b=1", &h, true);
+        assert_eq!(
+            get.as_bytes(),
+            b"GET /a?b=1 HTTP/1.1\r\nhost: shop.example.eu\r\n\r\n"
+        );
+        let post = RequestHead::new(&Method::POST, "/", &h, true);
+        assert!(post.as_bytes().ends_with(b"content-length: 0\r\n\r\n"));
+        let chunked = RequestHead::new(&Method::POST, "/", &h, false);
+        assert_eq!(chunked.framing, RequestFraming::Chunked);
+        assert!(chunked
+            .as_bytes()
+            .ends_with(b"transfer-encoding: chunked\r\n\r\n"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let sized = RequestHead::new(&Method::PUT, "/", &h, false);
+        assert_eq!(sized.framing, RequestFraming::Length);
+        assert!(!sized.as_bytes().windows(8).any(|w| w == b"transfer"));
+    }
+}
