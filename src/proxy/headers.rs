@@ -141,8 +141,13 @@ impl RequestIds {
             }
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:016x}{:016x}", self.prefix, n);
-        let v = HeaderValue::try_from(id).expect("hex digits are a valid header value");
+        let mut id = [0u8; 32];
+        let digits = (u128::from(self.prefix) << 64) | u128::from(n);
+        for (i, d) in id.iter_mut().enumerate() {
+            *d = b"0123456789abcdef"[((digits >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        let v = HeaderValue::from_bytes(&id).expect("hex digits are a valid header value");
+
         headers.insert(&X_REQUEST_ID, v.clone());
         v
     }

@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
@@ -41,7 +42,8 @@ use super::body::UpstreamBody;
 use super::ProxyError;
 
 /// Headers accepted in a backend's response head.
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
+
 /// Largest response head accepted from a backend.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Read size for response bodies.
@@ -338,11 +340,13 @@ enum Parsed {
 /// Parses one response head at the start of `buf` and consumes it; `None` if incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
     // Header positions as offsets into `buf`, so the head can be split off without copying.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, code, http11, count) = {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(buf) {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -351,10 +355,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
             Err(_) => return Err(Failed::Protocol("malformed response head")),
         };
         let base = buf.as_ptr() as usize;
+        // Offsets fit: the head is at most MAX_HEAD_BYTES (plus one read) long.
+        let offset = |p: *const u8| (p as usize - base) as u32;
         for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            *span = (name, name + h.name.len(), value, value + h.value.len());
+            let name = offset(h.name.as_ptr());
+            let value = offset(h.value.as_ptr());
+            *span = (
+                name,
+                name + h.name.len() as u32,
+                value,
+                value + h.value.len() as u32,
+            );
         }
         (
             len,
@@ -376,6 +387,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
     let mut transfer_encoding = false;
     let mut close = !http11 || status == StatusCode::SWITCHING_PROTOCOLS;
     for &(n0, n1, v0, v1) in &spans[..count] {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let raw_value = &head[v0..v1];
         let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| Failed::Protocol("invalid response header name"))?;
