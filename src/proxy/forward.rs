@@ -288,13 +288,12 @@ impl Proxy {
         let _busy = conn.activity.busy();
         let rid = self.ids.ensure(req.headers_mut());
         let json = prefers_json(req.headers());
-        let Some((host, host_str)) =
-            request_host(&req).and_then(|h| Some((HeaderValue::from_str(h).ok()?, h.to_owned())))
-        else {
+        let Some(host) = request_host(&req) else {
             return error_page(ErrorKind::MissingHost, json, &rid);
         };
+        let host_str = host.to_str().unwrap_or("");
         if let Some(sni) = &conn.sni {
-            if !normalize_host(&host_str).eq_ignore_ascii_case(sni) {
+            if !normalize_host(host_str).eq_ignore_ascii_case(sni) {
                 return error_page(ErrorKind::Misdirected, json, &rid);
             }
         }
@@ -306,7 +305,7 @@ impl Proxy {
         {
             return acme_answer(answer, &rid);
         }
-        let Some(route) = self.routes.load().lookup(&host_str).cloned() else {
+        let Some(route) = self.routes.load().lookup(host_str).cloned() else {
             self.metrics.unknown_host();
             return error_page(ErrorKind::UnknownHost, json, &rid);
         };
@@ -316,9 +315,9 @@ impl Proxy {
         let logged = (sample >= 1.0 || (sample > 0.0 && rand::random::<f64>() < sample))
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let resp = if route.redirect_https && !conn.https && !is_acme_challenge(&req) {
-            redirect_https(&host_str, req.uri(), &rid)
+            redirect_https(host_str, req.uri(), &rid)
         } else {
-            self.forward(req, host, &host_str, conn, &route, &app, json, &rid)
+            self.forward(req, &host, conn, &route, &app, json, &rid)
                 .await
         };
         app.record(resp.status().as_u16(), start.elapsed());
@@ -343,8 +342,7 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        host: HeaderValue,
-        host_str: &str,
+        host: &HeaderValue,
         conn: &ConnInfo,
         route: &Arc<Route>,
         app: &Arc<AppMetrics>,
@@ -370,8 +368,8 @@ impl Proxy {
         strip_hop_by_hop(&mut headers, upgrading);
         // The proxy answers `Expect: 100-continue` itself and sends the body without waiting.
         headers.remove(header::EXPECT);
-        headers::set_forwarded(&mut headers, conn.peer.ip(), conn.https, host_str);
-        headers.insert(header::HOST, host);
+        headers::set_forwarded(&mut headers, conn.peer.ip(), conn.https, host);
+        headers.insert(header::HOST, host.clone());
         let body_empty = body.is_end_stream();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let head = RequestHead::new(&parts.method, path, &headers, body_empty);

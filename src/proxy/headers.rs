@@ -15,12 +15,14 @@ pub(crate) static X_ESCALE_ERROR: HeaderName = HeaderName::from_static("x-escale
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The host a request is addressed to: the URI authority (HTTP/2 `:authority`, absolute-form)
-/// wins over the `Host` header, as RFC 9112 §3.2.2 asks.
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
+/// wins over the `Host` header, as RFC 9112 §3.2.2 asks. The `Host` header's value is shared,
+/// not copied.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
+        return HeaderValue::from_str(a.as_str()).ok();
     }
-    req.headers().get(header::HOST)?.to_str().ok()
+    let host = req.headers().get(header::HOST)?;
+    host.to_str().is_ok().then(|| host.clone())
 }
 
 /// True when `value` (a comma-separated header) contains `token`, ignoring case.
@@ -86,9 +88,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 
 /// Sets `X-Forwarded-For` (appending the client address), `X-Forwarded-Proto` and
 /// `X-Forwarded-Host`.
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host: &str) {
+pub(crate) fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    https: bool,
+    host: &HeaderValue,
+) {
     let client = client.to_canonical();
-    let mut xff = String::new();
+    let mut xff = String::with_capacity(48);
     for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {
             let s = s.trim();
@@ -98,14 +105,36 @@ pub(crate) fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool
             }
         }
     }
-    xff.push_str(&client.to_string());
+    push_ip(&mut xff, client);
     if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     let proto = if https { "https" } else { "http" };
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert(&X_FORWARDED_HOST, v);
+    headers.insert(&X_FORWARDED_HOST, host.clone());
+}
+
+/// Appends `ip` in its usual text form (IPv4 by hand: this runs for every request).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -229,11 +258,27 @@ mod tests {
             &mut h,
             "192.0.2.7".parse().unwrap(),
             true,
-            "shop.example.eu",
+            &HeaderValue::from_static("shop.example.eu"),
         );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 192.0.2.7");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example.eu");
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_std_does() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "192.168.100.255",
+            "9.99.100.1",
+            "2001:db8::7",
+            "::1",
+        ] {
+            let mut out = String::new();
+            push_ip(&mut out, ip.parse().unwrap());
+            assert_eq!(out, ip);
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
@@ -90,13 +90,7 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
-        let dst = self.buf.spare_capacity_mut();
-        let mut rb = ReadBuf::uninit(dst);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity.
-        unsafe { self.buf.set_len(self.buf.len() + n) };
-        Poll::Ready(Ok(n))
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     /// True when nothing arrived on the idle socket since its last read drained it (no FIN,
@@ -289,6 +283,8 @@ pub(crate) async fn exchange(
     } else {
         framing
     };
+    // A request body the backend stopped reading leaves the connection unusable.
+    let abandoned = pump.as_ref().is_some_and(|p| p.abandoned);
     let pump = pump.filter(|p| !p.abandoned);
     Ok(Exchanged {
         status,
@@ -296,8 +292,9 @@ pub(crate) async fn exchange(
         body: ResponseBody {
             conn: Some(conn),
             framing,
-            reusable: keep_alive,
+            reusable: keep_alive && !abandoned,
             pump,
+
             returned: None,
         },
     })
@@ -380,7 +377,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
         buf.advance(len);
         return Ok(Some(Parsed::Interim));
     }
-    let head = buf.split_to(len).freeze();
+    // Copied out (one small allocation) so the connection keeps its read buffer for reuse.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    buf.advance(len);
     let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -443,6 +442,22 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
     };
     let keep_alive = !close && !matches!(framing, Framing::Close);
     Ok(Some(Parsed::Final((status, headers, framing, keep_alive))))
+}
+
+/// Body data at or below this size is copied out of the read buffer rather than split off
+/// it: a small copy is cheaper than giving up the buffer (a split shares its allocation, so
+/// the next read needs a new one).
+const COPY_BELOW: usize = 4096;
+
+/// The first `n` bytes of `buf`, as `Bytes`.
+fn take(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n <= COPY_BELOW {
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        data
+    } else {
+        buf.split_to(n).freeze()
+    }
 }
 
 /// How much of the response body is left.
@@ -512,7 +527,7 @@ impl Chunked {
                 if self.size == 0 {
                     self.state = ChunkState::DataCr;
                 }
-                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                return Ok(Decoded::Data(take(buf, n)));
             }
             let Some(&b) = buf.first() else {
                 return Ok(Decoded::NeedMore);
@@ -749,7 +764,7 @@ impl Body for ResponseBody {
                         .unwrap_or(usize::MAX)
                         .min(conn.buf.len());
                     *left -= n as u64;
-                    let data = conn.buf.split_to(n).freeze();
+                    let data = take(&mut conn.buf, n);
                     if *left == 0 {
                         Step::Last(data)
                     } else {
@@ -763,7 +778,10 @@ impl Body for ResponseBody {
                     Err(e) => Step::Fail(io::Error::new(io::ErrorKind::InvalidData, e)),
                 },
                 Framing::Close if conn.buf.is_empty() => Step::Read,
-                Framing::Close => Step::Data(conn.buf.split().freeze()),
+                Framing::Close => {
+                    let n = conn.buf.len();
+                    Step::Data(take(&mut conn.buf, n))
+                }
             };
             match step {
                 Step::Data(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
