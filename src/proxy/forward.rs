@@ -25,7 +25,10 @@
 //! usually published through Docker's userland proxy, which accepts every connection and then
 //! closes it when the app behind it stopped listening: to the proxy a stopping or crashed
 //! instance looks like a connection closed after the request was written, never like a refused
-//! connect. The failing backend is passively ejected in both cases.
+//! connect. The failing backend is passively ejected in both cases. Before that, a failure on
+//! a pooled keep-alive connection is retried (under the same conditions) on a new connection
+//! to the same backend: the backend may simply have closed the idle connection as it was
+//! reused.
 
 use std::io;
 use std::net::SocketAddr;
@@ -310,6 +313,7 @@ impl Proxy {
             return error_page(ErrorKind::UnknownHost, json, &rid);
         };
         let app = self.metrics.app(&route.app);
+        conn.app.set(&app);
         // Decided up front so an unsampled request costs one comparison and no allocation.
         let sample = self.config.access_log_sample;
         let logged = (sample >= 1.0 || (sample > 0.0 && rand::random::<f64>() < sample))

@@ -1,15 +1,15 @@
 //! Proxy metrics in the Prometheus text format.
 //!
 //! Per app: requests by status class, a latency histogram (time to the response head, default
-//! Prometheus buckets), body bytes in and out, and requests in flight (including upgraded
-//! tunnels). Globally: open and accepted client connections, and requests for unknown hosts.
+//! Prometheus buckets), body bytes in and out, requests in flight (including upgraded
+//! tunnels) and open client connections (counted for the app of their latest request). Globally: open and accepted client connections, and requests for unknown hosts.
 //! The hot path touches only atomics; the per-app entry is found in a read-mostly map
 //! (a write lock is taken once per app, the first time it is seen).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds (Prometheus client defaults).
@@ -43,6 +43,8 @@ pub(crate) struct AppMetrics {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     open_requests: AtomicI64,
+    /// Client connections whose latest request went to this app.
+    open_connections: AtomicI64,
 }
 
 impl AppMetrics {
@@ -80,6 +82,35 @@ pub(crate) struct InFlight(Arc<AppMetrics>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.open_requests.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The app a client connection is counted for: the app of its latest routed request (a
+/// connection may carry requests for several host names; it counts once, for the last one).
+#[derive(Debug, Default)]
+pub(crate) struct ConnApp(Mutex<Option<Arc<AppMetrics>>>);
+
+impl ConnApp {
+    /// Counts the connection for `app` from now on.
+    pub(crate) fn set(&self, app: &Arc<AppMetrics>) {
+        let mut current = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, app)) {
+            return;
+        }
+        if let Some(old) = current.take() {
+            old.open_connections.fetch_sub(1, Relaxed);
+        }
+        app.open_connections.fetch_add(1, Relaxed);
+        *current = Some(app.clone());
+    }
+}
+
+impl Drop for ConnApp {
+    fn drop(&mut self) {
+        let current = self.0.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = current.take() {
+            old.open_connections.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -222,16 +253,22 @@ impl ProxyMetrics {
             }
         }
 
-        out.push_str(
-            "# HELP escale_proxy_open_requests Requests and upgraded tunnels in flight.\n\
-             # TYPE escale_proxy_open_requests gauge\n",
-        );
-        for (app, m) in &apps {
-            let _ = writeln!(
-                out,
-                "escale_proxy_open_requests{{app=\"{app}\"}} {}",
-                m.open_requests.load(Relaxed)
-            );
+        for (name, help, get) in [
+            (
+                "escale_proxy_open_requests",
+                "Requests and upgraded tunnels in flight.",
+                (|m: &AppMetrics| m.open_requests.load(Relaxed)) as fn(&AppMetrics) -> i64,
+            ),
+            (
+                "escale_proxy_app_open_connections",
+                "Open client connections whose latest request went to the app.",
+                |m: &AppMetrics| m.open_connections.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (app, m) in &apps {
+                let _ = writeln!(out, "{name}{{app=\"{app}\"}} {}", get(m));
+            }
         }
     }
 }

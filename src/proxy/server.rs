@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::forward::Proxy;
-use super::metrics::ProxyMetrics;
+use super::metrics::{ConnApp, ProxyMetrics};
 use super::{ProxyConfig, ProxyError};
 use crate::routing::SharedRoutes;
 
@@ -128,6 +128,8 @@ pub(crate) struct ConnInfo {
     pub(crate) stop: watch::Receiver<u8>,
     /// Held while the connection (or a tunnel spawned from it) lives.
     pub(crate) done: mpsc::Sender<()>,
+    /// The app this connection is counted for in the per-app connection gauge.
+    pub(crate) app: ConnApp,
 }
 
 /// An IO wrapper recording the time of the last byte read or written.
@@ -307,6 +309,7 @@ async fn connection(
             activity,
             stop: stop.clone(),
             done,
+            app: ConnApp::default(),
         };
         return serve_connection(io, info, &shared, stop).await;
     };
@@ -344,6 +347,7 @@ async fn connection(
         activity,
         stop: stop.clone(),
         done,
+        app: ConnApp::default(),
     };
     serve_connection(stream, info, &shared, stop).await
 }

@@ -807,10 +807,39 @@ async fn metrics_count_requests_per_app() {
     )
     .await;
     get(p.addr, "shop.example.test", "/").await;
-    get(p.addr, "shop.example.test", "/").await;
-    get(p.addr, "unknown.example.test", "/").await;
+    // A kept-alive connection counts for the app of its latest request until it closes.
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut kept, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = kept
+        .send_request(request("shop.example.test", "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    read(resp).await;
     let mut out = String::new();
     p.metrics.render_prometheus(&mut out);
+    assert!(
+        out.contains("escale_proxy_app_open_connections{app=\"shop\"} 1\n"),
+        "{out}"
+    );
+    drop(kept);
+    conn.await.unwrap().unwrap();
+    get(p.addr, "unknown.example.test", "/").await;
+    let mut out = String::new();
+    for _ in 0..100 {
+        out.clear();
+        p.metrics.render_prometheus(&mut out);
+        if out.contains("escale_proxy_app_open_connections{app=\"shop\"} 0\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        out.contains("escale_proxy_app_open_connections{app=\"shop\"} 0\n"),
+        "{out}"
+    );
     assert!(
         out.contains("escale_proxy_requests_total{app=\"shop\",class=\"2xx\"} 2\n"),
         "{out}"
@@ -1209,7 +1238,7 @@ fn raw_answers(method: &str, path: &str) -> Option<Vec<u8>> {
         (_, "/no-content") => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
         (_, "/continue") => format!("HTTP/1.1 100 Continue\r\n\r\n{}", ok("after 100")),
         (_, "/conn-close") => {
-            format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose")
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose".to_string()
         }
         (_, "/bad") => {
             "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n".to_string()
