@@ -47,12 +47,12 @@ use tracing::{debug, warn};
 use super::balance::{Balancer, Outstanding, Pick};
 use super::body::{ProxyBody, StreamGuards, UpstreamBody};
 use super::headers::{
-    self, is_upgrade_request, prefers_json, request_host, strip_hop_by_hop, RequestIds,
-    X_ESCALE_ERROR, X_REQUEST_ID,
+    is_upgrade_request, prefers_json, request_host, strip_hop_by_hop, RequestIds, X_ESCALE_ERROR,
+    X_REQUEST_ID,
 };
 use super::metrics::{AppMetrics, InFlight, ProxyMetrics};
 use super::server::ConnInfo;
-use super::upstream::{self, Conn, Exchanged, Failed, RequestHead, ReturnTo};
+use super::upstream::{self, Conn, Exchanged, Failed, Forwarding, RequestHead, ReturnTo};
 use super::{ProxyConfig, ProxyError};
 use crate::routing::{normalize_host, Backend, Route, SharedRoutes};
 
@@ -368,16 +368,17 @@ impl Proxy {
         let upgrading = is_upgrade_request(&req);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers, upgrading);
-        // The proxy answers `Expect: 100-continue` itself and sends the body without waiting.
-        headers.remove(header::EXPECT);
-        headers::set_forwarded(&mut headers, conn.peer.ip(), conn.https, host);
-        headers.insert(header::HOST, host.clone());
         let body_empty = body.is_end_stream();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let head = RequestHead::new(&parts.method, path, &headers, body_empty);
+        let forwarding = Forwarding {
+            client: conn.peer.ip(),
+            https: conn.https,
+            host,
+            upgrading,
+        };
+        let head = RequestHead::new(&parts.method, path, &parts.headers, &forwarding, body_empty);
         let replayable = is_idempotent(&parts.method) && !upgrading;
+        drop(parts);
 
         let Some(mut pick) = self.balancer.pick(route, None) else {
             return error_page(ErrorKind::NoBackend, json, rid);

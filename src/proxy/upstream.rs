@@ -25,7 +25,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
@@ -39,6 +39,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
+use super::headers::{
+    has_token, is_hop_by_hop, push_ip, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+};
 use super::ProxyError;
 
 /// Headers accepted in a backend's response head.
@@ -168,12 +171,35 @@ pub(crate) struct RequestHead {
     head_method: bool,
 }
 
+/// What the proxy adds to a forwarded request.
+#[derive(Debug)]
+pub(crate) struct Forwarding<'a> {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub(crate) client: IpAddr,
+    /// The client connection is TLS (`X-Forwarded-Proto`).
+    pub(crate) https: bool,
+    /// The host the client addressed: sent as `Host` and `X-Forwarded-Host`.
+    pub(crate) host: &'a HeaderValue,
+    /// An HTTP/1.1 upgrade: `Upgrade` is kept and `Connection: upgrade` sent.
+    pub(crate) upgrading: bool,
+}
+
 impl RequestHead {
-    /// Serializes `method path HTTP/1.1` and `headers` (already rewritten for the backend:
-    /// hop-by-hop headers removed, `Host` and `X-Forwarded-*` set). `body_empty` tells whether
-    /// the client's body is known to be empty; otherwise `Content-Length` is forwarded when the
-    /// client sent one and the body is chunked when not.
-    pub(crate) fn new(method: &Method, path: &str, headers: &HeaderMap, body_empty: bool) -> Self {
+    /// Serializes `method path HTTP/1.1` and the client's `headers` as the backend gets them,
+    /// in one pass with no header map edits: hop-by-hop headers (RFC 9110 §7.6.1: those the
+    /// `Connection` header names, `Connection`, `Keep-Alive`, `Proxy-*`, `TE` but `trailers`,
+    /// `Trailer`, `Transfer-Encoding`, `Upgrade` unless upgrading) and `Expect` (the proxy
+    /// answers `100-continue` itself) are left out; `Host` and `X-Forwarded-For/-Proto/-Host`
+    /// are written from `fwd`, the client address appended to any `X-Forwarded-For` it sent.
+    /// `body_empty` tells whether the client's body is known to be empty; otherwise
+    /// `Content-Length` is forwarded when the client sent one and the body is chunked when not.
+    pub(crate) fn new(
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        fwd: &Forwarding<'_>,
+        body_empty: bool,
+    ) -> Self {
         let has_length = headers.contains_key(header::CONTENT_LENGTH);
         let framing = if body_empty {
             RequestFraming::Empty
@@ -182,19 +208,64 @@ impl RequestHead {
         } else {
             RequestFraming::Chunked
         };
+        let has_connection = headers.contains_key(header::CONNECTION);
+        let mut te_trailers = false;
         let mut out = Vec::with_capacity(256 + headers.len() * 32);
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(path.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(fwd.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
         for (name, value) in headers {
-            if body_empty && name == header::CONTENT_LENGTH {
+            if *name == header::HOST
+                || *name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST
+                || *name == header::EXPECT
+                || (body_empty && *name == header::CONTENT_LENGTH)
+            {
+                continue;
+            }
+            let keep_upgrade = fwd.upgrading && *name == header::UPGRADE;
+            if is_hop_by_hop(name) && !keep_upgrade {
+                if *name == header::TE {
+                    te_trailers |= has_token(headers, &header::TE, "trailers");
+                }
+                continue;
+            }
+            if has_connection
+                && !keep_upgrade
+                && has_token(headers, &header::CONNECTION, name.as_str())
+            {
                 continue;
             }
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            let v = v.as_bytes().trim_ascii();
+            if !v.is_empty() {
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
+            }
+        }
+        push_ip(&mut out, fwd.client.to_canonical());
+        out.extend_from_slice(if fwd.https {
+            b"\r\nx-forwarded-proto: https\r\nx-forwarded-host: "
+        } else {
+            b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: "
+        });
+        out.extend_from_slice(fwd.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if te_trailers {
+            out.extend_from_slice(b"te: trailers\r\n");
+        }
+        if fwd.upgrading {
+            out.extend_from_slice(b"connection: upgrade\r\n");
         }
         match framing {
             RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -294,7 +365,6 @@ pub(crate) async fn exchange(
             framing,
             reusable: keep_alive && !abandoned,
             pump,
-
             returned: None,
         },
     })
@@ -940,25 +1010,89 @@ mod tests {
         assert!(matches!(parse_head(&mut buf), Ok(Some(Parsed::Final((s, ..)))) if s == 201));
     }
 
+    fn head(method: Method, headers: &[(&str, &str)], upgrading: bool, empty: bool) -> String {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let host = HeaderValue::from_static("shop.example.eu");
+        let fwd = Forwarding {
+            client: "192.0.2.7".parse().unwrap(),
+            https: true,
+            host: &host,
+            upgrading,
+        };
+        let head = RequestHead::new(&method, "/a?b=1", &h, &fwd, empty);
+        String::from_utf8(head.as_bytes().to_vec()).unwrap()
+    }
+
     #[test]
     fn request_head_framing() {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("shop.example.eu"));
-        let get = RequestHead::new(&Method::GET, "/a?b=1", &h, true);
+        let get = head(Method::GET, &[("host", "ignored")], false, true);
         assert_eq!(
-            get.as_bytes(),
-            b"GET /a?b=1 HTTP/1.1\r\nhost: shop.example.eu\r\n\r\n"
+            get,
+            "GET /a?b=1 HTTP/1.1\r\nhost: shop.example.eu\r\nx-forwarded-for: 192.0.2.7\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: shop.example.eu\r\n\r\n"
         );
-        let post = RequestHead::new(&Method::POST, "/", &h, true);
-        assert!(post.as_bytes().ends_with(b"content-length: 0\r\n\r\n"));
-        let chunked = RequestHead::new(&Method::POST, "/", &h, false);
-        assert_eq!(chunked.framing, RequestFraming::Chunked);
-        assert!(chunked
-            .as_bytes()
-            .ends_with(b"transfer-encoding: chunked\r\n\r\n"));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
-        let sized = RequestHead::new(&Method::PUT, "/", &h, false);
-        assert_eq!(sized.framing, RequestFraming::Length);
-        assert!(!sized.as_bytes().windows(8).any(|w| w == b"transfer"));
+        assert!(head(Method::POST, &[], false, true).ends_with("content-length: 0\r\n\r\n"));
+        let chunked = head(Method::POST, &[], false, false);
+        assert!(chunked.ends_with("transfer-encoding: chunked\r\n\r\n"));
+        let sized = head(Method::PUT, &[("content-length", "3")], false, false);
+        assert!(sized.contains("content-length: 3\r\n") && !sized.contains("transfer"));
+        let empty = head(Method::PUT, &[("content-length", "0")], false, true);
+        assert_eq!(empty.matches("content-length").count(), 1);
+    }
+
+    #[test]
+    fn request_head_drops_hop_by_hop_and_appends_forwarded_for() {
+        let h = head(
+            Method::GET,
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("keep-alive", "timeout=5"),
+                ("x-secret", "1"),
+                ("proxy-authorization", "basic x"),
+                ("proxy-connection", "keep-alive"),
+                ("te", "trailers, deflate"),
+                ("trailer", "x-sum"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "websocket"),
+                ("expect", "100-continue"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-forwarded-proto", "spoofed"),
+                ("x-kept", "yes"),
+            ],
+            false,
+            true,
+        );
+        let lines: Vec<&str> = h.split("\r\n").filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            lines,
+            [
+                "GET /a?b=1 HTTP/1.1",
+                "host: shop.example.eu",
+                "x-kept: yes",
+                "x-forwarded-for: 10.0.0.1, 192.0.2.7",
+                "x-forwarded-proto: https",
+                "x-forwarded-host: shop.example.eu",
+                "te: trailers",
+            ]
+        );
+    }
+
+    #[test]
+    fn request_head_keeps_upgrade_when_upgrading() {
+        let h = head(
+            Method::GET,
+            &[("connection", "Upgrade"), ("upgrade", "websocket")],
+            true,
+            true,
+        );
+        assert!(h.contains("upgrade: websocket\r\n"), "{h}");
+        assert!(h.contains("connection: upgrade\r\n"), "{h}");
+        assert_eq!(h.matches("onnection").count(), 1, "{h}");
     }
 }
