@@ -165,7 +165,7 @@ pub(crate) enum RequestFraming {
 /// A serialized request head, ready to be written to any backend (and again for a retry).
 #[derive(Debug, Clone)]
 pub(crate) struct RequestHead {
-    bytes: Bytes,
+    bytes: Vec<u8>,
     framing: RequestFraming,
     /// HEAD requests get no response body whatever the headers say.
     head_method: bool,
@@ -278,7 +278,7 @@ impl RequestHead {
         }
         out.extend_from_slice(b"\r\n");
         RequestHead {
-            bytes: Bytes::from(out),
+            bytes: out,
             framing,
             head_method: *method == Method::HEAD,
         }
