@@ -20,10 +20,3 @@ pub mod secrets;
 pub mod server;
 pub mod validate;
 pub mod webhooks;
-
-/// The allocator of every escale binary (the CLI/daemon, the benchmarks, the tests): mimalloc.
-/// The proxy allocates a handful of small buffers per request; against glibc's malloc,
-/// mimalloc measured about 6 % less proxy CPU per request (`scripts/bench-proxy`, plain HTTP)
-/// for about 6 MiB more resident memory at start.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
