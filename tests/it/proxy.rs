@@ -1223,6 +1223,26 @@ async fn raw_backend(
     (addr, accepted)
 }
 
+/// A proxy routing `raw.test` to `backend`, and one keep-alive client connection to it.
+async fn raw_proxy(
+    backend: SocketAddr,
+) -> (TestProxy, hyper::client::conn::http1::SendRequest<TestBody>) {
+    let p = start_proxy(
+        table(vec![(
+            "raw.test",
+            route("raw", &[("raw-1", backend)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (p, client)
+}
+
 fn raw_answers(method: &str, path: &str) -> Option<Vec<u8>> {
     let ok = |body: &str| {
         format!(
@@ -1252,19 +1272,7 @@ fn raw_answers(method: &str, path: &str) -> Option<Vec<u8>> {
 async fn upstream_connections_are_reused_and_stale_ones_replaced() {
     // The backend closes keep-alive connections idle for 100 ms (like Node's 5 s default).
     let (addr, accepted) = raw_backend(Duration::from_millis(100), raw_answers).await;
-    let p = start_proxy(
-        table(vec![(
-            "raw.test",
-            route("raw", &[("raw-1", addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
-    let tcp = TcpStream::connect(p.addr).await.unwrap();
-    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (p, mut client) = raw_proxy(addr).await;
     for _ in 0..20 {
         let resp = client
             .send_request(request("raw.test", "/").body(empty()).unwrap())
@@ -1306,19 +1314,7 @@ async fn upstream_connections_are_reused_and_stale_ones_replaced() {
 #[tokio::test]
 async fn upstream_response_framings_are_relayed() {
     let (addr, accepted) = raw_backend(Duration::from_secs(30), raw_answers).await;
-    let p = start_proxy(
-        table(vec![(
-            "raw.test",
-            route("raw", &[("raw-1", addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
-    let tcp = TcpStream::connect(p.addr).await.unwrap();
-    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (p, mut client) = raw_proxy(addr).await;
     let mut call = |method: &'static str, path: &'static str| {
         let req = request("raw.test", path)
             .method(method)
