@@ -5,7 +5,6 @@
 //! port 0 and start the real thing.
 
 use std::future::Future;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -207,14 +206,12 @@ pub async fn run(
     let api_addr = api_listener.local_addr()?;
     tracing::info!(api = %api_addr, data_dir = %config.data_dir.display(), "escale is serving");
     println!("escale: API listening on http://{api_addr}");
-    let api_task = tokio::spawn(
-        axum::serve(
-            api_listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped())
-        .into_future(),
-    );
+    let api_task = tokio::spawn(serve_api(
+        api_listener,
+        app,
+        config.proxy.header_read_timeout,
+        stopped(),
+    ));
     shutdown.await;
     let _ = stop_tx.send(true);
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
@@ -242,6 +239,60 @@ pub async fn run(
         }
     }
     tracing::info!("escale stopped");
+    Ok(())
+}
+
+/// Serves the API router (HTTP/1.1 and h2c) until `shutdown`, then waits for the open
+/// connections to finish their requests. A client must send each request head within
+/// `header_read_timeout` (as on the proxy: slow clients cannot hold connections open). The
+/// client's address is given to handlers as `ConnectInfo<SocketAddr>`.
+async fn serve_api(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: std::time::Duration,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Usually EMFILE/ENFILE or an aborted handshake: back off and keep going.
+                    tracing::warn!(error = %e, "API: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let router = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router.clone(), req)
+            });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     Ok(())
 }
 

@@ -1116,3 +1116,32 @@ async fn sigterm_is_not_held_up_by_idle_or_slow_clients() {
     s.restart();
     Run::admin(&s).run(&["apps", "list"]).ok();
 }
+
+#[tokio::test]
+async fn the_api_closes_connections_that_do_not_finish_their_request_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&[("ESCALE_PROXY_HEADER_READ_TIMEOUT", "1s")]).await;
+    let addr = server
+        .api
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    // A slowloris client: part of a head, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /api/v1/apps HTTP/1.1\r\nHost: escale\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the API kept a connection with an unfinished head open for 10 s"
+    );
+    // A client that finishes its head is served (401: no token), on the same listener.
+    let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ok.write_all(b"GET /api/v1/apps HTTP/1.1\r\nHost: escale\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    ok.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}
