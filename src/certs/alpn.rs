@@ -143,17 +143,6 @@ mod tests {
     use super::*;
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-    fn served(name: &str) -> Arc<CertifiedKey> {
-        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-        Arc::new(
-            certified_key_from_pem(
-                c.cert.pem().as_bytes(),
-                c.signing_key.serialize_pem().as_bytes(),
-            )
-            .unwrap(),
-        )
-    }
-
     #[test]
     fn validation_certificate_carries_the_critical_acme_identifier() {
         let digest = [7u8; 32];
@@ -193,9 +182,9 @@ mod tests {
         let store = Arc::new(CertStore::new());
         let challenges = Arc::new(TlsAlpn01Challenges::default());
         let resolver = CertResolver::new(store.clone(), challenges.clone());
-        let normal = served("shop.example.eu");
+        let normal = crate::proxy::tls::tests::key("shop.example.eu");
         store.insert("shop.example.eu", normal.clone());
-        let wild = served("*.example.eu");
+        let wild = crate::proxy::tls::tests::key("*.example.eu");
         store.insert("*.example.eu", wild);
 
         // Nothing pending: an acme-tls/1 client gets no certificate, even though one is served.

@@ -219,6 +219,46 @@ mod tests {
         assert_eq!(b.pick(&only, None).unwrap().index, 0);
     }
 
+    #[tokio::test]
+    async fn sweep_closes_idle_connections_of_departed_instances() {
+        use crate::proxy::upstream::Conn;
+        use crate::routing::RoutingTable;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = shared();
+        let b = Balancer::new(routes.clone(), Duration::from_secs(10));
+        let both = route(2);
+        let kept = Arc::new(Route {
+            backends: vec![both.backends[0].clone()],
+            ..both.clone()
+        });
+        routes.store(Arc::new(RoutingTable::new([("shop".to_string(), kept)])));
+        let states: Vec<_> = (0..2)
+            .map(|i| b.state(&both.backends[i].instance))
+            .collect();
+        for s in &states {
+            let conn = Conn::connect(addr, Duration::from_secs(1)).await.unwrap();
+            s.idle.put(conn, 8);
+        }
+        b.sweep_idle(Duration::from_secs(30));
+        assert_eq!(
+            states[0].idle.len(),
+            1,
+            "a routed instance keeps its young connection"
+        );
+        assert_eq!(
+            states[1].idle.len(),
+            0,
+            "a departed instance's connection is closed"
+        );
+        b.sweep_idle(Duration::ZERO);
+        assert_eq!(
+            states[0].idle.len(),
+            0,
+            "connections older than the idle timeout close"
+        );
+    }
+
     #[test]
     fn prunes_unrouted_instances() {
         let b = Balancer::new(shared(), Duration::from_secs(10));

@@ -60,46 +60,28 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     if !upgrading && !headers.keys().any(is_hop_by_hop) {
         return;
     }
-
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrading && name == header::UPGRADE) && name != header::TE {
-                headers.remove(&name);
-            }
-        }
-        headers.remove(header::CONNECTION);
+    let te_trailers = has_token(headers, &header::TE, "trailers");
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok());
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k))
+        .cloned()
+        .chain(named)
+        .filter(|n| !(upgrading && *n == header::UPGRADE))
+        .collect();
+    for name in hop {
+        headers.remove(&name);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
-    if headers.contains_key(header::TE) {
-        let trailers = has_token(headers, &header::TE, "trailers");
-        headers.remove(header::TE);
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-    }
-    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
-        let proxy: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("proxy-"))
-            .cloned()
-            .collect();
-        for name in proxy {
-            headers.remove(&name);
-        }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 

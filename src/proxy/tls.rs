@@ -152,10 +152,11 @@ pub(crate) fn server_config(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn key(name: &str) -> Arc<CertifiedKey> {
+    /// A self-signed certificate for `name`, ready to serve (also used by `certs::alpn`).
+    pub(crate) fn key(name: &str) -> Arc<CertifiedKey> {
         let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
         Arc::new(
             certified_key_from_pem(

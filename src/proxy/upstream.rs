@@ -149,6 +149,11 @@ impl IdlePool {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         conns.retain(|(_, since)| since.elapsed() <= max_age);
     }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
 }
 
 /// How the request body is framed on the wire.
