@@ -1,9 +1,9 @@
 //! The escale proxy as a standalone server for `scripts/bench-proxy`, which compares it with
 //! nginx and HAProxy under wrk. Not a self-timing benchmark: it serves until killed.
 //!
-//! It runs the same code as `escale serve` (`escale::proxy::run` / `run_tls`, default
-//! `ProxyConfig`, access log off, metrics on) on a tokio multi-thread runtime with
-//! `ESCALE_BENCH_THREADS` workers, one route for `ESCALE_BENCH_HOST` to the comma-separated
+//! It runs the same code as `escale serve` (`escale::proxy::spawn_workers`, default
+//! `ProxyConfig`, access log off, metrics on) with `ESCALE_BENCH_THREADS` worker threads (the
+//! `proxy.workers` setting), one route for `ESCALE_BENCH_HOST` to the comma-separated
 //! `ESCALE_BENCH_BACKENDS`. With `ESCALE_BENCH_TLS_LISTEN`, `ESCALE_BENCH_CERT` and
 //! `ESCALE_BENCH_KEY` (PEM files) it also serves HTTPS with that certificate.
 //!
@@ -15,9 +15,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use escale::proxy::{self, CertStore, ProxyConfig, ProxyMetrics};
+use escale::proxy::{self, CertStore, Listeners, ProxyConfig, ProxyMetrics};
 use escale::routing::{self, Backend, Route, RoutingTable};
-use tokio::net::TcpListener;
 
 fn env(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
@@ -49,51 +48,46 @@ fn main() {
         .expect("ESCALE_BENCH_THREADS is a number");
     let tls_listen = std::env::var("ESCALE_BENCH_TLS_LISTEN").ok();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+    let routes = routing::shared();
+    let route = Arc::new(Route {
+        app: "bench".into(),
+        backends,
+        max_body_bytes: 1 << 30,
+        redirect_https: false,
+    });
+    routes.store(Arc::new(RoutingTable::new([(host.clone(), route)])));
+    let mut listeners = Listeners {
+        http: Some(std::net::TcpListener::bind(listen).expect("bind")),
+        https: None,
+    };
+    if let Some(tls_listen) = tls_listen {
+        let cert = std::fs::read(env("ESCALE_BENCH_CERT", "")).expect("ESCALE_BENCH_CERT");
+        let key = std::fs::read(env("ESCALE_BENCH_KEY", "")).expect("ESCALE_BENCH_KEY");
+        let certs = CertStore::new();
+        certs.insert(
+            &host,
+            Arc::new(proxy::certified_key_from_pem(&cert, &key).expect("certificate")),
+        );
+        let tls = std::net::TcpListener::bind(&tls_listen).expect("bind TLS");
+        listeners.https = Some((tls, Arc::new(certs)));
+    }
+    // Never turns true: the bench server runs until killed.
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = proxy::spawn_workers(
+        threads,
+        listeners,
+        routes,
+        ProxyConfig::default(),
+        Arc::new(ProxyMetrics::new()),
+        stopped,
+    )
+    .expect("proxy workers");
+    eprintln!("escale bench proxy on {listen} for {host} ({threads} workers)");
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(async move {
-        let routes = routing::shared();
-        let route = Arc::new(Route {
-            app: "bench".into(),
-            backends,
-            max_body_bytes: 1 << 30,
-            redirect_https: false,
-        });
-        routes.store(Arc::new(RoutingTable::new([(host.clone(), route)])));
-        let metrics = Arc::new(ProxyMetrics::new());
-        let never = std::future::pending::<()>;
-        let plain = TcpListener::bind(listen).await.expect("bind");
-        let mut tasks = vec![tokio::spawn(proxy::run(
-            plain,
-            routes.clone(),
-            ProxyConfig::default(),
-            metrics.clone(),
-            never(),
-        ))];
-        if let Some(tls_listen) = tls_listen {
-            let cert = std::fs::read(env("ESCALE_BENCH_CERT", "")).expect("ESCALE_BENCH_CERT");
-            let key = std::fs::read(env("ESCALE_BENCH_KEY", "")).expect("ESCALE_BENCH_KEY");
-            let certs = CertStore::new();
-            certs.insert(
-                &host,
-                Arc::new(proxy::certified_key_from_pem(&cert, &key).expect("certificate")),
-            );
-            let tls = TcpListener::bind(&tls_listen).await.expect("bind TLS");
-            tasks.push(tokio::spawn(proxy::run_tls(
-                tls,
-                routes.clone(),
-                ProxyConfig::default(),
-                metrics.clone(),
-                Arc::new(certs),
-                never(),
-            )));
-        }
-        eprintln!("escale bench proxy on {listen} for {host} ({threads} worker threads)");
-        for t in tasks {
-            t.await.expect("proxy task").expect("proxy");
-        }
-    });
+    runtime
+        .block_on(workers.join())
+        .expect("proxy workers stopped");
 }

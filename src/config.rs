@@ -124,6 +124,7 @@ pub struct RawProxy {
     pub idle_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
     pub access_log: Option<String>,
+    pub workers: Option<u32>,
 }
 
 /// Log output format.
@@ -242,6 +243,9 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     /// Fraction of requests written to the access log, 0.0 (off) to 1.0 (all).
     pub access_log_sample: f64,
+    /// Proxy worker threads, each with its own single-threaded runtime (`0` in the file:
+    /// one per available core, resolved here).
+    pub workers: usize,
 }
 
 /// `(key in the file, environment variable)` for every setting.
@@ -280,6 +284,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("proxy.idle_timeout", "ESCALE_PROXY_IDLE_TIMEOUT"),
     ("proxy.upstream_timeout", "ESCALE_PROXY_UPSTREAM_TIMEOUT"),
     ("proxy.access_log", "ESCALE_PROXY_ACCESS_LOG"),
+    ("proxy.workers", "ESCALE_PROXY_WORKERS"),
     ("acme.directory_url", "ESCALE_ACME_DIRECTORY_URL"),
     ("acme.email", "ESCALE_ACME_EMAIL"),
     ("acme.renew_before", "ESCALE_ACME_RENEW_BEFORE"),
@@ -509,6 +514,16 @@ impl Config {
                     "60s",
                 )?,
                 access_log_sample,
+                workers: match s.parse_num("proxy.workers", px.workers, 0u32)? {
+                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n if n <= 256 => n as usize,
+                    n => {
+                        return Err(invalid(
+                            "proxy.workers",
+                            format!("`{n}`: use 0 (one per core) or 1 to 256 threads"),
+                        ))
+                    }
+                },
             },
             acme: AcmeConfig {
                 directory_url,

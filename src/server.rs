@@ -43,6 +43,8 @@ pub enum ServerError {
     },
     #[error("cannot load the certificates: {0}")]
     Certs(#[from] crate::certs::CertError),
+    #[error("cannot start the proxy: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -134,6 +136,7 @@ pub async fn run(
 
     // One shutdown signal, fanned out to every part.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx_proxy = stop_rx.clone();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -165,7 +168,7 @@ pub async fn run(
     // The proxy: plain HTTP and HTTPS listeners on the routing snapshot.
     let mut proxy_config = proxy_config(&config);
     proxy_config.acme_challenges = Some(cert_manager.challenges().clone());
-    let mut proxy_tasks = Vec::new();
+    let mut listeners = crate::proxy::Listeners::default();
     if let Some(addr) = config.http_addr {
         let l = TcpListener::bind(addr)
             .await
@@ -175,13 +178,7 @@ pub async fn run(
                 source,
             })?;
         println!("escale: proxy listening on http://{}", l.local_addr()?);
-        proxy_tasks.push(tokio::spawn(crate::proxy::run(
-            l,
-            routes.clone(),
-            proxy_config.clone(),
-            metrics.clone(),
-            stopped(),
-        )));
+        listeners.http = Some(l.into_std()?);
     }
     if let Some(addr) = config.https_addr {
         let l = TcpListener::bind(addr)
@@ -194,15 +191,17 @@ pub async fn run(
         println!("escale: proxy listening on https://{}", l.local_addr()?);
         // The store, plus TLS-ALPN-01 validation certificates for `acme-tls/1` clients.
         let certs: Arc<dyn rustls::server::ResolvesServerCert> = cert_manager.resolver();
-        proxy_tasks.push(tokio::spawn(crate::proxy::run_tls(
-            l,
-            routes.clone(),
-            proxy_config.clone(),
-            metrics.clone(),
-            certs,
-            stopped(),
-        )));
+        listeners.https = Some((l.into_std()?, certs));
     }
+    let proxy_workers = crate::proxy::spawn_workers(
+        config.proxy.workers,
+        listeners,
+        routes.clone(),
+        proxy_config,
+        metrics.clone(),
+        stop_rx_proxy,
+    )?;
+    tracing::info!(workers = config.proxy.workers, "proxy started");
     let api_addr = api_listener.local_addr()?;
     tracing::info!(api = %api_addr, data_dir = %config.data_dir.display(), "escale is serving");
     println!("escale: API listening on http://{api_addr}");
@@ -217,12 +216,8 @@ pub async fn run(
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
     let _ = sched_task.await;
     let _ = acme_task.await;
-    for t in proxy_tasks {
-        match t.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "proxy stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "proxy task failed"),
-            Ok(Ok(())) => {}
-        }
+    if let Err(e) = proxy_workers.join().await {
+        tracing::error!(error = %e, "proxy stopped with an error");
     }
     // Requests in flight may finish, but a client that never completes its request (or a
     // followed log stream) must not keep the server from stopping.

@@ -29,9 +29,9 @@ pub(crate) struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, limit: u64, app: Arc<AppMetrics>) -> Self {
+    pub(crate) fn new(inner: Option<Incoming>, limit: u64, app: Arc<AppMetrics>) -> Self {
         UpstreamBody {
-            inner: Some(inner),
+            inner,
             seen: 0,
             limit,
             app,

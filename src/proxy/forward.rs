@@ -281,10 +281,11 @@ impl Proxy {
         self.balancer.sweep_idle(self.config.upstream_idle_timeout);
     }
 
-    /// Serves one client request; never fails (errors become error pages).
+    /// Serves one client request (its body, if it may have one, from hyper); never fails
+    /// (errors become error pages).
     pub(crate) async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Option<Incoming>>,
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
@@ -345,7 +346,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Option<Incoming>>,
         host: &HeaderValue,
         conn: &ConnInfo,
         route: &Arc<Route>,
@@ -368,7 +369,7 @@ impl Proxy {
         let upgrading = is_upgrade_request(&req);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let body_empty = body.is_end_stream();
+        let body_empty = body.as_ref().is_none_or(Incoming::is_end_stream);
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let forwarding = Forwarding {
             client: conn.peer.ip(),

@@ -22,6 +22,7 @@
 mod balance;
 mod body;
 mod forward;
+mod h1;
 mod headers;
 pub mod metrics;
 pub mod server;
@@ -32,7 +33,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use metrics::ProxyMetrics;
-pub use server::{run, run_tls};
+pub use server::{run, run_tls, spawn_workers, Listeners, Workers};
 pub use tls::{certified_key_from_pem, CertStore};
 
 #[allow(unused_imports)] // re-exported for the docs above
@@ -155,6 +156,12 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// A worker thread or its runtime could not be started.
+    #[error("worker: could not start: {0}")]
+    Worker(#[source] std::io::Error),
+    /// A worker thread panicked (a bug); its connections were dropped.
+    #[error("worker {0}: panicked")]
+    WorkerPanicked(usize),
     /// The TLS configuration could not be built.
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),

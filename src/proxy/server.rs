@@ -1,5 +1,14 @@
 //! Accepting client connections, serving them with hyper (HTTP/1.1 and HTTP/2, with
-//! upgrades), idle timeouts, and graceful shutdown.
+//! upgrades), idle timeouts, graceful shutdown, and the worker threads `escale serve` runs
+//! the proxy on.
+//!
+//! Workers ([`spawn_workers`]) follow nginx's worker processes: each thread runs its own
+//! single-threaded tokio runtime and accepts from the shared listening sockets. A connection
+//! stays on the thread that accepted it, and so does everything it touches (its upstream
+//! connection pools, timers, tunnels): no task migrates, no wakeup crosses threads, and the
+//! scheduler needs no synchronization. Each worker has its own [`Proxy`] (balancer state and
+//! idle upstream connections); the routing snapshot, certificates and metrics are shared.
+//! [`run`] and [`run_tls`] serve on the caller's runtime instead (embedding, tests).
 //!
 //! Shutdown has two steps, published on a `watch` channel to every connection task:
 //! *draining* stops accepting and asks each connection to finish its in-flight requests and
@@ -66,6 +75,137 @@ pub async fn run_tls(
     let tls = super::tls::server_config(certs)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     serve(listener, Some(acceptor), routes, config, metrics, shutdown).await
+}
+
+/// The listening sockets the proxy workers share.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Plain HTTP: HTTP/1.1, and HTTP/2 with prior knowledge.
+    pub http: Option<std::net::TcpListener>,
+    /// HTTPS, with the resolver that picks each connection's certificate (usually a
+    /// [`CertStore`](super::CertStore)). Served as by [`run_tls`].
+    pub https: Option<(std::net::TcpListener, Arc<dyn ResolvesServerCert>)>,
+}
+
+/// The proxy's worker threads, started by [`spawn_workers`].
+#[derive(Debug)]
+pub struct Workers {
+    threads: Vec<std::thread::JoinHandle<Result<(), ProxyError>>>,
+}
+
+/// Starts `count` worker threads (at least one), each serving every listener in `listeners`
+/// on its own single-threaded runtime until `shutdown` turns `true`; then each drains its
+/// connections as [`run`] does. Wait for them with [`Workers::join`].
+pub fn spawn_workers(
+    count: usize,
+    listeners: Listeners,
+    routes: SharedRoutes,
+    config: ProxyConfig,
+    metrics: Arc<ProxyMetrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Workers, ProxyError> {
+    let tls = match &listeners.https {
+        Some((_, certs)) => Some(TlsAcceptor::from(Arc::new(super::tls::server_config(
+            certs.clone(),
+        )?))),
+        None => None,
+    };
+    for l in listeners
+        .http
+        .iter()
+        .chain(listeners.https.iter().map(|(l, _)| l))
+    {
+        l.set_nonblocking(true).map_err(ProxyError::Listener)?;
+    }
+    let mut threads = Vec::new();
+    for id in 0..count.max(1) {
+        // Each worker registers its own handle of the sockets with its own runtime.
+        let http = listeners
+            .http
+            .as_ref()
+            .map(std::net::TcpListener::try_clone)
+            .transpose()
+            .map_err(ProxyError::Listener)?;
+        let https = listeners
+            .https
+            .as_ref()
+            .map(|(l, _)| l.try_clone())
+            .transpose()
+            .map_err(ProxyError::Listener)?
+            .zip(tls.clone());
+        let (routes, config, metrics) = (routes.clone(), config.clone(), metrics.clone());
+        let shutdown = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("escale-proxy-{id}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(ProxyError::Worker)?;
+                runtime.block_on(worker(http, https, routes, config, metrics, shutdown))
+            })
+            .map_err(ProxyError::Worker)?;
+        threads.push(thread);
+    }
+    Ok(Workers { threads })
+}
+
+/// One worker: serves its listeners concurrently on the current (single-threaded) runtime.
+async fn worker(
+    http: Option<std::net::TcpListener>,
+    https: Option<(std::net::TcpListener, TlsAcceptor)>,
+    routes: SharedRoutes,
+    config: ProxyConfig,
+    metrics: Arc<ProxyMetrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    let stopped = || {
+        let mut rx = shutdown.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let plain = async {
+        match http {
+            Some(l) => {
+                let l = TcpListener::from_std(l).map_err(ProxyError::Listener)?;
+                let (routes, config, metrics) = (routes.clone(), config.clone(), metrics.clone());
+                serve(l, None, routes, config, metrics, stopped()).await
+            }
+            None => Ok(()),
+        }
+    };
+    let secure = async {
+        match https {
+            Some((l, acceptor)) => {
+                let l = TcpListener::from_std(l).map_err(ProxyError::Listener)?;
+                let (routes, config, metrics) = (routes.clone(), config.clone(), metrics.clone());
+                serve(l, Some(acceptor), routes, config, metrics, stopped()).await
+            }
+            None => Ok(()),
+        }
+    };
+    let (a, b) = tokio::join!(plain, secure);
+    a.and(b)
+}
+
+impl Workers {
+    /// Waits until every worker has drained and stopped; the first error, if any.
+    pub async fn join(self) -> Result<(), ProxyError> {
+        let threads = self.threads;
+        tokio::task::spawn_blocking(move || {
+            let mut result = Ok(());
+            for (id, t) in threads.into_iter().enumerate() {
+                let r = t.join().unwrap_or(Err(ProxyError::WorkerPanicked(id)));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })
+        .await
+        .unwrap_or(Err(ProxyError::WorkerPanicked(usize::MAX)))
+    }
 }
 
 /// Last traffic and requests in flight on one client connection, for the idle timeout.
@@ -292,15 +432,11 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<u8>,
+    stop: watch::Receiver<u8>,
     done: mpsc::Sender<()>,
 ) {
     let _open = shared.proxy.metrics().connection();
     let activity = Arc::new(Activity::new());
-    let io = IdleIo {
-        inner: tcp,
-        activity: activity.clone(),
-    };
     let Some(acceptor) = shared.tls.clone() else {
         let info = ConnInfo {
             peer,
@@ -311,7 +447,39 @@ async fn connection(
             done,
             app: ConnApp::default(),
         };
-        return serve_connection(io, info, &shared, stop).await;
+        let config = &shared.config;
+        let rest = match super::h1::serve(tcp, &info, &shared.proxy, config, &stop).await {
+            super::h1::Ended::Closed => return,
+            super::h1::Ended::Handoff(rest) => rest,
+        };
+        info.activity.touch();
+        let io = IdleIo {
+            inner: rest,
+            activity: info.activity.clone(),
+        };
+        // Boxed, here and for TLS: hyper's connection state is large, and unboxed it would
+        // size every connection's task, fast-path ones included.
+        return Box::pin(serve_connection(io, info, &shared, stop)).await;
+    };
+    Box::pin(tls_connection(
+        tcp, peer, acceptor, activity, &shared, stop, done,
+    ))
+    .await
+}
+
+/// The TLS handshake, then hyper serves the connection.
+async fn tls_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    activity: Arc<Activity>,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<u8>,
+    done: mpsc::Sender<()>,
+) {
+    let io = IdleIo {
+        inner: tcp,
+        activity: activity.clone(),
     };
     let handshake = tokio::select! {
         r = tokio::time::timeout(shared.config.tls_handshake_timeout, acceptor.accept(io)) => r,
@@ -349,7 +517,7 @@ async fn connection(
         done,
         app: ConnApp::default(),
     };
-    serve_connection(stream, info, &shared, stop).await
+    serve_connection(stream, info, shared, stop).await
 }
 
 async fn serve_connection<I>(
@@ -368,7 +536,7 @@ async fn serve_connection<I>(
         service_fn(move |req| {
             let proxy = proxy.clone();
             let info = info.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+            async move { Ok::<_, Infallible>(proxy.handle(req.map(Some), &info).await) }
         })
     };
     drop(info);

@@ -1350,3 +1350,195 @@ async fn upstream_response_framings_are_relayed() {
     assert_eq!(error_code(&headers), "upstream-failed");
     p.shutdown().await.unwrap();
 }
+
+// --- The client-side HTTP/1 fast path, its handover to hyper, and the worker threads ---
+
+/// One response read from a raw client connection: status, head (lowercase) and body.
+/// Bodies are `content-length` framed (what the test backend sends).
+async fn raw_response(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String, String) {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+            let head = String::from_utf8(buf[..end].to_vec())
+                .unwrap()
+                .to_lowercase();
+            let status: u16 = head[9..12].parse().unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + length {
+                let mut chunk = [0u8; 4096];
+                let n = tcp.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed in the middle of a body: {head}");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8(buf[end..end + length].to_vec()).unwrap();
+            buf.drain(..end + length);
+            return (status, head, body);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before a complete response head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Waits (at most 10 s, a guard against a hang) for the peer to close `tcp`.
+async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
+    let mut chunk = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn http1_pipelining_and_handover_to_hyper_on_one_connection() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    let mut tcp = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // Two requests in one write: answered in order.
+    tcp.write_all(
+        b"GET /a HTTP/1.1\r\nHost: shop.example.test\r\n\r\n\
+          GET /headers HTTP/1.1\r\nHost: shop.example.test\r\nX-Mine: 1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (status, head, body) = raw_response(&mut tcp, &mut buf).await;
+    assert_eq!((status, body.as_str()), (200, "shop"));
+    assert!(head.contains("\r\ncontent-length: 4\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(head.contains("\r\nx-request-id: "), "{head}");
+    assert!(!head.contains("connection:"), "{head}");
+    let (status, head, body) = raw_response(&mut tcp, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("x-mine: 1"), "{body}");
+    assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
+    // Hop-by-hop headers of the backend's response are not relayed.
+    assert!(
+        !head.contains("keep-alive") && !head.contains("x-upstream-private"),
+        "{head}"
+    );
+    // A request with a body: hyper serves the connection from here on, same socket.
+    tcp.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: shop.example.test\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let (status, _, body) = raw_response(&mut tcp, &mut buf).await;
+    assert_eq!((status, body.as_str()), (200, "received 5"));
+    tcp.write_all(b"GET /c HTTP/1.1\r\nHost: shop.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, body) = raw_response(&mut tcp, &mut buf).await;
+    assert_eq!((status, body.as_str()), (200, "shop"));
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(closed_by_peer(&mut tcp).await);
+    assert_eq!(b.state.hits.load(Ordering::SeqCst), 4);
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn http1_close_requests_slow_heads_and_shutdown_close_connections() {
+    let b = backend("shop").await;
+    let config = ProxyConfig {
+        header_read_timeout: Duration::from_millis(300),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    // `Connection: close` from the client: answered with it, then closed.
+    let mut tcp = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: shop.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = raw_response(&mut tcp, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(closed_by_peer(&mut tcp).await);
+    // Slowloris: part of a head, then nothing; and a connection that never sends a byte.
+    let mut slow = TcpStream::connect(p.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: shop.exa")
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(p.addr).await.unwrap();
+    assert!(closed_by_peer(&mut slow).await, "a slow head is cut");
+    assert!(
+        closed_by_peer(&mut silent).await,
+        "a silent connection is cut"
+    );
+    // A kept-alive connection between requests: shutdown closes it at once rather than
+    // waiting for the drain timeout (30 s by default, over the 10 s guard).
+    let mut idle = TcpStream::connect(p.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: shop.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, _) = raw_response(&mut idle, &mut buf).await;
+    assert_eq!(status, 200);
+    tokio::time::timeout(Duration::from_secs(10), p.shutdown())
+        .await
+        .expect("shutdown waited for an idle connection")
+        .unwrap();
+    assert!(closed_by_peer(&mut idle).await);
+}
+
+#[tokio::test]
+async fn workers_share_the_listeners_and_drain_on_shutdown() {
+    let b = backend("shop").await;
+    let routes = routing::shared();
+    routes.store(Arc::new(table(vec![(
+        "shop.example.test",
+        route("shop", &[("s1", b.addr)], 1 << 20),
+    )])));
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = http.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = proxy::spawn_workers(
+        2,
+        proxy::Listeners {
+            http: Some(http),
+            https: None,
+        },
+        routes,
+        ProxyConfig::default(),
+        Arc::new(ProxyMetrics::new()),
+        stopped,
+    )
+    .unwrap();
+    let answers = futures_util::future::join_all(
+        (0..20).map(|i| async move { get(addr, "shop.example.test", &format!("/{i}")).await }),
+    )
+    .await;
+    for (s, _, body) in answers {
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "shop"));
+    }
+    // A request in flight when shutdown starts still completes; then the workers stop.
+    let in_flight = tokio::spawn(async move { get(addr, "shop.example.test", "/wait").await });
+    b.state.arrived.notified().await;
+    stop.send(true).unwrap();
+    loop {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.state.release.notify_one();
+    let (s, _, body) = in_flight.await.unwrap();
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "finished"));
+    workers.join().await.unwrap();
+}
