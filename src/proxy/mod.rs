@@ -1,7 +1,9 @@
 //! The built-in reverse proxy: routes HTTP(S) by host name to healthy instances.
 //!
-//! The proxy is a hyper 1.x server (HTTP/1.1 and HTTP/2, plain or TLS) in front of a pooled
-//! keep-alive HTTP/1.1 client. Per request it:
+//! The proxy serves clients over HTTP/1.1 and HTTP/2, plain or TLS: plain HTTP/1.1 requests
+//! without a body on its own fast path (`h1`), everything else with hyper 1.x. Behind it is a
+//! pooled keep-alive HTTP/1.1 client. `escale serve` runs it on worker threads, each with its
+//! own single-threaded runtime ([`spawn_workers`]). Per request it:
 //!
 //! 1. loads the routing snapshot once ([`SharedRoutes`]) and looks the host up
 //!    (`Host` header, or the `:authority` of HTTP/2 and absolute-form requests);
@@ -13,7 +15,8 @@
 //!    was not sent), or when an idempotent request's connection was closed before any response
 //!    head arrived, and answers explicit errors (`x-escale-error`) naming the failing side.
 //!
-//! Module map: [`server`] accepts connections and drains them on shutdown, `forward` is
+//! Module map: [`server`] runs the workers, accepts connections and drains them on shutdown,
+//! `h1` is the client-side HTTP/1.1 fast path, `forward` is
 //! the per-request logic, `balance` picks backends, `upstream` is the HTTP/1.1 client that
 //! talks to them (run inline by the client connection's task, pooled per backend), `body`
 //! holds the streaming body wrappers, `headers` the header rewriting, [`metrics`] the
