@@ -1,5 +1,6 @@
-//! The fast path for plain-HTTP client connections: the common HTTP/1.1 request is parsed
-//! with `httparse` and its response written straight to the socket, in the connection's task.
+//! The fast path for HTTP/1.1 client connections, plain or TLS (when ALPN did not pick `h2`):
+//! the common request is parsed with `httparse` and its response written straight to the
+//! connection, in the connection's task.
 //!
 //! hyper's server is general: a dispatcher state machine, a header-read timer per request,
 //! per-connection read and write buffers kept for the connection's whole life. Most requests
@@ -17,8 +18,8 @@
 //! connection is armed no later than the current deadline and, when it fires, re-armed from
 //! the recorded times if traffic moved the deadline. The deadlines are hyper's: a head must arrive within
 //! `header_read_timeout` of the connection's start or of its first byte, and a keep-alive
-//! connection may stay quiet for `idle_timeout` between requests. An idle connection holds no
-//! buffer: it waits for readiness, then reads.
+//! connection may stay quiet for `idle_timeout` between requests. An idle plain connection
+//! holds no buffer: it waits for readiness, then reads ([`Transport`]).
 //!
 //! Responses: the status line and the headers as [`Proxy::handle`] produced them (hop-by-hop
 //! headers are already gone), then the framing: the `Content-Length` given, or the body's
@@ -26,7 +27,7 @@
 //! `Connection: close` when the client asked for it or the proxy is shutting down.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -38,7 +39,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -57,12 +58,51 @@ const COALESCE_BELOW: usize = 16 * 1024;
 
 /// How the fast path ended.
 #[derive(Debug)]
-pub(crate) enum Ended {
+pub(crate) enum Ended<T> {
     /// The connection is finished: closed by the client, timed out, shut down, or failed.
     Closed,
     /// A request the fast path does not serve: hyper serves the connection from here, starting
     /// with the bytes already read.
-    Handoff(Prefixed),
+    Handoff(Prefixed<T>),
+}
+
+/// A client connection the fast path can read from.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Reads what is available into `buf` (growing it as needed); `Ok(0)` at end of stream.
+    /// Cancel-safe: dropped while pending, it has consumed nothing.
+    fn read_into<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+}
+
+/// Makes room for a read in `buf`.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE.max(buf.len()));
+    }
+}
+
+impl Transport for TcpStream {
+    /// Waits for readiness before it allocates: an idle connection holds no read buffer.
+    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            reserve(buf);
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for tokio_rustls::server::TlsStream<T> {
+    /// rustls keeps its own buffers whatever this side does: reads right away.
+    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        reserve(buf);
+        self.read_buf(buf).await
+    }
 }
 
 /// A parsed request head.
@@ -179,13 +219,13 @@ fn build(
 /// Serves `io` until it closes or a request needs hyper. `stop` is the server's shutdown
 /// state: once draining, an idle connection closes and a busy one closes after its response;
 /// on force close, whatever is in flight is dropped.
-pub(crate) async fn serve(
-    mut io: TcpStream,
+pub(crate) async fn serve<T: Transport>(
+    mut io: T,
     conn: &ConnInfo,
     proxy: &Proxy,
     config: &ProxyConfig,
     stop: &watch::Receiver<u8>,
-) -> Ended {
+) -> Ended<T> {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut drain_rx = stop.clone();
@@ -215,29 +255,20 @@ pub(crate) async fn serve(
                     Head::Other => return Ended::Handoff(Prefixed { prefix: buf, io }),
                 }
             }
+            let empty = buf.is_empty();
             tokio::select! {
                 biased;
-                r = io.readable() => {
-                    if r.is_err() {
-                        return Ended::Closed;
-                    }
-                    if buf.capacity() - buf.len() < READ_SIZE / 4 {
-                        buf.reserve(READ_SIZE.max(buf.len()));
-                    }
-                    match io.try_read_buf(&mut buf) {
-                        Ok(0) => return Ended::Closed,
-                        Ok(_) => {
-                            if idle {
-                                // The first byte of a new head: its read deadline starts now.
-                                idle = false;
-                                since = Instant::now();
-                                arm(timer.as_mut(), since + config.header_read_timeout);
-                            }
+                r = io.read_into(&mut buf) => match r {
+                    Ok(0) | Err(_) => return Ended::Closed,
+                    Ok(_) => {
+                        if idle {
+                            // The first byte of a new head: its read deadline starts now.
+                            idle = false;
+                            since = Instant::now();
+                            arm(timer.as_mut(), since + config.header_read_timeout);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Ended::Closed,
                     }
-                }
+                },
                 () = &mut timer => {
                     let limit = if idle { config.idle_timeout } else { config.header_read_timeout };
                     let deadline = since + limit;
@@ -247,7 +278,7 @@ pub(crate) async fn serve(
                     timer.as_mut().reset(deadline.into());
                 }
                 // Shutting down: a connection between requests closes now.
-                () = &mut draining, if buf.is_empty() => return Ended::Closed,
+                () = &mut draining, if empty => return Ended::Closed,
             }
         };
         let close = client_close || *stop.borrow() >= DRAINING;
@@ -351,7 +382,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
     }
     out.extend_from_slice(b"\r\n");
     if bodiless {
-        return io.write_all(out).await;
+        return send(io, out).await;
     }
     loop {
         // While the head is unwritten, look at the body without waiting: whatever it has
@@ -362,7 +393,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
             match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
-                    io.write_all(out).await?;
+                    send(io, out).await?;
                     out.clear();
                     continue;
                 }
@@ -391,7 +422,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
         }
         if !body.is_end_stream() && !out.is_empty() {
             // More is coming, maybe later: what the client has so far goes out now.
-            io.write_all(out).await?;
+            send(io, out).await?;
             out.clear();
         }
     }
@@ -399,13 +430,19 @@ async fn write_response<W: AsyncWrite + Unpin>(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        io.write_all(out).await?;
+        send(io, out).await?;
         out.clear();
     }
     Ok(())
 }
 
-/// Writes `a` then `b` with as few system calls as the socket allows.
+/// Writes `bytes` and flushes them (a TLS stream may hold records back until flushed).
+async fn send<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
+/// Writes `a` then `b` with as few system calls as the socket allows, and flushes.
 async fn write_two<W: AsyncWrite + Unpin>(io: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
     let (mut a, mut b) = (a, b);
     while !a.is_empty() {
@@ -419,7 +456,8 @@ async fn write_two<W: AsyncWrite + Unpin>(io: &mut W, a: &[u8], b: &[u8]) -> io:
         a = &a[from_a..];
         b = &b[n - from_a..];
     }
-    io.write_all(b).await
+    io.write_all(b).await?;
+    io.flush().await
 }
 
 thread_local! {
@@ -449,12 +487,12 @@ fn push_date(out: &mut Vec<u8>) {
 /// A client socket and bytes already read from it, read again first: how a connection
 /// reaches hyper after the fast path read part of it.
 #[derive(Debug)]
-pub(crate) struct Prefixed {
+pub(crate) struct Prefixed<T> {
     prefix: BytesMut,
-    io: TcpStream,
+    io: T,
 }
 
-impl AsyncRead for Prefixed {
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -473,7 +511,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,6 +1,6 @@
 //! The built-in reverse proxy: routes HTTP(S) by host name to healthy instances.
 //!
-//! The proxy serves clients over HTTP/1.1 and HTTP/2, plain or TLS: plain HTTP/1.1 requests
+//! The proxy serves clients over HTTP/1.1 and HTTP/2, plain or TLS: HTTP/1.1 requests
 //! without a body on its own fast path (`h1`), everything else with hyper 1.x. Behind it is a
 //! pooled keep-alive HTTP/1.1 client. `escale serve` runs it on worker threads, each with its
 //! own single-threaded runtime ([`spawn_workers`]). Per request it:

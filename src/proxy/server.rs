@@ -517,7 +517,15 @@ async fn tls_connection(
         done,
         app: ConnApp::default(),
     };
-    serve_connection(stream, info, shared, stop).await
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        return serve_connection(stream, info, shared, stop).await;
+    }
+    let rest = match super::h1::serve(stream, &info, &shared.proxy, &shared.config, &stop).await {
+        super::h1::Ended::Closed => return,
+        super::h1::Ended::Handoff(rest) => rest,
+    };
+    info.activity.touch();
+    serve_connection(rest, info, shared, stop).await
 }
 
 async fn serve_connection<I>(

@@ -1,4 +1,5 @@
-//! The reverse proxy end to end: the real `proxy::run` / `proxy::run_tls` on 127.0.0.1:0,
+//! The reverse proxy end to end: the real `proxy::run` / `proxy::run_tls` (and
+//! `proxy::spawn_workers`) on 127.0.0.1:0,
 //! backends are small hyper servers started by each test. No Docker, no timing assertions.
 
 use std::convert::Infallible;
@@ -1018,6 +1019,33 @@ mod tls {
         )
         .await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "secure"));
+        // The same TLS connection, handed to hyper by a request with a body, keeps working.
+        let (status, _, body) = read(
+            sender
+                .send_request(
+                    request("secure.test", "/upload")
+                        .method("POST")
+                        .body(full("hello"))
+                        .unwrap(),
+                )
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "received 5"));
+        let (status, _, body) = read(
+            sender
+                .send_request(request("secure.test", "/headers").body(empty()).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.lines().any(|l| l == "x-forwarded-proto: https"),
+            "{body}"
+        );
+        assert_eq!(b.state.hits.load(Ordering::SeqCst), 4);
 
         let _ = s.stop.send(());
         s.task.await.unwrap().unwrap();
