@@ -85,15 +85,15 @@ fn reserve(buf: &mut BytesMut) {
 
 impl Transport for TcpStream {
     /// Waits for readiness before it allocates: an idle connection holds no read buffer.
+    /// (The `poll_*` forms: they use the socket's one reader slot, where `readable()` would
+    /// queue a waiter on a locked list at every wait.)
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        loop {
-            self.readable().await?;
+        poll_fn(|cx| {
+            std::task::ready!(self.poll_read_ready(cx))?;
             reserve(buf);
-            match self.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return r,
-            }
-        }
+            tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, buf)
+        })
+        .await
     }
 }
 
