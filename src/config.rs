@@ -848,6 +848,32 @@ mod tests {
     }
 
     #[test]
+    fn proxy_workers_default_to_one_per_core_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(with_env(&[]).unwrap().proxy.workers, cores);
+        assert_eq!(
+            with_env(&[("ESCALE_PROXY_WORKERS", "0")])
+                .unwrap()
+                .proxy
+                .workers,
+            cores
+        );
+        assert_eq!(
+            with_env(&[("ESCALE_PROXY_WORKERS", "3")])
+                .unwrap()
+                .proxy
+                .workers,
+            3
+        );
+        for bad in ["257", "-1", "many"] {
+            let e = with_env(&[("ESCALE_PROXY_WORKERS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("proxy.workers"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn sample_config_parses_and_lists_every_key() {
         let text = include_str!("../config/escale.toml");
         let raw: RawConfig = toml::from_str(text).expect("sample config parses");
