@@ -245,6 +245,20 @@ async fn start_proxy(t: RoutingTable, config: ProxyConfig) -> TestProxy {
     }
 }
 
+/// A backend named `shop` and a proxy routing `shop.example.test` to it.
+async fn shop_proxy(config: ProxyConfig) -> (TestBackend, TestProxy) {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        config,
+    )
+    .await;
+    (b, p)
+}
+
 /// Sends one request on a fresh HTTP/1.1 connection.
 async fn send(addr: SocketAddr, req: Request<TestBody>) -> Response<Incoming> {
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -608,15 +622,7 @@ async fn large_bodies_stream_both_ways_without_buffering() {
 
 #[tokio::test]
 async fn forwarded_headers_and_request_id_added_hop_by_hop_removed() {
-    let b = backend("shop").await;
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
+    let (_b, p) = shop_proxy(ProxyConfig::default()).await;
     let resp = send(
         p.addr,
         request("shop.example.test", "/headers")
@@ -678,15 +684,7 @@ async fn forwarded_headers_and_request_id_added_hop_by_hop_removed() {
 
 #[tokio::test]
 async fn upgrade_is_tunnelled_both_ways() {
-    let b = backend("shop").await;
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
+    let (_b, p) = shop_proxy(ProxyConfig::default()).await;
     let mut tcp = TcpStream::connect(p.addr).await.unwrap();
     tcp.write_all(
         b"GET /ws HTTP/1.1\r\nHost: shop.example.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
@@ -737,15 +735,7 @@ async fn snapshot_swap_moves_traffic_to_new_backends() {
 
 #[tokio::test]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
-    let b = backend("shop").await;
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
+    let (b, p) = shop_proxy(ProxyConfig::default()).await;
     let addr = p.addr;
     let in_flight = tokio::spawn(async move { get(addr, "shop.example.test", "/wait").await });
     b.state.arrived.notified().await;
@@ -765,19 +755,11 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
 
 #[tokio::test]
 async fn drain_timeout_closes_what_is_left() {
-    let b = backend("shop").await;
     let config = ProxyConfig {
         drain_timeout: Duration::from_millis(200),
         ..ProxyConfig::default()
     };
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        config,
-    )
-    .await;
+    let (b, p) = shop_proxy(config).await;
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
@@ -798,15 +780,7 @@ async fn drain_timeout_closes_what_is_left() {
 
 #[tokio::test]
 async fn metrics_count_requests_per_app() {
-    let b = backend("shop").await;
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
+    let (_b, p) = shop_proxy(ProxyConfig::default()).await;
     get(p.addr, "shop.example.test", "/").await;
     // A kept-alive connection counts for the app of its latest request until it closes.
     let tcp = TcpStream::connect(p.addr).await.unwrap();
@@ -857,15 +831,7 @@ async fn metrics_count_requests_per_app() {
 
 #[tokio::test]
 async fn http2_prior_knowledge_is_proxied_as_http1() {
-    let b = backend("shop").await;
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
+    let (_b, p) = shop_proxy(ProxyConfig::default()).await;
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
@@ -1054,19 +1020,11 @@ mod tls {
 
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed() {
-    let b = backend("shop").await;
     let config = ProxyConfig {
         idle_timeout: Duration::from_millis(200),
         ..ProxyConfig::default()
     };
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        config,
-    )
-    .await;
+    let (_b, p) = shop_proxy(config).await;
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
@@ -1422,15 +1380,7 @@ async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
 
 #[tokio::test]
 async fn http1_pipelining_and_handover_to_hyper_on_one_connection() {
-    let b = backend("shop").await;
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        ProxyConfig::default(),
-    )
-    .await;
+    let (b, p) = shop_proxy(ProxyConfig::default()).await;
     let mut tcp = TcpStream::connect(p.addr).await.unwrap();
     let mut buf = Vec::new();
     // Two requests in one write: answered in order.
@@ -1476,19 +1426,11 @@ async fn http1_pipelining_and_handover_to_hyper_on_one_connection() {
 
 #[tokio::test]
 async fn http1_close_requests_slow_heads_and_shutdown_close_connections() {
-    let b = backend("shop").await;
     let config = ProxyConfig {
         header_read_timeout: Duration::from_millis(300),
         ..ProxyConfig::default()
     };
-    let p = start_proxy(
-        table(vec![(
-            "shop.example.test",
-            route("shop", &[("s1", b.addr)], 1 << 20),
-        )]),
-        config,
-    )
-    .await;
+    let (_b, p) = shop_proxy(config).await;
     // `Connection: close` from the client: answered with it, then closed.
     let mut tcp = TcpStream::connect(p.addr).await.unwrap();
     let mut buf = Vec::new();
