@@ -32,7 +32,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -296,7 +296,8 @@ pub(crate) async fn serve<T: Transport>(
             }
         };
         if written.is_err() || close {
-            let _ = io.shutdown().await;
+            // Bounded: a TLS close_notify waits on a client that may have stopped reading.
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return Ended::Closed;
         }
         // Keep-alive. Between requests the connection holds no read buffer unless it
