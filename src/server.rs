@@ -259,15 +259,7 @@ async fn serve_api(
         let (tcp, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Usually EMFILE/ENFILE or an aborted handshake: back off and keep going.
-                    tracing::warn!(error = %e, "API: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            conn = crate::proxy::server::accept(&listener, "api") => conn,
         };
         let router = app.clone();
         let service =

@@ -208,6 +208,21 @@ impl Workers {
     }
 }
 
+/// The next connection on `listener`. Accept errors (usually EMFILE/ENFILE, or a connection
+/// aborted before it was accepted) are logged under `what` and retried after a short pause.
+/// Cancel-safe: no connection is lost when the future is dropped.
+pub(crate) async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Last traffic and requests in flight on one client connection, for the idle timeout.
 #[derive(Debug)]
 pub(crate) struct Activity {
@@ -389,15 +404,7 @@ async fn serve(
         let (tcp, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Usually EMFILE/ENFILE or an aborted handshake: back off and keep going.
-                    warn!(error = %ProxyError::Listener(e), "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            conn = accept(&listener, "proxy") => conn,
         };
         let _ = tcp.set_nodelay(true);
         tokio::spawn(connection(
