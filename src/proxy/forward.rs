@@ -60,6 +60,7 @@ use crate::routing::{normalize_host, Backend, Route, SharedRoutes};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ErrorKind {
     MissingHost,
+    MethodNotSupported,
     Misdirected,
     UnknownHost,
     NoBackend,
@@ -75,6 +76,7 @@ impl ErrorKind {
     fn status(self) -> StatusCode {
         match self {
             ErrorKind::MissingHost | ErrorKind::ClientBody => StatusCode::BAD_REQUEST,
+            ErrorKind::MethodNotSupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::UnknownHost => StatusCode::NOT_FOUND,
             ErrorKind::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
@@ -89,6 +91,7 @@ impl ErrorKind {
     fn code(self) -> &'static str {
         match self {
             ErrorKind::MissingHost => "missing-host",
+            ErrorKind::MethodNotSupported => "method-not-supported",
             ErrorKind::Misdirected => "misdirected-request",
             ErrorKind::UnknownHost => "unknown-host",
             ErrorKind::NoBackend => "no-backend",
@@ -104,6 +107,9 @@ impl ErrorKind {
     fn message(self) -> &'static str {
         match self {
             ErrorKind::MissingHost => "client: the request has no Host header",
+            ErrorKind::MethodNotSupported => {
+                "client: CONNECT is not supported: escale is a reverse proxy, not a tunnel"
+            }
             ErrorKind::Misdirected => {
                 "client: the Host header does not match the TLS server name (SNI)"
             }
@@ -292,6 +298,11 @@ impl Proxy {
         let _busy = conn.activity.busy();
         let rid = self.ids.ensure(req.headers_mut());
         let json = prefers_json(req.headers());
+        // CONNECT asks for a tunnel to the authority it names (HTTP/1.1, or HTTP/2 and its
+        // extended form): never forwarded, whatever the host.
+        if req.method() == Method::CONNECT {
+            return error_page(ErrorKind::MethodNotSupported, json, &rid);
+        }
         let Some(host) = request_host(&req) else {
             return error_page(ErrorKind::MissingHost, json, &rid);
         };
@@ -357,19 +368,21 @@ impl Proxy {
         if route.backends.is_empty() {
             return error_page(ErrorKind::NoBackend, json, rid);
         }
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > route.max_body_bytes) {
+        // The body's length as the client connection's parser framed it (hyper checks the
+        // client's `Content-Length`): the only length the upstream request is framed with.
+        let body_len = match req.body() {
+            None => Some(0),
+            Some(b) if b.is_end_stream() => Some(0),
+            Some(b) => b.size_hint().exact(),
+        };
+        if body_len.is_some_and(|n| n > route.max_body_bytes) {
             return error_page(ErrorKind::BodyTooLarge, json, rid);
         }
         let in_flight = app.in_flight();
         let upgrading = is_upgrade_request(&req);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let body_empty = body.as_ref().is_none_or(Incoming::is_end_stream);
+        let body_empty = body_len == Some(0);
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let forwarding = Forwarding {
             client: conn.peer.ip(),
@@ -377,7 +390,7 @@ impl Proxy {
             host,
             upgrading,
         };
-        let head = RequestHead::new(&parts.method, path, &parts.headers, &forwarding, body_empty);
+        let head = RequestHead::new(&parts.method, path, &parts.headers, &forwarding, body_len);
         let replayable = is_idempotent(&parts.method) && !upgrading;
         drop(parts);
 

@@ -342,16 +342,14 @@ async fn write_response<W: AsyncWrite + Unpin>(
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let mut has_length = false;
     let mut has_date = false;
     for (name, value) in &parts.headers {
-        if *name == header::CONTENT_LENGTH {
-            if status == StatusCode::NO_CONTENT {
-                continue;
-            }
-            has_length = true;
-        } else if *name == header::TRANSFER_ENCODING || *name == header::CONNECTION {
-            // The framing and the connection's fate are this side's.
+        if *name == header::CONTENT_LENGTH
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::CONNECTION
+        {
+            // The framing and the connection's fate are this side's: written below from
+            // the body this side sends, never copied from the backend.
             continue;
         } else if *name == header::DATE {
             has_date = true;
@@ -362,7 +360,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
         out.extend_from_slice(b"\r\n");
     }
     let mut chunked = false;
-    if !bodiless && !has_length {
+    if !bodiless {
         match body.size_hint().exact() {
             Some(n) => {
                 out.extend_from_slice(b"content-length: ");

@@ -106,6 +106,15 @@ pub enum ProxyError {
     /// Reading the request body from the client failed.
     #[error("client: reading the request body failed: {0}")]
     ClientBody(#[source] hyper::Error),
+    /// The client's body did not match the length its message declared (the proxy sends
+    /// exactly the declared length or fails the exchange, never more or less).
+    #[error("client: the request body is {sent} bytes, not the {declared} declared")]
+    ClientBodyLength {
+        /// The declared length.
+        declared: u64,
+        /// What the body held (at least).
+        sent: u64,
+    },
     /// The client sent more body than the route allows.
     #[error("client: request body exceeds the route limit of {limit} bytes")]
     BodyTooLarge {

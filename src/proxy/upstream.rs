@@ -161,8 +161,8 @@ impl IdlePool {
 pub(crate) enum RequestFraming {
     /// No body.
     Empty,
-    /// The body is sent as is: the client's `Content-Length` is forwarded.
-    Length,
+    /// A body of exactly this many bytes, sent with the proxy's own `Content-Length`.
+    Length(u64),
     /// Length unknown: `Transfer-Encoding: chunked`.
     Chunked,
 }
@@ -189,29 +189,45 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) upgrading: bool,
 }
 
+/// Headers the proxy writes itself, whatever the client sent or its `Connection` names:
+/// the framing (`Content-Length`, `Transfer-Encoding`), the connection's fate and `Host`,
+/// `X-Forwarded-*`, and `Expect` (the proxy answers `100-continue` itself).
+fn written_by_proxy(name: &HeaderName) -> bool {
+    *name == header::HOST
+        || *name == header::CONTENT_LENGTH
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::CONNECTION
+        || *name == header::EXPECT
+        || *name == X_FORWARDED_FOR
+        || *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_HOST
+}
+
 impl RequestHead {
     /// Serializes `method path HTTP/1.1` and the client's `headers` as the backend gets them,
-    /// in one pass with no header map edits: hop-by-hop headers (RFC 9110 §7.6.1: those the
-    /// `Connection` header names, `Connection`, `Keep-Alive`, `Proxy-*`, `TE` but `trailers`,
-    /// `Trailer`, `Transfer-Encoding`, `Upgrade` unless upgrading) and `Expect` (the proxy
-    /// answers `100-continue` itself) are left out; `Host` and `X-Forwarded-For/-Proto/-Host`
-    /// are written from `fwd`, the client address appended to any `X-Forwarded-For` it sent.
-    /// `body_empty` tells whether the client's body is known to be empty; otherwise
-    /// `Content-Length` is forwarded when the client sent one and the body is chunked when not.
+    /// in one pass with no header map edits.
+    ///
+    /// The message's framing is always the proxy's own, written from `body_len` (what the
+    /// client connection's parser established: `Some(0)` no body, `Some(n)` exactly `n`
+    /// bytes, `None` unknown and so chunked); the client's `Content-Length` and
+    /// `Transfer-Encoding` are never copied, so no header trick (`Connection:
+    /// Content-Length`, duplicates, odd spellings) can make the backend frame the body
+    /// differently from the proxy. Hop-by-hop headers (RFC 9110 §7.6.1: those the
+    /// `Connection` header names, `Connection`, `Keep-Alive`, `Proxy-*`, `TE` but
+    /// `trailers`, `Trailer`, `Upgrade` unless upgrading) and `Expect` are left out; `Host`
+    /// and `X-Forwarded-For/-Proto/-Host` are written from `fwd`, the client address
+    /// appended to any `X-Forwarded-For` it sent.
     pub(crate) fn new(
         method: &Method,
         path: &str,
         headers: &HeaderMap,
         fwd: &Forwarding<'_>,
-        body_empty: bool,
+        body_len: Option<u64>,
     ) -> Self {
-        let has_length = headers.contains_key(header::CONTENT_LENGTH);
-        let framing = if body_empty {
-            RequestFraming::Empty
-        } else if has_length {
-            RequestFraming::Length
-        } else {
-            RequestFraming::Chunked
+        let framing = match body_len {
+            Some(0) => RequestFraming::Empty,
+            Some(n) => RequestFraming::Length(n),
+            None => RequestFraming::Chunked,
         };
         let has_connection = headers.contains_key(header::CONNECTION);
         let mut te_trailers = false;
@@ -223,13 +239,7 @@ impl RequestHead {
         out.extend_from_slice(fwd.host.as_bytes());
         out.extend_from_slice(b"\r\n");
         for (name, value) in headers {
-            if *name == header::HOST
-                || *name == X_FORWARDED_FOR
-                || *name == X_FORWARDED_PROTO
-                || *name == X_FORWARDED_HOST
-                || *name == header::EXPECT
-                || (body_empty && *name == header::CONTENT_LENGTH)
-            {
+            if written_by_proxy(name) {
                 continue;
             }
             let keep_upgrade = fwd.upgrading && *name == header::UPGRADE;
@@ -274,12 +284,18 @@ impl RequestHead {
         }
         match framing {
             RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            RequestFraming::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
             RequestFraming::Empty
-                if has_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) =>
+                if headers.contains_key(header::CONTENT_LENGTH)
+                    || matches!(*method, Method::POST | Method::PUT | Method::PATCH) =>
             {
                 out.extend_from_slice(b"content-length: 0\r\n")
             }
-            _ => {}
+            RequestFraming::Empty => {}
         }
         out.extend_from_slice(b"\r\n");
         RequestHead {
@@ -333,7 +349,7 @@ pub(crate) async fn exchange(
     }
     let mut pump = match head.framing {
         RequestFraming::Empty => None,
-        framing => Some(RequestPump::new(body, framing == RequestFraming::Chunked)),
+        framing => Some(RequestPump::new(body, framing)),
     };
     let parsed = std::future::poll_fn(|cx| {
         if let Some(p) = pump.as_mut() {
@@ -468,14 +484,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Failed::Protocol("invalid response header value"))?;
         if name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(raw_value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(Failed::Protocol("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Failed::Protocol("conflicting content-length headers"));
+            // RFC 9112 §6.3: anything but one run of digits (a sign, a list, a second
+            // header) makes the framing invalid, and a proxy answers 502.
+            if length.is_some() {
+                return Err(Failed::Protocol("more than one content-length header"));
             }
-            length = Some(n);
+            length = Some(
+                parse_content_length(raw_value)
+                    .ok_or(Failed::Protocol("invalid content-length"))?,
+            );
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Only the last coding matters: `chunked` must be it for chunked framing.
@@ -501,7 +518,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
     {
         Framing::Empty
     } else if transfer_encoding {
-        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); the length is dropped.
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); the length is dropped,
+        // and a connection whose response carried both is never reused (§6.1).
+        if length.is_some() {
+            close = true;
+        }
         headers.remove(header::CONTENT_LENGTH);
         if chunked {
             Framing::Chunked(Chunked::default())
@@ -517,6 +538,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failed> {
     };
     let keep_alive = !close && !matches!(framing, Framing::Close);
     Ok(Some(Parsed::Final((status, headers, framing, keep_alive))))
+}
+
+/// A `Content-Length` value: ASCII digits only (optional surrounding white space), no sign,
+/// no list, no overflow.
+pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Body data at or below this size is copied out of the read buffer rather than split off
@@ -645,6 +678,11 @@ impl Chunked {
 pub(crate) struct RequestPump {
     body: UpstreamBody,
     chunked: bool,
+    /// With length framing, the bytes still owed: the body must hold exactly the declared
+    /// length (more would be read by the backend as another request).
+    remaining: Option<u64>,
+    /// Body bytes taken from the client so far.
+    sent: u64,
     pending: VecDeque<Bytes>,
     ended: bool,
     /// The backend stopped accepting the body; the rest is dropped.
@@ -660,10 +698,17 @@ enum PumpError {
 }
 
 impl RequestPump {
-    fn new(body: UpstreamBody, chunked: bool) -> Self {
+    fn new(body: UpstreamBody, framing: RequestFraming) -> Self {
+        let (chunked, remaining) = match framing {
+            RequestFraming::Chunked => (true, None),
+            RequestFraming::Length(n) => (false, Some(n)),
+            RequestFraming::Empty => (false, Some(0)),
+        };
         RequestPump {
             body,
             chunked,
+            remaining,
+            sent: 0,
             pending: VecDeque::new(),
             ended: false,
             abandoned: false,
@@ -718,6 +763,20 @@ impl RequestPump {
                         if data.is_empty() {
                             continue;
                         }
+                        if let Some(left) = self.remaining.as_mut() {
+                            let n = data.len() as u64;
+                            if n > *left {
+                                let declared = self.sent + *left;
+                                return Poll::Ready(Err(PumpError::Client(
+                                    ProxyError::ClientBodyLength {
+                                        declared,
+                                        sent: self.sent + n,
+                                    },
+                                )));
+                            }
+                            *left -= n;
+                        }
+                        self.sent += data.len() as u64;
                         if self.chunked {
                             self.pending
                                 .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
@@ -731,6 +790,12 @@ impl RequestPump {
                 }
                 Some(Err(e)) => return Poll::Ready(Err(PumpError::Client(e))),
                 None => {
+                    if let Some(left) = self.remaining.filter(|&l| l > 0) {
+                        return Poll::Ready(Err(PumpError::Client(ProxyError::ClientBodyLength {
+                            declared: self.sent + left,
+                            sent: self.sent,
+                        })));
+                    }
                     self.ended = true;
                     if self.chunked {
                         self.pending.push_back(Bytes::from_static(b"0\r\n\r\n"));
@@ -977,7 +1042,8 @@ mod tests {
         let (_, h, f, ka) = final_head(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
         );
-        assert!(matches!(f, Framing::Chunked(_)) && ka);
+        // Both framings: Transfer-Encoding wins and the connection is not reused.
+        assert!(matches!(f, Framing::Chunked(_)) && !ka);
         assert!(h.get("content-length").is_none());
         let (_, _, f, ka) = final_head(b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(matches!(f, Framing::Close) && !ka);
@@ -1016,6 +1082,20 @@ mod tests {
     }
 
     fn head(method: Method, headers: &[(&str, &str)], upgrading: bool, empty: bool) -> String {
+        head_len(
+            method,
+            headers,
+            upgrading,
+            if empty { Some(0) } else { None },
+        )
+    }
+
+    fn head_len(
+        method: Method,
+        headers: &[(&str, &str)],
+        upgrading: bool,
+        body_len: Option<u64>,
+    ) -> String {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.append(
@@ -1030,7 +1110,7 @@ mod tests {
             host: &host,
             upgrading,
         };
-        let head = RequestHead::new(&method, "/a?b=1", &h, &fwd, empty);
+        let head = RequestHead::new(&method, "/a?b=1", &h, &fwd, body_len);
         String::from_utf8(head.as_bytes().to_vec()).unwrap()
     }
 
@@ -1045,10 +1125,101 @@ mod tests {
         assert!(head(Method::POST, &[], false, true).ends_with("content-length: 0\r\n\r\n"));
         let chunked = head(Method::POST, &[], false, false);
         assert!(chunked.ends_with("transfer-encoding: chunked\r\n\r\n"));
-        let sized = head(Method::PUT, &[("content-length", "3")], false, false);
+        let sized = head_len(Method::PUT, &[("content-length", "3")], false, Some(3));
         assert!(sized.contains("content-length: 3\r\n") && !sized.contains("transfer"));
         let empty = head(Method::PUT, &[("content-length", "0")], false, true);
         assert_eq!(empty.matches("content-length").count(), 1);
+    }
+
+    /// Issue #11's smuggling class: whatever the client's `Connection` names, or however it
+    /// spells its framing, the backend gets exactly one framing header, the proxy's.
+    #[test]
+    fn request_framing_is_the_proxys_whatever_connection_names() {
+        let tricks: &[&[(&str, &str)]] = &[
+            &[
+                ("connection", "keep-alive, Content-Length"),
+                ("content-length", "20"),
+            ],
+            &[("connection", "content-length"), ("content-length", "20")],
+            &[
+                ("connection", "Transfer-Encoding"),
+                ("content-length", "20"),
+            ],
+            &[
+                ("connection", "host, content-length"),
+                ("content-length", "20"),
+            ],
+            &[
+                ("connection", "x-forwarded-for, x-forwarded-host"),
+                ("content-length", "20"),
+            ],
+            &[("connection", "close"), ("content-length", "20")],
+            &[("content-length", "20"), ("content-length", "20")],
+            &[("content-length", "+20")],
+            &[("transfer-encoding", "chunked"), ("content-length", "20")],
+        ];
+        for (i, trick) in tricks.iter().enumerate() {
+            for body_len in [Some(20), None] {
+                let h = head_len(Method::POST, trick, false, body_len);
+                let lower = h.to_ascii_lowercase();
+                let lengths = lower.matches("\r\ncontent-length:").count();
+                let chunked = lower.matches("\r\ntransfer-encoding:").count();
+                match body_len {
+                    Some(_) => assert_eq!((lengths, chunked), (1, 0), "trick {i}: {h}"),
+                    None => assert_eq!((lengths, chunked), (0, 1), "trick {i}: {h}"),
+                }
+                if body_len.is_some() {
+                    assert!(
+                        lower.contains("\r\ncontent-length: 20\r\n"),
+                        "trick {i}: {h}"
+                    );
+                }
+                assert_eq!(lower.matches("\r\nhost:").count(), 1, "trick {i}: {h}");
+                assert!(lower.contains("\r\nx-forwarded-host: shop.example.eu\r\n"));
+                assert!(!lower.contains("\r\nconnection:"), "trick {i}: {h}");
+            }
+        }
+    }
+
+    #[test]
+    fn content_length_values_are_digits_only() {
+        for ok in ["0", "5", " 12 ", "18446744073709551615"] {
+            assert!(parse_content_length(ok.as_bytes()).is_some(), "{ok}");
+        }
+        for bad in [
+            "",
+            "+5",
+            "-5",
+            "5,5",
+            "5 5",
+            "0x5",
+            "18446744073709551616",
+            "1e3",
+        ] {
+            assert_eq!(parse_content_length(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn invalid_response_lengths_are_protocol_errors_and_both_framings_close() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(Failed::Protocol(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let (_, h, framing, keep_alive) = final_head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        assert!(matches!(framing, Framing::Chunked(_)));
+        assert!(h.get("content-length").is_none());
+        assert!(!keep_alive, "a response with both framings is never reused");
     }
 
     #[test]

@@ -10,5 +10,6 @@ mod manifest;
 mod node;
 mod proxy;
 mod scheduler;
+mod smuggling;
 mod webhooks;
 mod zero_downtime;

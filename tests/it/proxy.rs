@@ -185,7 +185,7 @@ async fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-fn route(app: &str, backends: &[(&str, SocketAddr)], max_body_bytes: u64) -> Arc<Route> {
+pub(crate) fn route(app: &str, backends: &[(&str, SocketAddr)], max_body_bytes: u64) -> Arc<Route> {
     Arc::new(Route {
         app: app.to_string(),
         backends: backends
@@ -200,13 +200,13 @@ fn route(app: &str, backends: &[(&str, SocketAddr)], max_body_bytes: u64) -> Arc
     })
 }
 
-fn table(entries: Vec<(&str, Arc<Route>)>) -> RoutingTable {
+pub(crate) fn table(entries: Vec<(&str, Arc<Route>)>) -> RoutingTable {
     RoutingTable::new(entries.into_iter().map(|(h, r)| (h.to_string(), r)))
 }
 
 /// A running proxy.
-struct TestProxy {
-    addr: SocketAddr,
+pub(crate) struct TestProxy {
+    pub(crate) addr: SocketAddr,
     routes: SharedRoutes,
     metrics: Arc<ProxyMetrics>,
     stop: Option<oneshot::Sender<()>>,
@@ -214,13 +214,13 @@ struct TestProxy {
 }
 
 impl TestProxy {
-    async fn shutdown(mut self) -> Result<(), ProxyError> {
+    pub(crate) async fn shutdown(mut self) -> Result<(), ProxyError> {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap()
     }
 }
 
-async fn start_proxy(t: RoutingTable, config: ProxyConfig) -> TestProxy {
+pub(crate) async fn start_proxy(t: RoutingTable, config: ProxyConfig) -> TestProxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let routes = routing::shared();
@@ -871,19 +871,19 @@ async fn redirects_to_https_when_the_route_asks() {
     p.shutdown().await.unwrap();
 }
 
-mod tls {
+pub(crate) mod tls {
     use super::*;
     use rustls::pki_types::{CertificateDer, ServerName};
     use tokio_rustls::TlsConnector;
 
-    struct TlsSetup {
-        addr: SocketAddr,
-        ca: CertificateDer<'static>,
-        stop: oneshot::Sender<()>,
-        task: JoinHandle<Result<(), ProxyError>>,
+    pub(crate) struct TlsSetup {
+        pub(crate) addr: SocketAddr,
+        pub(crate) ca: CertificateDer<'static>,
+        pub(crate) stop: oneshot::Sender<()>,
+        pub(crate) task: JoinHandle<Result<(), ProxyError>>,
     }
 
-    async fn start(t: RoutingTable) -> TlsSetup {
+    pub(crate) async fn start(t: RoutingTable) -> TlsSetup {
         let cert = rcgen::generate_simple_self_signed(vec!["secure.test".to_string()]).unwrap();
         let key = proxy::certified_key_from_pem(
             cert.cert.pem().as_bytes(),
@@ -915,7 +915,10 @@ mod tls {
         }
     }
 
-    async fn connect(s: &TlsSetup, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+    pub(crate) async fn connect(
+        s: &TlsSetup,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(s.ca.clone()).unwrap();
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -1249,6 +1252,11 @@ fn raw_answers(method: &str, path: &str) -> Option<Vec<u8>> {
         (_, "/bad") => {
             "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n".to_string()
         }
+        (_, "/plus") => "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello".to_string(),
+        (_, "/twice") => {
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello".to_string()
+        }
+        (_, "/list") => "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello".to_string(),
         _ => ok("ok"),
     };
     Some(text.into_bytes())
@@ -1330,10 +1338,15 @@ async fn upstream_response_framings_are_relayed() {
     let (status, _, body) = call("GET", "/").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    // An invalid response head is a 502 naming the upstream.
-    let (status, headers, _) = call("POST", "/bad").await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert_eq!(error_code(&headers), "upstream-failed");
+    // An invalid response head is a 502 naming the upstream: conflicting, signed, repeated
+    // or listed lengths alike (RFC 9112 §6.3).
+    for path in ["/bad", "/plus", "/twice", "/list"] {
+        for method in ["GET", "POST"] {
+            let (status, headers, _) = call(method, path).await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{method} {path}");
+            assert_eq!(error_code(&headers), "upstream-failed", "{method} {path}");
+        }
+    }
     p.shutdown().await.unwrap();
 }
 
