@@ -38,6 +38,11 @@ impl UpstreamBody {
         }
     }
 
+    /// Body bytes read from the client so far.
+    pub(crate) fn seen(&self) -> u64 {
+        self.seen
+    }
+
     /// A body that is already finished (a retry of a request whose body was empty).
     pub(crate) fn empty(app: Arc<AppMetrics>) -> Self {
         UpstreamBody {
@@ -109,6 +114,9 @@ pub(crate) struct StreamGuards {
 
 /// The response body sent to the client.
 #[derive(Debug)]
+// `Upstream` is the common case (every proxied response): boxing it would cost an allocation
+// per request to save a few bytes on the proxy's own small pages.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum ProxyBody {
     /// A backend's response, streamed, with its counters and guards.
     Upstream {

@@ -677,12 +677,9 @@ impl Chunked {
 #[derive(Debug)]
 pub(crate) struct RequestPump {
     body: UpstreamBody,
-    chunked: bool,
     /// With length framing, the bytes still owed: the body must hold exactly the declared
-    /// length (more would be read by the backend as another request).
+    /// length (more would be read by the backend as another request). `None`: chunked.
     remaining: Option<u64>,
-    /// Body bytes taken from the client so far.
-    sent: u64,
     pending: VecDeque<Bytes>,
     ended: bool,
     /// The backend stopped accepting the body; the rest is dropped.
@@ -699,16 +696,14 @@ enum PumpError {
 
 impl RequestPump {
     fn new(body: UpstreamBody, framing: RequestFraming) -> Self {
-        let (chunked, remaining) = match framing {
-            RequestFraming::Chunked => (true, None),
-            RequestFraming::Length(n) => (false, Some(n)),
-            RequestFraming::Empty => (false, Some(0)),
+        let remaining = match framing {
+            RequestFraming::Chunked => None,
+            RequestFraming::Length(n) => Some(n),
+            RequestFraming::Empty => Some(0),
         };
         RequestPump {
             body,
-            chunked,
             remaining,
-            sent: 0,
             pending: VecDeque::new(),
             ended: false,
             abandoned: false,
@@ -763,21 +758,20 @@ impl RequestPump {
                         if data.is_empty() {
                             continue;
                         }
+                        // The body counted this frame already.
+                        let sent = self.body.seen();
+                        let chunked = self.remaining.is_none();
                         if let Some(left) = self.remaining.as_mut() {
                             let n = data.len() as u64;
                             if n > *left {
-                                let declared = self.sent + *left;
+                                let declared = sent - n + *left;
                                 return Poll::Ready(Err(PumpError::Client(
-                                    ProxyError::ClientBodyLength {
-                                        declared,
-                                        sent: self.sent + n,
-                                    },
+                                    ProxyError::ClientBodyLength { declared, sent },
                                 )));
                             }
                             *left -= n;
                         }
-                        self.sent += data.len() as u64;
-                        if self.chunked {
+                        if chunked {
                             self.pending
                                 .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
                             self.pending.push_back(data);
@@ -792,12 +786,12 @@ impl RequestPump {
                 None => {
                     if let Some(left) = self.remaining.filter(|&l| l > 0) {
                         return Poll::Ready(Err(PumpError::Client(ProxyError::ClientBodyLength {
-                            declared: self.sent + left,
-                            sent: self.sent,
+                            declared: self.body.seen() + left,
+                            sent: self.body.seen(),
                         })));
                     }
                     self.ended = true;
-                    if self.chunked {
+                    if self.remaining.is_none() {
                         self.pending.push_back(Bytes::from_static(b"0\r\n\r\n"));
                     }
                 }
