@@ -1265,4 +1265,170 @@ mod tests {
         assert!(h.contains("connection: upgrade\r\n"), "{h}");
         assert_eq!(h.matches("onnection").count(), 1, "{h}");
     }
+
+    /// Differential tests: the request writer against a strict parser's view of its output,
+    /// and the response parser against RFC 9112 §6.3 written out plainly.
+    mod differential {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAMES: &[&str] = &[
+            "connection",
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "te",
+            "upgrade",
+            "keep-alive",
+            "trailer",
+            "expect",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "proxy-authorization",
+            "authorization",
+            "cookie",
+            "x-a",
+        ];
+
+        fn header() -> impl Strategy<Value = (String, String)> {
+            let name = proptest::sample::select(NAMES).prop_map(str::to_string);
+            let value = prop_oneof![
+                // A list of header names, as a `Connection` header would carry.
+                proptest::collection::vec(proptest::sample::select(NAMES), 1..4)
+                    .prop_map(|v| v.join(", ")),
+                "[0-9+ ,-]{1,6}",
+                Just("chunked".to_string()),
+                Just("gzip, chunked".to_string()),
+                Just("keep-alive".to_string()),
+                Just("close".to_string()),
+                "[a-z0-9=/]{0,12}",
+            ];
+            (name, value)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Whatever headers the client sent, the head the backend gets is one complete
+            /// message head with one Host and exactly one framing: `body_len` bytes or
+            /// chunked, so the backend reads exactly the body the proxy sends.
+            #[test]
+            fn request_heads_frame_exactly_what_the_proxy_sends(
+                headers in proptest::collection::vec(header(), 0..8),
+                body_len in prop_oneof![Just(Some(0u64)), (1u64..1_000_000).prop_map(Some), Just(None)],
+                method in proptest::sample::select(&["GET", "POST", "PUT", "DELETE", "PATCH"][..]),
+                upgrading in any::<bool>(),
+            ) {
+                let pairs: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let method = Method::from_bytes(method.as_bytes()).unwrap();
+                let text = head_len(method, &pairs, upgrading, body_len);
+                let bytes = text.as_bytes();
+                let mut slots = [httparse::EMPTY_HEADER; 64];
+                let mut req = httparse::Request::new(&mut slots);
+                let parsed = req.parse(bytes);
+                prop_assert!(
+                    matches!(parsed, Ok(httparse::Status::Complete(n)) if n == bytes.len()),
+                    "not exactly one head: {text}"
+                );
+                let count = |name: &str| {
+                    req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count()
+                };
+                let value = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                };
+                prop_assert_eq!(count("host"), 1, "{}", text);
+                match body_len {
+                    None => {
+                        prop_assert_eq!(count("content-length"), 0, "{}", text);
+                        let te = value("transfer-encoding");
+                        prop_assert_eq!(te.as_deref(), Some("chunked"));
+                        prop_assert_eq!(count("transfer-encoding"), 1, "{}", text);
+                    }
+                    Some(n) => {
+                        prop_assert_eq!(count("transfer-encoding"), 0, "{}", text);
+                        prop_assert!(count("content-length") <= 1, "{}", text);
+                        let sent = value("content-length").map(|v| v.parse::<u64>().unwrap());
+                        prop_assert_eq!(sent.unwrap_or(0), n, "{}", text);
+                    }
+                }
+                prop_assert!(count("connection") <= 1, "{}", text);
+                if count("connection") == 1 {
+                    prop_assert!(upgrading, "{}", text);
+                }
+            }
+
+            /// The response parser agrees with RFC 9112 §6.3 on every combination of length
+            /// and transfer-coding headers: the same framing, or a 502 where the framing is
+            /// invalid; never a length the backend did not mean.
+            #[test]
+            fn response_framing_matches_rfc_9112(
+                lengths in proptest::collection::vec(
+                    prop_oneof![
+                        (0u64..100_000).prop_map(|n| n.to_string()),
+                        Just("+5".to_string()),
+                        Just("5, 5".to_string()),
+                        Just(" 7 ".to_string()),
+                        Just("-1".to_string()),
+                        Just("99999999999999999999999".to_string()),
+                    ],
+                    0..3,
+                ),
+                coding in proptest::option::of(proptest::sample::select(
+                    &["chunked", "gzip, chunked", "gzip", "chunked, gzip"][..],
+                )),
+                status in proptest::sample::select(&[200u16, 204, 304, 404][..]),
+            ) {
+                let mut raw = format!("HTTP/1.1 {status} X\r\n");
+                for l in &lengths {
+                    raw.push_str(&format!("content-length: {l}\r\n"));
+                }
+                if let Some(c) = coding {
+                    raw.push_str(&format!("transfer-encoding: {c}\r\n"));
+                }
+                raw.push_str("\r\n");
+                // The reference.
+                let valid_digits = |v: &str| {
+                    let t = v.trim();
+                    !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && t.parse::<u64>().is_ok()
+                };
+                let invalid_length = lengths.len() > 1 || lengths.iter().any(|l| !valid_digits(l));
+                let got = parse(raw.as_bytes());
+                if invalid_length {
+                    prop_assert!(matches!(got, Err(Failed::Protocol(_))), "{}", raw);
+                    return Ok(());
+                }
+                let Ok(Some(Parsed::Final((_, headers, framing, keep_alive)))) = got else {
+                    return Err(TestCaseError::fail(format!("refused a valid head: {raw}")));
+                };
+                let bodiless = status == 204 || status == 304;
+                match (bodiless, coding, lengths.first()) {
+                    (true, _, _) => prop_assert!(matches!(framing, Framing::Empty)),
+                    (false, Some(c), _) => {
+                        prop_assert!(headers.get("content-length").is_none(), "{}", raw);
+                        if c.ends_with("chunked") {
+                            prop_assert!(matches!(framing, Framing::Chunked(_)), "{}", raw);
+                        } else {
+                            prop_assert!(matches!(framing, Framing::Close), "{}", raw);
+                        }
+                        if !lengths.is_empty() {
+                            prop_assert!(!keep_alive, "both framings: never reused: {}", raw);
+                        }
+                    }
+                    (false, None, Some(l)) => {
+                        let n: u64 = l.trim().parse().unwrap();
+                        if n == 0 {
+                            prop_assert!(matches!(framing, Framing::Empty), "{}", raw);
+                        } else {
+                            prop_assert!(matches!(framing, Framing::Length(m) if m == n), "{}", raw);
+                        }
+                    }
+                    (false, None, None) => prop_assert!(matches!(framing, Framing::Close) && !keep_alive),
+                }
+            }
+        }
+    }
 }
