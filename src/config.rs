@@ -36,6 +36,8 @@ pub enum ConfigError {
 pub struct RawConfig {
     pub data_dir: Option<String>,
     pub api_addr: Option<String>,
+    pub api_max_connections: Option<u32>,
+    pub api_max_connections_per_client: Option<u32>,
     pub http_addr: Option<String>,
     pub https_addr: Option<String>,
     pub apps_domain: Option<String>,
@@ -125,6 +127,8 @@ pub struct RawProxy {
     pub upstream_timeout: Option<String>,
     pub access_log: Option<String>,
     pub workers: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_client: Option<u32>,
 }
 
 /// Log output format.
@@ -141,6 +145,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// API, git and (later) dashboard listener.
     pub api_addr: SocketAddr,
+    /// Open API connections at most (`0`: a sixteenth of the descriptor limit).
+    pub api_max_connections: usize,
+    /// Open API connections per client address (IPv6: per /64) at most; `0`: no cap.
+    pub api_max_connections_per_client: usize,
     /// Proxy, plain HTTP. `None` when set to `off`.
     pub http_addr: Option<SocketAddr>,
     /// Proxy, HTTPS. `None` when set to `off`.
@@ -246,12 +254,22 @@ pub struct ProxySettings {
     /// Proxy worker threads, each with its own single-threaded runtime (`0` in the file:
     /// one per available core, resolved here).
     pub workers: usize,
+    /// Open client connections of the proxy, all listeners together (`0`: a third of the
+    /// descriptor limit, resolved at start).
+    pub max_connections: usize,
+    /// Open proxy connections per client address (IPv6: per /64); `0`: no cap.
+    pub max_connections_per_client: usize,
 }
 
 /// `(key in the file, environment variable)` for every setting.
 pub const ENV_KEYS: &[(&str, &str)] = &[
     ("data_dir", "ESCALE_DATA_DIR"),
     ("api_addr", "ESCALE_API_ADDR"),
+    ("api_max_connections", "ESCALE_API_MAX_CONNECTIONS"),
+    (
+        "api_max_connections_per_client",
+        "ESCALE_API_MAX_CONNECTIONS_PER_CLIENT",
+    ),
     ("http_addr", "ESCALE_HTTP_ADDR"),
     ("https_addr", "ESCALE_HTTPS_ADDR"),
     ("apps_domain", "ESCALE_APPS_DOMAIN"),
@@ -285,6 +303,11 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("proxy.upstream_timeout", "ESCALE_PROXY_UPSTREAM_TIMEOUT"),
     ("proxy.access_log", "ESCALE_PROXY_ACCESS_LOG"),
     ("proxy.workers", "ESCALE_PROXY_WORKERS"),
+    ("proxy.max_connections", "ESCALE_PROXY_MAX_CONNECTIONS"),
+    (
+        "proxy.max_connections_per_client",
+        "ESCALE_PROXY_MAX_CONNECTIONS_PER_CLIENT",
+    ),
     ("acme.directory_url", "ESCALE_ACME_DIRECTORY_URL"),
     ("acme.email", "ESCALE_ACME_EMAIL"),
     ("acme.renew_before", "ESCALE_ACME_RENEW_BEFORE"),
@@ -424,6 +447,16 @@ impl Config {
             api_addr: s
                 .addr("api_addr", raw.api_addr.clone(), "127.0.0.1:7300")?
                 .ok_or_else(|| invalid("api_addr", "the API cannot be turned off".into()))?,
+            api_max_connections: s.parse_num(
+                "api_max_connections",
+                raw.api_max_connections,
+                0u32,
+            )? as usize,
+            api_max_connections_per_client: s.parse_num(
+                "api_max_connections_per_client",
+                raw.api_max_connections_per_client,
+                64u32,
+            )? as usize,
             http_addr: s.addr("http_addr", raw.http_addr.clone(), "0.0.0.0:80")?,
             https_addr: s.addr("https_addr", raw.https_addr.clone(), "0.0.0.0:443")?,
             apps_domain,
@@ -524,6 +557,13 @@ impl Config {
                         ))
                     }
                 },
+                max_connections: s.parse_num("proxy.max_connections", px.max_connections, 0u32)?
+                    as usize,
+                max_connections_per_client: s.parse_num(
+                    "proxy.max_connections_per_client",
+                    px.max_connections_per_client,
+                    1000u32,
+                )? as usize,
             },
             acme: AcmeConfig {
                 directory_url,

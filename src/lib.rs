@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod git;
+pub mod listen;
 pub mod manifest;
 pub mod node;
 pub mod proxy;

@@ -99,6 +99,34 @@ pub async fn run(
     api_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // Descriptors: the limit raised as far as allowed, then split so that the proxy, however
+    // loaded, leaves enough for the API, the registry and the engines.
+    let nofile = crate::listen::raise_nofile_limit();
+    let budget = crate::listen::Budget::from_limit(nofile);
+    let proxy_limits = crate::listen::ConnLimits::new(
+        "proxy",
+        if config.proxy.max_connections == 0 {
+            budget.proxy
+        } else {
+            config.proxy.max_connections
+        },
+        config.proxy.max_connections_per_client,
+    );
+    let api_limits = crate::listen::ConnLimits::new(
+        "api",
+        if config.api_max_connections == 0 {
+            budget.api
+        } else {
+            config.api_max_connections
+        },
+        config.api_max_connections_per_client,
+    );
+    tracing::info!(
+        nofile,
+        proxy_connections = proxy_limits.max_total(),
+        api_connections = api_limits.max_total(),
+        "connection caps"
+    );
     let registry = open_registry(&config).await?;
     if registry.user_count().await? == 0 {
         let token = generate_setup_token();
@@ -168,6 +196,8 @@ pub async fn run(
     // The proxy: plain HTTP and HTTPS listeners on the routing snapshot.
     let mut proxy_config = proxy_config(&config);
     proxy_config.acme_challenges = Some(cert_manager.challenges().clone());
+    proxy_config.connection_limits = Some(proxy_limits);
+    metrics.watch_listener(api_limits.clone());
     let mut listeners = crate::proxy::Listeners::default();
     if let Some(addr) = config.http_addr {
         let l = TcpListener::bind(addr)
@@ -208,7 +238,10 @@ pub async fn run(
     let api_task = tokio::spawn(serve_api(
         api_listener,
         app,
-        config.proxy.header_read_timeout,
+        ApiLimits {
+            header_read_timeout: config.proxy.header_read_timeout,
+            connections: api_limits,
+        },
         stopped(),
     ));
     shutdown.await;
@@ -237,23 +270,44 @@ pub async fn run(
     Ok(())
 }
 
+/// What bounds the API's connections.
+struct ApiLimits {
+    /// Time a client has for its first byte and for each request head.
+    header_read_timeout: std::time::Duration,
+    /// Caps on open connections, per listener and per client.
+    connections: Arc<crate::listen::ConnLimits>,
+}
+
 /// Serves the API router (HTTP/1.1 and h2c) until `shutdown`, then waits for the open
-/// connections to finish their requests. A client must send each request head within
-/// `header_read_timeout` (as on the proxy: slow clients cannot hold connections open). The
-/// client's address is given to handlers as `ConnectInfo<SocketAddr>`.
+/// connections to finish their requests. A connection over the caps is closed at accept; a
+/// client must send its first byte, and each request head, within `header_read_timeout` (as
+/// on the proxy: silent and slow clients cannot hold connections open); an HTTP/2 client that
+/// stops answering keep-alive PINGs is dropped. The client's address is given to handlers as
+/// `ConnectInfo<SocketAddr>`. Connection tasks are tracked: when this future is dropped
+/// (the shutdown grace ran out), they end with it.
 async fn serve_api(
     listener: TcpListener,
     app: axum::Router,
-    header_read_timeout: std::time::Duration,
+    limits: ApiLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let header_read_timeout = limits.header_read_timeout;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    let builder = Arc::new(builder);
+    // Tells every connection to finish its request in flight and close.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let shed_log = crate::proxy::server::ShedLog::default();
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -261,25 +315,51 @@ async fn serve_api(
             () = &mut shutdown => break,
             conn = crate::proxy::server::accept(&listener, "api") => conn,
         };
+        while tasks.try_join_next().is_some() {}
+        let permit = match limits.connections.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                shed_log.note(&refused, peer);
+                continue;
+            }
+        };
         let router = app.clone();
-        let service =
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                tower::ServiceExt::oneshot(router.clone(), req)
-            });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let builder = builder.clone();
+        let mut closing = closing_rx.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            // The first byte, before hyper's protocol detection (which would wait forever).
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    tower::ServiceExt::oneshot(router.clone(), req)
+                },
+            );
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = async { let _ = closing.wait_for(|c| *c).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "API connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Every connection finishes its request in flight and closes; the caller bounds the
+    // wait, and dropping `tasks` with this future ends whatever is left.
+    let _ = closing_tx.send(true);
+    while tasks.join_next().await.is_some() {}
     Ok(())
 }
 

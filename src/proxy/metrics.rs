@@ -29,6 +29,8 @@ pub struct ProxyMetrics {
     open_connections: AtomicI64,
     connections_total: AtomicU64,
     unknown_host_total: AtomicU64,
+    /// Connection caps of the listeners (the proxy's, the API's), rendered with the rest.
+    listeners: RwLock<Vec<Arc<crate::listen::ConnLimits>>>,
 }
 
 /// Counters of one app.
@@ -160,6 +162,14 @@ impl ProxyMetrics {
         self.open_connections.load(Relaxed)
     }
 
+    /// Renders `limits` (a listener's connection caps) with these metrics from now on.
+    pub fn watch_listener(&self, limits: Arc<crate::listen::ConnLimits>) {
+        self.listeners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(limits);
+    }
+
     pub(crate) fn unknown_host(&self) {
         self.unknown_host_total.fetch_add(1, Relaxed);
     }
@@ -189,6 +199,18 @@ impl ProxyMetrics {
              escale_proxy_connections_total {}",
             self.connections_total.load(Relaxed)
         );
+        {
+            let listeners = self
+                .listeners
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !listeners.is_empty() {
+                out.push_str(crate::listen::PROMETHEUS_HEADER);
+                for l in listeners.iter() {
+                    l.render_prometheus(out);
+                }
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP escale_proxy_unknown_host_requests_total Requests for a host with no route.\n\

@@ -68,6 +68,16 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Concurrent HTTP/2 streams per client connection.
     pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive: a PING after this long without traffic...
+    pub h2_keep_alive_interval: Duration,
+    /// ...and the connection closed if its answer takes longer than this.
+    pub h2_keep_alive_timeout: Duration,
+    /// Once a connection was asked to close (idle, or shutting down), how long it may take:
+    /// an HTTP/2 client that never acknowledges the GOAWAY's PING is dropped after this.
+    pub close_grace: Duration,
+    /// Caps on open client connections (all listeners and workers together, and per client
+    /// address); `None`: no caps. `escale serve` sizes them from the descriptor limit.
+    pub connection_limits: Option<std::sync::Arc<crate::listen::ConnLimits>>,
     /// Pending ACME HTTP-01 tokens, answered at `/.well-known/acme-challenge/<token>` for any
     /// host before routing.
     pub acme_challenges: Option<std::sync::Arc<crate::certs::Http01Challenges>>,
@@ -90,6 +100,10 @@ impl Default for ProxyConfig {
             eject_duration: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             h2_max_concurrent_streams: 256,
+            h2_keep_alive_interval: Duration::from_secs(20),
+            h2_keep_alive_timeout: Duration::from_secs(20),
+            close_grace: Duration::from_secs(10),
+            connection_limits: None,
             acme_challenges: None,
             access_log_sample: 0.0,
         }

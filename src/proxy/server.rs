@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use super::forward::Proxy;
 use super::metrics::{ConnApp, ProxyMetrics};
 use super::{ProxyConfig, ProxyError};
+use crate::listen::{ConnLimits, Permit};
 use crate::routing::SharedRoutes;
 
 /// Shutdown state: serving.
@@ -117,6 +118,13 @@ pub fn spawn_workers(
     {
         l.set_nonblocking(true).map_err(ProxyError::Listener)?;
     }
+    // One budget for every worker and both listeners.
+    let mut config = config;
+    let limits = config
+        .connection_limits
+        .get_or_insert_with(|| ConnLimits::unlimited("proxy"))
+        .clone();
+    metrics.watch_listener(limits);
     let mut threads = Vec::new();
     for id in 0..count.max(1) {
         // Each worker registers its own handle of the sockets with its own runtime.
@@ -357,8 +365,33 @@ fn conn_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(config.h2_max_concurrent_streams);
+        .max_concurrent_streams(config.h2_max_concurrent_streams)
+        .keep_alive_interval(config.h2_keep_alive_interval)
+        .keep_alive_timeout(config.h2_keep_alive_timeout);
     builder
+}
+
+/// Logs shedding at most once every 10 s per listener (an attack must not flood the log);
+/// the counters in `/metrics` have every refusal.
+#[derive(Debug, Default)]
+pub(crate) struct ShedLog {
+    last: std::sync::Mutex<Option<Instant>>,
+    since: AtomicU64,
+}
+
+impl ShedLog {
+    pub(crate) fn note(&self, refused: &crate::listen::Refused, peer: SocketAddr) {
+        let n = self.since.fetch_add(1, Relaxed) + 1;
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            self.since.store(0, Relaxed);
+            warn!(%peer, refused = n, "connection refused: {refused}");
+        }
+    }
 }
 
 /// Everything a connection task needs.
@@ -377,6 +410,11 @@ async fn serve(
     metrics: Arc<ProxyMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
+    let limits = config
+        .connection_limits
+        .clone()
+        .unwrap_or_else(|| ConnLimits::unlimited("proxy"));
+    let shed_log = ShedLog::default();
     let shared = Arc::new(Shared {
         proxy: Arc::new(Proxy::new(routes, config.clone(), metrics)),
         builder: conn_builder(&config),
@@ -406,6 +444,16 @@ async fn serve(
             () = &mut shutdown => break,
             conn = accept(&listener, "proxy") => conn,
         };
+        // Over a cap: closed before a byte is read, so descriptors stay for everyone else
+        // (the API, the engines, the upstream sockets).
+        let permit = match limits.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                shed_log.note(&refused, peer);
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         tokio::spawn(connection(
             tcp,
@@ -413,6 +461,7 @@ async fn serve(
             shared.clone(),
             stop_rx.clone(),
             done_tx.clone(),
+            permit,
         ));
     }
     drop(listener);
@@ -441,6 +490,7 @@ async fn connection(
     shared: Arc<Shared>,
     stop: watch::Receiver<u8>,
     done: mpsc::Sender<()>,
+    _permit: Permit,
 ) {
     let _open = shared.proxy.metrics().connection();
     let activity = Arc::new(Activity::new());
@@ -525,14 +575,23 @@ async fn tls_connection(
         app: ConnApp::default(),
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        return serve_connection(stream, info, shared, stop).await;
+        // Traffic counts as activity (a long download is not idle), as on plain connections.
+        let io = IdleIo {
+            inner: stream,
+            activity: info.activity.clone(),
+        };
+        return serve_connection(io, info, shared, stop).await;
     }
     let rest = match super::h1::serve(stream, &info, &shared.proxy, &shared.config, &stop).await {
         super::h1::Ended::Closed => return,
         super::h1::Ended::Handoff(rest) => rest,
     };
     info.activity.touch();
-    serve_connection(rest, info, shared, stop).await
+    let io = IdleIo {
+        inner: rest,
+        activity: info.activity.clone(),
+    };
+    serve_connection(io, info, shared, stop).await
 }
 
 async fn serve_connection<I>(
@@ -560,11 +619,16 @@ async fn serve_connection<I>(
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let idle_timeout = shared.config.idle_timeout;
-    let mut draining = false;
+    // Set once the connection was asked to close: past it, the connection is dropped (an
+    // HTTP/2 client that never answers the GOAWAY's PING would otherwise hold it forever).
+    // While shutting down, requests in flight are bounded by the drain timeout instead.
+    let mut closing_by: Option<tokio::time::Instant> = None;
+    let mut shutting_down = false;
     loop {
         let idle_check = idle_timeout
             .saturating_sub(activity.idle_for())
             .max(Duration::from_millis(50));
+        let deadline = closing_by.filter(|_| !shutting_down);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -577,18 +641,37 @@ async fn serve_connection<I>(
                 if state >= FORCE_CLOSE {
                     return;
                 }
-                if state >= DRAINING && !draining {
-                    conn.as_mut().graceful_shutdown();
-                    draining = true;
+                if state >= DRAINING && !shutting_down {
+                    if closing_by.is_none() {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    shutting_down = true;
+                    closing_by.get_or_insert_with(tokio::time::Instant::now);
                 }
             }
-            () = tokio::time::sleep(idle_check), if !draining => {
+            () = tokio::time::sleep(idle_check), if closing_by.is_none() => {
                 if activity.idle_for() >= idle_timeout {
                     debug!("client: idle timeout, closing connection");
                     conn.as_mut().graceful_shutdown();
-                    draining = true;
+                    closing_by = Some(tokio::time::Instant::now() + shared.config.close_grace);
                 }
             }
+            () = sleep_until_opt(deadline) => {
+                if activity.idle_for() >= shared.config.close_grace {
+                    debug!("client: did not close within the grace, dropping the connection");
+                    return;
+                }
+                // Still busy with a request: give it another grace.
+                closing_by = Some(tokio::time::Instant::now() + shared.config.close_grace);
+            }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

@@ -5,6 +5,7 @@ mod support;
 mod api;
 mod certs;
 mod cli;
+mod exhaustion;
 mod gitpush;
 mod manifest;
 mod node;

@@ -56,8 +56,8 @@ fn lazy_body(total: usize, gate: Option<Arc<Notify>>) -> TestBody {
 }
 
 /// A test backend and what it observed.
-struct TestBackend {
-    addr: SocketAddr,
+pub(crate) struct TestBackend {
+    pub(crate) addr: SocketAddr,
     state: Arc<BackendState>,
 }
 
@@ -246,7 +246,7 @@ pub(crate) async fn start_proxy(t: RoutingTable, config: ProxyConfig) -> TestPro
 }
 
 /// A backend named `shop` and a proxy routing `shop.example.test` to it.
-async fn shop_proxy(config: ProxyConfig) -> (TestBackend, TestProxy) {
+pub(crate) async fn shop_proxy(config: ProxyConfig) -> (TestBackend, TestProxy) {
     let b = backend("shop").await;
     let p = start_proxy(
         table(vec![(
@@ -1383,7 +1383,7 @@ async fn raw_response(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String, S
 }
 
 /// Waits (at most 10 s, a guard against a hang) for the peer to close `tcp`.
-async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
+pub(crate) async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
     let mut chunk = [0u8; 64];
     matches!(
         tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk)).await,
