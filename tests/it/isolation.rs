@@ -266,6 +266,20 @@ async fn push_without_objects(s: &TestServer, token: &str, app: &str, sha: &str)
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Bare repositories (directories holding a `HEAD`) up to two levels under `dir`.
+fn repositories(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.join("HEAD").exists() {
+            n += 1;
+        } else if p.is_dir() {
+            n += repositories(&p);
+        }
+    }
+    n
+}
+
 /// Red destroys `shop`; its repository and built image go. Blue creates a new `shop`: it sees
 /// no ref of red's, and cannot deploy red's commit by pushing its id without the objects.
 #[tokio::test]
@@ -287,12 +301,12 @@ async fn a_destroyed_apps_repository_and_images_are_not_inherited() {
     assert!(ok, "{out}");
     assert!(advertised(&s, &rosa, "shop").await.contains(&sha));
     assert_eq!(built(&s, "shop").len(), 1);
-    let repos = s.dir.path().join("data/git/apps");
-    assert_eq!(std::fs::read_dir(&repos).unwrap().count(), 1);
+    let git_dir = s.dir.path().join("data/git");
+    assert_eq!(repositories(&git_dir), 1);
 
     ok_as(&s, &rosa, &["apps", "destroy", "shop", "--confirm", "shop"]);
     // The repository at once; the image once its containers are gone.
-    assert_eq!(std::fs::read_dir(&repos).unwrap().count(), 0);
+    assert_eq!(repositories(&git_dir), 0);
     s.wait_for("the built image removed", Duration::from_secs(60), || {
         built(&s, "shop").is_empty().then_some(())
     })
@@ -339,6 +353,8 @@ async fn a_push_that_inflates_is_refused_by_size_without_reading_it() {
     let before = peak_rss(pid);
     let (ok, out) = repo.push(&url(&s, &s.token, "bomb"), "main");
     assert!(!ok, "{out}");
+    let grown = peak_rss(pid).saturating_sub(before);
+    assert!(grown < 64 << 20, "the server grew by {} MiB", grown >> 20);
     assert!(out.contains("escale.toml is 262144 KiB"), "{out}");
 
     std::fs::remove_file(repo.dir.join("escale.toml")).unwrap();
@@ -347,12 +363,12 @@ async fn a_push_that_inflates_is_refused_by_size_without_reading_it() {
     repo.commit(&[], "context bomb");
     let (ok, out) = repo.push(&url(&s, &s.token, "bomb"), "main");
     assert!(!ok, "{out}");
+    let grown = peak_rss(pid).saturating_sub(before);
+    assert!(grown < 64 << 20, "the server grew by {} MiB", grown >> 20);
     assert!(
         out.contains("git.max_context_size") && out.contains("at most 1 MiB"),
         "{out}"
     );
-    let grown = peak_rss(pid).saturating_sub(before);
-    assert!(grown < 64 << 20, "the server grew by {} MiB", grown >> 20);
     assert!(releases(&s, "bomb").is_empty());
 
     // Under the limit, the context streams to the builder and deploys.
