@@ -1,5 +1,6 @@
 //! Deploy by `git push`: git's smart HTTP protocol on the API listener, one bare repository
-//! per app under `data_dir/git/<app>.git`, and a build-and-deploy of the deploy branch after
+//! per app under `data_dir/git/apps/<app uid>.git` (keyed by the app's never-reused uid, removed
+//! when the app is destroyed, see [`crate::cleanup`]), and a build-and-deploy of the deploy branch after
 //! every push that moves it.
 //!
 //! Routes (outside `/api/v1`, merged into [`crate::api::router`]):
