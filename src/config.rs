@@ -65,6 +65,7 @@ pub struct RawConfig {
 pub struct RawGit {
     pub deploy_branch: Option<String>,
     pub dockerfile: Option<String>,
+    pub max_context_size: Option<String>,
 }
 
 /// `[git]`, validated: how pushed code is built and deployed.
@@ -74,6 +75,9 @@ pub struct GitSettings {
     pub deploy_branch: String,
     /// Path of the Dockerfile inside the repository.
     pub dockerfile: String,
+    /// Largest build context (the pushed commit's files, archived) one deploy may send to
+    /// the engine, in bytes.
+    pub max_context_size: u64,
 }
 
 impl GitSettings {
@@ -323,6 +327,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ),
     ("git.deploy_branch", "ESCALE_GIT_DEPLOY_BRANCH"),
     ("git.dockerfile", "ESCALE_GIT_DOCKERFILE"),
+    ("git.max_context_size", "ESCALE_GIT_MAX_CONTEXT_SIZE"),
 ];
 
 /// Where `escale serve` looks for a config file when `--config` is not given.
@@ -616,6 +621,20 @@ impl Config {
                     }
                     d
                 },
+                max_context_size: {
+                    let n = s.size(
+                        "git.max_context_size",
+                        raw.git.max_context_size.clone(),
+                        "256m",
+                    )?;
+                    if !(1 << 10..=64 << 30).contains(&n) {
+                        return Err(invalid(
+                            "git.max_context_size",
+                            format!("`{n}` bytes: give a size between 1k and 64g, e.g. `256m`"),
+                        ));
+                    }
+                    n
+                },
             },
         };
         if config.acme.directory_url.is_some()
@@ -807,10 +826,21 @@ mod tests {
             ("ESCALE_GIT_DOCKERFILE", "../Dockerfile"),
             ("ESCALE_GIT_DOCKERFILE", "/etc/passwd"),
             ("ESCALE_GIT_DOCKERFILE", "a b"),
+            ("ESCALE_GIT_MAX_CONTEXT_SIZE", "lots"),
+            ("ESCALE_GIT_MAX_CONTEXT_SIZE", "10"),
+            ("ESCALE_GIT_MAX_CONTEXT_SIZE", "100g"),
         ] {
             let e = with_env(&[(env, bad)]).unwrap_err().to_string();
             assert!(e.contains(env), "{env}={bad}: {e}");
         }
+        assert_eq!(
+            with_env(&[("ESCALE_GIT_MAX_CONTEXT_SIZE", "64m")])
+                .unwrap()
+                .git
+                .max_context_size,
+            64 << 20
+        );
+        assert_eq!(with_env(&[]).unwrap().git.max_context_size, 256 << 20);
         let e = with_env(&[("ESCALE_MAX_INSTANCES", "0")])
             .unwrap_err()
             .to_string();

@@ -7,9 +7,11 @@
 pub mod api;
 pub mod auth;
 pub mod certs;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod git;
+pub mod images;
 pub mod listen;
 pub mod manifest;
 pub mod node;

@@ -296,6 +296,30 @@ pub fn container_name(installation: &str, instance: &str) -> String {
         .collect()
 }
 
+/// What escale checks about a local image: its id, the names it is known by, its labels and
+/// its `ONBUILD` triggers.
+#[derive(Debug, Clone, Default)]
+pub struct ImageFacts {
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    pub labels: HashMap<String, String>,
+    pub on_build: Vec<String>,
+}
+
+/// How to build an image ([`Node::build_image_stream`]).
+#[derive(Debug, Clone, Default)]
+pub struct BuildSpec {
+    /// The Dockerfile's path inside the context.
+    pub dockerfile: String,
+    pub tag: String,
+    pub build_args: Vec<(String, String)>,
+    pub labels: Vec<(String, String)>,
+    /// The only images whose layers the build may reuse (the classic builder's `cache-from`:
+    /// the local cache is not consulted beyond them). Empty: no cache at all.
+    pub cache_from: Vec<String>,
+}
+
 /// `true` when the engine answered "not found" (404).
 fn is_not_found(e: &DockerError) -> bool {
     matches!(
@@ -872,6 +896,46 @@ impl Node {
         }
     }
 
+    /// What escale checks about a local image (see [`crate::images`]), or `None` when the
+    /// engine has nothing under that reference.
+    pub async fn image_facts(&self, image: &str) -> Result<Option<ImageFacts>> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => {
+                let config = i.config.unwrap_or_default();
+                Ok(Some(ImageFacts {
+                    id: i.id.unwrap_or_default(),
+                    repo_tags: i.repo_tags.unwrap_or_default(),
+                    repo_digests: i.repo_digests.unwrap_or_default(),
+                    labels: config.labels.unwrap_or_default(),
+                    on_build: config.on_build.unwrap_or_default(),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.engine_err(format!("inspecting image `{image}`"))(e)),
+        }
+    }
+
+    /// The local images an image was built on (its parent chain, nearest first, without the
+    /// image itself): the ids of its history that the engine has.
+    pub async fn image_ancestors(&self, image: &str) -> Result<Vec<ImageFacts>> {
+        let history = self
+            .docker
+            .image_history(image)
+            .await
+            .map_err(self.engine_err(format!("reading the history of image `{image}`")))?;
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for h in history.iter().skip(1) {
+            if !h.id.starts_with("sha256:") || !seen.insert(h.id.clone()) {
+                continue;
+            }
+            if let Some(f) = self.image_facts(&h.id).await? {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes sure the image is on this node: present is fine, absent is pulled. A failed pull
     /// is [`NodeError::ImageUnavailable`].
     pub async fn ensure_image(&self, image: &str) -> Result<()> {
@@ -982,16 +1046,10 @@ impl Node {
         tag: &str,
         build_args: &[(String, String)],
         labels: &[(String, String)],
-        mut on_progress: impl FnMut(&str) + Send,
+        on_progress: impl FnMut(&str) + Send,
     ) -> Result<String> {
-        let failed = |reason: String| NodeError::BuildFailed {
-            node: self.name.clone(),
-            tag: tag.to_string(),
-            reason,
-        };
         let options = BuildImageOptions {
             dockerfile: dockerfile.into(),
-
             t: Some(tag.to_string()),
             rm: true,
             forcerm: true,
@@ -1000,11 +1058,53 @@ impl Node {
             version: BuilderVersion::BuilderV1,
             ..Default::default()
         };
+        let stream = self
+            .docker
+            .build_image(options, None, Some(bollard::body_full(context_tar)));
+        self.run_build(stream, tag, on_progress).await
+    }
+
+    /// Builds `spec` with the classic builder from a tar build context streamed from
+    /// `context` (nothing is buffered here), reusing cached layers of `spec.cache_from` only.
+    /// Returns the image id.
+    pub async fn build_image_stream(
+        &self,
+        spec: &BuildSpec,
+        context: impl Stream<Item = std::result::Result<Bytes, std::io::Error>> + Send + 'static,
+        on_progress: impl FnMut(&str) + Send,
+    ) -> Result<String> {
+        let options = BuildImageOptions {
+            dockerfile: spec.dockerfile.clone(),
+            t: Some(spec.tag.clone()),
+            rm: true,
+            forcerm: true,
+            nocache: spec.cache_from.is_empty(),
+            cachefrom: (!spec.cache_from.is_empty()).then(|| spec.cache_from.clone()),
+            buildargs: Some(spec.build_args.iter().cloned().collect()),
+            labels: Some(spec.labels.iter().cloned().collect()),
+            version: BuilderVersion::BuilderV1,
+            ..Default::default()
+        };
+        let stream =
+            self.docker
+                .build_image(options, None, Some(bollard::body_try_stream(context)));
+        self.run_build(stream, &spec.tag, on_progress).await
+    }
+
+    async fn run_build(
+        &self,
+        stream: impl Stream<Item = std::result::Result<bollard::models::BuildInfo, DockerError>>,
+        tag: &str,
+        mut on_progress: impl FnMut(&str) + Send,
+    ) -> Result<String> {
+        let failed = |reason: String| NodeError::BuildFailed {
+            node: self.name.clone(),
+            tag: tag.to_string(),
+            reason,
+        };
         // A build lasts as long as its steps; the timeout only covers the response headers,
         // which the engine sends once it has the context.
-        let mut stream =
-            self.docker
-                .build_image(options, None, Some(bollard::body_full(context_tar)));
+        let mut stream = std::pin::pin!(stream);
         let mut image_id = None;
         let mut last_line = String::new();
         while let Some(item) = stream.next().await {
@@ -1059,6 +1159,38 @@ impl Node {
             .into_iter()
             .flat_map(|i| i.repo_tags)
             .filter(|t| t != "<none>:<none>")
+            .collect())
+    }
+
+    /// Every image on this engine labelled with `installation` (what escale built): id, tags
+    /// and labels.
+    pub async fn list_installation_images(&self, installation: &str) -> Result<Vec<ImageFacts>> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTALLATION}={installation}")],
+        )]);
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                all: false,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(self.engine_err("listing images"))?;
+        Ok(images
+            .into_iter()
+            .map(|i| ImageFacts {
+                id: i.id,
+                repo_tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                repo_digests: i.repo_digests,
+                labels: i.labels,
+                on_build: Vec::new(),
+            })
             .collect())
     }
 

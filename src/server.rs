@@ -160,6 +160,7 @@ pub async fn run(
         scheduler.redirect_https_with(certs.clone());
     }
     state.scheduler = Some(scheduler.clone());
+    let cleanup_state = state.clone();
     let app = api::router(state);
 
     // One shutdown signal, fanned out to every part.
@@ -172,6 +173,8 @@ pub async fn run(
         }
     };
     let sched_task = tokio::spawn(scheduler.run(stopped()));
+    // What destroyed apps left outside the registry (repositories, built images).
+    tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
         && config.acme.challenge == crate::config::AcmeChallenge::Http01
         && config.http_addr.is_none()

@@ -500,7 +500,7 @@ async fn deploy(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let repo = git::ensure_repo(&s.git, &s.config.data_dir, &target.app.name).await?;
+    let repo = git::ensure_repo(&s.git, &s.config.data_dir, &target.app).await?;
     let mut protocols = String::from("https:http");
     if s.config.webhooks.allow_file_repositories {
         protocols.push_str(":file");

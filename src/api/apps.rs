@@ -209,8 +209,10 @@ pub async fn destroy_app(
     Path(app): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     app_name(&app)?;
-    s.registry.destroy_app(&actor, &app).await?;
+    let gone = s.registry.destroy_app(&actor, &app).await?;
     s.changed.notify_one();
+    // Its git repository and built images: removed now, or by the next collection.
+    crate::cleanup::destroyed(&s, &actor.name, &gone).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -402,6 +404,12 @@ pub async fn create_release(
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
     app_name(&app)?;
     validate::image_ref(&req.image)?;
+    crate::images::refuse_id(&req.image).map_err(|e| {
+        ApiError::Unprocessable(format!(
+            "cannot deploy `{}`: {e}; nothing was changed",
+            req.image
+        ))
+    })?;
     let port = req.port.map(validate::port).transpose()?;
     let description = req
         .description
@@ -413,9 +421,9 @@ pub async fn create_release(
     }
     // Fails before anything changes when the app is unknown or not the caller's, or when the
     // image cannot be had on any node.
-    s.registry.app(&actor, &app).await?;
+    let a = s.registry.app(&actor, &app).await?;
     if let Some(sched) = &s.scheduler {
-        sched.check_image(&req.image).await.map_err(|e| {
+        sched.check_image(&req.image, &a.uid).await.map_err(|e| {
             ApiError::Unprocessable(format!(
                 "cannot deploy `{}`: {e}; nothing was changed",
                 req.image

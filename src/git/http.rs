@@ -128,7 +128,7 @@ async fn info_refs(
             )
         }
     }
-    let path = match ensure_repo(&s.git, &s.config.data_dir, &app.name).await {
+    let path = match ensure_repo(&s.git, &s.config.data_dir, &app).await {
         Ok(p) => p,
         Err(e) => return internal(e),
     };
@@ -388,7 +388,7 @@ async fn receive_pack(
         });
         return streaming_response(rx);
     }
-    let path = match ensure_repo(&s.git, &s.config.data_dir, &app.name).await {
+    let path = match ensure_repo(&s.git, &s.config.data_dir, &app).await {
         Ok(p) => p,
         Err(e) => return internal(e),
     };

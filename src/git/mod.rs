@@ -1,5 +1,6 @@
 //! Deploy by `git push`: git's smart HTTP protocol on the API listener, one bare repository
-//! per app under `data_dir/git/<app>.git`, and a build-and-deploy of the deploy branch after
+//! per app under `data_dir/git/apps/<app uid>.git` (keyed by the app's never-reused uid, removed
+//! when the app is destroyed, see [`crate::cleanup`]), and a build-and-deploy of the deploy branch after
 //! every push that moves it.
 //!
 //! Routes (outside `/api/v1`, merged into [`crate::api::router`]):
@@ -43,8 +44,6 @@ pub use http::router;
 
 /// Largest request body of one push.
 pub const MAX_PUSH_BYTES: u64 = 512 << 20;
-/// Largest build context (the archived commit).
-pub const MAX_CONTEXT_BYTES: usize = 256 << 20;
 /// The all-zero object id (SHA-1): "no object".
 pub const ZERO_OID: &str = "0000000000000000000000000000000000000000";
 
@@ -104,9 +103,23 @@ impl Drop for DeployGuard {
     }
 }
 
-/// The bare repository of `app` (a validated app name).
-pub fn repo_path(data_dir: &Path, app: &str) -> PathBuf {
-    data_dir.join("git").join(format!("{app}.git"))
+/// The bare repository of the app with uid `uid`: `data_dir/git/apps/<uid>.git`. Keyed by the
+/// app's uid, never reused, so an app created later under a destroyed app's name starts with
+/// an empty repository whatever happened to the old one.
+pub fn repo_path(data_dir: &Path, uid: &str) -> PathBuf {
+    repos_dir(data_dir).join(format!("{uid}.git"))
+}
+
+fn repos_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("git").join("apps")
+}
+
+/// An app uid as the registry makes them: 32 lowercase hex digits.
+fn valid_uid(uid: &str) -> bool {
+    uid.len() == 32
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// A ref escale accepts: `refs/heads/...` or `refs/tags/...`, components of ASCII letters,
@@ -338,10 +351,20 @@ pub(crate) async fn run_git(
 pub async fn ensure_repo(
     state: &GitState,
     data_dir: &Path,
-    app: &str,
+    app: &crate::registry::AppRef,
 ) -> Result<PathBuf, GitError> {
-    crate::validate::app_name(app).map_err(|e| GitError::Rejected(e.0))?;
-    let path = repo_path(data_dir, app);
+    ensure_repo_of(state, data_dir, &app.uid).await
+}
+
+/// [`ensure_repo`] by app uid.
+async fn ensure_repo_of(state: &GitState, data_dir: &Path, uid: &str) -> Result<PathBuf, GitError> {
+    if !valid_uid(uid) {
+        return Err(GitError::Rejected(format!(
+            "`{}` is not an app uid",
+            crate::validate::printable(uid)
+        )));
+    }
+    let path = repo_path(data_dir, uid);
     if path.join("HEAD").exists() {
         return Ok(path);
     }
@@ -352,7 +375,7 @@ pub async fn ensure_repo(
     let parent = path.parent().expect("repo path has a parent");
     tokio::fs::create_dir_all(parent).await?;
     // Built under a temporary name and renamed, so a crash never leaves half a repository.
-    let tmp = parent.join(format!(".{app}.git.tmp"));
+    let tmp = parent.join(format!(".{uid}.git.tmp"));
     let _ = tokio::fs::remove_dir_all(&tmp).await;
     let out = git()
         .args(["init", "--quiet", "--bare", "--initial-branch=main", "--"])
@@ -380,6 +403,82 @@ pub async fn ensure_repo(
     }
     tokio::fs::rename(&tmp, &path).await?;
     Ok(path)
+}
+
+/// Removes the repository of the app with uid `uid` (a destroyed app). Absent is success. A
+/// repository that cannot be removed now is removed by the next [`collect_repos`].
+pub async fn remove_repo(state: &GitState, data_dir: &Path, uid: &str) -> std::io::Result<()> {
+    if !valid_uid(uid) {
+        return Ok(());
+    }
+    let _g = state.init.lock().await;
+    let dir = repos_dir(data_dir);
+    for p in [
+        dir.join(format!("{uid}.git")),
+        dir.join(format!(".{uid}.git.tmp")),
+    ] {
+        match tokio::fs::remove_dir_all(&p).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes every repository under `data_dir/git` that belongs to no app in `live` (uids):
+/// the leftovers of destroyed apps whose removal failed, and the name-keyed repositories of
+/// escale versions before uids (`git/<app>.git`, which an app created under a destroyed app's
+/// name would otherwise inherit; escale serves no fetch, so they hold nothing a push cannot
+/// send again). Returns how many were removed; the first error, if any, after trying all.
+pub async fn collect_repos(
+    state: &GitState,
+    data_dir: &Path,
+    live: &HashSet<String>,
+) -> Result<usize, std::io::Error> {
+    // Under the init lock: no repository is being created while we decide.
+    let _g = state.init.lock().await;
+    let mut doomed = Vec::new();
+    for (dir, by_uid) in [(data_dir.join("git"), false), (repos_dir(data_dir), true)] {
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        while let Some(e) = entries.next_entry().await? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !by_uid {
+                // Legacy `<app>.git` and `.<app>.git.tmp`; `apps/` is the uid-keyed store.
+                if name.ends_with(".git") || name.ends_with(".git.tmp") {
+                    doomed.push(e.path());
+                }
+                continue;
+            }
+            let uid = name
+                .trim_start_matches('.')
+                .trim_end_matches(".tmp")
+                .trim_end_matches(".git");
+            if !live.contains(uid) {
+                doomed.push(e.path());
+            }
+        }
+    }
+    let mut first_err = None;
+    let mut removed = 0;
+    for p in doomed {
+        match tokio::fs::remove_dir_all(&p).await {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove the git repository of a destroyed app; retrying at the next collection");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
 }
 
 #[cfg(test)]
@@ -469,16 +568,49 @@ mod tests {
     async fn a_repository_is_created_once_and_names_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let state = GitState::default();
-        let p = ensure_repo(&state, dir.path(), "shop").await.unwrap();
+        let uid = "0123456789abcdef0123456789abcdef";
+        let p = ensure_repo_of(&state, dir.path(), uid).await.unwrap();
         assert!(p.join("HEAD").exists());
-        assert_eq!(ensure_repo(&state, dir.path(), "shop").await.unwrap(), p);
-        for bad in ["../x", "-x", "$(id)", "a;b", "a\nb", "`id`"] {
-            assert!(ensure_repo(&state, dir.path(), bad).await.is_err(), "{bad}");
+        assert_eq!(ensure_repo_of(&state, dir.path(), uid).await.unwrap(), p);
+        for bad in [
+            "../x",
+            "-x",
+            "$(id)",
+            "a;b",
+            "a\nb",
+            "`id`",
+            "shop",
+            &uid.to_uppercase(),
+        ] {
+            assert!(
+                ensure_repo_of(&state, dir.path(), bad).await.is_err(),
+                "{bad}"
+            );
         }
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("git"))
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("git/apps"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("shop.git")]);
+        assert_eq!(names, vec![std::ffi::OsString::from(format!("{uid}.git"))]);
+    }
+
+    #[tokio::test]
+    async fn repositories_of_destroyed_apps_and_legacy_ones_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = GitState::default();
+        let live = "0123456789abcdef0123456789abcdef";
+        let dead = "fedcba9876543210fedcba9876543210";
+        let kept = ensure_repo_of(&state, dir.path(), live).await.unwrap();
+        let gone = ensure_repo_of(&state, dir.path(), dead).await.unwrap();
+        // A repository of an escale before uids, keyed by app name.
+        let legacy = dir.path().join("git/shop.git");
+        std::fs::create_dir_all(legacy.join("refs")).unwrap();
+        let uids = HashSet::from([live.to_string()]);
+        assert_eq!(collect_repos(&state, dir.path(), &uids).await.unwrap(), 2);
+        assert!(kept.join("HEAD").exists());
+        assert!(!gone.exists() && !legacy.exists());
+        remove_repo(&state, dir.path(), live).await.unwrap();
+        assert!(!kept.exists());
+        remove_repo(&state, dir.path(), live).await.unwrap();
     }
 }

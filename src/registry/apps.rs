@@ -113,6 +113,9 @@ pub struct Domain {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AppRef {
     pub id: i64,
+    /// The app's identity outside the database (git repository, built images): random, never
+    /// reused, unlike `id`.
+    pub uid: String,
     pub name: String,
     pub team_id: i64,
     pub team: String,
@@ -157,7 +160,12 @@ impl From<ProcessRow> for ProcessType {
     }
 }
 
-const APP_COLUMNS: &str = "SELECT a.id, a.name, a.team_id, t.name AS team, a.target_release, a.created_at FROM apps a JOIN teams t ON t.id = a.team_id";
+const APP_COLUMNS: &str = "SELECT a.id, a.uid, a.name, a.team_id, t.name AS team, a.target_release, a.created_at FROM apps a JOIN teams t ON t.id = a.team_id";
+
+/// A new app uid: 128 random bits, lowercase hex.
+fn new_app_uid() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
 
 /// Where a config var's sealed value is bound (associated data).
 pub fn config_place(app: &str, key: &str) -> String {
@@ -187,9 +195,10 @@ impl Registry {
             _ => actor.team_id,
         };
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO apps (name, team_id, created_at) VALUES (?, ?, ?) RETURNING id",
+            "INSERT INTO apps (name, uid, team_id, created_at) VALUES (?, ?, ?, ?) RETURNING id",
         )
         .bind(name)
+        .bind(new_app_uid())
         .bind(team_id)
         .bind(now_ms())
         .fetch_one(&mut *tx)
@@ -329,9 +338,12 @@ impl Registry {
         Ok(out)
     }
 
-    /// Deletes an app and everything it owns (its containers are removed by the reconciler,
-    /// which sees them as orphans).
-    pub async fn destroy_app(&self, actor: &Actor, name: &str) -> Result<()> {
+    /// Deletes an app and everything it owns in the registry (releases with their build logs,
+    /// config, domains, webhook settings and deliveries cascade); returns the deleted row so
+    /// the caller can remove what lives outside the database, keyed by its `uid` (the git
+    /// repository, built images; see [`crate::cleanup`]). Its containers are removed by the
+    /// reconciler, which sees them as orphans.
+    pub async fn destroy_app(&self, actor: &Actor, name: &str) -> Result<AppRef> {
         let app = self.app(actor, name).await?;
         let mut tx = self.write().await?;
         sqlx::query("DELETE FROM apps WHERE id = ?")
@@ -347,7 +359,24 @@ impl Registry {
         )
         .await?;
         tx.commit().await?;
+        Ok(app)
+    }
+
+    /// Records in the audit log that removing what a destroyed app left outside the database
+    /// did not finish (the collection retries it).
+    pub async fn note_cleanup_pending(&self, actor: &str, app: &str, detail: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        audit(&mut tx, actor, Some(app), "app.cleanup_pending", detail).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// The uids of every app: what [`crate::cleanup`] keeps.
+    pub async fn app_uids(&self) -> Result<std::collections::HashSet<String>> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT uid FROM apps")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Creates or changes a process type.

@@ -451,6 +451,7 @@ impl Registry {
         #[derive(sqlx::FromRow)]
         struct Row {
             id: i64,
+            uid: String,
             name: String,
             team_id: i64,
             team: String,
@@ -461,7 +462,7 @@ impl Registry {
             deadline_ms: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT a.id, a.name, a.team_id, t.name AS team, a.target_release, a.created_at, r.image, r.status, r.deadline_ms
+            "SELECT a.id, a.uid, a.name, a.team_id, t.name AS team, a.target_release, a.created_at, r.image, r.status, r.deadline_ms
              FROM apps a JOIN teams t ON t.id = a.team_id
              LEFT JOIN releases r ON r.app_id = a.id AND r.version = a.target_release ORDER BY a.name",
         )
@@ -480,6 +481,7 @@ impl Registry {
                 },
                 app: AppRef {
                     id: r.id,
+                    uid: r.uid,
                     name: r.name,
                     team_id: r.team_id,
                     team: r.team,

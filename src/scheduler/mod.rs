@@ -43,6 +43,21 @@ pub enum SchedulerError {
     NoNode,
 }
 
+/// Why an image cannot be deployed ([`Scheduler::check_image`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Not a name escale runs (an image id or id prefix).
+    #[error("{0}")]
+    Refused(String),
+    /// Missing, unpullable, or built by escale for another app: the same answer for all.
+    #[error("no node has image `{0}` and it could not be pulled (check its name and tag, and that the nodes can reach its registry)")]
+    NotFound(String),
+    #[error(transparent)]
+    Node(node::NodeError),
+    #[error("no node is reachable")]
+    NoNode,
+}
+
 /// One instance as `escale ps` and the API show it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct InstanceView {
@@ -199,26 +214,58 @@ impl Scheduler {
         &self.nodes
     }
 
-    /// Makes sure `image` can be run: present on a node, or pullable. Fails with the engine's
-    /// reason otherwise, before anything is recorded.
-    pub async fn check_image(&self, image: &str) -> Result<(), SchedulerError> {
+    /// Makes sure the app with uid `app_uid` may run `image`: named by reference (not by id
+    /// or id prefix), present on a node under that very name or pullable, and not an image
+    /// escale built for another app. An image built for another app is answered exactly as a
+    /// missing one ([`ImageError::NotFound`]), and is never pulled over. Nothing is recorded.
+    pub async fn check_image(&self, image: &str, app_uid: &str) -> Result<(), ImageError> {
+        crate::images::refuse_id(image).map_err(ImageError::Refused)?;
+        let usable = |f: &node::ImageFacts| {
+            crate::images::referenced_by(image, &f.repo_tags, &f.repo_digests)
+                .then(|| crate::images::may_use(&crate::images::builder(&f.labels), app_uid))
+        };
         let mut last = None;
         for n in &self.nodes {
-            match n.image_exists(image).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
+            match n.image_facts(image).await {
+                Ok(Some(f)) => match usable(&f) {
+                    Some(true) => return Ok(()),
+                    Some(false) => {
+                        tracing::info!(image, node = %n.name, "image deploy refused: built by escale for another app");
+                        return Err(ImageError::NotFound(image.to_string()));
+                    }
+                    // Found by something else than its name (e.g. a digest that is an id).
+                    None => {}
+                },
+                Ok(None) => {}
                 Err(e) => last = Some(e),
             }
         }
+        let mut engine_ok = false;
         for n in &self.nodes {
             match n.ensure_image(image).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {}
+                Err(e @ node::NodeError::ImageUnavailable { .. }) => {
+                    tracing::info!(image, node = %n.name, error = %e, "image deploy: the image cannot be had");
+                    engine_ok = true;
+                    continue;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            }
+            engine_ok = true;
+            match n.image_facts(image).await {
+                Ok(Some(f)) if usable(&f) == Some(true) => return Ok(()),
+                Ok(_) => {}
                 Err(e) => last = Some(e),
             }
         }
-        Err(last
-            .map(SchedulerError::Node)
-            .unwrap_or(SchedulerError::NoNode))
+        match last {
+            Some(e) if !engine_ok => Err(ImageError::Node(e)),
+            None if self.nodes.is_empty() => Err(ImageError::NoNode),
+            _ => Err(ImageError::NotFound(image.to_string())),
+        }
     }
 
     /// Runs passes until `shutdown`; also runs the health checker and follows engine events.

@@ -100,6 +100,27 @@ pub(crate) fn releases(s: &TestServer, app: &str) -> Vec<Value> {
     s.json(&["releases", app]).as_array().cloned().unwrap()
 }
 
+/// The bare repository of `app`: `data/git/apps/<uid>.git`, keyed by the app's uid.
+pub(crate) async fn app_repo(s: &TestServer, app: &str) -> PathBuf {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::ConnectOptions;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(s.dir.path().join("data").join("escale.db"))
+        .read_only(true)
+        .connect()
+        .await
+        .expect("the registry opens read-only");
+    let uid: String = sqlx::query_scalar("SELECT uid FROM apps WHERE name = ?")
+        .bind(app)
+        .fetch_one(&mut conn)
+        .await
+        .expect("app row");
+    s.dir
+        .path()
+        .join("data/git/apps")
+        .join(format!("{uid}.git"))
+}
+
 fn status_of(releases: &[Value], v: u64) -> String {
     releases
         .iter()
@@ -278,7 +299,7 @@ async fn a_failing_build_fails_the_push_and_creates_no_release() {
     );
     let (ok, out) = repo.push(&url, "main");
     assert!(!ok, "push with a missing base fails: {out}");
-    assert!(out.contains("build failed"), "{out}");
+    assert!(out.contains("could not be pulled"), "{out}");
     assert!(releases(&s, "broken").is_empty(), "no release was created");
 
     // Fixed: the same branch deploys (the failed pushes left it where it was).
@@ -528,7 +549,7 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
     let (ok, out) = repo.push(&push_url(&s, "shop"), "main:refs/heads/dev");
     assert!(ok, "{out}");
     let data = s.dir.path().join("data");
-    let bare = data.join("git").join("shop.git");
+    let bare = app_repo(&s, "shop").await;
     let refs = Command::new("git")
         .args(["--git-dir"])
         .arg(&bare)
@@ -536,11 +557,12 @@ async fn pushes_need_a_token_and_names_and_refs_cannot_inject() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&refs.stdout), "refs/heads/dev\n");
-    let names: Vec<String> = std::fs::read_dir(data.join("git"))
+    let names: Vec<String> = std::fs::read_dir(data.join("git/apps"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, vec!["shop.git".to_string()]);
+    let want = bare.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(names, vec![want]);
     assert_nothing_named(s.dir.path(), &["pwned", "escape", "id"]);
     assert!(!Path::new("pwned").exists());
 }

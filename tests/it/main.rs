@@ -7,6 +7,7 @@ mod certs;
 mod cli;
 mod exhaustion;
 mod gitpush;
+mod isolation;
 mod manifest;
 mod node;
 mod proxy;

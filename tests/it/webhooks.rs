@@ -225,7 +225,7 @@ async fn signed_push_events_deploy_the_pushed_commit() {
         assert_eq!(rel[0]["image"], format!("{app}:v1-{}", &sha[..7]));
     }
     // The app's repository now has `main` at the pushed commit.
-    let bare = s.dir.path().join("data/git/hub.git");
+    let bare = crate::gitpush::app_repo(&s, "hub").await;
     let main = std::process::Command::new("git")
         .arg("--git-dir")
         .arg(&bare)
@@ -260,7 +260,7 @@ async fn signed_push_events_deploy_the_pushed_commit() {
     assert_eq!(releases(&s, "lab").len(), 1);
     let main = std::process::Command::new("git")
         .arg("--git-dir")
-        .arg(s.dir.path().join("data/git/lab.git"))
+        .arg(crate::gitpush::app_repo(&s, "lab").await)
         .args(["rev-parse", "refs/heads/main"])
         .output()
         .unwrap();

@@ -286,6 +286,11 @@ impl TestServer {
         child.wait_with_output().expect("CLI output")
     }
 
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Runs the CLI, asserts success, returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
