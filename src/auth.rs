@@ -2,10 +2,19 @@
 //!
 //! API tokens are 160 random bits with the recognisable prefix `esc_`; only their SHA-256 is
 //! stored (they are random, so a fast hash is right). Passwords are hashed with argon2id.
+//!
+//! Argon2id is made to be expensive (about 19 MiB of memory and tens of milliseconds of CPU
+//! per hash), so hashing is a resource an unauthenticated caller can spend. Every password
+//! hash and check in escale goes through one [`Hashing`]: at most one hash per core at a
+//! time, on blocking threads; a request that cannot get a turn within a short wait is refused
+//! with [`AuthError::Busy`] (the API answers 503 with `Retry-After`), so memory stays bounded
+//! at `cores x 19 MiB` whatever the number of concurrent logins. A login for an unknown user
+//! is checked against a dummy hash through the same bound, so it costs the same.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -25,6 +34,9 @@ pub enum AuthError {
     WeakPassword,
     #[error("password hashing failed: {0}")]
     Hash(String),
+    /// Every hashing slot stayed busy for the whole wait: try again after the given time.
+    #[error("the server is busy checking passwords; try again in {} seconds", .0.as_secs().max(1))]
+    Busy(Duration),
 }
 
 /// `n` random bytes as lowercase hex.
@@ -65,8 +77,9 @@ pub fn token_hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Hashes a password with argon2id and a random salt.
-pub fn hash_password(password: &str) -> Result<String, AuthError> {
+/// Hashes a password with argon2id and a random salt. Synchronous and expensive: callers go
+/// through [`Hashing::hash`], which bounds how many run at once.
+fn hash_password(password: &str) -> Result<String, AuthError> {
     if password.chars().count() < 8 || password.len() > 1024 {
         return Err(AuthError::WeakPassword);
     }
@@ -80,8 +93,8 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
 }
 
 /// Checks a password against a stored hash. Runs the hash even when there is no stored hash,
-/// so timing does not tell whether a user exists.
-pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
+/// so timing does not tell whether a user exists. Callers go through [`Hashing::verify`].
+fn verify_password(password: &str, stored: Option<&str>) -> bool {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let dummy =
         DUMMY.get_or_init(|| hash_password("dummy-password-for-timing").expect("hashing works"));
@@ -97,6 +110,94 @@ pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
         })
         .unwrap_or(false);
     ok && real
+}
+
+/// The one gate to argon2: at most `slots` hashes run at once, each on a blocking thread.
+///
+/// A caller waits at most `wait` for a slot, then gets [`AuthError::Busy`]. The slot is held by
+/// the blocking task itself, so a request abandoned by its client still counts until its hash
+/// finishes: the bound is on work actually running, not on requests still connected.
+#[derive(Debug)]
+pub struct Hashing {
+    slots: Arc<tokio::sync::Semaphore>,
+    size: usize,
+    wait: Duration,
+    runs: AtomicU64,
+}
+
+impl Hashing {
+    /// `slots` concurrent hashes (at least 1); callers wait at most `wait` for one.
+    pub fn new(slots: usize, wait: Duration) -> Hashing {
+        let size = slots.max(1);
+        Hashing {
+            slots: Arc::new(tokio::sync::Semaphore::new(size)),
+            size,
+            wait,
+            runs: AtomicU64::new(0),
+        }
+    }
+
+    /// One slot per core, waiting at most 2 seconds: the server's default.
+    pub fn per_core() -> Hashing {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Hashing::new(cores, Duration::from_secs(2))
+    }
+
+    /// How many hashes may run at once.
+    pub fn slots(&self) -> usize {
+        self.size
+    }
+
+    /// How many hashes or checks have run (started) so far.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Takes every slot until the returned guard is dropped, waiting for running hashes
+    /// to finish: an operator's or a test's way to see what callers get when hashing is
+    /// saturated.
+    pub async fn hold_all(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_many_owned(u32::try_from(self.size).unwrap_or(u32::MAX))
+            .await
+            .expect("the hashing semaphore is never closed")
+    }
+
+    /// Hashes a new password (its length is checked first, without a slot).
+    pub async fn hash(&self, password: &str) -> Result<String, AuthError> {
+        if password.chars().count() < 8 || password.len() > 1024 {
+            return Err(AuthError::WeakPassword);
+        }
+        let password = password.to_string();
+        self.run(move || hash_password(&password)).await?
+    }
+
+    /// Checks a password against a user's stored hash; `None` (unknown user, or a user
+    /// without password) is checked against a dummy hash and is always `false`.
+    pub async fn verify(&self, password: &str, stored: Option<String>) -> Result<bool, AuthError> {
+        // Passwords longer than any we accept cannot match; bound the work all the same.
+        let password: String = password.chars().take(1025).collect();
+        self.run(move || verify_password(&password, stored.as_deref()))
+            .await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let permit = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| AuthError::Busy(self.wait.max(Duration::from_secs(1))))?
+            .expect("the hashing semaphore is never closed");
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            let _slot = permit;
+            f()
+        })
+        .await
+        .map_err(|e| AuthError::Hash(e.to_string()))
+    }
 }
 
 /// Limits failed logins per (user, address): at most `max_failures` in `window`.
@@ -177,6 +278,59 @@ mod tests {
         assert!(!verify_password("wrong horse!", Some(&h)));
         assert!(!verify_password("correct horse", None));
         assert!(hash_password("short").is_err());
+    }
+
+    #[tokio::test]
+    async fn hashing_is_bounded_and_refuses_when_saturated() {
+        let h = Hashing::new(1, Duration::from_millis(50));
+        let stored = h.hash("correct horse").await.unwrap();
+        assert!(h
+            .verify("correct horse", Some(stored.clone()))
+            .await
+            .unwrap());
+        assert!(!h.verify("correct horse", None).await.unwrap());
+        assert_eq!(h.runs(), 3);
+        let held = h.hold_all().await;
+        let t = Instant::now();
+        assert!(matches!(
+            h.hash("correct horse").await,
+            Err(AuthError::Busy(_))
+        ));
+        assert!(matches!(h.verify("x", None).await, Err(AuthError::Busy(_))));
+        assert!(t.elapsed() < Duration::from_secs(2), "waits briefly");
+        // A weak password is refused without a slot.
+        assert!(matches!(
+            h.hash("short").await,
+            Err(AuthError::WeakPassword)
+        ));
+        assert_eq!(h.runs(), 3, "nothing ran while saturated");
+        drop(held);
+        assert!(h.verify("correct horse", Some(stored)).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_more_hashes_run_than_slots() {
+        let h = Arc::new(Hashing::new(2, Duration::from_secs(60)));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (h, running, peak) = (h.clone(), running.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                h.run(move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(20));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use utoipa::OpenApi;
 pub use error::{ApiError, Problem};
 pub use extract::{Auth, Json, Path, Query};
 
-use crate::auth::LoginLimiter;
+use crate::auth::{Hashing, LoginLimiter};
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -37,6 +37,8 @@ pub struct AppState {
     pub registry: Registry,
     pub config: Arc<Config>,
     pub limiter: Arc<LoginLimiter>,
+    /// The bound on password hashing: every hash and check goes through it.
+    pub hashing: Arc<Hashing>,
     /// Woken on every change of desired state, so the reconciler acts at once.
     pub changed: Arc<Notify>,
     /// The scheduler, when this server runs one (API-only tests do not).
@@ -58,6 +60,7 @@ impl AppState {
             registry,
             config,
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
+            hashing: Arc::new(Hashing::per_core()),
             changed,
             certs,
             scheduler: None,

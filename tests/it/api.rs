@@ -2099,3 +2099,136 @@ async fn deleting_a_user_revokes_its_tokens_and_passwordless_users_cannot_log_in
         assert_unauthorized(&r, &format!("password-less user with {password:?}"));
     }
 }
+
+/// Asserts the answer to a request refused because password hashing is saturated: 503
+/// problem+json with `Retry-After` and a message saying to retry.
+#[track_caller]
+fn assert_busy(r: &Resp, what: &str) {
+    r.assert_problem(StatusCode::SERVICE_UNAVAILABLE, what);
+    let retry: u64 = r.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{what}: {r:?}");
+    assert!(r.detail().contains("try again"), "{what}: {r:?}");
+}
+
+/// Issue #11 finding 5: every route that hashes a password goes through one bound; when it is
+/// saturated the caller is answered 503 with `Retry-After` and nothing is changed, and a setup
+/// with a wrong token is refused before any hashing.
+#[tokio::test]
+async fn password_hashing_is_bounded_on_every_path() {
+    let api = TestApi::new().await;
+    let runs = api.hashing.runs();
+    // Setup with a wrong token: refused without hashing, also when hashing is saturated.
+    let held = api.hashing.hold_all().await;
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/setup",
+            None,
+            Some(json!({"setup_token": "escsetup_nope", "name": "admin", "password": PASSWORD})),
+        )
+        .await;
+    r.assert_problem(StatusCode::FORBIDDEN, "setup with a wrong token");
+    assert_eq!(
+        api.hashing.runs(),
+        runs,
+        "a wrong setup token hashes nothing"
+    );
+    // Setup with the right token while saturated: busy, and the token stays usable.
+    let secret = api.new_setup_token().await;
+    let body = json!({"setup_token": secret, "name": "admin", "password": PASSWORD});
+    let r = api
+        .call("POST", "/api/v1/setup", None, Some(body.clone()))
+        .await;
+    assert_busy(&r, "setup while hashing is saturated");
+    assert_eq!(
+        api.registry.user_count().await.unwrap(),
+        0,
+        "nothing changed"
+    );
+    drop(held);
+    let admin = api
+        .expect(
+            StatusCode::CREATED,
+            "POST",
+            "/api/v1/setup",
+            None,
+            Some(body),
+        )
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Known user, unknown user and wrong password all wait for the same bound.
+    let held = api.hashing.hold_all().await;
+    let runs = api.hashing.runs();
+    for (name, password, what) in [
+        ("admin", PASSWORD, "known user, right password"),
+        ("admin", "wrong password", "known user, wrong password"),
+        ("nobody", "wrong password", "unknown user"),
+    ]
+    .repeat(3)
+    {
+        let r = api
+            .send(
+                Req::new("POST", "/api/v1/login")
+                    .json(&json!({"name": name, "password": password}))
+                    .peer("127.0.0.9:1"),
+            )
+            .await;
+        assert_busy(&r, what);
+    }
+    // Creating a user with a password: busy, and no user was created.
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({"name": "ann", "password": PASSWORD})),
+        )
+        .await;
+    assert_busy(&r, "user creation while hashing is saturated");
+    assert_eq!(
+        api.registry.user_count().await.unwrap(),
+        1,
+        "nothing changed"
+    );
+    assert_eq!(api.hashing.runs(), runs, "nothing hashed while saturated");
+    // Busy answers are not failed attempts: the limiter did not count them.
+    drop(held);
+    api.login("admin", PASSWORD, "127.0.0.9:1").await;
+    // An unknown user's login costs a hash like a known user's (checked against a dummy).
+    let runs = api.hashing.runs();
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/login",
+            None,
+            Some(json!({"name": "nobody", "password": "wrong password"})),
+        )
+        .await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "unknown user");
+    assert_eq!(
+        api.hashing.runs(),
+        runs + 1,
+        "the unknown user was hashed too"
+    );
+    // A member may not create users: refused before hashing.
+    api.create_team(&admin, "red").await;
+    let member = api.create_member(&admin, "bob", "red").await;
+    let runs = api.hashing.runs();
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/users",
+            Some(&member),
+            Some(json!({"name": "eve", "password": PASSWORD})),
+        )
+        .await;
+    r.assert_problem(StatusCode::FORBIDDEN, "member creating a user");
+    assert_eq!(api.hashing.runs(), runs, "refused before hashing");
+}
