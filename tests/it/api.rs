@@ -94,7 +94,7 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
     (
         "PUT",
         "/api/v1/apps/{app}/webhook",
-        r#"{"repository":"https://203.0.113.9/{app}.git","branch":"main"}"#,
+        r#"{"repository":"https://140.82.121.4/{app}.git","branch":"main"}"#,
         Access::App,
     ),
     ("GET", "/api/v1/apps/{app}/webhook", "", Access::App),
