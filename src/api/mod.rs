@@ -196,11 +196,14 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Prometheus metrics of the proxy and the scheduler (text format; any valid token).
+/// Prometheus metrics of the proxy and the scheduler (text format; admins only: the series are
+/// labelled with every team's app names and show their traffic, and a scrape job is an
+/// operator's, not a team's).
 async fn metrics(
     axum::extract::State(s): axum::extract::State<AppState>,
-    _auth: Auth,
-) -> axum::response::Response {
+    Auth(actor): Auth,
+) -> Result<axum::response::Response, ApiError> {
+    actor.require_admin("reading /metrics (every team's apps)")?;
     let mut out = String::with_capacity(4096);
     s.metrics.render_prometheus(&mut out);
     if let Some(sched) = &s.scheduler {
@@ -221,14 +224,14 @@ async fn metrics(
             sched.engine_calls.load(Relaxed)
         ));
     }
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         out,
     )
-        .into_response()
+        .into_response())
 }
 
 /// Liveness probe (no authentication).

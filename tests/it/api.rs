@@ -2232,3 +2232,22 @@ async fn password_hashing_is_bounded_on_every_path() {
     r.assert_problem(StatusCode::FORBIDDEN, "member creating a user");
     assert_eq!(api.hashing.runs(), runs, "refused before hashing");
 }
+
+/// Issue #11 finding 9: `/metrics` names every team's apps, so only admins may read it.
+#[tokio::test]
+async fn metrics_are_for_admins_only() {
+    let t = teams().await;
+    let r = t.api.call("GET", "/metrics", None, None).await;
+    assert_unauthorized(&r, "metrics without a token");
+    let r = t.api.call("GET", "/metrics", Some("esc_bogus"), None).await;
+    assert_unauthorized(&r, "metrics with a bogus token");
+    for (who, token) in [("rosa (red)", &t.rosa), ("bert (blue)", &t.bert)] {
+        let r = t.api.call("GET", "/metrics", Some(token), None).await;
+        r.assert_problem(StatusCode::FORBIDDEN, who);
+        assert!(r.detail().contains("admin"), "{who}: {r:?}");
+    }
+    let r = t.api.call("GET", "/metrics", Some(&t.admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert!(r.content_type().starts_with("text/plain"), "{r:?}");
+    assert!(r.body.as_str().unwrap_or("").contains("# TYPE"), "{r:?}");
+}
