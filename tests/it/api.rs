@@ -2251,3 +2251,179 @@ async fn metrics_are_for_admins_only() {
     assert!(r.content_type().starts_with("text/plain"), "{r:?}");
     assert!(r.body.as_str().unwrap_or("").contains("# TYPE"), "{r:?}");
 }
+
+/// Issue #11 finding 7: a domain under or above a name another team holds (an app's host
+/// under the apps domain, or a custom domain) is refused through `domains add` and manifest
+/// `apply`, for members and admins alike, with one answer that never names the other team
+/// or app; nothing changes. Within a team, nesting is free.
+#[tokio::test]
+async fn domains_under_or_above_another_teams_names_are_refused() {
+    let t = teams().await;
+    let api = &t.api;
+    let apps = api.config.apps_domain.clone();
+    let above_apps = apps.split_once('.').map(|(_, p)| p.to_string());
+    api.create_app(&t.rosa, "aapp").await; // team red
+    api.create_app(&t.bert, "bapp").await; // team blue
+    let add = |token: &str, app: &str, domain: &str| {
+        let (token, path, domain) = (
+            token.to_string(),
+            format!("/api/v1/apps/{app}/domains"),
+            domain.to_string(),
+        );
+        async move {
+            api.call("POST", &path, Some(&token), Some(json!({"domain": domain})))
+                .await
+        }
+    };
+    let apply = |token: &str, app: &str, domain: &str| {
+        let (token, path, doc) = (
+            token.to_string(),
+            format!("/api/v1/apps/{app}/manifest"),
+            format!("domains = [\"{domain}\"]\n"),
+        );
+        async move {
+            api.call("PUT", &path, Some(&token), Some(json!({"manifest": doc})))
+                .await
+        }
+    };
+    let r = add(&t.rosa, "aapp", "shop.example.eu").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let domains_of = |app: &str| {
+        let path = format!("/api/v1/apps/{app}/domains");
+        let admin = t.admin.clone();
+        async move {
+            api.expect(StatusCode::OK, "GET", &path, Some(&admin), None)
+                .await
+        }
+    };
+    let (red_before, blue_before) = (domains_of("aapp").await, domains_of("bapp").await);
+
+    // (domain, status from `domains add`, status from manifest `apply`).
+    let mut cases: Vec<(String, StatusCode, StatusCode)> = vec![
+        // Another team's app host and every name below it (the manifest refuses it at parse).
+        (
+            format!("aapp.{apps}"),
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!("login.aapp.{apps}"),
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!("a.b.aapp.{apps}"),
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        // Another team's custom domain, names below it and names above it.
+        (
+            "shop.example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "www.shop.example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "a.b.shop.example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        // The apps domain and names above it: over every app's host, nobody's.
+        (
+            apps.clone(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    if let Some(p) = above_apps.filter(|p| p.contains('.')) {
+        cases.push((
+            p,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ));
+    }
+    let mut custom_answers = BTreeSet::new();
+    for (domain, add_status, apply_status) in &cases {
+        for (who, token) in [("bert", &t.bert), ("admin", &t.admin)] {
+            let r = add(token, "bapp", domain).await;
+            r.assert_problem(*add_status, &format!("{who} adds {domain}"));
+            let a = apply(token, "bapp", domain).await;
+            a.assert_problem(*apply_status, &format!("{who} applies {domain}"));
+            for (what, resp) in [("add", &r), ("apply", &a)] {
+                let detail = resp.detail().replace(domain.as_str(), "DOMAIN");
+                // Under the apps domain the answer names the app label the domain itself
+                // has, the same whether such an app exists (checked below).
+                let detail = detail
+                    .replace("`aapp`", "`LABEL`")
+                    .replace("aapp.", "LABEL.");
+                assert!(
+                    !detail.contains("rosa")
+                        && !detail.contains("`red`")
+                        && !detail.contains(" red ")
+                        && !detail.contains("aapp")
+                        && !detail.contains("shop.example.eu"),
+                    "{who} {what} {domain}: the answer names who holds it: {detail}"
+                );
+                assert!(detail.contains("DOMAIN"), "{who} {what}: {detail}");
+            }
+            if !domain.ends_with(&apps) && *add_status == StatusCode::CONFLICT {
+                custom_answers.insert(r.detail().replace(domain.as_str(), "DOMAIN"));
+            }
+        }
+    }
+    // Under the apps domain, an existing app's names get the answer a missing app's get.
+    let held = add(&t.bert, "bapp", &format!("login.aapp.{apps}")).await;
+    let free = add(&t.bert, "bapp", &format!("login.nosuchapp.{apps}")).await;
+    assert_eq!(held.status, free.status);
+    assert_eq!(held.detail(), free.detail().replace("nosuchapp", "aapp"));
+    assert_eq!(
+        custom_answers.len(),
+        1,
+        "one answer whether the name is held, above or below: {custom_answers:#?}"
+    );
+    assert_eq!(domains_of("aapp").await, red_before, "nothing changed");
+    assert_eq!(domains_of("bapp").await, blue_before, "nothing changed");
+
+    // Siblings and unrelated names are free; so is nesting within a team, on any of its apps.
+    let r = add(&t.bert, "bapp", "blue.example.eu").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    api.create_app(&t.rosa, "aapp2").await;
+    for (app, domain) in [
+        ("aapp", "www.shop.example.eu"),
+        ("aapp2", "api.shop.example.eu"),
+        ("aapp", &format!("login.aapp.{apps}")),
+    ] {
+        let r = add(&t.rosa, app, domain).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{app} {domain}: {r:?}");
+    }
+    // The other way round: blue's name blocks red from names above and below it.
+    for domain in ["example.eu", "x.blue.example.eu", "blue.example.eu"] {
+        add(&t.rosa, "aapp", domain)
+            .await
+            .assert_problem(StatusCode::CONFLICT, domain);
+        apply(&t.rosa, "aapp", domain)
+            .await
+            .assert_problem(StatusCode::CONFLICT, domain);
+    }
+    // Once red lets its names go, blue may take them.
+    for (app, domain) in [
+        ("aapp", "shop.example.eu"),
+        ("aapp", "www.shop.example.eu"),
+        ("aapp2", "api.shop.example.eu"),
+    ] {
+        let path = format!("/api/v1/apps/{app}/domains/{domain}");
+        api.expect(StatusCode::NO_CONTENT, "DELETE", &path, Some(&t.rosa), None)
+            .await;
+    }
+    let r = apply(&t.bert, "bapp", "www.shop.example.eu").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+}
