@@ -6,6 +6,7 @@ mod api;
 mod certs;
 mod cli;
 mod gitpush;
+mod isolation;
 mod manifest;
 mod node;
 mod proxy;
