@@ -826,13 +826,13 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         "domain of another app",
         post(dom, json!({"domain": "other.example.eu"})),
         409,
-        "already attached",
+        "not available",
     ));
     rows.push(bad(
         "domain of another app, other case",
         post(dom, json!({"domain": "Other.Example.EU."})),
         409,
-        "already attached",
+        "not available",
     ));
     rows.push(bad(
         "domain reserved for another app",
