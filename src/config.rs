@@ -181,8 +181,8 @@ pub struct Config {
 /// `[webhooks]`, validated.
 #[derive(Debug, Clone, Default)]
 pub struct WebhooksConfig {
-    /// Webhook repository URLs may name hosts that resolve to loopback, private, link-local
-    /// or unspecified addresses.
+    /// Webhook repository URLs may name hosts that resolve to addresses that are not global
+    /// unicast (see `webhooks::is_global`).
     pub allow_private_repositories: bool,
     /// Webhook repository URLs may be `file://` paths on the server.
     pub allow_file_repositories: bool,

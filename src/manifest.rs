@@ -1291,7 +1291,13 @@ kind = "none"
         let e = parse("domains = [\"blog.apps.example.eu\"]").unwrap_err();
         assert!(e.message.contains("reserved"), "{e}");
         let e = parse("domains = [\"apps.example.eu\"]").unwrap_err();
-        assert!(e.message.contains("apps domain itself"), "{e}");
+        assert!(e.message.contains("is the apps domain"), "{e}");
+        let e = parse("domains = [\"login.blog.apps.example.eu\", \"example.eu\"]").unwrap_err();
+        assert!(
+            e.message.contains("reserved for an app named `blog`"),
+            "{e}"
+        );
+        assert!(parse("domains = [\"login.shop.apps.example.eu\"]").is_ok());
         assert!(parse("app = \"shop\"\ndomains = [\"shop.apps.example.eu\"]").is_ok());
     }
 

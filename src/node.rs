@@ -8,6 +8,15 @@
 //! Every container escale creates carries the labels [`LABEL_INSTALLATION`], [`LABEL_APP`],
 //! [`LABEL_PROCESS`], [`LABEL_RELEASE`], [`LABEL_SLOT`] and [`LABEL_INSTANCE`], so the state
 //! of a node can always be rebuilt from one labelled list call ([`Node::list_instances`]).
+//!
+//! Tenants are isolated on the network: every app has its own user-defined bridge network
+//! ([`network_name`], labelled [`LABEL_INSTALLATION`], [`LABEL_APP`] and [`LABEL_APP_ID`]),
+//! created when one of its instances starts ([`Node::ensure_app_network`]); its containers
+//! are attached to it only, never to the default bridge, so an app cannot reach another
+//! app's containers directly (Docker drops traffic between bridges), while instances of one
+//! app reach each other. The proxy and the health checks reach instances through the port
+//! published on the node address, as before. Networks of apps that no longer exist are
+//! removed by the scheduler ([`Node::list_app_networks`], [`Node::remove_network`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,13 +27,14 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, EventMessage, HostConfig,
-    HostConfigLogConfig, PortBinding, PortSummaryTypeEnum, RestartPolicy, RestartPolicyNameEnum,
+    HostConfigLogConfig, NetworkCreateRequest, PortBinding, PortSummaryTypeEnum, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     BuildImageOptions, BuilderVersion, CreateContainerOptions, CreateImageOptions, EventsOptions,
     ImportImageOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions,
-    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
-    StartContainerOptions, StopContainerOptions,
+    ListImagesOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions,
+    RemoveImageOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -42,6 +52,10 @@ pub const LABEL_RELEASE: &str = "escale.release";
 pub const LABEL_SLOT: &str = "escale.slot";
 /// Label: the instance id (unique within the installation).
 pub const LABEL_INSTANCE: &str = "escale.instance";
+
+/// Label (networks): the id of the app in the registry, so that a network left by a destroyed
+/// app is never reused by a new app of the same name (possibly another team's).
+pub const LABEL_APP_ID: &str = "escale.app_id";
 
 /// Label: a hash of the process definition (image, command, port, limits) the instance was
 /// started with, so the reconciler can tell stale instances after a change. Optional.
@@ -146,6 +160,8 @@ pub struct Node {
     pub docker: Docker,
     /// Address the proxy uses to reach ports published on `0.0.0.0`/`::` (127.0.0.1 locally).
     pub advertise_ip: IpAddr,
+    /// Serialises app network creation on this engine (see [`Node::ensure_app_network`]).
+    network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Everything needed to start one instance (one container) of an app process.
@@ -179,6 +195,9 @@ pub struct InstanceSpec {
     /// Extra labels (tests use them); keys starting with `escale.` from the list above are
     /// always overwritten by the spec's own values.
     pub extra_labels: Vec<(String, String)>,
+    /// The app's registry id: with the installation and app name, it names the app's own
+    /// network ([`network_name`]), the only one the container is attached to.
+    pub app_id: i64,
 }
 
 impl Default for InstanceSpec {
@@ -201,6 +220,7 @@ impl Default for InstanceSpec {
             log_max_files: 3,
             init: true,
             extra_labels: Vec::new(),
+            app_id: 0,
         }
     }
 }
@@ -320,6 +340,21 @@ pub struct BuildSpec {
     pub cache_from: Vec<String>,
 }
 
+/// The bridge network of one app: `escale-<installation>-<app>-<app id>`, same characters as
+/// [`container_name`].
+pub fn network_name(installation: &str, app: &str, app_id: i64) -> String {
+    container_name(installation, &format!("{app}-{app_id}"))
+}
+
+/// An app network found on a node, labels parsed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppNetwork {
+    pub id: String,
+    pub name: String,
+    pub app: String,
+    pub app_id: i64,
+}
+
 /// `true` when the engine answered "not found" (404).
 fn is_not_found(e: &DockerError) -> bool {
     matches!(
@@ -373,6 +408,7 @@ impl Node {
             name: name.to_string(),
             docker,
             advertise_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            network_lock: Default::default(),
         })
     }
 
@@ -421,6 +457,7 @@ impl Node {
             name: name.to_string(),
             docker,
             advertise_ip,
+            network_lock: Default::default(),
         })
     }
 
@@ -457,7 +494,7 @@ impl Node {
         }
     }
 
-    fn container_body(&self, spec: &InstanceSpec) -> ContainerCreateBody {
+    fn container_body(&self, spec: &InstanceSpec, network: &str) -> ContainerCreateBody {
         let port_key = format!("{}/tcp", spec.port);
         let mut env: Vec<String> = spec
             .env
@@ -497,6 +534,8 @@ impl Node {
                 nano_cpus: spec.nano_cpus,
                 init: Some(spec.init),
                 port_bindings: Some(port_bindings),
+                // The app's own bridge, not the default one shared by every container.
+                network_mode: Some(network.to_string()),
                 restart_policy: Some(RestartPolicy {
                     name: Some(RestartPolicyNameEnum::NO),
                     maximum_retry_count: None,
@@ -546,8 +585,11 @@ impl Node {
     /// created container is removed again.
     pub async fn start_instance(&self, spec: &InstanceSpec) -> Result<StartedInstance> {
         Self::validate(spec)?;
+        let network = self
+            .ensure_app_network(&spec.installation, &spec.app, spec.app_id)
+            .await?;
         let name = container_name(&spec.installation, &spec.instance);
-        let body = self.container_body(spec);
+        let body = self.container_body(spec, &network);
         let create = |body: ContainerCreateBody| {
             self.docker.create_container(
                 Some(CreateContainerOptions {
@@ -862,7 +904,99 @@ impl Node {
         }
     }
 
-    /// Removes every container of the installation on this node; returns how many.
+    /// Makes sure the app's bridge network exists (created with the installation, app and app
+    /// id labels); returns its id, which containers are attached by (an engine may hold two
+    /// networks of one name; creation is serialised per node so escale never makes two).
+    pub async fn ensure_app_network(
+        &self,
+        installation: &str,
+        app: &str,
+        app_id: i64,
+    ) -> Result<String> {
+        let name = network_name(installation, app, app_id);
+        let _serial = self.network_lock.lock().await;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_INSTALLATION}={installation}"),
+                format!("{LABEL_APP}={app}"),
+                format!("{LABEL_APP_ID}={app_id}"),
+            ],
+        )]);
+        let existing = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(self.engine_err(format!("listing networks of app `{app}`")))?;
+        let mut ids: Vec<String> = existing
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name.as_str()))
+            .filter_map(|n| n.id)
+            .collect();
+        ids.sort();
+        if let Some(id) = ids.into_iter().next() {
+            return Ok(id);
+        }
+        let labels = HashMap::from([
+            (LABEL_INSTALLATION.to_string(), installation.to_string()),
+            (LABEL_APP.to_string(), app.to_string()),
+            (LABEL_APP_ID.to_string(), app_id.to_string()),
+        ]);
+        let created = self
+            .docker
+            .create_network(NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .map_err(self.engine_err(format!("creating network `{name}`")))?;
+        tracing::info!(node = %self.name, network = %name, "app network created");
+        Ok(created.id)
+    }
+
+    /// The app networks of the installation on this node (one labelled list call).
+    pub async fn list_app_networks(&self, installation: &str) -> Result<Vec<AppNetwork>> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTALLATION}={installation}")],
+        )]);
+        let list = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(self.engine_err("listing networks"))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|n| {
+                let labels = n.labels.unwrap_or_default();
+                Some(AppNetwork {
+                    id: n.id?,
+                    name: n.name?,
+                    app: labels.get(LABEL_APP)?.clone(),
+                    app_id: labels.get(LABEL_APP_ID)?.parse().ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// Removes a network (by id or name). "No such network" is success; a network that still has containers
+    /// attached is an error (try again once they are gone).
+    pub async fn remove_network(&self, name: &str) -> Result<()> {
+        match self.docker.remove_network(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.engine_err(format!("removing network `{name}`"))(e)),
+        }
+    }
+
+    /// Removes every container of the installation on this node, then its app networks;
+    /// returns how many containers.
     pub async fn remove_all(&self, installation: &str) -> Result<usize> {
         let filters = HashMap::from([(
             "label".to_string(),
@@ -883,6 +1017,9 @@ impl Node {
                 self.remove_instance(&id).await?;
                 n += 1;
             }
+        }
+        for net in self.list_app_networks(installation).await? {
+            self.remove_network(&net.id).await?;
         }
         Ok(n)
     }

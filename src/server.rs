@@ -53,10 +53,19 @@ pub enum ServerError {
 pub const API_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Opens (creating if needed) the data dir, master key and registry of `config`.
+///
+/// The data dir holds the registry, the master key and the apps' git repositories: it is made
+/// 0700 and everything in it owner-only (files 0600, directories 0700) at every start, which
+/// also fixes installs made before this rule; the database is created 0600 before SQLite
+/// opens it (its `-wal` and `-shm` files take its mode).
 pub async fn open_registry(config: &Config) -> Result<Registry, ServerError> {
     create_data_dir(&config.data_dir)?;
     let env_key = std::env::var("ESCALE_MASTER_KEY").ok();
     let key = MasterKey::load_or_create(&config.data_dir, env_key.as_deref())?;
+    create_private_file(&config.database_path()).map_err(|source| ServerError::DataDir {
+        path: config.database_path().display().to_string(),
+        source,
+    })?;
     Ok(Registry::open_with(
         &config.database_path(),
         key,
@@ -70,12 +79,46 @@ fn create_data_dir(path: &Path) -> Result<(), ServerError> {
         path: path.display().to_string(),
         source,
     };
-    if !path.exists() {
-        std::fs::create_dir_all(path).map_err(err)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    std::fs::create_dir_all(path).map_err(err)?;
+    make_private(path).map_err(err)?;
+    crate::git::make_repos_private(path);
+    Ok(())
+}
+
+/// Creates `path` empty with mode 0600 unless it exists.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes every group and other permission bit off `path` and everything under it (symbolic
+/// links are not followed, and left as they are).
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                make_private(&entry?.path())?;
+            }
         }
     }
     Ok(())

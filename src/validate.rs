@@ -382,22 +382,32 @@ pub fn command(argv: &[String]) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// A custom domain (already [`domain`]-normalised) for `app`: not the apps domain itself, and
-/// not `OTHER.<apps_domain>`, which is reserved for the app named `OTHER`.
+/// A custom domain (already [`domain`]-normalised) for `app`, as far as the apps domain goes:
+/// not the apps domain itself nor a name above it (which would sit over every app's host),
+/// and nothing under `OTHER.<apps_domain>`, which is reserved for the app named `OTHER`: its
+/// own host and every name below it (`login.OTHER.<apps_domain>`). An app may have names
+/// under its own host. Which team holds a custom domain is the registry's check.
 pub fn custom_domain(domain: &str, app: &str, apps_domain: &str) -> Result<(), ValidationError> {
-    if domain == apps_domain {
+    if is_apps_domain_or_above(domain, apps_domain) {
         return err(format!(
-            "`{domain}` is the apps domain itself; apps get APP.{apps_domain}"
+            "`{domain}` is the apps domain {apps_domain} or a name above it; apps get APP.{apps_domain}, add a name of your own"
         ));
     }
-    if let Some(label) = domain.strip_suffix(&format!(".{apps_domain}")) {
-        if !label.contains('.') && label != app {
+    if let Some(rest) = domain.strip_suffix(&format!(".{apps_domain}")) {
+        let owner = rest.rsplit('.').next().unwrap_or(rest);
+        if owner != app {
             return err(format!(
-                "`{domain}` is reserved for an app named `{label}` under the apps domain"
+                "`{domain}` is reserved for an app named `{owner}` ({owner}.{apps_domain} and the names under it); pick another domain"
             ));
         }
     }
     Ok(())
+}
+
+/// True when `domain` is the apps domain or one of its parents (`example.eu` for
+/// `apps.example.eu`): refused as a custom domain for everyone.
+pub fn is_apps_domain_or_above(domain: &str, apps_domain: &str) -> bool {
+    domain == apps_domain || apps_domain.ends_with(&format!(".{domain}"))
 }
 
 /// A text safe to echo back in an error message: control characters escaped, length capped.
@@ -412,6 +422,33 @@ pub fn printable(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_domains_under_the_apps_domain_belong_to_their_app() {
+        let apps = "apps.example.eu";
+        for ok in [
+            "shop.apps.example.eu",
+            "login.shop.apps.example.eu",
+            "a.b.shop.apps.example.eu",
+            "shop.example.eu",
+            "other.eu",
+            "xapps.example.eu",
+            "shop.apps.example.eu.evil.eu",
+        ] {
+            custom_domain(ok, "shop", apps).unwrap_or_else(|e| panic!("{ok}: {}", e.0));
+        }
+        for bad in [
+            "apps.example.eu",
+            "example.eu",
+            "eu",
+            "aapp.apps.example.eu",
+            "login.aapp.apps.example.eu",
+            "shop.aapp.apps.example.eu",
+            "a.b.aapp.apps.example.eu",
+        ] {
+            assert!(custom_domain(bad, "shop", apps).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn app_names() {

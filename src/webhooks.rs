@@ -19,8 +19,10 @@
 //!
 //! Repository URLs ([`check_repo_url`]) are `https://` or `http://` (`file://` only when
 //! `webhooks.allow_file_repositories`), a restricted character set, no credentials, no `..`;
-//! hosts that resolve to loopback, private, link-local or unspecified addresses are refused
-//! unless `webhooks.allow_private_repositories`. The check runs when the webhook is configured
+//! hosts that are or resolve to anything but global unicast addresses ([`is_global`]: no
+//! loopback, private, link-local, shared, reserved, documentation, benchmarking or multicast
+//! address, nor an IPv6 form embedding one) are refused unless
+//! `webhooks.allow_private_repositories`. The check runs when the webhook is configured
 //! and again before every fetch, and git is pinned to the address that was checked
 //! (`http.curloptResolve`).
 
@@ -96,31 +98,80 @@ pub fn check_branch(branch: &str) -> Result<(), WebhookError> {
     }
 }
 
-/// True for addresses a webhook must not make the server fetch from (unless allowed).
+/// True for addresses a webhook must not make the server fetch from (unless allowed): every
+/// address that is not globally reachable unicast ([`is_global`]).
 pub fn is_internal(ip: IpAddr) -> bool {
+    !is_global(ip)
+}
+
+/// True when `ip` is a globally reachable unicast address, by the IANA special-purpose
+/// registries. An allow-list for IPv6 (only `2000::/3` can be global) and a deny-list of every
+/// special-purpose block for IPv4. Addresses embedding an IPv4 address are judged by it:
+/// IPv4-mapped `::ffff:0:0/96`, the NAT64 well-known prefix `64:ff9b::/96`, 6to4 `2002::/16`
+/// and Teredo `2001::/32` (server and client, both must be global); the deprecated
+/// IPv4-compatible `::/96` and the local-use NAT64 prefix `64:ff9b:1::/48` are never global.
+pub fn is_global(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || o[0] == 0
-                // shared address space (carrier-grade NAT), 100.64.0.0/10
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-        }
+        IpAddr::V4(v4) => is_global_v4(v4),
+        IpAddr::V6(v6) => is_global_v6(v6),
     }
+}
+
+fn is_global_v4(ip: std::net::Ipv4Addr) -> bool {
+    let a = u32::from(ip);
+    // (network, prefix length) of every block that is not globally reachable unicast.
+    const NOT_GLOBAL: [(u32, u32); 15] = [
+        (0x0000_0000, 8),  // 0.0.0.0/8 "this network"
+        (0x0a00_0000, 8),  // 10.0.0.0/8 private
+        (0x6440_0000, 10), // 100.64.0.0/10 shared (carrier-grade NAT)
+        (0x7f00_0000, 8),  // 127.0.0.0/8 loopback
+        (0xa9fe_0000, 16), // 169.254.0.0/16 link-local
+        (0xac10_0000, 12), // 172.16.0.0/12 private
+        (0xc000_0000, 24), // 192.0.0.0/24 IETF protocol assignments
+        (0xc000_0200, 24), // 192.0.2.0/24 documentation
+        (0xc058_6300, 24), // 192.88.99.0/24 6to4 relay anycast (deprecated)
+        (0xc0a8_0000, 16), // 192.168.0.0/16 private
+        (0xc612_0000, 15), // 198.18.0.0/15 benchmarking
+        (0xc633_6400, 24), // 198.51.100.0/24 documentation
+        (0xcb00_7100, 24), // 203.0.113.0/24 documentation
+        (0xe000_0000, 4),  // 224.0.0.0/4 multicast
+        (0xf000_0000, 4),  // 240.0.0.0/4 reserved, and the broadcast address
+    ];
+    !NOT_GLOBAL
+        .iter()
+        .any(|&(net, len)| a >> (32 - len) == net >> (32 - len))
+}
+
+fn is_global_v6(ip: std::net::Ipv6Addr) -> bool {
+    let a = u128::from(ip);
+    let in_block = |net: u128, len: u32| a >> (128 - len) == net >> (128 - len);
+    let low_v4 = std::net::Ipv4Addr::from(a as u32);
+    // Embedded IPv4 addresses first: the IPv4 address is where packets end up.
+    if in_block(0xffff_0000_0000, 96) || in_block(0x64_ff9b << 96, 96) {
+        // ::ffff:a.b.c.d (mapped) and 64:ff9b::a.b.c.d (NAT64 well-known prefix).
+        return is_global_v4(low_v4);
+    }
+    if in_block(0, 96) {
+        // ::a.b.c.d (IPv4-compatible, deprecated), ::, ::1.
+        return false;
+    }
+    if in_block(0x2002 << 112, 16) {
+        // 6to4: 2002:AABB:CCDD::/48 embeds a.b.c.d in bits 16..48.
+        return is_global_v4(std::net::Ipv4Addr::from((a >> 80) as u32));
+    }
+    if in_block(0x2001 << 112, 32) {
+        // Teredo: server in bits 32..64, client obfuscated (inverted) in the last 32 bits.
+        let server = std::net::Ipv4Addr::from((a >> 64) as u32);
+        let client = std::net::Ipv4Addr::from(!(a as u32));
+        return is_global_v4(server) && is_global_v4(client);
+    }
+    // Only 2000::/3 is global unicast; inside it, these blocks are not globally reachable.
+    const NOT_GLOBAL: [(u128, u32); 3] = [
+        (0x2001_0000 << 96, 23), // 2001::/23 IETF protocol assignments (benchmarking, ORCHID...)
+        (0x2001_0db8 << 96, 32), // 2001:db8::/32 documentation
+        (0x3fff << 112, 20),     // 3fff::/20 documentation
+    ];
+    in_block(0x2000 << 112, 3) && !NOT_GLOBAL.iter().any(|&(net, len)| in_block(net, len))
 }
 
 fn bad_url(url: &str, why: &str) -> WebhookError {
@@ -218,7 +269,7 @@ pub async fn check_repo_url(
         if is_internal(ip) && !cfg.allow_private_repositories {
             return Err(bad_url(
                 url,
-                "the host is a loopback, private, link-local or unspecified address (an admin can allow it with webhooks.allow_private_repositories)",
+                "the host is not a global unicast address (loopback, private, link-local, reserved, documentation, multicast or an IPv6 form embedding one); an admin can allow it with webhooks.allow_private_repositories",
             ));
         }
         return Ok(None);
@@ -247,7 +298,7 @@ pub async fn check_repo_url(
     if addrs.iter().any(|ip| is_internal(*ip)) {
         return Err(bad_url(
             url,
-            "the host resolves to a loopback, private, link-local or unspecified address (an admin can allow it with webhooks.allow_private_repositories)",
+            "the host resolves to an address that is not global unicast (loopback, private, link-local, reserved, documentation, multicast or an IPv6 form embedding one); an admin can allow it with webhooks.allow_private_repositories",
         ));
     }
     let pin = match addrs[0] {
@@ -622,9 +673,9 @@ mod tests {
     async fn urls_are_checked() {
         let strict = cfg(false, false);
         for ok in [
-            "https://203.0.113.9/org/repo.git",
-            "http://198.51.100.7:8080/repo",
-            "https://[2001:db8::1]/repo.git",
+            "https://140.82.121.4/org/repo.git",
+            "http://93.184.215.14:8080/repo",
+            "https://[2606:4700:4700::1111]/repo.git",
         ] {
             check_repo_url(ok, &strict).await.expect(ok);
         }
@@ -637,6 +688,14 @@ mod tests {
             "https://[::1]/x",
             "https://[fe80::1]/x",
             "https://[::ffff:127.0.0.1]/x",
+            "https://[::127.0.0.1]/x",
+            "https://[64:ff9b::7f00:1]/x",
+            "https://[2002:7f00:1::]/x",
+            "https://[fec0::1]/x",
+            "http://198.18.0.1/x",
+            "http://224.0.0.1/x",
+            "https://[ff02::1]/x",
+            "https://203.0.113.9/x",
             "https://localhost/x.git",
             "file:///srv/repo.git",
             "ssh://example.com/x",
@@ -662,6 +721,101 @@ mod tests {
         check_repo_url("file:///srv/repo.git", &open).await.unwrap();
         assert!(check_repo_url("file://host/x", &open).await.is_err());
         assert!(check_repo_url("file:///srv/../etc", &open).await.is_err());
+    }
+
+    /// Every address class, by table: (address, globally reachable unicast?).
+    #[test]
+    fn address_classes() {
+        let table: &[(&str, bool)] = &[
+            // IPv4
+            ("8.8.8.8", true),
+            ("140.82.121.4", true),
+            ("100.63.255.255", true),
+            ("100.128.0.0", true),
+            ("172.32.0.1", true),
+            ("198.17.255.255", true),
+            ("198.20.0.0", true),
+            ("223.255.255.255", true),
+            ("0.0.0.0", false),
+            ("0.1.2.3", false),
+            ("10.0.0.1", false),
+            ("100.64.0.1", false),
+            ("100.127.255.255", false),
+            ("127.0.0.1", false),
+            ("127.255.255.254", false),
+            ("169.254.169.254", false),
+            ("172.16.0.1", false),
+            ("172.31.255.255", false),
+            ("192.0.0.1", false),
+            ("192.0.0.170", false),
+            ("192.0.2.1", false),
+            ("192.88.99.1", false),
+            ("192.168.1.1", false),
+            ("198.18.0.1", false),
+            ("198.19.255.255", false),
+            ("198.51.100.7", false),
+            ("203.0.113.9", false),
+            ("224.0.0.1", false),
+            ("239.255.255.250", false),
+            ("240.0.0.1", false),
+            ("255.255.255.255", false),
+            // IPv6 global unicast
+            ("2606:4700:4700::1111", true),
+            ("2a00:1450:4001:80b::200e", true),
+            ("2001:4860::8888", true),
+            // IPv6 special
+            ("::", false),
+            ("::1", false),
+            ("100::1", false),
+            ("2001:db8::1", false),
+            ("2001:2::1", false),
+            ("2001:10::1", false),
+            ("3fff::1", false),
+            ("5f00::1", false),
+            ("fc00::1", false),
+            ("fd12:3456::1", false),
+            ("fe80::1", false),
+            ("fec0::1", false),
+            ("feff::1", false),
+            ("ff02::1", false),
+            ("ff0e::1", false),
+            ("4000::1", false),
+            ("1fff::1", false),
+            // IPv4-mapped: judged by the IPv4 address
+            ("::ffff:127.0.0.1", false),
+            ("::ffff:10.0.0.1", false),
+            ("::ffff:8.8.8.8", true),
+            // SIIT "IPv4-translated" ::ffff:0:a.b.c.d
+            ("::ffff:0:8.8.8.8", false),
+            // IPv4-compatible (deprecated): never
+            ("::127.0.0.1", false),
+            ("::8.8.8.8", false),
+            // NAT64 well-known prefix: judged by the IPv4 address; local-use prefix never
+            ("64:ff9b::7f00:1", false),
+            ("64:ff9b::10.0.0.1", false),
+            ("64:ff9b::169.254.169.254", false),
+            ("64:ff9b::8.8.8.8", true),
+            ("64:ff9b:1::8.8.8.8", false),
+            // 6to4: the IPv4 address in bits 16..48
+            ("2002:7f00:1::", false),
+            ("2002:a00:1::1", false),
+            ("2002:c612:1::1", false),
+            ("2002:808:808::1", true),
+            // Teredo: server 65.54.227.120, client 8.8.8.8 obfuscated (inverted)
+            ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", true),
+            // ... with a loopback server, or a private or documentation client
+            ("2001:0:7f00:1:8000:63bf:f7f7:f7f7", false),
+            ("2001:0:4136:e378:8000:63bf:f5ff:fffe", false),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", false),
+        ];
+        let mut wrong = Vec::new();
+        for &(addr, global) in table {
+            let ip: IpAddr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+            if is_global(ip) != global || is_internal(ip) == global {
+                wrong.push(format!("{addr}: expected global={global}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     #[test]

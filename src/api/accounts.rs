@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, AppState, Auth, Json, Path};
-use crate::auth::{generate_token, hash_password, token_hash, verify_password};
+use crate::auth::{generate_token, token_hash};
 use crate::registry::{NewToken, Role, Team, TokenInfo, User};
 use crate::validate;
 
@@ -81,18 +81,22 @@ pub struct CreateTokenRequest {
 }
 
 #[utoipa::path(post, path = "/api/v1/setup", tag = "accounts", request_body = SetupRequest,
-    responses((status = 201, body = NewTokenResponse), (status = 403, body = super::Problem)))]
+    responses((status = 201, body = NewTokenResponse), (status = 403, body = super::Problem),
+        (status = 503, body = super::Problem)))]
 pub async fn setup(
     State(s): State<AppState>,
     Json(req): Json<SetupRequest>,
 ) -> Result<(StatusCode, Json<NewTokenResponse>), ApiError> {
     validate::account_name(&req.name, "user name")?;
-    let password_hash = hash_password(&req.password)?;
+    // The token first: a caller without it must not make the server hash anything.
+    let setup_hash = token_hash(req.setup_token.trim());
+    s.registry.check_setup_token(&setup_hash).await?;
+    let password_hash = s.hashing.hash(&req.password).await?;
     let token = generate_token();
     let actor = s
         .registry
         .complete_setup(
-            &token_hash(req.setup_token.trim()),
+            &setup_hash,
             &req.name,
             &password_hash,
             NewToken {
@@ -115,7 +119,8 @@ pub async fn setup(
 }
 
 #[utoipa::path(post, path = "/api/v1/login", tag = "accounts", request_body = LoginRequest,
-    responses((status = 201, body = NewTokenResponse), (status = 401, body = super::Problem), (status = 429, body = super::Problem)))]
+    responses((status = 201, body = NewTokenResponse), (status = 401, body = super::Problem), (status = 429, body = super::Problem),
+        (status = 503, body = super::Problem)))]
 pub async fn login(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -126,12 +131,9 @@ pub async fn login(
         return Err(ApiError::TooManyRequests(wait.as_secs().max(1)));
     }
     let creds = s.registry.user_credentials(&user).await?;
-    let password = req.password.clone();
     let stored = creds.as_ref().and_then(|(_, h)| h.clone());
-    // argon2 is CPU-heavy: keep it off the async workers.
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, stored.as_deref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    // Bounded, off the async workers; an unknown user is checked against a dummy hash.
+    let ok = s.hashing.verify(&req.password, stored).await?;
     let actor = match (ok, creds) {
         (true, Some((actor, _))) => actor,
         _ => {
@@ -180,7 +182,7 @@ pub async fn create_user(
     let team = req.team.unwrap_or_else(|| "default".into());
     validate::account_name(&team, "team name")?;
     let hash = match &req.password {
-        Some(p) => Some(hash_password(p)?),
+        Some(p) => Some(s.hashing.hash(p).await?),
         None => None,
     };
     let user = s

@@ -522,8 +522,9 @@ pub async fn add_domain(
     let domain = validate::domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
     validate::custom_domain(&domain, &app, apps_domain).map_err(|e| {
-        // The apps domain itself is not a domain one can have; another app's name is taken.
-        if domain == *apps_domain {
+        // The apps domain (and above) is not a domain one can have; another app's names are
+        // taken.
+        if validate::is_apps_domain_or_above(&domain, apps_domain) {
             ApiError::Unprocessable(e.0)
         } else {
             ApiError::Conflict(e.0)

@@ -26,6 +26,9 @@ pub enum ApiError {
     TooManyRequests(u64),
     #[error("{0}")]
     Unavailable(String),
+    /// Overloaded for now: 503 with `Retry-After` (seconds).
+    #[error("{message}")]
+    Busy { message: String, retry_after: u64 },
     #[error("request body too large: the limit is {0} bytes")]
     PayloadTooLarge(usize),
     #[error("this route does not accept that method; see /api/v1/openapi.json")]
@@ -56,7 +59,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "invalid-input",
             ApiError::TooManyRequests(_) => "rate-limited",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Busy { .. } => "busy",
             ApiError::PayloadTooLarge(_) => "too-large",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Internal(_) => "internal",
@@ -83,7 +87,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if matches!(self, ApiError::Busy { .. }) {
+            tracing::warn!(error = %self, "request refused: overloaded");
+        } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
         let detail = match &self {
@@ -116,7 +122,10 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"escale\", Basic realm=\"escale\""),
                 );
             }
-            ApiError::TooManyRequests(secs) => {
+            ApiError::TooManyRequests(secs)
+            | ApiError::Busy {
+                retry_after: secs, ..
+            } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
             }
             _ => {}
@@ -147,6 +156,10 @@ impl From<crate::auth::AuthError> for ApiError {
     fn from(e: crate::auth::AuthError) -> ApiError {
         match e {
             crate::auth::AuthError::WeakPassword => ApiError::Unprocessable(e.to_string()),
+            crate::auth::AuthError::Busy(wait) => ApiError::Busy {
+                message: e.to_string(),
+                retry_after: wait.as_secs().max(1),
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }

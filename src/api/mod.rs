@@ -27,7 +27,7 @@ use utoipa::OpenApi;
 pub use error::{ApiError, Problem};
 pub use extract::{Auth, Json, Path, Query};
 
-use crate::auth::LoginLimiter;
+use crate::auth::{Hashing, LoginLimiter};
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -37,6 +37,8 @@ pub struct AppState {
     pub registry: Registry,
     pub config: Arc<Config>,
     pub limiter: Arc<LoginLimiter>,
+    /// The bound on password hashing: every hash and check goes through it.
+    pub hashing: Arc<Hashing>,
     /// Woken on every change of desired state, so the reconciler acts at once.
     pub changed: Arc<Notify>,
     /// The scheduler, when this server runs one (API-only tests do not).
@@ -58,6 +60,7 @@ impl AppState {
             registry,
             config,
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
+            hashing: Arc::new(Hashing::per_core()),
             changed,
             certs,
             scheduler: None,
@@ -193,11 +196,14 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Prometheus metrics of the proxy and the scheduler (text format; any valid token).
+/// Prometheus metrics of the proxy and the scheduler (text format; admins only: the series are
+/// labelled with every team's app names and show their traffic, and a scrape job is an
+/// operator's, not a team's).
 async fn metrics(
     axum::extract::State(s): axum::extract::State<AppState>,
-    _auth: Auth,
-) -> axum::response::Response {
+    Auth(actor): Auth,
+) -> Result<axum::response::Response, ApiError> {
+    actor.require_admin("reading /metrics (every team's apps)")?;
     let mut out = String::with_capacity(4096);
     s.metrics.render_prometheus(&mut out);
     if let Some(sched) = &s.scheduler {
@@ -218,14 +224,14 @@ async fn metrics(
             sched.engine_calls.load(Relaxed)
         ));
     }
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         out,
     )
-        .into_response()
+        .into_response())
 }
 
 /// Liveness probe (no authentication).

@@ -520,6 +520,20 @@ impl Job<'_> {
         };
         match Manifest::parse_with(&text, &checks) {
             Ok(m) => {
+                // Domains other apps hold are refused now, before the build (applying the
+                // manifest checks again).
+                if let Some(domains) = &m.domains {
+                    if let Err(e) = self
+                        .state
+                        .registry
+                        .check_domains(self.actor, &self.app.name, domains)
+                        .await
+                    {
+                        return Err(GitError::Rejected(format!(
+                            "{MANIFEST_FILE}: {e}; nothing was changed"
+                        )));
+                    }
+                }
                 self.progress.say(&format!(
                     "-----> {MANIFEST_FILE} is valid; applied before the release"
                 ));

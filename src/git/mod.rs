@@ -122,6 +122,37 @@ fn valid_uid(uid: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// Makes the existing repositories under `data_dir/git` keep what git writes later owner-only
+/// (`core.sharedRepository = 0600`, as new ones get from `git init --shared=0600`); for
+/// installs made before that rule. Best effort: a failure is logged, start-up goes on (the
+/// data dir itself is 0700).
+pub fn make_repos_private(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("git")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "git") || !path.join("config").is_file() {
+            continue;
+        }
+        let mut git_dir = std::ffi::OsString::from("--git-dir=");
+        git_dir.push(path.as_os_str());
+        let out = std::process::Command::new("git")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .arg(git_dir)
+            .args(["config", "--", "core.sharedRepository", "0600"])
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => tracing::warn!(repo = %path.display(),
+                "cannot make the repository owner-only: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => tracing::warn!(repo = %path.display(), "cannot run git: {e}"),
+        }
+    }
+}
+
 /// A ref escale accepts: `refs/heads/...` or `refs/tags/...`, components of ASCII letters,
 /// digits, `.`, `_` and `-`, none empty, none starting with `.` or `-`, none ending in `.lock`,
 /// no `..`, at most 200 bytes.
@@ -373,12 +404,25 @@ async fn ensure_repo_of(state: &GitState, data_dir: &Path, uid: &str) -> Result<
         return Ok(path);
     }
     let parent = path.parent().expect("repo path has a parent");
-    tokio::fs::create_dir_all(parent).await?;
+    let mut dirs = tokio::fs::DirBuilder::new();
+    dirs.recursive(true);
+    #[cfg(unix)]
+    dirs.mode(0o700);
+    dirs.create(parent).await?;
     // Built under a temporary name and renamed, so a crash never leaves half a repository.
     let tmp = parent.join(format!(".{uid}.git.tmp"));
     let _ = tokio::fs::remove_dir_all(&tmp).await;
     let out = git()
-        .args(["init", "--quiet", "--bare", "--initial-branch=main", "--"])
+        // Owner-only, like everything in the data dir: git keeps files 0600, directories
+        // 0700, also for what later pushes and fetches write (`core.sharedRepository`).
+        .args([
+            "init",
+            "--quiet",
+            "--bare",
+            "--initial-branch=main",
+            "--shared=0600",
+            "--",
+        ])
         .arg(&tmp)
         .output()
         .await

@@ -110,6 +110,12 @@ impl From<ActorRow> for Actor {
     }
 }
 
+fn setup_refused() -> RegistryError {
+    RegistryError::Forbidden(
+        "the setup token is invalid or was already used; the first admin exists or a newer token was printed by `escale serve`".into(),
+    )
+}
+
 impl Registry {
     /// Number of users; zero means the installation still waits for its first admin.
     pub async fn user_count(&self) -> Result<i64> {
@@ -133,6 +139,23 @@ impl Registry {
         Ok(())
     }
 
+    /// Fails as [`Registry::complete_setup`] would when the setup token is unknown or used, or
+    /// when a user exists; changes nothing. Lets the API refuse before hashing a password.
+    pub async fn check_setup_token(&self, setup_hash: &str) -> Result<()> {
+        let ok: bool = sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM users)
+               AND EXISTS (SELECT 1 FROM setup_tokens WHERE hash = ? AND used_at IS NULL)",
+        )
+        .bind(setup_hash)
+        .fetch_one(&self.pool)
+        .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(setup_refused())
+        }
+    }
+
     /// Consumes the setup token and creates the first admin with its first API token, all in
     /// one transaction. Fails if the token is unknown or used, or if any user exists.
     pub async fn complete_setup(
@@ -153,9 +176,7 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         if users > 0 || used.rows_affected() != 1 {
-            return Err(RegistryError::Forbidden(
-                "the setup token is invalid or was already used; the first admin exists or a newer token was printed by `escale serve`".into(),
-            ));
+            return Err(setup_refused());
         }
         let team_id: i64 = sqlx::query_scalar("SELECT id FROM teams WHERE name = 'default'")
             .fetch_one(&mut *tx)

@@ -630,10 +630,12 @@ impl Registry {
         Ok(release)
     }
 
-    /// Adds a custom domain (normalised by the caller) to an app.
+    /// Adds a custom domain (normalised by the caller, and checked against the apps domain
+    /// with [`crate::validate::custom_domain`]) to an app; see [`Registry::check_domains`].
     pub async fn add_domain(&self, actor: &Actor, app: &str, domain: &str) -> Result<Domain> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
+        domain_available(&mut tx, &a, domain).await?;
         let now = now_ms();
         sqlx::query("INSERT INTO domains (domain, app_id, created_at) VALUES (?, ?, ?)")
             .bind(domain)
@@ -642,7 +644,7 @@ impl Registry {
             .execute(&mut *tx)
             .await
             .map_err(conflict_if_unique(|| {
-                format!("domain `{domain}` is already attached to an app")
+                format!("domain `{domain}` is already a domain of app `{app}`")
             }))?;
         audit(&mut tx, &actor.name, Some(app), "domain.add", domain).await?;
         tx.commit().await?;
@@ -683,12 +685,62 @@ impl Registry {
         .await?)
     }
 
+    /// Refuses, as adding them would, domains `app` may not have because of other apps: one
+    /// attached to another app, or one above or below a domain of another team's app (the
+    /// tree of names under a domain belongs to the team holding it; see
+    /// [`domain_available`]). For callers that want to refuse before expensive work (a build);
+    /// the adding transaction checks again.
+    pub async fn check_domains(&self, actor: &Actor, app: &str, domains: &[String]) -> Result<()> {
+        let a = self.app(actor, app).await?;
+        let mut conn = self.pool.acquire().await?;
+        for d in domains {
+            domain_available(&mut conn, &a, d).await?;
+        }
+        Ok(())
+    }
+
     /// Every `(domain, app)` pair (for the routing table).
     pub async fn all_domains(&self) -> Result<Vec<(String, String)>> {
         Ok(sqlx::query_as("SELECT d.domain, a.name FROM domains d JOIN apps a ON a.id = d.app_id ORDER BY d.domain")
             .fetch_all(&self.pool)
             .await?)
     }
+}
+
+/// Fails with a conflict when `domain` may not be added to app `a`: it is attached to another
+/// app, or another team holds a name above it (`shop.example.eu` over `www.shop.example.eu`)
+/// or below it (`example.eu` over `shop.example.eu`: taking the parent would put the other
+/// team's subtree under it, and block that team from names of its own). Within one team,
+/// nesting is free. The answer is the same whoever holds the name, and never names the team
+/// or the app.
+async fn domain_available(
+    conn: &mut sqlx::SqliteConnection,
+    a: &AppRef,
+    domain: &str,
+) -> Result<()> {
+    let taken: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM domains d JOIN apps a ON a.id = d.app_id
+           WHERE (d.domain = ? AND d.app_id != ?)
+              OR (a.team_id != ? AND (
+                   (length(?) > length(d.domain) AND substr(?, -length(d.domain) - 1) = '.' || d.domain)
+                OR (length(d.domain) > length(?) AND substr(d.domain, -length(?) - 1) = '.' || ?))))",
+    )
+    .bind(domain)
+    .bind(a.id)
+    .bind(a.team_id)
+    .bind(domain)
+    .bind(domain)
+    .bind(domain)
+    .bind(domain)
+    .bind(domain)
+    .fetch_one(&mut *conn)
+    .await?;
+    if taken {
+        return Err(RegistryError::Conflict(format!(
+            "domain `{domain}` is not available: it, a name above it or a name below it is held by another app; pick another domain"
+        )));
+    }
+    Ok(())
 }
 
 fn describe_patch(process: &str, p: &ProcessPatch) -> String {
@@ -849,6 +901,14 @@ impl Registry {
                 out.changes.push(format!("domain {d} removed"));
             }
             for d in domains.iter().filter(|d| !have.contains(d)) {
+                domain_available(&mut tx, &a, d)
+                    .await
+                    .map_err(|e| match e {
+                        RegistryError::Conflict(m) => {
+                            RegistryError::Conflict(format!("{m}; nothing was applied"))
+                        }
+                        other => other,
+                    })?;
                 sqlx::query("INSERT INTO domains (domain, app_id, created_at) VALUES (?, ?, ?)")
                     .bind(d)
                     .bind(a.id)

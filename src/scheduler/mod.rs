@@ -139,7 +139,16 @@ struct ExecState {
     /// Routing snapshots built so far; bumped (under this lock) when one reads `draining`.
     routes_built: u64,
     crashes: HashMap<(String, String, u32), SlotCrash>,
+    /// App networks: when they were last swept (`None`: not since start), the apps (name,
+    /// id) of the registry then, and whether a sweep left a network it could not remove yet.
+    networks_swept: Option<std::time::Instant>,
+    network_apps: HashSet<(String, i64)>,
+    networks_left: bool,
 }
+
+/// How often app networks are swept when nothing suggests one is due (an app destroyed, a
+/// network left by the last sweep, the first pass after start).
+const NETWORK_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
 /// The reconciler and its shared views.
 pub struct Scheduler {
@@ -307,6 +316,10 @@ impl Scheduler {
         use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
         let desired_apps = self.registry.desired_state().await?;
+        let registry_apps: HashSet<(String, i64)> = desired_apps
+            .iter()
+            .map(|d| (d.app.name.clone(), d.app.id))
+            .collect();
 
         let domains = self.registry.all_domains().await?;
         let now = now_ms();
@@ -634,6 +647,7 @@ impl Scheduler {
             crashing,
             nodes: node_views,
         }));
+        self.sweep_networks(registry_apps).await;
         self.passes.fetch_add(1, Relaxed);
         tracing::trace!(took = ?started.elapsed(), "reconcile pass done");
 
@@ -877,6 +891,57 @@ impl Scheduler {
         }
     }
 
+    /// Removes the networks of apps the registry no longer has (destroyed apps, leftovers of
+    /// an earlier run). Runs on the first pass, when an app left the registry, while a
+    /// network could not be removed yet (its containers still draining), and every
+    /// [`NETWORK_SWEEP_INTERVAL`]; otherwise costs nothing.
+    async fn sweep_networks(&self, apps: HashSet<(String, i64)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let due = {
+            let mut st = self.state.lock().expect("scheduler lock");
+            let gone = st.network_apps.difference(&apps).next().is_some();
+            st.network_apps = apps.clone();
+            gone || st.networks_left
+                || st
+                    .networks_swept
+                    .is_none_or(|t| t.elapsed() >= NETWORK_SWEEP_INTERVAL)
+        };
+        if !due {
+            return;
+        }
+        let mut left = false;
+        for n in &self.nodes {
+            self.engine_calls.fetch_add(1, Relaxed);
+            let networks = match n.list_app_networks(&self.installation).await {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::warn!(node = %n.name, error = %e, "cannot list app networks");
+                    left = true;
+                    continue;
+                }
+            };
+            for net in networks {
+                if apps.contains(&(net.app.clone(), net.app_id)) {
+                    continue;
+                }
+                self.engine_calls.fetch_add(1, Relaxed);
+                match n.remove_network(&net.id).await {
+                    Ok(()) => {
+                        tracing::info!(node = %n.name, network = %net.name, app = %net.app, "app network removed")
+                    }
+                    // Most likely containers of the app are still draining: next pass.
+                    Err(e) => {
+                        tracing::debug!(node = %n.name, network = %net.name, error = %e, "app network not removed yet");
+                        left = true;
+                    }
+                }
+            }
+        }
+        let mut st = self.state.lock().expect("scheduler lock");
+        st.networks_swept = Some(std::time::Instant::now());
+        st.networks_left = left;
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
@@ -924,6 +989,7 @@ impl Scheduler {
             log_max_size: self.config.scheduler.log_max_size.clone(),
             log_max_files: self.config.scheduler.log_max_files,
             extra_labels: vec![(node::LABEL_SPEC.to_string(), spec_hash(image, p))],
+            app_id: app.id,
             ..Default::default()
         };
         Ok(node.start_instance(&spec).await?)

@@ -94,7 +94,7 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
     (
         "PUT",
         "/api/v1/apps/{app}/webhook",
-        r#"{"repository":"https://203.0.113.9/{app}.git","branch":"main"}"#,
+        r#"{"repository":"https://140.82.121.4/{app}.git","branch":"main"}"#,
         Access::App,
     ),
     ("GET", "/api/v1/apps/{app}/webhook", "", Access::App),
@@ -826,13 +826,13 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         "domain of another app",
         post(dom, json!({"domain": "other.example.eu"})),
         409,
-        "already attached",
+        "not available",
     ));
     rows.push(bad(
         "domain of another app, other case",
         post(dom, json!({"domain": "Other.Example.EU."})),
         409,
-        "already attached",
+        "not available",
     ));
     rows.push(bad(
         "domain reserved for another app",
@@ -2098,4 +2098,332 @@ async fn deleting_a_user_revokes_its_tokens_and_passwordless_users_cannot_log_in
             .await;
         assert_unauthorized(&r, &format!("password-less user with {password:?}"));
     }
+}
+
+/// Asserts the answer to a request refused because password hashing is saturated: 503
+/// problem+json with `Retry-After` and a message saying to retry.
+#[track_caller]
+fn assert_busy(r: &Resp, what: &str) {
+    r.assert_problem(StatusCode::SERVICE_UNAVAILABLE, what);
+    let retry: u64 = r.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{what}: {r:?}");
+    assert!(r.detail().contains("try again"), "{what}: {r:?}");
+}
+
+/// Issue #11 finding 5: every route that hashes a password goes through one bound; when it is
+/// saturated the caller is answered 503 with `Retry-After` and nothing is changed, and a setup
+/// with a wrong token is refused before any hashing.
+#[tokio::test]
+async fn password_hashing_is_bounded_on_every_path() {
+    let api = TestApi::new().await;
+    let runs = api.hashing.runs();
+    // Setup with a wrong token: refused without hashing, also when hashing is saturated.
+    let held = api.hashing.hold_all().await;
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/setup",
+            None,
+            Some(json!({"setup_token": "escsetup_nope", "name": "admin", "password": PASSWORD})),
+        )
+        .await;
+    r.assert_problem(StatusCode::FORBIDDEN, "setup with a wrong token");
+    assert_eq!(
+        api.hashing.runs(),
+        runs,
+        "a wrong setup token hashes nothing"
+    );
+    // Setup with the right token while saturated: busy, and the token stays usable.
+    let secret = api.new_setup_token().await;
+    let body = json!({"setup_token": secret, "name": "admin", "password": PASSWORD});
+    let r = api
+        .call("POST", "/api/v1/setup", None, Some(body.clone()))
+        .await;
+    assert_busy(&r, "setup while hashing is saturated");
+    assert_eq!(
+        api.registry.user_count().await.unwrap(),
+        0,
+        "nothing changed"
+    );
+    drop(held);
+    let admin = api
+        .expect(
+            StatusCode::CREATED,
+            "POST",
+            "/api/v1/setup",
+            None,
+            Some(body),
+        )
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Known user, unknown user and wrong password all wait for the same bound.
+    let held = api.hashing.hold_all().await;
+    let runs = api.hashing.runs();
+    for (name, password, what) in [
+        ("admin", PASSWORD, "known user, right password"),
+        ("admin", "wrong password", "known user, wrong password"),
+        ("nobody", "wrong password", "unknown user"),
+    ]
+    .repeat(3)
+    {
+        let r = api
+            .send(
+                Req::new("POST", "/api/v1/login")
+                    .json(&json!({"name": name, "password": password}))
+                    .peer("127.0.0.9:1"),
+            )
+            .await;
+        assert_busy(&r, what);
+    }
+    // Creating a user with a password: busy, and no user was created.
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({"name": "ann", "password": PASSWORD})),
+        )
+        .await;
+    assert_busy(&r, "user creation while hashing is saturated");
+    assert_eq!(
+        api.registry.user_count().await.unwrap(),
+        1,
+        "nothing changed"
+    );
+    assert_eq!(api.hashing.runs(), runs, "nothing hashed while saturated");
+    // Busy answers are not failed attempts: the limiter did not count them.
+    drop(held);
+    api.login("admin", PASSWORD, "127.0.0.9:1").await;
+    // An unknown user's login costs a hash like a known user's (checked against a dummy).
+    let runs = api.hashing.runs();
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/login",
+            None,
+            Some(json!({"name": "nobody", "password": "wrong password"})),
+        )
+        .await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "unknown user");
+    assert_eq!(
+        api.hashing.runs(),
+        runs + 1,
+        "the unknown user was hashed too"
+    );
+    // A member may not create users: refused before hashing.
+    api.create_team(&admin, "red").await;
+    let member = api.create_member(&admin, "bob", "red").await;
+    let runs = api.hashing.runs();
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/users",
+            Some(&member),
+            Some(json!({"name": "eve", "password": PASSWORD})),
+        )
+        .await;
+    r.assert_problem(StatusCode::FORBIDDEN, "member creating a user");
+    assert_eq!(api.hashing.runs(), runs, "refused before hashing");
+}
+
+/// Issue #11 finding 9: `/metrics` names every team's apps, so only admins may read it.
+#[tokio::test]
+async fn metrics_are_for_admins_only() {
+    let t = teams().await;
+    let r = t.api.call("GET", "/metrics", None, None).await;
+    assert_unauthorized(&r, "metrics without a token");
+    let r = t.api.call("GET", "/metrics", Some("esc_bogus"), None).await;
+    assert_unauthorized(&r, "metrics with a bogus token");
+    for (who, token) in [("rosa (red)", &t.rosa), ("bert (blue)", &t.bert)] {
+        let r = t.api.call("GET", "/metrics", Some(token), None).await;
+        r.assert_problem(StatusCode::FORBIDDEN, who);
+        assert!(r.detail().contains("admin"), "{who}: {r:?}");
+    }
+    let r = t.api.call("GET", "/metrics", Some(&t.admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert!(r.content_type().starts_with("text/plain"), "{r:?}");
+    assert!(r.body.as_str().unwrap_or("").contains("# TYPE"), "{r:?}");
+}
+
+/// Issue #11 finding 7: a domain under or above a name another team holds (an app's host
+/// under the apps domain, or a custom domain) is refused through `domains add` and manifest
+/// `apply`, for members and admins alike, with one answer that never names the other team
+/// or app; nothing changes. Within a team, nesting is free.
+#[tokio::test]
+async fn domains_under_or_above_another_teams_names_are_refused() {
+    let t = teams().await;
+    let api = &t.api;
+    let apps = api.config.apps_domain.clone();
+    let above_apps = apps.split_once('.').map(|(_, p)| p.to_string());
+    api.create_app(&t.rosa, "aapp").await; // team red
+    api.create_app(&t.bert, "bapp").await; // team blue
+    let add = |token: &str, app: &str, domain: &str| {
+        let (token, path, domain) = (
+            token.to_string(),
+            format!("/api/v1/apps/{app}/domains"),
+            domain.to_string(),
+        );
+        async move {
+            api.call("POST", &path, Some(&token), Some(json!({"domain": domain})))
+                .await
+        }
+    };
+    let apply = |token: &str, app: &str, domain: &str| {
+        let (token, path, doc) = (
+            token.to_string(),
+            format!("/api/v1/apps/{app}/manifest"),
+            format!("domains = [\"{domain}\"]\n"),
+        );
+        async move {
+            api.call("PUT", &path, Some(&token), Some(json!({"manifest": doc})))
+                .await
+        }
+    };
+    let r = add(&t.rosa, "aapp", "shop.example.eu").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let domains_of = |app: &str| {
+        let path = format!("/api/v1/apps/{app}/domains");
+        let admin = t.admin.clone();
+        async move {
+            api.expect(StatusCode::OK, "GET", &path, Some(&admin), None)
+                .await
+        }
+    };
+    let (red_before, blue_before) = (domains_of("aapp").await, domains_of("bapp").await);
+
+    // (domain, status from `domains add`, status from manifest `apply`).
+    let mut cases: Vec<(String, StatusCode, StatusCode)> = vec![
+        // Another team's app host and every name below it (the manifest refuses it at parse).
+        (
+            format!("aapp.{apps}"),
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!("login.aapp.{apps}"),
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!("a.b.aapp.{apps}"),
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        // Another team's custom domain, names below it and names above it.
+        (
+            "shop.example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "www.shop.example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "a.b.shop.example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "example.eu".into(),
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+        ),
+        // The apps domain and names above it: over every app's host, nobody's.
+        (
+            apps.clone(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    if let Some(p) = above_apps.filter(|p| p.contains('.')) {
+        cases.push((
+            p,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ));
+    }
+    let mut custom_answers = BTreeSet::new();
+    for (domain, add_status, apply_status) in &cases {
+        for (who, token) in [("bert", &t.bert), ("admin", &t.admin)] {
+            let r = add(token, "bapp", domain).await;
+            r.assert_problem(*add_status, &format!("{who} adds {domain}"));
+            let a = apply(token, "bapp", domain).await;
+            a.assert_problem(*apply_status, &format!("{who} applies {domain}"));
+            for (what, resp) in [("add", &r), ("apply", &a)] {
+                let detail = resp.detail().replace(domain.as_str(), "DOMAIN");
+                // Under the apps domain the answer names the app label the domain itself
+                // has, the same whether such an app exists (checked below).
+                let detail = detail
+                    .replace("`aapp`", "`LABEL`")
+                    .replace("aapp.", "LABEL.");
+                assert!(
+                    !detail.contains("rosa")
+                        && !detail.contains("`red`")
+                        && !detail.contains(" red ")
+                        && !detail.contains("aapp")
+                        && !detail.contains("shop.example.eu"),
+                    "{who} {what} {domain}: the answer names who holds it: {detail}"
+                );
+                assert!(detail.contains("DOMAIN"), "{who} {what}: {detail}");
+            }
+            if !domain.ends_with(&apps) && *add_status == StatusCode::CONFLICT {
+                custom_answers.insert(r.detail().replace(domain.as_str(), "DOMAIN"));
+            }
+        }
+    }
+    // Under the apps domain, an existing app's names get the answer a missing app's get.
+    let held = add(&t.bert, "bapp", &format!("login.aapp.{apps}")).await;
+    let free = add(&t.bert, "bapp", &format!("login.nosuchapp.{apps}")).await;
+    assert_eq!(held.status, free.status);
+    assert_eq!(held.detail(), free.detail().replace("nosuchapp", "aapp"));
+    assert_eq!(
+        custom_answers.len(),
+        1,
+        "one answer whether the name is held, above or below: {custom_answers:#?}"
+    );
+    assert_eq!(domains_of("aapp").await, red_before, "nothing changed");
+    assert_eq!(domains_of("bapp").await, blue_before, "nothing changed");
+
+    // Siblings and unrelated names are free; so is nesting within a team, on any of its apps.
+    let r = add(&t.bert, "bapp", "blue.example.eu").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    api.create_app(&t.rosa, "aapp2").await;
+    for (app, domain) in [
+        ("aapp", "www.shop.example.eu"),
+        ("aapp2", "api.shop.example.eu"),
+        ("aapp", &format!("login.aapp.{apps}")),
+    ] {
+        let r = add(&t.rosa, app, domain).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{app} {domain}: {r:?}");
+    }
+    // The other way round: blue's name blocks red from names above and below it.
+    for domain in ["example.eu", "x.blue.example.eu", "blue.example.eu"] {
+        add(&t.rosa, "aapp", domain)
+            .await
+            .assert_problem(StatusCode::CONFLICT, domain);
+        apply(&t.rosa, "aapp", domain)
+            .await
+            .assert_problem(StatusCode::CONFLICT, domain);
+    }
+    // Once red lets its names go, blue may take them.
+    for (app, domain) in [
+        ("aapp", "shop.example.eu"),
+        ("aapp", "www.shop.example.eu"),
+        ("aapp2", "api.shop.example.eu"),
+    ] {
+        let path = format!("/api/v1/apps/{app}/domains/{domain}");
+        api.expect(StatusCode::NO_CONTENT, "DELETE", &path, Some(&t.rosa), None)
+            .await;
+    }
+    let r = apply(&t.bert, "bapp", "www.shop.example.eu").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
 }

@@ -1145,3 +1145,108 @@ async fn the_api_closes_connections_that_do_not_finish_their_request_head() {
     ok.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }
+
+/// Every path under `dir` (itself included) whose mode gives group or others any access.
+fn not_owner_only(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            out.push(format!("{} {mode:o}", p.display()));
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// Gives group and others read (and search) access to everything under `dir`, as an install
+/// made before owner-only data dirs had it.
+fn loosen(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir).unwrap();
+    let mode = meta.permissions().mode() & 0o777;
+    let loose = if meta.is_dir() {
+        mode | 0o755
+    } else {
+        mode | 0o644
+    };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(loose)).unwrap();
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            loosen(&e.unwrap().path());
+        }
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Issue #11 finding 9: the data dir is 0700 and everything escale writes in it owner-only
+/// (registry and its WAL, master key, git repositories), and a start fixes older installs.
+#[tokio::test]
+async fn the_data_dir_is_owner_only_and_a_start_fixes_older_installs() {
+    let mut s = TestServer::start(&[]).await;
+    s.ok(&["apps", "create", "shop"]);
+    // A push of a side branch (not deployed) makes the server create the app's repository
+    // and write objects and refs into it.
+    let src = crate::gitpush::Repo::new();
+    let push = |s: &TestServer, n: &str| {
+        let url = format!(
+            "{}/git/shop.git",
+            s.api
+                .replacen("http://", &format!("http://git:{}@", s.token), 1)
+        );
+        src.commit(&[("README", n)], n);
+        let (ok, out) = src.push(&url, "HEAD:refs/heads/side");
+        assert!(ok, "{out}");
+    };
+    push(&s, "one");
+    let data = s.dir.path().join("data");
+    let repo = data.join("git").join("shop.git");
+    for p in [
+        data.join("escale.db"),
+        data.join("escale.db-wal"),
+        data.join("master.key"),
+        repo.join("HEAD"),
+        repo.join("config"),
+    ] {
+        assert_eq!(mode_of(&p), 0o600, "{}", p.display());
+    }
+    assert_eq!(mode_of(&data), 0o700);
+    assert_eq!(mode_of(&repo.join("objects")), 0o700);
+    assert_eq!(not_owner_only(&data), Vec::<String>::new());
+
+    // An install from before the rule: everything readable by all, a repository without
+    // core.sharedRepository. The next start makes it owner-only again.
+    s.kill9();
+    let unset = Command::new("git")
+        .arg(format!("--git-dir={}", repo.display()))
+        .args(["config", "--unset", "core.sharedRepository"])
+        .output()
+        .unwrap();
+    assert!(unset.status.success(), "{unset:?}");
+    loosen(&data);
+    assert!(!not_owner_only(&data).is_empty());
+    s.restart();
+    assert_eq!(not_owner_only(&data), Vec::<String>::new());
+    let shared = Command::new("git")
+        .arg(format!("--git-dir={}", repo.display()))
+        .args(["config", "core.sharedRepository"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&shared.stdout).trim(), "0600");
+    // The server still works on the data dir it fixed, and what git writes stays owner-only.
+    push(&s, "two");
+    assert_eq!(not_owner_only(&data), Vec::<String>::new());
+    s.ok(&["apps", "info", "shop"]);
+}

@@ -748,3 +748,48 @@ async fn deploy_branch_and_dockerfile_come_from_config_and_config_vars_are_build
     assert!(!ok, "{out}");
     assert!(out.contains("`deploy/Dockerfile`"), "{out}");
 }
+
+/// Issue #11 finding 7, the git-push path: a pushed `escale.toml` naming a domain below or
+/// above another team's name is refused before anything is built, and nothing changes.
+#[tokio::test]
+async fn a_pushed_escale_toml_cannot_take_another_teams_names() {
+    let s = TestServer::start(&[]).await;
+    s.ok(&["teams", "create", "red"]);
+    s.ok(&["apps", "create", "aapp", "--team", "red"]);
+    s.ok(&["domains", "add", "aapp", "shop.example.test"]);
+    s.ok(&["apps", "create", "bapp"]);
+    let url = push_url(&s, "bapp");
+    let repo = Repo::new();
+    let apps_domain = "localhost";
+    for domain in [
+        "www.shop.example.test".to_string(),
+        "example.test".to_string(),
+        format!("login.aapp.{apps_domain}"),
+    ] {
+        repo.commit(
+            &[
+                ("Dockerfile", "FROM scratch\n"),
+                ("escale.toml", &format!("domains = [\"{domain}\"]\n")),
+            ],
+            &domain,
+        );
+        let (ok, out) = repo.push(&url, "main");
+        assert!(!ok, "{domain}: the push fails: {out}");
+        assert!(out.contains("remote rejected"), "{domain}: {out}");
+        assert!(
+            out.contains(&domain),
+            "{domain}: the domain is named: {out}"
+        );
+        assert!(
+            !out.contains("`red`"),
+            "{domain}: the team is not named: {out}"
+        );
+        assert!(
+            !out.contains("-----> Building"),
+            "{domain}: nothing built: {out}"
+        );
+    }
+    assert!(releases(&s, "bapp").is_empty(), "no release");
+    let domains = s.json(&["domains", "list", "bapp"]);
+    assert_eq!(domains, serde_json::json!([]), "no domain was added");
+}

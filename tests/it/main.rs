@@ -9,6 +9,7 @@ mod exhaustion;
 mod gitpush;
 mod isolation;
 mod manifest;
+mod network;
 mod node;
 mod proxy;
 mod scheduler;

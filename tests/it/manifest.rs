@@ -221,7 +221,7 @@ async fn an_invalid_manifest_changes_nothing() {
         (
             FULL.replace("instances = 2", "instances = 5")
                 .replace("\"www.shop.example.eu\"", "\"taken.example.eu\""),
-            "already attached",
+            "not available",
         ),
         (
             FULL.replace("instances = 2", "instances = 5")

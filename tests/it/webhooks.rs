@@ -286,15 +286,27 @@ async fn repository_urls_and_branches_are_checked_at_configuration() {
     let (status, text) = put_webhook(
         &s,
         "shop",
-        &json!({"repository": "https://203.0.113.9/acme/shop.git", "branch": "main", "secret": "a-secret-of-enough-length"}),
+        &json!({"repository": "https://140.82.121.4/acme/shop.git", "branch": "main", "secret": "a-secret-of-enough-length"}),
     )
     .await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("a-secret-of-enough-length"));
     let before = s.json(&["webhooks", "show", "shop"]);
 
-    // Loopback, private, link-local, unspecified hosts, and file://, are refused here.
+    // Every non-global address (IPv4, IPv6 and IPv6 forms embedding IPv4), and file://, are
+    // refused here.
     for url in [
+        "https://[::127.0.0.1]/x.git",
+        "https://[::ffff:10.0.0.1]/x.git",
+        "https://[64:ff9b::7f00:1]/x.git",
+        "https://[2002:7f00:1::1]/x.git",
+        "https://[2001:0:7f00:1:8000:63bf:f7f7:f7f7]/x.git",
+        "https://[fec0::1]/x.git",
+        "https://[ff02::1]/x.git",
+        "http://198.18.0.1/x.git",
+        "http://224.0.0.251/x.git",
+        "http://100.64.0.1/x.git",
+        "http://203.0.113.9/x.git",
         "http://127.0.0.1:8080/x.git",
         "https://localhost/x.git",
         "http://10.0.0.5/x.git",
@@ -312,20 +324,20 @@ async fn repository_urls_and_branches_are_checked_at_configuration() {
     }
     // The injection corpus, in URLs and branch names.
     for bad in ["$(id)", "`id`", ";id", "a\nb", "-x", "../x", "a\0b"] {
-        let url = format!("https://203.0.113.9/{bad}");
+        let url = format!("https://140.82.121.4/{bad}");
         let (status, text) = put_webhook(&s, "shop", &json!({"repository": url})).await;
         assert_eq!(status, 422, "url {url:?}: {text}");
         let (status, text) = put_webhook(
             &s,
             "shop",
-            &json!({"repository": format!("{bad}https://203.0.113.9/x")}),
+            &json!({"repository": format!("{bad}https://140.82.121.4/x")}),
         )
         .await;
         assert_eq!(status, 422, "url prefix {bad:?}: {text}");
         let (status, text) = put_webhook(
             &s,
             "shop",
-            &json!({"repository": "https://203.0.113.9/x.git", "branch": bad}),
+            &json!({"repository": "https://140.82.121.4/x.git", "branch": bad}),
         )
         .await;
         assert_eq!(status, 422, "branch {bad:?}: {text}");
@@ -333,7 +345,7 @@ async fn repository_urls_and_branches_are_checked_at_configuration() {
     let (status, text) = put_webhook(
         &s,
         "shop",
-        &json!({"repository": "https://203.0.113.9/x.git", "secret": "short"}),
+        &json!({"repository": "https://140.82.121.4/x.git", "secret": "short"}),
     )
     .await;
     assert_eq!(status, 422, "{text}");

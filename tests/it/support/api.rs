@@ -119,6 +119,8 @@ pub struct TestApi {
     pub registry: Registry,
     pub config: Arc<Config>,
     pub router: Router,
+    /// The router's bound on password hashing (tests saturate it with `hold_all`).
+    pub hashing: Arc<escale::auth::Hashing>,
 }
 
 impl TestApi {
@@ -128,12 +130,15 @@ impl TestApi {
         let registry = Registry::open(&config.database_path(), MasterKey::random())
             .await
             .expect("registry opens");
-        let router = router(AppState::new(registry.clone(), config.clone()));
+        let state = AppState::new(registry.clone(), config.clone());
+        let hashing = state.hashing.clone();
+        let router = router(state);
         TestApi {
             dir,
             registry,
             config,
             router,
+            hashing,
         }
     }
 

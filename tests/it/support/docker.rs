@@ -74,7 +74,53 @@ impl TestInstallation {
 impl Drop for TestInstallation {
     fn drop(&mut self) {
         remove_by_filter(&format!("label={LABEL_INSTALLATION}={}", self.id));
+        remove_networks(&self.id);
     }
+}
+
+/// Removes the app networks of an installation (after its containers).
+pub fn remove_networks(installation: &str) {
+    let ids = docker_cli(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label={LABEL_INSTALLATION}={installation}"),
+    ]);
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if !ids.is_empty() {
+        let mut args = vec!["network", "rm"];
+        args.extend(ids);
+        docker_cli(&args);
+    }
+}
+
+/// Names of the networks a container is attached to, sorted.
+pub fn container_networks(container: &str) -> Vec<String> {
+    let mut out: Vec<String> = docker_cli(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+        container,
+    ])
+    .split_whitespace()
+    .map(str::to_string)
+    .collect();
+    out.sort();
+    out
+}
+
+/// The bridge IP addresses of a container (one per attached network).
+pub fn container_ips(container: &str) -> Vec<String> {
+    docker_cli(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        container,
+    ])
+    .split_whitespace()
+    .map(str::to_string)
+    .collect()
 }
 
 /// Removes (forced) all containers matching a `docker ps --filter`.

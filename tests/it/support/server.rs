@@ -60,6 +60,27 @@ pub fn sweep_server_leftovers() {
             args.extend(stale);
             docker_cli(&args);
         }
+        // App networks of test servers whose test process is gone.
+        let networks = docker_cli(&[
+            "network",
+            "ls",
+            "--filter",
+            "label=escale.installation",
+            "--format",
+            "{{.ID}} {{.Label \"escale.installation\"}}",
+        ]);
+        for line in networks.lines() {
+            let Some((id, inst)) = line.split_once(' ') else {
+                continue;
+            };
+            let pid = inst
+                .strip_prefix('t')
+                .and_then(|i| i.split_once('x'))
+                .and_then(|(p, _)| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                docker_cli(&["network", "rm", id]);
+            }
+        }
     });
 }
 
@@ -407,6 +428,7 @@ impl Drop for TestServer {
             args.extend(ids);
             docker_cli(&args);
         }
+        super::docker::remove_networks(&self.installation);
     }
 }
 
