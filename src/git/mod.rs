@@ -122,12 +122,12 @@ fn valid_uid(uid: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// Makes the existing repositories under `data_dir/git` keep what git writes later owner-only
-/// (`core.sharedRepository = 0600`, as new ones get from `git init --shared=0600`); for
-/// installs made before that rule. Best effort: a failure is logged, start-up goes on (the
+/// Makes the existing repositories (`data_dir/git/apps/<uid>.git`) keep what git writes later
+/// owner-only (`core.sharedRepository = 0600`, as new ones get from `git init --shared=0600`);
+/// for installs made before that rule. Best effort: a failure is logged, start-up goes on (the
 /// data dir itself is 0700).
 pub fn make_repos_private(data_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir.join("git")) else {
+    let Ok(entries) = std::fs::read_dir(repos_dir(data_dir)) else {
         return;
     };
     for entry in entries.flatten() {

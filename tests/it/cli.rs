@@ -1212,7 +1212,7 @@ async fn the_data_dir_is_owner_only_and_a_start_fixes_older_installs() {
     };
     push(&s, "one");
     let data = s.dir.path().join("data");
-    let repo = data.join("git").join("shop.git");
+    let repo = crate::gitpush::app_repo(&s, "shop").await;
     for p in [
         data.join("escale.db"),
         data.join("escale.db-wal"),
