@@ -10,7 +10,7 @@
 //! of a node can always be rebuilt from one labelled list call ([`Node::list_instances`]).
 //!
 //! Tenants are isolated on the network: every app has its own user-defined bridge network
-//! ([`network_name`], labelled [`LABEL_INSTALLATION`], [`LABEL_APP`] and [`LABEL_APP_ID`]),
+//! ([`network_name`], labelled [`LABEL_INSTALLATION`], [`LABEL_APP`] and [`LABEL_APP_UID`]),
 //! created when one of its instances starts ([`Node::ensure_app_network`]); its containers
 //! are attached to it only, never to the default bridge, so an app cannot reach another
 //! app's containers directly (Docker drops traffic between bridges), while instances of one
@@ -55,7 +55,7 @@ pub const LABEL_INSTANCE: &str = "escale.instance";
 
 /// Label (networks): the id of the app in the registry, so that a network left by a destroyed
 /// app is never reused by a new app of the same name (possibly another team's).
-pub const LABEL_APP_ID: &str = "escale.app_id";
+pub const LABEL_APP_UID: &str = "escale.app_uid";
 
 /// Label: a hash of the process definition (image, command, port, limits) the instance was
 /// started with, so the reconciler can tell stale instances after a change. Optional.
@@ -195,9 +195,10 @@ pub struct InstanceSpec {
     /// Extra labels (tests use them); keys starting with `escale.` from the list above are
     /// always overwritten by the spec's own values.
     pub extra_labels: Vec<(String, String)>,
-    /// The app's registry id: with the installation and app name, it names the app's own
-    /// network ([`network_name`]), the only one the container is attached to.
-    pub app_id: i64,
+    /// The app's uid (never reused, unlike its registry id): with the installation and app
+    /// name, it names the app's own network ([`network_name`]), the only one the container
+    /// is attached to; a later app of the same name never joins an earlier one's network.
+    pub app_uid: String,
 }
 
 impl Default for InstanceSpec {
@@ -220,7 +221,7 @@ impl Default for InstanceSpec {
             log_max_files: 3,
             init: true,
             extra_labels: Vec::new(),
-            app_id: 0,
+            app_uid: String::new(),
         }
     }
 }
@@ -340,10 +341,10 @@ pub struct BuildSpec {
     pub cache_from: Vec<String>,
 }
 
-/// The bridge network of one app: `escale-<installation>-<app>-<app id>`, same characters as
+/// The bridge network of one app: `escale-<installation>-<app>-<app uid>`, same characters as
 /// [`container_name`].
-pub fn network_name(installation: &str, app: &str, app_id: i64) -> String {
-    container_name(installation, &format!("{app}-{app_id}"))
+pub fn network_name(installation: &str, app: &str, app_uid: &str) -> String {
+    container_name(installation, &format!("{app}-{app_uid}"))
 }
 
 /// An app network found on a node, labels parsed back.
@@ -352,7 +353,12 @@ pub struct AppNetwork {
     pub id: String,
     pub name: String,
     pub app: String,
-    pub app_id: i64,
+    pub app_uid: String,
+}
+
+/// An engine list filter on labels (`key=value`, all of them must match).
+fn label_filter(labels: Vec<String>) -> HashMap<String, Vec<String>> {
+    HashMap::from([("label".to_string(), labels)])
 }
 
 /// `true` when the engine answered "not found" (404).
@@ -586,7 +592,7 @@ impl Node {
     pub async fn start_instance(&self, spec: &InstanceSpec) -> Result<StartedInstance> {
         Self::validate(spec)?;
         let network = self
-            .ensure_app_network(&spec.installation, &spec.app, spec.app_id)
+            .ensure_app_network(&spec.installation, &spec.app, &spec.app_uid)
             .await?;
         let name = container_name(&spec.installation, &spec.instance);
         let body = self.container_body(spec, &network);
@@ -708,10 +714,7 @@ impl Node {
     /// exited containers are inspected for their exit code and OOM flag. Containers whose
     /// labels do not parse are skipped with a warning.
     pub async fn list_instances(&self, installation: &str) -> Result<Vec<ContainerInstance>> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_INSTALLATION}={installation}")],
-        )]);
+        let filters = label_filter(vec![format!("{LABEL_INSTALLATION}={installation}")]);
         let summaries = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -905,24 +908,21 @@ impl Node {
     }
 
     /// Makes sure the app's bridge network exists (created with the installation, app and app
-    /// id labels); returns its id, which containers are attached by (an engine may hold two
+    /// uid labels); returns its id, which containers are attached by (an engine may hold two
     /// networks of one name; creation is serialised per node so escale never makes two).
     pub async fn ensure_app_network(
         &self,
         installation: &str,
         app: &str,
-        app_id: i64,
+        app_uid: &str,
     ) -> Result<String> {
-        let name = network_name(installation, app, app_id);
+        let name = network_name(installation, app, app_uid);
         let _serial = self.network_lock.lock().await;
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![
-                format!("{LABEL_INSTALLATION}={installation}"),
-                format!("{LABEL_APP}={app}"),
-                format!("{LABEL_APP_ID}={app_id}"),
-            ],
-        )]);
+        let filters = label_filter(vec![
+            format!("{LABEL_INSTALLATION}={installation}"),
+            format!("{LABEL_APP}={app}"),
+            format!("{LABEL_APP_UID}={app_uid}"),
+        ]);
         let existing = self
             .docker
             .list_networks(Some(ListNetworksOptions {
@@ -942,7 +942,7 @@ impl Node {
         let labels = HashMap::from([
             (LABEL_INSTALLATION.to_string(), installation.to_string()),
             (LABEL_APP.to_string(), app.to_string()),
-            (LABEL_APP_ID.to_string(), app_id.to_string()),
+            (LABEL_APP_UID.to_string(), app_uid.to_string()),
         ]);
         let created = self
             .docker
@@ -960,10 +960,7 @@ impl Node {
 
     /// The app networks of the installation on this node (one labelled list call).
     pub async fn list_app_networks(&self, installation: &str) -> Result<Vec<AppNetwork>> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_INSTALLATION}={installation}")],
-        )]);
+        let filters = label_filter(vec![format!("{LABEL_INSTALLATION}={installation}")]);
         let list = self
             .docker
             .list_networks(Some(ListNetworksOptions {
@@ -979,7 +976,7 @@ impl Node {
                     id: n.id?,
                     name: n.name?,
                     app: labels.get(LABEL_APP)?.clone(),
-                    app_id: labels.get(LABEL_APP_ID)?.parse().ok()?,
+                    app_uid: labels.get(LABEL_APP_UID)?.clone(),
                 })
             })
             .collect())
@@ -998,10 +995,7 @@ impl Node {
     /// Removes every container of the installation on this node, then its app networks;
     /// returns how many containers.
     pub async fn remove_all(&self, installation: &str) -> Result<usize> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_INSTALLATION}={installation}")],
-        )]);
+        let filters = label_filter(vec![format!("{LABEL_INSTALLATION}={installation}")]);
         let list = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -1283,7 +1277,7 @@ impl Node {
     /// Tags of the images on this engine that carry every one of `labels` (`key=value`), e.g.
     /// the images escale built for one app of one installation.
     pub async fn list_labelled_images(&self, labels: &[String]) -> Result<Vec<String>> {
-        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+        let filters = label_filter(labels.to_vec());
         let images = self
             .docker
             .list_images(Some(ListImagesOptions {
@@ -1302,10 +1296,7 @@ impl Node {
     /// Every image on this engine labelled with `installation` (what escale built): id, tags
     /// and labels.
     pub async fn list_installation_images(&self, installation: &str) -> Result<Vec<ImageFacts>> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_INSTALLATION}={installation}")],
-        )]);
+        let filters = label_filter(vec![format!("{LABEL_INSTALLATION}={installation}")]);
         let images = self
             .docker
             .list_images(Some(ListImagesOptions {

@@ -38,17 +38,11 @@ async fn object_size(repo: &Path, spec: &str) -> Option<u64> {
 /// stops counting past `max`.
 async fn tree_size(repo: &Path, sha: &str, max: u64) -> Result<u64, GitError> {
     use tokio::io::AsyncBufReadExt;
-    let mut child = super::git()
-        .arg("--git-dir")
-        .arg(repo)
-        .args(["ls-tree", "-r", "-l", "-z", "--full-tree", sha, "--"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|source| GitError::Spawn {
-            what: "ls-tree",
-            source,
-        })?;
+    let mut child = super::spawn_git_stdout(
+        "ls-tree",
+        repo,
+        &["ls-tree", "-r", "-l", "-z", "--full-tree", sha, "--"],
+    )?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut total = 0u64;
     let mut entry = Vec::new();
@@ -294,17 +288,11 @@ impl Job<'_> {
             labels,
             cache_from,
         };
-        let mut archive = super::git()
-            .arg("--git-dir")
-            .arg(self.repo)
-            .args(["archive", "--format=tar", sha, "--"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|source| GitError::Spawn {
-                what: "archive",
-                source,
-            })?;
+        let mut archive = super::spawn_git_stdout(
+            "archive",
+            self.repo,
+            &["archive", "--format=tar", sha, "--"],
+        )?;
         let stdout = archive.stdout.take().expect("piped stdout");
         let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let context = capped(

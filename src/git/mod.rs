@@ -355,6 +355,23 @@ pub(crate) fn git() -> Command {
     cmd
 }
 
+/// Starts a git command on `repo` whose stdout is read as a stream (stderr dropped): for
+/// output too large to hold, read as it comes. Killed when the child is dropped.
+pub(crate) fn spawn_git_stdout(
+    what: &'static str,
+    repo: &Path,
+    args: &[&str],
+) -> Result<tokio::process::Child, GitError> {
+    git()
+        .arg("--git-dir")
+        .arg(repo)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| GitError::Spawn { what, source })
+}
+
 /// Runs a git command to completion; its stdout, or its stderr as the error.
 pub(crate) async fn run_git(
     what: &'static str,

@@ -110,6 +110,8 @@ pub(crate) struct StreamGuards {
     pub(crate) app: Arc<AppMetrics>,
     pub(crate) _in_flight: InFlight,
     pub(crate) _outstanding: Outstanding,
+    /// The client connection is not idle while its response streams.
+    pub(crate) _streaming: super::server::Streaming,
 }
 
 /// The response body sent to the client.

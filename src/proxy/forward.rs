@@ -542,6 +542,7 @@ impl Proxy {
             app: app.clone(),
             _in_flight: in_flight,
             _outstanding: outstanding,
+            _streaming: conn.activity.streaming(),
         };
         if status == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(client_upgrade), Some(upstream)) = (client_upgrade, body.into_conn()) else {

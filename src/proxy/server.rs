@@ -18,19 +18,16 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::ResolvesServerCert;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -231,7 +228,9 @@ pub(crate) async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, So
     }
 }
 
-/// Last traffic and requests in flight on one client connection, for the idle timeout.
+/// When a client connection last finished a request, and how many requests (and response
+/// bodies) are in flight on it, for the idle timeout. Requests, not bytes: keep-alive PING
+/// answers (HTTP/2) do not make an idle connection busy.
 #[derive(Debug)]
 pub(crate) struct Activity {
     epoch: Instant,
@@ -244,6 +243,17 @@ pub(crate) struct Activity {
 pub(crate) struct Busy<'a>(&'a Activity);
 
 impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Relaxed);
+        self.0.touch();
+    }
+}
+
+/// Marks a response body streaming to the client until dropped (held by the body).
+#[derive(Debug)]
+pub(crate) struct Streaming(Arc<Activity>);
+
+impl Drop for Streaming {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Relaxed);
         self.0.touch();
@@ -269,7 +279,12 @@ impl Activity {
         Busy(self)
     }
 
-    /// Time since the last traffic, or zero while a request is in flight.
+    pub(crate) fn streaming(self: &Arc<Self>) -> Streaming {
+        self.busy.fetch_add(1, Relaxed);
+        Streaming(self.clone())
+    }
+
+    /// Time since the last request ended, or zero while one is in flight.
     fn idle_for(&self) -> Duration {
         if self.busy.load(Relaxed) > 0 {
             return Duration::ZERO;
@@ -293,65 +308,6 @@ pub(crate) struct ConnInfo {
     pub(crate) done: mpsc::Sender<()>,
     /// The app this connection is counted for in the per-app connection gauge.
     pub(crate) app: ConnApp,
-}
-
-/// An IO wrapper recording the time of the last byte read or written.
-struct IdleIo<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 fn conn_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
@@ -510,13 +466,9 @@ async fn connection(
             super::h1::Ended::Handoff(rest) => rest,
         };
         info.activity.touch();
-        let io = IdleIo {
-            inner: rest,
-            activity: info.activity.clone(),
-        };
         // Boxed, here and for TLS: hyper's connection state is large, and unboxed it would
         // size every connection's task, fast-path ones included.
-        return Box::pin(serve_connection(io, info, &shared, stop)).await;
+        return Box::pin(serve_connection(rest, info, &shared, stop)).await;
     };
     Box::pin(tls_connection(
         tcp, peer, acceptor, activity, &shared, stop, done,
@@ -534,12 +486,8 @@ async fn tls_connection(
     mut stop: watch::Receiver<u8>,
     done: mpsc::Sender<()>,
 ) {
-    let io = IdleIo {
-        inner: tcp,
-        activity: activity.clone(),
-    };
     let handshake = tokio::select! {
-        r = tokio::time::timeout(shared.config.tls_handshake_timeout, acceptor.accept(io)) => r,
+        r = tokio::time::timeout(shared.config.tls_handshake_timeout, acceptor.accept(tcp)) => r,
         _ = stop.wait_for(|s| *s >= DRAINING) => return,
     };
     let stream = match handshake {
@@ -575,23 +523,14 @@ async fn tls_connection(
         app: ConnApp::default(),
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        // Traffic counts as activity (a long download is not idle), as on plain connections.
-        let io = IdleIo {
-            inner: stream,
-            activity: info.activity.clone(),
-        };
-        return serve_connection(io, info, shared, stop).await;
+        return serve_connection(stream, info, shared, stop).await;
     }
     let rest = match super::h1::serve(stream, &info, &shared.proxy, &shared.config, &stop).await {
         super::h1::Ended::Closed => return,
         super::h1::Ended::Handoff(rest) => rest,
     };
     info.activity.touch();
-    let io = IdleIo {
-        inner: rest,
-        activity: info.activity.clone(),
-    };
-    serve_connection(io, info, shared, stop).await
+    serve_connection(rest, info, shared, stop).await
 }
 
 async fn serve_connection<I>(

@@ -140,9 +140,9 @@ struct ExecState {
     routes_built: u64,
     crashes: HashMap<(String, String, u32), SlotCrash>,
     /// App networks: when they were last swept (`None`: not since start), the apps (name,
-    /// id) of the registry then, and whether a sweep left a network it could not remove yet.
+    /// uid) of the registry then, and whether a sweep left a network it could not remove yet.
     networks_swept: Option<std::time::Instant>,
-    network_apps: HashSet<(String, i64)>,
+    network_apps: HashSet<(String, String)>,
     networks_left: bool,
 }
 
@@ -316,9 +316,9 @@ impl Scheduler {
         use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
         let desired_apps = self.registry.desired_state().await?;
-        let registry_apps: HashSet<(String, i64)> = desired_apps
+        let registry_apps: HashSet<(String, String)> = desired_apps
             .iter()
-            .map(|d| (d.app.name.clone(), d.app.id))
+            .map(|d| (d.app.name.clone(), d.app.uid.clone()))
             .collect();
 
         let domains = self.registry.all_domains().await?;
@@ -895,7 +895,7 @@ impl Scheduler {
     /// an earlier run). Runs on the first pass, when an app left the registry, while a
     /// network could not be removed yet (its containers still draining), and every
     /// [`NETWORK_SWEEP_INTERVAL`]; otherwise costs nothing.
-    async fn sweep_networks(&self, apps: HashSet<(String, i64)>) {
+    async fn sweep_networks(&self, apps: HashSet<(String, String)>) {
         use std::sync::atomic::Ordering::Relaxed;
         let due = {
             let mut st = self.state.lock().expect("scheduler lock");
@@ -921,7 +921,7 @@ impl Scheduler {
                 }
             };
             for net in networks {
-                if apps.contains(&(net.app.clone(), net.app_id)) {
+                if apps.contains(&(net.app.clone(), net.app_uid.clone())) {
                     continue;
                 }
                 self.engine_calls.fetch_add(1, Relaxed);
@@ -989,7 +989,7 @@ impl Scheduler {
             log_max_size: self.config.scheduler.log_max_size.clone(),
             log_max_files: self.config.scheduler.log_max_files,
             extra_labels: vec![(node::LABEL_SPEC.to_string(), spec_hash(image, p))],
-            app_id: app.id,
+            app_uid: app.uid.clone(),
             ..Default::default()
         };
         Ok(node.start_instance(&spec).await?)

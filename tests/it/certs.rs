@@ -803,14 +803,7 @@ async fn a_domain_gets_a_certificate_over_tls_alpn_01_without_port_80() {
 
 /// `(account_url, rows)` of the stored ACME accounts, read from the registry file.
 async fn stored_accounts(s: &TestServer) -> (String, i64) {
-    use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::ConnectOptions;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(s.dir.path().join("data").join("escale.db"))
-        .read_only(true)
-        .connect()
-        .await
-        .expect("the registry opens read-only");
+    let mut conn = s.registry().await;
     let rows: Vec<String> = sqlx::query_scalar("SELECT account_url FROM acme_accounts")
         .fetch_all(&mut conn)
         .await

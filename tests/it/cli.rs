@@ -192,14 +192,7 @@ fn database_path(s: &TestServer) -> PathBuf {
 
 /// `PRAGMA integrity_check` on a read-only connection to the registry file.
 async fn integrity_check(db: &Path) -> String {
-    use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::ConnectOptions;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true)
-        .connect()
-        .await
-        .expect("the registry opens read-only");
+    let mut conn = crate::support::server::read_only_registry(db).await;
     let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
         .fetch_all(&mut conn)
         .await

@@ -90,6 +90,72 @@ async fn http2_clients_that_go_silent_are_closed() {
     p.shutdown().await.unwrap();
 }
 
+/// Idle means no request, not no bytes: an HTTP/2 client that answers every keep-alive PING
+/// but sends no request is closed at the idle timeout, while a response streaming for longer
+/// than that on another connection is not cut.
+#[tokio::test]
+async fn idle_is_counted_in_requests_not_pings() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // Two proxies with the same mechanism, so that the one holding the download (B) has
+    // been past its idle timeout and grace for a while by the time the other closes A.
+    let config = |idle_ms: u64| ProxyConfig {
+        idle_timeout: Duration::from_millis(idle_ms),
+        close_grace: Duration::from_millis(idle_ms),
+        h2_keep_alive_interval: Duration::from_millis(100),
+        h2_keep_alive_timeout: Duration::from_secs(5),
+        ..ProxyConfig::default()
+    };
+    let (b, p) = shop_proxy(config(300)).await;
+    let (_a, slow) = shop_proxy(config(1000)).await;
+    let h2 = |tcp: TcpStream| {
+        hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+    };
+    let get = |path: &str| {
+        http::Request::builder()
+            .uri(format!("http://shop.example.test{path}"))
+            .body(Empty::new())
+            .unwrap()
+    };
+    // B first: a download whose first chunk arrives, then the rest waits for the gate.
+    let (mut busy, busy_conn) = h2(TcpStream::connect(p.addr).await.unwrap()).await.unwrap();
+    tokio::spawn(busy_conn);
+    let mut body = busy
+        .send_request(get("/download"))
+        .await
+        .unwrap()
+        .into_body();
+    let mut got = 0usize;
+    while got == 0 {
+        let frame = body.frame().await.unwrap().unwrap();
+        got += frame.data_ref().map_or(0, |d| d.len());
+    }
+    // A after it: one request, then only PING answers (hyper's client answers them).
+    let (mut idle, idle_conn) = h2(TcpStream::connect(slow.addr).await.unwrap())
+        .await
+        .unwrap();
+    let idle_conn = tokio::spawn(idle_conn);
+    let resp = idle.send_request(get("/")).await.unwrap();
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "shop");
+    // A is closed by the server (its connection future ends) ...
+    tokio::time::timeout(Duration::from_secs(10), idle_conn)
+        .await
+        .expect("an idle HTTP/2 connection answering PINGs was kept open")
+        .unwrap()
+        .unwrap();
+    // ... while B, past its idle timeout and grace for over a second, gets its whole body.
+    b.state.download_gate.notify_one();
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(got, 50 * 1024 * 1024);
+    p.shutdown().await.unwrap();
+    slow.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn proxy_sheds_over_its_caps_per_client_and_per_listener() {
     let config = ProxyConfig {

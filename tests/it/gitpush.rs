@@ -102,14 +102,7 @@ pub(crate) fn releases(s: &TestServer, app: &str) -> Vec<Value> {
 
 /// The bare repository of `app`: `data/git/apps/<uid>.git`, keyed by the app's uid.
 pub(crate) async fn app_repo(s: &TestServer, app: &str) -> PathBuf {
-    use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::ConnectOptions;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(s.dir.path().join("data").join("escale.db"))
-        .read_only(true)
-        .connect()
-        .await
-        .expect("the registry opens read-only");
+    let mut conn = s.registry().await;
     let uid: String = sqlx::query_scalar("SELECT uid FROM apps WHERE name = ?")
         .bind(app)
         .fetch_one(&mut conn)
@@ -138,14 +131,7 @@ async fn answer(i: &Value) -> String {
 }
 
 async fn build_log(s: &TestServer, app: &str, v: i64) -> Option<String> {
-    use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::ConnectOptions;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(s.dir.path().join("data").join("escale.db"))
-        .read_only(true)
-        .connect()
-        .await
-        .expect("the registry opens read-only");
+    let mut conn = s.registry().await;
     sqlx::query_scalar(
         "SELECT r.build_log FROM releases r JOIN apps a ON a.id = r.app_id WHERE a.name = ? AND r.version = ?",
     )

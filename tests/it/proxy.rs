@@ -58,16 +58,16 @@ fn lazy_body(total: usize, gate: Option<Arc<Notify>>) -> TestBody {
 /// A test backend and what it observed.
 pub(crate) struct TestBackend {
     pub(crate) addr: SocketAddr,
-    state: Arc<BackendState>,
+    pub(crate) state: Arc<BackendState>,
 }
 
-struct BackendState {
+pub(crate) struct BackendState {
     name: &'static str,
     hits: AtomicUsize,
     /// Notified when `/upload` received its first chunk.
     upload_first_chunk: Arc<Notify>,
     /// `/download` waits for this after its first chunk.
-    download_gate: Arc<Notify>,
+    pub(crate) download_gate: Arc<Notify>,
     /// Notified when `/wait` arrives; `/wait` then waits for `release`.
     arrived: Notify,
     release: Notify,

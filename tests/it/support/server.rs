@@ -216,6 +216,11 @@ impl TestServer {
         setup
     }
 
+    /// A read-only connection to the server's registry file (for what no API shows).
+    pub async fn registry(&self) -> sqlx::SqliteConnection {
+        read_only_registry(&self.dir.path().join("data").join("escale.db")).await
+    }
+
     /// What the server logged so far.
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -440,4 +445,15 @@ pub fn healthy(instances: &[Value], process: &str, v: u64) -> usize {
             i["process"] == process && i["release"].as_u64() == Some(v) && i["health"] == "healthy"
         })
         .count()
+}
+
+/// A read-only connection to the registry file `db`.
+pub async fn read_only_registry(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::ConnectOptions;
+    sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("the registry opens read-only")
 }
