@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod git;
 pub mod images;
 pub mod listen;

@@ -196,7 +196,6 @@ pub async fn run(
         config.clone(),
         vec![Arc::new(local)],
         routes.clone(),
-        state.changed.clone(),
     );
     if config.https_addr.is_some() {
         // Redirecting to HTTPS only makes sense when something listens there.

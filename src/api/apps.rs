@@ -186,7 +186,6 @@ pub async fn create_app(
         .registry
         .create_app(&actor, &req.name, req.team.as_deref(), port)
         .await?;
-    s.changed.notify_one();
     Ok((StatusCode::CREATED, Json(app)))
 }
 
@@ -210,7 +209,6 @@ pub async fn destroy_app(
 ) -> Result<StatusCode, ApiError> {
     app_name(&app)?;
     let gone = s.registry.destroy_app(&actor, &app).await?;
-    s.changed.notify_one();
     // Its git repository and built images: removed now, or by the next collection.
     crate::cleanup::destroyed(&s, &actor.name, &gone).await;
     Ok(StatusCode::NO_CONTENT)
@@ -289,7 +287,6 @@ pub async fn update_process(
             s.config.scheduler.default_port,
         )
         .await?;
-    s.changed.notify_one();
     Ok(Json(p))
 }
 
@@ -317,7 +314,6 @@ pub async fn update_formation(
         );
     }
     let out = s.registry.set_formation(&actor, &app, &counts).await?;
-    s.changed.notify_one();
     Ok(Json(out))
 }
 
@@ -364,7 +360,6 @@ pub async fn update_config(
         .registry
         .update_config(&actor, &app, &set, req.secret, &req.unset)
         .await?;
-    s.changed.notify_one();
     Ok(Json(ConfigChanged {
         vars: s.registry.config(&actor, &app, false).await?,
         release,
@@ -443,7 +438,6 @@ pub async fn create_release(
         .registry
         .create_release(&actor, &app, &req.image, "image", &description)
         .await?;
-    s.changed.notify_one();
     Ok((
         StatusCode::CREATED,
         Json(s.registry.release(&actor, &app, v).await?),
@@ -469,7 +463,6 @@ pub async fn rollback(
         }
     };
     let new = s.registry.rollback(&actor, &app, v).await?;
-    s.changed.notify_one();
     Ok((
         StatusCode::CREATED,
         Json(s.registry.release(&actor, &app, new).await?),
@@ -531,7 +524,6 @@ pub async fn add_domain(
         }
     })?;
     let d = s.registry.add_domain(&actor, &app, &domain).await?;
-    s.changed.notify_one();
     s.certs.wake_acme();
     Ok((StatusCode::CREATED, Json(d)))
 }
@@ -547,7 +539,6 @@ pub async fn remove_domain(
     let domain = validate::domain(&domain)?;
     s.registry.remove_domain(&actor, &app, &domain).await?;
     s.certs.forget(&domain).await?;
-    s.changed.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -608,9 +599,7 @@ pub async fn apply_manifest(
         .registry
         .apply_manifest(&actor, &app, &m, s.config.scheduler.default_port)
         .await?;
-    if !out.changes.is_empty() {
-        s.changed.notify_one();
-    }
+    if !out.changes.is_empty() {}
     Ok(Json(out))
 }
 

@@ -21,7 +21,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, patch, post};
 use axum::Router;
-use tokio::sync::Notify;
 use utoipa::OpenApi;
 
 pub use error::{ApiError, Problem};
@@ -39,8 +38,6 @@ pub struct AppState {
     pub limiter: Arc<LoginLimiter>,
     /// The bound on password hashing: every hash and check goes through it.
     pub hashing: Arc<Hashing>,
-    /// Woken on every change of desired state, so the reconciler acts at once.
-    pub changed: Arc<Notify>,
     /// The scheduler, when this server runs one (API-only tests do not).
     pub scheduler: Option<Arc<crate::scheduler::Scheduler>>,
     /// The proxy's counters, rendered at `/metrics`.
@@ -53,15 +50,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(registry: Registry, config: Arc<Config>) -> AppState {
-        let changed = Arc::new(Notify::new());
-        let certs =
-            crate::certs::CertManager::new(registry.clone(), changed.clone(), &config.apps_domain);
+        let certs = crate::certs::CertManager::new(registry.clone(), &config.apps_domain);
         AppState {
             registry,
             config,
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
             hashing: Arc::new(Hashing::per_core()),
-            changed,
             certs,
             scheduler: None,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),

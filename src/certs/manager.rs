@@ -1,5 +1,5 @@
 //! [`CertManager`]: the one place certificates change. It writes the registry, then updates
-//! the proxy's [`CertStore`] and wakes the reconciler (which republishes routes with
+//! the proxy's [`CertStore`] and publishes `CertificatesChanged` (the reconciler wakes on it and (which republishes routes with
 //! `redirect_https` for hosts that have a certificate), so no change needs a restart.
 
 use std::sync::Arc;
@@ -20,8 +20,6 @@ pub struct CertManager {
     store: Arc<CertStore>,
     challenges: Arc<Http01Challenges>,
     alpn_challenges: Arc<TlsAlpn01Challenges>,
-    /// The reconciler's wake-up (routes carry `redirect_https`).
-    changed: Arc<Notify>,
     /// The ACME loop's wake-up (a domain was added).
     pub(crate) acme_wake: Notify,
     apps_domain: String,
@@ -29,13 +27,12 @@ pub struct CertManager {
 
 impl CertManager {
     /// A manager over an empty [`CertStore`]; call [`CertManager::load`] to fill it.
-    pub fn new(registry: Registry, changed: Arc<Notify>, apps_domain: &str) -> Arc<CertManager> {
+    pub fn new(registry: Registry, apps_domain: &str) -> Arc<CertManager> {
         Arc::new(CertManager {
             registry,
             store: Arc::new(CertStore::new()),
             challenges: Arc::new(Http01Challenges::default()),
             alpn_challenges: Arc::new(TlsAlpn01Challenges::default()),
-            changed,
             acme_wake: Notify::new(),
             apps_domain: apps_domain.to_string(),
         })
@@ -88,7 +85,9 @@ impl CertManager {
         }
         let n = loaded.len();
         self.store.replace_all(loaded);
-        self.changed.notify_one();
+        self.registry
+            .bus()
+            .publish(crate::events::Event::CertificatesChanged);
         Ok(n)
     }
 
@@ -144,7 +143,9 @@ impl CertManager {
         )
         .await?;
         self.store.insert(domain, info.key.clone());
-        self.changed.notify_one();
+        self.registry
+            .bus()
+            .publish(crate::events::Event::CertificatesChanged);
         self.state(domain).await
     }
 
@@ -175,7 +176,9 @@ impl CertManager {
         )
         .await?;
         self.store.insert(domain, info.key);
-        self.changed.notify_one();
+        self.registry
+            .bus()
+            .publish(crate::events::Event::CertificatesChanged);
         Ok(())
     }
 
@@ -193,7 +196,9 @@ impl CertManager {
             return Err(CertError::NotFound(domain.into()));
         }
         self.store.remove(domain);
-        self.changed.notify_one();
+        self.registry
+            .bus()
+            .publish(crate::events::Event::CertificatesChanged);
         Ok(())
     }
 
@@ -201,7 +206,9 @@ impl CertManager {
     pub async fn forget(&self, domain: &str) -> Result<(), CertError> {
         store::delete(&self.registry, "escale", None, domain).await?;
         if self.store.remove(domain) {
-            self.changed.notify_one();
+            self.registry
+                .bus()
+                .publish(crate::events::Event::CertificatesChanged);
         }
         Ok(())
     }
@@ -249,7 +256,7 @@ mod tests {
         let reg = Registry::open(&db, MasterKey::random()).await.unwrap();
         let actor = reg.host_admin().await.unwrap();
         reg.create_app(&actor, "shop", None, 8080).await.unwrap();
-        let m = CertManager::new(reg.clone(), Arc::new(Notify::new()), "apps.test");
+        let m = CertManager::new(reg.clone(), "apps.test");
         let c = rcgen::generate_simple_self_signed(vec!["shop.apps.test".to_string()]).unwrap();
         let key_pem = c.signing_key.serialize_pem();
         let st = m
@@ -265,7 +272,7 @@ mod tests {
         assert!(matches!(e, CertError::NotAppDomain { .. }), "{e}");
 
         // A fresh manager loads it back; the key is not stored in clear.
-        let m2 = CertManager::new(reg.clone(), Arc::new(Notify::new()), "apps.test");
+        let m2 = CertManager::new(reg.clone(), "apps.test");
         assert_eq!(m2.load().await.unwrap(), 1);
         reg.pool().close().await;
         let body = key_pem.lines().nth(1).unwrap().to_string();

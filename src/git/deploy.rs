@@ -393,7 +393,6 @@ impl Job<'_> {
                 for c in &out.changes {
                     say(&format!("       {c}"));
                 }
-                self.state.changed.notify_one();
             }
         }
         let v = self
@@ -408,7 +407,6 @@ impl Job<'_> {
                 &log,
             )
             .await?;
-        self.state.changed.notify_one();
         say(&format!("-----> Releasing v{v}: rolling out"));
         self.follow(v).await?;
         say(&format!("-----> v{v} is serving"));

@@ -521,11 +521,7 @@ impl Registry {
     }
 }
 
-async fn insert_token(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    user_id: i64,
-    token: &NewToken<'_>,
-) -> Result<()> {
+async fn insert_token(tx: &mut super::Write, user_id: i64, token: &NewToken<'_>) -> Result<()> {
     sqlx::query(
         "INSERT INTO api_tokens (user_id, name, prefix, hash, created_at) VALUES (?, ?, ?, ?, ?)",
     )

@@ -66,6 +66,40 @@ pub struct Registry {
     pool: SqlitePool,
     key: MasterKey,
     installation_id: String,
+    /// Where committed changes are announced (see [`Write::commit`]).
+    bus: crate::events::Bus,
+}
+
+/// A write transaction (`BEGIN IMMEDIATE`) that remembers the audit records written in it and
+/// publishes them on the bus once, and only if, it commits.
+pub(crate) struct Write {
+    tx: Transaction<'static, Sqlite>,
+    bus: crate::events::Bus,
+    events: Vec<crate::events::Event>,
+}
+
+impl std::ops::Deref for Write {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Write {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+impl Write {
+    /// Commits, then publishes what the transaction recorded.
+    pub(crate) async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        for e in self.events {
+            self.bus.publish(e);
+        }
+        Ok(())
+    }
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -121,6 +155,7 @@ impl Registry {
             pool,
             key,
             installation_id: String::new(),
+            bus: crate::events::Bus::new(),
         };
         let mut tx = reg.write().await?;
         let existing: Option<String> =
@@ -176,8 +211,32 @@ impl Registry {
     }
 
     /// Starts a write transaction that takes the write lock at once (no upgrade deadlocks).
-    pub(crate) async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    pub(crate) async fn write(&self) -> Result<Write> {
+        Ok(Write {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            bus: self.bus.clone(),
+            events: Vec::new(),
+        })
+    }
+
+    /// The bus on which committed changes are published.
+    pub fn bus(&self) -> &crate::events::Bus {
+        &self.bus
+    }
+
+    /// Records something escale did on its own (an instance replaced, a rollout failed, a
+    /// node lost) in the audit log, as actor `escale`, and publishes `event` after commit.
+    pub async fn record(
+        &self,
+        app: Option<&str>,
+        action: &str,
+        detail: &str,
+        event: crate::events::Event,
+    ) -> Result<()> {
+        let mut tx = self.write().await?;
+        insert_audit(&mut tx, "escale", app, action, detail).await?;
+        tx.events.push(event);
+        tx.commit().await
     }
 
     /// Opens a sealed value stored at `place`.
@@ -228,7 +287,24 @@ impl Registry {
 
 /// Writes an audit event inside the caller's transaction.
 pub(crate) async fn audit(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Write,
+    actor: &str,
+    app: Option<&str>,
+    action: &str,
+    detail: &str,
+) -> Result<()> {
+    insert_audit(tx, actor, app, action, detail).await?;
+    tx.events.push(crate::events::Event::Changed {
+        app: app.map(str::to_string),
+        action: action.to_string(),
+        actor: actor.to_string(),
+        detail: detail.to_string(),
+    });
+    Ok(())
+}
+
+async fn insert_audit(
+    tx: &mut Write,
     actor: &str,
     app: Option<&str>,
     action: &str,

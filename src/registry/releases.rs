@@ -1,7 +1,6 @@
 //! Releases: immutable, numbered snapshots of image + config, and their rollout status.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{Sqlite, Transaction};
 
 use super::{
     audit, config_place, not_found, now_ms, Actor, AppRef, Registry, RegistryError, Result,
@@ -91,7 +90,7 @@ const RELEASE_COLUMNS: &str =
 /// Creates the next release of `app` with the app's current config, makes it the target, and
 /// returns its version.
 pub(crate) async fn insert_release(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut super::Write,
     app: &AppRef,
     image: &str,
     source: &str,

@@ -182,13 +182,13 @@ struct AppPlanInput {
 }
 
 impl Scheduler {
-    /// A scheduler over `nodes`, sharing `changed` with the API and `routes` with the proxy.
+    /// A scheduler over `nodes`, sharing `routes` with the proxy. It wakes on the registry's
+    /// events (see [`Scheduler::run`]).
     pub fn new(
         registry: Registry,
         config: Arc<Config>,
         nodes: Vec<Arc<Node>>,
         routes: SharedRoutes,
-        changed: Arc<Notify>,
     ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
         Arc::new(Scheduler {
@@ -199,7 +199,7 @@ impl Scheduler {
             routes,
             view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
             health: Arc::new(HealthTable::default()),
-            changed,
+            changed: Arc::new(Notify::new()),
             state: Mutex::new(ExecState::default()),
             routes_published: tokio::sync::watch::Sender::new(0),
             engine_calls: Default::default(),
@@ -281,6 +281,17 @@ impl Scheduler {
     /// Containers keep running when escale stops: they are the apps.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         let health = tokio::spawn(self.health.clone().run(self.changed.clone()));
+        // Committed changes of desired state wake a pass; so does missing some (look anyway).
+        let mut events = self.registry.bus().subscribe();
+        let wake = self.changed.clone();
+        let listener = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e) if !e.event.changes_desired_state() => {}
+                    _ => wake.notify_one(),
+                }
+            }
+        });
         let mut watchers = Vec::new();
         for n in &self.nodes {
             watchers.push(tokio::spawn(watch_events(
@@ -306,6 +317,7 @@ impl Scheduler {
             };
         }
         health.abort();
+        listener.abort();
         for w in watchers {
             w.abort();
         }
