@@ -599,7 +599,6 @@ pub async fn apply_manifest(
         .registry
         .apply_manifest(&actor, &app, &m, s.config.scheduler.default_port)
         .await?;
-    if !out.changes.is_empty() {}
     Ok(Json(out))
 }
 
