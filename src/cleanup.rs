@@ -13,9 +13,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::api::AppState;
 use crate::images::{builder, Builder, LABEL_BUILT_FOR};
 use crate::registry::AppRef;
+use crate::service::Services;
 
 /// How often leftovers of destroyed apps are collected.
 pub const COLLECT_INTERVAL: Duration = Duration::from_secs(600);
@@ -34,8 +34,8 @@ pub struct Collected {
 /// Right after `app` was destroyed: removes its repository now (a failure is logged and noted
 /// in the audit log; the collection finishes it), and removes its images in the background
 /// as soon as its containers are gone.
-pub async fn destroyed(state: &AppState, actor: &str, app: &AppRef) {
-    if let Err(e) = crate::git::remove_repo(&state.git, &state.config.data_dir, &app.uid).await {
+pub async fn destroyed(state: &Services, actor: &str, app: &AppRef) {
+    if let Err(e) = crate::git::remove_repo(&state.config.data_dir, &app.uid).await {
         tracing::warn!(app = %app.name, uid = %app.uid, error = %e, "cannot remove the git repository of a destroyed app; the next collection retries");
         let detail = format!(
             "the git repository of `{}` could not be removed yet ({e}); it is retried every {} minutes and never given to another app",
@@ -73,7 +73,7 @@ pub async fn destroyed(state: &AppState, actor: &str, app: &AppRef) {
 }
 
 /// Removes the repositories and built images of apps the registry no longer has.
-pub async fn collect(state: &AppState) -> Collected {
+pub async fn collect(state: &Services) -> Collected {
     let mut out = Collected::default();
     let installation = state.registry.installation_id().to_string();
     // What is there is listed before the registry is asked what to keep: anything created
@@ -94,7 +94,7 @@ pub async fn collect(state: &AppState) -> Collected {
             return out;
         }
     };
-    match crate::git::collect_repos(&state.git, &state.config.data_dir, &live).await {
+    match crate::git::collect_repos(&state.config.data_dir, &live).await {
         Ok(n) => out.repos = n,
         Err(e) => out.errors.push(format!("removing git repositories: {e}")),
     }
@@ -140,7 +140,7 @@ pub async fn collect(state: &AppState) -> Collected {
 }
 
 /// Collects at start and every [`COLLECT_INTERVAL`] until `shutdown`.
-pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(state: Services, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         collect(&state).await;

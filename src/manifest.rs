@@ -35,7 +35,7 @@ use std::ops::Range;
 
 use toml_edit::{Item, TableLike};
 
-use crate::registry::{App, ConfigVar, HealthCheck, HealthKind};
+use crate::model::{App, ConfigVar, HealthCheck, HealthKind};
 use crate::validate::{self, printable};
 
 /// A manifest problem at one place of the file.
@@ -866,7 +866,7 @@ fn type_message(item: &Item, expected: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ProcessType;
+    use crate::model::ProcessType;
 
     const GOOD: &str = r#"
 app = "shop"

@@ -202,7 +202,7 @@ pub async fn run(
         scheduler.redirect_https_with(certs.clone());
     }
     state.scheduler = Some(scheduler.clone());
-    let cleanup_state = state.clone();
+    let cleanup_state = state.services.clone();
     let app = api::router(state);
 
     // One shutdown signal, fanned out to every part.

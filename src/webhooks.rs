@@ -39,10 +39,11 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::api::{ApiError, AppState};
 use crate::config::WebhooksConfig;
 use crate::git::{self, GitError, RefUpdate, ZERO_OID};
-use crate::registry::{Actor, Role, WebhookTarget};
+use crate::http::ApiError;
+use crate::registry::{Actor, WebhookTarget};
+use crate::service::{Queue, Services};
 
 /// How long fetching the source repository may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
@@ -82,7 +83,7 @@ impl From<WebhookError> for ApiError {
 }
 
 /// The webhook route, to merge into the API router.
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Services> {
     Router::new().route("/hooks/{app}", post(hook))
 }
 
@@ -458,7 +459,7 @@ fn answer(status: &'static str, detail: String) -> Response {
 
 /// `POST /hooks/{app}`
 async fn hook(
-    State(s): State<AppState>,
+    State(s): State<Services>,
     axum::extract::Path(app): axum::extract::Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -512,12 +513,12 @@ async fn hook(
     Ok(answer("accepted", detail))
 }
 
-async fn deploy_in_background(s: AppState, target: WebhookTarget, provider: Provider, sha: String) {
+async fn deploy_in_background(s: Services, target: WebhookTarget, provider: Provider, sha: String) {
     let app = target.app.name.clone();
     if let Err(e) = deploy(&s, &target, provider, &sha).await {
         tracing::warn!(app = %app, commit = %sha, error = %e, "webhook deploy failed");
         let detail = git::one_line(&format!("commit {}: {e}", &sha[..7]));
-        let actor = format!("webhook ({})", provider.as_str());
+        let actor = Actor::webhook(&target.app, provider.as_str(), &target.hook.created_by).name;
         if let Err(e) = s
             .registry
             .webhook_deploy_failed(&app, &actor, &detail)
@@ -530,7 +531,7 @@ async fn deploy_in_background(s: AppState, target: WebhookTarget, provider: Prov
 
 /// Fetches `sha` from the configured repository and deploys it as a push to `main`.
 async fn deploy(
-    s: &AppState,
+    s: &Services,
     target: &WebhookTarget,
     provider: Provider,
     sha: &str,
@@ -539,19 +540,21 @@ async fn deploy(
     // Again: the setting may predate a configuration change, and DNS answers change.
     let pin = check_repo_url(&hook.repository, &s.config.webhooks).await?;
     check_branch(&hook.branch)?;
-    // One deploy per app at a time: wait for one in progress (a push or another webhook).
-    let wait_limit = s.config.scheduler.deploy_timeout + Duration::from_secs(600);
-    let started = tokio::time::Instant::now();
-    let _guard = loop {
-        if let Some(g) = s.git.try_lock(target.app.id) {
-            break g;
-        }
-        if started.elapsed() > wait_limit {
-            return Err(GitError::Deploy("another deploy of the app did not finish".into()).into());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // One deploy per app at a time: a delivery waits its turn behind a deploy in progress (a
+    // push, an image deploy or another delivery), in order of arrival.
+    let actor = Actor::webhook(&target.app, provider.as_str(), &hook.created_by);
+    let queue = Queue {
+        limit: s.config.scheduler.deploy_timeout + Duration::from_secs(600),
     };
-    let repo = git::ensure_repo(&s.git, &s.config.data_dir, &target.app).await?;
+    let guard = s
+        .lock(
+            &target.app,
+            format!("a {} webhook deploy of {}", provider.as_str(), &sha[..7]),
+            queue,
+        )
+        .await
+        .map_err(|busy| GitError::Deploy(busy.to_string()))?;
+    let repo = git::ensure_repo(&s.config.data_dir, &target.app).await?;
     let mut protocols = String::from("https:http");
     if s.config.webhooks.allow_file_repositories {
         protocols.push_str(":file");
@@ -633,16 +636,10 @@ async fn deploy(
         new: sha.to_string(),
         name: deploy_ref.clone(),
     };
-    let actor = Actor {
-        user_id: 0,
-        name: format!("webhook ({})", provider.as_str()),
-        role: Role::Member,
-        team_id: target.app.team_id,
-        team: target.app.team.clone(),
-    };
     let progress = git::http::Progress::detached();
     let job = git::deploy::Job {
-        state: s,
+        services: s,
+        guard: &guard,
         actor: &actor,
         app: &target.app,
         repo: &repo,

@@ -414,34 +414,15 @@ pub async fn create_release(
             "description must be at most 500 bytes without NUL".into(),
         ));
     }
-    // Fails before anything changes when the app is unknown or not the caller's, or when the
-    // image cannot be had on any node.
-    let a = s.registry.app(&actor, &app).await?;
-    if let Some(sched) = &s.scheduler {
-        sched.check_image(&req.image, &a.uid).await.map_err(|e| {
-            ApiError::Unprocessable(format!(
-                "cannot deploy `{}`: {e}; nothing was changed",
-                req.image
-            ))
-        })?;
-    }
-    if let Some(p) = port {
-        let patch = ProcessPatch {
-            port: Some(p),
-            ..Default::default()
-        };
-        s.registry
-            .upsert_process(&actor, &app, "web", &patch, p)
-            .await?;
-    }
-    let v = s
-        .registry
-        .create_release(&actor, &app, &req.image, "image", &description)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(s.registry.release(&actor, &app, v).await?),
-    ))
+    // Fails before anything changes when the app is unknown or not the caller's, when another
+    // deploy of it is in progress, or when the image cannot be had on any node.
+    let req = crate::service::ImageDeploy {
+        image: req.image,
+        port,
+        description,
+    };
+    let release = s.deploy_image(&actor, &app, &req).await?;
+    Ok((StatusCode::CREATED, Json(release)))
 }
 
 #[utoipa::path(post, path = "/api/v1/apps/{app}/rollback", tag = "apps", security(("token" = [])),
@@ -462,10 +443,9 @@ pub async fn rollback(
             ))
         }
     };
-    let new = s.registry.rollback(&actor, &app, v).await?;
     Ok((
         StatusCode::CREATED,
-        Json(s.registry.release(&actor, &app, new).await?),
+        Json(s.rollback(&actor, &app, v).await?),
     ))
 }
 
@@ -595,10 +575,7 @@ pub async fn apply_manifest(
     };
     let m = Manifest::parse_with(&req.manifest, &checks)
         .map_err(|e| ApiError::Unprocessable(format!("invalid manifest: {e}")))?;
-    let out = s
-        .registry
-        .apply_manifest(&actor, &app, &m, s.config.scheduler.default_port)
-        .await?;
+    let out = s.services.apply_manifest(&actor, &app, &m).await?;
     Ok(Json(out))
 }
 

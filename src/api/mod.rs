@@ -10,8 +10,6 @@ mod accounts;
 mod apps;
 mod certs;
 mod cluster;
-mod error;
-mod extract;
 mod webhooks;
 
 use std::sync::Arc;
@@ -23,43 +21,55 @@ use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use utoipa::OpenApi;
 
-pub use error::{ApiError, Problem};
-pub use extract::{Auth, Json, Path, Query};
+pub use crate::http::{ApiError, Auth, Json, Path, Problem, Query};
 
 use crate::auth::{Hashing, LoginLimiter};
 use crate::config::Config;
 use crate::registry::Registry;
+use crate::service::Services;
 
-/// What handlers share.
+/// What handlers share: the [`Services`] every surface uses (reachable through `Deref`:
+/// `s.registry`, `s.config`, `s.scheduler`), and what only the API needs.
 #[derive(Clone)]
 pub struct AppState {
-    pub registry: Registry,
-    pub config: Arc<Config>,
+    pub services: Services,
     pub limiter: Arc<LoginLimiter>,
     /// The bound on password hashing: every hash and check goes through it.
     pub hashing: Arc<Hashing>,
-    /// The scheduler, when this server runs one (API-only tests do not).
-    pub scheduler: Option<Arc<crate::scheduler::Scheduler>>,
     /// The proxy's counters, rendered at `/metrics`.
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
     /// Certificates: registry rows and the proxy's certificate store.
     pub certs: Arc<crate::certs::CertManager>,
-    /// Deploys by `git push` in progress.
-    pub git: Arc<crate::git::GitState>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.services
+    }
+}
+
+impl std::ops::DerefMut for AppState {
+    fn deref_mut(&mut self) -> &mut Services {
+        &mut self.services
+    }
+}
+
+impl axum::extract::FromRef<AppState> for Registry {
+    fn from_ref(s: &AppState) -> Registry {
+        s.registry.clone()
+    }
 }
 
 impl AppState {
     pub fn new(registry: Registry, config: Arc<Config>) -> AppState {
         let certs = crate::certs::CertManager::new(registry.clone(), &config.apps_domain);
         AppState {
-            registry,
-            config,
+            services: Services::new(registry, config, None),
             limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
             hashing: Arc::new(Hashing::per_core()),
             certs,
-            scheduler: None,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
-            git: Arc::default(),
         }
     }
 }
@@ -169,17 +179,18 @@ pub fn router(state: AppState) -> Router {
         .route("/apps/{app}/logs", get(cluster::logs))
         .route("/nodes", get(cluster::list_nodes))
         .route("/events", get(apps::list_all_events));
+    let services = state.services.clone();
     Router::new()
         .nest("/api/v1", v1)
         .route("/metrics", get(metrics))
+        .with_state(state)
         // Git smart HTTP under `/git/` (see `crate::git`); outside `/api/v1`.
-        .merge(crate::git::router())
+        .merge(crate::git::router().with_state(services.clone()))
         // Push webhooks under `/hooks/` (see `crate::webhooks`); signed, no token.
-        .merge(crate::webhooks::router())
+        .merge(crate::webhooks::router().with_state(services))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))
-        .with_state(state)
 }
 
 async fn not_found() -> ApiError {

@@ -9,9 +9,9 @@ use bytes::Bytes;
 
 use super::http::Progress;
 use super::{run_git, GitError, RefUpdate};
-use crate::api::AppState;
 use crate::manifest::{Checks, Located, Manifest, ManifestError};
-use crate::registry::{Actor, AppRef, ReleaseStatus};
+use crate::registry::{Actor, AppRef};
+use crate::service::{DeployGuard, Services};
 
 /// Largest build log kept with a release; the tail is kept.
 const MAX_BUILD_LOG: usize = 256 * 1024;
@@ -162,7 +162,9 @@ async fn check_base(
 
 /// One deploy of a push.
 pub(crate) struct Job<'a> {
-    pub state: &'a AppState,
+    pub services: &'a Services,
+    /// The app's deploy lock, held by the caller from before the build to the rollout's end.
+    pub guard: &'a DeployGuard,
     pub actor: &'a Actor,
     pub app: &'a AppRef,
     pub repo: &'a Path,
@@ -178,12 +180,12 @@ impl Job<'_> {
         let short = &sha[..7];
         let say = |l: &str| self.progress.say(l);
         let sched = self
-            .state
+            .services
             .scheduler
             .as_ref()
             .ok_or_else(|| GitError::Deploy("this server runs no scheduler".into()))?;
 
-        let git_settings = &self.state.config.git;
+        let git_settings = &self.services.config.git;
         let dockerfile = git_settings.dockerfile.as_str();
         let max_context = git_settings.max_context_size;
         let Some(dockerfile_size) = object_size(self.repo, &format!("{sha}:{dockerfile}")).await
@@ -220,7 +222,7 @@ impl Job<'_> {
         }
 
         let next = self
-            .state
+            .services
             .registry
             .next_release_version(self.app.id)
             .await?;
@@ -232,7 +234,7 @@ impl Job<'_> {
         // Non-secret config vars are build args (a Dockerfile takes one with `ARG NAME`);
         // secrets are not: build args are visible in the image's history.
         let build_args: Vec<(String, String)> = self
-            .state
+            .services
             .registry
             .config_rows(self.app.id)
             .await?
@@ -258,7 +260,7 @@ impl Job<'_> {
             source_size / 1024,
             node.name
         ));
-        let installation = self.state.registry.installation_id().to_string();
+        let installation = self.services.registry.installation_id().to_string();
         let labels = vec![
             (
                 crate::node::LABEL_INSTALLATION.to_string(),
@@ -375,17 +377,19 @@ impl Job<'_> {
             }
             d
         };
-        if let Some(m) = &manifest {
-            let out = self
-                .state
-                .registry
-                .apply_manifest(
-                    self.actor,
-                    &self.app.name,
-                    m,
-                    self.state.config.scheduler.default_port,
-                )
-                .await?;
+        let push = crate::service::PushRelease {
+            image: &tag,
+            source: &format!("git {short}"),
+            description: &description,
+            build_log: &log,
+            manifest: manifest.as_ref(),
+        };
+        let (applied, v) = self
+            .services
+            .release_push(self.guard, self.actor, self.app, &push)
+            .await
+            .map_err(|e| GitError::Deploy(format!("{e}; nothing was released")))?;
+        if let Some(out) = applied {
             if out.changes.is_empty() {
                 say("-----> escale.toml: the app already matches it");
             } else {
@@ -395,18 +399,6 @@ impl Job<'_> {
                 }
             }
         }
-        let v = self
-            .state
-            .registry
-            .create_built_release(
-                self.actor,
-                &self.app.name,
-                &tag,
-                &format!("git {short}"),
-                &description,
-                &log,
-            )
-            .await?;
         say(&format!("-----> Releasing v{v}: rolling out"));
         self.follow(v).await?;
         say(&format!("-----> v{v} is serving"));
@@ -418,12 +410,12 @@ impl Job<'_> {
     /// its last `scheduler.keep_releases` releases and that no instance (live or not) of the
     /// installation uses. Failures are logged, never fatal: the deploy has succeeded.
     async fn prune_images(&self) {
-        let Some(sched) = self.state.scheduler.as_ref() else {
+        let Some(sched) = self.services.scheduler.as_ref() else {
             return;
         };
-        let keep_n = self.state.config.scheduler.keep_releases as usize;
+        let keep_n = self.services.config.scheduler.keep_releases as usize;
         let releases = match self
-            .state
+            .services
             .registry
             .releases(self.actor, &self.app.name)
             .await
@@ -440,7 +432,7 @@ impl Job<'_> {
             .take(keep_n)
             .map(|r| r.image.clone())
             .collect();
-        let installation = self.state.registry.installation_id().to_string();
+        let installation = self.services.registry.installation_id().to_string();
         let labels = vec![
             format!("{}={installation}", crate::node::LABEL_INSTALLATION),
             format!("escale.app={}", self.app.name),
@@ -501,8 +493,8 @@ impl Job<'_> {
             .map_err(|_| GitError::Rejected(format!("{MANIFEST_FILE} is not UTF-8 text")))?;
         let checks = Checks {
             app: Some(&self.app.name),
-            max_instances: Some(self.state.config.max_instances),
-            apps_domain: Some(&self.state.config.apps_domain),
+            max_instances: Some(self.services.config.max_instances),
+            apps_domain: Some(&self.services.config.apps_domain),
         };
         match Manifest::parse_with(&text, &checks) {
             Ok(m) => {
@@ -510,7 +502,7 @@ impl Job<'_> {
                 // manifest checks again).
                 if let Some(domains) = &m.domains {
                     if let Err(e) = self
-                        .state
+                        .services
                         .registry
                         .check_domains(self.actor, &self.app.name, domains)
                         .await
@@ -543,56 +535,17 @@ impl Job<'_> {
 
     /// Waits for release `v` to become active or fail, reporting healthy instances.
     async fn follow(&self, v: u32) -> Result<(), GitError> {
-        let limit = self.state.config.scheduler.deploy_timeout + Duration::from_secs(120);
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut last = None;
-        loop {
-            if let Some(sched) = &self.state.scheduler {
-                let view = sched.view.load();
-                let mine: Vec<_> = view
-                    .instances
-                    .iter()
-                    .filter(|i| i.app == self.app.name && i.release == v && i.state != "exited")
-                    .collect();
-                let healthy = mine.iter().filter(|i| i.health == "healthy").count();
-                let now = (healthy, mine.len());
-                if now.1 > 0 && last != Some(now) {
-                    self.progress.say(&format!(
-                        "       {healthy} of {} new instance(s) healthy",
-                        now.1
-                    ));
-                    last = Some(now);
-                }
-            }
-            let r = self
-                .state
-                .registry
-                .release_by_id(self.app.id, v)
-                .await?
-                .ok_or_else(|| GitError::Deploy(format!("release v{v} disappeared")))?;
-            match r.status {
-                ReleaseStatus::Active => return Ok(()),
-                ReleaseStatus::Failed => {
-                    return Err(GitError::Deploy(format!(
-                        "rollout of v{v} failed: {}; the previous release keeps serving",
-                        r.status_reason.unwrap_or_else(|| "no reason given".into())
-                    )))
-                }
-                ReleaseStatus::Superseded => {
-                    return Err(GitError::Deploy(format!(
-                        "v{v} was superseded by a newer release before it finished rolling out"
-                    )))
-                }
-                ReleaseStatus::Deploying => {}
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(GitError::Deploy(format!(
-                    "v{v} did not finish rolling out within {}s; see `escale releases {}`",
-                    limit.as_secs(),
-                    self.app.name
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let limit = self.services.config.scheduler.deploy_timeout + Duration::from_secs(120);
+        let say = |l: &str| self.progress.say(&format!("       {l}"));
+        crate::service::follow(
+            &self.services.registry,
+            self.services.registry.bus(),
+            self.app,
+            v,
+            limit,
+            &say,
+        )
+        .await
+        .map_err(|e| GitError::Deploy(e.to_string()))
     }
 }

@@ -20,14 +20,15 @@ use super::pkt::{self, Pkt};
 use super::{
     deploy, ensure_repo, git, one_line, valid_ref, GitError, PushCommands, Report, MAX_PUSH_BYTES,
 };
-use crate::api::{ApiError, AppState, Auth};
+use crate::http::{ApiError, Auth};
 use crate::registry::{Actor, AppRef};
+use crate::service::Services;
 
 /// Largest command section (ref updates) of a push.
 const MAX_COMMANDS_BYTES: usize = 1 << 20;
 
 /// The git routes, to merge into the API router.
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Services> {
     Router::new()
         .route("/git/{repo}/info/refs", get(info_refs))
         .route("/git/{repo}/git-receive-pack", post(receive_pack))
@@ -57,7 +58,7 @@ const PUSH_ONLY: &str = "escale's git endpoint takes pushes only (`git push` dep
 /// Authenticates and finds the app of `/git/{app}.git/...`: 401 without valid credentials,
 /// 404 for an app the caller cannot see (or a name that cannot be an app).
 async fn resolve(
-    s: &AppState,
+    s: &Services,
     parts: &mut axum::http::request::Parts,
     repo: &str,
 ) -> Result<(Actor, AppRef), Response> {
@@ -106,7 +107,7 @@ struct ServiceQuery {
 
 /// `GET /git/{app}.git/info/refs?service=git-receive-pack`
 async fn info_refs(
-    State(s): State<AppState>,
+    State(s): State<Services>,
     axum::extract::Path(repo): axum::extract::Path<String>,
     req: Request,
 ) -> Response {
@@ -128,7 +129,7 @@ async fn info_refs(
             )
         }
     }
-    let path = match ensure_repo(&s.git, &s.config.data_dir, &app).await {
+    let path = match ensure_repo(&s.config.data_dir, &app).await {
         Ok(p) => p,
         Err(e) => return internal(e),
     };
@@ -167,7 +168,7 @@ async fn info_refs(
 
 /// `POST /git/{app}.git/git-upload-pack`: refused.
 async fn upload_pack(
-    State(s): State<AppState>,
+    State(s): State<Services>,
     axum::extract::Path(repo): axum::extract::Path<String>,
     req: Request,
 ) -> Response {
@@ -253,7 +254,7 @@ fn streaming_response(rx: mpsc::UnboundedReceiver<Bytes>) -> Response {
 
 /// `POST /git/{app}.git/git-receive-pack`: the push.
 async fn receive_pack(
-    State(s): State<AppState>,
+    State(s): State<Services>,
     axum::extract::Path(repo): axum::extract::Path<String>,
     req: Request,
 ) -> Response {
@@ -360,14 +361,19 @@ async fn receive_pack(
         Some("escale accepts branch and tag names made of letters, digits, `.`, `_`, `-` and `/` (no component starting with `.` or `-`)".to_string())
     } else if deploying.is_some() && s.scheduler.is_none() {
         Some("this server runs no scheduler, so it cannot deploy".to_string())
-    } else if deploying.is_some() {
-        guard = s.git.try_lock(app.id);
-        guard.is_none().then(|| {
-            format!(
-                "another push to `{}` is deploying; push again when it has finished",
-                app.name
-            )
-        })
+    } else if let Some(u) = &deploying {
+        let what = format!(
+            "a git push of {} by {}",
+            &u.new[..7.min(u.new.len())],
+            actor.name
+        );
+        match s.try_lock(&app, what) {
+            Ok(g) => {
+                guard = Some(g);
+                None
+            }
+            Err(busy) => Some(busy.to_string()),
+        }
     } else {
         None
     };
@@ -388,7 +394,7 @@ async fn receive_pack(
         });
         return streaming_response(rx);
     }
-    let path = match ensure_repo(&s.git, &s.config.data_dir, &app).await {
+    let path = match ensure_repo(&s.config.data_dir, &app).await {
         Ok(p) => p,
         Err(e) => return internal(e),
     };
@@ -445,7 +451,6 @@ async fn receive_pack(
     // Runs to the end even when the client goes away: refs may have moved, so the deploy (or
     // the reset of the branch) must happen.
     tokio::spawn(async move {
-        let _guard = guard;
         let stderr_task = tokio::spawn(async move {
             let mut buf = Vec::new();
             let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
@@ -537,9 +542,10 @@ async fn receive_pack(
                 "`{deploy_branch}` was deleted; nothing was stopped: the current release keeps serving"
             ));
         }
-        if let Some(u) = deploying.filter(|u| report.ok(&u.name)) {
+        if let (Some(u), Some(guard)) = (deploying.filter(|u| report.ok(&u.name)), &guard) {
             let job = deploy::Job {
-                state: &s2,
+                services: &s2,
+                guard,
                 actor: &actor,
                 app: &app,
                 repo: &path,

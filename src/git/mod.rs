@@ -36,7 +36,6 @@ pub mod pkt;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 
 use tokio::process::Command;
 
@@ -71,37 +70,8 @@ pub enum GitError {
     Io(#[from] std::io::Error),
 }
 
-/// Git state shared by handlers: which apps have a deploying push.
-#[derive(Debug, Default)]
-pub struct GitState {
-    busy: Mutex<HashSet<i64>>,
-    /// Serialises `git init` of new repositories.
-    init: tokio::sync::Mutex<()>,
-}
-
-/// Held while an app's push deploys; released on drop.
-pub struct DeployGuard {
-    state: Arc<GitState>,
-    app_id: i64,
-}
-
-impl GitState {
-    /// Marks `app_id` as deploying, or `None` if a push of it already is.
-    pub fn try_lock(self: &Arc<Self>, app_id: i64) -> Option<DeployGuard> {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        busy.insert(app_id).then(|| DeployGuard {
-            state: self.clone(),
-            app_id,
-        })
-    }
-}
-
-impl Drop for DeployGuard {
-    fn drop(&mut self) {
-        let mut busy = self.state.busy.lock().unwrap_or_else(|e| e.into_inner());
-        busy.remove(&self.app_id);
-    }
-}
+/// Serialises creating and removing repositories (in this process; one server per data dir).
+static REPOS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The bare repository of the app with uid `uid`: `data_dir/git/apps/<uid>.git`. Keyed by the
 /// app's uid, never reused, so an app created later under a destroyed app's name starts with
@@ -397,15 +367,14 @@ pub(crate) async fn run_git(
 
 /// Creates the bare repository of `app` if it does not exist yet; returns its path.
 pub async fn ensure_repo(
-    state: &GitState,
     data_dir: &Path,
     app: &crate::registry::AppRef,
 ) -> Result<PathBuf, GitError> {
-    ensure_repo_of(state, data_dir, &app.uid).await
+    ensure_repo_of(data_dir, &app.uid).await
 }
 
 /// [`ensure_repo`] by app uid.
-async fn ensure_repo_of(state: &GitState, data_dir: &Path, uid: &str) -> Result<PathBuf, GitError> {
+async fn ensure_repo_of(data_dir: &Path, uid: &str) -> Result<PathBuf, GitError> {
     if !valid_uid(uid) {
         return Err(GitError::Rejected(format!(
             "`{}` is not an app uid",
@@ -416,7 +385,7 @@ async fn ensure_repo_of(state: &GitState, data_dir: &Path, uid: &str) -> Result<
     if path.join("HEAD").exists() {
         return Ok(path);
     }
-    let _g = state.init.lock().await;
+    let _g = REPOS.lock().await;
     if path.join("HEAD").exists() {
         return Ok(path);
     }
@@ -468,11 +437,11 @@ async fn ensure_repo_of(state: &GitState, data_dir: &Path, uid: &str) -> Result<
 
 /// Removes the repository of the app with uid `uid` (a destroyed app). Absent is success. A
 /// repository that cannot be removed now is removed by the next [`collect_repos`].
-pub async fn remove_repo(state: &GitState, data_dir: &Path, uid: &str) -> std::io::Result<()> {
+pub async fn remove_repo(data_dir: &Path, uid: &str) -> std::io::Result<()> {
     if !valid_uid(uid) {
         return Ok(());
     }
-    let _g = state.init.lock().await;
+    let _g = REPOS.lock().await;
     let dir = repos_dir(data_dir);
     for p in [
         dir.join(format!("{uid}.git")),
@@ -493,12 +462,11 @@ pub async fn remove_repo(state: &GitState, data_dir: &Path, uid: &str) -> std::i
 /// name would otherwise inherit; escale serves no fetch, so they hold nothing a push cannot
 /// send again). Returns how many were removed; the first error, if any, after trying all.
 pub async fn collect_repos(
-    state: &GitState,
     data_dir: &Path,
     live: &HashSet<String>,
 ) -> Result<usize, std::io::Error> {
     // Under the init lock: no repository is being created while we decide.
-    let _g = state.init.lock().await;
+    let _g = REPOS.lock().await;
     let mut doomed = Vec::new();
     for (dir, by_uid) in [(data_dir.join("git"), false), (repos_dir(data_dir), true)] {
         let mut entries = match tokio::fs::read_dir(&dir).await {
@@ -628,11 +596,10 @@ mod tests {
     #[tokio::test]
     async fn a_repository_is_created_once_and_names_are_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let state = GitState::default();
         let uid = "0123456789abcdef0123456789abcdef";
-        let p = ensure_repo_of(&state, dir.path(), uid).await.unwrap();
+        let p = ensure_repo_of(dir.path(), uid).await.unwrap();
         assert!(p.join("HEAD").exists());
-        assert_eq!(ensure_repo_of(&state, dir.path(), uid).await.unwrap(), p);
+        assert_eq!(ensure_repo_of(dir.path(), uid).await.unwrap(), p);
         for bad in [
             "../x",
             "-x",
@@ -643,10 +610,7 @@ mod tests {
             "shop",
             &uid.to_uppercase(),
         ] {
-            assert!(
-                ensure_repo_of(&state, dir.path(), bad).await.is_err(),
-                "{bad}"
-            );
+            assert!(ensure_repo_of(dir.path(), bad).await.is_err(), "{bad}");
         }
         let names: Vec<_> = std::fs::read_dir(dir.path().join("git/apps"))
             .unwrap()
@@ -658,20 +622,19 @@ mod tests {
     #[tokio::test]
     async fn repositories_of_destroyed_apps_and_legacy_ones_are_collected() {
         let dir = tempfile::tempdir().unwrap();
-        let state = GitState::default();
         let live = "0123456789abcdef0123456789abcdef";
         let dead = "fedcba9876543210fedcba9876543210";
-        let kept = ensure_repo_of(&state, dir.path(), live).await.unwrap();
-        let gone = ensure_repo_of(&state, dir.path(), dead).await.unwrap();
+        let kept = ensure_repo_of(dir.path(), live).await.unwrap();
+        let gone = ensure_repo_of(dir.path(), dead).await.unwrap();
         // A repository of an escale before uids, keyed by app name.
         let legacy = dir.path().join("git/shop.git");
         std::fs::create_dir_all(legacy.join("refs")).unwrap();
         let uids = HashSet::from([live.to_string()]);
-        assert_eq!(collect_repos(&state, dir.path(), &uids).await.unwrap(), 2);
+        assert_eq!(collect_repos(dir.path(), &uids).await.unwrap(), 2);
         assert!(kept.join("HEAD").exists());
         assert!(!gone.exists() && !legacy.exists());
-        remove_repo(&state, dir.path(), live).await.unwrap();
+        remove_repo(dir.path(), live).await.unwrap();
         assert!(!kept.exists());
-        remove_repo(&state, dir.path(), live).await.unwrap();
+        remove_repo(dir.path(), live).await.unwrap();
     }
 }

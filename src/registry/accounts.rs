@@ -40,6 +40,19 @@ pub struct Actor {
 }
 
 impl Actor {
+    /// The identity a webhook delivery of `app` deploys under: a member of the app's team,
+    /// named after the provider and whoever set the webhook up, as the audit log shows it
+    /// (`webhook:github (set up by alice)`).
+    pub fn webhook(app: &super::AppRef, provider: &str, set_up_by: &str) -> Actor {
+        Actor {
+            user_id: 0,
+            name: format!("webhook:{provider} (set up by {set_up_by})"),
+            role: Role::Member,
+            team_id: app.team_id,
+            team: app.team.clone(),
+        }
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }

@@ -9,97 +9,7 @@ use super::{
     Result,
 };
 
-/// An app as the API shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct App {
-    pub name: String,
-    pub team: String,
-    /// The release the scheduler converges to; `None` before the first deploy.
-    pub release: Option<u32>,
-    pub created_at: i64,
-    pub processes: Vec<ProcessType>,
-    pub domains: Vec<String>,
-}
-
-/// How an instance's health is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthKind {
-    /// `GET path` must answer 2xx or 3xx.
-    Http,
-    /// A TCP connection to the port must succeed.
-    Tcp,
-    /// No check: routable once running.
-    None,
-}
-
-impl HealthKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HealthKind::Http => "http",
-            HealthKind::Tcp => "tcp",
-            HealthKind::None => "none",
-        }
-    }
-    fn parse(s: &str) -> HealthKind {
-        match s {
-            "tcp" => HealthKind::Tcp,
-            "none" => HealthKind::None,
-            _ => HealthKind::Http,
-        }
-    }
-}
-
-/// A process type's health check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct HealthCheck {
-    pub kind: HealthKind,
-    pub path: String,
-    pub interval_ms: u32,
-    pub timeout_ms: u32,
-    /// Time after start during which failures do not count.
-    pub grace_ms: u32,
-}
-
-/// A process type of an app (`web`, `worker`, ...).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct ProcessType {
-    pub name: String,
-    /// argv; `None` runs the image's default command.
-    pub command: Option<Vec<String>>,
-    /// The port the process listens on (given to it as `$PORT`).
-    pub port: u16,
-    pub instances: u32,
-    pub memory_bytes: Option<u64>,
-    /// CPU limit in billionths of a CPU.
-    pub nano_cpus: Option<i64>,
-    /// Extra instances allowed during a rolling deploy.
-    pub surge: u32,
-    pub health: HealthCheck,
-}
-
-/// A validated change to a process type; `None` fields are left as they are.
-#[derive(Debug, Clone, Default)]
-pub struct ProcessPatch {
-    pub command: Option<Option<Vec<String>>>,
-    pub port: Option<u16>,
-    pub memory_bytes: Option<Option<u64>>,
-    pub nano_cpus: Option<Option<i64>>,
-    pub surge: Option<u32>,
-    pub health_kind: Option<HealthKind>,
-    pub health_path: Option<String>,
-    pub health_interval_ms: Option<u32>,
-    pub health_timeout_ms: Option<u32>,
-    pub health_grace_ms: Option<u32>,
-}
-
-/// A config var. `value` is `None` for a secret unless revealed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct ConfigVar {
-    pub key: String,
-    pub value: Option<String>,
-    pub secret: bool,
-}
+pub use crate::model::{App, ConfigVar, HealthCheck, HealthKind, ProcessPatch, ProcessType};
 
 /// A custom domain of an app.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
@@ -390,11 +300,32 @@ impl Registry {
     ) -> Result<ProcessType> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
+        upsert_process_in(&mut tx, &a, &actor.name, process, patch, default_port).await?;
+        tx.commit().await?;
+        self.processes_of(a.id)
+            .await?
+            .into_iter()
+            .find(|x| x.name == process)
+            .ok_or_else(|| not_found("process type", process))
+    }
+}
+
+/// [`Registry::upsert_process`] inside the caller's transaction.
+pub(crate) async fn upsert_process_in(
+    tx: &mut super::Write,
+    a: &AppRef,
+    actor: &str,
+    process: &str,
+    patch: &ProcessPatch,
+    default_port: u16,
+) -> Result<()> {
+    let app = a.name.as_str();
+    {
         sqlx::query("INSERT OR IGNORE INTO process_types (app_id, name, port, instances) VALUES (?, ?, ?, 0)")
             .bind(a.id)
             .bind(process)
             .bind(patch.port.unwrap_or(default_port) as i64)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         let p = patch;
         sqlx::query(
@@ -431,24 +362,21 @@ impl Registry {
         .bind(p.health_grace_ms.map(i64::from))
         .bind(a.id)
         .bind(process)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         audit(
-            &mut tx,
-            &actor.name,
+            tx,
+            actor,
             Some(app),
             "process.update",
             &describe_patch(process, p),
         )
         .await?;
-        tx.commit().await?;
-        self.processes_of(a.id)
-            .await?
-            .into_iter()
-            .find(|x| x.name == process)
-            .ok_or_else(|| not_found("process type", process))
+        Ok(())
     }
+}
 
+impl Registry {
     /// Sets instance counts of existing process types, all or nothing.
     pub async fn set_formation(
         &self,
@@ -811,18 +739,39 @@ impl Registry {
     ) -> Result<ManifestApplied> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
+        let out = apply_manifest_in(&mut tx, &a, actor, m, default_port, true).await?;
+        if !out.changes.is_empty() {
+            tx.commit().await?;
+        }
+        Ok(out)
+    }
+}
+
+/// [`Registry::apply_manifest`] inside the caller's transaction. With `release_config`, a
+/// config change of a deployed app creates a release; without, the caller releases next (a
+/// push) and that release carries the new config.
+pub(crate) async fn apply_manifest_in(
+    tx: &mut super::Write,
+    a: &AppRef,
+    actor: &Actor,
+    m: &crate::manifest::Manifest,
+    default_port: u16,
+    release_config: bool,
+) -> Result<ManifestApplied> {
+    let app = a.name.as_str();
+    {
         // Read inside the transaction: a deploy in between must not be lost.
         let target: Option<i64> =
             sqlx::query_scalar("SELECT target_release FROM apps WHERE id = ?")
                 .bind(a.id)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?
                 .ok_or_else(|| not_found("app", app))?;
         let mut out = ManifestApplied::default();
 
         let current: Vec<ProcessType> = sqlx::query_as::<_, ProcessRow>(PROCESS_SELECT)
             .bind(a.id)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?
             .into_iter()
             .map(ProcessType::from)
@@ -874,7 +823,7 @@ impl Registry {
             .bind(i64::from(h.interval_ms))
             .bind(i64::from(h.timeout_ms))
             .bind(i64::from(h.grace_ms))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             if old.is_some() {
                 out.processes_updated.push(name.clone());
@@ -889,31 +838,29 @@ impl Registry {
             let have: Vec<String> =
                 sqlx::query_scalar("SELECT domain FROM domains WHERE app_id = ? ORDER BY domain")
                     .bind(a.id)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(&mut **tx)
                     .await?;
             for d in have.iter().filter(|d| !domains.contains(d)) {
                 sqlx::query("DELETE FROM domains WHERE domain = ? AND app_id = ?")
                     .bind(d)
                     .bind(a.id)
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                 out.domains_removed.push(d.clone());
                 out.changes.push(format!("domain {d} removed"));
             }
             for d in domains.iter().filter(|d| !have.contains(d)) {
-                domain_available(&mut tx, &a, d)
-                    .await
-                    .map_err(|e| match e {
-                        RegistryError::Conflict(m) => {
-                            RegistryError::Conflict(format!("{m}; nothing was applied"))
-                        }
-                        other => other,
-                    })?;
+                domain_available(tx, &a, d).await.map_err(|e| match e {
+                    RegistryError::Conflict(m) => {
+                        RegistryError::Conflict(format!("{m}; nothing was applied"))
+                    }
+                    other => other,
+                })?;
                 sqlx::query("INSERT INTO domains (domain, app_id, created_at) VALUES (?, ?, ?)")
                     .bind(d)
                     .bind(a.id)
                     .bind(now_ms())
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await
                     .map_err(conflict_if_unique(|| {
                         format!(
@@ -930,7 +877,7 @@ impl Registry {
                 "SELECT key, value, secret FROM config_vars WHERE app_id = ? ORDER BY key",
             )
             .bind(a.id)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?;
             for (key, value) in env {
                 match have.iter().find(|(k, _, _)| k == key) {
@@ -949,7 +896,7 @@ impl Registry {
                 .bind(a.id)
                 .bind(key)
                 .bind(value)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
                 out.env_set.push(key.clone());
             }
@@ -958,7 +905,7 @@ impl Registry {
                     sqlx::query("DELETE FROM config_vars WHERE app_id = ? AND key = ?")
                         .bind(a.id)
                         .bind(key)
-                        .execute(&mut *tx)
+                        .execute(&mut **tx)
                         .await?;
                     out.env_unset.push(key.clone());
                 }
@@ -966,7 +913,7 @@ impl Registry {
             let count: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM config_vars WHERE app_id = ?")
                     .bind(a.id)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&mut **tx)
                     .await?;
             if count as usize > crate::validate::MAX_VARS {
                 return Err(RegistryError::Invalid(format!(
@@ -988,27 +935,27 @@ impl Registry {
         }
 
         if out.changes.is_empty() {
-            // Nothing differs: write nothing (the transaction rolls back on drop).
+            // Nothing differs: write nothing (the caller does not commit).
             return Ok(out);
         }
         audit(
-            &mut tx,
+            tx,
             &actor.name,
             Some(app),
             "manifest.apply",
             &out.changes.join("; "),
         )
         .await?;
-        if let (Some(v), false) = (target, config_change.is_empty()) {
+        if let (Some(v), false, true) = (target, config_change.is_empty(), release_config) {
             let image: String =
                 sqlx::query_scalar("SELECT image FROM releases WHERE app_id = ? AND version = ?")
                     .bind(a.id)
                     .bind(v)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&mut **tx)
                     .await?;
             let release = insert_release(
-                &mut tx,
-                &a,
+                tx,
+                a,
                 &image,
                 "config",
                 &format!("Manifest: {config_change}"),
@@ -1018,7 +965,6 @@ impl Registry {
             .await?;
             out.release = Some(release);
         }
-        tx.commit().await?;
         Ok(out)
     }
 }

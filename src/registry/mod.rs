@@ -13,6 +13,7 @@
 
 mod accounts;
 mod apps;
+mod deploys;
 mod releases;
 mod webhooks;
 

@@ -146,6 +146,18 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<crate::service::ServiceError> for ApiError {
+    fn from(e: crate::service::ServiceError) -> ApiError {
+        use crate::service::ServiceError as S;
+        match e {
+            S::Registry(e) => e.into(),
+            e @ S::Busy(_) => ApiError::Conflict(e.to_string()),
+            e @ (S::Image { .. } | S::Invalid(_)) => ApiError::Unprocessable(e.to_string()),
+            e @ S::NoScheduler => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> ApiError {
         ApiError::Unprocessable(e.0)

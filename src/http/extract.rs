@@ -9,18 +9,25 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, AppState};
+use axum::extract::FromRef;
+
+use super::ApiError;
 use crate::auth::token_hash;
 use crate::registry::Actor;
+use crate::registry::Registry;
 
 /// The authenticated caller. Accepts `Authorization: Bearer <token>` and, for git clients,
 /// `Basic` with the token as password (any user name).
 pub struct Auth(pub Actor);
 
-impl FromRequestParts<AppState> for Auth {
+impl<S> FromRequestParts<S> for Auth
+where
+    S: Send + Sync,
+    Registry: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Auth, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Auth, ApiError> {
         let missing = || {
             ApiError::Unauthorized(
                 "missing or invalid credentials: send `Authorization: Bearer <token>` (create one with `escale login` or `escale tokens create`)".into(),
@@ -49,8 +56,7 @@ impl FromRequestParts<AppState> for Auth {
         if token.is_empty() || token.len() > 256 {
             return Err(missing());
         }
-        let actor = state
-            .registry
+        let actor = Registry::from_ref(state)
             .actor_for_token(&token_hash(&token))
             .await?
             .ok_or_else(missing)?;

@@ -1,0 +1,216 @@
+//! The service layer: the one path every surface (the API, `git push`, push webhooks, next the
+//! dashboard) takes to change an app's releases. A surface parses and authenticates; the
+//! service checks, serialises and writes.
+//!
+//! - **One deploy at a time per app** ([`AppLocks`]): an image deploy, a push, a webhook
+//!   delivery, a rollback and a manifest apply each hold the app's deploy lock from their
+//!   first check to their release (a push and a webhook: to the end of the rollout they
+//!   follow). A second one is refused with a message naming the first (API, `git push`), or
+//!   waits its turn in the lock's queue (webhook deliveries). Config and formation changes are
+//!   single transactions and take no lock: scaling is never held up by a build.
+//! - **One transaction per deploy**: a deploy's release and what comes with it (the `web`
+//!   port of an image deploy, the manifest of a push) commit together or not at all, so
+//!   "nothing was changed" is true when it is said.
+//! - **Progress from the event bus** ([`follow`]): a rollout is followed by its events, never
+//!   by polling.
+//!
+//! Depends on the registry, the scheduler and the event bus; never on a surface.
+
+mod follow;
+mod locks;
+
+use std::sync::Arc;
+
+pub use follow::{follow, FollowError, Progress};
+pub use locks::{AppLocks, Busy, DeployGuard, Queue};
+
+use crate::config::Config;
+use crate::registry::{Actor, AppRef, ManifestApplied, Registry, RegistryError, Release};
+use crate::scheduler::{ImageError, Scheduler};
+
+/// Why a service call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Another deploy of the app holds its lock.
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    /// The image cannot be deployed; nothing was changed.
+    #[error("cannot deploy `{image}`: {source}; nothing was changed")]
+    Image {
+        image: String,
+        #[source]
+        source: ImageError,
+    },
+    /// The input is refused; the message says what to fix.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("this server runs no scheduler, so it cannot deploy")]
+    NoScheduler,
+}
+
+pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// What the surfaces share; cheap to clone.
+#[derive(Clone)]
+pub struct Services {
+    pub registry: Registry,
+    pub config: Arc<Config>,
+    /// The scheduler, when this server runs one (API-only tests do not).
+    pub scheduler: Option<Arc<Scheduler>>,
+    /// One deploy at a time per app.
+    pub locks: Arc<AppLocks>,
+}
+
+impl axum::extract::FromRef<Services> for Registry {
+    fn from_ref(s: &Services) -> Registry {
+        s.registry.clone()
+    }
+}
+
+/// An image deploy.
+#[derive(Debug, Clone)]
+pub struct ImageDeploy {
+    /// An image reference (checked by [`crate::validate::image_ref`] already).
+    pub image: String,
+    /// The `web` process's port, changed with the release when given.
+    pub port: Option<u16>,
+    pub description: String,
+}
+
+/// A built image released by a push.
+pub struct PushRelease<'a> {
+    pub image: &'a str,
+    /// `git <short sha>`.
+    pub source: &'a str,
+    pub description: &'a str,
+    pub build_log: &'a str,
+    /// The pushed `escale.toml`, applied in the release's transaction.
+    pub manifest: Option<&'a crate::manifest::Manifest>,
+}
+
+impl Services {
+    pub fn new(
+        registry: Registry,
+        config: Arc<Config>,
+        scheduler: Option<Arc<Scheduler>>,
+    ) -> Services {
+        Services {
+            registry,
+            config,
+            scheduler,
+            locks: Arc::new(AppLocks::default()),
+        }
+    }
+
+    /// The scheduler, or why there is none.
+    pub fn scheduler(&self) -> Result<&Arc<Scheduler>> {
+        self.scheduler.as_ref().ok_or(ServiceError::NoScheduler)
+    }
+
+    /// Takes the deploy lock of `app` for `what` (`deploy nginx:1.27 by alice`), refusing at
+    /// once when another deploy holds it.
+    pub fn try_lock(&self, app: &AppRef, what: String) -> Result<DeployGuard, Busy> {
+        self.locks.try_lock(app, what)
+    }
+
+    /// Waits for the deploy lock of `app` in its queue, at most `queue.limit`.
+    pub async fn lock(
+        &self,
+        app: &AppRef,
+        what: String,
+        queue: Queue,
+    ) -> Result<DeployGuard, Busy> {
+        self.locks.lock(app, what, queue).await
+    }
+
+    /// Deploys an image: the image is checked on the nodes (it must exist or be pullable,
+    /// and be this app's to use), then the release (and the `web` port, when given) is
+    /// written in one transaction.
+    pub async fn deploy_image(
+        &self,
+        actor: &Actor,
+        app: &str,
+        req: &ImageDeploy,
+    ) -> Result<Release> {
+        crate::images::refuse_id(&req.image).map_err(|e| {
+            ServiceError::Invalid(format!(
+                "cannot deploy `{}`: {e}; nothing was changed",
+                req.image
+            ))
+        })?;
+        let a = self.registry.app(actor, app).await?;
+        let _guard = self.try_lock(
+            &a,
+            format!("an image deploy of `{}` by {}", req.image, actor.name),
+        )?;
+        if let Some(sched) = &self.scheduler {
+            sched
+                .check_image(&req.image, &a.uid)
+                .await
+                .map_err(|source| ServiceError::Image {
+                    image: req.image.clone(),
+                    source,
+                })?;
+        }
+        let v = self
+            .registry
+            .deploy_image(
+                actor,
+                &a,
+                &req.image,
+                &req.description,
+                req.port.map(|p| (p, self.config.scheduler.default_port)),
+            )
+            .await?;
+        Ok(self.registry.release(actor, app, v).await?)
+    }
+
+    /// Rolls `app` back to the image and config of `version`, as a new release.
+    pub async fn rollback(&self, actor: &Actor, app: &str, version: u32) -> Result<Release> {
+        let a = self.registry.app(actor, app).await?;
+        let _guard = self.try_lock(&a, format!("a rollback to v{version} by {}", actor.name))?;
+        let v = self.registry.rollback(actor, app, version).await?;
+        Ok(self.registry.release(actor, app, v).await?)
+    }
+
+    /// Makes `app` match a manifest, in one transaction (a release when its config changed).
+    pub async fn apply_manifest(
+        &self,
+        actor: &Actor,
+        app: &str,
+        m: &crate::manifest::Manifest,
+    ) -> Result<ManifestApplied> {
+        let a = self.registry.app(actor, app).await?;
+        let _guard = self.try_lock(&a, format!("a manifest apply by {}", actor.name))?;
+        Ok(self
+            .registry
+            .apply_manifest(actor, app, m, self.config.scheduler.default_port)
+            .await?)
+    }
+
+    /// Releases an image built from a push, with its manifest, in one transaction. The caller
+    /// holds the app's deploy lock (`_guard`) from before its build.
+    pub async fn release_push(
+        &self,
+        _guard: &DeployGuard,
+        actor: &Actor,
+        app: &AppRef,
+        push: &PushRelease<'_>,
+    ) -> Result<(Option<ManifestApplied>, u32)> {
+        Ok(self
+            .registry
+            .release_push(
+                actor,
+                app,
+                push.manifest
+                    .map(|m| (m, self.config.scheduler.default_port)),
+                push.image,
+                push.source,
+                push.description,
+                push.build_log,
+            )
+            .await?)
+    }
+}
