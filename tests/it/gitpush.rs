@@ -342,7 +342,7 @@ async fn a_failing_health_check_fails_the_push_and_the_old_release_keeps_serving
     let (ok2, out2) = other.push(&url, "+main");
     assert!(!ok2, "{out2}");
     assert!(
-        out2.contains("another push to `fragile` is deploying"),
+        out2.contains("another deploy of `fragile` is in progress (a git push of"),
         "{out2}"
     );
     let (repo, (ok, out)) = pusher.join().unwrap();
