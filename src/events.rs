@@ -76,6 +76,9 @@ pub enum DrainCause {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct InstanceRef {
     pub app: String,
+    /// The engine's container id (empty while it is being created).
+    #[serde(default)]
+    pub container_id: String,
     pub process: String,
     pub release: u32,
     pub slot: u32,
@@ -383,6 +386,7 @@ mod tests {
             event: Event::InstanceDraining {
                 instance: InstanceRef {
                     app: "shop".into(),
+                    container_id: "c0ffee".into(),
                     process: "web".into(),
                     release: 2,
                     slot: 0,

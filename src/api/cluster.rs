@@ -95,8 +95,11 @@ pub async fn logs(
         crate::validate::process_name(p)?;
     }
     let tail = q.tail.unwrap_or(100).min(10_000);
+    // Subscribed before the view is read: an instance started after it is an event here.
+    let events = q.follow.then(|| s.registry.bus().subscribe());
     let view = view(&s);
-    let mut streams = Vec::new();
+    let mut lines = stream::SelectAll::new();
+    let mut following = std::collections::HashSet::new();
     for i in view
         .instances
         .iter()
@@ -105,12 +108,47 @@ pub async fn logs(
         if q.process.as_deref().is_some_and(|p| p != i.process) {
             continue;
         }
-        let Some(node) = s.scheduler.as_ref().and_then(|sched| sched.node(&i.node)) else {
-            continue;
-        };
         let tag = format!("{}.{}[v{}]", i.process, i.slot, i.release);
-        let lines = node
-            .logs(&i.container_id, q.follow, Some(tail))
+        if let Some(l) = instance_lines(&s, &i.node, &i.container_id, tag, q.follow, Some(tail)) {
+            following.insert(i.instance.clone());
+            lines.push(l);
+        }
+    }
+    let Some(events) = events else {
+        return Ok(text_stream(Body::from_stream(lines)));
+    };
+    // Following: instances that start from now on join the stream, from their first line.
+    let follow = Follow {
+        s,
+        app,
+        process: q.process,
+        events,
+        lines,
+        following,
+    };
+    let body = stream::unfold(follow, |mut f| async move {
+        f.next()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), f))
+    });
+    Ok(text_stream(Body::from_stream(body)))
+}
+
+type Lines = futures_util::stream::BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
+
+/// The lines of one container, each prefixed with its time and `tag`; `None` when its node
+/// is not known here.
+fn instance_lines(
+    s: &AppState,
+    node: &str,
+    container_id: &str,
+    tag: String,
+    follow: bool,
+    tail: Option<usize>,
+) -> Option<Lines> {
+    let node = s.scheduler.as_ref()?.node(node)?;
+    Some(
+        node.logs(container_id, follow, tail)
             .filter_map(move |l| {
                 let tag = tag.clone();
                 async move {
@@ -122,13 +160,57 @@ pub async fn logs(
                         )))
                     })
                 }
-            });
-        streams.push(lines.boxed());
+            })
+            .boxed(),
+    )
+}
+
+/// `logs -f`: the lines of the instances followed so far, and the bus, which says when
+/// another instance of the app starts.
+struct Follow {
+    s: AppState,
+    app: String,
+    process: Option<String>,
+    events: crate::events::Subscription,
+    lines: stream::SelectAll<Lines>,
+    following: std::collections::HashSet<String>,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<bytes::Bytes> {
+        loop {
+            tokio::select! {
+                Some(line) = self.lines.next(), if !self.lines.is_empty() => {
+                    match line {
+                        Ok(l) => return Some(l),
+                        Err(_) => continue,
+                    }
+                }
+                e = self.events.recv() => {
+                    let Ok(e) = e else { continue };
+                    let crate::events::Event::InstanceStarted { instance: i } = &e.event else {
+                        continue;
+                    };
+                    if i.app != self.app
+                        || self.process.as_deref().is_some_and(|p| p != i.process)
+                        || !self.following.insert(i.instance.clone())
+                    {
+                        continue;
+                    }
+                    let tag = format!("{}.{}[v{}]", i.process, i.slot, i.release);
+                    if let Some(l) = instance_lines(&self.s, &i.node, &i.container_id, tag, true, None) {
+                        self.lines.push(l);
+                    }
+                }
+            }
+        }
     }
-    let body = Body::from_stream(stream::select_all(streams));
-    Ok(Response::builder()
+}
+
+fn text_stream(body: Body) -> Response {
+    Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .header("x-content-type-options", "nosniff")
         .body(body)
-        .expect("static response parts"))
+        .expect("static response parts")
 }

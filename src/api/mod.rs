@@ -10,6 +10,7 @@ mod accounts;
 mod apps;
 mod certs;
 mod cluster;
+mod stream;
 mod webhooks;
 
 use std::sync::Arc;
@@ -93,7 +94,7 @@ impl AppState {
         apps::get_manifest, apps::apply_manifest,
         webhooks::set_webhook, webhooks::get_webhook, webhooks::remove_webhook,
         apps::list_events, apps::list_all_events,
-        cluster::list_instances, cluster::logs, cluster::list_nodes,
+        cluster::list_instances, cluster::logs, cluster::list_nodes, stream::stream_events,
     ),
     components(schemas(Problem)),
     modifiers(&SecurityAddon),
@@ -178,7 +179,8 @@ pub fn router(state: AppState) -> Router {
         .route("/apps/{app}/instances", get(cluster::list_instances))
         .route("/apps/{app}/logs", get(cluster::logs))
         .route("/nodes", get(cluster::list_nodes))
-        .route("/events", get(apps::list_all_events));
+        .route("/events", get(apps::list_all_events))
+        .route("/events/stream", get(stream::stream_events));
     let services = state.services.clone();
     Router::new()
         .nest("/api/v1", v1)

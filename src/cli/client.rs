@@ -176,6 +176,17 @@ impl Client {
         Ok(())
     }
 
+    /// Opens a Server-Sent Events stream (`/api/v1/events/stream`); the server has subscribed
+    /// once this returns, so every event published after it is read from the stream.
+    pub async fn events(&self, path: &str) -> Result<EventStream, CliError> {
+        let body = self.send(Method::GET, path, None).await?.into_body();
+        Ok(EventStream {
+            body,
+            buf: Vec::new(),
+            base: self.base.clone(),
+        })
+    }
+
     /// Sends a request; a non-2xx answer becomes an error carrying the server's problem detail.
     async fn send(
         &self,
@@ -242,4 +253,57 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Events read from a Server-Sent Events stream, one JSON object each.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+    base: String,
+}
+
+impl EventStream {
+    /// The next event (`{"type": ..., "summary": ..., ...}`; `{"type": "missed"}` when the
+    /// server says this reader fell behind), or `None` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<serde_json::Value>, CliError> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let frame: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&frame);
+                let mut kind = None;
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(k) = line.strip_prefix("event: ") {
+                        kind = Some(k.to_string());
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push_str(d);
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a comment (keep-alive)
+                }
+                let mut v: serde_json::Value = serde_json::from_str(&data).map_err(|e| {
+                    CliError::Local(format!("unexpected event from the server: {e}"))
+                })?;
+                if kind.as_deref() == Some("missed") {
+                    v["type"] = "missed".into();
+                }
+                return Ok(Some(v));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(CliError::Unreachable {
+                        url: self.base.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        self.buf.extend_from_slice(d);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -214,6 +214,15 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         } => {
             let c = api()?;
             let body = strip_nulls(json!({"image": image, "port": port}));
+            // Subscribed before the release exists: no event of its rollout is missed.
+            let mut events = if no_wait {
+                None
+            } else {
+                Some(
+                    c.events(&format!("/api/v1/events/stream?app={}", seg(&app)))
+                        .await?,
+                )
+            };
             let rel: Value = c
                 .call(
                     Method::POST,
@@ -222,17 +231,18 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
                 )
                 .await?;
             let v = rel["version"].as_u64().unwrap_or(0);
-            if no_wait {
+            let Some(events) = events.as_mut() else {
                 print_json_or(json_out, &rel, || {
                     println!("Release v{v} of {app} created; rolling out.")
                 });
                 return Ok(());
-            }
+            };
             if !json_out {
                 println!("Release v{v} of {app} created ({image}); rolling out...");
             }
             let done =
-                super::commands::follow_rollout(&c, &app, v, *wait_timeout, json_out).await?;
+                super::commands::follow_rollout(&c, events, &app, v, *wait_timeout, json_out)
+                    .await?;
             print_json_or(json_out, &done, || println!("v{v} of {app} is serving."));
             Ok(())
         }
@@ -346,12 +356,23 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             }
             Ok(())
         }
-        Command::Events { app, limit } => {
+        Command::Events { app, limit, follow } => {
             let path = match &app {
                 Some(a) => format!("/api/v1/apps/{}/events?limit={limit}", seg(a)),
                 None => format!("/api/v1/events?limit={limit}"),
             };
-            let out: Value = api()?.call(Method::GET, &path, None).await?;
+            let c = api()?;
+            // Subscribed before the history is read: nothing falls between the two.
+            let mut live = if follow {
+                let stream = match &app {
+                    Some(a) => format!("/api/v1/events/stream?app={}", seg(a)),
+                    None => "/api/v1/events/stream".to_string(),
+                };
+                Some(c.events(&stream).await?)
+            } else {
+                None
+            };
+            let out: Value = c.call(Method::GET, &path, None).await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
@@ -369,6 +390,24 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
                     .collect();
                 table(&["WHEN", "WHO", "APP", "ACTION", "DETAIL"], &rows);
             });
+            if let Some(live) = live.as_mut() {
+                while let Some(e) = live.next().await? {
+                    if json_out {
+                        println!("{e}");
+                    } else {
+                        let app = e["app"]
+                            .as_str()
+                            .or(e["instance"]["app"].as_str())
+                            .unwrap_or("-");
+                        println!(
+                            "{} {app} {}",
+                            clock(e["at"].as_i64().unwrap_or(0)),
+                            s(&e["summary"])
+                        );
+                    }
+                }
+                return Err(CliError::Failed("the server ended the event stream".into()));
+            }
             Ok(())
         }
     }
@@ -386,69 +425,79 @@ async fn serve(config: Option<PathBuf>) -> Result<(), CliError> {
         .map_err(|e| CliError::Local(e.to_string()))
 }
 
-/// Polls the release until its rollout succeeds or fails, printing progress.
+/// Follows release `v` by its events (`events` was opened before the release was made) until
+/// its rollout succeeds or fails, printing progress on stderr unless `quiet`.
 pub(super) async fn follow_rollout(
     c: &Client,
+    events: &mut super::client::EventStream,
     app: &str,
     v: u64,
     timeout: std::time::Duration,
     quiet: bool,
 ) -> Result<Value, CliError> {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut check = true;
     loop {
-        let rel: Value = c
-            .call(
-                Method::GET,
-                &format!("/api/v1/apps/{}/releases/{v}", seg(app)),
-                None,
-            )
-            .await?;
-        let status = s(&rel["status"]);
-        match status.as_str() {
-            "active" => return Ok(rel),
-            "failed" | "superseded" => {
-                let reason = rel["status_reason"]
-                    .as_str()
-                    .unwrap_or("superseded by a newer release");
-                return Err(CliError::Failed(format!(
-                    "rollout of v{v} failed: {reason}; the previous release keeps serving"
-                )));
+        if check {
+            check = false;
+            let rel: Value = c
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/{}/releases/{v}", seg(app)),
+                    None,
+                )
+                .await?;
+            match s(&rel["status"]).as_str() {
+                "active" => return Ok(rel),
+                "failed" | "superseded" => {
+                    let reason = rel["status_reason"]
+                        .as_str()
+                        .unwrap_or("superseded by a newer release");
+                    let releases: Value = c
+                        .call(
+                            Method::GET,
+                            &format!("/api/v1/apps/{}/releases", seg(app)),
+                            None,
+                        )
+                        .await?;
+                    let serving = releases
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|r| r["status"] == "active")
+                        .and_then(|r| r["version"].as_u64());
+                    let after = match serving {
+                        Some(p) => format!("v{p} keeps serving"),
+                        None => format!("{app} has no release serving"),
+                    };
+                    return Err(CliError::Failed(format!(
+                        "rollout of v{v} failed: {reason}; {after}"
+                    )));
+                }
+                _ => {}
             }
+        }
+        let e = match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => {
+                return Err(CliError::Failed(format!("stopped following v{v} after the wait timeout; it is still rolling out (see `escale ps {app}`)")))
+            }
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return Err(CliError::Failed(format!("the server ended the event stream before v{v} finished rolling out (see `escale releases {app}`)")))
+            }
+        };
+        let mine = e["release"].as_u64() == Some(v) || e["instance"]["release"].as_u64() == Some(v);
+        match e["type"].as_str().unwrap_or("") {
+            "rollout_progress" if mine && !quiet => eprintln!(
+                "  v{v}: {}/{} healthy, {} old instance(s) left",
+                e["healthy"], e["total"], e["old"]
+            ),
+            "instance_crashed" | "instance_unhealthy" if mine && !quiet => {
+                eprintln!("  {}", s(&e["summary"]))
+            }
+            "rollout_succeeded" | "rollout_failed" | "changed" | "missed" => check = true,
             _ => {}
         }
-        if let Ok(ps) = c
-            .call::<Value>(
-                Method::GET,
-                &format!("/api/v1/apps/{}/instances", seg(app)),
-                None,
-            )
-            .await
-        {
-            let list = ps["instances"].as_array().cloned().unwrap_or_default();
-            let new_healthy = list
-                .iter()
-                .filter(|i| i["release"].as_u64() == Some(v) && i["health"] == "healthy")
-                .count();
-            let new_total = list
-                .iter()
-                .filter(|i| i["release"].as_u64() == Some(v))
-                .count();
-            let old = list
-                .iter()
-                .filter(|i| i["release"].as_u64() != Some(v))
-                .count();
-            let line =
-                format!("  v{v}: {new_healthy}/{new_total} healthy, {old} old instance(s) left");
-            if line != last && !quiet {
-                eprintln!("{line}");
-                last = line;
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(CliError::Failed(format!("stopped following v{v} after the wait timeout; it is still rolling out (see `escale ps {app}`)")));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
 
@@ -1342,6 +1391,12 @@ fn print_json_or(json_out: bool, v: &Value, human: impl FnOnce()) {
 }
 
 /// A string field, or `-`.
+/// `HH:MM:SS` (UTC) of a unix-milliseconds time.
+fn clock(ms: i64) -> String {
+    let secs = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::String(x) => x.clone(),

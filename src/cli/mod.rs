@@ -223,12 +223,19 @@ pub enum Command {
     /// Teams (admin).
     #[command(subcommand)]
     Teams(TeamsCommand),
-    /// Audit log: who changed what, when.
+    /// Audit log: who changed what, when; with -f, then what happens live (instances
+    /// started, healthy, replaced, crashed; rollouts; nodes).
+    #[command(
+        after_help = "Examples:\n  escale events shop\n  escale events -f\n  escale events shop -f --json | jq -c 'select(.type == \"instance_crashed\")'"
+    )]
     Events {
         /// Only this app.
         app: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Keep streaming live events.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  escale completions bash > /etc/bash_completion.d/escale")]

@@ -850,7 +850,7 @@ pub(crate) async fn apply_manifest_in(
                 out.changes.push(format!("domain {d} removed"));
             }
             for d in domains.iter().filter(|d| !have.contains(d)) {
-                domain_available(tx, &a, d).await.map_err(|e| match e {
+                domain_available(tx, a, d).await.map_err(|e| match e {
                     RegistryError::Conflict(m) => {
                         RegistryError::Conflict(format!("{m}; nothing was applied"))
                     }

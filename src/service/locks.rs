@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::registry::AppRef;
 
+/// What holds a lock now, and since when.
+type Holder = Arc<Mutex<Option<(String, Instant)>>>;
+
 /// Another deploy holds the app: what it is and for how long.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("another deploy of `{app}` is in progress ({holder}, for {}s); try again when it has finished (see `escale releases {app}`)", .held.as_secs())]
@@ -27,7 +30,7 @@ pub struct Queue {
 struct Slot {
     lock: Arc<tokio::sync::Mutex<()>>,
     /// What holds it now, and since when.
-    holder: Arc<Mutex<Option<(String, Instant)>>>,
+    holder: Holder,
     /// Holders and waiters; the entry is dropped at 0.
     users: usize,
 }
@@ -44,7 +47,7 @@ pub struct DeployGuard {
     locks: Arc<AppLocks>,
     uid: String,
     _guard: tokio::sync::OwnedMutexGuard<()>,
-    holder: Arc<Mutex<Option<(String, Instant)>>>,
+    holder: Holder,
 }
 
 impl std::fmt::Debug for DeployGuard {
@@ -63,13 +66,7 @@ impl Drop for DeployGuard {
 }
 
 impl AppLocks {
-    fn enter(
-        &self,
-        uid: &str,
-    ) -> (
-        Arc<tokio::sync::Mutex<()>>,
-        Arc<Mutex<Option<(String, Instant)>>>,
-    ) {
+    fn enter(&self, uid: &str) -> (Arc<tokio::sync::Mutex<()>>, Holder) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots.entry(uid.to_string()).or_insert_with(|| Slot {
             lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -108,7 +105,7 @@ impl AppLocks {
         app: &AppRef,
         what: String,
         guard: tokio::sync::OwnedMutexGuard<()>,
-        holder: Arc<Mutex<Option<(String, Instant)>>>,
+        holder: Holder,
     ) -> DeployGuard {
         *holder.lock().unwrap_or_else(|e| e.into_inner()) = Some((what, Instant::now()));
         DeployGuard {

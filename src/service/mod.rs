@@ -41,7 +41,7 @@ pub enum ServiceError {
     Image {
         image: String,
         #[source]
-        source: ImageError,
+        source: Box<ImageError>,
     },
     /// The input is refused; the message says what to fix.
     #[error("{0}")]
@@ -151,7 +151,7 @@ impl Services {
                 .await
                 .map_err(|source| ServiceError::Image {
                     image: req.image.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         let v = self
