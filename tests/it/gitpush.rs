@@ -91,7 +91,7 @@ impl Repo {
     }
 }
 
-fn push_url(s: &TestServer, app: &str) -> String {
+pub(crate) fn push_url(s: &TestServer, app: &str) -> String {
     let host = s.api.trim_start_matches("http://");
     format!("http://admin:{}@{host}/git/{app}.git", s.token)
 }

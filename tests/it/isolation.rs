@@ -19,7 +19,7 @@ use crate::support::server::TestServer;
 const PASSWORD: &str = "long enough password";
 
 /// A member of `team` (created if needed); returns its token.
-fn member(s: &TestServer, name: &str, team: &str) -> String {
+pub(crate) fn member(s: &TestServer, name: &str, team: &str) -> String {
     let _ = s.cli(&["teams", "create", team]);
     let out = s.cli_with_token(
         Some(&s.token),
@@ -54,7 +54,7 @@ fn member(s: &TestServer, name: &str, team: &str) -> String {
     v["token"].as_str().unwrap().to_string()
 }
 
-fn as_user(s: &TestServer, token: &str, args: &[&str]) -> Output {
+pub(crate) fn as_user(s: &TestServer, token: &str, args: &[&str]) -> Output {
     s.cli_with_token(Some(token), args, None)
 }
 

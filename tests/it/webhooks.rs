@@ -15,7 +15,7 @@ use crate::support::fixture_image;
 use crate::support::server::TestServer;
 
 /// One HTTP/1.1 request to the API listener; returns status and body.
-async fn request(
+pub(crate) async fn request(
     s: &TestServer,
     method: &str,
     path: &str,
@@ -62,7 +62,7 @@ async fn put_webhook(s: &TestServer, app: &str, body: &Value) -> (u16, String) {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Provider {
+pub(crate) enum Provider {
     GitHub,
     GitLab,
     Gitea,
@@ -75,7 +75,7 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
 }
 
 /// Headers of a push delivery as `provider` sends them, signed with `secret`.
-fn delivery(
+pub(crate) fn delivery(
     provider: Provider,
     secret: &str,
     body: &[u8],
@@ -103,7 +103,7 @@ fn delivery(
     h
 }
 
-fn push_body(branch: &str, sha: &str) -> Vec<u8> {
+pub(crate) fn push_body(branch: &str, sha: &str) -> Vec<u8> {
     json!({
         "ref": format!("refs/heads/{branch}"),
         "before": "0000000000000000000000000000000000000000",
@@ -115,7 +115,7 @@ fn push_body(branch: &str, sha: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn post_hook(
+pub(crate) async fn post_hook(
     s: &TestServer,
     app: &str,
     headers: &[(&str, String)],
