@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::images::{builder, Builder, LABEL_BUILT_FOR};
+use crate::images::{builder, Builder};
 use crate::registry::AppRef;
 use crate::service::Services;
 
@@ -151,7 +151,4 @@ pub async fn run(state: Services, shutdown: impl std::future::Future<Output = ()
     }
 }
 
-/// The label selecting the images built for the app with uid `uid`.
-pub fn built_for_label(uid: &str) -> String {
-    format!("{LABEL_BUILT_FOR}={uid}")
-}
+pub use crate::images::built_for_label;

@@ -595,7 +595,7 @@ impl Config {
                     let b = s
                         .get("git.deploy_branch", raw.git.deploy_branch.clone())
                         .unwrap_or_else(|| "main".into());
-                    if !crate::git::valid_ref(&format!("refs/heads/{b}")) {
+                    if !crate::validate::git_ref(&format!("refs/heads/{b}")) {
                         return Err(invalid(
                             "git.deploy_branch",
                             format!("`{b}` is not a branch name: use letters, digits, `.`, `_`, `-` and `/`"),

@@ -324,7 +324,10 @@ impl Bus {
         tracing::trace!(seq, event = ?event, "event");
         let _ = self.inner.tx.send(Arc::new(Envelope {
             seq,
-            at: crate::registry::now_ms(),
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
             event,
         }));
     }

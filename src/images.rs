@@ -337,6 +337,11 @@ fn logical_lines(text: &str) -> Vec<(usize, String)> {
     out
 }
 
+/// The label selecting the images built for the app with uid `uid`.
+pub fn built_for_label(uid: &str) -> String {
+    format!("{LABEL_BUILT_FOR}={uid}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -419,6 +419,29 @@ pub fn printable(s: &str) -> String {
     out
 }
 
+/// A ref escale accepts: `refs/heads/...` or `refs/tags/...`, components of ASCII letters,
+/// digits, `.`, `_` and `-`, none empty, none starting with `.` or `-`, none ending in `.lock`,
+/// no `..`, at most 200 bytes.
+pub fn git_ref(r: &str) -> bool {
+    let rest = match r
+        .strip_prefix("refs/heads/")
+        .or_else(|| r.strip_prefix("refs/tags/"))
+    {
+        Some(rest) => rest,
+        None => return false,
+    };
+    r.len() <= 200
+        && !r.contains("..")
+        && rest.split('/').all(|c| {
+            !c.is_empty()
+                && !c.starts_with('.')
+                && !c.starts_with('-')
+                && !c.ends_with(".lock")
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

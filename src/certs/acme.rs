@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{
@@ -28,42 +28,7 @@ use super::{CertError, CertManager};
 use crate::config::AcmeChallenge;
 use crate::registry::now_ms;
 
-/// The HTTP-01 path prefix the proxy answers from this map.
-pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
-
-/// Pending HTTP-01 tokens and their key authorizations.
-#[derive(Debug, Default)]
-pub struct Http01Challenges {
-    tokens: RwLock<HashMap<String, String>>,
-}
-
-impl Http01Challenges {
-    /// Answers `token` with `key_authorization` until removed.
-    pub fn insert(&self, token: &str, key_authorization: &str) {
-        self.tokens
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(token.to_string(), key_authorization.to_string());
-    }
-
-    /// Stops answering `token`.
-    pub fn remove(&self, token: &str) {
-        self.tokens
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(token);
-    }
-
-    /// The key authorization for a request path, if it is a pending challenge.
-    pub fn answer(&self, path: &str) -> Option<String> {
-        let token = path.strip_prefix(CHALLENGE_PREFIX)?;
-        self.tokens
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(token)
-            .cloned()
-    }
-}
+pub use crate::tls::{Http01Challenges, CHALLENGE_PREFIX};
 
 /// `[acme]`, as the loop needs it.
 #[derive(Debug, Clone)]

@@ -17,8 +17,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::CertError;
-use crate::proxy::tls::offers_acme_tls;
-use crate::proxy::{certified_key_from_pem, CertStore};
+use crate::tls::offers_acme_tls;
+use crate::tls::{certified_key_from_pem, CertStore};
 
 /// Pending TLS-ALPN-01 validation certificates, by domain.
 #[derive(Default)]
@@ -182,9 +182,9 @@ mod tests {
         let store = Arc::new(CertStore::new());
         let challenges = Arc::new(TlsAlpn01Challenges::default());
         let resolver = CertResolver::new(store.clone(), challenges.clone());
-        let normal = crate::proxy::tls::tests::key("shop.example.eu");
+        let normal = crate::tls::tests::key("shop.example.eu");
         store.insert("shop.example.eu", normal.clone());
-        let wild = crate::proxy::tls::tests::key("*.example.eu");
+        let wild = crate::tls::tests::key("*.example.eu");
         store.insert("*.example.eu", wild);
 
         // Nothing pending: an acme-tls/1 client gets no certificate, even though one is served.

@@ -10,8 +10,8 @@ use super::acme::Http01Challenges;
 use super::alpn::{CertResolver, TlsAlpn01Challenges};
 use super::store::{self, CertState, Source};
 use super::{inspect, CertError};
-use crate::proxy::CertStore;
 use crate::registry::{now_ms, Actor, Registry};
+use crate::tls::CertStore;
 
 /// Keeps the registry's certificates and the proxy's [`CertStore`] in step.
 #[derive(Debug)]
@@ -75,8 +75,7 @@ impl CertManager {
     pub async fn load(&self) -> Result<usize, CertError> {
         let mut loaded = Vec::new();
         for s in store::load_all(&self.registry).await? {
-            match crate::proxy::certified_key_from_pem(s.cert_pem.as_bytes(), s.key_pem.as_bytes())
-            {
+            match crate::tls::certified_key_from_pem(s.cert_pem.as_bytes(), s.key_pem.as_bytes()) {
                 Ok(k) => loaded.push((s.domain, Arc::new(k))),
                 Err(e) => {
                     tracing::warn!(domain = %s.domain, error = %e, "stored certificate not loaded")

@@ -33,7 +33,7 @@ pub use manager::CertManager;
 pub use store::CertState;
 
 #[allow(unused_imports)] // for the docs above
-use crate::proxy::CertStore;
+use crate::tls::CertStore;
 
 /// Everything that can go wrong with certificates. `Invalid*`, `KeyMismatch`, `NotCovered` and
 /// `Expired` are the uploader's to fix (422); `Acme` is recorded as the domain's `last_error`.

@@ -279,7 +279,7 @@ impl Job<'_> {
         let cache_from = node
             .list_labelled_images(&[
                 format!("{}={installation}", crate::node::LABEL_INSTALLATION),
-                crate::cleanup::built_for_label(&self.app.uid),
+                crate::images::built_for_label(&self.app.uid),
             ])
             .await
             .map_err(|e| GitError::Deploy(e.to_string()))?;

@@ -123,28 +123,7 @@ pub fn make_repos_private(data_dir: &Path) {
     }
 }
 
-/// A ref escale accepts: `refs/heads/...` or `refs/tags/...`, components of ASCII letters,
-/// digits, `.`, `_` and `-`, none empty, none starting with `.` or `-`, none ending in `.lock`,
-/// no `..`, at most 200 bytes.
-pub fn valid_ref(r: &str) -> bool {
-    let rest = match r
-        .strip_prefix("refs/heads/")
-        .or_else(|| r.strip_prefix("refs/tags/"))
-    {
-        Some(rest) => rest,
-        None => return false,
-    };
-    r.len() <= 200
-        && !r.contains("..")
-        && rest.split('/').all(|c| {
-            !c.is_empty()
-                && !c.starts_with('.')
-                && !c.starts_with('-')
-                && !c.ends_with(".lock")
-                && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        })
-}
+pub use crate::validate::git_ref as valid_ref;
 
 /// An object id: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
 pub fn valid_oid(o: &str) -> bool {

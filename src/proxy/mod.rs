@@ -29,15 +29,14 @@ mod h1;
 mod headers;
 pub mod metrics;
 pub mod server;
-pub mod tls;
 mod upstream;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::tls::{certified_key_from_pem, CertStore};
 pub use metrics::ProxyMetrics;
 pub use server::{run, run_tls, spawn_workers, Listeners, Workers};
-pub use tls::{certified_key_from_pem, CertStore};
 
 #[allow(unused_imports)] // re-exported for the docs above
 use crate::routing::SharedRoutes;
@@ -80,7 +79,7 @@ pub struct ProxyConfig {
     pub connection_limits: Option<std::sync::Arc<crate::listen::ConnLimits>>,
     /// Pending ACME HTTP-01 tokens, answered at `/.well-known/acme-challenge/<token>` for any
     /// host before routing.
-    pub acme_challenges: Option<std::sync::Arc<crate::certs::Http01Challenges>>,
+    pub acme_challenges: Option<std::sync::Arc<crate::tls::Http01Challenges>>,
     /// Fraction of routed requests written to the access log (target `escale::access`, one
     /// structured event per request at its response head): 0.0 is off, 1.0 every request.
     pub access_log_sample: f64,
@@ -194,4 +193,6 @@ pub enum ProxyError {
     /// A certificate or key could not be parsed.
     #[error("certificate: {0}")]
     Certificate(String),
+    #[error(transparent)]
+    TlsSetup(#[from] crate::tls::TlsError),
 }

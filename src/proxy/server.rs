@@ -70,7 +70,7 @@ pub async fn run_tls(
     certs: Arc<dyn ResolvesServerCert>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
-    let tls = super::tls::server_config(certs)?;
+    let tls = crate::tls::server_config(certs)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     serve(listener, Some(acceptor), routes, config, metrics, shutdown).await
 }
@@ -103,7 +103,7 @@ pub fn spawn_workers(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Workers, ProxyError> {
     let tls = match &listeners.https {
-        Some((_, certs)) => Some(TlsAcceptor::from(Arc::new(super::tls::server_config(
+        Some((_, certs)) => Some(TlsAcceptor::from(Arc::new(crate::tls::server_config(
             certs.clone(),
         )?))),
         None => None,
@@ -501,7 +501,7 @@ async fn tls_connection(
             return;
         }
     };
-    if stream.get_ref().1.alpn_protocol() == Some(super::tls::ACME_TLS_ALPN) {
+    if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
         // An ACME TLS-ALPN-01 validation: the handshake was the answer; no HTTP (RFC 8737).
         debug!(%peer, "client: acme-tls/1 validation handshake done, closing");
         let mut stream = stream;

@@ -171,7 +171,7 @@ pub struct Scheduler {
     /// Completed passes.
     pub passes: std::sync::atomic::AtomicU64,
     /// Hosts with a certificate here get `redirect_https` routes.
-    certs: std::sync::OnceLock<Arc<crate::proxy::CertStore>>,
+    certs: std::sync::OnceLock<Arc<crate::tls::CertStore>>,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -209,7 +209,7 @@ impl Scheduler {
     }
 
     /// Routes of hosts with a certificate in `certs` redirect plain HTTP to HTTPS.
-    pub fn redirect_https_with(&self, certs: Arc<crate::proxy::CertStore>) {
+    pub fn redirect_https_with(&self, certs: Arc<crate::tls::CertStore>) {
         let _ = self.certs.set(certs);
     }
 

@@ -1,8 +1,10 @@
-//! TLS for the proxy: the certificate store the rest of escale fills, and the rustls server
-//! configuration (ring provider, ALPN `acme-tls/1`, `h2` and `http/1.1`).
+//! TLS shared by the proxy and certificate management: the certificate store that `certs`
+//! fills and the proxy serves from, the HTTP-01 tokens the proxy answers, and the rustls
+//! server configuration (ring provider, ALPN `acme-tls/1`, `h2` and `http/1.1`). Depends on
+//! nothing else in escale, so the proxy and `certs` depend on it and never on each other.
 //!
 //! `acme-tls/1` (RFC 8737) is only for an ACME CA validating a TLS-ALPN-01 challenge: the
-//! resolver given to [`run_tls`](super::run_tls) decides which certificate such a client gets
+//! resolver given to the proxy's TLS listener decides which certificate such a client gets
 //! (see `certs::alpn`), and the connection is closed after the handshake, never served HTTP.
 //!
 //! [`CertStore`] maps host names to certified keys in an `ArcSwap`, so the handshake path
@@ -18,7 +20,54 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-use super::ProxyError;
+use std::sync::{PoisonError, RwLock};
+
+/// Certificate and TLS configuration failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate: {0}")]
+    Certificate(String),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The HTTP-01 path prefix the proxy answers from [`Http01Challenges`].
+pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Pending HTTP-01 tokens and their key authorizations: filled by the ACME client, answered
+/// by the proxy on port 80.
+#[derive(Debug, Default)]
+pub struct Http01Challenges {
+    tokens: RwLock<HashMap<String, String>>,
+}
+
+impl Http01Challenges {
+    /// Answers `token` with `key_authorization` until removed.
+    pub fn insert(&self, token: &str, key_authorization: &str) {
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(token.to_string(), key_authorization.to_string());
+    }
+
+    /// Stops answering `token`.
+    pub fn remove(&self, token: &str) {
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(token);
+    }
+
+    /// The key authorization for a request path, if it is a pending challenge.
+    pub fn answer(&self, path: &str) -> Option<String> {
+        let token = path.strip_prefix(CHALLENGE_PREFIX)?;
+        self.tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(token)
+            .cloned()
+    }
+}
 
 /// Host name -> certificate, swapped atomically.
 #[derive(Default)]
@@ -105,21 +154,18 @@ impl ResolvesServerCert for CertStore {
 
 /// Builds a [`CertifiedKey`] from a PEM certificate chain and a PEM private key
 /// (PKCS#8, PKCS#1 or SEC1), signing with the ring provider.
-pub fn certified_key_from_pem(
-    chain_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, ProxyError> {
+pub fn certified_key_from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
     let chain = rustls_pemfile::certs(&mut &chain_pem[..])
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ProxyError::Certificate(format!("reading the certificate chain: {e}")))?;
+        .map_err(|e| TlsError::Certificate(format!("reading the certificate chain: {e}")))?;
     if chain.is_empty() {
-        return Err(ProxyError::Certificate(
+        return Err(TlsError::Certificate(
             "the certificate chain holds no certificate".into(),
         ));
     }
     let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| ProxyError::Certificate(format!("reading the private key: {e}")))?
-        .ok_or_else(|| ProxyError::Certificate("no private key found".into()))?;
+        .map_err(|e| TlsError::Certificate(format!("reading the private key: {e}")))?
+        .ok_or_else(|| TlsError::Certificate("no private key found".into()))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
     Ok(CertifiedKey::new(chain, signer))
 }
@@ -139,9 +185,7 @@ pub fn offers_acme_tls(client_hello: &ClientHello<'_>) -> bool {
 /// ALPN `acme-tls/1`, `h2`, `http/1.1`. The server picks the first of these the client
 /// offers, so a client offering `acme-tls/1` negotiates it (and gets no HTTP); ordinary
 /// clients never offer it.
-pub(crate) fn server_config(
-    certs: Arc<dyn ResolvesServerCert>,
-) -> Result<ServerConfig, ProxyError> {
+pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
