@@ -16,6 +16,8 @@ use crate::webhooks::{delivery, post_hook, push_body, request, Provider};
 struct Stream {
     conn: tokio::net::TcpStream,
     buf: Vec<u8>,
+    /// For each event read, how long after its publication (same machine clock), in ms.
+    latencies: Vec<i64>,
 }
 
 impl Stream {
@@ -28,6 +30,7 @@ impl Stream {
         let mut st = Stream {
             conn,
             buf: Vec::new(),
+            latencies: Vec::new(),
         };
         // The answer's head: the server has subscribed by the time it is sent.
         st.until("the response head", Duration::from_secs(10), |t| {
@@ -51,7 +54,22 @@ impl Stream {
             match tokio::time::timeout_at(deadline, self.conn.read(&mut chunk)).await {
                 Err(_) => panic!("timed out waiting for {what}; read so far:\n{text}"),
                 Ok(Ok(0)) => panic!("stream ended waiting for {what}; read so far:\n{text}"),
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Ok(n)) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as i64;
+                    for line in String::from_utf8_lossy(&chunk[..n]).lines() {
+                        let at = line
+                            .strip_prefix("data: ")
+                            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                            .and_then(|v| v["at"].as_i64());
+                        if let Some(at) = at {
+                            self.latencies.push(now - at);
+                        }
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
                 Ok(Err(e)) => panic!("reading the stream: {e}"),
             }
         }
@@ -242,7 +260,9 @@ async fn live_events_are_scoped_to_the_team() {
     assert_eq!(status, 404);
     let mut theirs = Stream::open(&s, &member, "/api/v1/events/stream").await;
     let mut admin = Stream::open(&s, &s.token, "/api/v1/events/stream").await;
-    s.ok(&["deploy", "red-app", "--image", image]);
+    // Deployed from another thread while this one reads the stream as events come.
+    let mut cli = s.cli_command(&["deploy", "red-app", "--image", image]);
+    let deploy = tokio::task::spawn_blocking(move || cli.output().unwrap());
     let text = admin
         .until("the rollout's events", Duration::from_secs(60), |t| {
             t.contains("\"release.active\"")
@@ -254,6 +274,25 @@ async fn live_events_are_scoped_to_the_team() {
             .iter()
             .any(|e| e["type"] == "changed" && e["action"] == "release.create"),
         "{text}"
+    );
+    // Event-to-reader latency, the delay `escale deploy` adds to a progress line (printed
+    // for the record, not asserted: speed is for benchmarks).
+    let mut lat = admin.latencies.clone();
+    lat.sort();
+    if !lat.is_empty() {
+        eprintln!(
+            "event to reader: {} events, median {} ms, max {} ms",
+            lat.len(),
+            lat[lat.len() / 2],
+            lat[lat.len() - 1]
+        );
+    }
+    let out = deploy.await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("healthy"),
+        "escale deploy shows progress: {progress}"
     );
     // The member's own change comes after all of those on the bus: once it has it, it has
     // been shown (or not) everything before.

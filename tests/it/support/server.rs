@@ -282,6 +282,20 @@ impl TestServer {
         self.cli_with_token(Some(&self.token.clone()), args, None)
     }
 
+    /// The CLI as the admin, ready to run (from another thread, say).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(ESCALE);
+        cmd.args(args)
+            .env("ESCALE_URL", &self.api)
+            .env("HOME", self.dir.path().join("home"))
+            .env_remove("XDG_CONFIG_HOME")
+            .env("ESCALE_TOKEN", &self.token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
     /// Runs the CLI with `token` (or none) and optional standard input.
     pub fn cli_with_token(
         &self,
@@ -289,15 +303,8 @@ impl TestServer {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Output {
-        let mut cmd = Command::new(ESCALE);
-        cmd.args(args)
-            .env("ESCALE_URL", &self.api)
-            .env("HOME", self.dir.path().join("home"))
-            .env_remove("XDG_CONFIG_HOME")
-            .env_remove("ESCALE_TOKEN")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = self.cli_command(args);
+        cmd.env_remove("ESCALE_TOKEN");
         if let Some(t) = token {
             cmd.env("ESCALE_TOKEN", t);
         }
