@@ -411,8 +411,9 @@ pub(super) async fn follow_rollout(
                 let reason = rel["status_reason"]
                     .as_str()
                     .unwrap_or("superseded by a newer release");
+                // The reason says whether a previous release keeps serving.
                 return Err(CliError::Failed(format!(
-                    "rollout of v{v} failed: {reason}; the previous release keeps serving"
+                    "rollout of v{v} failed: {reason}"
                 )));
             }
             _ => {}

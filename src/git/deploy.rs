@@ -574,9 +574,10 @@ impl Job<'_> {
                 ReleaseStatus::Active => return Ok(()),
                 ReleaseStatus::Failed => {
                     return Err(GitError::Deploy(format!(
-                        "rollout of v{v} failed: {}; the previous release keeps serving",
+                        // The reason says whether a previous release keeps serving.
+                        "rollout of v{v} failed: {}",
                         r.status_reason.unwrap_or_else(|| "no reason given".into())
-                    )))
+                    )));
                 }
                 ReleaseStatus::Superseded => {
                     return Err(GitError::Deploy(format!(

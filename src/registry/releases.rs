@@ -414,7 +414,10 @@ impl Registry {
     }
 
     /// Marks a rollout failed with its reason and points the app back at its last active
-    /// release (if any), so the old release keeps serving.
+    /// release (if any), so the old release keeps serving. The stored reason says which case
+    /// it is (appended to its first line, before any log lines): the previous release keeps
+    /// serving, or there is none (a first deploy: nothing of the app runs). Returns that
+    /// previous release.
     pub async fn rollout_failed(
         &self,
         app: &AppRef,
@@ -422,19 +425,27 @@ impl Registry {
         reason: &str,
     ) -> Result<Option<u32>> {
         let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE releases SET status = 'failed', status_reason = ?, deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
-            .bind(reason)
-            .bind(app.id)
-            .bind(version as i64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
         let previous: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(version) FROM releases WHERE app_id = ? AND status = 'active'",
         )
         .bind(app.id)
         .fetch_one(&mut *tx)
         .await?;
+        let case = match previous {
+            Some(p) => format!("the previous release keeps serving (v{p})"),
+            None => "no earlier release was ever active, so nothing of the app runs until a deploy succeeds".to_string(),
+        };
+        let reason = match reason.split_once('\n') {
+            Some((first, rest)) => format!("{first}; {case}\n{rest}"),
+            None => format!("{reason}; {case}"),
+        };
+        let n = sqlx::query("UPDATE releases SET status = 'failed', status_reason = ?, deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
+            .bind(&reason)
+            .bind(app.id)
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if n == 1 {
             sqlx::query("UPDATE apps SET target_release = ? WHERE id = ? AND target_release = ?")
                 .bind(previous)

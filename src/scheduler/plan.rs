@@ -73,6 +73,12 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const BACKOFF_BASE_MS: u64 = 1_000;
 /// Largest crash-loop backoff delay, in milliseconds.
 pub const BACKOFF_MAX_MS: u64 = 60_000;
+/// Exits (or failed starts) of instances of the target release of a process that fail its
+/// rollout early, when none of them is healthy.
+pub const CRASHES_TO_FAIL_ROLLOUT: u32 = 3;
+/// Probes failed after the start grace by every new instance of a process, none of which ever
+/// passed one, that fail its rollout early.
+pub const FAILED_PROBES_TO_FAIL_ROLLOUT: u32 = 3;
 /// Largest instance count per process; larger desired counts are clamped to it, so a corrupt
 /// registry row cannot make the planner iterate over billions of slots.
 pub const MAX_INSTANCES: u32 = 10_000;
@@ -107,6 +113,14 @@ pub struct DesiredProcess {
     pub instances: u32,
     /// Extra instances allowed during a rollout (>= 1; 0 is treated as 1).
     pub surge: u32,
+    /// The hash of what an instance of this process is started from (image, command, port,
+    /// memory, cpus; see `scheduler::spec_hash`). An instance of the target release is current
+    /// only when its [`ObservedInstance::spec`] is this one (or unknown); otherwise it is
+    /// rolled like an instance of another release. Empty: every spec is current.
+    pub spec: String,
+    /// How long an instance of the target release in a target slot must have been `Unhealthy`
+    /// before it is replaced (`scheduler.unhealthy_replace_after`), in ms.
+    pub unhealthy_replace_after_ms: u64,
 }
 
 /// What runs, as seen by the reconciler at `now_ms`.
@@ -120,6 +134,39 @@ pub struct Observed {
     pub instances: Vec<ObservedInstance>,
     /// Crash-loop backoff the reconciler remembers per slot.
     pub backoff: Vec<SlotBackoff>,
+    /// Exits (and failed starts) counted per release of a process, for the early rollout
+    /// verdict. Entries of the same `(app, process, release)` add up.
+    pub crashes: Vec<ReleaseCrashes>,
+}
+
+/// How many instances of one release of a process exited unexpectedly or failed to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseCrashes {
+    /// The app.
+    pub app: String,
+    /// The process type.
+    pub process: String,
+    /// The release.
+    pub release: u32,
+    /// Unexpected exits and failed starts of its instances.
+    pub crashes: u32,
+}
+
+/// What escale's health checker knows of one running container (all default when unknown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthFacts {
+    /// It passed a probe at least once.
+    pub ever_healthy: bool,
+    /// Consecutive probes failed after its start grace, counted only while it has never
+    /// passed one.
+    pub failed_after_grace: u32,
+    /// Unix ms at which it turned `Unhealthy`; `None` when it is not unhealthy or the time is
+    /// unknown (then it is treated as unhealthy since `now_ms`: never replaced on that basis).
+    pub unhealthy_since_ms: Option<u64>,
+    /// Whether its last probe found the port accepting connections (the probe failed by a
+    /// timeout, a slow or a 5xx answer: busy, not dead). False when nothing was listening
+    /// (refused, reset, closed without an answer) or no probe failed yet.
+    pub accepting: bool,
 }
 
 /// One node. A name listed several times is ready only if every entry says so.
@@ -148,6 +195,10 @@ pub struct ObservedInstance {
     pub slot: u32,
     /// The container's state.
     pub state: InstanceState,
+    /// The spec hash the container was started with (label `escale.spec`); `None` when unknown.
+    pub spec: Option<String>,
+    /// Health checker facts (meaningful for `Starting` and `Unhealthy`).
+    pub health: HealthFacts,
 }
 
 /// The state of one container.
@@ -192,8 +243,9 @@ pub enum DrainReason {
     ScaledDown,
     /// A second instance of the target release in the same slot.
     Duplicate,
-    /// The slot's instance of the target release fails its health checks after the start grace.
-    /// The reconciler records backoff for the slot; it is restarted in a later pass.
+    /// The slot's instance of the target release has failed its health checks for
+    /// `unhealthy_replace_after` (see the module docs for when that is allowed). The reconciler
+    /// records backoff for the slot; it is restarted in a later pass.
     Unhealthy,
     /// The app or the process is no longer desired.
     Orphan,
@@ -254,7 +306,8 @@ pub enum Action {
         /// The release that is now serving alone.
         release: u32,
     },
-    /// The deadline passed before the rollout completed. Old instances were left serving.
+    /// The deadline passed before the rollout completed, or the rollout cannot succeed (see
+    /// the module docs, early failure). Old instances were left serving.
     RolloutFailed {
         /// The app.
         app: String,
@@ -334,6 +387,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
                 group,
                 &blocked,
                 freeze_other_releases,
+                now,
             );
             for (view, crashed) in pp.removes {
                 out.push(remove(view, crashed));
@@ -543,6 +597,23 @@ fn blocked_slots(backoff: &[SlotBackoff], app: &str, process: &str, now: u64) ->
         .collect()
 }
 
+/// Whether `inst` is an instance of the target `release` started from the current process
+/// definition `spec` (an unknown spec on either side counts as current).
+fn is_current(inst: &ObservedInstance, release: u32, spec: &DesiredProcess) -> bool {
+    inst.release == release
+        && (spec.spec.is_empty() || inst.spec.as_deref().is_none_or(|h| h == spec.spec))
+}
+
+/// Whether a live instance accepts connections: healthy ones do; unhealthy ones when their
+/// last failed probe was answered or timed out rather than refused.
+fn accepts(view: &View<'_>, state: Live) -> bool {
+    match state {
+        Live::Healthy => true,
+        Live::Unhealthy => view.inst.health.accepting,
+        Live::Starting => false,
+    }
+}
+
 /// Plans one desired `(app, process)` from its instances on ready nodes.
 fn plan_process<'v, 'a>(
     release: u32,
@@ -550,6 +621,7 @@ fn plan_process<'v, 'a>(
     group: &[&'v View<'a>],
     blocked: &BTreeSet<u32>,
     freeze_other_releases: bool,
+    now: u64,
 ) -> ProcessPlan<'v, 'a> {
     let n = spec.instances.min(MAX_INSTANCES);
     let surge = spec.surge.max(1);
@@ -565,17 +637,18 @@ fn plan_process<'v, 'a>(
 
     for &view in group {
         let inst = view.inst;
+        let current = is_current(inst, release, spec);
         match view.phase {
             Phase::Draining => {}
             Phase::Exited { after_drain, .. } => {
-                let crashed = !after_drain && inst.release == release && in_target(inst.slot);
+                let crashed = !after_drain && current && in_target(inst.slot);
                 if crashed {
                     cooling.insert(inst.slot);
                 }
                 removes.push((view, crashed));
             }
             Phase::Live(state) => {
-                if inst.release != release {
+                if !current {
                     retiring.push((view, state, DrainReason::Replaced));
                 } else if in_target(inst.slot) {
                     by_slot.entry(inst.slot).or_default().push((view, state));
@@ -587,7 +660,7 @@ fn plan_process<'v, 'a>(
     }
 
     // One keeper per target slot: healthiest first, then smallest container id.
-    let mut keepers: BTreeMap<u32, Live> = BTreeMap::new();
+    let mut keepers: BTreeMap<u32, (&'v View<'a>, Live)> = BTreeMap::new();
     for (slot, mut candidates) in by_slot {
         candidates.sort_by(|a, b| {
             b.1.cmp(&a.1)
@@ -600,20 +673,18 @@ fn plan_process<'v, 'a>(
         for (dup, dup_state) in candidates {
             retiring.push((dup, dup_state, DrainReason::Duplicate));
         }
-        if state == Live::Unhealthy {
-            cooling.insert(slot);
-            drains.push((keeper, DrainReason::Unhealthy));
-        } else {
-            keepers.insert(slot, state);
-        }
+        keepers.insert(slot, (keeper, state));
     }
 
     // Drain retiring instances without letting healthy capacity fall below N.
-    let healthy_keepers = keepers.values().filter(|&&s| s == Live::Healthy).count();
+    let healthy_keepers = keepers
+        .values()
+        .filter(|(_, s)| *s == Live::Healthy)
+        .count();
     retiring.sort_by_key(|(view, state, _)| {
         (
             *state,
-            view.inst.release == release,
+            is_current(view.inst, release, spec),
             view.inst.release,
             Reverse(view.inst.slot),
             view.inst.container_id.as_str(),
@@ -624,8 +695,9 @@ fn plan_process<'v, 'a>(
         .filter(|(_, state, _)| *state == Live::Healthy)
         .count();
     let mut kept_retiring = 0usize;
+    let mut kept_retiring_accepting = 0usize;
     for (view, state, reason) in retiring {
-        let frozen = freeze_other_releases && view.inst.release != release;
+        let frozen = freeze_other_releases && !is_current(view.inst, release, spec);
         let spare = healthy_keepers + healthy_retiring > n as usize;
         if !frozen && (state != Live::Healthy || spare) {
             if state == Live::Healthy {
@@ -634,7 +706,35 @@ fn plan_process<'v, 'a>(
             drains.push((view, reason));
         } else {
             kept_retiring += 1;
+            if accepts(view, state) {
+                kept_retiring_accepting += 1;
+            }
         }
+    }
+
+    // Unhealthy keepers stay (unrouted) until they have been unhealthy for the threshold; then
+    // at most one is replaced, only while every other target slot has a running keeper (no
+    // replacement in progress), and never the last instance accepting connections.
+    let not_running = (1..=n)
+        .filter(|s| !matches!(keepers.get(s), Some((_, Live::Healthy | Live::Unhealthy))))
+        .count();
+    let accepting =
+        keepers.values().filter(|(v, s)| accepts(v, *s)).count() + kept_retiring_accepting;
+    let mut unhealthy: Vec<(u64, u32, &'v View<'a>)> = keepers
+        .iter()
+        .filter(|(_, (_, s))| *s == Live::Unhealthy)
+        .map(|(&slot, &(v, _))| (v.inst.health.unhealthy_since_ms.unwrap_or(now), slot, v))
+        .collect();
+    unhealthy.sort_by_key(|&(since, slot, _)| (since, slot));
+    let replace = unhealthy.into_iter().find(|&(since, _, v)| {
+        let due = now.saturating_sub(since) >= spec.unhealthy_replace_after_ms;
+        let last_accepting = v.inst.health.accepting && accepting <= 1;
+        due && not_running == 0 && !last_accepting
+    });
+    if let Some((_, slot, view)) = replace {
+        keepers.remove(&slot);
+        cooling.insert(slot);
+        drains.push((view, DrainReason::Unhealthy));
     }
 
     // Start free target slots within the surge budget.
@@ -667,19 +767,40 @@ fn rollout_verdict(
 
     let mut complete = true;
     let mut problems: Vec<String> = Vec::new();
+    // Processes whose rollout cannot succeed, for the early verdict.
+    let mut hopeless: Vec<String> = Vec::new();
 
     for (&process, spec) in &target.processes {
         let n = spec.instances.min(MAX_INSTANCES);
         let group = groups.get(&(app, process)).unwrap_or(&empty);
         let mut healthy_slots: BTreeSet<u32> = BTreeSet::new();
         let (mut starting, mut unhealthy, mut others) = (0usize, 0usize, 0usize);
+        let mut any_healthy = false;
         let mut exits: Vec<(u32, &str, i64, bool)> = Vec::new();
+        // Live current instances, and how many of them never passed a probe and failed
+        // enough probes after their grace.
+        let (mut new_live, mut new_failing) = (0usize, 0usize);
+        let mut min_failed = u32::MAX;
         for view in group {
             let inst = view.inst;
-            let mine = inst.release == release;
+            let mine = is_current(inst, release, spec);
+            if mine {
+                if let Phase::Live(state) = view.phase {
+                    new_live += 1;
+                    let f = &inst.health;
+                    if state != Live::Healthy
+                        && !f.ever_healthy
+                        && f.failed_after_grace >= FAILED_PROBES_TO_FAIL_ROLLOUT
+                    {
+                        new_failing += 1;
+                        min_failed = min_failed.min(f.failed_after_grace);
+                    }
+                }
+            }
             match view.phase {
                 Phase::Live(_) if !mine => others += 1,
                 Phase::Live(Live::Healthy) => {
+                    any_healthy = true;
                     if (1..=n).contains(&inst.slot) {
                         healthy_slots.insert(inst.slot);
                     }
@@ -692,6 +813,38 @@ fn rollout_verdict(
                 Phase::Exited { .. } | Phase::Draining => {}
             }
         }
+        exits.sort();
+        let last_exit = exits.last().map(|&(_, _, code, oom)| {
+            if oom {
+                format!("last exit code {code} (killed: out of memory)")
+            } else {
+                format!("last exit code {code}")
+            }
+        });
+
+        // Early failure: never while an instance of the new release is healthy.
+        if n > 0 && !any_healthy {
+            let crashes: u32 = observed
+                .crashes
+                .iter()
+                .filter(|c| c.app == app && c.process == process && c.release == release)
+                .fold(0u32, |sum, c| sum.saturating_add(c.crashes));
+            if crashes >= CRASHES_TO_FAIL_ROLLOUT {
+                let mut text = format!(
+                    "{process}: instances of v{release} exited or failed to start {crashes} times and none became healthy"
+                );
+                if let Some(e) = &last_exit {
+                    text.push_str("; ");
+                    text.push_str(e);
+                }
+                hopeless.push(text);
+            } else if new_live > 0 && new_failing == new_live {
+                hopeless.push(format!(
+                    "{process}: every new instance of v{release} ({new_live}) failed its health check on each probe after its start grace ({min_failed} or more) and none ever passed"
+                ));
+            }
+        }
+
         let healthy = healthy_slots.len();
         if healthy == n as usize && others == 0 {
             continue;
@@ -713,13 +866,8 @@ fn rollout_verdict(
         if backing_off > 0 {
             parts.push(format!("{backing_off} in crash-loop backoff"));
         }
-        exits.sort();
-        if let Some(&(_, _, code, oom)) = exits.last() {
-            if oom {
-                parts.push(format!("last exit code {code} (killed: out of memory)"));
-            } else {
-                parts.push(format!("last exit code {code}"));
-            }
+        if let Some(e) = last_exit {
+            parts.push(e);
         }
         if healthy == n as usize {
             parts.push(format!(
@@ -753,7 +901,14 @@ fn rollout_verdict(
         });
     }
     if observed.now_ms < deadline {
-        return None;
+        if hopeless.is_empty() {
+            return None;
+        }
+        return Some(Action::RolloutFailed {
+            app: app.to_owned(),
+            release,
+            reason: hopeless.join("; "),
+        });
     }
     if !any_ready_node {
         problems.push("no node is ready to run instances".to_owned());
@@ -813,6 +968,7 @@ mod tests {
     use proptest::prelude::*;
 
     const NOW: u64 = 1_000_000;
+    const REPLACE_AFTER_MS: u64 = 60_000;
     const TICK_MS: u64 = 10_000;
 
     // ---------- builders ----------
@@ -832,6 +988,8 @@ mod tests {
             process: name.to_owned(),
             instances,
             surge,
+            spec: String::new(),
+            unhealthy_replace_after_ms: REPLACE_AFTER_MS,
         }
     }
 
@@ -853,6 +1011,13 @@ mod tests {
         slot: u32,
         state: InstanceState,
     ) -> ObservedInstance {
+        // An `Unhealthy` instance built here has been so for long, and refuses connections:
+        // replaceable unless a test says otherwise.
+        let health = HealthFacts {
+            ever_healthy: state != Starting,
+            unhealthy_since_ms: (state == Unhealthy).then_some(0),
+            ..HealthFacts::default()
+        };
         ObservedInstance {
             container_id: id.to_owned(),
             node: node.to_owned(),
@@ -861,6 +1026,8 @@ mod tests {
             release,
             slot,
             state,
+            spec: None,
+            health,
         }
     }
 
@@ -887,6 +1054,7 @@ mod tests {
             nodes: nodes(node_names),
             instances,
             backoff: Vec::new(),
+            crashes: Vec::new(),
         }
     }
 
@@ -2032,6 +2200,7 @@ mod tests {
                         until_ms: NOW - 5_000 + until,
                     })
                     .collect(),
+                crashes: Vec::new(),
             })
     }
 
