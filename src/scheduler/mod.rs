@@ -128,6 +128,14 @@ struct SlotCrash {
     last_logs: Vec<String>,
 }
 
+/// Exits and failed starts of one release of a process.
+#[derive(Debug, Clone, Default)]
+struct ReleaseCrash {
+    crashes: u32,
+    last_exit: Option<(i64, bool)>,
+    last_logs: Vec<String>,
+}
+
 #[derive(Default)]
 struct ExecState {
     /// Starts in flight, by instance id.
@@ -141,7 +149,7 @@ struct ExecState {
     crashes: HashMap<(String, String, u32), SlotCrash>,
     /// Exits and failed starts per (app, process, release), with the last logs of one: the
     /// planner's early rollout verdict and the failure reason. Kept for target releases only.
-    release_crashes: HashMap<(String, String, u32), (u32, Vec<String>)>,
+    release_crashes: HashMap<(String, String, u32), ReleaseCrash>,
     /// App networks: when they were last swept (`None`: not since start), the apps (name,
     /// uid) of the registry then, and whether a sweep left a network it could not remove yet.
     networks_swept: Option<std::time::Instant>,
@@ -571,11 +579,12 @@ impl Scheduler {
             let crashes = st
                 .release_crashes
                 .iter()
-                .map(|((app, process, release), (n, _))| plan::ReleaseCrashes {
+                .map(|((app, process, release), c)| plan::ReleaseCrashes {
                     app: app.clone(),
                     process: process.clone(),
                     release: *release,
-                    crashes: *n,
+                    crashes: c.crashes,
+                    last_exit: c.last_exit,
                 })
                 .collect();
             (
@@ -896,7 +905,7 @@ impl Scheduler {
                     st.release_crashes
                         .iter()
                         .filter(|((a, _, r), _)| *a == app && *r == release)
-                        .flat_map(|(_, (_, l))| l.clone())
+                        .flat_map(|(_, c)| c.last_logs.clone())
                         .filter(|l| !l.is_empty())
                         .collect()
                 };
@@ -1065,9 +1074,12 @@ impl Scheduler {
                 .release_crashes
                 .entry((app.to_string(), process.to_string(), release))
                 .or_default();
-            r.0 += 1;
+            r.crashes += 1;
+            if let Some(code) = code {
+                r.last_exit = Some((code, oom));
+            }
             if logs.iter().any(|l| !l.is_empty()) {
-                r.1 = logs.clone();
+                r.last_logs = logs.clone();
             }
         }
         let c = st

@@ -150,6 +150,9 @@ pub struct ReleaseCrashes {
     pub release: u32,
     /// Unexpected exits and failed starts of its instances.
     pub crashes: u32,
+    /// The exit code of the last exit and whether it was an OOM kill (`None`: only failed
+    /// starts, or unknown).
+    pub last_exit: Option<(i64, bool)>,
 }
 
 /// What escale's health checker knows of one running container (all default when unknown).
@@ -814,7 +817,19 @@ fn rollout_verdict(
             }
         }
         exits.sort();
-        let last_exit = exits.last().map(|&(_, _, code, oom)| {
+        let recorded = observed
+            .crashes
+            .iter()
+            .filter(|c| c.app == app && c.process == process && c.release == release);
+        let crashes: u32 = recorded
+            .clone()
+            .fold(0u32, |sum, c| sum.saturating_add(c.crashes));
+        // An exit still observed, else the last one the reconciler recorded.
+        let last = exits
+            .last()
+            .map(|&(_, _, code, oom)| (code, oom))
+            .or_else(|| recorded.filter_map(|c| c.last_exit).max());
+        let last_exit = last.map(|(code, oom)| {
             if oom {
                 format!("last exit code {code} (killed: out of memory)")
             } else {
@@ -824,11 +839,6 @@ fn rollout_verdict(
 
         // Early failure: never while an instance of the new release is healthy.
         if n > 0 && !any_healthy {
-            let crashes: u32 = observed
-                .crashes
-                .iter()
-                .filter(|c| c.app == app && c.process == process && c.release == release)
-                .fold(0u32, |sum, c| sum.saturating_add(c.crashes));
             if crashes >= CRASHES_TO_FAIL_ROLLOUT {
                 let mut text = format!(
                     "{process}: instances of v{release} exited or failed to start {crashes} times and none became healthy"
