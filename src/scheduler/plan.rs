@@ -637,12 +637,18 @@ fn plan_process<'v, 'a>(
     let mut cooling: BTreeSet<u32> = BTreeSet::new();
     let mut by_slot: BTreeMap<u32, Vec<(&'v View<'a>, Live)>> = BTreeMap::new();
     let mut retiring: Vec<(&'v View<'a>, Live, DrainReason)> = Vec::new();
+    // Target slots whose current instance is being stopped (a replacement under way).
+    let mut draining_slots: BTreeSet<u32> = BTreeSet::new();
 
     for &view in group {
         let inst = view.inst;
         let current = is_current(inst, release, spec);
         match view.phase {
-            Phase::Draining => {}
+            Phase::Draining => {
+                if current && in_target(inst.slot) {
+                    draining_slots.insert(inst.slot);
+                }
+            }
             Phase::Exited { after_drain, .. } => {
                 let crashed = !after_drain && current && in_target(inst.slot);
                 if crashed {
@@ -716,11 +722,13 @@ fn plan_process<'v, 'a>(
     }
 
     // Unhealthy keepers stay (unrouted) until they have been unhealthy for the threshold; then
-    // at most one is replaced, only while every other target slot has a running keeper (no
-    // replacement in progress), and never the last instance accepting connections.
-    let not_running = (1..=n)
-        .filter(|s| !matches!(keepers.get(s), Some((_, Live::Healthy | Live::Unhealthy))))
-        .count();
+    // at most one is replaced, only while no replacement is under way in the process (a target
+    // slot whose keeper is starting, whose current instance is draining, or that is empty and
+    // in backoff), and never the last instance accepting connections.
+    let under_way = (1..=n).any(|s| match keepers.get(&s) {
+        Some((_, state)) => *state == Live::Starting,
+        None => draining_slots.contains(&s) || blocked.contains(&s) || cooling.contains(&s),
+    });
     let accepting =
         keepers.values().filter(|(v, s)| accepts(v, *s)).count() + kept_retiring_accepting;
     let mut unhealthy: Vec<(u64, u32, &'v View<'a>)> = keepers
@@ -732,7 +740,7 @@ fn plan_process<'v, 'a>(
     let replace = unhealthy.into_iter().find(|&(since, _, v)| {
         let due = now.saturating_sub(since) >= spec.unhealthy_replace_after_ms;
         let last_accepting = v.inst.health.accepting && accepting <= 1;
-        due && not_running == 0 && !last_accepting
+        due && !under_way && !last_accepting
     });
     if let Some((_, slot, view)) = replace {
         keepers.remove(&slot);
@@ -770,8 +778,10 @@ fn rollout_verdict(
 
     let mut complete = true;
     let mut problems: Vec<String> = Vec::new();
-    // Processes whose rollout cannot succeed, for the early verdict.
+    // Processes whose rollout cannot succeed, for the early verdict, and whether any current
+    // instance of the app is healthy (then there is no early verdict).
     let mut hopeless: Vec<String> = Vec::new();
+    let mut app_healthy = false;
 
     for (&process, spec) in &target.processes {
         let n = spec.instances.min(MAX_INSTANCES);
@@ -837,7 +847,8 @@ fn rollout_verdict(
             }
         });
 
-        // Early failure: never while an instance of the new release is healthy.
+        app_healthy |= any_healthy;
+        // Early failure (only if no current instance of any process is healthy, see below).
         if n > 0 && !any_healthy {
             if crashes >= CRASHES_TO_FAIL_ROLLOUT {
                 let mut text = format!(
@@ -911,7 +922,7 @@ fn rollout_verdict(
         });
     }
     if observed.now_ms < deadline {
-        if hopeless.is_empty() {
+        if hopeless.is_empty() || app_healthy {
             return None;
         }
         return Some(Action::RolloutFailed {
@@ -1191,9 +1202,14 @@ mod tests {
                     } => {
                         self.next_id += 1;
                         let id = format!("c{:05}", self.next_id);
-                        self.observed
-                            .instances
-                            .push(inst(&id, node, app, process, *release, *slot, Starting));
+                        let spec = index_desired(&self.desired)
+                            .get(app.as_str())
+                            .and_then(|t| t.processes.get(process.as_str()))
+                            .map(|p| p.spec.clone())
+                            .filter(|s| !s.is_empty());
+                        let mut started = inst(&id, node, app, process, *release, *slot, Starting);
+                        started.spec = spec;
+                        self.observed.instances.push(started);
                     }
                     Action::Drain {
                         container_id,
@@ -1218,6 +1234,7 @@ mod tests {
                         app,
                         process,
                         slot,
+                        release,
                         crashed,
                         ..
                     } => {
@@ -1226,6 +1243,13 @@ mod tests {
                             .retain(|i| &i.container_id != container_id);
                         if *crashed {
                             self.record_crash(app, process, *slot);
+                            self.observed.crashes.push(ReleaseCrashes {
+                                app: app.clone(),
+                                process: process.clone(),
+                                release: *release,
+                                crashes: 1,
+                                last_exit: Some((1, false)),
+                            });
                         }
                     }
                     Action::RolloutSucceeded { app, .. } => {
@@ -1324,7 +1348,7 @@ mod tests {
                         ready.contains(&i.node)
                             && i.app == a
                             && i.process == p
-                            && i.release != t.spec.release
+                            && !is_current(i, t.spec.release, spec)
                     });
                     if wrong_release {
                         return false;
@@ -2053,6 +2077,322 @@ mod tests {
         sim.run_until_converged(10).unwrap();
     }
 
+    // ---------- early rollout failure ----------
+
+    fn crashes(release: u32, n: u32) -> ReleaseCrashes {
+        ReleaseCrashes {
+            app: "shop".into(),
+            process: "web".into(),
+            release,
+            crashes: n,
+            last_exit: Some((1, false)),
+        }
+    }
+
+    fn failed_reason(a: &[Action]) -> Option<&str> {
+        a.iter().find_map(|x| match x {
+            Action::RolloutFailed { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+    }
+
+    fn rolling_to_v2() -> (Desired, Observed) {
+        let mut desired = shop(2, 3, 1);
+        desired.apps[0].rollout_deadline_ms = Some(NOW + 100_000);
+        let obs = observed(
+            &["n1"],
+            vec![
+                web("o1", "n1", 1, 1, Healthy),
+                web("o2", "n1", 1, 2, Healthy),
+                web("o3", "n1", 1, 3, Healthy),
+            ],
+        );
+        (desired, obs)
+    }
+
+    #[test]
+    fn three_exits_of_the_target_release_fail_the_rollout_before_the_deadline() {
+        let (desired, mut obs) = rolling_to_v2();
+        obs.crashes.push(crashes(2, 2));
+        // Other releases' and processes' exits do not count.
+        obs.crashes.push(crashes(1, 5));
+        let mut worker = crashes(2, 5);
+        worker.process = "worker".into();
+        obs.crashes.push(worker);
+        assert_eq!(failed_reason(&plan(&desired, &obs)), None);
+
+        obs.crashes.push(crashes(2, 1));
+        let a = plan(&desired, &obs);
+        assert_eq!(
+            failed_reason(&a),
+            Some(
+                "web: instances of v2 exited or failed to start 3 times and none became \
+                 healthy; last exit code 1"
+            )
+        );
+        assert!(drains(&a).is_empty(), "v1 keeps serving: {a:?}");
+
+        // Not while an instance of v2 is healthy.
+        obs.instances.push(web("n1", "n1", 2, 1, Healthy));
+        assert_eq!(failed_reason(&plan(&desired, &obs)), None);
+    }
+
+    #[test]
+    fn new_instances_failing_every_probe_after_grace_fail_the_rollout_early() {
+        let (desired, mut obs) = rolling_to_v2();
+        let mut new = web("n1", "n1", 2, 1, Unhealthy);
+        new.health = HealthFacts {
+            ever_healthy: false,
+            failed_after_grace: FAILED_PROBES_TO_FAIL_ROLLOUT - 1,
+            unhealthy_since_ms: Some(NOW - 1_000),
+            accepting: true,
+        };
+        obs.instances.push(new);
+        assert_eq!(failed_reason(&plan(&desired, &obs)), None, "not yet");
+
+        obs.instances[3].health.failed_after_grace = FAILED_PROBES_TO_FAIL_ROLLOUT;
+        let a = plan(&desired, &obs);
+        let reason = failed_reason(&a).expect("fails early");
+        assert!(
+            reason.starts_with("web: every new instance of v2 (1) failed its health check"),
+            "{reason}"
+        );
+        assert!(drains(&a).is_empty(), "v1 keeps serving: {a:?}");
+
+        // One that passed once (it may be busy) is not hopeless.
+        let mut passed = obs.clone();
+        passed.instances[3].health.ever_healthy = true;
+        assert_eq!(failed_reason(&plan(&desired, &passed)), None);
+
+        // Another new instance still in its grace: wait for it.
+        let mut young = obs.clone();
+        young.instances.push(web("n2", "n1", 2, 2, Starting));
+        assert_eq!(failed_reason(&plan(&desired, &young)), None);
+    }
+
+    #[test]
+    fn a_crash_looping_rollout_fails_early_in_simulation() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1"]);
+        sim.run_until_converged(5).unwrap();
+        let deadline = sim.observed.now_ms + 10_000_000;
+        sim.desired.apps[0].release = 2;
+        sim.desired.apps[0].rollout_deadline_ms = Some(deadline);
+        for _ in 0..40 {
+            let a = sim.plan();
+            sim.apply(&a);
+            assert_eq!(sim.healthy("shop", "web"), 2, "v1 keeps serving");
+            if !sim.verdicts.is_empty() {
+                break;
+            }
+            sim.mark_starting(exited(1));
+            sim.observed.now_ms += 1_000;
+        }
+        assert!(sim.observed.now_ms < deadline);
+        let [Action::RolloutFailed { reason, .. }] = sim.verdicts.as_slice() else {
+            panic!("{:?}", sim.verdicts);
+        };
+        assert!(reason.contains("3 times"), "{reason}");
+    }
+
+    // ---------- unhealthy instances: replaced late, one at a time, never the last ----------
+
+    fn sick(id: &str, slot: u32, since: u64, accepting: bool) -> ObservedInstance {
+        let mut i = web(id, "n1", 1, slot, Unhealthy);
+        i.health = HealthFacts {
+            ever_healthy: true,
+            failed_after_grace: 0,
+            unhealthy_since_ms: Some(since),
+            accepting,
+        };
+        i
+    }
+
+    #[test]
+    fn an_unhealthy_instance_is_replaced_only_after_the_threshold() {
+        let desired = shop(1, 2, 1);
+        let mut obs = observed(
+            &["n1"],
+            vec![
+                web("a", "n1", 1, 1, Healthy),
+                sick("b", 2, NOW - REPLACE_AFTER_MS + 1, true),
+            ],
+        );
+        assert!(plan(&desired, &obs).is_empty(), "kept (unrouted) for now");
+        obs.instances[1].health.unhealthy_since_ms = Some(NOW - REPLACE_AFTER_MS);
+        let a = plan(&desired, &obs);
+        assert_eq!(drains(&a), vec![("b".into(), DrainReason::Unhealthy)]);
+        assert!(starts(&a).is_empty(), "restarted after its backoff");
+        // Unknown since when: never on that basis.
+        obs.instances[1].health.unhealthy_since_ms = None;
+        assert!(plan(&desired, &obs).is_empty());
+    }
+
+    #[test]
+    fn unhealthy_instances_are_replaced_one_at_a_time() {
+        let desired = shop(1, 3, 1);
+        let obs = observed(
+            &["n1"],
+            vec![
+                sick("a", 1, NOW - 200_000, false),
+                sick("b", 2, NOW - 300_000, false),
+                web("c", "n1", 1, 3, Healthy),
+            ],
+        );
+        // The longest unhealthy first, one per pass.
+        let a = plan(&desired, &obs);
+        assert_eq!(drains(&a), vec![("b".into(), DrainReason::Unhealthy)]);
+        // While its replacement starts, nothing else is replaced.
+        let mut replacing = obs.clone();
+        replacing.instances[1] = web("b2", "n1", 1, 2, Starting);
+        assert!(drains(&plan(&desired, &replacing)).is_empty());
+        // Nor while the slot is empty (draining, backing off).
+        let mut empty = obs.clone();
+        empty.instances[1].state = Draining;
+        assert!(drains(&plan(&desired, &empty)).is_empty());
+        // Once it is healthy, the next one goes.
+        let mut done = obs;
+        done.instances[1] = web("b2", "n1", 1, 2, Healthy);
+        assert_eq!(
+            drains(&plan(&desired, &done)),
+            vec![("a".into(), DrainReason::Unhealthy)]
+        );
+    }
+
+    #[test]
+    fn the_last_instance_accepting_connections_is_never_replaced() {
+        let long_ago = NOW - 10 * REPLACE_AFTER_MS;
+        // Alone and busy (accepts, answers slowly): kept forever.
+        let one = shop(1, 1, 1);
+        let obs = observed(&["n1"], vec![sick("busy", 1, long_ago, true)]);
+        assert!(plan(&one, &obs).is_empty());
+        // Alone and refusing connections: replaced.
+        let obs = observed(&["n1"], vec![sick("dead", 1, long_ago, false)]);
+        assert_eq!(
+            drains(&plan(&one, &obs)),
+            vec![("dead".into(), DrainReason::Unhealthy)]
+        );
+        // Two: a busy one that is the only one accepting stays; the refusing one goes, although
+        // it became unhealthy later.
+        let two = shop(1, 2, 1);
+        let obs = observed(
+            &["n1"],
+            vec![
+                sick("busy", 1, long_ago, true),
+                sick("dead", 2, long_ago + 1, false),
+            ],
+        );
+        assert_eq!(
+            drains(&plan(&two, &obs)),
+            vec![("dead".into(), DrainReason::Unhealthy)]
+        );
+        // Two busy ones: one of them may go (the other still accepts).
+        let obs = observed(
+            &["n1"],
+            vec![
+                sick("b1", 1, long_ago, true),
+                sick("b2", 2, long_ago + 1, true),
+            ],
+        );
+        assert_eq!(
+            drains(&plan(&two, &obs)),
+            vec![("b1".into(), DrainReason::Unhealthy)]
+        );
+    }
+
+    #[test]
+    fn a_busy_instance_that_answers_again_is_kept() {
+        let mut sim = Sim::from_state(
+            shop(1, 1, 1),
+            observed(&["n1"], vec![sick("busy", 1, NOW, true)]),
+        );
+        for _ in 0..20 {
+            let a = sim.step();
+            assert!(a.is_empty(), "{a:?}");
+        }
+        sim.observed.instances[0].state = Healthy;
+        sim.observed.instances[0].health = HealthFacts::default();
+        assert!(sim.step().is_empty());
+        assert!(sim.converged());
+        assert_eq!(sim.observed.instances[0].container_id, "busy");
+    }
+
+    // ---------- process spec identity ----------
+
+    fn with_spec(mut i: ObservedInstance, spec: Option<&str>) -> ObservedInstance {
+        i.spec = spec.map(str::to_owned);
+        i
+    }
+
+    #[test]
+    fn an_instance_of_the_target_release_with_another_spec_is_rolled() {
+        let mut desired = shop(1, 2, 1);
+        desired.apps[0].processes[0].spec = "big".into();
+        let obs = observed(
+            &["n1"],
+            vec![
+                with_spec(web("a", "n1", 1, 1, Healthy), Some("small")),
+                with_spec(web("b", "n1", 1, 2, Healthy), Some("small")),
+            ],
+        );
+        // Like a new release: one surge start, nothing drained yet.
+        let a = plan(&desired, &obs);
+        assert_eq!((start_slots(&a), drains(&a)), (vec![1], vec![]));
+        // An unknown spec (no label) counts as current.
+        let legacy = observed(
+            &["n1"],
+            vec![
+                with_spec(web("a", "n1", 1, 1, Healthy), None),
+                with_spec(web("b", "n1", 1, 2, Healthy), Some("big")),
+            ],
+        );
+        assert!(plan(&desired, &legacy).is_empty());
+        // A stale exit is not a crash of the slot.
+        let stale_exit = observed(
+            &["n1"],
+            vec![with_spec(web("a", "n1", 1, 1, exited(1)), Some("small"))],
+        );
+        assert_eq!(
+            removes(&plan(&desired, &stale_exit)),
+            vec![("a".into(), false)]
+        );
+    }
+
+    #[test]
+    fn a_resource_change_rolls_every_instance_keeping_capacity() {
+        let mut desired = shop(1, 3, 1);
+        desired.apps[0].processes[0].spec = "small".into();
+        let mut sim = Sim::new(desired, &["n1", "n2"]);
+        sim.run_until_converged(5).unwrap();
+        sim.desired.apps[0].processes[0].spec = "big".into();
+        sim.desired.apps[0].rollout_deadline_ms = Some(sim.observed.now_ms + 600_000);
+        assert!(!sim.converged(), "stale specs are not converged");
+        for _ in 0..20 {
+            let a = sim.plan();
+            assert!(starts(&a).len() <= 1, "{a:?}");
+            sim.apply(&a);
+            assert!(sim.live("shop", "web").len() <= 4, "surge cap");
+            assert!(sim.healthy("shop", "web") >= 3, "capacity kept");
+            sim.tick();
+            sim.mark_starting(Healthy);
+            if sim.desired.apps[0].rollout_deadline_ms.is_none() {
+                break;
+            }
+        }
+        assert!(sim.converged());
+        assert!(sim
+            .observed
+            .instances
+            .iter()
+            .all(|i| i.spec.as_deref() == Some("big") && i.release == 1));
+        assert_eq!(
+            sim.verdicts,
+            vec![Action::RolloutSucceeded {
+                app: "shop".into(),
+                release: 1
+            }]
+        );
+    }
+
     // ---------- rule 10: determinism ----------
 
     #[test]
@@ -2163,23 +2503,40 @@ mod tests {
                 prop_oneof![3 => 1u32..=3, 1 => 0u32..=7],
                 0usize..5,
                 arb_state_kind(),
+                (
+                    prop_oneof![3 => Just(None), 1 => Just(Some("x")), 1 => Just(Some("y"))],
+                    any::<bool>(),
+                    0u32..=5,
+                    prop::option::of(0u64..=2 * REPLACE_AFTER_MS),
+                    any::<bool>(),
+                ),
             ),
             0..=16,
         )
         .prop_map(|raw| {
             raw.into_iter()
                 .enumerate()
-                .map(|(k, (a, p, release, slot, node, state))| {
-                    inst(
-                        &format!("o{k:03}"),
-                        NODES[node],
-                        APPS[a],
-                        PROCESSES[p],
-                        release,
-                        slot,
-                        state,
-                    )
-                })
+                .map(
+                    |(k, (a, p, release, slot, node, state, (spec, ever, failed, ago, acc)))| {
+                        let mut i = inst(
+                            &format!("o{k:03}"),
+                            NODES[node],
+                            APPS[a],
+                            PROCESSES[p],
+                            release,
+                            slot,
+                            state,
+                        );
+                        i.spec = spec.map(str::to_owned);
+                        i.health = HealthFacts {
+                            ever_healthy: ever,
+                            failed_after_grace: failed,
+                            unhealthy_since_ms: ago.map(|d| NOW - d),
+                            accepting: acc,
+                        };
+                        i
+                    },
+                )
                 .collect()
         })
     }
@@ -2189,8 +2546,9 @@ mod tests {
             prop::collection::vec(prop::bool::weighted(0.8), 1..=4),
             arb_instances(),
             prop::collection::vec((0usize..2, 0usize..2, 1u32..=6, 0u64..=20_000), 0..=3),
+            prop::collection::vec((0usize..2, 0usize..3, 1u32..=3, 0u32..=4), 0..=3),
         )
-            .prop_map(|(ready, instances, backoff)| Observed {
+            .prop_map(|(ready, instances, backoff, crashes)| Observed {
                 now_ms: NOW,
                 nodes: ready
                     .into_iter()
@@ -2210,7 +2568,16 @@ mod tests {
                         until_ms: NOW - 5_000 + until,
                     })
                     .collect(),
-                crashes: Vec::new(),
+                crashes: crashes
+                    .into_iter()
+                    .map(|(a, p, release, n)| ReleaseCrashes {
+                        app: APPS[a].to_owned(),
+                        process: PROCESSES[p].to_owned(),
+                        release,
+                        crashes: n,
+                        last_exit: Some((1, false)),
+                    })
+                    .collect(),
             })
     }
 
@@ -2370,6 +2737,39 @@ mod tests {
             }
         }
 
+        /// The early rollout verdict never fails a rollout while an instance of the target
+        /// release (current spec) is healthy; and it only comes from the stated facts.
+        #[test]
+        fn early_failure_never_while_a_new_instance_is_healthy(
+            desired in arb_desired(),
+            observed in arb_observed(),
+            spec in prop_oneof![Just(""), Just("x"), Just("y")],
+        ) {
+            let mut desired = desired;
+            for a in &mut desired.apps {
+                a.rollout_deadline_ms = Some(NOW + 1_000 * TICK_MS);
+                for p in &mut a.processes {
+                    p.spec = spec.to_owned();
+                }
+            }
+            let actions = plan(&desired, &observed);
+            let ready = ready_nodes(&observed.nodes);
+            let targets = index_desired(&desired);
+            for action in &actions {
+                let Action::RolloutFailed { app, release, .. } = action else { continue };
+                let t = &targets[app.as_str()];
+                let healthy_new = observed.instances.iter().any(|i| {
+                    i.app == *app
+                        && i.state == Healthy
+                        && ready.contains(i.node.as_str())
+                        && t.processes
+                            .get(i.process.as_str())
+                            .is_some_and(|p| is_current(i, *release, p))
+                });
+                prop_assert!(!healthy_new, "failed early with a healthy new instance: {action:?}");
+            }
+        }
+
         /// (c) When starts become healthy, any state converges to exactly N healthy instances
         /// of R in slots 1..=N and nothing else, then plans nothing.
         #[test]
@@ -2379,6 +2779,12 @@ mod tests {
         ) {
             let mut observed = observed;
             observed.nodes[0].ready = true;
+            // Unhealthy instances here refuse connections and the reconciler knows since when
+            // (a busy instance that still accepts is kept by design: see its own tests).
+            for i in &mut observed.instances {
+                i.health.accepting = false;
+                i.health.unhealthy_since_ms.get_or_insert(NOW);
+            }
             let mut desired = desired;
             for a in &mut desired.apps {
                 // A missed deadline means the reconciler rolls back; here rollouts must finish.
