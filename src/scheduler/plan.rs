@@ -14,28 +14,48 @@
 //!   that is listed and ready. `Draining` instances are ignored entirely (the executor is stopping
 //!   them). Instances on nodes that are not ready or not listed are **lost**: they are not live,
 //!   they hold no slot, and the planner emits nothing for them (it cannot act on such a node).
-//! - The **target slots** are `1..=N`. In each target slot at most one live instance of `R` is
-//!   the slot's **keeper** (preferring `Healthy`, then `Starting`, then `Unhealthy`, then the
+//! - An instance is **current** when it runs `R` and was started from the current process
+//!   definition: its [`ObservedInstance::spec`] equals [`DesiredProcess::spec`] (an unknown spec
+//!   on either side counts as equal). A resource, command, port or image change thus rolls
+//!   instances exactly like a new release. The release number is not part of the spec hash:
+//!   it is compared on its own.
+//! - The **target slots** are `1..=N`. In each target slot at most one live current instance
+//!   is the slot's **keeper** (preferring `Healthy`, then `Starting`, then `Unhealthy`, then the
 //!   smallest container id).
 //! - Every other live instance of the process is **retiring**: instances of other releases
-//!   (older ones during a deploy, newer ones after a rollback), instances of `R` in slots outside
-//!   `1..=N` (scaled down), and the non-keepers of a slot (duplicates).
+//!   (older ones during a deploy, newer ones after a rollback) or of an older spec, current
+//!   instances in slots outside `1..=N` (scaled down), and the non-keepers of a slot
+//!   (duplicates).
+//! - A live instance **accepts** connections when it is `Healthy`, or `Unhealthy` with
+//!   [`HealthFacts::accepting`] (its failing probes were answered late, badly or with a 5xx, not
+//!   refused): it is busy, not gone.
 //!
 //! # Algorithm, per `(app, process)`
 //!
-//! 1. Exited containers are removed ([`Action::Remove`]). `crashed` is true only for an instance
-//!    of `R` in a target slot that was not being drained; that slot is then not restarted in the
-//!    same pass, so the backoff the reconciler records takes effect.
-//! 2. Keepers are chosen. A keeper that is `Unhealthy` is drained ([`DrainReason::Unhealthy`]);
-//!    its slot is not restarted in the same pass either.
+//! 1. Exited containers are removed ([`Action::Remove`]). `crashed` is true only for a current
+//!    instance in a target slot that was not being drained; that slot is then not restarted in
+//!    the same pass, so the backoff the reconciler records takes effect.
+//! 2. Keepers are chosen. An `Unhealthy` keeper is not routed (the reconciler routes healthy
+//!    instances only) but stays.
 //! 3. Retiring instances are drained in this order: `Unhealthy`, `Starting`, `Healthy`; among
-//!    equals, other releases before `R`, the oldest release first, the highest slot first, then
-//!    container id. Non-healthy ones (they serve nothing) are always drained. A healthy one is
-//!    drained only while `healthy keepers + healthy retiring left afterwards >= N`.
-//! 4. Free target slots (no keeper, not cooling from step 1-2, no backoff with
+//!    equals, non-current before current, the oldest release first, the highest slot first,
+//!    then container id. Non-healthy ones (they serve nothing) are always drained. A healthy
+//!    one is drained only while `healthy keepers + healthy retiring left afterwards >= N`.
+//! 4. **Unhealthy keepers are replaced late, one at a time, never the last accepting one.** At
+//!    most one `Unhealthy` keeper per process and pass is drained ([`DrainReason::Unhealthy`];
+//!    its slot is not restarted in the same pass), the one unhealthy the longest (then the
+//!    lowest slot) among those that: have been unhealthy for at least
+//!    [`DesiredProcess::unhealthy_replace_after_ms`] (since [`HealthFacts::unhealthy_since_ms`];
+//!    unknown counts as `now_ms`); and are not the last instance of the process accepting
+//!    connections (counting keepers and the retiring instances left running). None is drained
+//!    while a replacement is under way in the process: a target slot whose keeper is
+//!    `Starting`, whose current instance is `Draining`, or that is empty and cooling or in
+//!    backoff. So an app that is only slow keeps its instance (out of rotation until it
+//!    answers again), while one that refuses connections is replaced.
+//! 5. Free target slots (no keeper, not cooling from steps 1 and 4, no backoff with
 //!    `until_ms > now_ms`) are started in ascending order, as many as the budget
 //!    `N + S - live after the drains` allows.
-//! 5. Each start is placed on a ready node (see [`plan`]).
+//! 6. Each start is placed on a ready node (see [`plan`]).
 //!
 //! Instances whose app or process is not desired are **orphans**: live ones are drained
 //! ([`DrainReason::Orphan`]), exited ones removed with `crashed = false`.
@@ -57,10 +77,20 @@
 //!   or not listed; replacements for lost instances go to ready nodes. No ready node: no start.
 //! - **Rollout verdict** (only when [`DesiredApp::rollout_deadline_ms`] is set):
 //!   [`Action::RolloutSucceeded`] when every desired process has a healthy keeper in every target
-//!   slot and the app has no live instance outside its target (other releases, undesired
-//!   processes); otherwise, once `now_ms >= deadline`, [`Action::RolloutFailed`] with a reason a
-//!   person can act on, and in that pass no instance of another release is drained (the
+//!   slot and the app has no live instance outside its target (other releases, older specs,
+//!   undesired processes); otherwise, once `now_ms >= deadline`, [`Action::RolloutFailed`] with a
+//!   reason a person can act on, and in that pass no non-current instance is drained (the
 //!   reconciler switches the target back to the previous release).
+//! - **Early rollout failure**: before the deadline, [`Action::RolloutFailed`] (same effects) as
+//!   soon as a desired process with `N > 0` cannot succeed, and only while **no** current
+//!   instance of any process of the app is healthy: (a) its instances of `R` exited or failed to
+//!   start [`CRASHES_TO_FAIL_ROLLOUT`] times ([`Observed::crashes`]), or (b) it has live current
+//!   instances and every one of them never passed a probe and failed at least
+//!   [`FAILED_PROBES_TO_FAIL_ROLLOUT`] probes after its start grace
+//!   ([`HealthFacts::failed_after_grace`]). The reason names the rule and the last exit code.
+//! - **Unhealthy replacement**: an `Unhealthy` keeper is drained only as step 4 allows; in
+//!   particular an instance that accepts connections and is the only one of its process doing
+//!   so is never drained as unhealthy, and at most one is drained per process and pass.
 //! - **Determinism and convergence**: output is sorted by app, process, action kind
 //!   (remove, drain, start), slot, container id, with the rollout verdict last for its app.
 //!   Re-planning after applying a plan makes progress towards exactly `N` healthy instances of
