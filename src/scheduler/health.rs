@@ -483,4 +483,55 @@ mod tests {
         }
         assert_eq!(table.get("a"), Some(Health::Unhealthy));
     }
+
+    /// Accepts connections and never answers: a saturated app.
+    async fn silent() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn facts_tell_busy_from_gone_and_count_failures_after_grace() {
+        let table = HealthTable::default();
+        let busy = silent().await;
+        let gone = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut t_busy = target(busy, HealthKind::Http, 0);
+        t_busy.timeout = Duration::from_millis(50);
+        table.sync(vec![
+            ("busy".into(), t_busy),
+            ("gone".into(), target(gone, HealthKind::Http, 0)),
+            ("graced".into(), target(gone, HealthKind::Http, 60_000)),
+        ]);
+        for _ in 0..3 {
+            table.probe_due().await;
+            tokio::time::sleep(STARTING_PROBE_EVERY).await;
+        }
+        let busy = table.facts("busy", 1_000_000);
+        assert!(busy.accepting && !busy.ever_healthy, "{busy:?}");
+        assert!(
+            busy.failed_after_grace >= 3,
+            "never passed: probed quickly: {busy:?}"
+        );
+        assert!(busy.unhealthy_since_ms.is_some_and(|t| t <= 1_000_000));
+        let gone = table.facts("gone", 1_000_000);
+        assert!(!gone.accepting, "{gone:?}");
+        let graced = table.facts("graced", 1_000_000);
+        assert_eq!(
+            graced.failed_after_grace, 0,
+            "failures in the grace do not count"
+        );
+        assert_eq!(graced.unhealthy_since_ms, None, "still starting");
+        assert_eq!(table.facts("unknown", 5), Default::default());
+    }
 }
