@@ -680,3 +680,58 @@ async fn a_saturated_single_instance_is_unrouted_but_kept_until_it_answers_again
     let c = s.containers();
     assert_eq!(c.len(), 1, "no replacement was started: {c:?}");
 }
+
+#[tokio::test]
+async fn an_instance_that_stops_accepting_connections_is_replaced_after_the_threshold() {
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_UNHEALTHY_REPLACE_AFTER", "2s")]).await;
+    deployed(&s, "deaf").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "deaf",
+        "web",
+        "--health",
+        "http",
+        "--health-path",
+        "/health",
+        "--health-grace",
+        "1s",
+        "--health-interval",
+        "300ms",
+        "--health-timeout",
+        "300ms",
+    ]);
+    let v = current_release(&s, "deaf");
+    let ps = s
+        .wait_for("one healthy instance", Duration::from_secs(30), || {
+            let ps = s.instances("deaf");
+            (ps.len() == 1 && healthy(&ps, "web", v) == 1).then_some(ps)
+        })
+        .await;
+    let id = ps[0]["container_id"].as_str().unwrap().to_string();
+    let addr: std::net::SocketAddr = ps[0]["address"].as_str().unwrap().parse().unwrap();
+
+    // The server inside the container goes away; the container keeps running.
+    let t = Instant::now();
+    let (status, _) = crate::support::http_get(addr, "/deaf").await.unwrap();
+    assert_eq!(status, 200);
+    s.wait_for("unhealthy", Duration::from_secs(5), || {
+        let ps = s.instances("deaf");
+        (ps.iter()
+            .any(|i| i["container_id"] == id.as_str() && i["health"] == "unhealthy"))
+        .then_some(())
+    })
+    .await;
+    s.wait_for("a healthy replacement", Duration::from_secs(30), || {
+        let ps = s.instances("deaf");
+        let gone = ps.iter().all(|i| i["container_id"] != id.as_str());
+        (gone && healthy(&ps, "web", v) == 1).then_some(())
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("not accepting -> replaced and healthy in {took:?} (threshold 2s)");
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before the threshold: {took:?}"
+    );
+}
