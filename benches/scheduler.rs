@@ -147,6 +147,8 @@ fn planning_time(instances: u32) -> Duration {
                     process: "web".into(),
                     instances: per_app,
                     surge: 1,
+                    spec: "abc".into(),
+                    unhealthy_replace_after_ms: 60_000,
                 }],
                 rollout_deadline_ms: None,
             })
@@ -168,10 +170,13 @@ fn planning_time(instances: u32) -> Duration {
                     release: 2,
                     slot,
                     state: InstanceState::Healthy,
+                    spec: Some("abc".into()),
+                    health: Default::default(),
                 })
             })
             .collect(),
         backoff: vec![],
+        crashes: vec![],
     };
     let rounds = 200;
     let t = Instant::now();

@@ -112,6 +112,7 @@ pub struct RawAcme {
 pub struct RawScheduler {
     pub reconcile_interval: Option<String>,
     pub deploy_timeout: Option<String>,
+    pub unhealthy_replace_after: Option<String>,
     pub drain_grace: Option<String>,
     pub stop_timeout: Option<String>,
     pub default_port: Option<u16>,
@@ -235,6 +236,10 @@ pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 pub struct SchedulerConfig {
     pub reconcile_interval: Duration,
     pub deploy_timeout: Duration,
+    /// How long an instance must fail its health checks before it is replaced (it leaves the
+    /// routing table at once); one instance of a process at a time, and never the last one
+    /// of its process that still accepts connections.
+    pub unhealthy_replace_after: Duration,
     pub drain_grace: Duration,
     pub stop_timeout: Duration,
     pub default_port: u16,
@@ -290,6 +295,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "scheduler.deploy_timeout",
         "ESCALE_SCHEDULER_DEPLOY_TIMEOUT",
+    ),
+    (
+        "scheduler.unhealthy_replace_after",
+        "ESCALE_SCHEDULER_UNHEALTHY_REPLACE_AFTER",
     ),
     ("scheduler.drain_grace", "ESCALE_SCHEDULER_DRAIN_GRACE"),
     ("scheduler.stop_timeout", "ESCALE_SCHEDULER_STOP_TIMEOUT"),
@@ -505,6 +514,11 @@ impl Config {
                     "scheduler.deploy_timeout",
                     sc.deploy_timeout.clone(),
                     "120s",
+                )?,
+                unhealthy_replace_after: s.duration(
+                    "scheduler.unhealthy_replace_after",
+                    sc.unhealthy_replace_after.clone(),
+                    "60s",
                 )?,
                 drain_grace: s.duration("scheduler.drain_grace", sc.drain_grace.clone(), "1s")?,
                 stop_timeout: s.duration(

@@ -453,25 +453,9 @@ pub(super) async fn follow_rollout(
                     let reason = rel["status_reason"]
                         .as_str()
                         .unwrap_or("superseded by a newer release");
-                    let releases: Value = c
-                        .call(
-                            Method::GET,
-                            &format!("/api/v1/apps/{}/releases", seg(app)),
-                            None,
-                        )
-                        .await?;
-                    let serving = releases
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|r| r["status"] == "active")
-                        .and_then(|r| r["version"].as_u64());
-                    let after = match serving {
-                        Some(p) => format!("v{p} keeps serving"),
-                        None => format!("{app} has no release serving"),
-                    };
+                    // The reason says whether a previous release keeps serving.
                     return Err(CliError::Failed(format!(
-                        "rollout of v{v} failed: {reason}; {after}"
+                        "rollout of v{v} failed: {reason}"
                     )));
                 }
                 _ => {}

@@ -141,6 +141,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(m) => ApiError::Conflict(m),
             RegistryError::Invalid(m) => ApiError::Unprocessable(m),
             RegistryError::Forbidden(m) => ApiError::Forbidden(m),
+            // Names the release for the operator; nothing was changed.
+            RegistryError::UnreadableRelease { .. } => ApiError::Conflict(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -62,15 +62,4 @@ impl Registry {
         tx.commit().await?;
         Ok((applied, v))
     }
-
-    /// The app's newest active release, if one serves.
-    pub async fn active_release(&self, app_id: i64) -> Result<Option<u32>> {
-        let v: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(version) FROM releases WHERE app_id = ? AND status = 'active'",
-        )
-        .bind(app_id)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(v.map(|v| v as u32))
-    }
 }

@@ -50,6 +50,14 @@ pub enum RegistryError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Secrets(#[from] crate::secrets::SecretsError),
+    /// A release row whose frozen config does not decode: nothing is done with it (no
+    /// rollback to it, no instance started from it), so a bad row never becomes an empty config.
+    #[error("release v{version} of {app} has a frozen config that cannot be read ({message}): nothing was changed")]
+    UnreadableRelease {
+        app: String,
+        version: u32,
+        message: String,
+    },
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

@@ -67,10 +67,21 @@ struct ReleaseRow {
     status_reason: Option<String>,
 }
 
-impl From<ReleaseRow> for Release {
-    fn from(r: ReleaseRow) -> Release {
-        let vars: Vec<FrozenVar> = serde_json::from_str(&r.config).unwrap_or_default();
-        Release {
+/// Decodes the frozen config of release `version` of `app`; a row that does not decode is an
+/// error naming the release, never an empty config.
+fn frozen_vars(app: &str, version: u32, config: &str) -> Result<Vec<FrozenVar>> {
+    serde_json::from_str(config).map_err(|e| RegistryError::UnreadableRelease {
+        app: app.to_string(),
+        version,
+        message: e.to_string(),
+    })
+}
+
+impl ReleaseRow {
+    fn into_release(self, app: &str) -> Result<Release> {
+        let r = self;
+        let vars = frozen_vars(app, r.version as u32, &r.config)?;
+        Ok(Release {
             version: r.version as u32,
             image: r.image,
             config_keys: vars.into_iter().map(|v| v.key).collect(),
@@ -80,7 +91,7 @@ impl From<ReleaseRow> for Release {
             created_at: r.created_at,
             status: ReleaseStatus::parse(&r.status),
             status_reason: r.status_reason,
-        }
+        })
     }
 }
 
@@ -230,18 +241,27 @@ impl Registry {
         .bind(a.id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(Release::from).collect())
+        rows.into_iter().map(|r| r.into_release(app)).collect()
     }
 
     /// One release.
     pub async fn release(&self, actor: &Actor, app: &str, version: u32) -> Result<Release> {
         let a = self.app(actor, app).await?;
-        self.release_by_id(a.id, version)
+        self.release_of(a.id, app, version)
             .await?
             .ok_or_else(|| not_found("release", format!("v{version} of {app}")))
     }
 
     pub(crate) async fn release_by_id(&self, app_id: i64, version: u32) -> Result<Option<Release>> {
+        let name: Option<String> = sqlx::query_scalar("SELECT name FROM apps WHERE id = ?")
+            .bind(app_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let name = name.unwrap_or_else(|| format!("app #{app_id}"));
+        self.release_of(app_id, &name, version).await
+    }
+
+    async fn release_of(&self, app_id: i64, app: &str, version: u32) -> Result<Option<Release>> {
         let row: Option<ReleaseRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "{RELEASE_COLUMNS} WHERE app_id = ? AND version = ?"
         )))
@@ -249,7 +269,7 @@ impl Registry {
         .bind(version as i64)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(Release::from))
+        row.map(|r| r.into_release(app)).transpose()
     }
 
     /// Makes a new release with the image and config of `version`; the app's config vars are
@@ -270,7 +290,8 @@ impl Registry {
                 "v{version} is already the current release of `{app}`"
             )));
         }
-        let vars: Vec<FrozenVar> = serde_json::from_str(&config).unwrap_or_default();
+        // Decoded before anything is touched: a bad row must not wipe the app's config.
+        let vars = frozen_vars(app, version, &config)?;
         sqlx::query("DELETE FROM config_vars WHERE app_id = ?")
             .bind(a.id)
             .execute(&mut *tx)
@@ -307,7 +328,7 @@ impl Registry {
                 .fetch_optional(&self.pool)
                 .await?
                 .ok_or_else(|| not_found("release", format!("v{version} of {}", app.name)))?;
-        let vars: Vec<FrozenVar> = serde_json::from_str(&config).unwrap_or_default();
+        let vars = frozen_vars(&app.name, version, &config)?;
         vars.into_iter()
             .map(|v| {
                 let value = if v.secret {
@@ -393,7 +414,10 @@ impl Registry {
     }
 
     /// Marks a rollout failed with its reason and points the app back at its last active
-    /// release (if any), so the old release keeps serving.
+    /// release (if any), so the old release keeps serving. The stored reason says which case
+    /// it is (appended to its first line, before any log lines): the previous release keeps
+    /// serving, or there is none (a first deploy: nothing of the app runs). Returns that
+    /// previous release.
     pub async fn rollout_failed(
         &self,
         app: &AppRef,
@@ -401,19 +425,27 @@ impl Registry {
         reason: &str,
     ) -> Result<Option<u32>> {
         let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE releases SET status = 'failed', status_reason = ?, deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
-            .bind(reason)
-            .bind(app.id)
-            .bind(version as i64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
         let previous: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(version) FROM releases WHERE app_id = ? AND status = 'active'",
         )
         .bind(app.id)
         .fetch_one(&mut *tx)
         .await?;
+        let case = match previous {
+            Some(p) => format!("the previous release keeps serving (v{p})"),
+            None => "no earlier release was ever active, so nothing of the app runs until a deploy succeeds".to_string(),
+        };
+        let reason = match reason.split_once('\n') {
+            Some((first, rest)) => format!("{first}; {case}\n{rest}"),
+            None => format!("{reason}; {case}"),
+        };
+        let n = sqlx::query("UPDATE releases SET status = 'failed', status_reason = ?, deadline_ms = NULL WHERE app_id = ? AND version = ? AND status = 'deploying'")
+            .bind(&reason)
+            .bind(app.id)
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if n == 1 {
             sqlx::query("UPDATE apps SET target_release = ? WHERE id = ? AND target_release = ?")
                 .bind(previous)
@@ -489,5 +521,85 @@ impl Registry {
                 },
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A corrupt frozen config is an error naming the release; rollback changes nothing and
+    /// no environment is made up for an instance.
+    #[tokio::test]
+    async fn an_unreadable_frozen_config_fails_rollback_and_release_env_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(
+            &dir.path().join("escale.db"),
+            crate::secrets::MasterKey::random(),
+        )
+        .await
+        .unwrap();
+        let admin = reg.host_admin().await.unwrap();
+        reg.create_app(&admin, "shop", None, 8080).await.unwrap();
+        let set = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        reg.update_config(&admin, "shop", &set("A", "1"), false, &[])
+            .await
+            .unwrap();
+        let v1 = reg
+            .create_release(&admin, "shop", "img:1", "test", "first")
+            .await
+            .unwrap();
+        let v2 = reg
+            .update_config(&admin, "shop", &set("B", "2"), false, &[])
+            .await
+            .unwrap()
+            .expect("a deployed app gets a release per config change");
+        let config_before = reg.config(&admin, "shop", true).await.unwrap();
+        assert_eq!(config_before.len(), 2);
+
+        sqlx::query("UPDATE releases SET config = '{not json' WHERE version = ?")
+            .bind(v1 as i64)
+            .execute(reg.pool())
+            .await
+            .unwrap();
+
+        let e = reg.rollback(&admin, "shop", v1).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, RegistryError::UnreadableRelease { .. }),
+            "{e:?}"
+        );
+        assert!(
+            msg.contains(&format!("release v{v1} of shop")) && msg.contains("nothing was changed"),
+            "{msg}"
+        );
+        let config_after = reg.config(&admin, "shop", true).await.unwrap();
+        let keys = |c: &[crate::registry::ConfigVar]| -> Vec<String> {
+            c.iter()
+                .map(|v| format!("{}={:?}", v.key, v.value))
+                .collect()
+        };
+        assert_eq!(
+            keys(&config_after),
+            keys(&config_before),
+            "config untouched"
+        );
+        let app = reg.app(&admin, "shop").await.unwrap();
+        assert_eq!(app.target_release, Some(v2 as i64), "no release made");
+
+        let e = reg.release_env(&app, v1).await.unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("release v{v1} of shop")),
+            "{e}"
+        );
+        // The good release still works.
+        let env = reg.release_env(&app, v2).await.unwrap();
+        assert_eq!(env.len(), 2);
+        // Reading the bad release names it too, instead of showing no config keys.
+        let e = reg.release(&admin, "shop", v1).await.unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("release v{v1} of shop")),
+            "{e}"
+        );
     }
 }

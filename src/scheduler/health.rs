@@ -5,6 +5,15 @@
 //! process type's interval. It is `Starting` until its first success, `Unhealthy` if its start
 //! grace runs out first or after [`FAILURES_TO_UNHEALTHY`] consecutive failures. Every change of
 //! verdict wakes the reconciler, which republishes the routing table.
+//!
+//! `Unhealthy` only takes an instance out of the routing table. Whether it is replaced is the
+//! planner's decision, from the facts kept here ([`HealthTable::facts`]): whether it ever
+//! passed, how many probes it failed after its grace, since when it is unhealthy, and whether
+//! its port still accepts connections. A failed probe is classified: refused, reset, or closed
+//! without an answer means nothing accepts connections; a timeout (connecting or waiting for
+//! the answer), a bad or a 4xx/5xx answer means the instance accepts but is busy or failing. An
+//! instance that never passed is probed every 250 ms until it does, even once unhealthy, so a
+//! rollout whose new instances never pass fails fast.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +59,56 @@ struct Entry {
     failures: u32,
     next_probe: Instant,
     last_error: Option<String>,
+    /// When tracking started (the start grace counts from here).
+    tracked: Instant,
+    ever_healthy: bool,
+    failed_after_grace: u32,
+    accepting: bool,
+}
+
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    /// What happened, for people.
+    pub message: String,
+    /// The port accepted the connection (or did not refuse it before the timeout): the
+    /// instance is busy or failing, not gone.
+    pub accepting: bool,
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl ProbeFailure {
+    fn busy(message: String) -> ProbeFailure {
+        ProbeFailure {
+            message,
+            accepting: true,
+        }
+    }
+
+    /// From an I/O error: refused or reset means nothing accepts connections.
+    fn io(what: String, e: &std::io::Error) -> ProbeFailure {
+        use std::io::ErrorKind::*;
+        let not_accepting = matches!(
+            e.kind(),
+            ConnectionRefused
+                | ConnectionReset
+                | ConnectionAborted
+                | NotConnected
+                | BrokenPipe
+                | AddrNotAvailable
+                | HostUnreachable
+                | NetworkUnreachable
+        );
+        ProbeFailure {
+            message: format!("{what}: {e}"),
+            accepting: !not_accepting,
+        }
+    }
 }
 
 /// Verdicts by container id. The lock is never held across an await.
@@ -77,6 +136,22 @@ impl HealthTable {
             .and_then(|e| e.last_error.clone())
     }
 
+    /// What the planner needs to know of a container ([`plan::HealthFacts`]), with times as
+    /// unix ms relative to `now_ms`. Default facts when it is not tracked.
+    pub fn facts(&self, container_id: &str, now_ms: u64) -> super::plan::HealthFacts {
+        let map = self.entries.lock().expect("health lock");
+        let Some(e) = map.get(container_id) else {
+            return Default::default();
+        };
+        super::plan::HealthFacts {
+            ever_healthy: e.ever_healthy,
+            failed_after_grace: e.failed_after_grace,
+            unhealthy_since_ms: (e.health == Health::Unhealthy)
+                .then(|| now_ms.saturating_sub(e.since.elapsed().as_millis() as u64)),
+            accepting: e.accepting,
+        }
+    }
+
     /// Makes the table track exactly these running containers. A new container starts as
     /// `Starting` (or `Healthy` at once when its kind is `None`).
     ///
@@ -93,12 +168,19 @@ impl HealthTable {
         for (id, target) in targets {
             match map.get_mut(&id) {
                 Some(e) if e.target == target => {}
-                Some(e) => {
-                    if target.kind == HealthKind::None {
-                        e.health = Health::Healthy;
-                    }
+                // No check any more: healthy (as a new instance without a check would be).
+                Some(e) if target.kind == HealthKind::None => {
+                    e.health = Health::Healthy;
+                    e.ever_healthy = true;
                     e.target = target;
                     e.failures = 0;
+                    e.failed_after_grace = 0;
+                    e.last_error = None;
+                }
+                Some(e) => {
+                    e.target = target;
+                    e.failures = 0;
+                    e.failed_after_grace = 0;
                     e.last_error = None;
                     e.next_probe = now;
                 }
@@ -117,6 +199,10 @@ impl HealthTable {
                             failures: 0,
                             next_probe: now,
                             last_error: None,
+                            tracked: now,
+                            ever_healthy: health == Health::Healthy,
+                            failed_after_grace: 0,
+                            accepting: true,
                         },
                     );
                 }
@@ -152,12 +238,19 @@ impl HealthTable {
             match result {
                 Ok(()) => {
                     e.failures = 0;
+                    e.failed_after_grace = 0;
                     e.last_error = None;
+                    e.accepting = true;
+                    e.ever_healthy = true;
                     e.health = Health::Healthy;
                 }
                 Err(err) => {
                     e.failures += 1;
-                    e.last_error = Some(err);
+                    if !e.ever_healthy && now.duration_since(e.tracked) >= e.target.grace {
+                        e.failed_after_grace += 1;
+                    }
+                    e.accepting = err.accepting;
+                    e.last_error = Some(err.message);
                     match e.health {
                         Health::Starting if now.duration_since(e.since) >= e.target.grace => {
                             e.health = Health::Unhealthy
@@ -172,6 +265,8 @@ impl HealthTable {
             e.next_probe = now
                 + match e.health {
                     Health::Starting => STARTING_PROBE_EVERY,
+                    // Never passed: keep looking quickly (a rollout's fast verdict needs it).
+                    Health::Unhealthy if !e.ever_healthy => STARTING_PROBE_EVERY,
                     // A failing healthy instance is re-probed quickly, so ejection is fast.
                     Health::Healthy if e.failures > 0 => STARTING_PROBE_EVERY,
                     _ => e.target.interval,
@@ -199,11 +294,12 @@ impl HealthTable {
 }
 
 /// One probe: HTTP `GET path` must answer 2xx or 3xx, or TCP must connect, within the timeout.
-pub async fn probe(t: &ProbeTarget) -> Result<(), String> {
+/// A failure says whether the port accepted the connection (see the module docs).
+pub async fn probe(t: &ProbeTarget) -> Result<(), ProbeFailure> {
     let work = async {
         let mut stream = TcpStream::connect(t.addr)
             .await
-            .map_err(|e| format!("connect {}: {e}", t.addr))?;
+            .map_err(|e| ProbeFailure::io(format!("connect {}", t.addr), &e))?;
         if t.kind == HealthKind::Tcp {
             return Ok(());
         }
@@ -214,34 +310,48 @@ pub async fn probe(t: &ProbeTarget) -> Result<(), String> {
         stream
             .write_all(req.as_bytes())
             .await
-            .map_err(|e| format!("send: {e}"))?;
+            .map_err(|e| ProbeFailure::io("send".into(), &e))?;
         let mut buf = [0u8; 64];
         let mut n = 0;
         while n < 12 {
             let r = stream
                 .read(&mut buf[n..])
                 .await
-                .map_err(|e| format!("read: {e}"))?;
+                .map_err(|e| ProbeFailure::io("read".into(), &e))?;
             if r == 0 {
                 break;
             }
             n += r;
+        }
+        if n == 0 {
+            // Nothing answered and the connection closed: what a published port does when no
+            // process listens behind it.
+            return Err(ProbeFailure {
+                message: format!("GET {}: connection closed without an answer", t.path),
+                accepting: false,
+            });
         }
         let head = std::str::from_utf8(&buf[..n]).unwrap_or("");
         let code: u16 = head
             .strip_prefix("HTTP/1.")
             .and_then(|r| r.get(2..5))
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "no HTTP status line in the answer".to_string())?;
+            .ok_or_else(|| ProbeFailure::busy("no HTTP status line in the answer".into()))?;
         if (200..400).contains(&code) {
             Ok(())
         } else {
-            Err(format!("GET {} answered {code}", t.path))
+            Err(ProbeFailure::busy(format!(
+                "GET {} answered {code}",
+                t.path
+            )))
         }
     };
     match tokio::time::timeout(t.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", t.timeout.as_millis())),
+        Err(_) => Err(ProbeFailure::busy(format!(
+            "no answer within {} ms",
+            t.timeout.as_millis()
+        ))),
     }
 }
 
@@ -296,7 +406,8 @@ mod tests {
         let e = probe(&target(server("500 Oops").await, HealthKind::Http, 0))
             .await
             .unwrap_err();
-        assert!(e.contains("500"), "{e}");
+        assert!(e.message.contains("500"), "{e}");
+        assert!(e.accepting, "a 5xx answer is busy, not gone");
     }
 
     #[tokio::test]
@@ -308,7 +419,10 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        assert!(probe(&target(closed, HealthKind::Tcp, 0)).await.is_err());
+        let e = probe(&target(closed, HealthKind::Tcp, 0))
+            .await
+            .unwrap_err();
+        assert!(!e.accepting, "refused: not accepting ({e})");
     }
 
     #[tokio::test]
@@ -368,5 +482,56 @@ mod tests {
             table.probe_due().await;
         }
         assert_eq!(table.get("a"), Some(Health::Unhealthy));
+    }
+
+    /// Accepts connections and never answers: a saturated app.
+    async fn silent() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn facts_tell_busy_from_gone_and_count_failures_after_grace() {
+        let table = HealthTable::default();
+        let busy = silent().await;
+        let gone = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut t_busy = target(busy, HealthKind::Http, 0);
+        t_busy.timeout = Duration::from_millis(50);
+        table.sync(vec![
+            ("busy".into(), t_busy),
+            ("gone".into(), target(gone, HealthKind::Http, 0)),
+            ("graced".into(), target(gone, HealthKind::Http, 60_000)),
+        ]);
+        for _ in 0..3 {
+            table.probe_due().await;
+            tokio::time::sleep(STARTING_PROBE_EVERY).await;
+        }
+        let busy = table.facts("busy", 1_000_000);
+        assert!(busy.accepting && !busy.ever_healthy, "{busy:?}");
+        assert!(
+            busy.failed_after_grace >= 3,
+            "never passed: probed quickly: {busy:?}"
+        );
+        assert!(busy.unhealthy_since_ms.is_some_and(|t| t <= 1_000_000));
+        let gone = table.facts("gone", 1_000_000);
+        assert!(!gone.accepting, "{gone:?}");
+        let graced = table.facts("graced", 1_000_000);
+        assert_eq!(
+            graced.failed_after_grace, 0,
+            "failures in the grace do not count"
+        );
+        assert_eq!(graced.unhealthy_since_ms, None, "still starting");
+        assert_eq!(table.facts("unknown", 5), Default::default());
     }
 }

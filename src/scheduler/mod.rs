@@ -128,6 +128,14 @@ struct SlotCrash {
     last_logs: Vec<String>,
 }
 
+/// Exits and failed starts of one release of a process.
+#[derive(Debug, Clone, Default)]
+struct ReleaseCrash {
+    crashes: u32,
+    last_exit: Option<(i64, bool)>,
+    last_logs: Vec<String>,
+}
+
 #[derive(Default)]
 struct ExecState {
     /// Starts in flight, by instance id.
@@ -139,6 +147,9 @@ struct ExecState {
     /// Routing snapshots built so far; bumped (under this lock) when one reads `draining`.
     routes_built: u64,
     crashes: HashMap<(String, String, u32), SlotCrash>,
+    /// Exits and failed starts per (app, process, release), with the last logs of one: the
+    /// planner's early rollout verdict and the failure reason. Kept for target releases only.
+    release_crashes: HashMap<(String, String, u32), ReleaseCrash>,
     /// App networks: when they were last swept (`None`: not since start), the apps (name,
     /// uid) of the registry then, and whether a sweep left a network it could not remove yet.
     networks_swept: Option<std::time::Instant>,
@@ -411,6 +422,12 @@ impl Scheduler {
                         process: p.name.clone(),
                         instances: p.instances,
                         surge: p.surge.max(1),
+                        spec: spec_hash(&image, p),
+                        unhealthy_replace_after_ms: self
+                            .config
+                            .scheduler
+                            .unhealthy_replace_after
+                            .as_millis() as u64,
                     })
                     .collect(),
                 rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
@@ -497,29 +514,16 @@ impl Scheduler {
                     created_at: c.created * 1000,
                     restarts,
                 });
-                // An instance of the target release started from an older process definition
-                // is shown to the planner as an older release, so it is rolled like one.
-                let stale = inputs.get(&c.app).is_some_and(|i| {
-                    i.app.target_release == Some(c.release as i64)
-                        && i.processes.iter().any(|p| {
-                            p.name == c.process
-                                && c.spec
-                                    .as_deref()
-                                    .is_some_and(|h| h != spec_hash(&i.image, p))
-                        })
-                });
                 instances.push(plan::ObservedInstance {
                     container_id: c.container_id.clone(),
                     node: node_name.clone(),
                     app: c.app.clone(),
                     process: c.process.clone(),
-                    release: if stale {
-                        c.release.saturating_sub(1)
-                    } else {
-                        c.release
-                    },
+                    release: c.release,
                     slot: c.slot,
                     state,
+                    spec: c.spec.clone(),
+                    health: self.health.facts(&c.container_id, now as u64),
                 });
             }
             for (instance, p) in &st.pending {
@@ -538,6 +542,8 @@ impl Scheduler {
                     } else {
                         InstanceState::Starting
                     },
+                    spec: None,
+                    health: Default::default(),
                 });
                 views.push(InstanceView {
                     instance: instance.clone(),
@@ -570,12 +576,24 @@ impl Scheduler {
                     until_ms: c.until_ms,
                 })
                 .collect();
+            let crashes = st
+                .release_crashes
+                .iter()
+                .map(|((app, process, release), c)| plan::ReleaseCrashes {
+                    app: app.clone(),
+                    process: process.clone(),
+                    release: *release,
+                    crashes: c.crashes,
+                    last_exit: c.last_exit,
+                })
+                .collect();
             (
                 plan::Observed {
                     now_ms: now as u64,
                     nodes: observed_nodes,
                     instances,
                     backoff,
+                    crashes,
                 },
                 views,
             )
@@ -631,6 +649,11 @@ impl Scheduler {
             }
             st.crashes
                 .retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
+            st.release_crashes.retain(|(app, _, release), _| {
+                inputs
+                    .get(app)
+                    .is_some_and(|i| i.app.target_release == Some(*release as i64))
+            });
             // The next pass is due when the earliest backoff of any slot ends.
             let next_backoff = st
                 .crashes
@@ -730,7 +753,7 @@ impl Scheduler {
                             me.record_crash(
                                 &app_ref.name,
                                 &p.name,
-                                slot,
+                                (slot, Some(release)),
                                 None,
                                 false,
                                 vec![e.to_string()],
@@ -769,7 +792,7 @@ impl Scheduler {
                             .map(|e| format!("health check: {e}"))
                             .unwrap_or_default()];
                         lines.extend(logs);
-                        self.record_crash(&app, &process, slot, None, false, lines);
+                        self.record_crash(&app, &process, (slot, None), None, false, lines);
                     }
                 }
                 // The first snapshot built after this insert leaves the instance out.
@@ -839,7 +862,7 @@ impl Scheduler {
                         _ => (None, false),
                     };
                     tracing::warn!(%app, %process, slot, release, exit_code = ?code, oom, "instance exited; it will be replaced");
-                    self.record_crash(&app, &process, slot, code, oom, logs);
+                    self.record_crash(&app, &process, (slot, Some(release)), code, oom, logs);
                 }
                 if let Some(n) = self.node(&node) {
                     self.engine_calls
@@ -876,27 +899,54 @@ impl Scheduler {
                     let list: Vec<String> = health_errors.into_iter().collect();
                     full.push_str(&format!("; last health check: {}", list.join("; ")));
                 }
-                let logs: Vec<String> = {
+                // Logs of the failed release: of its last crash, else of a running instance.
+                let mut logs: Vec<String> = {
                     let st = self.state.lock().expect("scheduler lock");
-                    st.crashes
+                    st.release_crashes
                         .iter()
-                        .filter(|((a, _, _), _)| *a == app)
+                        .filter(|((a, _, r), _)| *a == app && *r == release)
                         .flat_map(|(_, c)| c.last_logs.clone())
                         .filter(|l| !l.is_empty())
                         .collect()
                 };
+                if logs.is_empty() {
+                    let running = observed.instances.iter().find(|i| {
+                        i.app == app
+                            && i.release == release
+                            && !i.container_id.starts_with("pending:")
+                            && matches!(
+                                i.state,
+                                InstanceState::Starting
+                                    | InstanceState::Unhealthy
+                                    | InstanceState::Healthy
+                            )
+                    });
+                    if let Some(i) = running {
+                        logs = self.last_logs(&i.node, &i.container_id).await;
+                        logs.retain(|l| !l.is_empty());
+                    }
+                }
                 if !logs.is_empty() {
                     let tail: Vec<String> = logs.iter().rev().take(10).rev().cloned().collect();
                     full.push_str("\nlast log lines:\n");
                     full.push_str(&tail.join("\n"));
                 }
-                tracing::warn!(%app, release, reason = %reason, "rollout failed; the previous release keeps serving");
                 match self
                     .registry
                     .rollout_failed(&input.app, release, &full)
                     .await
                 {
-                    Ok(_) => self.changed.notify_one(),
+                    Ok(previous) => {
+                        match previous {
+                            Some(p) => {
+                                tracing::warn!(%app, release, reason = %reason, previous = p, "rollout failed; the previous release keeps serving")
+                            }
+                            None => {
+                                tracing::warn!(%app, release, reason = %reason, "rollout failed; there is no previous release to serve the app")
+                            }
+                        }
+                        self.changed.notify_one()
+                    }
                     Err(e) => tracing::warn!(%app, error = %e, "cannot record the failed rollout"),
                 }
             }
@@ -1007,16 +1057,31 @@ impl Scheduler {
         Ok(node.start_instance(&spec).await?)
     }
 
+    /// Records a crash of `slot`; with a release, an exit or failed start of that release
+    /// (an unhealthy drain has none: it is not counted against the release).
     fn record_crash(
         &self,
         app: &str,
         process: &str,
-        slot: u32,
+        (slot, release): (u32, Option<u32>),
         code: Option<i64>,
         oom: bool,
         logs: Vec<String>,
     ) {
         let mut st = self.state.lock().expect("scheduler lock");
+        if let Some(release) = release {
+            let r = st
+                .release_crashes
+                .entry((app.to_string(), process.to_string(), release))
+                .or_default();
+            r.crashes += 1;
+            if let Some(code) = code {
+                r.last_exit = Some((code, oom));
+            }
+            if logs.iter().any(|l| !l.is_empty()) {
+                r.last_logs = logs.clone();
+            }
+        }
         let c = st
             .crashes
             .entry((app.to_string(), process.to_string(), slot))

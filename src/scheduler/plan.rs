@@ -14,28 +14,48 @@
 //!   that is listed and ready. `Draining` instances are ignored entirely (the executor is stopping
 //!   them). Instances on nodes that are not ready or not listed are **lost**: they are not live,
 //!   they hold no slot, and the planner emits nothing for them (it cannot act on such a node).
-//! - The **target slots** are `1..=N`. In each target slot at most one live instance of `R` is
-//!   the slot's **keeper** (preferring `Healthy`, then `Starting`, then `Unhealthy`, then the
+//! - An instance is **current** when it runs `R` and was started from the current process
+//!   definition: its [`ObservedInstance::spec`] equals [`DesiredProcess::spec`] (an unknown spec
+//!   on either side counts as equal). A resource, command, port or image change thus rolls
+//!   instances exactly like a new release. The release number is not part of the spec hash:
+//!   it is compared on its own.
+//! - The **target slots** are `1..=N`. In each target slot at most one live current instance
+//!   is the slot's **keeper** (preferring `Healthy`, then `Starting`, then `Unhealthy`, then the
 //!   smallest container id).
 //! - Every other live instance of the process is **retiring**: instances of other releases
-//!   (older ones during a deploy, newer ones after a rollback), instances of `R` in slots outside
-//!   `1..=N` (scaled down), and the non-keepers of a slot (duplicates).
+//!   (older ones during a deploy, newer ones after a rollback) or of an older spec, current
+//!   instances in slots outside `1..=N` (scaled down), and the non-keepers of a slot
+//!   (duplicates).
+//! - A live instance **accepts** connections when it is `Healthy`, or `Unhealthy` with
+//!   [`HealthFacts::accepting`] (its failing probes were answered late, badly or with a 5xx, not
+//!   refused): it is busy, not gone.
 //!
 //! # Algorithm, per `(app, process)`
 //!
-//! 1. Exited containers are removed ([`Action::Remove`]). `crashed` is true only for an instance
-//!    of `R` in a target slot that was not being drained; that slot is then not restarted in the
-//!    same pass, so the backoff the reconciler records takes effect.
-//! 2. Keepers are chosen. A keeper that is `Unhealthy` is drained ([`DrainReason::Unhealthy`]);
-//!    its slot is not restarted in the same pass either.
+//! 1. Exited containers are removed ([`Action::Remove`]). `crashed` is true only for a current
+//!    instance in a target slot that was not being drained; that slot is then not restarted in
+//!    the same pass, so the backoff the reconciler records takes effect.
+//! 2. Keepers are chosen. An `Unhealthy` keeper is not routed (the reconciler routes healthy
+//!    instances only) but stays.
 //! 3. Retiring instances are drained in this order: `Unhealthy`, `Starting`, `Healthy`; among
-//!    equals, other releases before `R`, the oldest release first, the highest slot first, then
-//!    container id. Non-healthy ones (they serve nothing) are always drained. A healthy one is
-//!    drained only while `healthy keepers + healthy retiring left afterwards >= N`.
-//! 4. Free target slots (no keeper, not cooling from step 1-2, no backoff with
+//!    equals, non-current before current, the oldest release first, the highest slot first,
+//!    then container id. Non-healthy ones (they serve nothing) are always drained. A healthy
+//!    one is drained only while `healthy keepers + healthy retiring left afterwards >= N`.
+//! 4. **Unhealthy keepers are replaced late, one at a time, never the last accepting one.** At
+//!    most one `Unhealthy` keeper per process and pass is drained ([`DrainReason::Unhealthy`];
+//!    its slot is not restarted in the same pass), the one unhealthy the longest (then the
+//!    lowest slot) among those that: have been unhealthy for at least
+//!    [`DesiredProcess::unhealthy_replace_after_ms`] (since [`HealthFacts::unhealthy_since_ms`];
+//!    unknown counts as `now_ms`); and are not the last instance of the process accepting
+//!    connections (counting keepers and the retiring instances left running). None is drained
+//!    while a replacement is under way in the process: a target slot whose keeper is
+//!    `Starting`, whose current instance is `Draining`, or that is empty and cooling or in
+//!    backoff. So an app that is only slow keeps its instance (out of rotation until it
+//!    answers again), while one that refuses connections is replaced.
+//! 5. Free target slots (no keeper, not cooling from steps 1 and 4, no backoff with
 //!    `until_ms > now_ms`) are started in ascending order, as many as the budget
 //!    `N + S - live after the drains` allows.
-//! 5. Each start is placed on a ready node (see [`plan`]).
+//! 6. Each start is placed on a ready node (see [`plan`]).
 //!
 //! Instances whose app or process is not desired are **orphans**: live ones are drained
 //! ([`DrainReason::Orphan`]), exited ones removed with `crashed = false`.
@@ -57,10 +77,20 @@
 //!   or not listed; replacements for lost instances go to ready nodes. No ready node: no start.
 //! - **Rollout verdict** (only when [`DesiredApp::rollout_deadline_ms`] is set):
 //!   [`Action::RolloutSucceeded`] when every desired process has a healthy keeper in every target
-//!   slot and the app has no live instance outside its target (other releases, undesired
-//!   processes); otherwise, once `now_ms >= deadline`, [`Action::RolloutFailed`] with a reason a
-//!   person can act on, and in that pass no instance of another release is drained (the
+//!   slot and the app has no live instance outside its target (other releases, older specs,
+//!   undesired processes); otherwise, once `now_ms >= deadline`, [`Action::RolloutFailed`] with a
+//!   reason a person can act on, and in that pass no non-current instance is drained (the
 //!   reconciler switches the target back to the previous release).
+//! - **Early rollout failure**: before the deadline, [`Action::RolloutFailed`] (same effects) as
+//!   soon as a desired process with `N > 0` cannot succeed, and only while **no** current
+//!   instance of any process of the app is healthy: (a) its instances of `R` exited or failed to
+//!   start [`CRASHES_TO_FAIL_ROLLOUT`] times ([`Observed::crashes`]), or (b) it has live current
+//!   instances and every one of them never passed a probe and failed at least
+//!   [`FAILED_PROBES_TO_FAIL_ROLLOUT`] probes after its start grace
+//!   ([`HealthFacts::failed_after_grace`]). The reason names the rule and the last exit code.
+//! - **Unhealthy replacement**: an `Unhealthy` keeper is drained only as step 4 allows; in
+//!   particular an instance that accepts connections and is the only one of its process doing
+//!   so is never drained as unhealthy, and at most one is drained per process and pass.
 //! - **Determinism and convergence**: output is sorted by app, process, action kind
 //!   (remove, drain, start), slot, container id, with the rollout verdict last for its app.
 //!   Re-planning after applying a plan makes progress towards exactly `N` healthy instances of
@@ -73,6 +103,12 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const BACKOFF_BASE_MS: u64 = 1_000;
 /// Largest crash-loop backoff delay, in milliseconds.
 pub const BACKOFF_MAX_MS: u64 = 60_000;
+/// Exits (or failed starts) of instances of the target release of a process that fail its
+/// rollout early, when none of them is healthy.
+pub const CRASHES_TO_FAIL_ROLLOUT: u32 = 3;
+/// Probes failed after the start grace by every new instance of a process, none of which ever
+/// passed one, that fail its rollout early.
+pub const FAILED_PROBES_TO_FAIL_ROLLOUT: u32 = 3;
 /// Largest instance count per process; larger desired counts are clamped to it, so a corrupt
 /// registry row cannot make the planner iterate over billions of slots.
 pub const MAX_INSTANCES: u32 = 10_000;
@@ -107,6 +143,14 @@ pub struct DesiredProcess {
     pub instances: u32,
     /// Extra instances allowed during a rollout (>= 1; 0 is treated as 1).
     pub surge: u32,
+    /// The hash of what an instance of this process is started from (image, command, port,
+    /// memory, cpus; see `scheduler::spec_hash`). An instance of the target release is current
+    /// only when its [`ObservedInstance::spec`] is this one (or unknown); otherwise it is
+    /// rolled like an instance of another release. Empty: every spec is current.
+    pub spec: String,
+    /// How long an instance of the target release in a target slot must have been `Unhealthy`
+    /// before it is replaced (`scheduler.unhealthy_replace_after`), in ms.
+    pub unhealthy_replace_after_ms: u64,
 }
 
 /// What runs, as seen by the reconciler at `now_ms`.
@@ -120,6 +164,42 @@ pub struct Observed {
     pub instances: Vec<ObservedInstance>,
     /// Crash-loop backoff the reconciler remembers per slot.
     pub backoff: Vec<SlotBackoff>,
+    /// Exits (and failed starts) counted per release of a process, for the early rollout
+    /// verdict. Entries of the same `(app, process, release)` add up.
+    pub crashes: Vec<ReleaseCrashes>,
+}
+
+/// How many instances of one release of a process exited unexpectedly or failed to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseCrashes {
+    /// The app.
+    pub app: String,
+    /// The process type.
+    pub process: String,
+    /// The release.
+    pub release: u32,
+    /// Unexpected exits and failed starts of its instances.
+    pub crashes: u32,
+    /// The exit code of the last exit and whether it was an OOM kill (`None`: only failed
+    /// starts, or unknown).
+    pub last_exit: Option<(i64, bool)>,
+}
+
+/// What escale's health checker knows of one running container (all default when unknown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthFacts {
+    /// It passed a probe at least once.
+    pub ever_healthy: bool,
+    /// Consecutive probes failed after its start grace, counted only while it has never
+    /// passed one.
+    pub failed_after_grace: u32,
+    /// Unix ms at which it turned `Unhealthy`; `None` when it is not unhealthy or the time is
+    /// unknown (then it is treated as unhealthy since `now_ms`: never replaced on that basis).
+    pub unhealthy_since_ms: Option<u64>,
+    /// Whether its last probe found the port accepting connections (the probe failed by a
+    /// timeout, a slow or a 5xx answer: busy, not dead). False when nothing was listening
+    /// (refused, reset, closed without an answer) or no probe failed yet.
+    pub accepting: bool,
 }
 
 /// One node. A name listed several times is ready only if every entry says so.
@@ -148,6 +228,10 @@ pub struct ObservedInstance {
     pub slot: u32,
     /// The container's state.
     pub state: InstanceState,
+    /// The spec hash the container was started with (label `escale.spec`); `None` when unknown.
+    pub spec: Option<String>,
+    /// Health checker facts (meaningful for `Starting` and `Unhealthy`).
+    pub health: HealthFacts,
 }
 
 /// The state of one container.
@@ -192,8 +276,9 @@ pub enum DrainReason {
     ScaledDown,
     /// A second instance of the target release in the same slot.
     Duplicate,
-    /// The slot's instance of the target release fails its health checks after the start grace.
-    /// The reconciler records backoff for the slot; it is restarted in a later pass.
+    /// The slot's instance of the target release has failed its health checks for
+    /// `unhealthy_replace_after` (see the module docs for when that is allowed). The reconciler
+    /// records backoff for the slot; it is restarted in a later pass.
     Unhealthy,
     /// The app or the process is no longer desired.
     Orphan,
@@ -254,7 +339,8 @@ pub enum Action {
         /// The release that is now serving alone.
         release: u32,
     },
-    /// The deadline passed before the rollout completed. Old instances were left serving.
+    /// The deadline passed before the rollout completed, or the rollout cannot succeed (see
+    /// the module docs, early failure). Old instances were left serving.
     RolloutFailed {
         /// The app.
         app: String,
@@ -334,6 +420,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
                 group,
                 &blocked,
                 freeze_other_releases,
+                now,
             );
             for (view, crashed) in pp.removes {
                 out.push(remove(view, crashed));
@@ -543,6 +630,23 @@ fn blocked_slots(backoff: &[SlotBackoff], app: &str, process: &str, now: u64) ->
         .collect()
 }
 
+/// Whether `inst` is an instance of the target `release` started from the current process
+/// definition `spec` (an unknown spec on either side counts as current).
+fn is_current(inst: &ObservedInstance, release: u32, spec: &DesiredProcess) -> bool {
+    inst.release == release
+        && (spec.spec.is_empty() || inst.spec.as_deref().is_none_or(|h| h == spec.spec))
+}
+
+/// Whether a live instance accepts connections: healthy ones do; unhealthy ones when their
+/// last failed probe was answered or timed out rather than refused.
+fn accepts(view: &View<'_>, state: Live) -> bool {
+    match state {
+        Live::Healthy => true,
+        Live::Unhealthy => view.inst.health.accepting,
+        Live::Starting => false,
+    }
+}
+
 /// Plans one desired `(app, process)` from its instances on ready nodes.
 fn plan_process<'v, 'a>(
     release: u32,
@@ -550,6 +654,7 @@ fn plan_process<'v, 'a>(
     group: &[&'v View<'a>],
     blocked: &BTreeSet<u32>,
     freeze_other_releases: bool,
+    now: u64,
 ) -> ProcessPlan<'v, 'a> {
     let n = spec.instances.min(MAX_INSTANCES);
     let surge = spec.surge.max(1);
@@ -562,20 +667,27 @@ fn plan_process<'v, 'a>(
     let mut cooling: BTreeSet<u32> = BTreeSet::new();
     let mut by_slot: BTreeMap<u32, Vec<(&'v View<'a>, Live)>> = BTreeMap::new();
     let mut retiring: Vec<(&'v View<'a>, Live, DrainReason)> = Vec::new();
+    // Target slots whose current instance is being stopped (a replacement under way).
+    let mut draining_slots: BTreeSet<u32> = BTreeSet::new();
 
     for &view in group {
         let inst = view.inst;
+        let current = is_current(inst, release, spec);
         match view.phase {
-            Phase::Draining => {}
+            Phase::Draining => {
+                if current && in_target(inst.slot) {
+                    draining_slots.insert(inst.slot);
+                }
+            }
             Phase::Exited { after_drain, .. } => {
-                let crashed = !after_drain && inst.release == release && in_target(inst.slot);
+                let crashed = !after_drain && current && in_target(inst.slot);
                 if crashed {
                     cooling.insert(inst.slot);
                 }
                 removes.push((view, crashed));
             }
             Phase::Live(state) => {
-                if inst.release != release {
+                if !current {
                     retiring.push((view, state, DrainReason::Replaced));
                 } else if in_target(inst.slot) {
                     by_slot.entry(inst.slot).or_default().push((view, state));
@@ -587,7 +699,7 @@ fn plan_process<'v, 'a>(
     }
 
     // One keeper per target slot: healthiest first, then smallest container id.
-    let mut keepers: BTreeMap<u32, Live> = BTreeMap::new();
+    let mut keepers: BTreeMap<u32, (&'v View<'a>, Live)> = BTreeMap::new();
     for (slot, mut candidates) in by_slot {
         candidates.sort_by(|a, b| {
             b.1.cmp(&a.1)
@@ -600,20 +712,18 @@ fn plan_process<'v, 'a>(
         for (dup, dup_state) in candidates {
             retiring.push((dup, dup_state, DrainReason::Duplicate));
         }
-        if state == Live::Unhealthy {
-            cooling.insert(slot);
-            drains.push((keeper, DrainReason::Unhealthy));
-        } else {
-            keepers.insert(slot, state);
-        }
+        keepers.insert(slot, (keeper, state));
     }
 
     // Drain retiring instances without letting healthy capacity fall below N.
-    let healthy_keepers = keepers.values().filter(|&&s| s == Live::Healthy).count();
+    let healthy_keepers = keepers
+        .values()
+        .filter(|(_, s)| *s == Live::Healthy)
+        .count();
     retiring.sort_by_key(|(view, state, _)| {
         (
             *state,
-            view.inst.release == release,
+            is_current(view.inst, release, spec),
             view.inst.release,
             Reverse(view.inst.slot),
             view.inst.container_id.as_str(),
@@ -624,8 +734,9 @@ fn plan_process<'v, 'a>(
         .filter(|(_, state, _)| *state == Live::Healthy)
         .count();
     let mut kept_retiring = 0usize;
+    let mut kept_retiring_accepting = 0usize;
     for (view, state, reason) in retiring {
-        let frozen = freeze_other_releases && view.inst.release != release;
+        let frozen = freeze_other_releases && !is_current(view.inst, release, spec);
         let spare = healthy_keepers + healthy_retiring > n as usize;
         if !frozen && (state != Live::Healthy || spare) {
             if state == Live::Healthy {
@@ -634,7 +745,37 @@ fn plan_process<'v, 'a>(
             drains.push((view, reason));
         } else {
             kept_retiring += 1;
+            if accepts(view, state) {
+                kept_retiring_accepting += 1;
+            }
         }
+    }
+
+    // Unhealthy keepers stay (unrouted) until they have been unhealthy for the threshold; then
+    // at most one is replaced, only while no replacement is under way in the process (a target
+    // slot whose keeper is starting, whose current instance is draining, or that is empty and
+    // in backoff), and never the last instance accepting connections.
+    let under_way = (1..=n).any(|s| match keepers.get(&s) {
+        Some((_, state)) => *state == Live::Starting,
+        None => draining_slots.contains(&s) || blocked.contains(&s) || cooling.contains(&s),
+    });
+    let accepting =
+        keepers.values().filter(|(v, s)| accepts(v, *s)).count() + kept_retiring_accepting;
+    let mut unhealthy: Vec<(u64, u32, &'v View<'a>)> = keepers
+        .iter()
+        .filter(|(_, (_, s))| *s == Live::Unhealthy)
+        .map(|(&slot, &(v, _))| (v.inst.health.unhealthy_since_ms.unwrap_or(now), slot, v))
+        .collect();
+    unhealthy.sort_by_key(|&(since, slot, _)| (since, slot));
+    let replace = unhealthy.into_iter().find(|&(since, _, v)| {
+        let due = now.saturating_sub(since) >= spec.unhealthy_replace_after_ms;
+        let last_accepting = v.inst.health.accepting && accepting <= 1;
+        due && !under_way && !last_accepting
+    });
+    if let Some((_, slot, view)) = replace {
+        keepers.remove(&slot);
+        cooling.insert(slot);
+        drains.push((view, DrainReason::Unhealthy));
     }
 
     // Start free target slots within the surge budget.
@@ -667,19 +808,42 @@ fn rollout_verdict(
 
     let mut complete = true;
     let mut problems: Vec<String> = Vec::new();
+    // Processes whose rollout cannot succeed, for the early verdict, and whether any current
+    // instance of the app is healthy (then there is no early verdict).
+    let mut hopeless: Vec<String> = Vec::new();
+    let mut app_healthy = false;
 
     for (&process, spec) in &target.processes {
         let n = spec.instances.min(MAX_INSTANCES);
         let group = groups.get(&(app, process)).unwrap_or(&empty);
         let mut healthy_slots: BTreeSet<u32> = BTreeSet::new();
         let (mut starting, mut unhealthy, mut others) = (0usize, 0usize, 0usize);
+        let mut any_healthy = false;
         let mut exits: Vec<(u32, &str, i64, bool)> = Vec::new();
+        // Live current instances, and how many of them never passed a probe and failed
+        // enough probes after their grace.
+        let (mut new_live, mut new_failing) = (0usize, 0usize);
+        let mut min_failed = u32::MAX;
         for view in group {
             let inst = view.inst;
-            let mine = inst.release == release;
+            let mine = is_current(inst, release, spec);
+            if mine {
+                if let Phase::Live(state) = view.phase {
+                    new_live += 1;
+                    let f = &inst.health;
+                    if state != Live::Healthy
+                        && !f.ever_healthy
+                        && f.failed_after_grace >= FAILED_PROBES_TO_FAIL_ROLLOUT
+                    {
+                        new_failing += 1;
+                        min_failed = min_failed.min(f.failed_after_grace);
+                    }
+                }
+            }
             match view.phase {
                 Phase::Live(_) if !mine => others += 1,
                 Phase::Live(Live::Healthy) => {
+                    any_healthy = true;
                     if (1..=n).contains(&inst.slot) {
                         healthy_slots.insert(inst.slot);
                     }
@@ -692,6 +856,46 @@ fn rollout_verdict(
                 Phase::Exited { .. } | Phase::Draining => {}
             }
         }
+        exits.sort();
+        let recorded = observed
+            .crashes
+            .iter()
+            .filter(|c| c.app == app && c.process == process && c.release == release);
+        let crashes: u32 = recorded
+            .clone()
+            .fold(0u32, |sum, c| sum.saturating_add(c.crashes));
+        // An exit still observed, else the last one the reconciler recorded.
+        let last = exits
+            .last()
+            .map(|&(_, _, code, oom)| (code, oom))
+            .or_else(|| recorded.filter_map(|c| c.last_exit).max());
+        let last_exit = last.map(|(code, oom)| {
+            if oom {
+                format!("last exit code {code} (killed: out of memory)")
+            } else {
+                format!("last exit code {code}")
+            }
+        });
+
+        app_healthy |= any_healthy;
+        // Early failure (only if no current instance of any process is healthy, see below).
+        if n > 0 && !any_healthy {
+            if crashes >= CRASHES_TO_FAIL_ROLLOUT {
+                let mut text = format!(
+                    "{process}: instances of v{release} exited or failed to start {crashes} times and none became healthy"
+                );
+                if let Some(e) = &last_exit {
+                    text.push_str("; ");
+                    text.push_str(e);
+                }
+                hopeless.push(text);
+            } else if new_live > 0 && new_failing == new_live {
+                hopeless.push(format!(
+                    "{process}: every new instance of v{release} ({new_live}) failed its health check on each probe after its start grace ({min_failed} or more) and none ever passed"
+                ));
+            }
+        }
+
         let healthy = healthy_slots.len();
         if healthy == n as usize && others == 0 {
             continue;
@@ -713,13 +917,8 @@ fn rollout_verdict(
         if backing_off > 0 {
             parts.push(format!("{backing_off} in crash-loop backoff"));
         }
-        exits.sort();
-        if let Some(&(_, _, code, oom)) = exits.last() {
-            if oom {
-                parts.push(format!("last exit code {code} (killed: out of memory)"));
-            } else {
-                parts.push(format!("last exit code {code}"));
-            }
+        if let Some(e) = last_exit {
+            parts.push(e);
         }
         if healthy == n as usize {
             parts.push(format!(
@@ -753,7 +952,14 @@ fn rollout_verdict(
         });
     }
     if observed.now_ms < deadline {
-        return None;
+        if hopeless.is_empty() || app_healthy {
+            return None;
+        }
+        return Some(Action::RolloutFailed {
+            app: app.to_owned(),
+            release,
+            reason: hopeless.join("; "),
+        });
     }
     if !any_ready_node {
         problems.push("no node is ready to run instances".to_owned());
@@ -813,6 +1019,7 @@ mod tests {
     use proptest::prelude::*;
 
     const NOW: u64 = 1_000_000;
+    const REPLACE_AFTER_MS: u64 = 60_000;
     const TICK_MS: u64 = 10_000;
 
     // ---------- builders ----------
@@ -832,6 +1039,8 @@ mod tests {
             process: name.to_owned(),
             instances,
             surge,
+            spec: String::new(),
+            unhealthy_replace_after_ms: REPLACE_AFTER_MS,
         }
     }
 
@@ -853,6 +1062,13 @@ mod tests {
         slot: u32,
         state: InstanceState,
     ) -> ObservedInstance {
+        // An `Unhealthy` instance built here has been so for long, and refuses connections:
+        // replaceable unless a test says otherwise.
+        let health = HealthFacts {
+            ever_healthy: state != Starting,
+            unhealthy_since_ms: (state == Unhealthy).then_some(0),
+            ..HealthFacts::default()
+        };
         ObservedInstance {
             container_id: id.to_owned(),
             node: node.to_owned(),
@@ -861,6 +1077,8 @@ mod tests {
             release,
             slot,
             state,
+            spec: None,
+            health,
         }
     }
 
@@ -887,6 +1105,7 @@ mod tests {
             nodes: nodes(node_names),
             instances,
             backoff: Vec::new(),
+            crashes: Vec::new(),
         }
     }
 
@@ -1013,9 +1232,14 @@ mod tests {
                     } => {
                         self.next_id += 1;
                         let id = format!("c{:05}", self.next_id);
-                        self.observed
-                            .instances
-                            .push(inst(&id, node, app, process, *release, *slot, Starting));
+                        let spec = index_desired(&self.desired)
+                            .get(app.as_str())
+                            .and_then(|t| t.processes.get(process.as_str()))
+                            .map(|p| p.spec.clone())
+                            .filter(|s| !s.is_empty());
+                        let mut started = inst(&id, node, app, process, *release, *slot, Starting);
+                        started.spec = spec;
+                        self.observed.instances.push(started);
                     }
                     Action::Drain {
                         container_id,
@@ -1040,6 +1264,7 @@ mod tests {
                         app,
                         process,
                         slot,
+                        release,
                         crashed,
                         ..
                     } => {
@@ -1048,6 +1273,13 @@ mod tests {
                             .retain(|i| &i.container_id != container_id);
                         if *crashed {
                             self.record_crash(app, process, *slot);
+                            self.observed.crashes.push(ReleaseCrashes {
+                                app: app.clone(),
+                                process: process.clone(),
+                                release: *release,
+                                crashes: 1,
+                                last_exit: Some((1, false)),
+                            });
                         }
                     }
                     Action::RolloutSucceeded { app, .. } => {
@@ -1146,7 +1378,7 @@ mod tests {
                         ready.contains(&i.node)
                             && i.app == a
                             && i.process == p
-                            && i.release != t.spec.release
+                            && !is_current(i, t.spec.release, spec)
                     });
                     if wrong_release {
                         return false;
@@ -1875,6 +2107,322 @@ mod tests {
         sim.run_until_converged(10).unwrap();
     }
 
+    // ---------- early rollout failure ----------
+
+    fn crashes(release: u32, n: u32) -> ReleaseCrashes {
+        ReleaseCrashes {
+            app: "shop".into(),
+            process: "web".into(),
+            release,
+            crashes: n,
+            last_exit: Some((1, false)),
+        }
+    }
+
+    fn failed_reason(a: &[Action]) -> Option<&str> {
+        a.iter().find_map(|x| match x {
+            Action::RolloutFailed { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+    }
+
+    fn rolling_to_v2() -> (Desired, Observed) {
+        let mut desired = shop(2, 3, 1);
+        desired.apps[0].rollout_deadline_ms = Some(NOW + 100_000);
+        let obs = observed(
+            &["n1"],
+            vec![
+                web("o1", "n1", 1, 1, Healthy),
+                web("o2", "n1", 1, 2, Healthy),
+                web("o3", "n1", 1, 3, Healthy),
+            ],
+        );
+        (desired, obs)
+    }
+
+    #[test]
+    fn three_exits_of_the_target_release_fail_the_rollout_before_the_deadline() {
+        let (desired, mut obs) = rolling_to_v2();
+        obs.crashes.push(crashes(2, 2));
+        // Other releases' and processes' exits do not count.
+        obs.crashes.push(crashes(1, 5));
+        let mut worker = crashes(2, 5);
+        worker.process = "worker".into();
+        obs.crashes.push(worker);
+        assert_eq!(failed_reason(&plan(&desired, &obs)), None);
+
+        obs.crashes.push(crashes(2, 1));
+        let a = plan(&desired, &obs);
+        assert_eq!(
+            failed_reason(&a),
+            Some(
+                "web: instances of v2 exited or failed to start 3 times and none became \
+                 healthy; last exit code 1"
+            )
+        );
+        assert!(drains(&a).is_empty(), "v1 keeps serving: {a:?}");
+
+        // Not while an instance of v2 is healthy.
+        obs.instances.push(web("n1", "n1", 2, 1, Healthy));
+        assert_eq!(failed_reason(&plan(&desired, &obs)), None);
+    }
+
+    #[test]
+    fn new_instances_failing_every_probe_after_grace_fail_the_rollout_early() {
+        let (desired, mut obs) = rolling_to_v2();
+        let mut new = web("n1", "n1", 2, 1, Unhealthy);
+        new.health = HealthFacts {
+            ever_healthy: false,
+            failed_after_grace: FAILED_PROBES_TO_FAIL_ROLLOUT - 1,
+            unhealthy_since_ms: Some(NOW - 1_000),
+            accepting: true,
+        };
+        obs.instances.push(new);
+        assert_eq!(failed_reason(&plan(&desired, &obs)), None, "not yet");
+
+        obs.instances[3].health.failed_after_grace = FAILED_PROBES_TO_FAIL_ROLLOUT;
+        let a = plan(&desired, &obs);
+        let reason = failed_reason(&a).expect("fails early");
+        assert!(
+            reason.starts_with("web: every new instance of v2 (1) failed its health check"),
+            "{reason}"
+        );
+        assert!(drains(&a).is_empty(), "v1 keeps serving: {a:?}");
+
+        // One that passed once (it may be busy) is not hopeless.
+        let mut passed = obs.clone();
+        passed.instances[3].health.ever_healthy = true;
+        assert_eq!(failed_reason(&plan(&desired, &passed)), None);
+
+        // Another new instance still in its grace: wait for it.
+        let mut young = obs.clone();
+        young.instances.push(web("n2", "n1", 2, 2, Starting));
+        assert_eq!(failed_reason(&plan(&desired, &young)), None);
+    }
+
+    #[test]
+    fn a_crash_looping_rollout_fails_early_in_simulation() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1"]);
+        sim.run_until_converged(5).unwrap();
+        let deadline = sim.observed.now_ms + 10_000_000;
+        sim.desired.apps[0].release = 2;
+        sim.desired.apps[0].rollout_deadline_ms = Some(deadline);
+        for _ in 0..40 {
+            let a = sim.plan();
+            sim.apply(&a);
+            assert_eq!(sim.healthy("shop", "web"), 2, "v1 keeps serving");
+            if !sim.verdicts.is_empty() {
+                break;
+            }
+            sim.mark_starting(exited(1));
+            sim.observed.now_ms += 1_000;
+        }
+        assert!(sim.observed.now_ms < deadline);
+        let [Action::RolloutFailed { reason, .. }] = sim.verdicts.as_slice() else {
+            panic!("{:?}", sim.verdicts);
+        };
+        assert!(reason.contains("3 times"), "{reason}");
+    }
+
+    // ---------- unhealthy instances: replaced late, one at a time, never the last ----------
+
+    fn sick(id: &str, slot: u32, since: u64, accepting: bool) -> ObservedInstance {
+        let mut i = web(id, "n1", 1, slot, Unhealthy);
+        i.health = HealthFacts {
+            ever_healthy: true,
+            failed_after_grace: 0,
+            unhealthy_since_ms: Some(since),
+            accepting,
+        };
+        i
+    }
+
+    #[test]
+    fn an_unhealthy_instance_is_replaced_only_after_the_threshold() {
+        let desired = shop(1, 2, 1);
+        let mut obs = observed(
+            &["n1"],
+            vec![
+                web("a", "n1", 1, 1, Healthy),
+                sick("b", 2, NOW - REPLACE_AFTER_MS + 1, true),
+            ],
+        );
+        assert!(plan(&desired, &obs).is_empty(), "kept (unrouted) for now");
+        obs.instances[1].health.unhealthy_since_ms = Some(NOW - REPLACE_AFTER_MS);
+        let a = plan(&desired, &obs);
+        assert_eq!(drains(&a), vec![("b".into(), DrainReason::Unhealthy)]);
+        assert!(starts(&a).is_empty(), "restarted after its backoff");
+        // Unknown since when: never on that basis.
+        obs.instances[1].health.unhealthy_since_ms = None;
+        assert!(plan(&desired, &obs).is_empty());
+    }
+
+    #[test]
+    fn unhealthy_instances_are_replaced_one_at_a_time() {
+        let desired = shop(1, 3, 1);
+        let obs = observed(
+            &["n1"],
+            vec![
+                sick("a", 1, NOW - 200_000, false),
+                sick("b", 2, NOW - 300_000, false),
+                web("c", "n1", 1, 3, Healthy),
+            ],
+        );
+        // The longest unhealthy first, one per pass.
+        let a = plan(&desired, &obs);
+        assert_eq!(drains(&a), vec![("b".into(), DrainReason::Unhealthy)]);
+        // While its replacement starts, nothing else is replaced.
+        let mut replacing = obs.clone();
+        replacing.instances[1] = web("b2", "n1", 1, 2, Starting);
+        assert!(drains(&plan(&desired, &replacing)).is_empty());
+        // Nor while the slot is empty (draining, backing off).
+        let mut empty = obs.clone();
+        empty.instances[1].state = Draining;
+        assert!(drains(&plan(&desired, &empty)).is_empty());
+        // Once it is healthy, the next one goes.
+        let mut done = obs;
+        done.instances[1] = web("b2", "n1", 1, 2, Healthy);
+        assert_eq!(
+            drains(&plan(&desired, &done)),
+            vec![("a".into(), DrainReason::Unhealthy)]
+        );
+    }
+
+    #[test]
+    fn the_last_instance_accepting_connections_is_never_replaced() {
+        let long_ago = NOW - 10 * REPLACE_AFTER_MS;
+        // Alone and busy (accepts, answers slowly): kept forever.
+        let one = shop(1, 1, 1);
+        let obs = observed(&["n1"], vec![sick("busy", 1, long_ago, true)]);
+        assert!(plan(&one, &obs).is_empty());
+        // Alone and refusing connections: replaced.
+        let obs = observed(&["n1"], vec![sick("dead", 1, long_ago, false)]);
+        assert_eq!(
+            drains(&plan(&one, &obs)),
+            vec![("dead".into(), DrainReason::Unhealthy)]
+        );
+        // Two: a busy one that is the only one accepting stays; the refusing one goes, although
+        // it became unhealthy later.
+        let two = shop(1, 2, 1);
+        let obs = observed(
+            &["n1"],
+            vec![
+                sick("busy", 1, long_ago, true),
+                sick("dead", 2, long_ago + 1, false),
+            ],
+        );
+        assert_eq!(
+            drains(&plan(&two, &obs)),
+            vec![("dead".into(), DrainReason::Unhealthy)]
+        );
+        // Two busy ones: one of them may go (the other still accepts).
+        let obs = observed(
+            &["n1"],
+            vec![
+                sick("b1", 1, long_ago, true),
+                sick("b2", 2, long_ago + 1, true),
+            ],
+        );
+        assert_eq!(
+            drains(&plan(&two, &obs)),
+            vec![("b1".into(), DrainReason::Unhealthy)]
+        );
+    }
+
+    #[test]
+    fn a_busy_instance_that_answers_again_is_kept() {
+        let mut sim = Sim::from_state(
+            shop(1, 1, 1),
+            observed(&["n1"], vec![sick("busy", 1, NOW, true)]),
+        );
+        for _ in 0..20 {
+            let a = sim.step();
+            assert!(a.is_empty(), "{a:?}");
+        }
+        sim.observed.instances[0].state = Healthy;
+        sim.observed.instances[0].health = HealthFacts::default();
+        assert!(sim.step().is_empty());
+        assert!(sim.converged());
+        assert_eq!(sim.observed.instances[0].container_id, "busy");
+    }
+
+    // ---------- process spec identity ----------
+
+    fn with_spec(mut i: ObservedInstance, spec: Option<&str>) -> ObservedInstance {
+        i.spec = spec.map(str::to_owned);
+        i
+    }
+
+    #[test]
+    fn an_instance_of_the_target_release_with_another_spec_is_rolled() {
+        let mut desired = shop(1, 2, 1);
+        desired.apps[0].processes[0].spec = "big".into();
+        let obs = observed(
+            &["n1"],
+            vec![
+                with_spec(web("a", "n1", 1, 1, Healthy), Some("small")),
+                with_spec(web("b", "n1", 1, 2, Healthy), Some("small")),
+            ],
+        );
+        // Like a new release: one surge start, nothing drained yet.
+        let a = plan(&desired, &obs);
+        assert_eq!((start_slots(&a), drains(&a)), (vec![1], vec![]));
+        // An unknown spec (no label) counts as current.
+        let legacy = observed(
+            &["n1"],
+            vec![
+                with_spec(web("a", "n1", 1, 1, Healthy), None),
+                with_spec(web("b", "n1", 1, 2, Healthy), Some("big")),
+            ],
+        );
+        assert!(plan(&desired, &legacy).is_empty());
+        // A stale exit is not a crash of the slot.
+        let stale_exit = observed(
+            &["n1"],
+            vec![with_spec(web("a", "n1", 1, 1, exited(1)), Some("small"))],
+        );
+        assert_eq!(
+            removes(&plan(&desired, &stale_exit)),
+            vec![("a".into(), false)]
+        );
+    }
+
+    #[test]
+    fn a_resource_change_rolls_every_instance_keeping_capacity() {
+        let mut desired = shop(1, 3, 1);
+        desired.apps[0].processes[0].spec = "small".into();
+        let mut sim = Sim::new(desired, &["n1", "n2"]);
+        sim.run_until_converged(5).unwrap();
+        sim.desired.apps[0].processes[0].spec = "big".into();
+        sim.desired.apps[0].rollout_deadline_ms = Some(sim.observed.now_ms + 600_000);
+        assert!(!sim.converged(), "stale specs are not converged");
+        for _ in 0..20 {
+            let a = sim.plan();
+            assert!(starts(&a).len() <= 1, "{a:?}");
+            sim.apply(&a);
+            assert!(sim.live("shop", "web").len() <= 4, "surge cap");
+            assert!(sim.healthy("shop", "web") >= 3, "capacity kept");
+            sim.tick();
+            sim.mark_starting(Healthy);
+            if sim.desired.apps[0].rollout_deadline_ms.is_none() {
+                break;
+            }
+        }
+        assert!(sim.converged());
+        assert!(sim
+            .observed
+            .instances
+            .iter()
+            .all(|i| i.spec.as_deref() == Some("big") && i.release == 1));
+        assert_eq!(
+            sim.verdicts,
+            vec![Action::RolloutSucceeded {
+                app: "shop".into(),
+                release: 1
+            }]
+        );
+    }
+
     // ---------- rule 10: determinism ----------
 
     #[test]
@@ -1985,23 +2533,40 @@ mod tests {
                 prop_oneof![3 => 1u32..=3, 1 => 0u32..=7],
                 0usize..5,
                 arb_state_kind(),
+                (
+                    prop_oneof![3 => Just(None), 1 => Just(Some("x")), 1 => Just(Some("y"))],
+                    any::<bool>(),
+                    0u32..=5,
+                    prop::option::of(0u64..=2 * REPLACE_AFTER_MS),
+                    any::<bool>(),
+                ),
             ),
             0..=16,
         )
         .prop_map(|raw| {
             raw.into_iter()
                 .enumerate()
-                .map(|(k, (a, p, release, slot, node, state))| {
-                    inst(
-                        &format!("o{k:03}"),
-                        NODES[node],
-                        APPS[a],
-                        PROCESSES[p],
-                        release,
-                        slot,
-                        state,
-                    )
-                })
+                .map(
+                    |(k, (a, p, release, slot, node, state, (spec, ever, failed, ago, acc)))| {
+                        let mut i = inst(
+                            &format!("o{k:03}"),
+                            NODES[node],
+                            APPS[a],
+                            PROCESSES[p],
+                            release,
+                            slot,
+                            state,
+                        );
+                        i.spec = spec.map(str::to_owned);
+                        i.health = HealthFacts {
+                            ever_healthy: ever,
+                            failed_after_grace: failed,
+                            unhealthy_since_ms: ago.map(|d| NOW - d),
+                            accepting: acc,
+                        };
+                        i
+                    },
+                )
                 .collect()
         })
     }
@@ -2011,8 +2576,9 @@ mod tests {
             prop::collection::vec(prop::bool::weighted(0.8), 1..=4),
             arb_instances(),
             prop::collection::vec((0usize..2, 0usize..2, 1u32..=6, 0u64..=20_000), 0..=3),
+            prop::collection::vec((0usize..2, 0usize..3, 1u32..=3, 0u32..=4), 0..=3),
         )
-            .prop_map(|(ready, instances, backoff)| Observed {
+            .prop_map(|(ready, instances, backoff, crashes)| Observed {
                 now_ms: NOW,
                 nodes: ready
                     .into_iter()
@@ -2030,6 +2596,16 @@ mod tests {
                         process: PROCESSES[p].to_owned(),
                         slot,
                         until_ms: NOW - 5_000 + until,
+                    })
+                    .collect(),
+                crashes: crashes
+                    .into_iter()
+                    .map(|(a, p, release, n)| ReleaseCrashes {
+                        app: APPS[a].to_owned(),
+                        process: PROCESSES[p].to_owned(),
+                        release,
+                        crashes: n,
+                        last_exit: Some((1, false)),
                     })
                     .collect(),
             })
@@ -2191,6 +2767,39 @@ mod tests {
             }
         }
 
+        /// The early rollout verdict never fails a rollout while an instance of the target
+        /// release (current spec) is healthy; and it only comes from the stated facts.
+        #[test]
+        fn early_failure_never_while_a_new_instance_is_healthy(
+            desired in arb_desired(),
+            observed in arb_observed(),
+            spec in prop_oneof![Just(""), Just("x"), Just("y")],
+        ) {
+            let mut desired = desired;
+            for a in &mut desired.apps {
+                a.rollout_deadline_ms = Some(NOW + 1_000 * TICK_MS);
+                for p in &mut a.processes {
+                    p.spec = spec.to_owned();
+                }
+            }
+            let actions = plan(&desired, &observed);
+            let ready = ready_nodes(&observed.nodes);
+            let targets = index_desired(&desired);
+            for action in &actions {
+                let Action::RolloutFailed { app, release, .. } = action else { continue };
+                let t = &targets[app.as_str()];
+                let healthy_new = observed.instances.iter().any(|i| {
+                    i.app == *app
+                        && i.state == Healthy
+                        && ready.contains(i.node.as_str())
+                        && t.processes
+                            .get(i.process.as_str())
+                            .is_some_and(|p| is_current(i, *release, p))
+                });
+                prop_assert!(!healthy_new, "failed early with a healthy new instance: {action:?}");
+            }
+        }
+
         /// (c) When starts become healthy, any state converges to exactly N healthy instances
         /// of R in slots 1..=N and nothing else, then plans nothing.
         #[test]
@@ -2200,6 +2809,12 @@ mod tests {
         ) {
             let mut observed = observed;
             observed.nodes[0].ready = true;
+            // Unhealthy instances here refuse connections and the reconciler knows since when
+            // (a busy instance that still accepts is kept by design: see its own tests).
+            for i in &mut observed.instances {
+                i.health.accepting = false;
+                i.health.unhealthy_since_ms.get_or_insert(NOW);
+            }
             let mut desired = desired;
             for a in &mut desired.apps {
                 // A missed deadline means the reconciler rolls back; here rollouts must finish.

@@ -22,13 +22,9 @@ impl<F: Fn(&str)> Progress for F {
 /// How a followed rollout did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
-    #[error("rollout of v{version} failed: {reason}{}", if *.previous_serving { "; the previous release keeps serving" } else { "; the app had no release serving before, so nothing serves it" })]
-    Failed {
-        version: u32,
-        reason: String,
-        /// Whether an earlier release serves instead (not so on a first deploy).
-        previous_serving: bool,
-    },
+    /// The reason says whether an earlier release keeps serving (not so on a first deploy).
+    #[error("rollout of v{version} failed: {reason}")]
+    Failed { version: u32, reason: String },
     #[error("v{0} was superseded by a newer release before it finished rolling out")]
     Superseded(u32),
     #[error("v{version} did not finish rolling out within {}s; it goes on (see `escale ps {app}`)", .waited.as_secs())]
@@ -127,13 +123,9 @@ async fn outcome(
         ReleaseStatus::Active => Some(Ok(())),
         ReleaseStatus::Deploying => None,
         ReleaseStatus::Superseded => Some(Err(FollowError::Superseded(version))),
-        ReleaseStatus::Failed => {
-            let previous_serving = registry.active_release(app.id).await?.is_some();
-            Some(Err(FollowError::Failed {
-                version,
-                reason: r.status_reason.unwrap_or_else(|| "no reason given".into()),
-                previous_serving,
-            }))
-        }
+        ReleaseStatus::Failed => Some(Err(FollowError::Failed {
+            version,
+            reason: r.status_reason.unwrap_or_else(|| "no reason given".into()),
+        })),
     })
 }

@@ -2,7 +2,8 @@
 //! built from nothing. Each test has its own server, installation and containers.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -466,4 +467,271 @@ async fn logs_merge_instances_tagged_with_process_slot_and_release() {
     }
     let only = s.ok(&["logs", "chatty", "--tail", "50", "--process", "worker"]);
     assert!(only.is_empty(), "no worker instances, no lines: {only}");
+}
+
+/// The status and reason of release `v` of `app`, if it exists.
+fn release_status(s: &TestServer, app: &str, v: u64) -> Option<(String, String)> {
+    let releases = s.json(&["releases", app]);
+    let r = releases.as_array()?.iter().find(|r| r["version"] == v)?;
+    Some((
+        r["status"].as_str().unwrap_or("").to_string(),
+        r["status_reason"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+/// The current release of `app`.
+fn current_release(s: &TestServer, app: &str) -> u64 {
+    s.json(&["apps", "info", app])["release"]
+        .as_u64()
+        .expect("a release")
+}
+
+/// Waits until release `v` of `app` failed; returns its reason.
+async fn failed_reason(s: &TestServer, app: &str, v: u64, within: Duration) -> String {
+    s.wait_for(
+        &format!("v{v} of {app} failed"),
+        within,
+        || match release_status(s, app, v) {
+            Some((status, reason)) if status == "failed" => Some(reason),
+            _ => None,
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_rollout_whose_instances_exit_at_once_fails_fast_and_says_why() {
+    // The product's deploy timeout: the failure must not wait for it.
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "120s")]).await;
+    let image = deployed(&s, "crashy").await;
+    let v1 = current_release(&s, "crashy");
+
+    // The config change makes v2, whose instances exit at once.
+    let t = Instant::now();
+    s.ok(&["config", "set", "crashy", "CRASH_AFTER_MS=0"]);
+    let v2 = v1 + 1;
+    let reason = failed_reason(&s, "crashy", v2, Duration::from_secs(15)).await;
+    let took = t.elapsed();
+    eprintln!("time to fail, instances exit at once (previous release serving): {took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(reason.contains("exited"), "{reason}");
+    assert!(reason.contains("last exit code 1"), "{reason}");
+    assert!(
+        reason.contains("crashing after 0 ms"),
+        "the target release's last log lines: {reason}"
+    );
+    assert!(
+        reason.contains(&format!("the previous release keeps serving (v{v1})")),
+        "{reason}"
+    );
+    assert_eq!(current_release(&s, "crashy"), v1, "target back on v1");
+    s.wait_for("v1 serving alone", Duration::from_secs(20), || {
+        let ps = s.instances("crashy");
+        (healthy(&ps, "web", v1) == 1 && ps.iter().all(|i| i["release"] == v1)).then_some(())
+    })
+    .await;
+
+    // A first deploy that fails says that nothing keeps serving.
+    s.ok(&["apps", "create", "fresh"]);
+    s.ok(&["config", "set", "fresh", "CRASH_AFTER_MS=0"]);
+    let t = Instant::now();
+    let out = s.cli(&["deploy", "fresh", "--image", &image]);
+    let took = t.elapsed();
+    eprintln!("time to fail, instances exit at once (first deploy): {took:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "deploy fails: {stderr}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(
+        stderr.contains("no earlier release was ever active") && !stderr.contains("keeps serving"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_health_check_that_always_fails_fails_the_rollout_early() {
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "120s")]).await;
+    deployed(&s, "sick").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "sick",
+        "web",
+        "--health",
+        "http",
+        "--health-path",
+        "/health",
+        "--health-grace",
+        "1s",
+        "--health-interval",
+        "1s",
+        "--health-timeout",
+        "500ms",
+    ]);
+    let v1 = current_release(&s, "sick");
+    s.wait_for("v1 healthy", Duration::from_secs(30), || {
+        (healthy(&s.instances("sick"), "web", v1) == 1).then_some(())
+    })
+    .await;
+
+    let t = Instant::now();
+    s.ok(&["config", "set", "sick", "FAIL_HEALTH=1"]);
+    let reason = failed_reason(&s, "sick", v1 + 1, Duration::from_secs(30)).await;
+    let took = t.elapsed();
+    eprintln!("time to fail, health check always fails (grace 1s, deploy timeout 120s): {took:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "well before the deploy timeout: {took:?}"
+    );
+    assert!(
+        reason.contains("failed its health check") && reason.contains("500"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("the previous release keeps serving"),
+        "{reason}"
+    );
+    assert_eq!(current_release(&s, "sick"), v1);
+}
+
+/// `GET /` through the proxy with `Host: host`: the status, or `None` when no answer.
+fn proxy_status(proxy: &str, host: &str) -> Option<u16> {
+    let addr: std::net::SocketAddr = proxy.parse().ok()?;
+    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_saturated_single_instance_is_unrouted_but_kept_until_it_answers_again() {
+    // Replacement would be due after 1 s of failed checks: only the last-accepting rule keeps
+    // the instance.
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_UNHEALTHY_REPLACE_AFTER", "1s")]).await;
+    let proxy = s.proxy.clone().expect("the server runs an HTTP proxy");
+    deployed(&s, "busy").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "busy",
+        "web",
+        "--health",
+        "http",
+        "--health-path",
+        "/health",
+        "--health-grace",
+        "1s",
+        "--health-interval",
+        "300ms",
+        "--health-timeout",
+        "300ms",
+    ]);
+    let v = current_release(&s, "busy");
+    let ps = s
+        .wait_for("one healthy instance", Duration::from_secs(30), || {
+            let ps = s.instances("busy");
+            (ps.len() == 1 && healthy(&ps, "web", v) == 1).then_some(ps)
+        })
+        .await;
+    let id = ps[0]["container_id"].as_str().unwrap().to_string();
+    let addr: std::net::SocketAddr = ps[0]["address"].as_str().unwrap().parse().unwrap();
+    s.wait_for("routed", Duration::from_secs(10), || {
+        (proxy_status(&proxy, "busy.localhost") == Some(200)).then_some(())
+    })
+    .await;
+
+    // Its only worker is saturated for 6 s: health checks are accepted but time out.
+    let stall = Instant::now();
+    let (status, _) = crate::support::http_get(addr, "/stall/6000").await.unwrap();
+    assert_eq!(status, 200);
+    let same = |ps: &[serde_json::Value]| {
+        assert!(
+            ps.len() == 1 && ps[0]["container_id"] == id.as_str(),
+            "the saturated instance must be kept: {ps:#?}"
+        );
+    };
+    s.wait_for("unhealthy", Duration::from_secs(5), || {
+        let ps = s.instances("busy");
+        same(&ps);
+        (ps[0]["health"] == "unhealthy").then_some(())
+    })
+    .await;
+    let status = proxy_status(&proxy, "busy.localhost");
+    assert_eq!(status, Some(503), "out of rotation while unhealthy");
+    let back = s
+        .wait_for("healthy again", Duration::from_secs(20), || {
+            let ps = s.instances("busy");
+            same(&ps);
+            (ps[0]["health"] == "healthy").then(|| stall.elapsed())
+        })
+        .await;
+    eprintln!("unhealthy and kept for about {back:?} (replacement threshold 1s)");
+    assert!(
+        back > Duration::from_secs(3),
+        "the threshold passed meanwhile: {back:?}"
+    );
+    s.wait_for("routed again", Duration::from_secs(10), || {
+        (proxy_status(&proxy, "busy.localhost") == Some(200)).then_some(())
+    })
+    .await;
+    same(&s.instances("busy"));
+    let c = s.containers();
+    assert_eq!(c.len(), 1, "no replacement was started: {c:?}");
+}
+
+#[tokio::test]
+async fn an_instance_that_stops_accepting_connections_is_replaced_after_the_threshold() {
+    let s = TestServer::start(&[("ESCALE_SCHEDULER_UNHEALTHY_REPLACE_AFTER", "2s")]).await;
+    deployed(&s, "deaf").await;
+    s.ok(&[
+        "processes",
+        "set",
+        "deaf",
+        "web",
+        "--health",
+        "http",
+        "--health-path",
+        "/health",
+        "--health-grace",
+        "1s",
+        "--health-interval",
+        "300ms",
+        "--health-timeout",
+        "300ms",
+    ]);
+    let v = current_release(&s, "deaf");
+    let ps = s
+        .wait_for("one healthy instance", Duration::from_secs(30), || {
+            let ps = s.instances("deaf");
+            (ps.len() == 1 && healthy(&ps, "web", v) == 1).then_some(ps)
+        })
+        .await;
+    let id = ps[0]["container_id"].as_str().unwrap().to_string();
+    let addr: std::net::SocketAddr = ps[0]["address"].as_str().unwrap().parse().unwrap();
+
+    // The server inside the container goes away; the container keeps running.
+    let t = Instant::now();
+    let (status, _) = crate::support::http_get(addr, "/deaf").await.unwrap();
+    assert_eq!(status, 200);
+    s.wait_for("unhealthy", Duration::from_secs(5), || {
+        let ps = s.instances("deaf");
+        (ps.iter()
+            .any(|i| i["container_id"] == id.as_str() && i["health"] == "unhealthy"))
+        .then_some(())
+    })
+    .await;
+    s.wait_for("a healthy replacement", Duration::from_secs(30), || {
+        let ps = s.instances("deaf");
+        let gone = ps.iter().all(|i| i["container_id"] != id.as_str());
+        (gone && healthy(&ps, "web", v) == 1).then_some(())
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("not accepting -> replaced and healthy in {took:?} (threshold 2s)");
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before the threshold: {took:?}"
+    );
 }
