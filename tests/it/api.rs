@@ -67,6 +67,7 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         Access::User,
     ),
     ("GET", "/api/v1/events", "", Access::User),
+    ("GET", "/api/v1/events/stream", "", Access::User),
     ("GET", "/api/v1/nodes", "", Access::Admin),
     ("GET", "/api/v1/apps/{app}/instances", "", Access::App),
     ("GET", "/api/v1/apps/{app}/logs", "", Access::App),
@@ -563,7 +564,13 @@ async fn the_owner_succeeds_on_every_route_of_its_own_app() {
                     "rosa: {method} {path}: {:?}",
                     r.body
                 );
-                if r.status != StatusCode::NO_CONTENT && !path.ends_with("/logs") {
+                if path.ends_with("/events/stream") {
+                    assert!(
+                        r.content_type().starts_with("text/event-stream"),
+                        "{method} {path}: {}",
+                        r.content_type()
+                    );
+                } else if r.status != StatusCode::NO_CONTENT && !path.ends_with("/logs") {
                     assert!(
                         r.content_type().starts_with("application/json"),
                         "{method} {path}: {}",
@@ -578,7 +585,7 @@ async fn the_owner_succeeds_on_every_route_of_its_own_app() {
             Access::Public => {}
         }
     }
-    assert_eq!(checked, 34);
+    assert_eq!(checked, 35);
     // The last row destroyed the app; the one created through the table remains.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&rosa), None)

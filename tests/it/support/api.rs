@@ -170,9 +170,24 @@ impl TestApi {
             .expect("router is infallible");
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .expect("body reads");
+        let event_stream = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let bytes = if event_stream {
+            // A live stream never ends: its first frame (the subscription comment) is enough.
+            use http_body_util::BodyExt;
+            let mut body = resp.into_body();
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("an event stream starts at once")
+                .expect("a first frame")
+                .expect("body reads");
+            frame.into_data().unwrap_or_default()
+        } else {
+            axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .expect("body reads")
+        };
         let body = if bytes.is_empty() {
             Value::Null
         } else {
