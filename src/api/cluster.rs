@@ -105,7 +105,7 @@ pub async fn logs(
         if q.process.as_deref().is_some_and(|p| p != i.process) {
             continue;
         }
-        let Some(node) = s.scheduler.as_ref().and_then(|sched| sched.node(&i.node)) else {
+        let Some(node) = s.scheduler.as_ref().and_then(|sched| sched.engine(&i.node)) else {
             continue;
         };
         let tag = format!("{}.{}[v{}]", i.process, i.slot, i.release);

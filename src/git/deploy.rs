@@ -226,7 +226,7 @@ impl Job<'_> {
             .await?;
         let tag = format!("{}:v{next}-{short}", self.app.name);
         let node = sched
-            .nodes()
+            .docker_nodes()
             .first()
             .ok_or_else(|| GitError::Deploy("no node to build on".into()))?;
         // Non-secret config vars are build args (a Dockerfile takes one with `ARG NAME`);
@@ -447,7 +447,7 @@ impl Job<'_> {
         ];
         // Never an image an instance uses, whatever its release, state or node: when a node
         // cannot be asked, nothing is pruned.
-        for node in sched.nodes() {
+        for node in sched.docker_nodes() {
             match node.list_instances(&installation).await {
                 Ok(instances) => keep.extend(instances.into_iter().map(|i| i.image)),
                 Err(e) => {
@@ -457,7 +457,7 @@ impl Job<'_> {
             }
         }
         let mut removed = 0usize;
-        for node in sched.nodes() {
+        for node in sched.docker_nodes() {
             let images = match node.list_labelled_images(&labels).await {
                 Ok(i) => i,
                 Err(e) => {
@@ -552,9 +552,9 @@ impl Job<'_> {
                 let mine: Vec<_> = view
                     .instances
                     .iter()
-                    .filter(|i| i.app == self.app.name && i.release == v && i.state != "exited")
+                    .filter(|i| i.app == self.app.name && i.release == v && i.state != crate::events::InstanceStatus::Exited)
                     .collect();
-                let healthy = mine.iter().filter(|i| i.health == "healthy").count();
+                let healthy = mine.iter().filter(|i| i.health == crate::events::HealthStatus::Healthy).count();
                 let now = (healthy, mine.len());
                 if now.1 > 0 && last != Some(now) {
                     self.progress.say(&format!(

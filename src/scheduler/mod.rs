@@ -14,17 +14,26 @@
 pub mod health;
 pub mod plan;
 
+pub mod placement;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::events::{DrainCause, Event, HealthStatus, InstanceRef, InstanceStatus};
 use crate::node::{self, InstanceSpec, Node};
+use crate::runtime::{self, Engine, EngineError};
 use crate::registry::{
     now_ms, AppRef, DesiredApp as RegistryApp, ProcessType, Registry, ReleaseStatus,
 };
@@ -38,7 +47,7 @@ pub enum SchedulerError {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
-    Node(#[from] node::NodeError),
+    Engine(#[from] EngineError),
     #[error("no node is reachable")]
     NoNode,
 }
@@ -69,9 +78,9 @@ pub struct InstanceView {
     pub node: String,
     pub container_id: String,
     /// `starting`, `running`, `draining` or `exited`.
-    pub state: String,
+    pub state: InstanceStatus,
     /// `starting`, `healthy`, `unhealthy`, or `-` when not running.
-    pub health: String,
+    pub health: HealthStatus,
     pub address: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
@@ -144,17 +153,33 @@ struct ExecState {
     networks_swept: Option<std::time::Instant>,
     network_apps: HashSet<(String, String)>,
     networks_left: bool,
+    /// Exited containers being removed (by a task): not seen again as crashes meanwhile.
+    removing: HashSet<String>,
+    /// The health last announced on the bus, by container id.
+    announced: HashMap<String, HealthStatus>,
+    /// The rollout progress last announced, by app: (release, healthy, total, old).
+    progress: HashMap<String, (u32, u32, u32, u32)>,
+    /// Node readiness as last observed.
+    node_ready: HashMap<String, bool>,
 }
 
 /// How often app networks are swept when nothing suggests one is due (an app destroyed, a
 /// network left by the last sweep, the first pass after start).
 const NETWORK_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
+/// How long an engine call made by a pass (or by an action task) may take by default.
+pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long reading a crashed container's last log lines may take.
+const LAST_LOGS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The reconciler and its shared views.
 pub struct Scheduler {
     registry: Registry,
     config: Arc<Config>,
-    nodes: Vec<Arc<Node>>,
+    /// The engines the reconciler drives, one per node.
+    engines: Vec<Arc<dyn Engine>>,
+    /// The Docker nodes among them (builds, image facts, cleanup need Docker itself).
+    docker: Vec<Arc<Node>>,
     installation: String,
     /// The routing snapshot the proxy reads.
     pub routes: SharedRoutes,
@@ -172,6 +197,17 @@ pub struct Scheduler {
     pub passes: std::sync::atomic::AtomicU64,
     /// Hosts with a certificate here get `redirect_https` routes.
     certs: std::sync::OnceLock<Arc<crate::proxy::CertStore>>,
+    /// Every task the scheduler spawns (starts, drains, removals, watchers, the health
+    /// checker, the bus listener); [`Scheduler::run`] waits for them at shutdown.
+    tasks: TaskTracker,
+    /// Cancels the tracked tasks at shutdown.
+    cancel: CancellationToken,
+    /// Tasks that panicked (caught, logged; the reconciler went on).
+    pub panics: AtomicU64,
+    /// Engine calls that did not answer within the timeout.
+    pub engine_timeouts: AtomicU64,
+    /// The bound on one engine call, in milliseconds ([`Scheduler::set_engine_timeout`]).
+    engine_timeout_ms: AtomicU64,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -182,19 +218,45 @@ struct AppPlanInput {
 }
 
 impl Scheduler {
-    /// A scheduler over `nodes`, sharing `routes` with the proxy. It wakes on the registry's
-    /// events (see [`Scheduler::run`]).
+    /// A scheduler over Docker `nodes`, sharing `routes` with the proxy. It wakes on the
+    /// registry's events (see [`Scheduler::run`]).
     pub fn new(
         registry: Registry,
         config: Arc<Config>,
         nodes: Vec<Arc<Node>>,
         routes: SharedRoutes,
     ) -> Arc<Scheduler> {
+        let engines = nodes
+            .iter()
+            .map(|n| n.clone() as Arc<dyn Engine>)
+            .collect();
+        Scheduler::build(registry, config, engines, nodes, routes)
+    }
+
+    /// A scheduler over any engines (the unit tests' fakes); it has no Docker node, so no
+    /// builds or image checks.
+    pub fn with_engines(
+        registry: Registry,
+        config: Arc<Config>,
+        engines: Vec<Arc<dyn Engine>>,
+        routes: SharedRoutes,
+    ) -> Arc<Scheduler> {
+        Scheduler::build(registry, config, engines, Vec::new(), routes)
+    }
+
+    fn build(
+        registry: Registry,
+        config: Arc<Config>,
+        engines: Vec<Arc<dyn Engine>>,
+        docker: Vec<Arc<Node>>,
+        routes: SharedRoutes,
+    ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
         Arc::new(Scheduler {
             registry,
             config,
-            nodes,
+            engines,
+            docker,
             installation,
             routes,
             view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
@@ -205,7 +267,94 @@ impl Scheduler {
             engine_calls: Default::default(),
             passes: Default::default(),
             certs: Default::default(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            panics: Default::default(),
+            engine_timeouts: Default::default(),
+            engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
         })
+    }
+
+    /// Bounds every engine call of passes and action tasks (default [`ENGINE_CALL_TIMEOUT`]).
+    pub fn set_engine_timeout(&self, timeout: Duration) {
+        self.engine_timeout_ms.store(
+            timeout.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn engine_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.engine_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Runs one engine call of `engine`, bounded by the engine timeout.
+    async fn bounded<T>(
+        &self,
+        engine: &str,
+        action: &str,
+        call: impl std::future::Future<Output = runtime::Result<T>>,
+    ) -> runtime::Result<T> {
+        self.bounded_for(self.engine_timeout(), engine, action, call)
+            .await
+    }
+
+    /// Runs one engine call of `engine`, bounded by `after`.
+    async fn bounded_for<T>(
+        &self,
+        after: Duration,
+        engine: &str,
+        action: &str,
+        call: impl std::future::Future<Output = runtime::Result<T>>,
+    ) -> runtime::Result<T> {
+        match tokio::time::timeout(after, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.engine_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(EngineError::Timeout {
+                    engine: engine.to_string(),
+                    action: action.to_string(),
+                    after,
+                })
+            }
+        }
+    }
+
+    /// The execution state; a panic elsewhere while it was held does not make it unusable
+    /// (every update to it is a single step, so what a panicking holder left is consistent).
+    fn st(&self) -> MutexGuard<'_, ExecState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns a tracked task: cancelled at shutdown, and a panic in it is caught, logged and
+    /// counted in [`Scheduler::panics`], and wakes a pass (whatever it was doing is looked at
+    /// again).
+    fn supervise(
+        self: &Arc<Self>,
+        what: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let me = self.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = std::panic::AssertUnwindSafe(task).catch_unwind() => r,
+            };
+            if let Err(panic) = outcome {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                me.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(task = what, panic = %message, "scheduler task panicked; the reconciler goes on");
+                me.changed.notify_one();
+            }
+        });
     }
 
     /// Routes of hosts with a certificate in `certs` redirect plain HTTP to HTTPS.
@@ -213,14 +362,19 @@ impl Scheduler {
         let _ = self.certs.set(certs);
     }
 
-    /// The node named `name`.
-    pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
-        self.nodes.iter().find(|n| n.name == name)
+    /// The engine of the node named `name`.
+    pub fn engine(&self, name: &str) -> Option<&Arc<dyn Engine>> {
+        self.engines.iter().find(|n| n.name() == name)
     }
 
-    /// All nodes.
-    pub fn nodes(&self) -> &[Arc<Node>] {
-        &self.nodes
+    /// All engines.
+    pub fn engines(&self) -> &[Arc<dyn Engine>] {
+        &self.engines
+    }
+
+    /// The Docker nodes (for builds, image facts and cleanup, which need Docker itself).
+    pub fn docker_nodes(&self) -> &[Arc<Node>] {
+        &self.docker
     }
 
     /// Makes sure the app with uid `app_uid` may run `image`: named by reference (not by id
@@ -234,7 +388,7 @@ impl Scheduler {
                 .then(|| crate::images::may_use(&crate::images::builder(&f.labels), app_uid))
         };
         let mut last = None;
-        for n in &self.nodes {
+        for n in &self.docker {
             match n.image_facts(image).await {
                 Ok(Some(f)) => match usable(&f) {
                     Some(true) => return Ok(()),
@@ -250,7 +404,7 @@ impl Scheduler {
             }
         }
         let mut engine_ok = false;
-        for n in &self.nodes {
+        for n in &self.docker {
             match n.ensure_image(image).await {
                 Ok(()) => {}
                 Err(e @ node::NodeError::ImageUnavailable { .. }) => {
@@ -272,19 +426,21 @@ impl Scheduler {
         }
         match last {
             Some(e) if !engine_ok => Err(ImageError::Node(e)),
-            None if self.nodes.is_empty() => Err(ImageError::NoNode),
+            None if self.docker.is_empty() => Err(ImageError::NoNode),
             _ => Err(ImageError::NotFound(image.to_string())),
         }
     }
 
     /// Runs passes until `shutdown`; also runs the health checker and follows engine events.
-    /// Containers keep running when escale stops: they are the apps.
+    /// Containers keep running when escale stops: they are the apps. Returns once every task
+    /// the scheduler spawned has ended or been cancelled. A failed or panicking pass is
+    /// logged (a panic counted in [`Scheduler::panics`]) and the loop goes on.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let health = tokio::spawn(self.health.clone().run(self.changed.clone()));
+        self.supervise("health checker", self.health.clone().run(self.changed.clone()));
         // Committed changes of desired state wake a pass; so does missing some (look anyway).
         let mut events = self.registry.bus().subscribe();
         let wake = self.changed.clone();
-        let listener = tokio::spawn(async move {
+        self.supervise("bus listener", async move {
             loop {
                 match events.recv().await {
                     Ok(e) if !e.event.changes_desired_state() => {}
@@ -292,13 +448,12 @@ impl Scheduler {
                 }
             }
         });
-        let mut watchers = Vec::new();
-        for n in &self.nodes {
-            watchers.push(tokio::spawn(watch_events(
-                n.clone(),
-                self.installation.clone(),
-                self.changed.clone(),
-            )));
+        for n in &self.engines {
+            let me = self.clone();
+            self.supervise(
+                "engine event watcher",
+                watch_events(n.clone(), self.installation.clone(), me.changed.clone(), me),
+            );
         }
         tokio::pin!(shutdown);
         let mut wait = Duration::ZERO;
@@ -308,19 +463,33 @@ impl Scheduler {
                 _ = self.changed.notified() => {},
                 _ = tokio::time::sleep(wait) => {},
             }
-            wait = match self.pass().await {
-                Ok(next) => next,
-                Err(e) => {
+            wait = match std::panic::AssertUnwindSafe(self.pass()).catch_unwind().await {
+                Ok(Ok(next)) => next,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reconcile pass failed; retrying");
+                    Duration::from_secs(1)
+                }
+                Err(_) => {
+                    self.panics
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!("reconcile pass panicked; retrying");
                     Duration::from_secs(1)
                 }
             };
         }
-        health.abort();
-        listener.abort();
-        for w in watchers {
-            w.abort();
-        }
+        self.shutdown().await;
+    }
+
+    /// Cancels every tracked task and waits until they have ended.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Tasks still running (starts, drains, watchers, ...).
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
     }
 
     /// One reconcile pass. Returns how long to wait before the next one at the latest.
@@ -338,47 +507,60 @@ impl Scheduler {
 
         // What is in flight, taken before listing: a start or drain that completes while we list
         // must still be seen as in flight, not as a leftover or a live instance.
-        let (pending_before, draining_before) = {
-            let st = self.state.lock().expect("scheduler lock");
+        let (pending_before, draining_before, removing_before) = {
+            let st = self.st();
             (
                 st.pending.keys().cloned().collect::<HashSet<String>>(),
                 st.draining.clone(),
+                st.removing.clone(),
             )
         };
 
-        // Observe every node: one labelled list call each.
+        // Observe every node: one labelled list call each, all at once, each bounded.
+        let lists = futures_util::future::join_all(self.engines.iter().map(|n| async move {
+            self.engine_calls.fetch_add(1, Relaxed);
+            let r = self
+                .bounded(
+                    n.name(),
+                    "listing instances",
+                    n.list_instances(&self.installation),
+                )
+                .await;
+            (n.name().to_string(), r)
+        }))
+        .await;
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
         let mut node_views = Vec::new();
-        for n in &self.nodes {
-            self.engine_calls.fetch_add(1, Relaxed);
-            match n.list_instances(&self.installation).await {
+        for (name, result) in lists {
+            match result {
                 Ok(list) => {
                     observed_nodes.push(plan::NodeState {
-                        name: n.name.clone(),
+                        name: name.clone(),
                         ready: true,
                     });
                     node_views.push(NodeView {
-                        name: n.name.clone(),
+                        name: name.clone(),
                         ready: true,
                         error: None,
                     });
-                    containers.extend(list.into_iter().map(|c| (n.name.clone(), c)));
+                    containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
                 Err(e) => {
-                    tracing::warn!(node = %n.name, error = %e, "node unreachable");
+                    tracing::warn!(node = %name, error = %e, "node unreachable");
                     observed_nodes.push(plan::NodeState {
-                        name: n.name.clone(),
+                        name: name.clone(),
                         ready: false,
                     });
                     node_views.push(NodeView {
-                        name: n.name.clone(),
+                        name,
                         ready: false,
                         error: Some(e.to_string()),
                     });
                 }
             }
         }
+        self.announce_nodes(&node_views).await;
 
         // Desired state, with rollout deadlines.
         let timeout_ms = self.config.scheduler.deploy_timeout.as_millis() as i64;
@@ -427,14 +609,17 @@ impl Scheduler {
 
         // Observed instances, as the planner sees them.
         let (observed, views) = {
-            let st = self.state.lock().expect("scheduler lock");
+            let st = self.st();
             let mut instances = Vec::new();
             let mut views = Vec::new();
             let mut seen = HashSet::new();
             for (node_name, c) in &containers {
                 seen.insert(c.instance.clone());
                 let health = self.health.get(&c.container_id);
-                let state = if st.draining.contains(&c.container_id)
+                let removing = st.removing.contains(&c.container_id)
+                    || removing_before.contains(&c.container_id);
+                let state = if removing
+                    || st.draining.contains(&c.container_id)
                     || draining_before.contains(&c.container_id)
                 {
                     InstanceState::Draining
@@ -478,21 +663,21 @@ impl Scheduler {
                     node: node_name.clone(),
                     container_id: c.container_id.chars().take(12).collect(),
                     state: match state {
-                        InstanceState::Draining => "draining",
-                        InstanceState::Exited { .. } => "exited",
+                        _ if removing => InstanceStatus::Exited,
+                        InstanceState::Draining => InstanceStatus::Draining,
+                        InstanceState::Exited { .. } => InstanceStatus::Exited,
                         InstanceState::Starting if c.state != node::InstanceState::Running => {
-                            "starting"
+                            InstanceStatus::Starting
                         }
-                        _ => "running",
-                    }
-                    .into(),
+                        _ => InstanceStatus::Running,
+                    },
                     health: match state {
-                        InstanceState::Healthy => "healthy",
-                        InstanceState::Unhealthy => "unhealthy",
-                        InstanceState::Starting => "starting",
-                        _ => "-",
-                    }
-                    .into(),
+                        _ if removing => HealthStatus::None,
+                        InstanceState::Healthy => HealthStatus::Healthy,
+                        InstanceState::Unhealthy => HealthStatus::Unhealthy,
+                        InstanceState::Starting => HealthStatus::Starting,
+                        _ => HealthStatus::None,
+                    },
                     address: c.addr.map(|a| a.to_string()),
                     created_at: c.created * 1000,
                     restarts,
@@ -547,8 +732,8 @@ impl Scheduler {
                     slot: p.slot,
                     node: p.node.clone(),
                     container_id: String::new(),
-                    state: "starting".into(),
-                    health: "starting".into(),
+                    state: InstanceStatus::Starting,
+                    health: HealthStatus::Starting,
                     address: None,
                     created_at: p.created_at,
                     restarts: st
@@ -582,9 +767,27 @@ impl Scheduler {
         };
 
         let actions = plan::plan(&desired, &observed);
+        let refs: HashMap<String, InstanceRef> = containers
+            .iter()
+            .map(|(node_name, c)| {
+                (
+                    c.container_id.clone(),
+                    InstanceRef {
+                        app: c.app.clone(),
+                        process: c.process.clone(),
+                        release: c.release,
+                        slot: c.slot,
+                        instance: c.instance.clone(),
+                        node: node_name.clone(),
+                    },
+                )
+            })
+            .collect();
         for action in actions {
-            self.execute(action, &inputs, &observed).await;
+            self.execute(action, &inputs, &observed, &refs).await;
         }
+        self.announce_health(&containers, &views);
+        self.announce_progress(&desired, &observed, &inputs);
 
         // Health targets and routes from what is running now.
         let mut targets = Vec::new();
@@ -616,7 +819,7 @@ impl Scheduler {
 
         // Healthy slots forget their crash history.
         let (crashing, next_backoff) = {
-            let mut st = self.state.lock().expect("scheduler lock");
+            let mut st = self.st();
             for o in &observed.instances {
                 if o.state == InstanceState::Healthy {
                     if let Some(c) = st
@@ -675,6 +878,7 @@ impl Scheduler {
         action: Action,
         inputs: &HashMap<String, AppPlanInput>,
         observed: &plan::Observed,
+        refs: &HashMap<String, InstanceRef>,
     ) {
         match action {
             Action::Start {
@@ -694,7 +898,7 @@ impl Scheduler {
                     "{app}-{process}-{slot}-v{release}-{}",
                     crate::auth::random_hex(2)
                 );
-                self.state.lock().expect("scheduler lock").pending.insert(
+                self.st().pending.insert(
                     instance.clone(),
                     Pending {
                         node: node.clone(),
@@ -709,35 +913,52 @@ impl Scheduler {
                 let me = self.clone();
                 let app_ref = input.app.clone();
                 let image = input.image.clone();
-                tokio::spawn(async move {
+                let iref = InstanceRef {
+                    app: app.clone(),
+                    process: process.clone(),
+                    release,
+                    slot,
+                    instance: instance.clone(),
+                    node: node.clone(),
+                };
+                self.supervise("start", async move {
+                    // Whatever happens below (an error, a panic), the start is no longer
+                    // pending afterwards and a pass looks again.
+                    let _done = PendingDone {
+                        me: me.clone(),
+                        instance: instance.clone(),
+                    };
                     let result = me
                         .start(&app_ref, &image, &p, release, slot, &node, &instance)
                         .await;
                     let cancel = {
-                        let mut st = me.state.lock().expect("scheduler lock");
+                        let mut st = me.st();
                         st.pending.remove(&instance);
                         st.cancelled.remove(&instance)
                     };
                     match result {
                         Ok(started) if cancel => {
-                            if let Some(n) = me.node(&node) {
-                                let _ = n.remove_instance(&started.container_id).await;
+                            if let Some(n) = me.engine(&node) {
+                                let _ = me
+                                    .bounded(
+                                        &node,
+                                        "removing an instance",
+                                        n.remove_instance(&started.container_id),
+                                    )
+                                    .await;
                             }
                         }
-                        Ok(_) => {}
+                        Ok(_) => me
+                            .registry
+                            .bus()
+                            .publish(Event::InstanceStarted { instance: iref }),
                         Err(e) => {
                             tracing::warn!(%instance, error = %e, "instance failed to start");
-                            me.record_crash(
-                                &app_ref.name,
-                                &p.name,
-                                slot,
-                                None,
-                                false,
-                                vec![e.to_string()],
-                            );
+                            let logs = vec![e.to_string()];
+                            me.record_crash(&app_ref.name, &p.name, slot, None, false, logs.clone());
+                            me.crashed(iref, None, false, logs).await;
                         }
                     }
-                    me.changed.notify_one();
                 });
             }
             Action::Drain {
@@ -748,42 +969,88 @@ impl Scheduler {
                 reason,
             } => {
                 if let Some(instance) = container_id.strip_prefix("pending:") {
-                    self.state
-                        .lock()
-                        .expect("scheduler lock")
-                        .cancelled
-                        .insert(instance.to_string());
+                    self.st().cancelled.insert(instance.to_string());
                     return;
                 }
+                let slot = observed
+                    .instances
+                    .iter()
+                    .find(|i| i.container_id == container_id)
+                    .map(|i| i.slot);
+                let health_error = self.health.last_error(&container_id);
                 if reason == plan::DrainReason::Unhealthy {
-                    let slot = observed
-                        .instances
-                        .iter()
-                        .find(|i| i.container_id == container_id)
-                        .map(|i| i.slot);
                     if let Some(slot) = slot {
-                        let logs = self.last_logs(&node, &container_id).await;
-                        let mut lines = vec![self
-                            .health
-                            .last_error(&container_id)
+                        let line = health_error
+                            .as_ref()
                             .map(|e| format!("health check: {e}"))
-                            .unwrap_or_default()];
-                        lines.extend(logs);
-                        self.record_crash(&app, &process, slot, None, false, lines);
+                            .unwrap_or_default();
+                        self.record_crash(&app, &process, slot, None, false, vec![line]);
                     }
                 }
                 // The first snapshot built after this insert leaves the instance out.
                 let unrouted = {
-                    let mut st = self.state.lock().expect("scheduler lock");
+                    let mut st = self.st();
                     if !st.draining.insert(container_id.clone()) {
                         return;
                     }
                     st.routes_built + 1
                 };
                 tracing::info!(%app, %process, container = %short(&container_id), ?reason, "draining instance");
+                let (cause, why) = drain_cause(reason, health_error.as_deref());
+                let iref = refs.get(&container_id).cloned();
+                if let Some(i) = &iref {
+                    self.registry.bus().publish(Event::InstanceDraining {
+                        instance: i.clone(),
+                        cause,
+                        reason: why.clone(),
+                    });
+                }
                 let me = self.clone();
                 let mut published = self.routes_published.subscribe();
-                tokio::spawn(async move {
+                self.supervise("drain", async move {
+                    let _done = DrainDone {
+                        me: me.clone(),
+                        container_id: container_id.clone(),
+                    };
+                    if reason == plan::DrainReason::Unhealthy {
+                        // Why it failed, for `escale ps` and the audit log: out of the pass.
+                        if let (Some(n), Some(slot)) = (me.engine(&node), slot) {
+                            let logs = runtime::last_logs(
+                                n.as_ref(),
+                                &container_id,
+                                10,
+                                LAST_LOGS_TIMEOUT,
+                            )
+                            .await;
+                            me.add_crash_logs(&app, &process, slot, logs);
+                        }
+                        let detail = match &iref {
+                            Some(i) => format!(
+                                "{}.{} v{} ({}) replaced: {why}",
+                                i.process, i.slot, i.release, i.instance
+                            ),
+                            None => format!("{process} instance replaced: {why}"),
+                        };
+                        let event = match &iref {
+                            Some(i) => Event::InstanceUnhealthy {
+                                instance: i.clone(),
+                                reason: why.clone(),
+                            },
+                            None => Event::Changed {
+                                app: Some(app.clone()),
+                                action: "instance.replaced".into(),
+                                actor: "escale".into(),
+                                detail: detail.clone(),
+                            },
+                        };
+                        if let Err(e) = me
+                            .registry
+                            .record(Some(&app), "instance.replaced", &detail, event)
+                            .await
+                        {
+                            tracing::warn!(%app, error = %e, "cannot record the replacement");
+                        }
+                    }
                     // Out of the routing table first: the grace period starts once the proxy
                     // has a snapshot without the instance (this pass publishes one after its
                     // actions, however long they take), so no new request reaches the instance
@@ -797,23 +1064,38 @@ impl Scheduler {
                         tracing::warn!(container = %short(&container_id), "no routing snapshot published; draining anyway");
                     }
                     tokio::time::sleep(me.config.scheduler.drain_grace).await;
-                    if let Some(n) = me.node(&node) {
-                        if let Err(e) = n
-                            .stop_instance(&container_id, me.config.scheduler.stop_timeout)
+                    if let Some(n) = me.engine(&node) {
+                        let stop_timeout = me.config.scheduler.stop_timeout;
+                        let stopped = tokio::time::timeout(
+                            stop_timeout + me.engine_timeout(),
+                            n.stop_instance(&container_id, stop_timeout),
+                        )
+                        .await;
+                        match stopped {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(container = %short(&container_id), error = %e, "stop failed")
+                            }
+                            Err(_) => {
+                                tracing::warn!(container = %short(&container_id), "stop did not finish in time")
+                            }
+                        }
+                        match me
+                            .bounded(&node, "removing an instance", n.remove_instance(&container_id))
                             .await
                         {
-                            tracing::warn!(container = %short(&container_id), error = %e, "stop failed");
-                        }
-                        if let Err(e) = n.remove_instance(&container_id).await {
-                            tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
+                            Ok(()) => {
+                                if let Some(i) = iref {
+                                    me.registry
+                                        .bus()
+                                        .publish(Event::InstanceStopped { instance: i });
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(container = %short(&container_id), error = %e, "remove failed")
+                            }
                         }
                     }
-                    me.state
-                        .lock()
-                        .expect("scheduler lock")
-                        .draining
-                        .remove(&container_id);
-                    me.changed.notify_one();
                 });
             }
             Action::Remove {
@@ -830,30 +1112,56 @@ impl Scheduler {
                     .iter()
                     .find(|i| i.container_id == container_id)
                     .map(|i| i.state.clone());
+                let (code, oom) = match exited {
+                    Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
+                    _ => (None, false),
+                };
                 if crashed {
-                    let t = std::time::Instant::now();
-                    let logs = self.last_logs(&node, &container_id).await;
-                    tracing::debug!(took = ?t.elapsed(), lines = logs.len(), "last logs read");
-                    let (code, oom) = match exited {
-                        Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
-                        _ => (None, false),
-                    };
                     tracing::warn!(%app, %process, slot, release, exit_code = ?code, oom, "instance exited; it will be replaced");
-                    self.record_crash(&app, &process, slot, code, oom, logs);
+                    // The backoff counts at once; the last lines follow from the task.
+                    self.record_crash(&app, &process, slot, code, oom, vec![]);
                 }
-                if let Some(n) = self.node(&node) {
-                    self.engine_calls
+                if !self.st().removing.insert(container_id.clone()) {
+                    return;
+                }
+                let iref = refs.get(&container_id).cloned();
+                let me = self.clone();
+                self.supervise("remove", async move {
+                    let _done = RemoveDone {
+                        me: me.clone(),
+                        container_id: container_id.clone(),
+                    };
+                    let Some(n) = me.engine(&node).cloned() else {
+                        return;
+                    };
+                    if crashed {
+                        let logs =
+                            runtime::last_logs(n.as_ref(), &container_id, 10, LAST_LOGS_TIMEOUT)
+                                .await;
+                        me.add_crash_logs(&app, &process, slot, logs.clone());
+                        if let Some(i) = iref {
+                            me.crashed(i, code, oom, logs).await;
+                        }
+                    }
+                    me.engine_calls
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(e) = n.remove_instance(&container_id).await {
+                    if let Err(e) = me
+                        .bounded(&node, "removing an instance", n.remove_instance(&container_id))
+                        .await
+                    {
                         tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
                     }
-                }
+                });
             }
             Action::RolloutSucceeded { app, release } => {
                 if let Some(input) = inputs.get(&app) {
                     tracing::info!(%app, release, "rollout succeeded");
-                    if let Err(e) = self.registry.rollout_succeeded(&input.app, release).await {
-                        tracing::warn!(%app, error = %e, "cannot record the rollout");
+                    match self.registry.rollout_succeeded(&input.app, release).await {
+                        Ok(()) => self
+                            .registry
+                            .bus()
+                            .publish(Event::RolloutSucceeded { app, release }),
+                        Err(e) => tracing::warn!(%app, error = %e, "cannot record the rollout"),
                     }
                 }
             }
@@ -877,7 +1185,7 @@ impl Scheduler {
                     full.push_str(&format!("; last health check: {}", list.join("; ")));
                 }
                 let logs: Vec<String> = {
-                    let st = self.state.lock().expect("scheduler lock");
+                    let st = self.st();
                     st.crashes
                         .iter()
                         .filter(|((a, _, _), _)| *a == app)
@@ -896,21 +1204,196 @@ impl Scheduler {
                     .rollout_failed(&input.app, release, &full)
                     .await
                 {
-                    Ok(_) => self.changed.notify_one(),
+                    Ok(_) => {
+                        self.registry.bus().publish(Event::RolloutFailed {
+                            app,
+                            release,
+                            reason: full,
+                        });
+                        self.changed.notify_one()
+                    }
                     Err(e) => tracing::warn!(%app, error = %e, "cannot record the failed rollout"),
                 }
             }
         }
     }
 
+    /// Announces a crash (an exit, or a failed start) on the bus and in the audit log.
+    async fn crashed(
+        &self,
+        instance: InstanceRef,
+        exit_code: Option<i64>,
+        oom: bool,
+        last_logs: Vec<String>,
+    ) {
+        let app = instance.app.clone();
+        let event = Event::InstanceCrashed {
+            instance,
+            exit_code,
+            oom,
+            last_logs,
+        };
+        let detail = event.summary();
+        if let Err(e) = self
+            .registry
+            .record(Some(&app), "instance.crashed", &detail, event)
+            .await
+        {
+            tracing::warn!(%app, error = %e, "cannot record the crash");
+        }
+    }
+
+    /// Publishes `NodeReady`/`NodeDown` when a node's readiness changed (a first sighting of
+    /// a ready node is announced too); losing a node and getting it back are audited.
+    async fn announce_nodes(&self, nodes: &[NodeView]) {
+        let changes: Vec<(NodeView, Option<bool>)> = {
+            let mut st = self.st();
+            nodes
+                .iter()
+                .filter_map(|n| {
+                    let before = st.node_ready.insert(n.name.clone(), n.ready);
+                    (before != Some(n.ready)).then(|| (n.clone(), before))
+                })
+                .collect()
+        };
+        for (n, before) in changes {
+            if n.ready {
+                let event = Event::NodeReady {
+                    node: n.name.clone(),
+                };
+                if before == Some(false) {
+                    let detail = format!("node {} answers again", n.name);
+                    if let Err(e) = self.registry.record(None, "node.ready", &detail, event).await {
+                        tracing::warn!(node = %n.name, error = %e, "cannot record the node");
+                    }
+                } else {
+                    self.registry.bus().publish(event);
+                }
+            } else {
+                let error = n.error.clone().unwrap_or_default();
+                let detail = format!("node {} unreachable: {error}", n.name);
+                let event = Event::NodeDown {
+                    node: n.name.clone(),
+                    error,
+                };
+                if let Err(e) = self.registry.record(None, "node.down", &detail, event).await {
+                    tracing::warn!(node = %n.name, error = %e, "cannot record the node");
+                }
+            }
+        }
+    }
+
+    /// Publishes `InstanceHealthy`/`InstanceUnhealthy` for running instances whose verdict
+    /// changed since it was last announced.
+    fn announce_health(
+        &self,
+        containers: &[(String, node::ContainerInstance)],
+        views: &[InstanceView],
+    ) {
+        let ids: HashMap<&str, &str> = containers
+            .iter()
+            .map(|(_, c)| (c.instance.as_str(), c.container_id.as_str()))
+            .collect();
+        let mut events = Vec::new();
+        {
+            let mut st = self.st();
+            let seen: HashSet<&str> = views.iter().map(|v| v.instance.as_str()).collect();
+            st.announced.retain(|i, _| seen.contains(i.as_str()));
+            for v in views {
+                if v.state != InstanceStatus::Running
+                    || !matches!(v.health, HealthStatus::Healthy | HealthStatus::Unhealthy)
+                {
+                    continue;
+                }
+                if st.announced.insert(v.instance.clone(), v.health) == Some(v.health) {
+                    continue;
+                }
+                let instance = InstanceRef {
+                    app: v.app.clone(),
+                    process: v.process.clone(),
+                    release: v.release,
+                    slot: v.slot,
+                    instance: v.instance.clone(),
+                    node: v.node.clone(),
+                };
+                events.push(if v.health == HealthStatus::Healthy {
+                    Event::InstanceHealthy { instance }
+                } else {
+                    let reason = ids
+                        .get(v.instance.as_str())
+                        .and_then(|id| self.health.last_error(id))
+                        .unwrap_or_else(|| "health check failed".into());
+                    Event::InstanceUnhealthy { instance, reason }
+                });
+            }
+        }
+        for e in events {
+            self.registry.bus().publish(e);
+        }
+    }
+
+    /// Publishes `RolloutProgress` for apps whose release is deploying, when the numbers
+    /// changed.
+    fn announce_progress(
+        &self,
+        desired: &plan::Desired,
+        observed: &plan::Observed,
+        inputs: &HashMap<String, AppPlanInput>,
+    ) {
+        let mut events = Vec::new();
+        {
+            let mut st = self.st();
+            let deploying: HashSet<&str> = desired
+                .apps
+                .iter()
+                .filter(|a| a.rollout_deadline_ms.is_some() && inputs.contains_key(&a.app))
+                .map(|a| a.app.as_str())
+                .collect();
+            st.progress.retain(|a, _| deploying.contains(a.as_str()));
+            for a in desired
+                .apps
+                .iter()
+                .filter(|a| deploying.contains(a.app.as_str()))
+            {
+                let mine = observed.instances.iter().filter(|i| i.app == a.app);
+                let (mut healthy, mut old) = (0, 0);
+                for i in mine {
+                    let live = matches!(
+                        i.state,
+                        InstanceState::Starting | InstanceState::Healthy | InstanceState::Unhealthy
+                    );
+                    if i.release == a.release && i.state == InstanceState::Healthy {
+                        healthy += 1;
+                    } else if i.release != a.release && live {
+                        old += 1;
+                    }
+                }
+                let total = a.processes.iter().map(|p| p.instances).sum::<u32>();
+                let now = (a.release, healthy, total, old);
+                if st.progress.insert(a.app.clone(), now) != Some(now) {
+                    events.push(Event::RolloutProgress {
+                        app: a.app.clone(),
+                        release: a.release,
+                        healthy,
+                        total,
+                        old,
+                    });
+                }
+            }
+        }
+        for e in events {
+            self.registry.bus().publish(e);
+        }
+    }
+
     /// Removes the networks of apps the registry no longer has (destroyed apps, leftovers of
     /// an earlier run). Runs on the first pass, when an app left the registry, while a
     /// network could not be removed yet (its containers still draining), and every
-    /// [`NETWORK_SWEEP_INTERVAL`]; otherwise costs nothing.
+    /// [`NETWORK_SWEEP_INTERVAL`]; otherwise costs nothing. Each call is bounded.
     async fn sweep_networks(&self, apps: HashSet<(String, String)>) {
         use std::sync::atomic::Ordering::Relaxed;
         let due = {
-            let mut st = self.state.lock().expect("scheduler lock");
+            let mut st = self.st();
             let gone = st.network_apps.difference(&apps).next().is_some();
             st.network_apps = apps.clone();
             gone || st.networks_left
@@ -922,12 +1405,19 @@ impl Scheduler {
             return;
         }
         let mut left = false;
-        for n in &self.nodes {
+        for n in &self.engines {
             self.engine_calls.fetch_add(1, Relaxed);
-            let networks = match n.list_app_networks(&self.installation).await {
+            let networks = match self
+                .bounded(
+                    n.name(),
+                    "listing app networks",
+                    n.list_app_networks(&self.installation),
+                )
+                .await
+            {
                 Ok(list) => list,
                 Err(e) => {
-                    tracing::warn!(node = %n.name, error = %e, "cannot list app networks");
+                    tracing::warn!(node = %n.name(), error = %e, "cannot list app networks");
                     left = true;
                     continue;
                 }
@@ -937,19 +1427,22 @@ impl Scheduler {
                     continue;
                 }
                 self.engine_calls.fetch_add(1, Relaxed);
-                match n.remove_network(&net.id).await {
+                match self
+                    .bounded(n.name(), "removing a network", n.remove_network(&net.id))
+                    .await
+                {
                     Ok(()) => {
-                        tracing::info!(node = %n.name, network = %net.name, app = %net.app, "app network removed")
+                        tracing::info!(node = %n.name(), network = %net.name, app = %net.app, "app network removed")
                     }
                     // Most likely containers of the app are still draining: next pass.
                     Err(e) => {
-                        tracing::debug!(node = %n.name, network = %net.name, error = %e, "app network not removed yet");
+                        tracing::debug!(node = %n.name(), network = %net.name, error = %e, "app network not removed yet");
                         left = true;
                     }
                 }
             }
         }
-        let mut st = self.state.lock().expect("scheduler lock");
+        let mut st = self.st();
         st.networks_swept = Some(std::time::Instant::now());
         st.networks_left = left;
     }
@@ -965,18 +1458,38 @@ impl Scheduler {
         node_name: &str,
         instance: &str,
     ) -> Result<node::StartedInstance, SchedulerError> {
-        let node = self.node(node_name).ok_or(SchedulerError::NoNode)?;
-        if !node.image_exists(image).await? {
+        let node = self.engine(node_name).ok_or(SchedulerError::NoNode)?;
+        // Pulls and copies move whole images: bounded by the deploy timeout instead.
+        let transfer = self
+            .config
+            .scheduler
+            .deploy_timeout
+            .max(self.engine_timeout());
+        if !self
+            .bounded(node_name, "looking up an image", node.image_exists(image))
+            .await?
+        {
             let mut copied = false;
-            for other in &self.nodes {
-                if other.name != node.name && other.image_exists(image).await.unwrap_or(false) {
-                    Node::copy_image(other, node, image).await?;
+            for other in &self.engines {
+                if other.name() != node.name()
+                    && self
+                        .bounded(other.name(), "looking up an image", other.image_exists(image))
+                        .await
+                        .unwrap_or(false)
+                {
+                    self.bounded_for(
+                        transfer,
+                        node_name,
+                        "copying an image",
+                        runtime::copy_image(other.as_ref(), node.as_ref(), image),
+                    )
+                    .await?;
                     copied = true;
                     break;
                 }
             }
             if !copied {
-                node.ensure_image(image).await?;
+                self.bounded_for(transfer, node_name, "pulling an image", node.ensure_image(image)).await?;
             }
         }
         let mut env = self.registry.release_env(app, release).await?;
@@ -997,14 +1510,16 @@ impl Scheduler {
             port: p.port,
             memory_bytes: p.memory_bytes.map(|m| m as i64),
             nano_cpus: p.nano_cpus,
-            bind_ip: node.advertise_ip,
+            bind_ip: node.advertise_ip(),
             log_max_size: self.config.scheduler.log_max_size.clone(),
             log_max_files: self.config.scheduler.log_max_files,
             extra_labels: vec![(node::LABEL_SPEC.to_string(), spec_hash(image, p))],
             app_uid: app.uid.clone(),
             ..Default::default()
         };
-        Ok(node.start_instance(&spec).await?)
+        Ok(self
+            .bounded(node_name, "starting an instance", node.start_instance(&spec))
+            .await?)
     }
 
     fn record_crash(
@@ -1016,7 +1531,7 @@ impl Scheduler {
         oom: bool,
         logs: Vec<String>,
     ) {
-        let mut st = self.state.lock().expect("scheduler lock");
+        let mut st = self.st();
         let c = st
             .crashes
             .entry((app.to_string(), process.to_string(), slot))
@@ -1034,18 +1549,20 @@ impl Scheduler {
         }
     }
 
-    async fn last_logs(&self, node_name: &str, container_id: &str) -> Vec<String> {
-        let Some(n) = self.node(node_name) else {
-            return vec![];
-        };
-        let stream = n.logs(container_id, false, Some(10));
-        let collect = stream
-            .take(10)
-            .filter_map(|l| async move { l.ok().map(|l| l.text.trim_end().to_string()) })
-            .collect::<Vec<_>>();
-        tokio::time::timeout(Duration::from_secs(2), collect)
-            .await
-            .unwrap_or_default()
+    /// Adds the last lines of a crashed (or replaced) instance to its slot's crash record,
+    /// once an action task has read them.
+    fn add_crash_logs(&self, app: &str, process: &str, slot: u32, logs: Vec<String>) {
+        if !logs.iter().any(|l| !l.is_empty()) {
+            return;
+        }
+        let mut st = self.st();
+        if let Some(c) = st
+            .crashes
+            .get_mut(&(app.to_string(), process.to_string(), slot))
+        {
+            c.last_logs.retain(|l| !l.is_empty() && l.starts_with("health check: "));
+            c.last_logs.extend(logs);
+        }
     }
 
     /// Builds and publishes the routing table. `draining_before` (taken before `containers`
@@ -1059,7 +1576,7 @@ impl Scheduler {
         draining_before: &HashSet<String>,
     ) {
         let (draining, built) = {
-            let mut st = self.state.lock().expect("scheduler lock");
+            let mut st = self.st();
             st.routes_built += 1;
             (st.draining.clone(), st.routes_built)
         };
@@ -1139,20 +1656,91 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// Why a drain happens, for its event.
+fn drain_cause(reason: plan::DrainReason, health_error: Option<&str>) -> (DrainCause, String) {
+    use plan::DrainReason as R;
+    match reason {
+        R::Replaced => (DrainCause::Rollout, "replaced by the target release".into()),
+        R::ScaledDown => (DrainCause::ScaledDown, "scaled down".into()),
+        R::Duplicate => (
+            DrainCause::ScaledDown,
+            "a second instance of its slot".into(),
+        ),
+        R::Unhealthy => (
+            DrainCause::Unhealthy,
+            match health_error {
+                Some(e) => format!("failing its health check: {e}"),
+                None => "failing its health check".into(),
+            },
+        ),
+        R::Orphan => (
+            DrainCause::ScaledDown,
+            "its app or process is no longer desired".into(),
+        ),
+    }
+}
+
+/// Ends a start in the execution state whatever way its task ends (a panic included).
+struct PendingDone {
+    me: Arc<Scheduler>,
+    instance: String,
+}
+
+impl Drop for PendingDone {
+    fn drop(&mut self) {
+        let mut st = self.me.st();
+        st.pending.remove(&self.instance);
+        st.cancelled.remove(&self.instance);
+        drop(st);
+        self.me.changed.notify_one();
+    }
+}
+
+/// Ends a drain in the execution state whatever way its task ends.
+struct DrainDone {
+    me: Arc<Scheduler>,
+    container_id: String,
+}
+
+impl Drop for DrainDone {
+    fn drop(&mut self) {
+        self.me.st().draining.remove(&self.container_id);
+        self.me.changed.notify_one();
+    }
+}
+
+/// Ends a removal in the execution state whatever way its task ends.
+struct RemoveDone {
+    me: Arc<Scheduler>,
+    container_id: String,
+}
+
+impl Drop for RemoveDone {
+    fn drop(&mut self) {
+        self.me.st().removing.remove(&self.container_id);
+        self.me.changed.notify_one();
+    }
+}
+
 /// Follows a node's container events and wakes the reconciler on each; reconnects on error.
-async fn watch_events(node: Arc<Node>, installation: String, changed: Arc<Notify>) {
+async fn watch_events(
+    node: Arc<dyn Engine>,
+    installation: String,
+    changed: Arc<Notify>,
+    me: Arc<Scheduler>,
+) {
     loop {
-        let mut events = Box::pin(node.events(&installation));
+        let mut events = node.events(&installation);
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(ev) => {
-                    tracing::debug!(node = %node.name, action = %ev.action, instance = ?ev.instance, "engine event");
+                    tracing::debug!(node = %node.name(), action = %ev.action, instance = ?ev.instance, "engine event");
                     changed.notify_one();
                     // The engine sends `die` a moment before its container list says
                     // "exited": look again shortly, so healing does not wait for the interval.
                     if matches!(ev.action.as_str(), "die" | "oom") {
                         let again = changed.clone();
-                        tokio::spawn(async move {
+                        me.supervise("event follow-up", async move {
                             for ms in [150, 350, 500] {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                                 again.notify_one();
@@ -1161,7 +1749,7 @@ async fn watch_events(node: Arc<Node>, installation: String, changed: Arc<Notify
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(node = %node.name, error = %e, "event stream ended");
+                    tracing::debug!(node = %node.name(), error = %e, "event stream ended");
                     break;
                 }
             }
