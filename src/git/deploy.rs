@@ -552,9 +552,16 @@ impl Job<'_> {
                 let mine: Vec<_> = view
                     .instances
                     .iter()
-                    .filter(|i| i.app == self.app.name && i.release == v && i.state != crate::events::InstanceStatus::Exited)
+                    .filter(|i| {
+                        i.app == self.app.name
+                            && i.release == v
+                            && i.state != crate::events::InstanceStatus::Exited
+                    })
                     .collect();
-                let healthy = mine.iter().filter(|i| i.health == crate::events::HealthStatus::Healthy).count();
+                let healthy = mine
+                    .iter()
+                    .filter(|i| i.health == crate::events::HealthStatus::Healthy)
+                    .count();
                 let now = (healthy, mine.len());
                 if now.1 > 0 && last != Some(now) {
                     self.progress.say(&format!(

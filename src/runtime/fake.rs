@@ -69,7 +69,6 @@ pub struct FakeEngine {
     name: String,
     ip: IpAddr,
     state: Arc<Mutex<State>>,
-    next_id: AtomicU64,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -83,7 +82,6 @@ impl FakeEngine {
                 images: HashSet::from(["*".to_string()]),
                 ..State::default()
             })),
-            next_id: AtomicU64::new(1),
             events: broadcast::channel(1024).0,
         })
     }
@@ -236,8 +234,10 @@ impl Engine for FakeEngine {
 
     async fn start_instance(&self, spec: &InstanceSpec) -> Result<StartedInstance> {
         self.enter(Call::Start).await?;
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let container_id = format!("{}{:060x}", self.name.len(), n);
+        // Ids are unique across fake engines, as Docker's are in practice.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let container_id = format!("fa{n:062x}");
         let addr = SocketAddr::new(self.ip, 20_000 + (n % 40_000) as u16);
         let spec_label = spec
             .extra_labels
@@ -277,13 +277,9 @@ impl Engine for FakeEngine {
             instance.addr = None;
         }
         let started = event_of(&instance, "start", None);
-        self.state().containers.insert(
-            container_id.clone(),
-            Container {
-                instance,
-                logs,
-            },
-        );
+        self.state()
+            .containers
+            .insert(container_id.clone(), Container { instance, logs });
         let _ = self.events.send(started);
         if let Some((code, _)) = exit_now {
             return Err(EngineError::Failed {
@@ -450,5 +446,9 @@ fn exit_in(state: &Mutex<State>, id: &str, code: i64, oom: bool) -> Option<NodeE
     c.instance.exit_code = Some(code);
     c.instance.oom_killed = oom;
     c.instance.addr = None;
-    Some(event_of(&c.instance, if oom { "oom" } else { "die" }, Some(code)))
+    Some(event_of(
+        &c.instance,
+        if oom { "oom" } else { "die" },
+        Some(code),
+    ))
 }

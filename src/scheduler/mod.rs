@@ -33,11 +33,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::events::{DrainCause, Event, HealthStatus, InstanceRef, InstanceStatus};
 use crate::node::{self, InstanceSpec, Node};
-use crate::runtime::{self, Engine, EngineError};
 use crate::registry::{
     now_ms, AppRef, DesiredApp as RegistryApp, ProcessType, Registry, ReleaseStatus,
 };
 use crate::routing::{Backend, Route, RoutingTable, SharedRoutes};
+use crate::runtime::{self, Engine, EngineError};
 use health::{Health, HealthTable, ProbeTarget};
 use plan::{Action, InstanceState};
 
@@ -226,10 +226,7 @@ impl Scheduler {
         nodes: Vec<Arc<Node>>,
         routes: SharedRoutes,
     ) -> Arc<Scheduler> {
-        let engines = nodes
-            .iter()
-            .map(|n| n.clone() as Arc<dyn Engine>)
-            .collect();
+        let engines = nodes.iter().map(|n| n.clone() as Arc<dyn Engine>).collect();
         Scheduler::build(registry, config, engines, nodes, routes)
     }
 
@@ -436,7 +433,10 @@ impl Scheduler {
     /// the scheduler spawned has ended or been cancelled. A failed or panicking pass is
     /// logged (a panic counted in [`Scheduler::panics`]) and the loop goes on.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        self.supervise("health checker", self.health.clone().run(self.changed.clone()));
+        self.supervise(
+            "health checker",
+            self.health.clone().run(self.changed.clone()),
+        );
         // Committed changes of desired state wake a pass; so does missing some (look anyway).
         let mut events = self.registry.bus().subscribe();
         let wake = self.changed.clone();
@@ -463,7 +463,10 @@ impl Scheduler {
                 _ = self.changed.notified() => {},
                 _ = tokio::time::sleep(wait) => {},
             }
-            wait = match std::panic::AssertUnwindSafe(self.pass()).catch_unwind().await {
+            wait = match std::panic::AssertUnwindSafe(self.pass())
+                .catch_unwind()
+                .await
+            {
                 Ok(Ok(next)) => next,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reconcile pass failed; retrying");
@@ -955,7 +958,14 @@ impl Scheduler {
                         Err(e) => {
                             tracing::warn!(%instance, error = %e, "instance failed to start");
                             let logs = vec![e.to_string()];
-                            me.record_crash(&app_ref.name, &p.name, slot, None, false, logs.clone());
+                            me.record_crash(
+                                &app_ref.name,
+                                &p.name,
+                                slot,
+                                None,
+                                false,
+                                logs.clone(),
+                            );
                             me.crashed(iref, None, false, logs).await;
                         }
                     }
@@ -1263,7 +1273,11 @@ impl Scheduler {
                 };
                 if before == Some(false) {
                     let detail = format!("node {} answers again", n.name);
-                    if let Err(e) = self.registry.record(None, "node.ready", &detail, event).await {
+                    if let Err(e) = self
+                        .registry
+                        .record(None, "node.ready", &detail, event)
+                        .await
+                    {
                         tracing::warn!(node = %n.name, error = %e, "cannot record the node");
                     }
                 } else {
@@ -1276,7 +1290,11 @@ impl Scheduler {
                     node: n.name.clone(),
                     error,
                 };
-                if let Err(e) = self.registry.record(None, "node.down", &detail, event).await {
+                if let Err(e) = self
+                    .registry
+                    .record(None, "node.down", &detail, event)
+                    .await
+                {
                     tracing::warn!(node = %n.name, error = %e, "cannot record the node");
                 }
             }
@@ -1473,7 +1491,11 @@ impl Scheduler {
             for other in &self.engines {
                 if other.name() != node.name()
                     && self
-                        .bounded(other.name(), "looking up an image", other.image_exists(image))
+                        .bounded(
+                            other.name(),
+                            "looking up an image",
+                            other.image_exists(image),
+                        )
                         .await
                         .unwrap_or(false)
                 {
@@ -1489,7 +1511,13 @@ impl Scheduler {
                 }
             }
             if !copied {
-                self.bounded_for(transfer, node_name, "pulling an image", node.ensure_image(image)).await?;
+                self.bounded_for(
+                    transfer,
+                    node_name,
+                    "pulling an image",
+                    node.ensure_image(image),
+                )
+                .await?;
             }
         }
         let mut env = self.registry.release_env(app, release).await?;
@@ -1518,7 +1546,11 @@ impl Scheduler {
             ..Default::default()
         };
         Ok(self
-            .bounded(node_name, "starting an instance", node.start_instance(&spec))
+            .bounded(
+                node_name,
+                "starting an instance",
+                node.start_instance(&spec),
+            )
             .await?)
     }
 
@@ -1560,7 +1592,8 @@ impl Scheduler {
             .crashes
             .get_mut(&(app.to_string(), process.to_string(), slot))
         {
-            c.last_logs.retain(|l| !l.is_empty() && l.starts_with("health check: "));
+            c.last_logs
+                .retain(|l| !l.is_empty() && l.starts_with("health check: "));
             c.last_logs.extend(logs);
         }
     }

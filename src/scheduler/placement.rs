@@ -162,7 +162,11 @@ mod tests {
     #[test]
     fn place_counts_earlier_starts_and_skips_when_nothing_is_ready() {
         let n = nodes(&[("a", true), ("b", true)]);
-        let placed = place(&n, [("shop", "web", "a")], [("shop", "web"), ("shop", "web")]);
+        let placed = place(
+            &n,
+            [("shop", "web", "a")],
+            [("shop", "web"), ("shop", "web")],
+        );
         assert_eq!(placed, [Some("b"), Some("a")]);
         let down = nodes(&[("a", false)]);
         assert_eq!(place(&down, [], [("shop", "web")]), [None]);

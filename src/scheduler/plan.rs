@@ -366,7 +366,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         .filter(|v| {
             matches!(v.phase, Phase::Live(_)) && !drained.contains(v.inst.container_id.as_str())
         })
-        .map(|v| (v.inst.app.as_str(), v.inst.process.as_str(), v.inst.node.as_str()));
+        .map(|v| {
+            (
+                v.inst.app.as_str(),
+                v.inst.process.as_str(),
+                v.inst.node.as_str(),
+            )
+        });
     let placed = super::placement::place(
         &observed.nodes,
         live,
