@@ -326,6 +326,37 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Spawns a tracked task that runs until shutdown: `make()` again (after a second) when
+    /// the future it made panicked (counted) or ended.
+    fn supervise_forever<F>(
+        self: &Arc<Self>,
+        what: &'static str,
+        make: impl Fn() -> F + Send + 'static,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let me = self.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let outcome = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = std::panic::AssertUnwindSafe(make()).catch_unwind() => r,
+                };
+                if let Err(panic) = outcome {
+                    me.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(task = what, panic = %panic_message(&*panic), "scheduler task panicked; restarting it");
+                } else {
+                    tracing::warn!(task = what, "scheduler task ended; restarting it");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+
     /// Spawns a tracked task: cancelled at shutdown, and a panic in it is caught, logged and
     /// counted in [`Scheduler::panics`], and wakes a pass (whatever it was doing is looked at
     /// again).
@@ -342,11 +373,7 @@ impl Scheduler {
                 r = std::panic::AssertUnwindSafe(task).catch_unwind() => r,
             };
             if let Err(panic) = outcome {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".into());
+                let message = panic_message(&*panic);
                 me.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(task = what, panic = %message, "scheduler task panicked; the reconciler goes on");
                 me.changed.notify_one();
@@ -433,27 +460,35 @@ impl Scheduler {
     /// the scheduler spawned has ended or been cancelled. A failed or panicking pass is
     /// logged (a panic counted in [`Scheduler::panics`]) and the loop goes on.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        self.supervise(
-            "health checker",
-            self.health.clone().run(self.changed.clone()),
-        );
+        let me = self.clone();
+        self.supervise_forever("health checker", move || {
+            me.health.clone().run(me.changed.clone())
+        });
         // Committed changes of desired state wake a pass; so does missing some (look anyway).
-        let mut events = self.registry.bus().subscribe();
-        let wake = self.changed.clone();
-        self.supervise("bus listener", async move {
-            loop {
-                match events.recv().await {
-                    Ok(e) if !e.event.changes_desired_state() => {}
-                    _ => wake.notify_one(),
+        let me = self.clone();
+        self.supervise_forever("bus listener", move || {
+            let mut events = me.registry.bus().subscribe();
+            let wake = me.changed.clone();
+            async move {
+                loop {
+                    match events.recv().await {
+                        Ok(e) if !e.event.changes_desired_state() => {}
+                        _ => wake.notify_one(),
+                    }
                 }
             }
         });
         for n in &self.engines {
             let me = self.clone();
-            self.supervise(
-                "engine event watcher",
-                watch_events(n.clone(), self.installation.clone(), me.changed.clone(), me),
-            );
+            let n = n.clone();
+            self.supervise_forever("engine event watcher", move || {
+                watch_events(
+                    n.clone(),
+                    me.installation.clone(),
+                    me.changed.clone(),
+                    me.clone(),
+                )
+            });
         }
         tokio::pin!(shutdown);
         let mut wait = Duration::ZERO;
@@ -1008,12 +1043,17 @@ impl Scheduler {
                 tracing::info!(%app, %process, container = %short(&container_id), ?reason, "draining instance");
                 let (cause, why) = drain_cause(reason, health_error.as_deref());
                 let iref = refs.get(&container_id).cloned();
-                if let Some(i) = &iref {
-                    self.registry.bus().publish(Event::InstanceDraining {
-                        instance: i.clone(),
-                        cause,
-                        reason: why.clone(),
-                    });
+                let draining = iref.clone().map(|instance| Event::InstanceDraining {
+                    instance,
+                    cause,
+                    reason: why.clone(),
+                });
+                // A replacement escale decided on its own is audited (the audit row publishes
+                // the event, from the task); other drains are announced at once.
+                if reason != plan::DrainReason::Unhealthy {
+                    if let Some(e) = draining.clone() {
+                        self.registry.bus().publish(e);
+                    }
                 }
                 let me = self.clone();
                 let mut published = self.routes_published.subscribe();
@@ -1023,7 +1063,24 @@ impl Scheduler {
                         container_id: container_id.clone(),
                     };
                     if reason == plan::DrainReason::Unhealthy {
-                        // Why it failed, for `escale ps` and the audit log: out of the pass.
+                        let detail = match &iref {
+                            Some(i) => format!(
+                                "{}.{} v{} ({}) replaced: {why}",
+                                i.process, i.slot, i.release, i.instance
+                            ),
+                            None => format!("{process} instance replaced: {why}"),
+                        };
+                        if let Some(event) = draining {
+                            if let Err(e) = me
+                                .registry
+                                .record(Some(&app), "instance.replaced", &detail, event.clone())
+                                .await
+                            {
+                                tracing::warn!(%app, error = %e, "cannot record the replacement");
+                                me.registry.bus().publish(event);
+                            }
+                        }
+                        // Why it failed, for `escale ps`: read out of the pass.
                         if let (Some(n), Some(slot)) = (me.engine(&node), slot) {
                             let logs = runtime::last_logs(
                                 n.as_ref(),
@@ -1033,32 +1090,6 @@ impl Scheduler {
                             )
                             .await;
                             me.add_crash_logs(&app, &process, slot, logs);
-                        }
-                        let detail = match &iref {
-                            Some(i) => format!(
-                                "{}.{} v{} ({}) replaced: {why}",
-                                i.process, i.slot, i.release, i.instance
-                            ),
-                            None => format!("{process} instance replaced: {why}"),
-                        };
-                        let event = match &iref {
-                            Some(i) => Event::InstanceUnhealthy {
-                                instance: i.clone(),
-                                reason: why.clone(),
-                            },
-                            None => Event::Changed {
-                                app: Some(app.clone()),
-                                action: "instance.replaced".into(),
-                                actor: "escale".into(),
-                                detail: detail.clone(),
-                            },
-                        };
-                        if let Err(e) = me
-                            .registry
-                            .record(Some(&app), "instance.replaced", &detail, event)
-                            .await
-                        {
-                            tracing::warn!(%app, error = %e, "cannot record the replacement");
                         }
                     }
                     // Out of the routing table first: the grace period starts once the proxy
@@ -1687,6 +1718,15 @@ fn pending_id(instance: &str) -> String {
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
+}
+
+/// The message a panic carried.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Why a drain happens, for its event.
