@@ -46,10 +46,13 @@ enum Fault {
     Panic,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Container {
     instance: ContainerInstance,
     logs: Vec<String>,
+    /// A real listening socket at the instance's address (see [`FakeEngine::listen`]): TCP
+    /// health checks pass while it is open.
+    socket: Option<std::net::TcpListener>,
 }
 
 #[derive(Default)]
@@ -61,6 +64,7 @@ struct State {
     exit_on_start: Option<(i64, bool)>,
     exit_after: Option<(Duration, i64)>,
     start_logs: Vec<String>,
+    listen: bool,
     calls: BTreeMap<Call, u64>,
 }
 
@@ -136,6 +140,19 @@ impl FakeEngine {
         self.state().start_logs = lines.iter().map(|l| l.to_string()).collect();
     }
 
+    /// Started containers listen on a real local TCP port (their address), so TCP health
+    /// checks pass.
+    pub fn listen(&self, on: bool) {
+        self.state().listen = on;
+    }
+
+    /// Closes a container's socket: it runs, but its TCP health checks fail from now on.
+    pub fn stop_listening(&self, container_id: &str) {
+        if let Some(c) = self.state().containers.get_mut(container_id) {
+            c.socket = None;
+        }
+    }
+
     /// Makes a container exit with `code` now, emitting `die` (and `oom`).
     pub fn exit(&self, container_id: &str, code: i64, oom: bool) {
         if let Some(e) = exit_in(&self.state, container_id, code, oom) {
@@ -155,6 +172,7 @@ impl FakeEngine {
             Container {
                 instance,
                 logs: Vec::new(),
+                socket: None,
             },
         );
     }
@@ -238,7 +256,20 @@ impl Engine for FakeEngine {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let container_id = format!("fa{n:062x}");
-        let addr = SocketAddr::new(self.ip, 20_000 + (n % 40_000) as u16);
+        let socket = if self.state().listen {
+            let s = std::net::TcpListener::bind((self.ip, 0)).map_err(|e| EngineError::Failed {
+                engine: self.name.clone(),
+                action: "binding a socket".into(),
+                reason: e.to_string(),
+            })?;
+            Some(s)
+        } else {
+            None
+        };
+        let addr = match &socket {
+            Some(s) => s.local_addr().expect("bound socket"),
+            None => SocketAddr::new(self.ip, 20_000 + (n % 40_000) as u16),
+        };
         let spec_label = spec
             .extra_labels
             .iter()
@@ -277,9 +308,14 @@ impl Engine for FakeEngine {
             instance.addr = None;
         }
         let started = event_of(&instance, "start", None);
-        self.state()
-            .containers
-            .insert(container_id.clone(), Container { instance, logs });
+        self.state().containers.insert(
+            container_id.clone(),
+            Container {
+                instance,
+                logs,
+                socket,
+            },
+        );
         let _ = self.events.send(started);
         if let Some((code, _)) = exit_now {
             return Err(EngineError::Failed {
@@ -311,6 +347,7 @@ impl Engine for FakeEngine {
                     c.instance.state = InstanceState::Exited;
                     c.instance.exit_code = Some(143);
                     c.instance.addr = None;
+                    c.socket = None;
                     Some(event_of(&c.instance, "die", Some(143)))
                 }
                 _ => None,
@@ -446,6 +483,7 @@ fn exit_in(state: &Mutex<State>, id: &str, code: i64, oom: bool) -> Option<NodeE
     c.instance.exit_code = Some(code);
     c.instance.oom_killed = oom;
     c.instance.addr = None;
+    c.socket = None;
     Some(event_of(
         &c.instance,
         if oom { "oom" } else { "die" },

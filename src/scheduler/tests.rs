@@ -134,6 +134,8 @@ impl Harness {
         let start = Instant::now();
         loop {
             self.sched.pass().await.expect("pass");
+            // The health checker, by hand too (verdicts are read by the next pass).
+            self.sched.health.probe_due().await;
             self.collect().await;
             if done(self) {
                 return;
@@ -518,4 +520,102 @@ async fn run_survives_panics_and_ends_its_tasks_at_shutdown() {
     assert_eq!(h.sched.tasks_running(), 0);
     // Containers survive escale.
     assert_eq!(h.engine(0).running().len(), 1);
+}
+
+#[tokio::test]
+async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.engine(0).listen(true);
+    h.app("shop", 1).await;
+    let patch = ProcessPatch {
+        health_kind: Some(HealthKind::Tcp),
+        health_interval_ms: Some(50),
+        health_timeout_ms: Some(200),
+        health_grace_ms: Some(0),
+        ..Default::default()
+    };
+    h.registry
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .await
+        .expect("process");
+    h.until("a healthy instance on a TCP check", |h| {
+        h.healthy() == 1 && h.engine(0).running().len() == 1
+    })
+    .await;
+    let sick = h.engine(0).running()[0].clone();
+    h.until("its health announced", |h| {
+        h.count(|e| matches!(e, Event::InstanceHealthy { instance } if instance.instance == sick.instance)) == 1
+    })
+    .await;
+
+    h.engine(0).stop_listening(&sick.container_id);
+    h.until("a healthy replacement", |h| {
+        h.healthy() == 1
+            && h.engine(0)
+                .running()
+                .iter()
+                .all(|c| c.container_id != sick.container_id)
+    })
+    .await;
+    assert_eq!(
+        h.count(|e| matches!(e, Event::InstanceUnhealthy { instance, .. } if instance.instance == sick.instance)),
+        1,
+        "{:?}",
+        h.events
+    );
+    assert!(h.events.iter().any(|e| matches!(e,
+        Event::InstanceDraining { instance, cause: DrainCause::Unhealthy, .. } if instance.instance == sick.instance)));
+    let audit = h
+        .registry
+        .events(&h.actor, Some("shop"), 100)
+        .await
+        .expect("audit");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "instance.replaced" && e.actor == "escale"),
+        "{audit:?}"
+    );
+}
+
+#[test]
+fn instance_states_serialise_as_before() {
+    use crate::scheduler::InstanceView;
+    let view = InstanceView {
+        instance: "shop-web-1".into(),
+        app: "shop".into(),
+        process: "web".into(),
+        release: 1,
+        slot: 1,
+        node: "n1".into(),
+        container_id: String::new(),
+        state: InstanceStatus::Exited,
+        health: HealthStatus::None,
+        address: None,
+        created_at: 0,
+        restarts: 0,
+    };
+    let json = serde_json::to_value(&view).expect("json");
+    assert_eq!(json["state"], "exited");
+    assert_eq!(json["health"], "-");
+    for (s, want) in [
+        (InstanceStatus::Starting, "starting"),
+        (InstanceStatus::Running, "running"),
+        (InstanceStatus::Draining, "draining"),
+    ] {
+        assert_eq!(serde_json::to_value(s).expect("json"), want);
+    }
+    for (s, want) in [
+        (HealthStatus::Starting, "starting"),
+        (HealthStatus::Healthy, "healthy"),
+        (HealthStatus::Unhealthy, "unhealthy"),
+    ] {
+        assert_eq!(serde_json::to_value(s).expect("json"), want);
+    }
+    // The API document describes them.
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas.get("InstanceStatus").is_some(), "{schemas}");
+    assert!(schemas.get("HealthStatus").is_some());
 }
