@@ -619,3 +619,31 @@ fn instance_states_serialise_as_before() {
     assert!(schemas.get("InstanceStatus").is_some(), "{schemas}");
     assert!(schemas.get("HealthStatus").is_some());
 }
+
+#[tokio::test]
+async fn a_container_that_exits_later_is_replaced_on_its_event() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.engine(0)
+        .exit_after(Some((Duration::from_millis(200), 7)));
+    h.app("shop", 1).await;
+    h.until("one running instance", |h| h.engine(0).running().len() == 1)
+        .await;
+    h.engine(0).exit_after(None);
+    let first = h.engine(0).running()[0].container_id.clone();
+    h.until("its crash and a replacement", |h| {
+        h.count(|e| {
+            matches!(
+                e,
+                Event::InstanceCrashed {
+                    exit_code: Some(7),
+                    ..
+                }
+            )
+        }) == 1
+            && h.engine(0)
+                .running()
+                .iter()
+                .any(|c| c.container_id != first)
+    })
+    .await;
+}
