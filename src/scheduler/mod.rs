@@ -1157,13 +1157,13 @@ impl Scheduler {
                     Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
                     _ => (None, false),
                 };
+                if !self.st().removing.insert(container_id.clone()) {
+                    return;
+                }
                 if crashed {
                     tracing::warn!(%app, %process, slot, release, exit_code = ?code, oom, "instance exited; it will be replaced");
                     // The backoff counts at once; the last lines follow from the task.
                     self.record_crash(&app, &process, slot, code, oom, vec![]);
-                }
-                if !self.st().removing.insert(container_id.clone()) {
-                    return;
                 }
                 let iref = refs.get(&container_id).cloned();
                 let me = self.clone();
