@@ -1,10 +1,13 @@
 //! The scheduler: a pure planner ([`plan`]) and the reconciler that feeds and executes it.
 //!
 //! Each pass of the [`Scheduler`] reads the desired state from the registry (two queries),
-//! observes every node (one labelled list call per node), asks [`plan::plan`] what to do, and
-//! executes the actions through thin executors. Starting and draining run as tasks so a pass
-//! never waits on a container; what is in flight is remembered (`pending`, `draining`) and shown
-//! to the planner, so nothing is done twice. Docker is observed, never trusted as memory: after a
+//! observes every node through its [`Engine`] (one labelled list call per node, all at once,
+//! each bounded by a timeout), asks [`plan::plan`] what to do ([`placement`] chooses nodes), and
+//! executes the actions through thin executors. Starting, draining and removing run as
+//! supervised tasks (tracked, cancelled at shutdown, panics caught and counted) so a pass never
+//! waits on a container; what is in flight is remembered (`pending`, `draining`, `removing`)
+//! and shown to the planner, so nothing is done twice. What the scheduler sees change is
+//! published on the registry's event bus, and what it does on its own is audited. Docker is observed, never trusted as memory: after a
 //! restart the whole picture is rebuilt from container labels.
 //!
 //! A pass runs on every API change and engine event, on health verdict changes, and at least
