@@ -80,7 +80,7 @@ pub async fn collect(state: &Services) -> Collected {
     // after the listing (a new app's repository or build) is not in the listing.
     let mut listed = Vec::new();
     if let Some(sched) = &state.scheduler {
-        for node in sched.nodes() {
+        for node in sched.docker_nodes() {
             match node.list_installation_images(&installation).await {
                 Ok(images) => listed.push((node.clone(), images)),
                 Err(e) => out.errors.push(e.to_string()),

@@ -21,6 +21,7 @@ pub mod node;
 pub mod proxy;
 pub mod registry;
 pub mod routing;
+pub mod runtime;
 pub mod scheduler;
 pub mod secrets;
 pub mod server;

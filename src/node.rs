@@ -143,6 +143,9 @@ pub enum NodeError {
         container_id: String,
         exit_code: i64,
     },
+    /// `docker load` reported an error.
+    #[error("node `{node}`: loading an image failed: {reason}")]
+    ImageLoad { node: String, reason: String },
     /// The instance spec cannot be turned into a container.
     #[error("invalid instance spec for `{instance}`: {reason}")]
     InvalidSpec { instance: String, reason: String },
@@ -156,8 +159,8 @@ pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 pub struct Node {
     /// The node's name in the registry (`local` for the engine escale runs beside).
     pub name: String,
-    /// The bollard client, version already negotiated.
-    pub docker: Docker,
+    /// The bollard client, version already negotiated (private: bollard stays in this module).
+    docker: Docker,
     /// Address the proxy uses to reach ports published on `0.0.0.0`/`::` (127.0.0.1 locally).
     pub advertise_ip: IpAddr,
     /// Serialises app network creation on this engine (see [`Node::ensure_app_network`]).
@@ -1104,6 +1107,48 @@ impl Node {
                 "the pull finished but the image is still absent".into(),
             ))
         }
+    }
+
+    /// `image` as a tar stream (`docker save`).
+    pub fn save_image(&self, image: &str) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+        let node = self.name.clone();
+        let action = format!("saving image `{image}`");
+        self.docker.export_image(image).map(move |r| {
+            r.map_err(|source| NodeError::Engine {
+                node: node.clone(),
+                action: action.clone(),
+                source,
+            })
+        })
+    }
+
+    /// Loads a tar stream made by `docker save` (`docker load`); an error of the stream or
+    /// of the engine fails the load.
+    pub async fn load_image<E>(
+        &self,
+        tar: impl Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let mut load = self.docker.import_image_stream(
+            ImportImageOptions {
+                quiet: true,
+                ..Default::default()
+            },
+            tar,
+            None,
+        );
+        while let Some(item) = load.next().await {
+            let info = item.map_err(self.engine_err("loading an image"))?;
+            if let Some(detail) = info.error_detail {
+                return Err(NodeError::ImageLoad {
+                    node: self.name.clone(),
+                    reason: detail.message.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Copies an image from node `from` to node `to` by streaming `docker save` into

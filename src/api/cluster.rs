@@ -146,7 +146,7 @@ fn instance_lines(
     follow: bool,
     tail: Option<usize>,
 ) -> Option<Lines> {
-    let node = s.scheduler.as_ref()?.node(node)?;
+    let node = s.scheduler.as_ref()?.engine(node)?;
     Some(
         node.logs(container_id, follow, tail)
             .filter_map(move |l| {

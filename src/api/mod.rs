@@ -217,11 +217,22 @@ async fn metrics(
         use std::sync::atomic::Ordering::Relaxed;
         let view = sched.view.load();
         out.push_str("# HELP escale_instances Instances observed, by health.\n# TYPE escale_instances gauge\n");
-        for h in ["healthy", "unhealthy", "starting", "-"] {
-            let n = view.instances.iter().filter(|i| i.health == h).count();
-            let label = if h == "-" { "none" } else { h };
-            out.push_str(&format!("escale_instances{{health=\"{label}\"}} {n}\n"));
+        {
+            use crate::events::HealthStatus as H;
+            for (h, label) in [
+                (H::Healthy, "healthy"),
+                (H::Unhealthy, "unhealthy"),
+                (H::Starting, "starting"),
+                (H::None, "none"),
+            ] {
+                let n = view.instances.iter().filter(|i| i.health == h).count();
+                out.push_str(&format!("escale_instances{{health=\"{label}\"}} {n}\n"));
+            }
         }
+        out.push_str(&format!(
+            "# HELP escale_scheduler_panics_total Scheduler tasks and passes that panicked (caught).\n# TYPE escale_scheduler_panics_total counter\nescale_scheduler_panics_total {}\n",
+            sched.panics.load(Relaxed)
+        ));
         out.push_str(&format!(
             "# HELP escale_reconcile_passes_total Reconcile passes completed.\n# TYPE escale_reconcile_passes_total counter\nescale_reconcile_passes_total {}\n",
             sched.passes.load(Relaxed)

@@ -228,7 +228,7 @@ impl Job<'_> {
             .await?;
         let tag = format!("{}:v{next}-{short}", self.app.name);
         let node = sched
-            .nodes()
+            .docker_nodes()
             .first()
             .ok_or_else(|| GitError::Deploy("no node to build on".into()))?;
         // Non-secret config vars are build args (a Dockerfile takes one with `ARG NAME`);
@@ -439,7 +439,7 @@ impl Job<'_> {
         ];
         // Never an image an instance uses, whatever its release, state or node: when a node
         // cannot be asked, nothing is pruned.
-        for node in sched.nodes() {
+        for node in sched.docker_nodes() {
             match node.list_instances(&installation).await {
                 Ok(instances) => keep.extend(instances.into_iter().map(|i| i.image)),
                 Err(e) => {
@@ -449,7 +449,7 @@ impl Job<'_> {
             }
         }
         let mut removed = 0usize;
-        for node in sched.nodes() {
+        for node in sched.docker_nodes() {
             let images = match node.list_labelled_images(&labels).await {
                 Ok(i) => i,
                 Err(e) => {

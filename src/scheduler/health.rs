@@ -122,7 +122,7 @@ impl HealthTable {
     pub fn get(&self, container_id: &str) -> Option<Health> {
         self.entries
             .lock()
-            .expect("health lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(container_id)
             .map(|e| e.health)
     }
@@ -131,7 +131,7 @@ impl HealthTable {
     pub fn last_error(&self, container_id: &str) -> Option<String> {
         self.entries
             .lock()
-            .expect("health lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(container_id)
             .and_then(|e| e.last_error.clone())
     }
@@ -139,7 +139,10 @@ impl HealthTable {
     /// What the planner needs to know of a container ([`plan::HealthFacts`]), with times as
     /// unix ms relative to `now_ms`. Default facts when it is not tracked.
     pub fn facts(&self, container_id: &str, now_ms: u64) -> super::plan::HealthFacts {
-        let map = self.entries.lock().expect("health lock");
+        let map = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(e) = map.get(container_id) else {
             return Default::default();
         };
@@ -162,7 +165,10 @@ impl HealthTable {
     /// backend at all).
     pub fn sync(&self, targets: Vec<(String, ProbeTarget)>) {
         let now = Instant::now();
-        let mut map = self.entries.lock().expect("health lock");
+        let mut map = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let keep: std::collections::HashSet<&String> = targets.iter().map(|(id, _)| id).collect();
         map.retain(|id, _| keep.contains(id));
         for (id, target) in targets {
@@ -215,7 +221,10 @@ impl HealthTable {
     pub async fn probe_due(&self) -> bool {
         let now = Instant::now();
         let due: Vec<(String, ProbeTarget)> = {
-            let map = self.entries.lock().expect("health lock");
+            let map = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             map.iter()
                 .filter(|(_, e)| e.target.kind != HealthKind::None && e.next_probe <= now)
                 .map(|(id, e)| (id.clone(), e.target.clone()))
@@ -231,7 +240,10 @@ impl HealthTable {
         .await;
         let now = Instant::now();
         let mut changed = false;
-        let mut map = self.entries.lock().expect("health lock");
+        let mut map = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (id, result) in results {
             let Some(e) = map.get_mut(&id) else { continue };
             let before = e.health;

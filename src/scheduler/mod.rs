@@ -1,10 +1,13 @@
 //! The scheduler: a pure planner ([`plan`]) and the reconciler that feeds and executes it.
 //!
 //! Each pass of the [`Scheduler`] reads the desired state from the registry (two queries),
-//! observes every node (one labelled list call per node), asks [`plan::plan`] what to do, and
-//! executes the actions through thin executors. Starting and draining run as tasks so a pass
-//! never waits on a container; what is in flight is remembered (`pending`, `draining`) and shown
-//! to the planner, so nothing is done twice. Docker is observed, never trusted as memory: after a
+//! observes every node through its [`Engine`] (one labelled list call per node, all at once,
+//! each bounded by a timeout), asks [`plan::plan`] what to do ([`placement`] chooses nodes), and
+//! executes the actions through thin executors. Starting, draining and removing run as
+//! supervised tasks (tracked, cancelled at shutdown, panics caught and counted) so a pass never
+//! waits on a container; what is in flight is remembered (`pending`, `draining`, `removing`)
+//! and shown to the planner, so nothing is done twice. What the scheduler sees change is
+//! published on the registry's event bus, and what it does on its own is audited. Docker is observed, never trusted as memory: after a
 //! restart the whole picture is rebuilt from container labels.
 //!
 //! A pass runs on every API change and engine event, on health verdict changes, and at least
@@ -14,21 +17,30 @@
 pub mod health;
 pub mod plan;
 
+pub mod placement;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::events::{DrainCause, Event, HealthStatus, InstanceRef, InstanceStatus};
 use crate::node::{self, InstanceSpec, Node};
 use crate::registry::{
     now_ms, AppRef, DesiredApp as RegistryApp, ProcessType, Registry, ReleaseStatus,
 };
 use crate::routing::{Backend, Route, RoutingTable, SharedRoutes};
+use crate::runtime::{self, Engine, EngineError};
 use health::{Health, HealthTable, ProbeTarget};
 use plan::{Action, InstanceState};
 
@@ -38,7 +50,7 @@ pub enum SchedulerError {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
-    Node(#[from] node::NodeError),
+    Engine(#[from] EngineError),
     #[error("no node is reachable")]
     NoNode,
 }
@@ -69,9 +81,9 @@ pub struct InstanceView {
     pub node: String,
     pub container_id: String,
     /// `starting`, `running`, `draining` or `exited`.
-    pub state: String,
+    pub state: InstanceStatus,
     /// `starting`, `healthy`, `unhealthy`, or `-` when not running.
-    pub health: String,
+    pub health: HealthStatus,
     pub address: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
@@ -155,17 +167,35 @@ struct ExecState {
     networks_swept: Option<std::time::Instant>,
     network_apps: HashSet<(String, String)>,
     networks_left: bool,
+    /// Exited containers being removed (by a task): not seen again as crashes meanwhile.
+    removing: HashSet<String>,
+    /// Failed rollouts being recorded, by (app, release).
+    failing: HashSet<(String, u32)>,
+    /// The health last announced on the bus, by container id.
+    announced: HashMap<String, HealthStatus>,
+    /// The rollout progress last announced, by app: (release, healthy, total, old).
+    progress: HashMap<String, (u32, u32, u32, u32)>,
+    /// Node readiness as last observed.
+    node_ready: HashMap<String, bool>,
 }
 
 /// How often app networks are swept when nothing suggests one is due (an app destroyed, a
 /// network left by the last sweep, the first pass after start).
 const NETWORK_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
+/// How long an engine call made by a pass (or by an action task) may take by default.
+pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long reading a crashed container's last log lines may take.
+const LAST_LOGS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The reconciler and its shared views.
 pub struct Scheduler {
     registry: Registry,
     config: Arc<Config>,
-    nodes: Vec<Arc<Node>>,
+    /// The engines the reconciler drives, one per node.
+    engines: Vec<Arc<dyn Engine>>,
+    /// The Docker nodes among them (builds, image facts, cleanup need Docker itself).
+    docker: Vec<Arc<Node>>,
     installation: String,
     /// The routing snapshot the proxy reads.
     pub routes: SharedRoutes,
@@ -183,6 +213,17 @@ pub struct Scheduler {
     pub passes: std::sync::atomic::AtomicU64,
     /// Hosts with a certificate here get `redirect_https` routes.
     certs: std::sync::OnceLock<Arc<crate::tls::CertStore>>,
+    /// Every task the scheduler spawns (starts, drains, removals, watchers, the health
+    /// checker, the bus listener); [`Scheduler::run`] waits for them at shutdown.
+    tasks: TaskTracker,
+    /// Cancels the tracked tasks at shutdown.
+    cancel: CancellationToken,
+    /// Tasks that panicked (caught, logged; the reconciler went on).
+    pub panics: AtomicU64,
+    /// Engine calls that did not answer within the timeout.
+    pub engine_timeouts: AtomicU64,
+    /// The bound on one engine call, in milliseconds ([`Scheduler::set_engine_timeout`]).
+    engine_timeout_ms: AtomicU64,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -193,19 +234,42 @@ struct AppPlanInput {
 }
 
 impl Scheduler {
-    /// A scheduler over `nodes`, sharing `routes` with the proxy. It wakes on the registry's
-    /// events (see [`Scheduler::run`]).
+    /// A scheduler over Docker `nodes`, sharing `routes` with the proxy. It wakes on the
+    /// registry's events (see [`Scheduler::run`]).
     pub fn new(
         registry: Registry,
         config: Arc<Config>,
         nodes: Vec<Arc<Node>>,
         routes: SharedRoutes,
     ) -> Arc<Scheduler> {
+        let engines = nodes.iter().map(|n| n.clone() as Arc<dyn Engine>).collect();
+        Scheduler::build(registry, config, engines, nodes, routes)
+    }
+
+    /// A scheduler over any engines (the unit tests' fakes); it has no Docker node, so no
+    /// builds or image checks.
+    pub fn with_engines(
+        registry: Registry,
+        config: Arc<Config>,
+        engines: Vec<Arc<dyn Engine>>,
+        routes: SharedRoutes,
+    ) -> Arc<Scheduler> {
+        Scheduler::build(registry, config, engines, Vec::new(), routes)
+    }
+
+    fn build(
+        registry: Registry,
+        config: Arc<Config>,
+        engines: Vec<Arc<dyn Engine>>,
+        docker: Vec<Arc<Node>>,
+        routes: SharedRoutes,
+    ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
         Arc::new(Scheduler {
             registry,
             config,
-            nodes,
+            engines,
+            docker,
             installation,
             routes,
             view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
@@ -216,7 +280,121 @@ impl Scheduler {
             engine_calls: Default::default(),
             passes: Default::default(),
             certs: Default::default(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            panics: Default::default(),
+            engine_timeouts: Default::default(),
+            engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
         })
+    }
+
+    /// Bounds every engine call of passes and action tasks (default [`ENGINE_CALL_TIMEOUT`]).
+    pub fn set_engine_timeout(&self, timeout: Duration) {
+        self.engine_timeout_ms.store(
+            timeout.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn engine_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.engine_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Runs one engine call of `engine`, bounded by the engine timeout.
+    async fn bounded<T>(
+        &self,
+        engine: &str,
+        action: &str,
+        call: impl std::future::Future<Output = runtime::Result<T>>,
+    ) -> runtime::Result<T> {
+        self.bounded_for(self.engine_timeout(), engine, action, call)
+            .await
+    }
+
+    /// Runs one engine call of `engine`, bounded by `after`.
+    async fn bounded_for<T>(
+        &self,
+        after: Duration,
+        engine: &str,
+        action: &str,
+        call: impl std::future::Future<Output = runtime::Result<T>>,
+    ) -> runtime::Result<T> {
+        match tokio::time::timeout(after, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.engine_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(EngineError::Timeout {
+                    engine: engine.to_string(),
+                    action: action.to_string(),
+                    after,
+                })
+            }
+        }
+    }
+
+    /// The execution state; a panic elsewhere while it was held does not make it unusable
+    /// (every update to it is a single step, so what a panicking holder left is consistent).
+    fn st(&self) -> MutexGuard<'_, ExecState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns a tracked task that runs until shutdown: `make()` again (after a second) when
+    /// the future it made panicked (counted) or ended.
+    fn supervise_forever<F>(
+        self: &Arc<Self>,
+        what: &'static str,
+        make: impl Fn() -> F + Send + 'static,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let me = self.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let outcome = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = std::panic::AssertUnwindSafe(make()).catch_unwind() => r,
+                };
+                if let Err(panic) = outcome {
+                    me.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(task = what, panic = %panic_message(&*panic), "scheduler task panicked; restarting it");
+                } else {
+                    tracing::warn!(task = what, "scheduler task ended; restarting it");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+
+    /// Spawns a tracked task: cancelled at shutdown, and a panic in it is caught, logged and
+    /// counted in [`Scheduler::panics`], and wakes a pass (whatever it was doing is looked at
+    /// again).
+    fn supervise(
+        self: &Arc<Self>,
+        what: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let me = self.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = std::panic::AssertUnwindSafe(task).catch_unwind() => r,
+            };
+            if let Err(panic) = outcome {
+                let message = panic_message(&*panic);
+                me.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(task = what, panic = %message, "scheduler task panicked; the reconciler goes on");
+                me.changed.notify_one();
+            }
+        });
     }
 
     /// Routes of hosts with a certificate in `certs` redirect plain HTTP to HTTPS.
@@ -224,14 +402,19 @@ impl Scheduler {
         let _ = self.certs.set(certs);
     }
 
-    /// The node named `name`.
-    pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
-        self.nodes.iter().find(|n| n.name == name)
+    /// The engine of the node named `name`.
+    pub fn engine(&self, name: &str) -> Option<&Arc<dyn Engine>> {
+        self.engines.iter().find(|n| n.name() == name)
     }
 
-    /// All nodes.
-    pub fn nodes(&self) -> &[Arc<Node>] {
-        &self.nodes
+    /// All engines.
+    pub fn engines(&self) -> &[Arc<dyn Engine>] {
+        &self.engines
+    }
+
+    /// The Docker nodes (for builds, image facts and cleanup, which need Docker itself).
+    pub fn docker_nodes(&self) -> &[Arc<Node>] {
+        &self.docker
     }
 
     /// Makes sure the app with uid `app_uid` may run `image`: named by reference (not by id
@@ -245,7 +428,7 @@ impl Scheduler {
                 .then(|| crate::images::may_use(&crate::images::builder(&f.labels), app_uid))
         };
         let mut last = None;
-        for n in &self.nodes {
+        for n in &self.docker {
             match n.image_facts(image).await {
                 Ok(Some(f)) => match usable(&f) {
                     Some(true) => return Ok(()),
@@ -261,7 +444,7 @@ impl Scheduler {
             }
         }
         let mut engine_ok = false;
-        for n in &self.nodes {
+        for n in &self.docker {
             match n.ensure_image(image).await {
                 Ok(()) => {}
                 Err(e @ node::NodeError::ImageUnavailable { .. }) => {
@@ -283,33 +466,45 @@ impl Scheduler {
         }
         match last {
             Some(e) if !engine_ok => Err(ImageError::Node(e)),
-            None if self.nodes.is_empty() => Err(ImageError::NoNode),
+            None if self.docker.is_empty() => Err(ImageError::NoNode),
             _ => Err(ImageError::NotFound(image.to_string())),
         }
     }
 
     /// Runs passes until `shutdown`; also runs the health checker and follows engine events.
-    /// Containers keep running when escale stops: they are the apps.
+    /// Containers keep running when escale stops: they are the apps. Returns once every task
+    /// the scheduler spawned has ended or been cancelled. A failed or panicking pass is
+    /// logged (a panic counted in [`Scheduler::panics`]) and the loop goes on.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let health = tokio::spawn(self.health.clone().run(self.changed.clone()));
+        let me = self.clone();
+        self.supervise_forever("health checker", move || {
+            me.health.clone().run(me.changed.clone())
+        });
         // Committed changes of desired state wake a pass; so does missing some (look anyway).
-        let mut events = self.registry.bus().subscribe();
-        let wake = self.changed.clone();
-        let listener = tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(e) if !e.event.changes_desired_state() => {}
-                    _ => wake.notify_one(),
+        let me = self.clone();
+        self.supervise_forever("bus listener", move || {
+            let mut events = me.registry.bus().subscribe();
+            let wake = me.changed.clone();
+            async move {
+                loop {
+                    match events.recv().await {
+                        Ok(e) if !e.event.changes_desired_state() => {}
+                        _ => wake.notify_one(),
+                    }
                 }
             }
         });
-        let mut watchers = Vec::new();
-        for n in &self.nodes {
-            watchers.push(tokio::spawn(watch_events(
-                n.clone(),
-                self.installation.clone(),
-                self.changed.clone(),
-            )));
+        for n in &self.engines {
+            let me = self.clone();
+            let n = n.clone();
+            self.supervise_forever("engine event watcher", move || {
+                watch_events(
+                    n.clone(),
+                    me.installation.clone(),
+                    me.changed.clone(),
+                    me.clone(),
+                )
+            });
         }
         tokio::pin!(shutdown);
         let mut wait = Duration::ZERO;
@@ -319,19 +514,36 @@ impl Scheduler {
                 _ = self.changed.notified() => {},
                 _ = tokio::time::sleep(wait) => {},
             }
-            wait = match self.pass().await {
-                Ok(next) => next,
-                Err(e) => {
+            wait = match std::panic::AssertUnwindSafe(self.pass())
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(next)) => next,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reconcile pass failed; retrying");
+                    Duration::from_secs(1)
+                }
+                Err(_) => {
+                    self.panics
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!("reconcile pass panicked; retrying");
                     Duration::from_secs(1)
                 }
             };
         }
-        health.abort();
-        listener.abort();
-        for w in watchers {
-            w.abort();
-        }
+        self.shutdown().await;
+    }
+
+    /// Cancels every tracked task and waits until they have ended.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Tasks still running (starts, drains, watchers, ...).
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
     }
 
     /// One reconcile pass. Returns how long to wait before the next one at the latest.
@@ -349,47 +561,60 @@ impl Scheduler {
 
         // What is in flight, taken before listing: a start or drain that completes while we list
         // must still be seen as in flight, not as a leftover or a live instance.
-        let (pending_before, draining_before) = {
-            let st = self.state.lock().expect("scheduler lock");
+        let (pending_before, draining_before, removing_before) = {
+            let st = self.st();
             (
                 st.pending.keys().cloned().collect::<HashSet<String>>(),
                 st.draining.clone(),
+                st.removing.clone(),
             )
         };
 
-        // Observe every node: one labelled list call each.
+        // Observe every node: one labelled list call each, all at once, each bounded.
+        let lists = futures_util::future::join_all(self.engines.iter().map(|n| async move {
+            self.engine_calls.fetch_add(1, Relaxed);
+            let r = self
+                .bounded(
+                    n.name(),
+                    "listing instances",
+                    n.list_instances(&self.installation),
+                )
+                .await;
+            (n.name().to_string(), r)
+        }))
+        .await;
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
         let mut node_views = Vec::new();
-        for n in &self.nodes {
-            self.engine_calls.fetch_add(1, Relaxed);
-            match n.list_instances(&self.installation).await {
+        for (name, result) in lists {
+            match result {
                 Ok(list) => {
                     observed_nodes.push(plan::NodeState {
-                        name: n.name.clone(),
+                        name: name.clone(),
                         ready: true,
                     });
                     node_views.push(NodeView {
-                        name: n.name.clone(),
+                        name: name.clone(),
                         ready: true,
                         error: None,
                     });
-                    containers.extend(list.into_iter().map(|c| (n.name.clone(), c)));
+                    containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
                 Err(e) => {
-                    tracing::warn!(node = %n.name, error = %e, "node unreachable");
+                    tracing::warn!(node = %name, error = %e, "node unreachable");
                     observed_nodes.push(plan::NodeState {
-                        name: n.name.clone(),
+                        name: name.clone(),
                         ready: false,
                     });
                     node_views.push(NodeView {
-                        name: n.name.clone(),
+                        name,
                         ready: false,
                         error: Some(e.to_string()),
                     });
                 }
             }
         }
+        self.announce_nodes(&node_views).await;
 
         // Desired state, with rollout deadlines.
         let timeout_ms = self.config.scheduler.deploy_timeout.as_millis() as i64;
@@ -444,14 +669,17 @@ impl Scheduler {
 
         // Observed instances, as the planner sees them.
         let (observed, views) = {
-            let st = self.state.lock().expect("scheduler lock");
+            let st = self.st();
             let mut instances = Vec::new();
             let mut views = Vec::new();
             let mut seen = HashSet::new();
             for (node_name, c) in &containers {
                 seen.insert(c.instance.clone());
                 let health = self.health.get(&c.container_id);
-                let state = if st.draining.contains(&c.container_id)
+                let removing = st.removing.contains(&c.container_id)
+                    || removing_before.contains(&c.container_id);
+                let state = if removing
+                    || st.draining.contains(&c.container_id)
                     || draining_before.contains(&c.container_id)
                 {
                     InstanceState::Draining
@@ -495,21 +723,21 @@ impl Scheduler {
                     node: node_name.clone(),
                     container_id: c.container_id.chars().take(12).collect(),
                     state: match state {
-                        InstanceState::Draining => "draining",
-                        InstanceState::Exited { .. } => "exited",
+                        _ if removing => InstanceStatus::Exited,
+                        InstanceState::Draining => InstanceStatus::Draining,
+                        InstanceState::Exited { .. } => InstanceStatus::Exited,
                         InstanceState::Starting if c.state != node::InstanceState::Running => {
-                            "starting"
+                            InstanceStatus::Starting
                         }
-                        _ => "running",
-                    }
-                    .into(),
+                        _ => InstanceStatus::Running,
+                    },
                     health: match state {
-                        InstanceState::Healthy => "healthy",
-                        InstanceState::Unhealthy => "unhealthy",
-                        InstanceState::Starting => "starting",
-                        _ => "-",
-                    }
-                    .into(),
+                        _ if removing => HealthStatus::None,
+                        InstanceState::Healthy => HealthStatus::Healthy,
+                        InstanceState::Unhealthy => HealthStatus::Unhealthy,
+                        InstanceState::Starting => HealthStatus::Starting,
+                        _ => HealthStatus::None,
+                    },
                     address: c.addr.map(|a| a.to_string()),
                     created_at: c.created * 1000,
                     restarts,
@@ -553,8 +781,8 @@ impl Scheduler {
                     slot: p.slot,
                     node: p.node.clone(),
                     container_id: String::new(),
-                    state: "starting".into(),
-                    health: "starting".into(),
+                    state: InstanceStatus::Starting,
+                    health: HealthStatus::Starting,
                     address: None,
                     created_at: p.created_at,
                     restarts: st
@@ -600,9 +828,28 @@ impl Scheduler {
         };
 
         let actions = plan::plan(&desired, &observed);
+        let refs: HashMap<String, InstanceRef> = containers
+            .iter()
+            .map(|(node_name, c)| {
+                (
+                    c.container_id.clone(),
+                    InstanceRef {
+                        app: c.app.clone(),
+                        container_id: c.container_id.clone(),
+                        process: c.process.clone(),
+                        release: c.release,
+                        slot: c.slot,
+                        instance: c.instance.clone(),
+                        node: node_name.clone(),
+                    },
+                )
+            })
+            .collect();
         for action in actions {
-            self.execute(action, &inputs, &observed).await;
+            self.execute(action, &inputs, &observed, &refs).await;
         }
+        self.announce_health(&containers, &views);
+        self.announce_progress(&desired, &observed, &inputs);
 
         // Health targets and routes from what is running now.
         let mut targets = Vec::new();
@@ -634,7 +881,7 @@ impl Scheduler {
 
         // Healthy slots forget their crash history.
         let (crashing, next_backoff) = {
-            let mut st = self.state.lock().expect("scheduler lock");
+            let mut st = self.st();
             for o in &observed.instances {
                 if o.state == InstanceState::Healthy {
                     if let Some(c) = st
@@ -698,6 +945,7 @@ impl Scheduler {
         action: Action,
         inputs: &HashMap<String, AppPlanInput>,
         observed: &plan::Observed,
+        refs: &HashMap<String, InstanceRef>,
     ) {
         match action {
             Action::Start {
@@ -717,7 +965,7 @@ impl Scheduler {
                     "{app}-{process}-{slot}-v{release}-{}",
                     crate::auth::random_hex(2)
                 );
-                self.state.lock().expect("scheduler lock").pending.insert(
+                self.st().pending.insert(
                     instance.clone(),
                     Pending {
                         node: node.clone(),
@@ -732,35 +980,62 @@ impl Scheduler {
                 let me = self.clone();
                 let app_ref = input.app.clone();
                 let image = input.image.clone();
-                tokio::spawn(async move {
+                let mut iref = InstanceRef {
+                    app: app.clone(),
+                    container_id: String::new(),
+                    process: process.clone(),
+                    release,
+                    slot,
+                    instance: instance.clone(),
+                    node: node.clone(),
+                };
+                self.supervise("start", async move {
+                    // Whatever happens below (an error, a panic), the start is no longer
+                    // pending afterwards and a pass looks again.
+                    let _done = PendingDone {
+                        me: me.clone(),
+                        instance: instance.clone(),
+                    };
                     let result = me
                         .start(&app_ref, &image, &p, release, slot, &node, &instance)
                         .await;
                     let cancel = {
-                        let mut st = me.state.lock().expect("scheduler lock");
+                        let mut st = me.st();
                         st.pending.remove(&instance);
                         st.cancelled.remove(&instance)
                     };
                     match result {
                         Ok(started) if cancel => {
-                            if let Some(n) = me.node(&node) {
-                                let _ = n.remove_instance(&started.container_id).await;
+                            if let Some(n) = me.engine(&node) {
+                                let _ = me
+                                    .bounded(
+                                        &node,
+                                        "removing an instance",
+                                        n.remove_instance(&started.container_id),
+                                    )
+                                    .await;
                             }
                         }
-                        Ok(_) => {}
+                        Ok(started) => {
+                            iref.container_id = started.container_id;
+                            me.registry
+                                .bus()
+                                .publish(Event::InstanceStarted { instance: iref })
+                        }
                         Err(e) => {
                             tracing::warn!(%instance, error = %e, "instance failed to start");
+                            let logs = vec![e.to_string()];
                             me.record_crash(
                                 &app_ref.name,
                                 &p.name,
                                 (slot, Some(release)),
                                 None,
                                 false,
-                                vec![e.to_string()],
+                                logs.clone(),
                             );
+                            me.crashed(iref, None, false, logs).await;
                         }
                     }
-                    me.changed.notify_one();
                 });
             }
             Action::Drain {
@@ -771,42 +1046,84 @@ impl Scheduler {
                 reason,
             } => {
                 if let Some(instance) = container_id.strip_prefix("pending:") {
-                    self.state
-                        .lock()
-                        .expect("scheduler lock")
-                        .cancelled
-                        .insert(instance.to_string());
+                    self.st().cancelled.insert(instance.to_string());
                     return;
                 }
+                let slot = observed
+                    .instances
+                    .iter()
+                    .find(|i| i.container_id == container_id)
+                    .map(|i| i.slot);
+                let health_error = self.health.last_error(&container_id);
                 if reason == plan::DrainReason::Unhealthy {
-                    let slot = observed
-                        .instances
-                        .iter()
-                        .find(|i| i.container_id == container_id)
-                        .map(|i| i.slot);
                     if let Some(slot) = slot {
-                        let logs = self.last_logs(&node, &container_id).await;
-                        let mut lines = vec![self
-                            .health
-                            .last_error(&container_id)
+                        let line = health_error
+                            .as_ref()
                             .map(|e| format!("health check: {e}"))
-                            .unwrap_or_default()];
-                        lines.extend(logs);
-                        self.record_crash(&app, &process, (slot, None), None, false, lines);
+                            .unwrap_or_default();
+                        self.record_crash(&app, &process, (slot, None), None, false, vec![line]);
                     }
                 }
                 // The first snapshot built after this insert leaves the instance out.
                 let unrouted = {
-                    let mut st = self.state.lock().expect("scheduler lock");
+                    let mut st = self.st();
                     if !st.draining.insert(container_id.clone()) {
                         return;
                     }
                     st.routes_built + 1
                 };
                 tracing::info!(%app, %process, container = %short(&container_id), ?reason, "draining instance");
+                let (cause, why) = drain_cause(reason, health_error.as_deref());
+                let iref = refs.get(&container_id).cloned();
+                let draining = iref.clone().map(|instance| Event::InstanceDraining {
+                    instance,
+                    cause,
+                    reason: why.clone(),
+                });
+                // A replacement escale decided on its own is audited (the audit row publishes
+                // the event, from the task); other drains are announced at once.
+                if reason != plan::DrainReason::Unhealthy {
+                    if let Some(e) = draining.clone() {
+                        self.registry.bus().publish(e);
+                    }
+                }
                 let me = self.clone();
                 let mut published = self.routes_published.subscribe();
-                tokio::spawn(async move {
+                self.supervise("drain", async move {
+                    let _done = DrainDone {
+                        me: me.clone(),
+                        container_id: container_id.clone(),
+                    };
+                    if reason == plan::DrainReason::Unhealthy {
+                        let detail = match &iref {
+                            Some(i) => format!(
+                                "{}.{} v{} ({}) replaced: {why}",
+                                i.process, i.slot, i.release, i.instance
+                            ),
+                            None => format!("{process} instance replaced: {why}"),
+                        };
+                        if let Some(event) = draining {
+                            if let Err(e) = me
+                                .registry
+                                .record(Some(&app), "instance.replaced", &detail, event.clone())
+                                .await
+                            {
+                                tracing::warn!(%app, error = %e, "cannot record the replacement");
+                                me.registry.bus().publish(event);
+                            }
+                        }
+                        // Why it failed, for `escale ps`: read out of the pass.
+                        if let (Some(n), Some(slot)) = (me.engine(&node), slot) {
+                            let logs = runtime::last_logs(
+                                n.as_ref(),
+                                &container_id,
+                                10,
+                                LAST_LOGS_TIMEOUT,
+                            )
+                            .await;
+                            me.add_crash_logs(&app, &process, (slot, None), logs);
+                        }
+                    }
                     // Out of the routing table first: the grace period starts once the proxy
                     // has a snapshot without the instance (this pass publishes one after its
                     // actions, however long they take), so no new request reaches the instance
@@ -820,23 +1137,38 @@ impl Scheduler {
                         tracing::warn!(container = %short(&container_id), "no routing snapshot published; draining anyway");
                     }
                     tokio::time::sleep(me.config.scheduler.drain_grace).await;
-                    if let Some(n) = me.node(&node) {
-                        if let Err(e) = n
-                            .stop_instance(&container_id, me.config.scheduler.stop_timeout)
+                    if let Some(n) = me.engine(&node) {
+                        let stop_timeout = me.config.scheduler.stop_timeout;
+                        let stopped = tokio::time::timeout(
+                            stop_timeout + me.engine_timeout(),
+                            n.stop_instance(&container_id, stop_timeout),
+                        )
+                        .await;
+                        match stopped {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(container = %short(&container_id), error = %e, "stop failed")
+                            }
+                            Err(_) => {
+                                tracing::warn!(container = %short(&container_id), "stop did not finish in time")
+                            }
+                        }
+                        match me
+                            .bounded(&node, "removing an instance", n.remove_instance(&container_id))
                             .await
                         {
-                            tracing::warn!(container = %short(&container_id), error = %e, "stop failed");
-                        }
-                        if let Err(e) = n.remove_instance(&container_id).await {
-                            tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
+                            Ok(()) => {
+                                if let Some(i) = iref {
+                                    me.registry
+                                        .bus()
+                                        .publish(Event::InstanceStopped { instance: i });
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(container = %short(&container_id), error = %e, "remove failed")
+                            }
                         }
                     }
-                    me.state
-                        .lock()
-                        .expect("scheduler lock")
-                        .draining
-                        .remove(&container_id);
-                    me.changed.notify_one();
                 });
             }
             Action::Remove {
@@ -853,30 +1185,56 @@ impl Scheduler {
                     .iter()
                     .find(|i| i.container_id == container_id)
                     .map(|i| i.state.clone());
-                if crashed {
-                    let t = std::time::Instant::now();
-                    let logs = self.last_logs(&node, &container_id).await;
-                    tracing::debug!(took = ?t.elapsed(), lines = logs.len(), "last logs read");
-                    let (code, oom) = match exited {
-                        Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
-                        _ => (None, false),
-                    };
-                    tracing::warn!(%app, %process, slot, release, exit_code = ?code, oom, "instance exited; it will be replaced");
-                    self.record_crash(&app, &process, (slot, Some(release)), code, oom, logs);
+                let (code, oom) = match exited {
+                    Some(InstanceState::Exited { code, oom }) => (Some(code), oom),
+                    _ => (None, false),
+                };
+                if !self.st().removing.insert(container_id.clone()) {
+                    return;
                 }
-                if let Some(n) = self.node(&node) {
-                    self.engine_calls
+                if crashed {
+                    tracing::warn!(%app, %process, slot, release, exit_code = ?code, oom, "instance exited; it will be replaced");
+                    // The backoff counts at once; the last lines follow from the task.
+                    self.record_crash(&app, &process, (slot, Some(release)), code, oom, vec![]);
+                }
+                let iref = refs.get(&container_id).cloned();
+                let me = self.clone();
+                self.supervise("remove", async move {
+                    let _done = RemoveDone {
+                        me: me.clone(),
+                        container_id: container_id.clone(),
+                    };
+                    let Some(n) = me.engine(&node).cloned() else {
+                        return;
+                    };
+                    if crashed {
+                        let logs =
+                            runtime::last_logs(n.as_ref(), &container_id, 10, LAST_LOGS_TIMEOUT)
+                                .await;
+                        me.add_crash_logs(&app, &process, (slot, Some(release)), logs.clone());
+                        if let Some(i) = iref {
+                            me.crashed(i, code, oom, logs).await;
+                        }
+                    }
+                    me.engine_calls
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(e) = n.remove_instance(&container_id).await {
+                    if let Err(e) = me
+                        .bounded(&node, "removing an instance", n.remove_instance(&container_id))
+                        .await
+                    {
                         tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
                     }
-                }
+                });
             }
             Action::RolloutSucceeded { app, release } => {
                 if let Some(input) = inputs.get(&app) {
                     tracing::info!(%app, release, "rollout succeeded");
-                    if let Err(e) = self.registry.rollout_succeeded(&input.app, release).await {
-                        tracing::warn!(%app, error = %e, "cannot record the rollout");
+                    match self.registry.rollout_succeeded(&input.app, release).await {
+                        Ok(()) => self
+                            .registry
+                            .bus()
+                            .publish(Event::RolloutSucceeded { app, release }),
+                        Err(e) => tracing::warn!(%app, error = %e, "cannot record the rollout"),
                     }
                 }
             }
@@ -899,9 +1257,10 @@ impl Scheduler {
                     let list: Vec<String> = health_errors.into_iter().collect();
                     full.push_str(&format!("; last health check: {}", list.join("; ")));
                 }
-                // Logs of the failed release: of its last crash, else of a running instance.
-                let mut logs: Vec<String> = {
-                    let st = self.state.lock().expect("scheduler lock");
+                // Logs of the failed release: of its last crash, else of a running instance
+                // (read in the task below: a pass never waits on a container).
+                let logs: Vec<String> = {
+                    let st = self.st();
                     st.release_crashes
                         .iter()
                         .filter(|((a, _, r), _)| *a == app && *r == release)
@@ -909,8 +1268,10 @@ impl Scheduler {
                         .filter(|l| !l.is_empty())
                         .collect()
                 };
-                if logs.is_empty() {
-                    let running = observed.instances.iter().find(|i| {
+                let running = observed
+                    .instances
+                    .iter()
+                    .find(|i| {
                         i.app == app
                             && i.release == release
                             && !i.container_id.starts_with("pending:")
@@ -920,47 +1281,248 @@ impl Scheduler {
                                     | InstanceState::Unhealthy
                                     | InstanceState::Healthy
                             )
-                    });
-                    if let Some(i) = running {
-                        logs = self.last_logs(&i.node, &i.container_id).await;
-                        logs.retain(|l| !l.is_empty());
-                    }
+                    })
+                    .map(|i| (i.node.clone(), i.container_id.clone()));
+                // Recorded once: passes planned while the task runs find it here.
+                if !self.st().failing.insert((app.clone(), release)) {
+                    return;
                 }
-                if !logs.is_empty() {
-                    let tail: Vec<String> = logs.iter().rev().take(10).rev().cloned().collect();
-                    full.push_str("\nlast log lines:\n");
-                    full.push_str(&tail.join("\n"));
-                }
-                match self
-                    .registry
-                    .rollout_failed(&input.app, release, &full)
-                    .await
-                {
-                    Ok(previous) => {
-                        match previous {
-                            Some(p) => {
-                                tracing::warn!(%app, release, reason = %reason, previous = p, "rollout failed; the previous release keeps serving")
-                            }
-                            None => {
-                                tracing::warn!(%app, release, reason = %reason, "rollout failed; there is no previous release to serve the app")
+                let me = self.clone();
+                let app_ref = input.app.clone();
+                self.supervise("rollout-failed", async move {
+                    let _done = FailingDone {
+                        me: me.clone(),
+                        key: (app.clone(), release),
+                    };
+                    let mut logs = logs;
+                    if logs.is_empty() {
+                        if let Some((node, id)) = running {
+                            if let Some(n) = me.engine(&node).cloned() {
+                                logs = runtime::last_logs(n.as_ref(), &id, 10, LAST_LOGS_TIMEOUT)
+                                    .await;
+                                logs.retain(|l| !l.is_empty());
                             }
                         }
-                        self.changed.notify_one()
                     }
-                    Err(e) => tracing::warn!(%app, error = %e, "cannot record the failed rollout"),
+                    if !logs.is_empty() {
+                        let tail: Vec<String> =
+                            logs.iter().rev().take(10).rev().cloned().collect();
+                        full.push_str("\nlast log lines:\n");
+                        full.push_str(&tail.join("\n"));
+                    }
+                    match me.registry.rollout_failed(&app_ref, release, &full).await {
+                        Ok(previous) => {
+                            match previous {
+                                Some(p) => {
+                                    tracing::warn!(%app, release, reason = %reason, previous = p, "rollout failed; the previous release keeps serving")
+                                }
+                                None => {
+                                    tracing::warn!(%app, release, reason = %reason, "rollout failed; there is no previous release to serve the app")
+                                }
+                            }
+                            me.registry.bus().publish(Event::RolloutFailed {
+                                app,
+                                release,
+                                reason: full,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(%app, error = %e, "cannot record the failed rollout")
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Announces a crash (an exit, or a failed start) on the bus and in the audit log.
+    async fn crashed(
+        &self,
+        instance: InstanceRef,
+        exit_code: Option<i64>,
+        oom: bool,
+        last_logs: Vec<String>,
+    ) {
+        let app = instance.app.clone();
+        let event = Event::InstanceCrashed {
+            instance,
+            exit_code,
+            oom,
+            last_logs,
+        };
+        let detail = event.summary();
+        if let Err(e) = self
+            .registry
+            .record(Some(&app), "instance.crashed", &detail, event)
+            .await
+        {
+            tracing::warn!(%app, error = %e, "cannot record the crash");
+        }
+    }
+
+    /// Publishes `NodeReady`/`NodeDown` when a node's readiness changed (a first sighting of
+    /// a ready node is announced too); losing a node and getting it back are audited.
+    async fn announce_nodes(&self, nodes: &[NodeView]) {
+        let changes: Vec<(NodeView, Option<bool>)> = {
+            let mut st = self.st();
+            nodes
+                .iter()
+                .filter_map(|n| {
+                    let before = st.node_ready.insert(n.name.clone(), n.ready);
+                    (before != Some(n.ready)).then(|| (n.clone(), before))
+                })
+                .collect()
+        };
+        for (n, before) in changes {
+            if n.ready {
+                let event = Event::NodeReady {
+                    node: n.name.clone(),
+                };
+                if before == Some(false) {
+                    let detail = format!("node {} answers again", n.name);
+                    if let Err(e) = self
+                        .registry
+                        .record(None, "node.ready", &detail, event)
+                        .await
+                    {
+                        tracing::warn!(node = %n.name, error = %e, "cannot record the node");
+                    }
+                } else {
+                    self.registry.bus().publish(event);
+                }
+            } else {
+                let error = n.error.clone().unwrap_or_default();
+                let detail = format!("node {} unreachable: {error}", n.name);
+                let event = Event::NodeDown {
+                    node: n.name.clone(),
+                    error,
+                };
+                if let Err(e) = self
+                    .registry
+                    .record(None, "node.down", &detail, event)
+                    .await
+                {
+                    tracing::warn!(node = %n.name, error = %e, "cannot record the node");
                 }
             }
+        }
+    }
+
+    /// Publishes `InstanceHealthy`/`InstanceUnhealthy` for running instances whose verdict
+    /// changed since it was last announced.
+    fn announce_health(
+        &self,
+        containers: &[(String, node::ContainerInstance)],
+        views: &[InstanceView],
+    ) {
+        let ids: HashMap<&str, &str> = containers
+            .iter()
+            .map(|(_, c)| (c.instance.as_str(), c.container_id.as_str()))
+            .collect();
+        let mut events = Vec::new();
+        {
+            let mut st = self.st();
+            let seen: HashSet<&str> = views.iter().map(|v| v.instance.as_str()).collect();
+            st.announced.retain(|i, _| seen.contains(i.as_str()));
+            for v in views {
+                if v.state != InstanceStatus::Running
+                    || !matches!(v.health, HealthStatus::Healthy | HealthStatus::Unhealthy)
+                {
+                    continue;
+                }
+                if st.announced.insert(v.instance.clone(), v.health) == Some(v.health) {
+                    continue;
+                }
+                let instance = InstanceRef {
+                    app: v.app.clone(),
+                    container_id: ids
+                        .get(v.instance.as_str())
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
+                    process: v.process.clone(),
+                    release: v.release,
+                    slot: v.slot,
+                    instance: v.instance.clone(),
+                    node: v.node.clone(),
+                };
+                events.push(if v.health == HealthStatus::Healthy {
+                    Event::InstanceHealthy { instance }
+                } else {
+                    let reason = ids
+                        .get(v.instance.as_str())
+                        .and_then(|id| self.health.last_error(id))
+                        .unwrap_or_else(|| "health check failed".into());
+                    Event::InstanceUnhealthy { instance, reason }
+                });
+            }
+        }
+        for e in events {
+            self.registry.bus().publish(e);
+        }
+    }
+
+    /// Publishes `RolloutProgress` for apps whose release is deploying, when the numbers
+    /// changed.
+    fn announce_progress(
+        &self,
+        desired: &plan::Desired,
+        observed: &plan::Observed,
+        inputs: &HashMap<String, AppPlanInput>,
+    ) {
+        let mut events = Vec::new();
+        {
+            let mut st = self.st();
+            let deploying: HashSet<&str> = desired
+                .apps
+                .iter()
+                .filter(|a| a.rollout_deadline_ms.is_some() && inputs.contains_key(&a.app))
+                .map(|a| a.app.as_str())
+                .collect();
+            st.progress.retain(|a, _| deploying.contains(a.as_str()));
+            for a in desired
+                .apps
+                .iter()
+                .filter(|a| deploying.contains(a.app.as_str()))
+            {
+                let mine = observed.instances.iter().filter(|i| i.app == a.app);
+                let (mut healthy, mut old) = (0, 0);
+                for i in mine {
+                    let live = matches!(
+                        i.state,
+                        InstanceState::Starting | InstanceState::Healthy | InstanceState::Unhealthy
+                    );
+                    if i.release == a.release && i.state == InstanceState::Healthy {
+                        healthy += 1;
+                    } else if i.release != a.release && live {
+                        old += 1;
+                    }
+                }
+                let total = a.processes.iter().map(|p| p.instances).sum::<u32>();
+                let now = (a.release, healthy, total, old);
+                if st.progress.insert(a.app.clone(), now) != Some(now) {
+                    events.push(Event::RolloutProgress {
+                        app: a.app.clone(),
+                        release: a.release,
+                        healthy,
+                        total,
+                        old,
+                    });
+                }
+            }
+        }
+        for e in events {
+            self.registry.bus().publish(e);
         }
     }
 
     /// Removes the networks of apps the registry no longer has (destroyed apps, leftovers of
     /// an earlier run). Runs on the first pass, when an app left the registry, while a
     /// network could not be removed yet (its containers still draining), and every
-    /// [`NETWORK_SWEEP_INTERVAL`]; otherwise costs nothing.
+    /// [`NETWORK_SWEEP_INTERVAL`]; otherwise costs nothing. Each call is bounded.
     async fn sweep_networks(&self, apps: HashSet<(String, String)>) {
         use std::sync::atomic::Ordering::Relaxed;
         let due = {
-            let mut st = self.state.lock().expect("scheduler lock");
+            let mut st = self.st();
             let gone = st.network_apps.difference(&apps).next().is_some();
             st.network_apps = apps.clone();
             gone || st.networks_left
@@ -972,12 +1534,19 @@ impl Scheduler {
             return;
         }
         let mut left = false;
-        for n in &self.nodes {
+        for n in &self.engines {
             self.engine_calls.fetch_add(1, Relaxed);
-            let networks = match n.list_app_networks(&self.installation).await {
+            let networks = match self
+                .bounded(
+                    n.name(),
+                    "listing app networks",
+                    n.list_app_networks(&self.installation),
+                )
+                .await
+            {
                 Ok(list) => list,
                 Err(e) => {
-                    tracing::warn!(node = %n.name, error = %e, "cannot list app networks");
+                    tracing::warn!(node = %n.name(), error = %e, "cannot list app networks");
                     left = true;
                     continue;
                 }
@@ -987,19 +1556,22 @@ impl Scheduler {
                     continue;
                 }
                 self.engine_calls.fetch_add(1, Relaxed);
-                match n.remove_network(&net.id).await {
+                match self
+                    .bounded(n.name(), "removing a network", n.remove_network(&net.id))
+                    .await
+                {
                     Ok(()) => {
-                        tracing::info!(node = %n.name, network = %net.name, app = %net.app, "app network removed")
+                        tracing::info!(node = %n.name(), network = %net.name, app = %net.app, "app network removed")
                     }
                     // Most likely containers of the app are still draining: next pass.
                     Err(e) => {
-                        tracing::debug!(node = %n.name, network = %net.name, error = %e, "app network not removed yet");
+                        tracing::debug!(node = %n.name(), network = %net.name, error = %e, "app network not removed yet");
                         left = true;
                     }
                 }
             }
         }
-        let mut st = self.state.lock().expect("scheduler lock");
+        let mut st = self.st();
         st.networks_swept = Some(std::time::Instant::now());
         st.networks_left = left;
     }
@@ -1015,18 +1587,48 @@ impl Scheduler {
         node_name: &str,
         instance: &str,
     ) -> Result<node::StartedInstance, SchedulerError> {
-        let node = self.node(node_name).ok_or(SchedulerError::NoNode)?;
-        if !node.image_exists(image).await? {
+        let node = self.engine(node_name).ok_or(SchedulerError::NoNode)?;
+        // Pulls and copies move whole images: bounded by the deploy timeout instead.
+        let transfer = self
+            .config
+            .scheduler
+            .deploy_timeout
+            .max(self.engine_timeout());
+        if !self
+            .bounded(node_name, "looking up an image", node.image_exists(image))
+            .await?
+        {
             let mut copied = false;
-            for other in &self.nodes {
-                if other.name != node.name && other.image_exists(image).await.unwrap_or(false) {
-                    Node::copy_image(other, node, image).await?;
+            for other in &self.engines {
+                if other.name() != node.name()
+                    && self
+                        .bounded(
+                            other.name(),
+                            "looking up an image",
+                            other.image_exists(image),
+                        )
+                        .await
+                        .unwrap_or(false)
+                {
+                    self.bounded_for(
+                        transfer,
+                        node_name,
+                        "copying an image",
+                        runtime::copy_image(other.as_ref(), node.as_ref(), image),
+                    )
+                    .await?;
                     copied = true;
                     break;
                 }
             }
             if !copied {
-                node.ensure_image(image).await?;
+                self.bounded_for(
+                    transfer,
+                    node_name,
+                    "pulling an image",
+                    node.ensure_image(image),
+                )
+                .await?;
             }
         }
         let mut env = self.registry.release_env(app, release).await?;
@@ -1047,14 +1649,20 @@ impl Scheduler {
             port: p.port,
             memory_bytes: p.memory_bytes.map(|m| m as i64),
             nano_cpus: p.nano_cpus,
-            bind_ip: node.advertise_ip,
+            bind_ip: node.advertise_ip(),
             log_max_size: self.config.scheduler.log_max_size.clone(),
             log_max_files: self.config.scheduler.log_max_files,
             extra_labels: vec![(node::LABEL_SPEC.to_string(), spec_hash(image, p))],
             app_uid: app.uid.clone(),
             ..Default::default()
         };
-        Ok(node.start_instance(&spec).await?)
+        Ok(self
+            .bounded(
+                node_name,
+                "starting an instance",
+                node.start_instance(&spec),
+            )
+            .await?)
     }
 
     /// Records a crash of `slot`; with a release, an exit or failed start of that release
@@ -1068,7 +1676,7 @@ impl Scheduler {
         oom: bool,
         logs: Vec<String>,
     ) {
-        let mut st = self.state.lock().expect("scheduler lock");
+        let mut st = self.st();
         if let Some(release) = release {
             let r = st
                 .release_crashes
@@ -1099,18 +1707,35 @@ impl Scheduler {
         }
     }
 
-    async fn last_logs(&self, node_name: &str, container_id: &str) -> Vec<String> {
-        let Some(n) = self.node(node_name) else {
-            return vec![];
-        };
-        let stream = n.logs(container_id, false, Some(10));
-        let collect = stream
-            .take(10)
-            .filter_map(|l| async move { l.ok().map(|l| l.text.trim_end().to_string()) })
-            .collect::<Vec<_>>();
-        tokio::time::timeout(Duration::from_secs(2), collect)
-            .await
-            .unwrap_or_default()
+    /// Adds the last lines of a crashed (or replaced) instance to its slot's crash record,
+    /// once an action task has read them.
+    fn add_crash_logs(
+        &self,
+        app: &str,
+        process: &str,
+        (slot, release): (u32, Option<u32>),
+        logs: Vec<String>,
+    ) {
+        if !logs.iter().any(|l| !l.is_empty()) {
+            return;
+        }
+        let mut st = self.st();
+        if let Some(release) = release {
+            if let Some(r) =
+                st.release_crashes
+                    .get_mut(&(app.to_string(), process.to_string(), release))
+            {
+                r.last_logs = logs.clone();
+            }
+        }
+        if let Some(c) = st
+            .crashes
+            .get_mut(&(app.to_string(), process.to_string(), slot))
+        {
+            c.last_logs
+                .retain(|l| !l.is_empty() && l.starts_with("health check: "));
+            c.last_logs.extend(logs);
+        }
     }
 
     /// Builds and publishes the routing table. `draining_before` (taken before `containers`
@@ -1124,7 +1749,7 @@ impl Scheduler {
         draining_before: &HashSet<String>,
     ) {
         let (draining, built) = {
-            let mut st = self.state.lock().expect("scheduler lock");
+            let mut st = self.st();
             st.routes_built += 1;
             (st.draining.clone(), st.routes_built)
         };
@@ -1204,20 +1829,113 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// The message a panic carried.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Why a drain happens, for its event.
+fn drain_cause(reason: plan::DrainReason, health_error: Option<&str>) -> (DrainCause, String) {
+    use plan::DrainReason as R;
+    match reason {
+        R::Replaced => (DrainCause::Rollout, "replaced by the target release".into()),
+        R::ScaledDown => (DrainCause::ScaledDown, "scaled down".into()),
+        R::Duplicate => (
+            DrainCause::ScaledDown,
+            "a second instance of its slot".into(),
+        ),
+        R::Unhealthy => (
+            DrainCause::Unhealthy,
+            match health_error {
+                Some(e) => format!("failing its health check: {e}"),
+                None => "failing its health check".into(),
+            },
+        ),
+        R::Orphan => (
+            DrainCause::ScaledDown,
+            "its app or process is no longer desired".into(),
+        ),
+    }
+}
+
+/// Ends a start in the execution state whatever way its task ends (a panic included).
+struct PendingDone {
+    me: Arc<Scheduler>,
+    instance: String,
+}
+
+impl Drop for PendingDone {
+    fn drop(&mut self) {
+        let mut st = self.me.st();
+        st.pending.remove(&self.instance);
+        st.cancelled.remove(&self.instance);
+        drop(st);
+        self.me.changed.notify_one();
+    }
+}
+
+/// Ends a drain in the execution state whatever way its task ends.
+struct DrainDone {
+    me: Arc<Scheduler>,
+    container_id: String,
+}
+
+impl Drop for DrainDone {
+    fn drop(&mut self) {
+        self.me.st().draining.remove(&self.container_id);
+        self.me.changed.notify_one();
+    }
+}
+
+/// Ends a removal in the execution state whatever way its task ends.
+/// Forgets a failed rollout being recorded when its task ends (or panics), and wakes a pass.
+struct FailingDone {
+    me: Arc<Scheduler>,
+    key: (String, u32),
+}
+
+impl Drop for FailingDone {
+    fn drop(&mut self) {
+        self.me.st().failing.remove(&self.key);
+        self.me.changed.notify_one();
+    }
+}
+
+struct RemoveDone {
+    me: Arc<Scheduler>,
+    container_id: String,
+}
+
+impl Drop for RemoveDone {
+    fn drop(&mut self) {
+        self.me.st().removing.remove(&self.container_id);
+        self.me.changed.notify_one();
+    }
+}
+
 /// Follows a node's container events and wakes the reconciler on each; reconnects on error.
-async fn watch_events(node: Arc<Node>, installation: String, changed: Arc<Notify>) {
+async fn watch_events(
+    node: Arc<dyn Engine>,
+    installation: String,
+    changed: Arc<Notify>,
+    me: Arc<Scheduler>,
+) {
     loop {
-        let mut events = Box::pin(node.events(&installation));
+        let mut events = node.events(&installation);
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(ev) => {
-                    tracing::debug!(node = %node.name, action = %ev.action, instance = ?ev.instance, "engine event");
+                    tracing::debug!(node = %node.name(), action = %ev.action, instance = ?ev.instance, "engine event");
                     changed.notify_one();
                     // The engine sends `die` a moment before its container list says
                     // "exited": look again shortly, so healing does not wait for the interval.
                     if matches!(ev.action.as_str(), "die" | "oom") {
                         let again = changed.clone();
-                        tokio::spawn(async move {
+                        me.supervise("event follow-up", async move {
                             for ms in [150, 350, 500] {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                                 again.notify_one();
@@ -1226,7 +1944,7 @@ async fn watch_events(node: Arc<Node>, installation: String, changed: Arc<Notify
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(node = %node.name, error = %e, "event stream ended");
+                    tracing::debug!(node = %node.name(), error = %e, "event stream ended");
                     break;
                 }
             }

@@ -446,35 +446,29 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
-    // Placement: spread over ready nodes, counting this pass's drains and starts.
-    let mut per_process: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
-    let mut total: BTreeMap<&str, usize> = ready.iter().map(|&n| (n, 0)).collect();
-    for view in &views {
-        let node = view.inst.node.as_str();
-        let counted = matches!(view.phase, Phase::Live(_))
-            && !drained.contains(view.inst.container_id.as_str());
-        if counted {
-            if let Some(count) = total.get_mut(node) {
-                *count += 1;
-                *per_process
-                    .entry((view.inst.app.as_str(), view.inst.process.as_str(), node))
-                    .or_default() += 1;
-            }
-        }
-    }
-    for (app, process, release, slot) in starts {
-        let best = total
-            .iter()
-            .map(|(&node, &load)| {
-                let mine = per_process.get(&(app, process, node)).copied().unwrap_or(0);
-                (mine, load, node)
-            })
-            .min();
-        let Some((_, _, node)) = best else {
+    // Placement (see `placement`): spread over ready nodes, counting this pass's drains and
+    // starts.
+    let live = views
+        .iter()
+        .filter(|v| {
+            matches!(v.phase, Phase::Live(_)) && !drained.contains(v.inst.container_id.as_str())
+        })
+        .map(|v| {
+            (
+                v.inst.app.as_str(),
+                v.inst.process.as_str(),
+                v.inst.node.as_str(),
+            )
+        });
+    let placed = super::placement::place(
+        &observed.nodes,
+        live,
+        starts.iter().map(|&(app, process, _, _)| (app, process)),
+    );
+    for ((app, process, release, slot), node) in starts.into_iter().zip(placed) {
+        let Some(node) = node else {
             continue; // no ready node: nothing can start
         };
-        *total.entry(node).or_default() += 1;
-        *per_process.entry((app, process, node)).or_default() += 1;
         let key = SortKey {
             app: app.to_owned(),
             section: 0,

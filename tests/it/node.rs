@@ -4,7 +4,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use bollard::query_parameters::InspectContainerOptions;
 use escale::node::{
     InstanceState, LogStream, NodeError, LABEL_APP, LABEL_INSTALLATION, LABEL_INSTANCE,
     LABEL_PROCESS, LABEL_RELEASE, LABEL_SLOT,
@@ -57,27 +56,24 @@ async fn instance_is_reachable_with_env_limits_and_labels() {
     assert_eq!(http_get(started.addr, "/health").await.unwrap().0, 200);
     assert_eq!(http_get(started.addr, "/env/NOPE").await.unwrap().0, 404);
 
-    let inspect = t
-        .node
-        .docker
-        .inspect_container(&started.container_id, None::<InspectContainerOptions>)
-        .await
-        .unwrap();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&docker_cli(&["inspect", &started.container_id]))
+            .expect("docker inspect answers JSON");
+    let inspect = &inspect[0];
     assert_eq!(
-        inspect.name.as_deref(),
+        inspect["Name"].as_str(),
         Some(format!("/escale-{}-web-a", t.id).as_str())
     );
-    let host = inspect.host_config.unwrap();
-    assert_eq!(host.memory, Some(64 * 1024 * 1024));
-    assert_eq!(host.memory_swap, Some(64 * 1024 * 1024));
-    assert_eq!(host.nano_cpus, Some(500_000_000));
-    assert_eq!(host.init, Some(true));
-    let log = host.log_config.unwrap();
-    assert_eq!(log.typ.as_deref(), Some("json-file"));
-    let log_opts = log.config.unwrap();
-    assert_eq!(log_opts.get("max-size").map(String::as_str), Some("1m"));
-    assert_eq!(log_opts.get("max-file").map(String::as_str), Some("2"));
-    let labels = inspect.config.unwrap().labels.unwrap();
+    let host = &inspect["HostConfig"];
+    assert_eq!(host["Memory"].as_i64(), Some(64 * 1024 * 1024));
+    assert_eq!(host["MemorySwap"].as_i64(), Some(64 * 1024 * 1024));
+    assert_eq!(host["NanoCpus"].as_i64(), Some(500_000_000));
+    assert_eq!(host["Init"].as_bool(), Some(true));
+    let log = &host["LogConfig"];
+    assert_eq!(log["Type"].as_str(), Some("json-file"));
+    assert_eq!(log["Config"]["max-size"].as_str(), Some("1m"));
+    assert_eq!(log["Config"]["max-file"].as_str(), Some("2"));
+    let labels = &inspect["Config"]["Labels"];
     for (k, v) in [
         (LABEL_INSTALLATION, t.id.as_str()),
         (LABEL_APP, "app"),
@@ -86,7 +82,7 @@ async fn instance_is_reachable_with_env_limits_and_labels() {
         (LABEL_SLOT, "0"),
         (LABEL_INSTANCE, "web-a"),
     ] {
-        assert_eq!(labels.get(k).map(String::as_str), Some(v), "label {k}");
+        assert_eq!(labels[k].as_str(), Some(v), "label {k}");
     }
 }
 

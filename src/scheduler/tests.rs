@@ -1,0 +1,649 @@
+//! The reconciler against in-memory engines ([`crate::runtime::fake::FakeEngine`]) and a real
+//! registry on a temporary directory: crash backoff, adoption after a restart, drains, rollout
+//! failure, engine calls that hang, fail or panic, and the events that come out of it all.
+//!
+//! Passes are driven by hand ([`Scheduler::pass`]) except where `run` itself is under test;
+//! tests wait for conditions (with a deadline), never for fixed times.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Scheduler;
+use crate::config::Config;
+use crate::events::{DrainCause, Event, HealthStatus, InstanceStatus, Subscription};
+use crate::registry::{Actor, HealthKind, ProcessPatch, Registry};
+use crate::runtime::fake::{Call, FakeEngine};
+use crate::runtime::Engine;
+
+const IMAGE: &str = "registry.example/shop:1";
+const DEADLINE: Duration = Duration::from_secs(15);
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    registry: Registry,
+    config: Arc<Config>,
+    actor: Actor,
+    engines: Vec<Arc<FakeEngine>>,
+    sched: Arc<Scheduler>,
+    bus: Subscription,
+    events: Vec<Event>,
+}
+
+impl Harness {
+    async fn new(nodes: &[&str]) -> Harness {
+        Harness::with(nodes, |_| {}).await
+    }
+
+    async fn with(nodes: &[&str], tune: impl FnOnce(&mut Config)) -> Harness {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let registry = Registry::open(
+            &dir.path().join("escale.db"),
+            crate::secrets::MasterKey::random(),
+        )
+        .await
+        .expect("registry");
+        let actor = registry.host_admin().await.expect("admin");
+        let mut config = Config::for_data_dir(dir.path());
+        config.scheduler.drain_grace = Duration::ZERO;
+        config.scheduler.stop_timeout = Duration::from_millis(100);
+        config.scheduler.reconcile_interval = Duration::from_millis(100);
+        tune(&mut config);
+        let config = Arc::new(config);
+        let engines: Vec<Arc<FakeEngine>> = nodes.iter().map(|n| FakeEngine::new(n)).collect();
+        let bus = registry.bus().subscribe();
+        let sched = Harness::scheduler(&registry, &config, &engines);
+        Harness {
+            _dir: dir,
+            registry,
+            config,
+            actor,
+            engines,
+            sched,
+            bus,
+            events: Vec::new(),
+        }
+    }
+
+    fn scheduler(
+        registry: &Registry,
+        config: &Arc<Config>,
+        engines: &[Arc<FakeEngine>],
+    ) -> Arc<Scheduler> {
+        let sched = Scheduler::with_engines(
+            registry.clone(),
+            config.clone(),
+            engines
+                .iter()
+                .map(|e| e.clone() as Arc<dyn Engine>)
+                .collect(),
+            crate::routing::shared(),
+        );
+        sched.set_engine_timeout(Duration::from_millis(300));
+        sched
+    }
+
+    /// An app whose `web` process runs `instances` of [`IMAGE`] (health: none, so an
+    /// instance is healthy once listed), deployed.
+    async fn app(&self, name: &str, instances: u32) {
+        self.registry
+            .create_app(&self.actor, name, None, 8080)
+            .await
+            .expect("app");
+        let patch = ProcessPatch {
+            health_kind: Some(HealthKind::None),
+            ..Default::default()
+        };
+        self.registry
+            .upsert_process(&self.actor, name, "web", &patch, 8080)
+            .await
+            .expect("process");
+        self.scale(name, instances).await;
+        self.deploy(name, IMAGE).await;
+    }
+
+    async fn scale(&self, name: &str, instances: u32) {
+        self.registry
+            .set_formation(
+                &self.actor,
+                name,
+                &BTreeMap::from([("web".to_string(), instances)]),
+            )
+            .await
+            .expect("formation");
+    }
+
+    async fn deploy(&self, name: &str, image: &str) -> u32 {
+        self.registry
+            .create_release(&self.actor, name, image, "image", "test")
+            .await
+            .expect("release")
+    }
+
+    /// Takes what the bus has so far.
+    async fn collect(&mut self) {
+        while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(1), self.bus.recv()).await
+        {
+            self.events.push(e.event.clone());
+        }
+    }
+
+    /// Runs passes until `done` holds (panics after [`DEADLINE`]).
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&Harness) -> bool) {
+        let start = Instant::now();
+        loop {
+            self.sched.pass().await.expect("pass");
+            // The health checker, by hand too (verdicts are read by the next pass).
+            self.sched.health.probe_due().await;
+            self.collect().await;
+            if done(self) {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn engine(&self, i: usize) -> &FakeEngine {
+        &self.engines[i]
+    }
+
+    fn healthy(&self) -> usize {
+        self.sched
+            .view
+            .load()
+            .instances
+            .iter()
+            .filter(|i| i.state == InstanceStatus::Running && i.health == HealthStatus::Healthy)
+            .count()
+    }
+
+    fn count(&self, pred: impl Fn(&Event) -> bool) -> usize {
+        self.events.iter().filter(|e| pred(e)).count()
+    }
+}
+
+#[tokio::test]
+async fn instances_start_and_are_announced() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.app("shop", 2).await;
+    h.until("two healthy instances", |h| h.healthy() == 2).await;
+    // Spread: one per node.
+    assert_eq!(h.engine(0).running().len(), 1);
+    assert_eq!(h.engine(1).running().len(), 1);
+    h.until("the rollout to succeed", |h| {
+        h.count(|e| matches!(e, Event::RolloutSucceeded { app, release: 1 } if app == "shop")) == 1
+    })
+    .await;
+    assert_eq!(h.count(|e| matches!(e, Event::InstanceStarted { .. })), 2);
+    assert_eq!(h.count(|e| matches!(e, Event::InstanceHealthy { .. })), 2);
+    assert_eq!(h.count(|e| matches!(e, Event::NodeReady { .. })), 2);
+    assert!(
+        h.count(|e| matches!(
+            e,
+            Event::RolloutProgress {
+                healthy: 2,
+                total: 2,
+                ..
+            }
+        )) >= 1,
+        "{:?}",
+        h.events
+    );
+    // Announced once, not at every pass.
+    h.until("a few more passes", |h| h.sched.passes.load(Relaxed) > 10)
+        .await;
+    assert_eq!(h.count(|e| matches!(e, Event::InstanceHealthy { .. })), 2);
+}
+
+#[tokio::test]
+async fn a_crashed_instance_is_replaced_then_backed_off() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.app("shop", 1).await;
+    h.until("one healthy instance", |h| h.healthy() == 1).await;
+    h.engine(0)
+        .set_start_logs(&["listening", "boom: out of cheese"]);
+
+    // A first crash is replaced at once.
+    let first = h.engine(0).running()[0].container_id.clone();
+    h.engine(0).exit(&first, 3, false);
+    h.until("a replacement", |h| {
+        h.engine(0)
+            .running()
+            .iter()
+            .any(|c| c.container_id != first)
+    })
+    .await;
+    h.until("the crash announced", |h| {
+        h.count(|e| {
+            matches!(
+                e,
+                Event::InstanceCrashed {
+                    exit_code: Some(3),
+                    oom: false,
+                    ..
+                }
+            )
+        }) == 1
+    })
+    .await;
+    assert!(
+        h.engine(0)
+            .containers()
+            .iter()
+            .all(|c| c.container_id != first),
+        "removed"
+    );
+
+    // A second crash in a row waits 1 s.
+    let second = h.engine(0).running()[0].container_id.clone();
+    h.engine(0).exit(&second, 4, false);
+    let crashed_at = Instant::now();
+    let starts = h.engine(0).calls(Call::Start);
+    h.until("a second replacement", |h| h.engine(0).running().len() == 1)
+        .await;
+    assert!(
+        crashed_at.elapsed() >= Duration::from_millis(900),
+        "restarted after {:?}",
+        crashed_at.elapsed()
+    );
+    assert_eq!(h.engine(0).calls(Call::Start), starts + 1);
+    h.until("the second crash announced with its logs", |h| {
+        h.events.iter().any(|e| {
+            matches!(e, Event::InstanceCrashed { exit_code: Some(4), last_logs, .. }
+                if last_logs.iter().any(|l| l.contains("out of cheese")))
+        })
+    })
+    .await;
+
+    // A third waits 2 s; the crash loop is shown meanwhile.
+    let third = h.engine(0).running()[0].container_id.clone();
+    h.engine(0).exit(&third, 5, false);
+    let crashed_at = Instant::now();
+    h.until("the crash loop shown", |h| {
+        h.sched
+            .view
+            .load()
+            .crashing
+            .iter()
+            .any(|c| c.crashes == 3 && c.last_exit_code == Some(5))
+    })
+    .await;
+    h.until("a third replacement", |h| h.engine(0).running().len() == 1)
+        .await;
+    assert!(
+        crashed_at.elapsed() >= Duration::from_millis(1900),
+        "restarted after {:?}",
+        crashed_at.elapsed()
+    );
+
+    // The operator sees the crashes later in the audit log.
+    let audit = h
+        .registry
+        .events(&h.actor, Some("shop"), 100)
+        .await
+        .expect("audit");
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e.action == "instance.crashed")
+            .count(),
+        3
+    );
+    assert!(audit
+        .iter()
+        .all(|e| e.action != "instance.crashed" || e.actor == "escale"));
+}
+
+#[tokio::test]
+async fn a_new_scheduler_adopts_running_instances() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.app("shop", 3).await;
+    h.until("three healthy instances", |h| h.healthy() == 3)
+        .await;
+    let before: Vec<String> = {
+        let mut ids: Vec<String> = h
+            .engines
+            .iter()
+            .flat_map(|e| e.running())
+            .map(|c| c.container_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let starts: u64 = h.engines.iter().map(|e| e.calls(Call::Start)).sum();
+    h.sched.shutdown().await;
+
+    // escale restarts: a new scheduler over the same engines and registry.
+    h.sched = Harness::scheduler(&h.registry, &h.config, &h.engines);
+    h.until("three healthy adopted instances", |h| h.healthy() == 3)
+        .await;
+    h.until("a few more passes", |h| h.sched.passes.load(Relaxed) > 5)
+        .await;
+    let mut after: Vec<String> = h
+        .engines
+        .iter()
+        .flat_map(|e| e.running())
+        .map(|c| c.container_id)
+        .collect();
+    after.sort();
+    assert_eq!(before, after);
+    let starts_after: u64 = h.engines.iter().map(|e| e.calls(Call::Start)).sum();
+    assert_eq!(starts, starts_after, "nothing started");
+    let stops: u64 = h.engines.iter().map(|e| e.calls(Call::Stop)).sum();
+    assert_eq!(stops, 0);
+}
+
+#[tokio::test]
+async fn scaling_down_drains_then_stops() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.app("shop", 3).await;
+    h.until("three healthy instances", |h| h.healthy() == 3)
+        .await;
+    h.scale("shop", 1).await;
+    h.until("one instance left", |h| {
+        h.engine(0).containers().len() == 1
+            && h.count(|e| matches!(e, Event::InstanceStopped { .. })) == 2
+    })
+    .await;
+    assert_eq!(h.engine(0).calls(Call::Stop), 2);
+    let drains: Vec<&Event> = h
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::InstanceDraining { .. }))
+        .collect();
+    assert_eq!(drains.len(), 2, "{drains:?}");
+    assert!(drains.iter().all(|e| matches!(
+        e,
+        Event::InstanceDraining {
+            cause: DrainCause::ScaledDown,
+            ..
+        }
+    )));
+    // Each drained instance was announced draining before it was stopped.
+    for e in &drains {
+        let Event::InstanceDraining { instance, .. } = e else {
+            unreachable!()
+        };
+        let at = |want: &dyn Fn(&Event) -> bool| h.events.iter().position(want);
+        let drained =
+            at(&|x| matches!(x, Event::InstanceDraining { instance: i, .. } if i == instance));
+        let stopped = at(&|x| matches!(x, Event::InstanceStopped { instance: i } if i == instance));
+        assert!(drained < stopped, "{:?}", h.events);
+    }
+}
+
+#[tokio::test]
+async fn a_release_that_cannot_start_fails_its_rollout() {
+    let mut h = Harness::with(&["n1"], |c| {
+        c.scheduler.deploy_timeout = Duration::from_millis(1500)
+    })
+    .await;
+    h.app("shop", 1).await;
+    h.until("v1 serving", |h| {
+        h.count(|e| matches!(e, Event::RolloutSucceeded { release: 1, .. })) == 1
+    })
+    .await;
+    h.engine(0).exit_on_start(Some(1), false);
+    h.engine(0).set_start_logs(&["cannot find config"]);
+    let v2 = h.deploy("shop", "registry.example/shop:2").await;
+    h.until("the rollout of v2 failed", |h| {
+        h.count(|e| matches!(e, Event::RolloutFailed { release, .. } if *release == v2)) == 1
+    })
+    .await;
+    // The failed starts were announced as crashes; v1 still serves.
+    assert!(
+        h.count(|e| matches!(e, Event::InstanceCrashed { instance, .. } if instance.release == v2))
+            >= 1
+    );
+    assert_eq!(h.engine(0).running().len(), 1);
+    assert_eq!(h.engine(0).running()[0].release, 1);
+    let release = h
+        .registry
+        .release(&h.actor, "shop", v2)
+        .await
+        .expect("release");
+    assert_eq!(release.status, crate::registry::ReleaseStatus::Failed);
+}
+
+#[tokio::test]
+async fn a_hanging_engine_does_not_hold_up_a_pass() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.engine(1).hang(Call::List);
+    h.app("shop", 2).await;
+    // Every pass completes (the list call is bounded); n2 is down, both instances go to n1.
+    h.until("two healthy instances on n1", |h| {
+        h.engine(0).running().len() == 2 && h.healthy() == 2
+    })
+    .await;
+    let view = h.sched.view.load();
+    let n2 = view.nodes.iter().find(|n| n.name == "n2").expect("n2");
+    assert!(!n2.ready);
+    assert!(
+        n2.error.as_deref().unwrap_or("").contains("did not finish"),
+        "{n2:?}"
+    );
+    assert_eq!(
+        h.count(|e| matches!(e, Event::NodeDown { node, .. } if node == "n2")),
+        1
+    );
+    assert!(h.sched.engine_timeouts.load(Relaxed) >= 1);
+
+    // A start that hangs is a task: passes go on (and the start is not made twice).
+    h.engine(0).hang(Call::Start);
+    h.scale("shop", 3).await;
+    let passes = h.sched.passes.load(Relaxed);
+    h.until("more passes", |h| h.sched.passes.load(Relaxed) > passes + 5)
+        .await;
+    assert_eq!(h.engine(0).running().len(), 2);
+    // The start timed out (bounded) and is retried once the engine answers again.
+    h.engine(0).heal(Call::Start);
+    h.until("three instances", |h| h.engine(0).running().len() == 3)
+        .await;
+
+    // The node comes back.
+    h.engine(1).heal(Call::List);
+    h.until("n2 ready again", |h| {
+        h.count(|e| matches!(e, Event::NodeReady { node } if node == "n2")) == 1
+    })
+    .await;
+    let audit = h.registry.events(&h.actor, None, 100).await.expect("audit");
+    assert!(audit.iter().any(|e| e.action == "node.down"));
+    assert!(audit.iter().any(|e| e.action == "node.ready"));
+}
+
+#[tokio::test]
+async fn a_failing_engine_is_reported_down_and_the_pass_goes_on() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.engine(0).fail(Call::List, "connection refused");
+    h.app("shop", 2).await;
+    h.until("two instances on n2", |h| h.engine(1).running().len() == 2)
+        .await;
+    let view = h.sched.view.load();
+    let n1 = view.nodes.iter().find(|n| n.name == "n1").expect("n1");
+    assert!(!n1.ready);
+    assert!(n1
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("connection refused"));
+    assert_eq!(h.engine(0).calls(Call::Start), 0);
+}
+
+#[tokio::test]
+async fn a_panicking_start_is_counted_and_the_reconciler_goes_on() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.engine(0).panic_on(Call::Start);
+    h.app("shop", 1).await;
+    h.until("a panic", |h| h.sched.panics.load(Relaxed) >= 1)
+        .await;
+    // The start is no longer pending: it is tried again, and works once the engine does.
+    h.until("a second try", |h| h.engine(0).calls(Call::Start) >= 2)
+        .await;
+    h.engine(0).heal(Call::Start);
+    h.until("one running instance", |h| h.engine(0).running().len() == 1)
+        .await;
+}
+
+#[tokio::test]
+async fn run_survives_panics_and_ends_its_tasks_at_shutdown() {
+    let h = Harness::new(&["n1"]).await;
+    h.engine(0).panic_on(Call::Start);
+    h.app("shop", 1).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(h.sched.clone().run(async {
+        let _ = stopped.await;
+    }));
+    let start = Instant::now();
+    while h.sched.panics.load(Relaxed) < 2 {
+        assert!(start.elapsed() < DEADLINE, "no panic caught");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.engine(0).heal(Call::Start);
+    while h.engine(0).running().len() != 1 {
+        assert!(start.elapsed() < DEADLINE, "no instance after the panics");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        h.sched.tasks_running() > 0,
+        "the watchers and the health checker run"
+    );
+    // A start that hangs is cancelled at shutdown: run returns anyway.
+    h.engine(0).hang(Call::Start);
+    h.scale("shop", 2).await;
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, run)
+        .await
+        .expect("run returns")
+        .expect("run did not panic");
+    assert_eq!(h.sched.tasks_running(), 0);
+    // Containers survive escale.
+    assert_eq!(h.engine(0).running().len(), 1);
+}
+
+#[tokio::test]
+async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.engine(0).listen(true);
+    h.app("shop", 1).await;
+    let patch = ProcessPatch {
+        health_kind: Some(HealthKind::Tcp),
+        health_interval_ms: Some(50),
+        health_timeout_ms: Some(200),
+        health_grace_ms: Some(0),
+        ..Default::default()
+    };
+    h.registry
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .await
+        .expect("process");
+    h.until("a healthy instance on a TCP check", |h| {
+        h.healthy() == 1 && h.engine(0).running().len() == 1
+    })
+    .await;
+    let sick = h.engine(0).running()[0].clone();
+    h.until("its health announced", |h| {
+        h.count(|e| matches!(e, Event::InstanceHealthy { instance } if instance.instance == sick.instance)) == 1
+    })
+    .await;
+
+    h.engine(0).stop_listening(&sick.container_id);
+    h.until("a healthy replacement", |h| {
+        h.healthy() == 1
+            && h.engine(0)
+                .running()
+                .iter()
+                .all(|c| c.container_id != sick.container_id)
+    })
+    .await;
+    assert_eq!(
+        h.count(|e| matches!(e, Event::InstanceUnhealthy { instance, .. } if instance.instance == sick.instance)),
+        1,
+        "{:?}",
+        h.events
+    );
+    assert!(h.events.iter().any(|e| matches!(e,
+        Event::InstanceDraining { instance, cause: DrainCause::Unhealthy, .. } if instance.instance == sick.instance)));
+    let audit = h
+        .registry
+        .events(&h.actor, Some("shop"), 100)
+        .await
+        .expect("audit");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "instance.replaced" && e.actor == "escale"),
+        "{audit:?}"
+    );
+}
+
+#[test]
+fn instance_states_serialise_as_before() {
+    use crate::scheduler::InstanceView;
+    let view = InstanceView {
+        instance: "shop-web-1".into(),
+        app: "shop".into(),
+        process: "web".into(),
+        release: 1,
+        slot: 1,
+        node: "n1".into(),
+        container_id: String::new(),
+        state: InstanceStatus::Exited,
+        health: HealthStatus::None,
+        address: None,
+        created_at: 0,
+        restarts: 0,
+    };
+    let json = serde_json::to_value(&view).expect("json");
+    assert_eq!(json["state"], "exited");
+    assert_eq!(json["health"], "-");
+    for (s, want) in [
+        (InstanceStatus::Starting, "starting"),
+        (InstanceStatus::Running, "running"),
+        (InstanceStatus::Draining, "draining"),
+    ] {
+        assert_eq!(serde_json::to_value(s).expect("json"), want);
+    }
+    for (s, want) in [
+        (HealthStatus::Starting, "starting"),
+        (HealthStatus::Healthy, "healthy"),
+        (HealthStatus::Unhealthy, "unhealthy"),
+    ] {
+        assert_eq!(serde_json::to_value(s).expect("json"), want);
+    }
+    // The API document describes them.
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas.get("InstanceStatus").is_some(), "{schemas}");
+    assert!(schemas.get("HealthStatus").is_some());
+}
+
+#[tokio::test]
+async fn a_container_that_exits_later_is_replaced_on_its_event() {
+    let mut h = Harness::new(&["n1"]).await;
+    h.engine(0)
+        .exit_after(Some((Duration::from_millis(200), 7)));
+    h.app("shop", 1).await;
+    h.until("one running instance", |h| h.engine(0).running().len() == 1)
+        .await;
+    h.engine(0).exit_after(None);
+    let first = h.engine(0).running()[0].container_id.clone();
+    h.until("its crash and a replacement", |h| {
+        h.count(|e| {
+            matches!(
+                e,
+                Event::InstanceCrashed {
+                    exit_code: Some(7),
+                    ..
+                }
+            )
+        }) == 1
+            && h.engine(0)
+                .running()
+                .iter()
+                .any(|c| c.container_id != first)
+    })
+    .await;
+}
