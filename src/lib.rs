@@ -97,10 +97,15 @@ mod layout {
             if m == "lib" || m == "main" {
                 continue;
             }
-            // Code only: a doc link is not a dependency.
+            // Code only: a doc link is not a dependency, nor are unit tests (a file named
+            // `tests.rs`, or what follows `#[cfg(test)]`).
+            if f.file_name().is_some_and(|n| n == "tests.rs") {
+                continue;
+            }
             let text: String = std::fs::read_to_string(f)
                 .unwrap()
                 .lines()
+                .take_while(|l| l.trim() != "#[cfg(test)]")
                 .filter(|l| !l.trim_start().starts_with("//"))
                 .collect::<Vec<_>>()
                 .join("\n");

@@ -524,7 +524,11 @@ async fn run_survives_panics_and_ends_its_tasks_at_shutdown() {
 
 #[tokio::test]
 async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
-    let mut h = Harness::new(&["n1"]).await;
+    // Replaced once it has been unhealthy (and not accepting connections) for 300 ms.
+    let mut h = Harness::with(&["n1"], |c| {
+        c.scheduler.unhealthy_replace_after = Duration::from_millis(300)
+    })
+    .await;
     h.engine(0).listen(true);
     h.app("shop", 1).await;
     let patch = ProcessPatch {
