@@ -1024,7 +1024,26 @@ impl Scheduler {
                         }
                         Err(e) => {
                             tracing::warn!(%instance, error = %e, "instance failed to start");
-                            let logs = vec![e.to_string()];
+                            let mut logs = vec![e.to_string()];
+                            // It exited at once: what it wrote says why (read here, in the
+                            // start's task, bounded).
+                            if let SchedulerError::Engine(runtime::EngineError::Docker(
+                                node::NodeError::ExitedAtStart { container_id, .. },
+                            )) = &e
+                            {
+                                if let Some(n) = me.engine(&node).cloned() {
+                                    let written = runtime::last_logs(
+                                        n.as_ref(),
+                                        container_id,
+                                        10,
+                                        LAST_LOGS_TIMEOUT,
+                                    )
+                                    .await;
+                                    if written.iter().any(|l| !l.is_empty()) {
+                                        logs = written;
+                                    }
+                                }
+                            }
                             me.record_crash(
                                 &app_ref.name,
                                 &p.name,
