@@ -148,6 +148,51 @@ pub enum NodeError {
     InvalidSpec { instance: String, reason: String },
 }
 
+/// The transport of [`Node::connect_mtls`]: one TLS connection per request.
+struct MtlsTransport {
+    host: String,
+    port: u16,
+    /// `host:port` (IPv6 in brackets), the `Host` header.
+    authority: String,
+    server_name: rustls::pki_types::ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl MtlsTransport {
+    async fn request(
+        &self,
+        req: bollard::BollardRequest,
+    ) -> Result<http::Response<hyper::body::Incoming>, DockerError> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("node TLS connection ended: {e}");
+            }
+        });
+        let (mut parts, body) = req.into_parts();
+        let origin = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = http::Uri::try_from(origin).map_err(http::Error::from)?;
+        parts.headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&self.authority).map_err(http::Error::from)?,
+        );
+        Ok(sender
+            .send_request(http::Request::from_parts(parts, body))
+            .await?)
+    }
+}
+
 /// Result alias for node operations.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
@@ -463,6 +508,55 @@ impl Node {
             name: name.to_string(),
             docker,
             advertise_ip,
+            network_lock: Default::default(),
+        })
+    }
+
+    /// Connects to a remote engine at `host:port` over mutual TLS with `config`: its verifier
+    /// alone decides which server certificates are accepted (no system roots unless it adds
+    /// them) and its client certificate is presented; the node's certificate is checked
+    /// against `server_name`. Negotiates the API version. Each request opens its own
+    /// connection, as bollard's own TLS transport does (no idle pool). A refusal by the
+    /// verifier stays in the error's source chain.
+    pub async fn connect_mtls(
+        name: &str,
+        host: &str,
+        port: u16,
+        server_name: rustls::pki_types::ServerName<'static>,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Node> {
+        let ip = host.parse::<IpAddr>().ok();
+        let authority = match ip {
+            Some(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+            _ => format!("{host}:{port}"),
+        };
+        let connect_err = |source| NodeError::Connect {
+            node: name.to_string(),
+            host: format!("tcp://{authority}"),
+            source,
+        };
+        let transport = std::sync::Arc::new(MtlsTransport {
+            host: host.to_string(),
+            port,
+            authority: authority.clone(),
+            server_name,
+            connector: tokio_rustls::TlsConnector::from(config),
+        });
+        let docker = Docker::connect_with_custom_transport(
+            move |req: bollard::BollardRequest| {
+                let t = transport.clone();
+                async move { t.request(req).await }
+            },
+            Some(format!("https://{authority}")),
+            REQUEST_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(connect_err)?;
+        let docker = docker.negotiate_version().await.map_err(connect_err)?;
+        Ok(Node {
+            name: name.to_string(),
+            docker,
+            advertise_ip: ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             network_lock: Default::default(),
         })
     }

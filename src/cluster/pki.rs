@@ -1,0 +1,1274 @@
+//! The cluster's own certificate authority: node server certificates, escale's client
+//! certificate, node bundles, and the verification of what a node presents.
+//!
+//! - [`Ca`]: an ECDSA P-256 CA made with rcgen (CA:true, pathlen 0, key usage
+//!   keyCertSign/cRLSign, subject naming the installation, 10 years). It issues node server
+//!   certificates ([`Ca::issue_server`]: SAN = the node's host, an IP SAN for an IP and a DNS
+//!   SAN otherwise, EKU serverAuth only, [`NODE_CERT_VALIDITY_DAYS`]) and escale's client
+//!   certificate ([`Ca::issue_client`]: EKU clientAuth only).
+//! - [`Pki`]: the CA and escale's client certificate as the registry keeps them (keys sealed by
+//!   the master key, bound to `cluster-ca` and `cluster-client`), made on first use and reused
+//!   across restarts; the client certificate is reissued when fewer than
+//!   [`RENEW_BEFORE_DAYS`] days are left or when it was not issued by the stored CA.
+//!   [`Pki::issue_node`] issues a node's [`NodeBundle`] and records what was issued.
+//! - [`NodeBundle`]: what an operator installs on a node (`ca.pem`, `server-cert.pem`,
+//!   `server-key.pem`, `daemon.json`, a systemd drop-in, `install.sh`, `README`), written by
+//!   [`NodeBundle::write_to`]. escale only writes files; nothing here runs a shell.
+//! - Verification: [`Ca::verify_node`] says why a node's certificate chain is refused (another
+//!   CA, expired or not yet valid and when, the address not in its SAN and what it names, not a
+//!   server certificate), through a rustls `WebPkiServerVerifier` whose only root is this CA
+//!   (never the system roots). [`NodeVerifier`] is the same check inside a TLS handshake, and
+//!   [`refusal`] finds its reason in a failed connection's error.
+//! - Connecting: [`Pki::client_config`] is the rustls client configuration for nodes (our CA
+//!   only, escale's client certificate); [`Pki::connect`] opens a [`Node`] with it.
+//!   [`Pki::write_client_files`] writes the PEMs for path-based clients (`Node::connect_tls`,
+//!   the `docker` CLI) into a private directory.
+//! - [`expiry`]: days left and whether the 30-day warning is due.
+//!
+//! Private keys are never logged: the types holding them print without them.
+
+use std::fmt;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, SignatureScheme};
+use time::OffsetDateTime;
+
+use crate::node::{Node, NodeError};
+use crate::registry::{NodeCertRecord, Registry, RegistryError, StoredClientCert, StoredClusterCa};
+
+/// Lifetime of the CA certificate.
+pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// Lifetime of a node server certificate.
+pub const NODE_CERT_VALIDITY_DAYS: i64 = 365;
+/// Lifetime of escale's client certificate.
+pub const CLIENT_CERT_VALIDITY_DAYS: i64 = 365;
+/// A certificate with fewer days left than this is renewed (client) or warned about (nodes).
+pub const RENEW_BEFORE_DAYS: i64 = 30;
+/// The port of a node's Docker engine over TLS when an address names none.
+pub const DEFAULT_NODE_PORT: u16 = 2376;
+/// Where a bundle's files live on the node.
+pub const NODE_CONFIG_DIR: &str = "/etc/docker/escale";
+
+const DAY_MS: i64 = 86_400_000;
+
+/// What can go wrong with the cluster CA, a node's certificate or a connection to a node.
+/// `ForeignCa`, `Expired`, `NotYetValid`, `AddressNotInSan`, `WrongUsage` and `NoCertificate`
+/// are refusals of what a node presented ([`PkiError::is_refusal`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("node name `{0}` is invalid: use 1 to 63 lowercase letters, digits and `-`, starting with a letter or digit and not ending with `-`")]
+    InvalidNodeName(String),
+    #[error("node address `{address}` is invalid: {reason}; expected HOST:PORT such as 10.0.0.2:2376, [fd00::2]:2376 or n2.example.eu:2376")]
+    InvalidAddress { address: String, reason: String },
+    #[error("making {what}: {reason}")]
+    Generate { what: &'static str, reason: String },
+    #[error("the stored cluster {what} cannot be used: {reason}")]
+    Stored { what: &'static str, reason: String },
+    #[error("the node's certificate is not signed by this installation's cluster CA (`{ours}`): it was issued by `{issuer}`")]
+    ForeignCa { issuer: String, ours: String },
+    #[error("the node's certificate expired at {not_after} (it is now {now})")]
+    Expired { not_after: String, now: String },
+    #[error("the node's certificate is not valid before {not_before} (it is now {now})")]
+    NotYetValid { not_before: String, now: String },
+    #[error("the node's certificate is not valid for {expected}: it names {presented}")]
+    AddressNotInSan { expected: String, presented: String },
+    #[error("the node's certificate is not a server certificate: its extended key usage is {presented}, escale needs serverAuth")]
+    WrongUsage { presented: String },
+    #[error("the node presented no certificate")]
+    NoCertificate,
+    #[error("the node's certificate was refused: {0}")]
+    Refused(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+impl PkiError {
+    /// True when the error says why a node's certificate was refused.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            PkiError::ForeignCa { .. }
+                | PkiError::Expired { .. }
+                | PkiError::NotYetValid { .. }
+                | PkiError::AddressNotInSan { .. }
+                | PkiError::WrongUsage { .. }
+                | PkiError::NoCertificate
+                | PkiError::Refused(_)
+        )
+    }
+}
+
+type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+fn gen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+    move |e| PkiError::Generate {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// A node's host: an IP address or a DNS name (lowercase ASCII).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NodeHost {
+    Ip(IpAddr),
+    Dns(String),
+}
+
+impl fmt::Display for NodeHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeHost::Ip(ip) => write!(f, "{ip}"),
+            NodeHost::Dns(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Where a node's Docker engine listens for TLS: `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeAddress {
+    pub host: NodeHost,
+    pub port: u16,
+}
+
+impl fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            NodeHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            host => write!(f, "{host}:{}", self.port),
+        }
+    }
+}
+
+impl std::str::FromStr for NodeAddress {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<NodeAddress> {
+        NodeAddress::parse(s)
+    }
+}
+
+impl NodeAddress {
+    /// Parses `HOST:PORT`, `[IPv6]:PORT`, or a host alone (port [`DEFAULT_NODE_PORT`]). A DNS
+    /// name is checked and lowercased; `tcp://` in front is accepted.
+    pub fn parse(input: &str) -> Result<NodeAddress> {
+        let bad = |reason: &str| PkiError::InvalidAddress {
+            address: crate::validate::printable(input),
+            reason: reason.to_string(),
+        };
+        let s = input.strip_prefix("tcp://").unwrap_or(input);
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (ip, after) = rest.split_once(']').ok_or_else(|| bad("`[` without `]`"))?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after `]`"))?),
+            };
+            let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad("not an IPv6 address"))?;
+            (NodeHost::Ip(IpAddr::V6(ip)), port)
+        } else {
+            let (host, port) = match s.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                Some(_) => return Err(bad("write an IPv6 address in brackets")),
+                None => (s, None),
+            };
+            let host = match host.parse::<IpAddr>() {
+                Ok(ip) => NodeHost::Ip(ip),
+                Err(_) => {
+                    NodeHost::Dns(crate::validate::domain(host).map_err(|e| bad(&e.to_string()))?)
+                }
+            };
+            (host, port)
+        };
+        let port = match port {
+            None => DEFAULT_NODE_PORT,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
+        };
+        Ok(NodeAddress { host, port })
+    }
+
+    /// The name a TLS client checks the node's certificate against.
+    pub fn server_name(&self) -> Result<ServerName<'static>> {
+        match &self.host {
+            NodeHost::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
+            NodeHost::Dns(name) => {
+                ServerName::try_from(name.clone()).map_err(|e| PkiError::InvalidAddress {
+                    address: self.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The Docker host URL, `tcp://HOST:PORT`.
+    pub fn docker_host(&self) -> String {
+        format!("tcp://{self}")
+    }
+
+    fn san(&self) -> Result<SanType> {
+        Ok(match &self.host {
+            NodeHost::Ip(ip) => SanType::IpAddress(*ip),
+            NodeHost::Dns(name) => SanType::DnsName(
+                name.clone()
+                    .try_into()
+                    .map_err(gen_err("the node certificate's DNS name"))?,
+            ),
+        })
+    }
+}
+
+/// Checks a node name: a DNS label, 1 to 63 lowercase letters, digits and `-`.
+pub fn validate_node_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidNodeName(crate::validate::printable(name)))
+    }
+}
+
+/// A certificate the CA issued, with its private key.
+#[derive(Clone)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    key_pem: String,
+    key_der: Vec<u8>,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Unix milliseconds.
+    pub not_before: i64,
+    /// Unix milliseconds.
+    pub not_after: i64,
+}
+
+impl fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuedCert {
+    /// The private key, PKCS#8 PEM.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The private key for rustls.
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    fn from_pems(cert_pem: &str, key_pem: &str, what: &'static str) -> Result<IssuedCert> {
+        let stored = |reason: String| PkiError::Stored { what, reason };
+        let cert_der = first_cert(cert_pem).map_err(stored)?;
+        let (not_before, not_after, serial) = validity(&cert_der).map_err(stored)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| stored(e.to_string()))?;
+        Ok(IssuedCert {
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            key_pem: key_pem.to_string(),
+            key_der: key.serialize_der(),
+            serial,
+            not_before,
+            not_after,
+        })
+    }
+}
+
+fn first_cert(pem: &str) -> Result<CertificateDer<'static>, String> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .ok_or_else(|| "no CERTIFICATE block".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// (not_before ms, not_after ms, serial hex) of a DER certificate.
+fn validity(der: &[u8]) -> Result<(i64, i64, String), String> {
+    let (_, x) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let v = x.validity();
+    Ok((
+        v.not_before.timestamp() * 1000,
+        v.not_after.timestamp() * 1000,
+        hex::encode(x.raw_serial()),
+    ))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // and 16 bytes long
+    SerialNumber::from_slice(&bytes)
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn dn(common_name: &str, organization: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, organization);
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// The CA certificate's subject common name for an installation.
+pub fn ca_common_name(installation_id: &str) -> String {
+    format!("escale cluster CA {installation_id}")
+}
+
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(common_name, "escale");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+/// A validity window: from an hour ago (clock skew between hosts) to `days` from now.
+fn window(now: OffsetDateTime, days: i64) -> (OffsetDateTime, OffsetDateTime) {
+    (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(days),
+    )
+}
+
+/// The cluster certificate authority: its certificate and key.
+pub struct Ca {
+    common_name: String,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key: KeyPair,
+    not_after: i64,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("common_name", &self.common_name)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A new CA for `installation_id`, valid [`CA_VALIDITY_DAYS`] from `now`.
+    pub fn generate(installation_id: &str, now: OffsetDateTime) -> Result<Ca> {
+        let common_name = ca_common_name(installation_id);
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err("the CA key"))?;
+        let mut params = ca_params(&common_name);
+        (params.not_before, params.not_after) = window(now, CA_VALIDITY_DAYS);
+        params.serial_number = Some(random_serial());
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen_err("the CA certificate"))?;
+        Ok(Ca {
+            common_name,
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key,
+            not_after: ms(params.not_after),
+        })
+    }
+
+    /// The CA from its stored certificate and key.
+    pub fn from_stored(stored: &StoredClusterCa) -> Result<Ca> {
+        let bad = |reason: String| PkiError::Stored { what: "CA", reason };
+        let cert_der = first_cert(&stored.cert_pem).map_err(bad)?;
+        let key = KeyPair::from_pem(&stored.key_pem).map_err(|e| bad(e.to_string()))?;
+        let (_, not_after, _) = validity(&cert_der).map_err(bad)?;
+        Ok(Ca {
+            common_name: stored.common_name.clone(),
+            cert_pem: stored.cert_pem.clone(),
+            cert_der,
+            key,
+            not_after,
+        })
+    }
+
+    /// What the registry keeps of this CA (the key opened; the registry seals it).
+    pub fn to_stored(&self, created_at: i64) -> StoredClusterCa {
+        StoredClusterCa {
+            common_name: self.common_name.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key.serialize_pem(),
+            not_after: self.not_after,
+            created_at,
+        }
+    }
+
+    /// The CA certificate's subject common name.
+    pub fn common_name(&self) -> &str {
+        &self.common_name
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Expiry of the CA certificate, unix milliseconds.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+
+    fn issue(
+        &self,
+        mut params: CertificateParams,
+        days: i64,
+        now: OffsetDateTime,
+        what: &'static str,
+    ) -> Result<IssuedCert> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err(what))?;
+        (params.not_before, params.not_after) = window(now, days);
+        self.sign(params, key, what)
+    }
+
+    /// Signs `params` (validity included) for `key`.
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        key: KeyPair,
+        what: &'static str,
+    ) -> Result<IssuedCert> {
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::new(ca_params(&self.common_name), &self.key);
+        let cert = params.signed_by(&key, &issuer).map_err(gen_err(what))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+            serial: hex::encode(serial.to_bytes()),
+            not_before: ms(params.not_before),
+            not_after: ms(params.not_after),
+        })
+    }
+
+    /// A server certificate for node `name` at `address`: SAN = the address's host (IP SAN or
+    /// DNS SAN), EKU serverAuth only, valid `days` from `now`.
+    pub fn issue_server(
+        &self,
+        name: &str,
+        address: &NodeAddress,
+        days: i64,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCert> {
+        validate_node_name(name)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name, "escale node");
+        params.subject_alt_names = vec![address.san()?];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params, days, now, "a node server certificate")
+    }
+
+    /// escale's client certificate for `installation_id`: EKU clientAuth only, valid `days`
+    /// from `now`.
+    pub fn issue_client(
+        &self,
+        installation_id: &str,
+        days: i64,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCert> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(&format!("escale {installation_id}"), "escale");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params, days, now, "escale's client certificate")
+    }
+
+    /// Issues a certificate from explicit parameters (validity included), for tests that
+    /// need what escale never issues (a past validity, a client certificate at a server).
+    #[doc(hidden)]
+    pub fn issue_with(&self, params: CertificateParams) -> Result<IssuedCert> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(gen_err("a certificate"))?;
+        self.sign(params, key, "a certificate")
+    }
+
+    /// Whether `cert_der` is a client certificate of this CA valid at `now` (what a node
+    /// with this CA's bundle accepts).
+    pub fn accepts_client(&self, cert_der: &CertificateDer<'_>, now: UnixTime) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        if roots.add(self.cert_der.clone()).is_err() {
+            return false;
+        }
+        match rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        {
+            Ok(v) => v.verify_client_cert(cert_der, &[], now).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The webpki verifier whose only root is this CA.
+    fn webpki_verifier(&self) -> Result<Arc<WebPkiServerVerifier>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert_der.clone()).map_err(PkiError::Tls)?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| PkiError::Refused(format!("building the verifier: {e}")))
+    }
+
+    /// The verifier for TLS handshakes with nodes: this CA only, refusals with reasons.
+    pub fn verifier(&self) -> Result<NodeVerifier> {
+        Ok(NodeVerifier {
+            inner: self.webpki_verifier()?,
+            ca_name: self.common_name.clone(),
+        })
+    }
+
+    /// Checks the chain a node presented (leaf first) for `address` at `now`: `Ok` when it
+    /// would be accepted, else why not.
+    pub fn verify_node(
+        &self,
+        chain: &[CertificateDer<'_>],
+        address: &NodeAddress,
+        now: UnixTime,
+    ) -> Result<()> {
+        let verifier = self.verifier()?;
+        let name = address.server_name()?;
+        let (leaf, rest) = chain.split_first().ok_or(PkiError::NoCertificate)?;
+        verifier.check(leaf, rest, &name, now)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server certificate verifier for nodes: a `WebPkiServerVerifier` whose only root is the
+/// cluster CA, whose refusals carry a [`PkiError`] (find it with [`refusal`]).
+#[derive(Debug, Clone)]
+pub struct NodeVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    ca_name: String,
+}
+
+impl NodeVerifier {
+    fn check(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> Result<()> {
+        self.inner
+            .verify_server_cert(leaf, intermediates, name, &[], now)
+            .map(|_| ())
+            .map_err(|e| explain(&e, leaf, &self.ca_name, name, now))
+    }
+}
+
+impl ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.check(end_entity, intermediates, server_name, now) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(e) => {
+                tracing::warn!(node = %server_name.to_str(), "node certificate refused: {e}");
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(e)),
+                )))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The refusal reason inside a failed connection's error (an `io::Error`, a bollard or hyper
+/// error, a rustls error), if escale's verifier refused the node's certificate.
+pub fn refusal<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a PkiError> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(p) = e.downcast_ref::<PkiError>() {
+            return Some(p);
+        }
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) =
+            e.downcast_ref::<rustls::Error>()
+        {
+            return o.0.downcast_ref::<PkiError>();
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                let inner: &(dyn std::error::Error + 'static) = inner;
+                if let Some(found) = refusal(inner) {
+                    return Some(found);
+                }
+            }
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn rfc3339(t: UnixTime) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.as_secs()),
+    )
+    .to_string()
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    rfc3339(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        (ms / 1000).max(0) as u64,
+    )))
+}
+
+/// Maps a webpki refusal of `leaf` to the reason escale gives.
+fn explain(
+    e: &rustls::Error,
+    leaf: &CertificateDer<'_>,
+    ca_name: &str,
+    name: &ServerName<'_>,
+    now: UnixTime,
+) -> PkiError {
+    let parsed = x509_parser::parse_x509_certificate(leaf)
+        .ok()
+        .map(|(_, c)| c);
+    let ce = match e {
+        rustls::Error::InvalidCertificate(ce) => ce,
+        other => return PkiError::Refused(other.to_string()),
+    };
+    match ce {
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => PkiError::ForeignCa {
+            issuer: parsed
+                .as_ref()
+                .map(|c| c.issuer().to_string())
+                .unwrap_or_else(|| "an unreadable issuer".into()),
+            ours: ca_name.to_string(),
+        },
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            let not_after = match ce {
+                CertificateError::ExpiredContext { not_after, .. } => rfc3339(*not_after),
+                _ => parsed
+                    .as_ref()
+                    .map(|c| rfc3339_ms(c.validity().not_after.timestamp() * 1000))
+                    .unwrap_or_else(|| "an unknown time".into()),
+            };
+            PkiError::Expired {
+                not_after,
+                now: rfc3339(now),
+            }
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            let not_before = match ce {
+                CertificateError::NotValidYetContext { not_before, .. } => rfc3339(*not_before),
+                _ => parsed
+                    .as_ref()
+                    .map(|c| rfc3339_ms(c.validity().not_before.timestamp() * 1000))
+                    .unwrap_or_else(|| "an unknown time".into()),
+            };
+            PkiError::NotYetValid {
+                not_before,
+                now: rfc3339(now),
+            }
+        }
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            let names = parsed.as_ref().map(subject_alt_names).unwrap_or_default();
+            PkiError::AddressNotInSan {
+                expected: name.to_str().into_owned(),
+                presented: if names.is_empty() {
+                    "no subject alternative name".into()
+                } else {
+                    names.join(", ")
+                },
+            }
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            PkiError::WrongUsage {
+                presented: parsed
+                    .as_ref()
+                    .map(extended_key_usages)
+                    .unwrap_or_else(|| "unreadable".into()),
+            }
+        }
+        other => PkiError::Refused(rustls::Error::InvalidCertificate(other.clone()).to_string()),
+    }
+}
+
+/// The SANs of a certificate, as `DNS:name` / `IP:addr`.
+fn subject_alt_names(c: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let mut out = Vec::new();
+    if let Ok(Some(san)) = c.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => out.push(format!("DNS:{d}")),
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(IpAddr::from),
+                        _ => None,
+                    };
+                    out.push(match ip {
+                        Some(ip) => format!("IP:{ip}"),
+                        None => format!("IP:{}", hex::encode(b)),
+                    });
+                }
+                other => out.push(other.to_string()),
+            }
+        }
+    }
+    out
+}
+
+/// The extended key usages of a certificate, e.g. `clientAuth`, or `none`.
+fn extended_key_usages(c: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    let mut out = Vec::new();
+    if let Ok(Some(eku)) = c.extended_key_usage() {
+        let e = eku.value;
+        for (on, label) in [
+            (e.any, "any"),
+            (e.server_auth, "serverAuth"),
+            (e.client_auth, "clientAuth"),
+            (e.code_signing, "codeSigning"),
+            (e.email_protection, "emailProtection"),
+            (e.time_stamping, "timeStamping"),
+            (e.ocsp_signing, "OCSPSigning"),
+        ] {
+            if on {
+                out.push(label.to_string());
+            }
+        }
+        out.extend(e.other.iter().map(|o| o.to_id_string()));
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
+/// How long a certificate has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// Whole days left (negative once expired).
+    pub days_left: i64,
+    /// Fewer than [`RENEW_BEFORE_DAYS`] days are left (or it expired).
+    pub warn: bool,
+    /// It has expired.
+    pub expired: bool,
+}
+
+/// The expiry of a certificate valid until `not_after_ms`, at `now_ms` (unix milliseconds).
+pub fn expiry(not_after_ms: i64, now_ms: i64) -> Expiry {
+    let left = not_after_ms - now_ms;
+    Expiry {
+        days_left: left.div_euclid(DAY_MS),
+        warn: left < RENEW_BEFORE_DAYS * DAY_MS,
+        expired: left <= 0,
+    }
+}
+
+/// A client configuration for nodes: only `ca` is trusted (through [`NodeVerifier`]), and
+/// `client` is presented. The ring provider, TLS 1.2 and 1.3.
+pub fn node_client_config(ca: &Ca, client: &IssuedCert) -> Result<ClientConfig> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ca.verifier()?))
+        .with_client_auth_cert(vec![client.cert_der.clone()], client.private_key())?)
+}
+
+/// Paths of the PEM files a path-based client uses (see [`Pki::write_client_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The cluster CA and escale's client certificate, as kept in the registry.
+pub struct Pki {
+    registry: Registry,
+    ca: Ca,
+    client: IssuedCert,
+    /// Lifetime of node server certificates issued from now on.
+    pub node_validity_days: i64,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki")
+            .field("ca", &self.ca)
+            .field("client", &self.client)
+            .field("node_validity_days", &self.node_validity_days)
+            .finish()
+    }
+}
+
+impl Pki {
+    /// The stored CA (made and stored on first use) and escale's client certificate (issued
+    /// when absent, when fewer than [`RENEW_BEFORE_DAYS`] days are left, or when the stored
+    /// CA did not issue it).
+    pub async fn load_or_create(registry: &Registry) -> Result<Pki> {
+        let now = OffsetDateTime::now_utc();
+        let stored = match registry.cluster_ca().await? {
+            Some(s) => s,
+            None => {
+                let ca = Ca::generate(registry.installation_id(), now)?;
+                let created = ca.to_stored(ms(now));
+                registry.store_cluster_ca_if_absent(&created).await?
+            }
+        };
+        let ca = Ca::from_stored(&stored)?;
+        let current = match registry.cluster_client_cert().await? {
+            Some(c) => {
+                let issued = IssuedCert::from_pems(&c.cert_pem, &c.key_pem, "client certificate")?;
+                (ca.accepts_client(&issued.cert_der, UnixTime::now())
+                    && !expiry(issued.not_after, ms(now)).warn)
+                    .then_some(issued)
+            }
+            None => None,
+        };
+        let client = match current {
+            Some(c) => c,
+            None => {
+                let c =
+                    ca.issue_client(registry.installation_id(), CLIENT_CERT_VALIDITY_DAYS, now)?;
+                registry
+                    .store_cluster_client_cert(&StoredClientCert {
+                        cert_pem: c.cert_pem.clone(),
+                        key_pem: c.key_pem.clone(),
+                        serial: c.serial.clone(),
+                        not_after: c.not_after,
+                        issued_at: ms(now),
+                    })
+                    .await?;
+                tracing::info!(serial = %c.serial, "issued escale's cluster client certificate");
+                c
+            }
+        };
+        Ok(Pki {
+            registry: registry.clone(),
+            ca,
+            client,
+            node_validity_days: NODE_CERT_VALIDITY_DAYS,
+        })
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// escale's client certificate.
+    pub fn client_cert(&self) -> &IssuedCert {
+        &self.client
+    }
+
+    /// Issues a server certificate for node `name` at `address` (`HOST:PORT`), records it
+    /// (by `actor`), and returns the node's bundle.
+    pub async fn issue_node(&self, actor: &str, name: &str, address: &str) -> Result<NodeBundle> {
+        let address = NodeAddress::parse(address)?;
+        let now = OffsetDateTime::now_utc();
+        let cert = self
+            .ca
+            .issue_server(name, &address, self.node_validity_days, now)?;
+        self.registry
+            .record_node_cert(
+                actor,
+                &NodeCertRecord {
+                    node: name.to_string(),
+                    address: address.to_string(),
+                    serial: cert.serial.clone(),
+                    cert_pem: cert.cert_pem.clone(),
+                    not_after: cert.not_after,
+                    issued_at: ms(now),
+                },
+            )
+            .await?;
+        Ok(NodeBundle {
+            node: name.to_string(),
+            address,
+            ca_pem: self.ca.cert_pem.clone(),
+            cert,
+        })
+    }
+
+    /// The rustls client configuration for nodes: only the cluster CA is trusted, escale's
+    /// client certificate is presented.
+    pub fn client_config(&self) -> Result<ClientConfig> {
+        node_client_config(&self.ca, &self.client)
+    }
+
+    /// Connects to node `name` at `address` over mutual TLS with [`Pki::client_config`]. A
+    /// refused node certificate is a [`PkiError`] refusal naming the reason.
+    pub async fn connect(&self, name: &str, address: &NodeAddress) -> Result<Node> {
+        connect_with(name, address, self.client_config()?).await
+    }
+
+    /// Writes `ca.pem`, `cert.pem` and `key.pem` (escale's client certificate) into `dir`,
+    /// created 0700, files 0600, replacing what is there; for path-based clients
+    /// (`Node::connect_tls`, `docker --tlsverify`). Note that `Node::connect_tls` (bollard's
+    /// `connect_with_ssl`) also trusts the system roots; [`Pki::connect`] trusts only the CA.
+    pub fn write_client_files(&self, dir: &Path) -> Result<ClientFiles> {
+        private_dir(dir)?;
+        let files = ClientFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        for (path, contents) in [
+            (&files.ca, self.ca.cert_pem.as_str()),
+            (&files.cert, self.client.cert_pem.as_str()),
+            (&files.key, self.client.key_pem.as_str()),
+        ] {
+            replace_file(path, contents.as_bytes(), 0o600)?;
+        }
+        Ok(files)
+    }
+}
+
+/// Connects to node `name` at `address` with `config` (see [`Pki::connect`]); a refused
+/// certificate comes back as its reason.
+pub async fn connect_with(name: &str, address: &NodeAddress, config: ClientConfig) -> Result<Node> {
+    let server_name = address.server_name()?;
+    let host = match &address.host {
+        NodeHost::Ip(ip) => ip.to_string(),
+        NodeHost::Dns(d) => d.clone(),
+    };
+    match Node::connect_mtls(name, &host, address.port, server_name, Arc::new(config)).await {
+        Ok(node) => Ok(node),
+        Err(e) => match refusal(&e) {
+            Some(r) => Err(copy_refusal(r)),
+            None => Err(e.into()),
+        },
+    }
+}
+
+fn copy_refusal(r: &PkiError) -> PkiError {
+    match r {
+        PkiError::ForeignCa { issuer, ours } => PkiError::ForeignCa {
+            issuer: issuer.clone(),
+            ours: ours.clone(),
+        },
+        PkiError::Expired { not_after, now } => PkiError::Expired {
+            not_after: not_after.clone(),
+            now: now.clone(),
+        },
+        PkiError::NotYetValid { not_before, now } => PkiError::NotYetValid {
+            not_before: not_before.clone(),
+            now: now.clone(),
+        },
+        PkiError::AddressNotInSan {
+            expected,
+            presented,
+        } => PkiError::AddressNotInSan {
+            expected: expected.clone(),
+            presented: presented.clone(),
+        },
+        PkiError::WrongUsage { presented } => PkiError::WrongUsage {
+            presented: presented.clone(),
+        },
+        PkiError::NoCertificate => PkiError::NoCertificate,
+        other => PkiError::Refused(other.to_string()),
+    }
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Write {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Creates `dir` (and parents) and makes it 0700.
+fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    set_mode(dir, 0o700)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(write_err(path))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
+/// Writes `contents` to `path` with `mode`: a new file created with that mode, renamed over
+/// any old one (a key never exists with wider permissions, even for a moment).
+fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp-escale");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    let mut f = opts.open(&tmp).map_err(write_err(&tmp))?;
+    f.write_all(contents).map_err(write_err(&tmp))?;
+    f.sync_all().map_err(write_err(&tmp))?;
+    drop(f);
+    set_mode(&tmp, mode)?;
+    std::fs::rename(&tmp, path).map_err(write_err(path))
+}
+
+/// One file of a node bundle.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BundleFile {
+    /// The file name in the bundle.
+    pub name: &'static str,
+    pub contents: String,
+    /// Unix permissions (0600 for the key).
+    pub mode: u32,
+}
+
+impl fmt::Debug for BundleFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BundleFile")
+            .field("name", &self.name)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a node needs to serve its Docker engine over mutual TLS to escale.
+#[derive(Clone)]
+pub struct NodeBundle {
+    pub node: String,
+    pub address: NodeAddress,
+    /// The cluster CA certificate, PEM.
+    pub ca_pem: String,
+    /// The node's server certificate and key.
+    pub cert: IssuedCert,
+}
+
+impl fmt::Debug for NodeBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeBundle")
+            .field("node", &self.node)
+            .field("address", &self.address.to_string())
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBundle {
+    /// `daemon.json` for the node: TLS with client verification, the engine on
+    /// `tcp://0.0.0.0:PORT` (all addresses; `tcp://[::]:PORT` for an IPv6 node) and the local
+    /// unix socket, files under [`NODE_CONFIG_DIR`].
+    pub fn daemon_json(&self) -> serde_json::Value {
+        let listen = match self.address.host {
+            NodeHost::Ip(IpAddr::V6(_)) => format!("tcp://[::]:{}", self.address.port),
+            _ => format!("tcp://0.0.0.0:{}", self.address.port),
+        };
+        serde_json::json!({
+            "tls": true,
+            "tlsverify": true,
+            "tlscacert": format!("{NODE_CONFIG_DIR}/ca.pem"),
+            "tlscert": format!("{NODE_CONFIG_DIR}/server-cert.pem"),
+            "tlskey": format!("{NODE_CONFIG_DIR}/server-key.pem"),
+            "hosts": ["unix:///var/run/docker.sock", listen],
+        })
+    }
+
+    /// The systemd drop-in that starts dockerd with the bundle's `daemon.json` (the stock unit
+    /// passes `-H fd://`, which conflicts with `hosts` in a config file).
+    pub fn systemd_dropin(&self) -> String {
+        format!(
+            "# /etc/systemd/system/docker.service.d/escale.conf, written by escale for node `{node}`.\n\
+             # Starts dockerd with escale's TLS settings; the empty ExecStart= clears the stock one.\n\
+             [Service]\n\
+             ExecStart=\n\
+             ExecStart=/usr/bin/env dockerd --config-file {NODE_CONFIG_DIR}/daemon.json\n",
+            node = self.node
+        )
+    }
+
+    fn install_sh(&self) -> String {
+        format!(
+            r#"#!/bin/sh
+# Installs escale's TLS bundle for node `{node}` ({address}). Run as root on the node, from
+# this directory: sudo sh install.sh
+# It copies the certificates to {dir}, writes {dir}/daemon.json (merged with
+# /etc/docker/daemon.json when that exists, which needs jq), installs the systemd drop-in and
+# restarts Docker.
+set -eu
+cd "$(dirname "$0")"
+install -d -m 0700 {dir}
+install -m 0644 ca.pem server-cert.pem {dir}/
+install -m 0600 server-key.pem {dir}/
+if [ -s /etc/docker/daemon.json ]; then
+    if ! command -v jq >/dev/null 2>&1; then
+        echo "install.sh: /etc/docker/daemon.json exists; install jq to merge it, or merge daemon.json into it by hand" >&2
+        exit 1
+    fi
+    jq -s '.[0] * .[1]' /etc/docker/daemon.json daemon.json > {dir}/daemon.json.new
+    mv {dir}/daemon.json.new {dir}/daemon.json
+else
+    install -m 0644 daemon.json {dir}/daemon.json
+fi
+chmod 0644 {dir}/daemon.json
+install -d -m 0755 /etc/systemd/system/docker.service.d
+install -m 0644 escale.conf /etc/systemd/system/docker.service.d/escale.conf
+systemctl daemon-reload
+systemctl restart docker
+echo "node {node}: Docker now listens on port {port} with TLS; add the node to escale"
+"#,
+            node = self.node,
+            address = self.address,
+            dir = NODE_CONFIG_DIR,
+            port = self.address.port,
+        )
+    }
+
+    fn readme(&self) -> String {
+        let e = expiry(self.cert.not_after, crate::registry::now_ms());
+        format!(
+            "escale node bundle for `{node}` at {address}\n\
+             \n\
+             Install on the node, as root, from this directory:\n\
+             \n    sudo sh install.sh\n\n\
+             Files:\n\
+             - ca.pem            the cluster CA of this escale installation (trusted for clients)\n\
+             - server-cert.pem   the node's server certificate (SAN {host}, serverAuth, serial {serial},\n\
+             \x20                   valid {days} more days)\n\
+             - server-key.pem    its private key (0600; keep it on the node only)\n\
+             - daemon.json       dockerd settings: tlsverify on port {port} and the local socket\n\
+             - escale.conf       systemd drop-in for docker.service starting dockerd with\n\
+             \x20                   --config-file {dir}/daemon.json\n\
+             - install.sh        copies the files to {dir} and restarts Docker\n\
+             \n\
+             Only clients holding a certificate of this CA (escale) can reach the engine.\n\
+             Without systemd, start dockerd with:\n\
+             \n    dockerd --config-file {dir}/daemon.json\n",
+            node = self.node,
+            address = self.address,
+            host = self.address.host,
+            serial = self.cert.serial,
+            days = e.days_left,
+            port = self.address.port,
+            dir = NODE_CONFIG_DIR,
+        )
+    }
+
+    /// The bundle's files, with their modes.
+    pub fn files(&self) -> Vec<BundleFile> {
+        let daemon = serde_json::to_string_pretty(&self.daemon_json()).unwrap_or_default() + "\n";
+        vec![
+            BundleFile {
+                name: "ca.pem",
+                contents: self.ca_pem.clone(),
+                mode: 0o644,
+            },
+            BundleFile {
+                name: "server-cert.pem",
+                contents: self.cert.cert_pem.clone(),
+                mode: 0o644,
+            },
+            BundleFile {
+                name: "server-key.pem",
+                contents: self.cert.key_pem.clone(),
+                mode: 0o600,
+            },
+            BundleFile {
+                name: "daemon.json",
+                contents: daemon,
+                mode: 0o644,
+            },
+            BundleFile {
+                name: "escale.conf",
+                contents: self.systemd_dropin(),
+                mode: 0o644,
+            },
+            BundleFile {
+                name: "install.sh",
+                contents: self.install_sh(),
+                mode: 0o755,
+            },
+            BundleFile {
+                name: "README",
+                contents: self.readme(),
+                mode: 0o644,
+            },
+        ]
+    }
+
+    /// Writes the bundle into `dir` (created 0700; the key 0600), replacing its files.
+    pub fn write_to(&self, dir: &Path) -> Result<()> {
+        private_dir(dir)?;
+        for f in self.files() {
+            replace_file(&dir.join(f.name), f.contents.as_bytes(), f.mode)?;
+        }
+        Ok(())
+    }
+}
