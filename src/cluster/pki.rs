@@ -659,6 +659,14 @@ pub fn refusal<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Pki
         {
             return o.0.downcast_ref::<PkiError>();
         }
+        // bollard's I/O error is transparent: its source skips the io::Error itself.
+        if let Some(bollard::errors::Error::IOError { err }) =
+            e.downcast_ref::<bollard::errors::Error>()
+        {
+            if let Some(found) = refusal(err) {
+                return Some(found);
+            }
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if let Some(inner) = io.get_ref() {
                 let inner: &(dyn std::error::Error + 'static) = inner;
@@ -1270,5 +1278,487 @@ echo "node {node}: Docker now listens on port {port} with TLS; add the node to e
             replace_file(&dir.join(f.name), f.contents.as_bytes(), f.mode)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::X509Certificate;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    fn parse(der: &[u8]) -> X509Certificate<'_> {
+        x509_parser::parse_x509_certificate(der).unwrap().1
+    }
+
+    fn addr(s: &str) -> NodeAddress {
+        NodeAddress::parse(s).unwrap()
+    }
+
+    #[test]
+    fn ca_is_a_p256_ca_with_pathlen_0_naming_the_installation_for_10_years() {
+        let ca = Ca::generate("inst42", now()).unwrap();
+        let c = parse(ca.cert_der());
+        let bc = c.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca);
+        assert_eq!(bc.path_len_constraint, Some(0));
+        let ku = c.key_usage().unwrap().unwrap();
+        assert!(ku.critical);
+        assert!(ku.value.key_cert_sign() && ku.value.crl_sign());
+        assert!(!ku.value.digital_signature());
+        assert!(
+            c.subject().to_string().contains("inst42"),
+            "{}",
+            c.subject()
+        );
+        assert_eq!(c.subject(), c.issuer());
+        let days =
+            (c.validity().not_after.timestamp() - c.validity().not_before.timestamp()) / 86400;
+        assert!((3650..=3651).contains(&days), "{days}");
+        // id-ecPublicKey with the prime256v1 curve
+        let spki = &c.public_key().algorithm;
+        assert_eq!(spki.algorithm.to_id_string(), "1.2.840.10045.2.1");
+        assert_eq!(
+            spki.parameters
+                .as_ref()
+                .unwrap()
+                .as_oid()
+                .unwrap()
+                .to_id_string(),
+            "1.2.840.10045.3.1.7"
+        );
+        assert!(c.extended_key_usage().unwrap().is_none());
+    }
+
+    #[test]
+    fn node_certificates_name_their_host_and_serve_only() {
+        let ca = Ca::generate("i", now()).unwrap();
+        let ip = ca
+            .issue_server("n2", &addr("127.0.0.2:2376"), 365, now())
+            .unwrap();
+        let c = parse(&ip.cert_der);
+        assert_eq!(subject_alt_names(&c), vec!["IP:127.0.0.2"]);
+        assert_eq!(extended_key_usages(&c), "serverAuth");
+        assert!(!c.basic_constraints().unwrap().unwrap().value.ca);
+        assert_eq!(c.issuer(), parse(ca.cert_der()).subject());
+        let days = (ip.not_after - ip.not_before) / DAY_MS;
+        assert_eq!(days, 365, "one year (and the hour of skew)");
+        assert!(c.subject().to_string().contains("n2"));
+
+        let dns = ca
+            .issue_server("n3", &addr("N3.Example.eu:2376"), 30, now())
+            .unwrap();
+        assert_eq!(
+            subject_alt_names(&parse(&dns.cert_der)),
+            vec!["DNS:n3.example.eu"]
+        );
+        let v6 = ca
+            .issue_server("n4", &addr("[fd00::4]:2376"), 30, now())
+            .unwrap();
+        assert_eq!(subject_alt_names(&parse(&v6.cert_der)), vec!["IP:fd00::4"]);
+
+        let t = UnixTime::now();
+        ca.verify_node(&[ip.cert_der.clone()], &addr("127.0.0.2:2376"), t)
+            .unwrap();
+        ca.verify_node(&[dns.cert_der.clone()], &addr("n3.example.eu"), t)
+            .unwrap();
+        ca.verify_node(&[v6.cert_der.clone()], &addr("[fd00::4]:1"), t)
+            .unwrap();
+        assert!(matches!(
+            ca.issue_server("Bad Name", &addr("127.0.0.2"), 1, now()),
+            Err(PkiError::InvalidNodeName(_))
+        ));
+    }
+
+    #[test]
+    fn client_certificate_is_client_only_and_refused_as_a_server_certificate() {
+        let ca = Ca::generate("i", now()).unwrap();
+        let client = ca.issue_client("i", 365, now()).unwrap();
+        let c = parse(&client.cert_der);
+        assert_eq!(extended_key_usages(&c), "clientAuth");
+        assert!(subject_alt_names(&c).is_empty());
+        assert!(ca.accepts_client(&client.cert_der, UnixTime::now()));
+        let server = ca.issue_server("n2", &addr("127.0.0.2"), 1, now()).unwrap();
+        assert!(
+            !ca.accepts_client(&server.cert_der, UnixTime::now()),
+            "serverAuth only"
+        );
+        let other = Ca::generate("other", now()).unwrap();
+        assert!(!other.accepts_client(&client.cert_der, UnixTime::now()));
+
+        // A client certificate with the node's address presented by a node.
+        let mut params = CertificateParams::new(vec!["127.0.0.2".to_string()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        (params.not_before, params.not_after) = window(now(), 10);
+        let as_server = ca.issue_with(params).unwrap();
+        let e = ca
+            .verify_node(
+                &[as_server.cert_der],
+                &addr("127.0.0.2:2376"),
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, PkiError::WrongUsage { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("clientAuth") && e.to_string().contains("serverAuth"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let ca = Ca::generate("ours", now()).unwrap();
+        let foreign = Ca::generate("theirs", now()).unwrap();
+        let a = addr("127.0.0.2:2376");
+        let t = UnixTime::now();
+
+        let theirs = foreign.issue_server("n2", &a, 30, now()).unwrap();
+        let e = ca
+            .verify_node(&[theirs.cert_der.clone()], &a, t)
+            .unwrap_err();
+        assert!(matches!(e, PkiError::ForeignCa { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("escale cluster CA theirs") && msg.contains("escale cluster CA ours"),
+            "{msg}"
+        );
+        // Even with the foreign CA sent along as an intermediate.
+        let e = ca
+            .verify_node(&[theirs.cert_der, foreign.cert_der().clone()], &a, t)
+            .unwrap_err();
+        assert!(
+            e.is_refusal() && !matches!(e, PkiError::AddressNotInSan { .. }),
+            "{e:?}"
+        );
+
+        let mut params = CertificateParams::new(vec!["127.0.0.2".to_string()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 6, 30);
+        let expired = ca.issue_with(params.clone()).unwrap();
+        let e = ca.verify_node(&[expired.cert_der], &a, t).unwrap_err();
+        assert!(matches!(e, PkiError::Expired { .. }), "{e:?}");
+        assert!(e.to_string().contains("2021-06-30T00:00:00Z"), "{e}");
+
+        let mut later = params.clone();
+        later.not_before = now() + time::Duration::days(3);
+        later.not_after = now() + time::Duration::days(30);
+        let early = ca.issue_with(later.clone()).unwrap();
+        let e = ca.verify_node(&[early.cert_der], &a, t).unwrap_err();
+        assert!(matches!(e, PkiError::NotYetValid { .. }), "{e:?}");
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(later.not_before.unix_timestamp() as u64),
+        )
+        .to_string();
+        assert!(e.to_string().contains(&when), "{e} / {when}");
+
+        let n2 = ca.issue_server("n2", &a, 30, now()).unwrap();
+        let e = ca
+            .verify_node(&[n2.cert_der.clone()], &addr("127.0.0.3:2376"), t)
+            .unwrap_err();
+        assert!(matches!(e, PkiError::AddressNotInSan { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("127.0.0.3") && msg.contains("IP:127.0.0.2"),
+            "{msg}"
+        );
+        let e = ca
+            .verify_node(&[n2.cert_der], &addr("n2.example.eu"), t)
+            .unwrap_err();
+        assert!(e.to_string().contains("n2.example.eu"), "{e}");
+
+        assert!(matches!(
+            ca.verify_node(&[], &a, t),
+            Err(PkiError::NoCertificate)
+        ));
+    }
+
+    #[test]
+    fn refusal_is_found_through_io_and_rustls_errors() {
+        let inner = PkiError::WrongUsage {
+            presented: "clientAuth".into(),
+        };
+        let tls =
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(inner))));
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let found = refusal(&io).unwrap();
+        assert!(matches!(found, PkiError::WrongUsage { .. }));
+        let node = NodeError::Connect {
+            node: "n2".into(),
+            host: "tcp://x".into(),
+            source: bollard::errors::Error::IOError { err: io },
+        };
+        assert!(refusal(&node).is_some());
+        assert!(refusal(&std::io::Error::other("plain")).is_none());
+    }
+
+    #[test]
+    fn addresses_parse_with_a_default_port() {
+        assert_eq!(addr("127.0.0.2:2376").to_string(), "127.0.0.2:2376");
+        assert_eq!(addr("tcp://10.0.0.5").to_string(), "10.0.0.5:2376");
+        assert_eq!(addr("[::1]:99").to_string(), "[::1]:99");
+        assert_eq!(addr("[::1]").docker_host(), "tcp://[::1]:2376");
+        assert_eq!(
+            addr("Node.Example.EU:1234").host,
+            NodeHost::Dns("node.example.eu".into())
+        );
+        for bad in [
+            "",
+            "::1:2376",
+            "a b:1",
+            "h:0",
+            "h:70000",
+            "[::1",
+            "[::1]x",
+            "-x.eu:1",
+            "h;rm -rf:1",
+        ] {
+            assert!(
+                matches!(
+                    NodeAddress::parse(bad),
+                    Err(PkiError::InvalidAddress { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        validate_node_name("n2").unwrap();
+        for bad in ["", "N2", "-a", "a-", "a_b", &"a".repeat(64)] {
+            assert!(validate_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expiry_counts_days_and_warns_under_30() {
+        let now = 1_000_000_000_000;
+        assert_eq!(
+            expiry(now + 31 * DAY_MS, now),
+            Expiry {
+                days_left: 31,
+                warn: false,
+                expired: false
+            }
+        );
+        assert_eq!(
+            expiry(now + 30 * DAY_MS, now),
+            Expiry {
+                days_left: 30,
+                warn: false,
+                expired: false
+            }
+        );
+        assert_eq!(
+            expiry(now + 30 * DAY_MS - 1, now),
+            Expiry {
+                days_left: 29,
+                warn: true,
+                expired: false
+            }
+        );
+        assert_eq!(
+            expiry(now + 1, now),
+            Expiry {
+                days_left: 0,
+                warn: true,
+                expired: false
+            }
+        );
+        assert_eq!(
+            expiry(now - 1, now),
+            Expiry {
+                days_left: -1,
+                warn: true,
+                expired: true
+            }
+        );
+    }
+
+    #[test]
+    fn bundle_files_point_at_etc_docker_escale_and_keep_the_key_private() {
+        let ca = Ca::generate("i", now()).unwrap();
+        let a = addr("127.0.0.2:2377");
+        let bundle = NodeBundle {
+            node: "n2".into(),
+            address: a.clone(),
+            ca_pem: ca.cert_pem().to_string(),
+            cert: ca.issue_server("n2", &a, 365, now()).unwrap(),
+        };
+        let d = bundle.daemon_json();
+        assert_eq!(d["tls"], true);
+        assert_eq!(d["tlsverify"], true);
+        assert_eq!(d["tlscacert"], "/etc/docker/escale/ca.pem");
+        assert_eq!(d["tlscert"], "/etc/docker/escale/server-cert.pem");
+        assert_eq!(d["tlskey"], "/etc/docker/escale/server-key.pem");
+        assert_eq!(
+            d["hosts"],
+            serde_json::json!(["unix:///var/run/docker.sock", "tcp://0.0.0.0:2377"])
+        );
+        let dropin = bundle.systemd_dropin();
+        assert!(dropin.contains("[Service]\nExecStart=\nExecStart=/usr/bin/env dockerd --config-file /etc/docker/escale/daemon.json\n"), "{dropin}");
+        assert!(!format!("{bundle:?}").contains("PRIVATE KEY"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("bundle-n2");
+        bundle.write_to(&out).unwrap();
+        bundle.write_to(&out).unwrap(); // replacing works
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |n: &str| std::fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("."), 0o700);
+        assert_eq!(mode("server-key.pem"), 0o600);
+        assert_eq!(mode("install.sh"), 0o755);
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "README",
+                "ca.pem",
+                "daemon.json",
+                "escale.conf",
+                "install.sh",
+                "server-cert.pem",
+                "server-key.pem"
+            ]
+        );
+        let key = std::fs::read_to_string(out.join("server-key.pem")).unwrap();
+        assert_eq!(key, bundle.cert.key_pem());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("daemon.json")).unwrap())
+                .unwrap();
+        assert_eq!(json, d);
+        let script = std::fs::read_to_string(out.join("install.sh")).unwrap();
+        assert!(
+            script.starts_with("#!/bin/sh\n")
+                && script.contains("install -m 0600 server-key.pem /etc/docker/escale/")
+        );
+        let readme = std::fs::read_to_string(out.join("README")).unwrap();
+        assert!(readme.contains("sudo sh install.sh"), "{readme}");
+    }
+
+    async fn registry(dir: &Path) -> Registry {
+        Registry::open(&dir.join("escale.db"), crate::secrets::MasterKey::random())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pki_is_made_once_sealed_and_reused_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::secrets::MasterKey::random();
+        let db = dir.path().join("escale.db");
+        let reg = Registry::open(&db, key.clone()).await.unwrap();
+        let pki = Pki::load_or_create(&reg).await.unwrap();
+        assert!(pki.ca().common_name().contains(reg.installation_id()));
+        let ca_pem = pki.ca().cert_pem().to_string();
+        let client_serial = pki.client_cert().serial.clone();
+        let ca_key = reg.cluster_ca().await.unwrap().unwrap().key_pem;
+        let client_key = pki.client_cert().key_pem().to_string();
+
+        let bundle = pki
+            .issue_node("tester", "n2", "127.0.0.2:2376")
+            .await
+            .unwrap();
+        pki.ca()
+            .verify_node(
+                &[bundle.cert.cert_der.clone()],
+                &bundle.address,
+                UnixTime::now(),
+            )
+            .unwrap();
+        let rec = reg.node_cert("n2").await.unwrap().unwrap();
+        assert_eq!(rec.serial, bundle.cert.serial);
+        assert_eq!(rec.address, "127.0.0.2:2376");
+        assert_eq!(reg.node_certs().await.unwrap().len(), 1);
+        pki.client_config().unwrap();
+        reg.pool().close().await;
+
+        // A restart reuses both.
+        let reg = Registry::open(&db, key.clone()).await.unwrap();
+        let again = Pki::load_or_create(&reg).await.unwrap();
+        assert_eq!(again.ca().cert_pem(), ca_pem);
+        assert_eq!(again.client_cert().serial, client_serial);
+        // The old CA still verifies what it issued before the restart.
+        again
+            .ca()
+            .verify_node(
+                &[bundle.cert.cert_der.clone()],
+                &bundle.address,
+                UnixTime::now(),
+            )
+            .unwrap();
+        // Nodes issued after the restart chain to the same CA.
+        let b2 = again.issue_node("tester", "n3", "127.0.0.3").await.unwrap();
+        Ca::from_stored(&reg.cluster_ca().await.unwrap().unwrap())
+            .unwrap()
+            .verify_node(&[b2.cert.cert_der], &b2.address, UnixTime::now())
+            .unwrap();
+
+        // A client certificate with fewer than 30 days left is replaced.
+        let short = again
+            .ca()
+            .issue_client(reg.installation_id(), 10, now())
+            .unwrap();
+        reg.store_cluster_client_cert(&StoredClientCert {
+            cert_pem: short.cert_pem.clone(),
+            key_pem: short.key_pem().to_string(),
+            serial: short.serial.clone(),
+            not_after: short.not_after,
+            issued_at: ms(now()),
+        })
+        .await
+        .unwrap();
+        let renewed = Pki::load_or_create(&reg).await.unwrap();
+        assert_ne!(renewed.client_cert().serial, short.serial);
+        assert!(
+            expiry(renewed.client_cert().not_after, crate::registry::now_ms()).days_left >= 364
+        );
+        assert_eq!(
+            reg.cluster_client_cert().await.unwrap().unwrap().serial,
+            renewed.client_cert().serial
+        );
+
+        // Keys are sealed: not in the database files in clear, and not under another master key.
+        reg.pool().close().await;
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let text =
+                String::from_utf8_lossy(&std::fs::read(f.unwrap().path()).unwrap()).into_owned();
+            for k in [&ca_key, &client_key] {
+                let body = k.lines().nth(1).unwrap();
+                assert!(!text.contains(body), "a private key is stored in clear");
+            }
+        }
+        let other = Registry::open(&db, crate::secrets::MasterKey::random()).await;
+        match other {
+            Ok(r) => assert!(Pki::load_or_create(&r).await.is_err()),
+            Err(_) => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn client_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let pki = Pki::load_or_create(&reg).await.unwrap();
+        let files = pki
+            .write_client_files(&dir.path().join("cluster-client"))
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("cluster-client")), 0o700);
+        for p in [&files.ca, &files.cert, &files.key] {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+        assert_eq!(
+            std::fs::read_to_string(&files.key).unwrap(),
+            pki.client_cert().key_pem()
+        );
+        pki.write_client_files(&dir.path().join("cluster-client"))
+            .unwrap();
     }
 }
