@@ -1361,11 +1361,19 @@ mod tests {
         assert_eq!(subject_alt_names(&parse(&v6.cert_der)), vec!["IP:fd00::4"]);
 
         let t = UnixTime::now();
-        ca.verify_node(&[ip.cert_der.clone()], &addr("127.0.0.2:2376"), t)
-            .unwrap();
-        ca.verify_node(&[dns.cert_der.clone()], &addr("n3.example.eu"), t)
-            .unwrap();
-        ca.verify_node(&[v6.cert_der.clone()], &addr("[fd00::4]:1"), t)
+        ca.verify_node(
+            std::slice::from_ref(&ip.cert_der),
+            &addr("127.0.0.2:2376"),
+            t,
+        )
+        .unwrap();
+        ca.verify_node(
+            std::slice::from_ref(&dns.cert_der),
+            &addr("n3.example.eu"),
+            t,
+        )
+        .unwrap();
+        ca.verify_node(std::slice::from_ref(&v6.cert_der), &addr("[fd00::4]:1"), t)
             .unwrap();
         assert!(matches!(
             ca.issue_server("Bad Name", &addr("127.0.0.2"), 1, now()),
@@ -1417,7 +1425,7 @@ mod tests {
 
         let theirs = foreign.issue_server("n2", &a, 30, now()).unwrap();
         let e = ca
-            .verify_node(&[theirs.cert_der.clone()], &a, t)
+            .verify_node(std::slice::from_ref(&theirs.cert_der), &a, t)
             .unwrap_err();
         assert!(matches!(e, PkiError::ForeignCa { .. }), "{e:?}");
         let msg = e.to_string();
@@ -1458,7 +1466,11 @@ mod tests {
 
         let n2 = ca.issue_server("n2", &a, 30, now()).unwrap();
         let e = ca
-            .verify_node(&[n2.cert_der.clone()], &addr("127.0.0.3:2376"), t)
+            .verify_node(
+                std::slice::from_ref(&n2.cert_der),
+                &addr("127.0.0.3:2376"),
+                t,
+            )
             .unwrap_err();
         assert!(matches!(e, PkiError::AddressNotInSan { .. }), "{e:?}");
         let msg = e.to_string();
@@ -1666,7 +1678,7 @@ mod tests {
             .unwrap();
         pki.ca()
             .verify_node(
-                &[bundle.cert.cert_der.clone()],
+                std::slice::from_ref(&bundle.cert.cert_der),
                 &bundle.address,
                 UnixTime::now(),
             )
@@ -1687,7 +1699,7 @@ mod tests {
         again
             .ca()
             .verify_node(
-                &[bundle.cert.cert_der.clone()],
+                std::slice::from_ref(&bundle.cert.cert_der),
                 &bundle.address,
                 UnixTime::now(),
             )
@@ -1734,9 +1746,8 @@ mod tests {
             }
         }
         let other = Registry::open(&db, crate::secrets::MasterKey::random()).await;
-        match other {
-            Ok(r) => assert!(Pki::load_or_create(&r).await.is_err()),
-            Err(_) => {}
+        if let Ok(r) = other {
+            assert!(Pki::load_or_create(&r).await.is_err())
         }
     }
 
