@@ -90,6 +90,8 @@ pub enum PkiError {
     Refused(String),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("building the node certificate verifier: {0}")]
+    Verifier(String),
     #[error("writing {path}: {source}")]
     Write {
         path: String,
@@ -550,7 +552,7 @@ impl Ca {
         roots.add(self.cert_der.clone()).map_err(PkiError::Tls)?;
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
-            .map_err(|e| PkiError::Refused(format!("building the verifier: {e}")))
+            .map_err(|e| PkiError::Verifier(e.to_string()))
     }
 
     /// The verifier for TLS handshakes with nodes: this CA only, refusals with reasons.
@@ -876,6 +878,31 @@ impl fmt::Debug for Pki {
     }
 }
 
+/// escale's stored client certificate if the CA accepts it and it has
+/// [`RENEW_BEFORE_DAYS`] days or more left, else a new one, stored.
+async fn current_client(registry: &Registry, ca: &Ca, now: OffsetDateTime) -> Result<IssuedCert> {
+    if let Some(c) = registry.cluster_client_cert().await? {
+        let issued = IssuedCert::from_pems(&c.cert_pem, &c.key_pem, "client certificate")?;
+        if ca.accepts_client(&issued.cert_der, UnixTime::now())
+            && !expiry(issued.not_after, ms(now)).warn
+        {
+            return Ok(issued);
+        }
+    }
+    let c = ca.issue_client(registry.installation_id(), CLIENT_CERT_VALIDITY_DAYS, now)?;
+    registry
+        .store_cluster_client_cert(&StoredClientCert {
+            cert_pem: c.cert_pem.clone(),
+            key_pem: c.key_pem.clone(),
+            serial: c.serial.clone(),
+            not_after: c.not_after,
+            issued_at: ms(now),
+        })
+        .await?;
+    tracing::info!(serial = %c.serial, "issued escale's cluster client certificate");
+    Ok(c)
+}
+
 impl Pki {
     /// The stored CA (made and stored on first use) and escale's client certificate (issued
     /// when absent, when fewer than [`RENEW_BEFORE_DAYS`] days are left, or when the stored
@@ -891,33 +918,7 @@ impl Pki {
             }
         };
         let ca = Ca::from_stored(&stored)?;
-        let current = match registry.cluster_client_cert().await? {
-            Some(c) => {
-                let issued = IssuedCert::from_pems(&c.cert_pem, &c.key_pem, "client certificate")?;
-                (ca.accepts_client(&issued.cert_der, UnixTime::now())
-                    && !expiry(issued.not_after, ms(now)).warn)
-                    .then_some(issued)
-            }
-            None => None,
-        };
-        let client = match current {
-            Some(c) => c,
-            None => {
-                let c =
-                    ca.issue_client(registry.installation_id(), CLIENT_CERT_VALIDITY_DAYS, now)?;
-                registry
-                    .store_cluster_client_cert(&StoredClientCert {
-                        cert_pem: c.cert_pem.clone(),
-                        key_pem: c.key_pem.clone(),
-                        serial: c.serial.clone(),
-                        not_after: c.not_after,
-                        issued_at: ms(now),
-                    })
-                    .await?;
-                tracing::info!(serial = %c.serial, "issued escale's cluster client certificate");
-                c
-            }
-        };
+        let client = current_client(registry, &ca, now).await?;
         Ok(Pki {
             registry: registry.clone(),
             ca,
@@ -934,6 +935,32 @@ impl Pki {
     /// escale's client certificate.
     pub fn client_cert(&self) -> &IssuedCert {
         &self.client
+    }
+
+    /// Reissues escale's client certificate when fewer than [`RENEW_BEFORE_DAYS`] days are
+    /// left (for a daily check in the daemon); returns whether it did. Connections opened
+    /// before keep the old one until they are made again.
+    pub async fn renew_client_if_due(&mut self) -> Result<bool> {
+        let now = OffsetDateTime::now_utc();
+        if !expiry(self.client.not_after, ms(now)).warn {
+            return Ok(false);
+        }
+        self.client = current_client(&self.registry, &self.ca, now).await?;
+        Ok(true)
+    }
+
+    /// Every recorded node server certificate with its [`Expiry`] at `now_ms`.
+    pub async fn node_cert_expiries(&self, now_ms: i64) -> Result<Vec<(NodeCertRecord, Expiry)>> {
+        Ok(self
+            .registry
+            .node_certs()
+            .await?
+            .into_iter()
+            .map(|r| {
+                let e = expiry(r.not_after, now_ms);
+                (r, e)
+            })
+            .collect())
     }
 
     /// Issues a server certificate for node `name` at `address` (`HOST:PORT`), records it
@@ -975,6 +1002,27 @@ impl Pki {
     /// refused node certificate is a [`PkiError`] refusal naming the reason.
     pub async fn connect(&self, name: &str, address: &NodeAddress) -> Result<Node> {
         connect_with(name, address, self.client_config()?).await
+    }
+
+    /// Connects to node `name` at `address` with bollard's path-based TLS client
+    /// (`Node::connect_tls`) after writing the PEMs into `dir` ([`Pki::write_client_files`]).
+    /// Prefer [`Pki::connect`]: this one also trusts the system roots and gives no reason
+    /// when the node's certificate is refused.
+    pub async fn connect_with_files(
+        &self,
+        name: &str,
+        address: &NodeAddress,
+        dir: &Path,
+    ) -> Result<Node> {
+        let files = self.write_client_files(dir)?;
+        Ok(Node::connect_tls(
+            name,
+            &address.docker_host(),
+            &files.ca,
+            &files.cert,
+            &files.key,
+        )
+        .await?)
     }
 
     /// Writes `ca.pem`, `cert.pem` and `key.pem` (escale's client certificate) into `dir`,
@@ -1749,6 +1797,52 @@ mod tests {
         if let Ok(r) = other {
             assert!(Pki::load_or_create(&r).await.is_err())
         }
+    }
+
+    #[tokio::test]
+    async fn client_renewal_when_due_and_node_expiries() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut pki = Pki::load_or_create(&reg).await.unwrap();
+        assert!(!pki.renew_client_if_due().await.unwrap());
+        let serial = pki.client_cert().serial.clone();
+        let short = pki.ca.issue_client("x", 5, now()).unwrap();
+        reg.store_cluster_client_cert(&StoredClientCert {
+            cert_pem: short.cert_pem.clone(),
+            key_pem: short.key_pem().to_string(),
+            serial: short.serial.clone(),
+            not_after: short.not_after,
+            issued_at: ms(now()),
+        })
+        .await
+        .unwrap();
+        pki.client = short;
+        assert!(pki.renew_client_if_due().await.unwrap());
+        assert_ne!(pki.client_cert().serial, serial);
+        assert_eq!(
+            reg.cluster_client_cert().await.unwrap().unwrap().serial,
+            pki.client_cert().serial
+        );
+
+        pki.node_validity_days = 20;
+        pki.issue_node("tester", "n2", "127.0.0.2").await.unwrap();
+        pki.node_validity_days = NODE_CERT_VALIDITY_DAYS;
+        pki.issue_node("tester", "n3", "n3.example.eu:2376")
+            .await
+            .unwrap();
+        let e = pki
+            .node_cert_expiries(crate::registry::now_ms())
+            .await
+            .unwrap();
+        let by: Vec<(&str, i64, bool)> = e
+            .iter()
+            .map(|(r, e)| (r.node.as_str(), e.days_left, e.warn))
+            .collect();
+        assert_eq!(by, [("n2", 19, true), ("n3", 364, false)]);
+        assert!(matches!(
+            pki.issue_node("tester", "n4", "n4 example").await,
+            Err(PkiError::InvalidAddress { .. })
+        ));
     }
 
     #[tokio::test]

@@ -249,6 +249,12 @@ async fn extra_node_with_an_escale_bundle_speaks_mutual_tls_only_with_escale() {
     let version = node.docker.version().await.unwrap();
     assert!(version.api_version.is_some(), "{version:?}");
     node.ping().await.unwrap();
+    // The path-based client (bollard's own TLS transport) with the PEMs written privately.
+    let by_files = pki
+        .connect_with_files("n2", &address, &data.path().join("cluster-client"))
+        .await
+        .unwrap();
+    by_files.docker.version().await.unwrap();
 
     // (b) A client certificate of another CA is refused by the node (escale accepts the node).
     let foreign = Ca::generate("foreign", time::OffsetDateTime::now_utc()).unwrap();
