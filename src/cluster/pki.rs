@@ -411,6 +411,17 @@ impl Ca {
         let cert_der = first_cert(&stored.cert_pem).map_err(bad)?;
         let key = KeyPair::from_pem(&stored.key_pem).map_err(|e| bad(e.to_string()))?;
         let (_, not_after, _) = validity(&cert_der).map_err(bad)?;
+        let matches = x509_parser::parse_x509_certificate(&cert_der)
+            .map(|(_, c)| {
+                c.public_key().subject_public_key.data.as_ref()
+                    == rcgen::PublicKeyData::der_bytes(&key)
+            })
+            .unwrap_or(false);
+        if !matches {
+            return Err(bad(
+                "the CA certificate does not belong to the stored CA key".into(),
+            ));
+        }
         Ok(Ca {
             common_name: stored.common_name.clone(),
             cert_pem: stored.cert_pem.clone(),
@@ -1758,6 +1769,14 @@ mod tests {
             .unwrap()
             .verify_node(&[b2.cert.cert_der], &b2.address, UnixTime::now())
             .unwrap();
+
+        // A stored CA certificate that is not the stored key's is refused.
+        let mut swapped = reg.cluster_ca().await.unwrap().unwrap();
+        swapped.cert_pem = Ca::generate("x", now()).unwrap().cert_pem().to_string();
+        assert!(matches!(
+            Ca::from_stored(&swapped),
+            Err(PkiError::Stored { what: "CA", .. })
+        ));
 
         // A client certificate with fewer than 30 days left is replaced.
         let short = again
