@@ -148,6 +148,9 @@ pub enum NodeError {
     InvalidSpec { instance: String, reason: String },
 }
 
+/// How long [`Node::connect_mtls`]'s transport waits for a TCP connection to the node.
+const MTLS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The transport of [`Node::connect_mtls`]: one TLS connection per request.
 struct MtlsTransport {
     host: String,
@@ -163,7 +166,18 @@ impl MtlsTransport {
         &self,
         req: bollard::BollardRequest,
     ) -> Result<http::Response<hyper::body::Incoming>, DockerError> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let connect = tokio::net::TcpStream::connect((self.host.as_str(), self.port));
+        let tcp = tokio::time::timeout(MTLS_CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no TCP connection to {} within {MTLS_CONNECT_TIMEOUT:?}",
+                        self.authority
+                    ),
+                )
+            })??;
         tcp.set_nodelay(true)?;
         let tls = self
             .connector

@@ -327,6 +327,20 @@ async fn extra_node_with_an_escale_bundle_speaks_mutual_tls_only_with_escale() {
     assert!(matches!(err, PkiError::Expired { .. }), "{err:?}");
     assert!(err.to_string().contains("2025-01-01T00:00:00Z"), "{err}");
 
+    // A node presenting a client certificate of our CA (clientAuth only) is refused.
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.2".to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let client_as_server = pki.ca().issue_with(params).unwrap();
+    let fake = fake_node(&client_as_server).await;
+    let err = pki
+        .connect("n2", &NodeAddress::parse(&fake.to_string()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PkiError::WrongUsage { .. }), "{err:?}");
+    assert!(err.to_string().contains("clientAuth"), "{err}");
+
     // escale's client still works after all that.
     node.docker.version().await.unwrap();
     drop(daemon);
