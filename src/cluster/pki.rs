@@ -56,6 +56,9 @@ pub const CLIENT_CERT_VALIDITY_DAYS: i64 = 365;
 pub const RENEW_BEFORE_DAYS: i64 = 30;
 /// The port of a node's Docker engine over TLS when an address names none.
 pub const DEFAULT_NODE_PORT: u16 = 2376;
+/// The directory under the data dir for [`Pki::write_client_files`].
+pub const CLIENT_FILES_DIR: &str = "cluster-client";
+
 /// Where a bundle's files live on the node.
 pub const NODE_CONFIG_DIR: &str = "/etc/docker/escale";
 
@@ -1036,7 +1039,8 @@ impl Pki {
         .await?)
     }
 
-    /// Writes `ca.pem`, `cert.pem` and `key.pem` (escale's client certificate) into `dir`,
+    /// Writes `ca.pem`, `cert.pem` and `key.pem` (escale's client certificate) into `dir`
+    /// (`data_dir/`[`CLIENT_FILES_DIR`] in the daemon),
     /// created 0700, files 0600, replacing what is there; for path-based clients
     /// (`Node::connect_tls`, `docker --tlsverify`). Note that `Node::connect_tls` (bollard's
     /// `connect_with_ssl`) also trusts the system roots; [`Pki::connect`] trusts only the CA.

@@ -122,8 +122,18 @@ impl ExtraDaemon {
             format!("tcp://{OTHER_ADDRESS}"),
             format!("unix://{}", root.join("docker.sock").display()),
         ]);
-        if let Some(driver) = host_config.get("storage-driver") {
-            config["storage-driver"] = driver.clone();
+        // The storage driver the host's engine runs with (fuse-overlayfs here).
+        let driver = host_config
+            .get("storage-driver")
+            .and_then(|d| d.as_str())
+            .map(str::to_string)
+            .or_else(|| {
+                run(&["docker", "info", "--format", "{{.Driver}}"])
+                    .map(|d| d.trim().to_string())
+                    .filter(|d| !d.is_empty())
+            });
+        if let Some(driver) = driver {
+            config["storage-driver"] = driver.into();
         }
         let config_path = root.join("daemon.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
@@ -251,7 +261,7 @@ async fn extra_node_with_an_escale_bundle_speaks_mutual_tls_only_with_escale() {
     node.ping().await.unwrap();
     // The path-based client (bollard's own TLS transport) with the PEMs written privately.
     let by_files = pki
-        .connect_with_files("n2", &address, &data.path().join("cluster-client"))
+        .connect_with_files("n2", &address, &data.path().join(pki::CLIENT_FILES_DIR))
         .await
         .unwrap();
     by_files.docker.version().await.unwrap();
