@@ -1869,6 +1869,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_first_starts_agree_on_one_ca_and_audit_what_was_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let (a, b) = tokio::join!(Pki::load_or_create(&reg), Pki::load_or_create(&reg));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.ca().cert_pem(), b.ca().cert_pem());
+        let stored = reg.cluster_ca().await.unwrap().unwrap();
+        assert_eq!(stored.cert_pem, a.ca().cert_pem());
+        // Both client certificates are the CA's; the stored one is one of them.
+        let client = reg.cluster_client_cert().await.unwrap().unwrap();
+        assert!([&a.client_cert().serial, &b.client_cert().serial].contains(&&client.serial));
+        a.issue_node("tester", "n2", "127.0.0.2").await.unwrap();
+        let actions: Vec<(String, String)> = sqlx::query_as(
+            "SELECT actor, action FROM events WHERE action LIKE 'cluster.%' ORDER BY id",
+        )
+        .fetch_all(reg.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|(_, a)| a == "cluster.ca.create")
+                .count(),
+            1
+        );
+        assert!(actions.iter().any(|(_, a)| a == "cluster.client_cert"));
+        assert_eq!(
+            actions.last().unwrap(),
+            &("tester".to_string(), "cluster.node_cert".to_string())
+        );
+        let detail: String =
+            sqlx::query_scalar("SELECT detail FROM events WHERE action = 'cluster.node_cert'")
+                .fetch_one(reg.pool())
+                .await
+                .unwrap();
+        assert!(
+            detail.contains("n2") && detail.contains("127.0.0.2:2376"),
+            "{detail}"
+        );
+        assert!(!detail.contains("PRIVATE"));
+    }
+
+    #[tokio::test]
     async fn client_files_are_private() {
         let dir = tempfile::tempdir().unwrap();
         let reg = registry(dir.path()).await;
