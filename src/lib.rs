@@ -9,6 +9,7 @@ pub mod auth;
 pub mod certs;
 pub mod cleanup;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod git;

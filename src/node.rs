@@ -151,6 +151,65 @@ pub enum NodeError {
     InvalidSpec { instance: String, reason: String },
 }
 
+/// How long [`Node::connect_mtls`]'s transport waits for a TCP connection to the node.
+const MTLS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The transport of [`Node::connect_mtls`]: one TLS connection per request.
+struct MtlsTransport {
+    host: String,
+    port: u16,
+    /// `host:port` (IPv6 in brackets), the `Host` header.
+    authority: String,
+    server_name: rustls::pki_types::ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl MtlsTransport {
+    async fn request(
+        &self,
+        req: bollard::BollardRequest,
+    ) -> Result<http::Response<hyper::body::Incoming>, DockerError> {
+        let connect = tokio::net::TcpStream::connect((self.host.as_str(), self.port));
+        let tcp = tokio::time::timeout(MTLS_CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no TCP connection to {} within {MTLS_CONNECT_TIMEOUT:?}",
+                        self.authority
+                    ),
+                )
+            })??;
+        tcp.set_nodelay(true)?;
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("node TLS connection ended: {e}");
+            }
+        });
+        let (mut parts, body) = req.into_parts();
+        let origin = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = http::Uri::try_from(origin).map_err(http::Error::from)?;
+        parts.headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&self.authority).map_err(http::Error::from)?,
+        );
+        Ok(sender
+            .send_request(http::Request::from_parts(parts, body))
+            .await?)
+    }
+}
+
 /// Result alias for node operations.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
@@ -165,6 +224,13 @@ pub struct Node {
     pub advertise_ip: IpAddr,
     /// Serialises app network creation on this engine (see [`Node::ensure_app_network`]).
     network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What an engine says of its own version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EngineVersion {
+    pub version: String,
+    pub api_version: String,
 }
 
 /// Everything needed to start one instance (one container) of an app process.
@@ -470,6 +536,55 @@ impl Node {
         })
     }
 
+    /// Connects to a remote engine at `host:port` over mutual TLS with `config`: its verifier
+    /// alone decides which server certificates are accepted (no system roots unless it adds
+    /// them) and its client certificate is presented; the node's certificate is checked
+    /// against `server_name`. Negotiates the API version. Each request opens its own
+    /// connection, as bollard's own TLS transport does (no idle pool). A refusal by the
+    /// verifier stays in the error's source chain.
+    pub async fn connect_mtls(
+        name: &str,
+        host: &str,
+        port: u16,
+        server_name: rustls::pki_types::ServerName<'static>,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Node> {
+        let ip = host.parse::<IpAddr>().ok();
+        let authority = match ip {
+            Some(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+            _ => format!("{host}:{port}"),
+        };
+        let connect_err = |source| NodeError::Connect {
+            node: name.to_string(),
+            host: format!("tcp://{authority}"),
+            source,
+        };
+        let transport = std::sync::Arc::new(MtlsTransport {
+            host: host.to_string(),
+            port,
+            authority: authority.clone(),
+            server_name,
+            connector: tokio_rustls::TlsConnector::from(config),
+        });
+        let docker = Docker::connect_with_custom_transport(
+            move |req: bollard::BollardRequest| {
+                let t = transport.clone();
+                async move { t.request(req).await }
+            },
+            Some(format!("https://{authority}")),
+            REQUEST_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(connect_err)?;
+        let docker = docker.negotiate_version().await.map_err(connect_err)?;
+        Ok(Node {
+            name: name.to_string(),
+            docker,
+            advertise_ip: ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            network_lock: Default::default(),
+        })
+    }
+
     /// Sets the address the proxy uses for this node's published ports.
     pub fn with_advertise_ip(mut self, ip: IpAddr) -> Node {
         self.advertise_ip = ip;
@@ -487,6 +602,19 @@ impl Node {
     }
 
     /// Checks that the engine answers.
+    /// The engine's version and API version (`escale nodes list` shows them).
+    pub async fn version(&self) -> Result<EngineVersion> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(self.engine_err("reading the version"))?;
+        Ok(EngineVersion {
+            version: v.version.unwrap_or_default(),
+            api_version: v.api_version.unwrap_or_default(),
+        })
+    }
+
     pub async fn ping(&self) -> Result<()> {
         self.docker
             .ping()

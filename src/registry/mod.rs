@@ -13,6 +13,7 @@
 
 mod accounts;
 mod apps;
+mod cluster;
 mod deploys;
 mod releases;
 mod webhooks;
@@ -27,6 +28,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 pub use accounts::*;
 pub use apps::*;
+pub use cluster::*;
 pub use releases::*;
 pub use webhooks::*;
 

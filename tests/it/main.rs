@@ -5,6 +5,7 @@ mod support;
 mod api;
 mod certs;
 mod cli;
+mod cluster;
 mod deploys;
 mod exhaustion;
 mod gitpush;
