@@ -352,7 +352,7 @@ async fn extra_node_with_an_escale_bundle_speaks_mutual_tls_only_with_escale() {
     assert!(err.to_string().contains("clientAuth"), "{err}");
 
     // escale's client still works after all that.
-    node.docker.version().await.unwrap();
+    node.version().await.unwrap();
     drop(daemon);
     assert!(
         run(&["ip", "link", "show", BRIDGE]).is_none(),
