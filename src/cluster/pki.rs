@@ -1861,7 +1861,16 @@ mod tests {
             .iter()
             .map(|(r, e)| (r.node.as_str(), e.days_left, e.warn))
             .collect();
-        assert_eq!(by, [("n2", 19, true), ("n3", 364, false)]);
+        // Whole days left, give or take the day boundary the seconds of issuance fall on.
+        assert_eq!(by.len(), 2, "{by:?}");
+        assert!(
+            by[0].0 == "n2" && (19..=20).contains(&by[0].1) && by[0].2,
+            "{by:?}"
+        );
+        assert!(
+            by[1].0 == "n3" && (364..=365).contains(&by[1].1) && !by[1].2,
+            "{by:?}"
+        );
         assert!(matches!(
             pki.issue_node("tester", "n4", "n4 example").await,
             Err(PkiError::InvalidAddress { .. })
