@@ -4,9 +4,10 @@
 //! instances of an installation (by label), starts one from an [`InstanceSpec`], stops and
 //! removes it, makes images present (pull, or save/load from another engine), streams logs and
 //! container events, and lists/removes app networks. The Docker engine ([`crate::node::Node`],
-//! through bollard) is the production one; [`fake::FakeEngine`] is an in-memory one for the
-//! reconciler's unit tests. bollard is used by `node.rs` only: nothing else sees it.
+//! through bollard) is the production one; `fake::FakeEngine` is an in-memory one for the
+//! reconciler's unit tests (compiled for tests only). bollard is used by `node.rs` only: nothing else sees it.
 
+#[cfg(test)]
 pub mod fake;
 
 use std::net::IpAddr;
