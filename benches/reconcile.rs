@@ -98,7 +98,7 @@ fn running(sched: &Scheduler) -> usize {
         .count()
 }
 
-async fn measure(image: &str, n: u32) -> (Duration, Duration) {
+async fn measure(image: &str, n: u32) -> (Duration, Duration, f64) {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::open(
         &dir.path().join("escale.db"),
@@ -154,6 +154,9 @@ async fn measure(image: &str, n: u32) -> (Duration, Duration) {
     for _ in 0..5 {
         sched.pass().await.unwrap();
     }
+    let calls_before = sched
+        .engine_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut times = Vec::new();
     for _ in 0..30 {
         let t = Instant::now();
@@ -161,12 +164,24 @@ async fn measure(image: &str, n: u32) -> (Duration, Duration) {
         times.push(t.elapsed());
     }
     times.sort();
+    let calls = sched
+        .engine_calls
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - calls_before;
     remove_installation(&installation);
-    (percentile(&times, 50.0), percentile(&times, 90.0))
+    (
+        percentile(&times, 50.0),
+        percentile(&times, 90.0),
+        calls as f64 / 30.0,
+    )
 }
 
 #[tokio::main]
 async fn main() {
+    // `BENCH_LOG=escale=debug` shows what the passes do.
+    if let Ok(level) = std::env::var("BENCH_LOG") {
+        escale::server::init_logging(escale::config::LogFormat::Human, &level);
+    }
     let image = fixture_image();
     let sizes: Vec<u32> = std::env::var("RECONCILE_SIZES")
         .unwrap_or_else(|_| "10,100,300".into())
@@ -174,9 +189,9 @@ async fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     for n in sizes {
-        let (p50, p90) = measure(&image, n).await;
+        let (p50, p90, calls) = measure(&image, n).await;
         println!(
-            "reconcile pass, {n} running instances: median {}, p90 {}",
+            "reconcile pass, {n} running instances: median {}, p90 {}, {calls:.1} engine calls per pass",
             ms(p50),
             ms(p90)
         );

@@ -66,6 +66,10 @@ struct State {
     start_logs: Vec<String>,
     listen: bool,
     calls: BTreeMap<Call, u64>,
+    /// How long a start takes, and the starts in flight now and at most so far.
+    start_delay: Duration,
+    starting: usize,
+    most_starting: usize,
 }
 
 /// An in-memory engine. Cheap to share (`Arc`).
@@ -92,6 +96,16 @@ impl FakeEngine {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every start take `delay` (the engine is busy).
+    pub fn slow_starts(&self, delay: Duration) {
+        self.state().start_delay = delay;
+    }
+
+    /// The most starts this engine has had in flight at once.
+    pub fn most_concurrent_starts(&self) -> usize {
+        self.state().most_starting
     }
 
     /// Starts with no image at all (images must be loaded or "pulled" by `ensure_image`).
@@ -252,6 +266,14 @@ impl Engine for FakeEngine {
 
     async fn start_instance(&self, spec: &InstanceSpec) -> Result<StartedInstance> {
         self.enter(Call::Start).await?;
+        let delay = {
+            let mut st = self.state();
+            st.starting += 1;
+            st.most_starting = st.most_starting.max(st.starting);
+            st.start_delay
+        };
+        tokio::time::sleep(delay).await;
+        self.state().starting -= 1;
         // Ids are unique across fake engines, as Docker's are in practice.
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -186,6 +186,9 @@ const NETWORK_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 /// How long an engine call made by a pass (or by an action task) may take by default.
 pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long reading a crashed container's last log lines may take.
+/// Container changes in flight per engine (see `Scheduler::limited`).
+const ENGINE_PARALLELISM: usize = 8;
+
 const LAST_LOGS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The reconciler and its shared views.
@@ -224,6 +227,10 @@ pub struct Scheduler {
     pub engine_timeouts: AtomicU64,
     /// The bound on one engine call, in milliseconds ([`Scheduler::set_engine_timeout`]).
     engine_timeout_ms: AtomicU64,
+    /// Container changes (start, stop, remove) in flight per engine, at most
+    /// [`ENGINE_PARALLELISM`]: a deploy of 300 instances queues here instead of asking an
+    /// engine for 300 starts at once (each then too slow for its timeout).
+    slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -265,7 +272,17 @@ impl Scheduler {
         routes: SharedRoutes,
     ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
+        let slots = engines
+            .iter()
+            .map(|e| {
+                (
+                    e.name().to_string(),
+                    Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
+                )
+            })
+            .collect();
         Arc::new(Scheduler {
+            slots,
             registry,
             config,
             engines,
@@ -312,6 +329,23 @@ impl Scheduler {
     ) -> runtime::Result<T> {
         self.bounded_for(self.engine_timeout(), engine, action, call)
             .await
+    }
+
+    /// Runs one container change (start, stop, remove) on `engine` once one of its
+    /// [`ENGINE_PARALLELISM`] slots is free, bounded by `after` from then on (the wait for a
+    /// slot is not the engine's slowness).
+    async fn limited<T>(
+        &self,
+        after: Duration,
+        engine: &str,
+        action: &str,
+        call: impl std::future::Future<Output = runtime::Result<T>>,
+    ) -> runtime::Result<T> {
+        let _slot = match self.slots.get(engine) {
+            Some(s) => Some(s.clone().acquire_owned().await),
+            None => None,
+        };
+        self.bounded_for(after, engine, action, call).await
     }
 
     /// Runs one engine call of `engine`, bounded by `after`.
@@ -1158,22 +1192,24 @@ impl Scheduler {
                     tokio::time::sleep(me.config.scheduler.drain_grace).await;
                     if let Some(n) = me.engine(&node) {
                         let stop_timeout = me.config.scheduler.stop_timeout;
-                        let stopped = tokio::time::timeout(
-                            stop_timeout + me.engine_timeout(),
-                            n.stop_instance(&container_id, stop_timeout),
-                        )
-                        .await;
-                        match stopped {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                tracing::warn!(container = %short(&container_id), error = %e, "stop failed")
-                            }
-                            Err(_) => {
-                                tracing::warn!(container = %short(&container_id), "stop did not finish in time")
-                            }
+                        let stopped = me
+                            .limited(
+                                stop_timeout + me.engine_timeout(),
+                                &node,
+                                "stopping an instance",
+                                n.stop_instance(&container_id, stop_timeout),
+                            )
+                            .await;
+                        if let Err(e) = stopped {
+                            tracing::warn!(container = %short(&container_id), error = %e, "stop failed")
                         }
                         match me
-                            .bounded(&node, "removing an instance", n.remove_instance(&container_id))
+                            .limited(
+                                me.engine_timeout(),
+                                &node,
+                                "removing an instance",
+                                n.remove_instance(&container_id),
+                            )
                             .await
                         {
                             Ok(()) => {
@@ -1238,7 +1274,12 @@ impl Scheduler {
                     me.engine_calls
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = me
-                        .bounded(&node, "removing an instance", n.remove_instance(&container_id))
+                        .limited(
+                                me.engine_timeout(),
+                                &node,
+                                "removing an instance",
+                                n.remove_instance(&container_id),
+                            )
                         .await
                     {
                         tracing::warn!(container = %short(&container_id), error = %e, "remove failed");
@@ -1676,7 +1717,8 @@ impl Scheduler {
             ..Default::default()
         };
         Ok(self
-            .bounded(
+            .limited(
+                self.engine_timeout(),
                 node_name,
                 "starting an instance",
                 node.start_instance(&spec),

@@ -651,3 +651,28 @@ async fn a_container_that_exits_later_is_replaced_on_its_event() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_large_deploy_queues_its_starts_instead_of_flooding_the_engine() {
+    let mut h = Harness::new(&["n1"]).await;
+    // Each start takes 100 ms; the engine timeout is 300 ms: 40 at once would still pass,
+    // but Docker slows down with every start in flight, so escale never asks for more than
+    // its per-engine parallelism.
+    h.engine(0).slow_starts(Duration::from_millis(100));
+    h.app("big", 40).await;
+    h.until("40 running instances", |h| {
+        h.engine(0).running().len() == 40
+    })
+    .await;
+    let most = h.engine(0).most_concurrent_starts();
+    assert!(
+        (2..=super::ENGINE_PARALLELISM).contains(&most),
+        "starts in flight at once: {most}"
+    );
+    assert_eq!(
+        h.sched
+            .engine_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
