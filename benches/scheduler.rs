@@ -19,47 +19,11 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ms, Server};
+use common::{fixture_image, ms, Server};
 use escale::scheduler::plan::{
     self, Desired, DesiredApp, DesiredProcess, InstanceState, NodeState, Observed, ObservedInstance,
 };
 
-/// Builds the fixture app image from nothing (rustc + `FROM scratch`), returns its tag.
-fn fixture_image() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webapp.rs");
-    let out = dir.path().join("webapp");
-    let st = Command::new("rustc")
-        .args([
-            "-O",
-            "-C",
-            "target-feature=+crt-static",
-            "-C",
-            "strip=symbols",
-            "--edition",
-            "2021",
-            src,
-            "-o",
-        ])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "rustc fixture");
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        "FROM scratch\nCOPY webapp /webapp\nENTRYPOINT [\"/webapp\"]\n",
-    )
-    .unwrap();
-    let tag = "escale-bench/webapp:1";
-    let st = Command::new("docker")
-        .args(["build", "-q", "-t", tag])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "docker build fixture");
-    tag.to_string()
-}
 
 async fn healthy(s: &Server, app: &str) -> (usize, usize) {
     let (_, v) = s

@@ -185,3 +185,40 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
+
+/// Builds the fixture app image from nothing (rustc + `FROM scratch`), returns its tag.
+pub fn fixture_image() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webapp.rs");
+    let out = dir.path().join("webapp");
+    let st = Command::new("rustc")
+        .args([
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "--edition",
+            "2021",
+            src,
+            "-o",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "rustc fixture");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY webapp /webapp\nENTRYPOINT [\"/webapp\"]\n",
+    )
+    .unwrap();
+    let tag = "escale-bench/webapp:1";
+    let st = Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "docker build fixture");
+    tag.to_string()
+}

@@ -177,33 +177,6 @@ impl Registry {
         Ok(v)
     }
 
-    /// Creates a release of an image built by escale (e.g. from a `git push`), keeping the
-    /// build's output in the release's `build_log`.
-    pub async fn create_built_release(
-        &self,
-        actor: &Actor,
-        app: &str,
-        image: &str,
-        source: &str,
-        description: &str,
-        build_log: &str,
-    ) -> Result<u32> {
-        let a = self.app(actor, app).await?;
-        let mut tx = self.write().await?;
-        let v = insert_release(
-            &mut tx,
-            &a,
-            image,
-            source,
-            description,
-            &actor.name,
-            Some(build_log),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(v)
-    }
-
     /// The version the next release of an app will get (for naming a build before it exists).
     pub async fn next_release_version(&self, app_id: i64) -> Result<u32> {
         let v: i64 = sqlx::query_scalar(
