@@ -24,7 +24,6 @@ use escale::scheduler::plan::{
     self, Desired, DesiredApp, DesiredProcess, InstanceState, NodeState, Observed, ObservedInstance,
 };
 
-
 async fn healthy(s: &Server, app: &str) -> (usize, usize) {
     let (_, v) = s
         .call("GET", &format!("/api/v1/apps/{app}/instances"), None)
@@ -123,6 +122,7 @@ fn planning_time(instances: u32) -> Duration {
         nodes: vec![NodeState {
             name: "local".into(),
             ready: true,
+            suspect: false,
         }],
         instances: (0..apps)
             .flat_map(|a| {

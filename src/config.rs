@@ -113,6 +113,7 @@ pub struct RawScheduler {
     pub reconcile_interval: Option<String>,
     pub deploy_timeout: Option<String>,
     pub unhealthy_replace_after: Option<String>,
+    pub node_down_after: Option<String>,
     pub drain_grace: Option<String>,
     pub stop_timeout: Option<String>,
     pub default_port: Option<u16>,
@@ -240,6 +241,10 @@ pub struct SchedulerConfig {
     /// routing table at once); one instance of a process at a time, and never the last one
     /// of its process that still accepts connections.
     pub unhealthy_replace_after: Duration,
+    /// How long a node may fail to answer before it is down and its instances are replaced
+    /// elsewhere; until then it is suspect (a blip): its instances are kept as last seen and
+    /// nothing new is placed on it.
+    pub node_down_after: Duration,
     pub drain_grace: Duration,
     pub stop_timeout: Duration,
     pub default_port: u16,
@@ -299,6 +304,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "scheduler.unhealthy_replace_after",
         "ESCALE_SCHEDULER_UNHEALTHY_REPLACE_AFTER",
+    ),
+    (
+        "scheduler.node_down_after",
+        "ESCALE_SCHEDULER_NODE_DOWN_AFTER",
     ),
     ("scheduler.drain_grace", "ESCALE_SCHEDULER_DRAIN_GRACE"),
     ("scheduler.stop_timeout", "ESCALE_SCHEDULER_STOP_TIMEOUT"),
@@ -519,6 +528,11 @@ impl Config {
                     "scheduler.unhealthy_replace_after",
                     sc.unhealthy_replace_after.clone(),
                     "60s",
+                )?,
+                node_down_after: s.duration(
+                    "scheduler.node_down_after",
+                    sc.node_down_after.clone(),
+                    "10s",
                 )?,
                 drain_grace: s.duration("scheduler.drain_grace", sc.drain_grace.clone(), "1s")?,
                 stop_timeout: s.duration(

@@ -117,8 +117,23 @@ pub struct ClusterView {
 #[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub name: String,
+    /// Answering now (`state` is `ready`).
     pub ready: bool,
+    pub state: NodeStatus,
     pub error: Option<String>,
+}
+
+/// A node's membership, as the scheduler judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Answering.
+    Ready,
+    /// Not answering for less than `scheduler.node_down_after`: its instances are kept, nothing
+    /// new is placed on it.
+    Suspect,
+    /// Not answering for longer: its instances are replaced on the other nodes.
+    Down,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +163,13 @@ struct ReleaseCrash {
     last_logs: Vec<String>,
 }
 
+/// A node's membership: its last answer, and since when it has not answered.
+#[derive(Default)]
+struct Member {
+    last_seen: Option<Vec<node::ContainerInstance>>,
+    silent_since: Option<std::time::Instant>,
+}
+
 #[derive(Default)]
 struct ExecState {
     /// Starts in flight, by instance id.
@@ -169,6 +191,8 @@ struct ExecState {
     networks_left: bool,
     /// Exited containers being removed (by a task): not seen again as crashes meanwhile.
     removing: HashSet<String>,
+    /// What each node answered last, and since when it has been silent.
+    members: HashMap<String, Member>,
     /// Failed rollouts being recorded, by (app, release).
     failing: HashSet<(String, u32)>,
     /// The health last announced on the bus, by container id.
@@ -620,29 +644,56 @@ impl Scheduler {
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
         let mut node_views = Vec::new();
+        let down_after = self.config.scheduler.node_down_after;
         for (name, result) in lists {
+            // Membership: one failed call is a blip. A node that answered before and has
+            // been silent for less than `node_down_after` is suspect: its instances count as
+            // last seen (nothing is rescheduled) and nothing new goes there. Then it is down.
+            let mut st = self.st();
+            let member = st.members.entry(name.clone()).or_default();
             match result {
                 Ok(list) => {
+                    member.silent_since = None;
+                    member.last_seen = Some(list.clone());
                     observed_nodes.push(plan::NodeState {
                         name: name.clone(),
                         ready: true,
+                        suspect: false,
                     });
                     node_views.push(NodeView {
                         name: name.clone(),
                         ready: true,
+                        state: NodeStatus::Ready,
                         error: None,
                     });
                     containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
                 Err(e) => {
-                    tracing::warn!(node = %name, error = %e, "node unreachable");
+                    let since = *member
+                        .silent_since
+                        .get_or_insert_with(std::time::Instant::now);
+                    let suspect = member.last_seen.is_some() && since.elapsed() < down_after;
+                    if suspect {
+                        tracing::info!(node = %name, error = %e, silent = ?since.elapsed(), "node not answering; suspect");
+                        let seen = member.last_seen.clone().unwrap_or_default();
+                        containers.extend(seen.into_iter().map(|c| (name.clone(), c)));
+                    } else {
+                        tracing::warn!(node = %name, error = %e, "node down");
+                        member.last_seen = None;
+                    }
                     observed_nodes.push(plan::NodeState {
                         name: name.clone(),
-                        ready: false,
+                        ready: suspect,
+                        suspect,
                     });
                     node_views.push(NodeView {
                         name,
                         ready: false,
+                        state: if suspect {
+                            NodeStatus::Suspect
+                        } else {
+                            NodeStatus::Down
+                        },
                         error: Some(e.to_string()),
                     });
                 }
@@ -1427,6 +1478,8 @@ impl Scheduler {
             let mut st = self.st();
             nodes
                 .iter()
+                // A suspect node is neither lost nor back: nothing to announce yet.
+                .filter(|n| n.state != NodeStatus::Suspect)
                 .filter_map(|n| {
                     let before = st.node_ready.insert(n.name.clone(), n.ready);
                     (before != Some(n.ready)).then(|| (n.clone(), before))

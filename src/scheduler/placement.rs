@@ -16,6 +16,9 @@ pub enum Rejection {
     /// The node's engine did not answer (or one of its entries says so).
     #[error("not ready")]
     NotReady,
+    /// The node stopped answering a moment ago: kept, but given nothing new.
+    #[error("not answering (suspect)")]
+    Suspect,
 }
 
 /// A node's verdict in [`feasible`].
@@ -29,15 +32,23 @@ pub struct Verdict<'a> {
 /// Every node once (sorted by name), with why it cannot take an instance. A name listed
 /// several times is ready only if every entry says so.
 pub fn feasible(nodes: &[NodeState]) -> Vec<Verdict<'_>> {
-    let mut ready: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut ready: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
     for node in nodes {
-        *ready.entry(node.name.as_str()).or_insert(true) &= node.ready;
+        let e = ready.entry(node.name.as_str()).or_insert((true, false));
+        e.0 &= node.ready;
+        e.1 |= node.suspect;
     }
     ready
         .into_iter()
-        .map(|(node, ok)| Verdict {
+        .map(|(node, (ok, suspect))| Verdict {
             node,
-            rejected: (!ok).then_some(Rejection::NotReady),
+            rejected: if !ok {
+                Some(Rejection::NotReady)
+            } else if suspect {
+                Some(Rejection::Suspect)
+            } else {
+                None
+            },
         })
         .collect()
 }
@@ -129,6 +140,7 @@ mod tests {
         list.iter()
             .map(|&(name, ready)| NodeState {
                 name: name.into(),
+                suspect: false,
                 ready,
             })
             .collect()

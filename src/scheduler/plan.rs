@@ -207,8 +207,11 @@ pub struct HealthFacts {
 pub struct NodeState {
     /// The node name.
     pub name: String,
-    /// Whether the node's engine answers and accepts work.
+    /// Whether the node's instances count (it answers, or has only just stopped answering).
     pub ready: bool,
+    /// It has stopped answering, not for long (a blip so far): its instances count as last
+    /// seen, but nothing new is placed on it.
+    pub suspect: bool,
 }
 
 /// One container: an instance of (app, process, release, slot) on a node.
@@ -1024,6 +1027,7 @@ mod tests {
             .map(|n| NodeState {
                 name: (*n).to_owned(),
                 ready: true,
+                suspect: false,
             })
             .collect()
     }
@@ -2580,6 +2584,7 @@ mod tests {
                     .map(|(k, ready)| NodeState {
                         name: NODES[k].to_owned(),
                         ready,
+                        suspect: false,
                     })
                     .collect(),
                 instances,

@@ -676,3 +676,87 @@ async fn a_large_deploy_queues_its_starts_instead_of_flooding_the_engine() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_node_that_misses_a_call_is_suspect_and_nothing_is_rescheduled() {
+    let mut h = Harness::with(&["n1", "n2"], |c| {
+        c.scheduler.node_down_after = Duration::from_secs(3600)
+    })
+    .await;
+    h.app("shop", 2).await;
+    h.until("one instance on each node", |h| {
+        h.engine(0).running().len() == 1 && h.engine(1).running().len() == 1 && h.healthy() == 2
+    })
+    .await;
+    let starts = h.engine(0).calls(Call::Start) + h.engine(1).calls(Call::Start);
+    // n2 stops answering: a blip, not a loss.
+    h.engine(1).fail(Call::List, "connection reset");
+    for _ in 0..5 {
+        h.sched.pass().await.expect("pass");
+    }
+    h.collect().await;
+    let view = h.sched.view.load();
+    let n2 = view.nodes.iter().find(|n| n.name == "n2").expect("n2");
+    assert_eq!(n2.state, super::NodeStatus::Suspect);
+    assert_eq!(
+        h.engine(0).calls(Call::Start) + h.engine(1).calls(Call::Start),
+        starts,
+        "nothing was rescheduled"
+    );
+    assert_eq!(h.engine(0).running().len(), 1);
+    assert!(
+        !h.events.iter().any(|e| matches!(e, Event::NodeDown { .. })),
+        "{:?}",
+        h.events
+    );
+    // It answers again: ready, with nothing to say in the audit log.
+    h.engine(1).heal(Call::List);
+    h.until("n2 ready again", |h| {
+        h.sched
+            .view
+            .load()
+            .nodes
+            .iter()
+            .any(|n| n.name == "n2" && n.state == super::NodeStatus::Ready)
+    })
+    .await;
+    let audit = h.registry.events(&h.actor, None, 100).await.expect("audit");
+    assert!(
+        !audit.iter().any(|e| e.action.starts_with("node.")),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_silent_past_the_grace_is_down_and_its_instances_are_replaced() {
+    let mut h = Harness::with(&["n1", "n2"], |c| {
+        c.scheduler.node_down_after = Duration::from_millis(300)
+    })
+    .await;
+    h.app("shop", 2).await;
+    h.until("one instance on each node", |h| {
+        h.engine(0).running().len() == 1 && h.engine(1).running().len() == 1 && h.healthy() == 2
+    })
+    .await;
+    let lost_at = Instant::now();
+    h.engine(1).fail(Call::List, "no route to host");
+    h.until("both instances on n1", |h| h.engine(0).running().len() == 2)
+        .await;
+    assert!(
+        lost_at.elapsed() >= Duration::from_millis(300),
+        "replaced only once the node was down"
+    );
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::NodeDown { node, .. } if node == "n2")));
+    let view = h.sched.view.load();
+    assert_eq!(
+        view.nodes
+            .iter()
+            .find(|n| n.name == "n2")
+            .expect("n2")
+            .state,
+        super::NodeStatus::Down
+    );
+}
