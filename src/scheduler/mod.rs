@@ -1077,10 +1077,13 @@ impl Scheduler {
                 self.supervise("start", async move {
                     // Whatever happens below (an error, a panic), the start is no longer
                     // pending afterwards and a pass looks again.
-                    let _done = PendingDone {
-                        me: me.clone(),
-                        instance: instance.clone(),
-                    };
+                    let _done = Undo::new(&me, {
+                        let instance = instance.clone();
+                        move |st| {
+                            st.pending.remove(&instance);
+                            st.cancelled.remove(&instance);
+                        }
+                    });
                     let result = me
                         .start(&app_ref, &image, &p, release, slot, &node, &instance)
                         .await;
@@ -1194,10 +1197,12 @@ impl Scheduler {
                 let me = self.clone();
                 let mut published = self.routes_published.subscribe();
                 self.supervise("drain", async move {
-                    let _done = DrainDone {
-                        me: me.clone(),
-                        container_id: container_id.clone(),
-                    };
+                    let _done = Undo::new(&me, {
+                        let id = container_id.clone();
+                        move |st| {
+                            st.draining.remove(&id);
+                        }
+                    });
                     if reason == plan::DrainReason::Unhealthy {
                         let detail = match &iref {
                             Some(i) => format!(
@@ -1306,10 +1311,12 @@ impl Scheduler {
                 let iref = refs.get(&container_id).cloned();
                 let me = self.clone();
                 self.supervise("remove", async move {
-                    let _done = RemoveDone {
-                        me: me.clone(),
-                        container_id: container_id.clone(),
-                    };
+                    let _done = Undo::new(&me, {
+                        let id = container_id.clone();
+                        move |st| {
+                            st.removing.remove(&id);
+                        }
+                    });
                     let Some(n) = me.engine(&node).cloned() else {
                         return;
                     };
@@ -1401,10 +1408,12 @@ impl Scheduler {
                 let me = self.clone();
                 let app_ref = input.app.clone();
                 self.supervise("rollout-failed", async move {
-                    let _done = FailingDone {
-                        me: me.clone(),
-                        key: (app.clone(), release),
-                    };
+                    let _done = Undo::new(&me, {
+                        let key = (app.clone(), release);
+                        move |st| {
+                            st.failing.remove(&key);
+                        }
+                    });
                     let mut logs = logs;
                     if logs.is_empty() {
                         if let Some((node, id)) = running {
@@ -1976,57 +1985,30 @@ fn drain_cause(reason: plan::DrainReason, health_error: Option<&str>) -> (DrainC
     }
 }
 
-/// Ends a start in the execution state whatever way its task ends (a panic included).
-struct PendingDone {
+/// Undoes one piece of in-flight bookkeeping (a start pending, a drain, a removal, a failed
+/// rollout being recorded) when its task ends, whatever way it ends (a panic included), and
+/// wakes a pass to look again.
+struct Undo {
     me: Arc<Scheduler>,
-    instance: String,
+    undo: Option<UndoFn>,
 }
 
-impl Drop for PendingDone {
-    fn drop(&mut self) {
-        let mut st = self.me.st();
-        st.pending.remove(&self.instance);
-        st.cancelled.remove(&self.instance);
-        drop(st);
-        self.me.changed.notify_one();
+type UndoFn = Box<dyn FnOnce(&mut ExecState) + Send>;
+
+impl Undo {
+    fn new(me: &Arc<Scheduler>, undo: impl FnOnce(&mut ExecState) + Send + 'static) -> Undo {
+        Undo {
+            me: me.clone(),
+            undo: Some(Box::new(undo)),
+        }
     }
 }
 
-/// Ends a drain in the execution state whatever way its task ends.
-struct DrainDone {
-    me: Arc<Scheduler>,
-    container_id: String,
-}
-
-impl Drop for DrainDone {
+impl Drop for Undo {
     fn drop(&mut self) {
-        self.me.st().draining.remove(&self.container_id);
-        self.me.changed.notify_one();
-    }
-}
-
-/// Ends a removal in the execution state whatever way its task ends.
-/// Forgets a failed rollout being recorded when its task ends (or panics), and wakes a pass.
-struct FailingDone {
-    me: Arc<Scheduler>,
-    key: (String, u32),
-}
-
-impl Drop for FailingDone {
-    fn drop(&mut self) {
-        self.me.st().failing.remove(&self.key);
-        self.me.changed.notify_one();
-    }
-}
-
-struct RemoveDone {
-    me: Arc<Scheduler>,
-    container_id: String,
-}
-
-impl Drop for RemoveDone {
-    fn drop(&mut self) {
-        self.me.st().removing.remove(&self.container_id);
+        if let Some(undo) = self.undo.take() {
+            undo(&mut self.me.st());
+        }
         self.me.changed.notify_one();
     }
 }
