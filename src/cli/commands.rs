@@ -330,6 +330,25 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Webhooks(cmd) => webhooks(&api()?, json_out, cmd).await,
         Command::Tokens(cmd) => tokens(&url, token.clone(), json_out, cmd).await,
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
+        Command::Nodes(super::NodesCommand::List) => {
+            let out: Value = api()?.call(Method::GET, "/api/v1/nodes", None).await?;
+            print_json_or(json_out, &out, || {
+                let rows: Vec<Vec<String>> = out
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| {
+                        vec![
+                            s(&n["name"]),
+                            s(&n["state"]),
+                            n["error"].as_str().unwrap_or("-").to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["NODE", "STATE", "ERROR"], &rows);
+            });
+            Ok(())
+        }
         Command::Teams(cmd) => {
             let c = api()?;
             match cmd {

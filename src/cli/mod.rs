@@ -223,6 +223,10 @@ pub enum Command {
     /// Teams (admin).
     #[command(subcommand)]
     Teams(TeamsCommand),
+    /// Docker nodes and how the scheduler judges them: ready, suspect (not answering for a
+    /// moment: kept, given nothing new) or down (its instances replaced elsewhere). Admin.
+    #[command(subcommand, after_help = "Example:\n  escale nodes list")]
+    Nodes(NodesCommand),
     /// Audit log: who changed what, when; with -f, then what happens live (instances
     /// started, healthy, replaced, crashed; rollouts; nodes).
     #[command(
@@ -429,6 +433,12 @@ pub enum UsersCommand {
     Remove {
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// Each node's name, state and last error.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

@@ -226,6 +226,18 @@ async fn a_user_walks_through_the_cli() {
     );
     assert_eq!(admin.json(&["apps", "info", "shop"])["name"], "shop");
 
+    // Nodes: the local engine, answering.
+    let nodes = admin.run(&["nodes", "list"]);
+    let nodes = nodes.ok();
+    assert!(nodes.starts_with("NODE"), "{nodes}");
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["local", "ready"])),
+        "{nodes}"
+    );
+    assert_eq!(admin.json(&["nodes", "list"])[0]["state"], "ready");
+
     // Config.
     admin.run(&["config", "set", "shop", "K=V", "A=B"]).ok();
     let v = admin.json(&["config", "set", "shop", "C=D"]);
