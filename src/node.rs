@@ -226,6 +226,13 @@ pub struct Node {
     network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
+/// A node's host: CPUs and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
 /// What an engine says of its own version.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EngineVersion {
@@ -602,6 +609,19 @@ impl Node {
     }
 
     /// Checks that the engine answers.
+    /// What the engine's host has: CPUs and memory.
+    pub async fn capacity(&self) -> Result<Capacity> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(self.engine_err("reading the engine's info"))?;
+        Ok(Capacity {
+            cpus: info.ncpu.unwrap_or(0).max(0) as u32,
+            memory_bytes: info.mem_total.unwrap_or(0).max(0) as u64,
+        })
+    }
+
     /// The engine's version and API version (`escale nodes list` shows them).
     pub async fn version(&self) -> Result<EngineVersion> {
         let v = self

@@ -277,17 +277,11 @@ pub async fn update_process(
     app_name(&app)?;
     validate::process_name(&process)?;
     let patch = process_patch(&req)?;
-    let p = s
-        .registry
-        .upsert_process(
-            &actor,
-            &app,
-            &process,
-            &patch,
-            s.config.scheduler.default_port,
-        )
-        .await?;
-    Ok(Json(p))
+    Ok(Json(
+        s.services
+            .update_process(&actor, &app, &process, &patch)
+            .await?,
+    ))
 }
 
 #[utoipa::path(patch, path = "/api/v1/apps/{app}/formation", tag = "apps", security(("token" = [])),

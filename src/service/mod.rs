@@ -175,6 +175,82 @@ impl Services {
         Ok(self.registry.release(actor, app, v).await?)
     }
 
+    /// Changes a process type (created if new). Declared CPUs and memory must fit at least one
+    /// node: a process no node can run is refused, naming each node's capacity.
+    pub async fn update_process(
+        &self,
+        actor: &Actor,
+        app: &str,
+        process: &str,
+        patch: &crate::model::ProcessPatch,
+    ) -> Result<crate::model::ProcessType> {
+        self.registry.app(actor, app).await?;
+        self.check_fits(
+            process,
+            patch.nano_cpus.flatten(),
+            patch.memory_bytes.flatten(),
+        )
+        .await?;
+        Ok(self
+            .registry
+            .upsert_process(
+                actor,
+                app,
+                process,
+                patch,
+                self.config.scheduler.default_port,
+            )
+            .await?)
+    }
+
+    /// Refuses `cpus`/`memory` that no node has (nodes that cannot be asked are left out; with
+    /// none to ask, nothing is refused).
+    async fn check_fits(
+        &self,
+        process: &str,
+        nano_cpus: Option<i64>,
+        memory_bytes: Option<u64>,
+    ) -> Result<()> {
+        let (Some(sched), true) = (
+            &self.scheduler,
+            nano_cpus.is_some() || memory_bytes.is_some(),
+        ) else {
+            return Ok(());
+        };
+        let mut seen = Vec::new();
+        for n in sched.docker_nodes() {
+            let Ok(c) = n.capacity().await else {
+                continue;
+            };
+            let cpus_ok = nano_cpus.is_none_or(|n| n <= c.cpus as i64 * 1_000_000_000);
+            let memory_ok = memory_bytes.is_none_or(|m| m <= c.memory_bytes);
+            if cpus_ok && memory_ok {
+                return Ok(());
+            }
+            seen.push(format!(
+                "{}: {} CPU(s), {} MiB",
+                n.name,
+                c.cpus,
+                c.memory_bytes >> 20
+            ));
+        }
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let asked = [
+            nano_cpus.map(|n| format!("{} CPU(s)", n as f64 / 1e9)),
+            memory_bytes.map(|m| format!("{} MiB", m >> 20)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ");
+        Err(ServiceError::Invalid(format!(
+            "no node can run `{process}` with {asked} ({}); ask for what a node has; nothing was changed",
+            seen.join("; ")
+        )))
+    }
+
     /// Makes `app` match a manifest, in one transaction (a release when its config changed).
     pub async fn apply_manifest(
         &self,
@@ -183,6 +259,9 @@ impl Services {
         m: &crate::manifest::Manifest,
     ) -> Result<ManifestApplied> {
         let a = self.registry.app(actor, app).await?;
+        for (name, p) in &m.processes {
+            self.check_fits(name, p.nano_cpus, p.memory_bytes).await?;
+        }
         let _guard = self.try_lock(&a, format!("a manifest apply by {}", actor.name))?;
         Ok(self
             .registry
@@ -199,6 +278,11 @@ impl Services {
         app: &AppRef,
         push: &PushRelease<'_>,
     ) -> Result<(Option<ManifestApplied>, u32)> {
+        if let Some(m) = push.manifest {
+            for (name, p) in &m.processes {
+                self.check_fits(name, p.nano_cpus, p.memory_bytes).await?;
+            }
+        }
         Ok(self
             .registry
             .release_push(

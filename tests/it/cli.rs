@@ -338,6 +338,28 @@ async fn a_user_walks_through_the_cli() {
         .unwrap_or_else(|| panic!("web listed: {list:?}"))
         .to_string();
     assert!(web.contains("256m") && web.contains("0.5"), "{web}");
+    // More CPUs or memory than any node has: refused naming the nodes, nothing changed.
+    let nproc = std::thread::available_parallelism().unwrap().get();
+    let too_many = (nproc * 32).to_string();
+    admin
+        .run(&["resources", "shop", "web", "--cpus", &too_many])
+        .fails(
+            1,
+            &[
+                "no node can run `web`",
+                "local:",
+                "CPU(s)",
+                "nothing was changed",
+            ],
+        );
+    admin
+        .run(&["resources", "shop", "web", "--memory", "64t"])
+        .fails(1, &["no node can run `web`", "MiB"]);
+    let again = admin.run(&["processes", "list", "shop"]);
+    assert!(
+        again.ok().lines().any(|l| l == web),
+        "web unchanged: {again:?}"
+    );
     let r = admin.json(&["resources", "shop", "worker", "--memory", "128m"]);
     assert_eq!(r["memory_bytes"], 128 << 20, "{r}");
 
