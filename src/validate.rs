@@ -61,21 +61,31 @@ pub fn token_name(name: &str) -> Result<(), ValidationError> {
 }
 
 fn dns_label(name: &str, max: usize, what: &str) -> Result<(), ValidationError> {
+    if label_chars(name, max, false) {
+        return Ok(());
+    }
+    err(format!(
+        "{what} `{}` is invalid: use 1 to {max} lowercase letters, digits and `-`, starting with a letter and not ending with `-`",
+        printable(name)
+    ))
+}
+
+/// A node name: a DNS label of 1 to 63 lowercase letters, digits and `-` (a digit may come
+/// first, as in host names).
+pub fn node_name(name: &str) -> bool {
+    label_chars(name, 63, true)
+}
+
+/// Lowercase letters, digits and `-`, 1 to `max` of them, not ending with `-`, starting with a
+/// letter (or a digit when `digit_first`).
+fn label_chars(name: &str, max: usize, digit_first: bool) -> bool {
     let b = name.as_bytes();
-    let ok = !b.is_empty()
+    !b.is_empty()
         && b.len() <= max
-        && b[0].is_ascii_lowercase()
+        && (b[0].is_ascii_lowercase() || (digit_first && b[0].is_ascii_digit()))
         && b[b.len() - 1] != b'-'
         && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
-    if ok {
-        Ok(())
-    } else {
-        err(format!(
-            "{what} `{}` is invalid: use 1 to {max} lowercase letters, digits and `-`, starting with a letter and not ending with `-`",
-            printable(name)
-        ))
-    }
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// A config var name: a POSIX environment variable name, not one escale sets itself.

@@ -245,14 +245,7 @@ impl NodeAddress {
 
 /// Checks a node name: a DNS label, 1 to 63 lowercase letters, digits and `-`.
 pub fn validate_node_name(name: &str) -> Result<()> {
-    let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1] != b'-'
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
-    if ok {
+    if crate::validate::node_name(name) {
         Ok(())
     } else {
         Err(PkiError::InvalidNodeName(crate::validate::printable(name)))

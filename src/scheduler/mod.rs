@@ -1096,7 +1096,8 @@ impl Scheduler {
                         Ok(started) if cancel => {
                             if let Some(n) = me.engine(&node) {
                                 let _ = me
-                                    .bounded(
+                                    .limited(
+                                        me.engine_timeout(),
                                         &node,
                                         "removing an instance",
                                         n.remove_instance(&started.container_id),

@@ -52,6 +52,9 @@ pub enum ServiceError {
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
+/// How long a node may take to say what it has (a node that does not answer is left out).
+const CAPACITY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the surfaces share; cheap to clone.
 #[derive(Clone)]
 pub struct Services {
@@ -185,12 +188,10 @@ impl Services {
         patch: &crate::model::ProcessPatch,
     ) -> Result<crate::model::ProcessType> {
         self.registry.app(actor, app).await?;
-        self.check_fits(
-            process,
-            patch.nano_cpus.flatten(),
-            patch.memory_bytes.flatten(),
-        )
-        .await?;
+        let (cpus, memory) = (patch.nano_cpus.flatten(), patch.memory_bytes.flatten());
+        if cpus.is_some() || memory.is_some() {
+            Self::check_fits(&self.capacities().await, process, cpus, memory)?;
+        }
         Ok(self
             .registry
             .upsert_process(
@@ -203,40 +204,43 @@ impl Services {
             .await?)
     }
 
-    /// Refuses `cpus`/`memory` that no node has (nodes that cannot be asked are left out; with
-    /// none to ask, nothing is refused).
-    async fn check_fits(
-        &self,
+    /// What each node that answers within a few seconds has (none without a scheduler).
+    async fn capacities(&self) -> Vec<(String, crate::node::Capacity)> {
+        let Some(sched) = &self.scheduler else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for n in sched.docker_nodes() {
+            let asked = tokio::time::timeout(CAPACITY_TIMEOUT, n.capacity()).await;
+            if let Ok(Ok(c)) = asked {
+                out.push((n.name.clone(), c));
+            }
+        }
+        out
+    }
+
+    /// Refuses `cpus`/`memory` that none of `nodes` has (with no node to ask, nothing is
+    /// refused).
+    fn check_fits(
+        nodes: &[(String, crate::node::Capacity)],
         process: &str,
         nano_cpus: Option<i64>,
         memory_bytes: Option<u64>,
     ) -> Result<()> {
-        let (Some(sched), true) = (
-            &self.scheduler,
-            nano_cpus.is_some() || memory_bytes.is_some(),
-        ) else {
+        if nodes.is_empty() || (nano_cpus.is_none() && memory_bytes.is_none()) {
             return Ok(());
+        }
+        let fits = |c: &crate::node::Capacity| {
+            nano_cpus.is_none_or(|n| n <= c.cpus as i64 * 1_000_000_000)
+                && memory_bytes.is_none_or(|m| m <= c.memory_bytes)
         };
-        let mut seen = Vec::new();
-        for n in sched.docker_nodes() {
-            let Ok(c) = n.capacity().await else {
-                continue;
-            };
-            let cpus_ok = nano_cpus.is_none_or(|n| n <= c.cpus as i64 * 1_000_000_000);
-            let memory_ok = memory_bytes.is_none_or(|m| m <= c.memory_bytes);
-            if cpus_ok && memory_ok {
-                return Ok(());
-            }
-            seen.push(format!(
-                "{}: {} CPU(s), {} MiB",
-                n.name,
-                c.cpus,
-                c.memory_bytes >> 20
-            ));
-        }
-        if seen.is_empty() {
+        if nodes.iter().any(|(_, c)| fits(c)) {
             return Ok(());
         }
+        let seen: Vec<String> = nodes
+            .iter()
+            .map(|(name, c)| format!("{name}: {} CPU(s), {} MiB", c.cpus, c.memory_bytes >> 20))
+            .collect();
         let asked = [
             nano_cpus.map(|n| format!("{} CPU(s)", n as f64 / 1e9)),
             memory_bytes.map(|m| format!("{} MiB", m >> 20)),
@@ -251,6 +255,21 @@ impl Services {
         )))
     }
 
+    /// [`Services::check_fits`] for every process of a manifest, asking the nodes once.
+    async fn check_manifest_fits(&self, m: &crate::manifest::Manifest) -> Result<()> {
+        if m.processes
+            .values()
+            .all(|p| p.nano_cpus.is_none() && p.memory_bytes.is_none())
+        {
+            return Ok(());
+        }
+        let nodes = self.capacities().await;
+        for (name, p) in &m.processes {
+            Self::check_fits(&nodes, name, p.nano_cpus, p.memory_bytes)?;
+        }
+        Ok(())
+    }
+
     /// Makes `app` match a manifest, in one transaction (a release when its config changed).
     pub async fn apply_manifest(
         &self,
@@ -259,9 +278,7 @@ impl Services {
         m: &crate::manifest::Manifest,
     ) -> Result<ManifestApplied> {
         let a = self.registry.app(actor, app).await?;
-        for (name, p) in &m.processes {
-            self.check_fits(name, p.nano_cpus, p.memory_bytes).await?;
-        }
+        self.check_manifest_fits(m).await?;
         let _guard = self.try_lock(&a, format!("a manifest apply by {}", actor.name))?;
         Ok(self
             .registry
@@ -279,9 +296,7 @@ impl Services {
         push: &PushRelease<'_>,
     ) -> Result<(Option<ManifestApplied>, u32)> {
         if let Some(m) = push.manifest {
-            for (name, p) in &m.processes {
-                self.check_fits(name, p.nano_cpus, p.memory_bytes).await?;
-            }
+            self.check_manifest_fits(m).await?;
         }
         Ok(self
             .registry

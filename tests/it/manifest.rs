@@ -423,3 +423,24 @@ async fn env_changes_on_a_deployed_app_make_one_release_and_nothing_else_does() 
     assert_eq!(m.processes["web"].instances, Some(3));
     assert_eq!(m.domains, Some(vec!["shop.example.eu".to_string()]));
 }
+
+#[tokio::test]
+async fn a_manifest_asking_for_more_than_any_node_has_changes_nothing() {
+    let s = TestServer::start(&[]).await;
+    s.ok(&["apps", "create", "shop"]);
+    let before = snapshot(&s, "shop");
+    let too_many = std::thread::available_parallelism().unwrap().get() * 32;
+    let file = write(
+        &s,
+        "big.toml",
+        &format!("app = \"shop\"\n\n[processes.web]\ninstances = 1\ncpus = {too_many}\n"),
+    );
+    let out = s.cli(&["apply", "-f", &file]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no node can run `web`") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(&s, "shop"), before, "nothing changed");
+}
