@@ -43,6 +43,7 @@ pub struct RawConfig {
     pub apps_domain: Option<String>,
     pub docker_host: Option<String>,
     pub advertise_ip: Option<String>,
+    pub local_reach: Option<String>,
     pub installation_id: Option<String>,
     pub max_instances: Option<u32>,
     pub log_format: Option<String>,
@@ -165,6 +166,11 @@ pub struct Config {
     pub docker_host: String,
     /// Address at which the local node's published ports are reached by the proxy.
     pub advertise_ip: std::net::IpAddr,
+    /// How the proxy and health checks reach the local node's instances: at their bridge
+    /// addresses (`bridge`, the default for an engine on a unix socket: it runs on this
+    /// host) or at `advertise_ip` and their published ports (`published`, the default for
+    /// `tcp://`).
+    pub local_reach: crate::node::Reach,
     /// Id written into the registry when it is created (default: random); every container
     /// escale creates is labelled with it.
     pub installation_id: Option<String>,
@@ -289,6 +295,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("apps_domain", "ESCALE_APPS_DOMAIN"),
     ("docker_host", "ESCALE_DOCKER_HOST"),
     ("advertise_ip", "ESCALE_ADVERTISE_IP"),
+    ("local_reach", "ESCALE_LOCAL_REACH"),
     ("installation_id", "ESCALE_INSTALLATION_ID"),
     ("max_instances", "ESCALE_MAX_INSTANCES"),
     ("log_format", "ESCALE_LOG_FORMAT"),
@@ -420,6 +427,19 @@ impl Config {
                 ))
             }
         };
+        let docker_host = s
+            .get("docker_host", raw.docker_host.clone())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let local_reach = match s.get("local_reach", raw.local_reach.clone()) {
+            Some(v) => v
+                .trim()
+                .parse::<crate::node::Reach>()
+                .map_err(|e| invalid("local_reach", e))?,
+            None if docker_host.starts_with("tcp://") || docker_host.starts_with("http://") => {
+                crate::node::Reach::Published
+            }
+            None => crate::node::Reach::Bridge,
+        };
         let log_format = match s
             .get("log_format", raw.log_format.clone())
             .as_deref()
@@ -483,9 +503,8 @@ impl Config {
             http_addr: s.addr("http_addr", raw.http_addr.clone(), "0.0.0.0:80")?,
             https_addr: s.addr("https_addr", raw.https_addr.clone(), "0.0.0.0:443")?,
             apps_domain,
-            docker_host: s
-                .get("docker_host", raw.docker_host.clone())
-                .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            docker_host,
+            local_reach,
             advertise_ip: s
                 .get("advertise_ip", raw.advertise_ip.clone())
                 .unwrap_or_else(|| "127.0.0.1".into())
@@ -873,6 +892,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_instances"), "{e}");
+    }
+
+    #[test]
+    fn local_reach_defaults_to_the_bridge_for_a_socket_and_is_checked() {
+        use crate::node::Reach;
+        assert_eq!(with_env(&[]).unwrap().local_reach, Reach::Bridge);
+        let tcp = with_env(&[("ESCALE_DOCKER_HOST", "tcp://10.0.0.2:2375")]).unwrap();
+        assert_eq!(tcp.local_reach, Reach::Published);
+        let set = with_env(&[("ESCALE_LOCAL_REACH", "published")]).unwrap();
+        assert_eq!(set.local_reach, Reach::Published);
+        let e = with_env(&[("ESCALE_LOCAL_REACH", "nat")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local_reach") && e.contains("`bridge`"), "{e}");
     }
 
     #[test]

@@ -14,9 +14,19 @@
 //! created when one of its instances starts ([`Node::ensure_app_network`]); its containers
 //! are attached to it only, never to the default bridge, so an app cannot reach another
 //! app's containers directly (Docker drops traffic between bridges), while instances of one
-//! app reach each other. The proxy and the health checks reach instances through the port
-//! published on the node address, as before. Networks of apps that no longer exist are
-//! removed by the scheduler ([`Node::list_app_networks`], [`Node::remove_network`]).
+//! app reach each other. Networks of apps that no longer exist are removed by the scheduler
+//! ([`Node::list_app_networks`], [`Node::remove_network`]).
+//!
+//! Addressing: every instance publishes its port on the node's advertise address (an
+//! engine-chosen host port), but where the proxy and the health checks reach it depends on
+//! the node's [`Reach`]. On the proxy's own host ([`Reach::Bridge`], the local engine) it is
+//! the container's address on its app's bridge network and the container port: the host
+//! routes to its bridges, and going through the published port would add the engine's
+//! userland `docker-proxy` (a process copying every byte, which costs more CPU per request
+//! than escale's proxy). On another host ([`Reach::Published`]) it is the node's advertise
+//! address and the published port. [`Node::start_instance`] and [`Node::list_instances`]
+//! compute the same address from the same facts, so a restarted escale routes exactly as
+//! before; a container whose bridge address is unknown falls back to its published port.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -222,8 +232,36 @@ pub struct Node {
     docker: Docker,
     /// Address the proxy uses to reach ports published on `0.0.0.0`/`::` (127.0.0.1 locally).
     pub advertise_ip: IpAddr,
+    /// How the proxy and health checks reach this node's instances.
+    pub reach: Reach,
     /// Serialises app network creation on this engine (see [`Node::ensure_app_network`]).
     network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// How the proxy (and the health checks, which follow the same addresses) reach a node's
+/// instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// The container's address on its app's bridge network, at the container port: for an
+    /// engine on the proxy's own host (the host routes to its bridge networks). No
+    /// `docker-proxy` hop.
+    Bridge,
+    /// The node's advertise address at the published host port: for an engine on another
+    /// host.
+    #[default]
+    Published,
+}
+
+impl std::str::FromStr for Reach {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Reach, String> {
+        match s {
+            "bridge" => Ok(Reach::Bridge),
+            "published" => Ok(Reach::Published),
+            other => Err(format!("`{other}`: use `bridge` or `published`")),
+        }
+    }
 }
 
 /// A node's host: CPUs and memory.
@@ -432,6 +470,60 @@ pub struct AppNetwork {
     pub app_uid: String,
 }
 
+/// A published port as the engine reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Binding {
+    /// The host address it is bound to (`None` or unspecified: every address).
+    host_ip: Option<IpAddr>,
+    host_port: u16,
+    /// The port inside the container (the app's).
+    container_port: u16,
+}
+
+/// Where the proxy and the health checks reach an instance (see [`Reach`]): with
+/// [`Reach::Bridge`] its `bridge` address at the container port, if it has one; otherwise
+/// its published port, at the address it is bound to (`advertise_ip` when bound to every
+/// address). `None` when neither is known (a stopped container publishes nothing).
+fn instance_addr(
+    reach: Reach,
+    advertise_ip: IpAddr,
+    bridge: Option<IpAddr>,
+    binding: Option<Binding>,
+) -> Option<SocketAddr> {
+    let binding = binding?;
+    if let (Reach::Bridge, Some(ip)) = (reach, bridge) {
+        return Some(SocketAddr::new(ip, binding.container_port));
+    }
+    let ip = match binding.host_ip {
+        Some(ip) if !ip.is_unspecified() => ip,
+        _ => advertise_ip,
+    };
+    Some(SocketAddr::new(ip, binding.host_port))
+}
+
+/// The start of the names of `app`'s networks in `installation` (see [`network_name`]).
+fn app_network_prefix(installation: &str, app: &str) -> String {
+    container_name(installation, &format!("{app}-"))
+}
+
+/// A container's IPv4 address on its app's network, from the engine's per-network settings
+/// (keyed by network name). A container of escale's is attached to its app's network only;
+/// should someone have attached it to more, the network named like its app's
+/// (`preferred_prefix`) wins, then the first name.
+fn bridge_ip(
+    networks: Option<&HashMap<String, bollard::models::EndpointSettings>>,
+    preferred_prefix: &str,
+) -> Option<IpAddr> {
+    networks?
+        .iter()
+        .filter_map(|(name, endpoint)| {
+            let ip = endpoint.ip_address.as_deref()?.parse::<IpAddr>().ok()?;
+            (!ip.is_unspecified()).then_some((!name.starts_with(preferred_prefix), name, ip))
+        })
+        .min()
+        .map(|(_, _, ip)| ip)
+}
+
 /// An engine list filter on labels (`key=value`, all of them must match).
 fn label_filter(labels: Vec<String>) -> HashMap<String, Vec<String>> {
     HashMap::from([("label".to_string(), labels)])
@@ -471,6 +563,9 @@ fn normalize_ref(image: &str) -> String {
 impl Node {
     /// Connects to a local engine: `unix:///var/run/docker.sock`, a bare socket path, or
     /// `tcp://host:2375` (plain HTTP, for engines on a trusted link). Negotiates the API version.
+    /// An engine on a unix socket runs on this host: its instances are reached at their
+    /// bridge addresses ([`Reach::Bridge`]); one over TCP at its published ports (change
+    /// either with [`Node::with_reach`]).
     pub async fn connect_local(name: &str, socket_path_or_docker_host: &str) -> Result<Node> {
         let host = socket_path_or_docker_host;
         let connect_err = |source| NodeError::Connect {
@@ -478,7 +573,8 @@ impl Node {
             host: host.to_string(),
             source,
         };
-        let docker = if host.starts_with("tcp://") || host.starts_with("http://") {
+        let tcp = host.starts_with("tcp://") || host.starts_with("http://");
+        let docker = if tcp {
             Docker::connect_with_http(host, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
         } else {
             let path = host.strip_prefix("unix://").unwrap_or(host);
@@ -490,6 +586,7 @@ impl Node {
             name: name.to_string(),
             docker,
             advertise_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            reach: if tcp { Reach::Published } else { Reach::Bridge },
             network_lock: Default::default(),
         })
     }
@@ -539,6 +636,7 @@ impl Node {
             name: name.to_string(),
             docker,
             advertise_ip,
+            reach: Reach::Published,
             network_lock: Default::default(),
         })
     }
@@ -588,6 +686,7 @@ impl Node {
             name: name.to_string(),
             docker,
             advertise_ip: ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            reach: Reach::Published,
             network_lock: Default::default(),
         })
     }
@@ -595,6 +694,13 @@ impl Node {
     /// Sets the address the proxy uses for this node's published ports.
     pub fn with_advertise_ip(mut self, ip: IpAddr) -> Node {
         self.advertise_ip = ip;
+        self
+    }
+
+    /// Sets how the proxy reaches this node's instances: [`Reach::Bridge`] only for an engine
+    /// on the proxy's own host.
+    pub fn with_reach(mut self, reach: Reach) -> Node {
+        self.reach = reach;
         self
     }
 
@@ -641,14 +747,6 @@ impl Node {
             .await
             .map(|_| ())
             .map_err(self.engine_err("ping"))
-    }
-
-    /// Where a port published on `host_ip` is reachable from the proxy.
-    fn reach_ip(&self, host_ip: Option<IpAddr>) -> IpAddr {
-        match host_ip {
-            Some(ip) if !ip.is_unspecified() => ip,
-            _ => self.advertise_ip,
-        }
     }
 
     fn container_body(&self, spec: &InstanceSpec, network: &str) -> ContainerCreateBody {
@@ -802,10 +900,11 @@ impl Node {
             });
         }
         let port_key = format!("{}/tcp", spec.port);
-        let binding = inspect
-            .network_settings
-            .and_then(|n| n.ports)
-            .and_then(|mut p| p.remove(&port_key))
+        let settings = inspect.network_settings.unwrap_or_default();
+        let published = settings
+            .ports
+            .unwrap_or_default()
+            .remove(&port_key)
             .flatten()
             .unwrap_or_default()
             .into_iter()
@@ -816,17 +915,25 @@ impl Node {
             })
             // Prefer the IPv4 binding when the engine reports both families.
             .min_by_key(|(ip, _)| matches!(ip, Some(IpAddr::V6(_))));
-        let Some((_, host_port)) = binding else {
+        let bridge = bridge_ip(
+            settings.networks.as_ref(),
+            &app_network_prefix(&spec.installation, &spec.app),
+        );
+        let binding = published.map(|(host_ip, host_port)| Binding {
+            host_ip: host_ip.or(Some(spec.bind_ip)),
+            host_port,
+            container_port: spec.port,
+        });
+        let Some(addr) = instance_addr(self.reach, self.advertise_ip, bridge, binding) else {
             return Err(NodeError::NoPublishedPort {
                 node: self.name.clone(),
                 instance: spec.instance.clone(),
                 port: spec.port,
             });
         };
-        let ip = self.reach_ip(Some(spec.bind_ip));
         Ok(StartedInstance {
             container_id: id,
-            addr: SocketAddr::new(ip, host_port),
+            addr,
         })
     }
 
@@ -961,19 +1068,31 @@ impl Node {
             }
             _ => None,
         };
-        let addr = s
+        // The published port (the only one escale publishes: the app's) and the port the
+        // app listens on, which the bridge address is reached at.
+        let binding = s
             .ports
             .as_deref()
             .unwrap_or_default()
             .iter()
             .filter(|p| matches!(p.typ, Some(PortSummaryTypeEnum::TCP) | None))
             .filter_map(|p| {
-                let port = p.public_port.filter(|&port| port != 0)?;
-                let ip = p.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
-                Some((ip, port))
+                let host_port = p.public_port.filter(|&port| port != 0)?;
+                let host_ip = p.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+                Some(Binding {
+                    host_ip,
+                    host_port,
+                    container_port: p.private_port,
+                })
             })
-            .min_by_key(|(ip, _)| matches!(ip, Some(IpAddr::V6(_))))
-            .map(|(ip, port)| SocketAddr::new(self.reach_ip(ip), port));
+            .min_by_key(|b| matches!(b.host_ip, Some(IpAddr::V6(_))));
+        let bridge = bridge_ip(
+            s.network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref()),
+            &app_network_prefix(labels.get(LABEL_INSTALLATION).map_or("", |v| v), &app),
+        );
+        let addr = instance_addr(self.reach, self.advertise_ip, bridge, binding);
 
         Some(ContainerInstance {
             container_id: id,
@@ -1709,5 +1828,101 @@ mod tests {
         let l = parse_log_line(LogStream::Stderr, b"no timestamp");
         assert_eq!(l.time, "");
         assert_eq!(l.text, "no timestamp");
+    }
+
+    #[test]
+    fn instances_are_reached_at_their_bridge_address_only_on_a_bridge_node() {
+        let advertise: IpAddr = "10.0.0.7".parse().unwrap();
+        let bridge: IpAddr = "172.18.0.2".parse().unwrap();
+        let on = |host_ip: &str| Binding {
+            host_ip: Some(host_ip.parse().unwrap()),
+            host_port: 32768,
+            container_port: 8080,
+        };
+        let addr = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        // The proxy's own host: the container's address and port, whatever is published.
+        assert_eq!(
+            instance_addr(
+                Reach::Bridge,
+                advertise,
+                Some(bridge),
+                Some(on("127.0.0.1"))
+            ),
+            addr("172.18.0.2:8080")
+        );
+        // No bridge address known: the published port is the fallback.
+        assert_eq!(
+            instance_addr(Reach::Bridge, advertise, None, Some(on("127.0.0.1"))),
+            addr("127.0.0.1:32768")
+        );
+        // Another host: the published port, at the bound address or the advertised one.
+        assert_eq!(
+            instance_addr(
+                Reach::Published,
+                advertise,
+                Some(bridge),
+                Some(on("10.0.0.7"))
+            ),
+            addr("10.0.0.7:32768")
+        );
+        assert_eq!(
+            instance_addr(
+                Reach::Published,
+                advertise,
+                Some(bridge),
+                Some(on("0.0.0.0"))
+            ),
+            addr("10.0.0.7:32768")
+        );
+        let unbound = Binding {
+            host_ip: None,
+            ..on("0.0.0.0")
+        };
+        assert_eq!(
+            instance_addr(Reach::Published, advertise, None, Some(unbound)),
+            addr("10.0.0.7:32768")
+        );
+        // A container that publishes nothing (stopped) has no address.
+        assert_eq!(
+            instance_addr(Reach::Bridge, advertise, Some(bridge), None),
+            None
+        );
+        assert_eq!(instance_addr(Reach::Published, advertise, None, None), None);
+    }
+
+    #[test]
+    fn bridge_ip_prefers_the_app_network() {
+        use bollard::models::EndpointSettings;
+        let ep = |ip: &str| EndpointSettings {
+            ip_address: Some(ip.into()),
+            ..Default::default()
+        };
+        let prefix = app_network_prefix("inst", "shop");
+        assert_eq!(prefix, "escale-inst-shop-");
+        let own = network_name("inst", "shop", "u1");
+        let nets = HashMap::from([
+            ("aaa-extra".to_string(), ep("172.30.0.5")),
+            (own.clone(), ep("172.18.0.2")),
+        ]);
+        assert_eq!(
+            bridge_ip(Some(&nets), &prefix),
+            Some("172.18.0.2".parse().unwrap())
+        );
+        // Stopped containers report empty addresses; no networks at all is no address.
+        let stopped = HashMap::from([(own, ep(""))]);
+        assert_eq!(bridge_ip(Some(&stopped), &prefix), None);
+        assert_eq!(bridge_ip(None, &prefix), None);
+        let other = HashMap::from([("bridge".to_string(), ep("172.17.0.3"))]);
+        assert_eq!(
+            bridge_ip(Some(&other), &prefix),
+            Some("172.17.0.3".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn reach_parses() {
+        assert_eq!("bridge".parse::<Reach>(), Ok(Reach::Bridge));
+        assert_eq!("published".parse::<Reach>(), Ok(Reach::Published));
+        assert!("nat".parse::<Reach>().unwrap_err().contains("bridge"));
     }
 }

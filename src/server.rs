@@ -182,7 +182,8 @@ pub async fn run(
             host: config.docker_host.clone(),
             source: Box::new(source),
         })?
-        .with_advertise_ip(config.advertise_ip);
+        .with_advertise_ip(config.advertise_ip)
+        .with_reach(config.local_reach);
     let config = Arc::new(config);
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();

@@ -21,11 +21,11 @@
 //! empty or never polled) and either it was provably not sent (connect error, or a connection
 //! closed before the request was written) or it is idempotent (GET, HEAD, OPTIONS, TRACE, PUT,
 //! DELETE; not an upgrade) and the exchange failed before any response head arrived (the
-//! connection was closed or reset under it). The second case matters because backends are
-//! usually published through Docker's userland proxy, which accepts every connection and then
-//! closes it when the app behind it stopped listening: to the proxy a stopping or crashed
-//! instance looks like a connection closed after the request was written, never like a refused
-//! connect. The failing backend is passively ejected in both cases. Before that, a failure on
+//! connection was closed or reset under it). The second case matters for backends reached
+//! through a published port on the node's loopback address, which is Docker's userland proxy:
+//! it accepts every connection and then closes it when the app behind it stopped listening, so
+//! a stopping or crashed instance looks like a connection closed after the request was
+//! written, never like a refused connect (an instance reached at its bridge address refuses). The failing backend is passively ejected in both cases. Before that, a failure on
 //! a pooled keep-alive connection is retried (under the same conditions) on a new connection
 //! to the same backend: the backend may simply have closed the idle connection as it was
 //! reused.

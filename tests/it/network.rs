@@ -1,7 +1,7 @@
 //! Tenants on the network (issue #11, finding 6): every app has its own bridge network, so a
 //! container of one app cannot reach another app's containers directly, while instances of one
-//! app reach each other and the proxy and health checks reach every instance through its
-//! published port. A destroyed app's network is removed.
+//! app reach each other and the proxy and health checks (on the host) reach every instance at
+//! its bridge address. A destroyed app's network is removed.
 
 use std::time::Duration;
 
@@ -88,6 +88,18 @@ async fn an_app_cannot_reach_another_apps_containers() {
         i["address"].as_str().expect("address").parse().unwrap()
     };
     let (a_addrs, b_addr) = (a.iter().map(addr).collect::<Vec<_>>(), addr(&b[0]));
+    // The proxy and the health checks reach each instance at its bridge address and port
+    // (the local engine is on this host: no docker-proxy hop).
+    let mut reported: Vec<String> = a_addrs.iter().map(|a| a.ip().to_string()).collect();
+    reported.sort();
+    let mut own = a_ips.clone();
+    own.sort();
+    assert_eq!(reported, own);
+    assert!(a_addrs.iter().all(|a| a.port() == 8080), "{a_addrs:?}");
+    assert_eq!(
+        (b_addr.ip().to_string(), b_addr.port()),
+        (b_ips[0].clone(), 8080)
+    );
 
     // Same app: each instance reaches the other on its bridge address.
     for from in &a_addrs {

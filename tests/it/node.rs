@@ -5,11 +5,12 @@
 use std::time::{Duration, SystemTime};
 
 use escale::node::{
-    InstanceState, LogStream, NodeError, LABEL_APP, LABEL_INSTALLATION, LABEL_INSTANCE,
+    InstanceState, LogStream, NodeError, Reach, LABEL_APP, LABEL_INSTALLATION, LABEL_INSTANCE,
     LABEL_PROCESS, LABEL_RELEASE, LABEL_SLOT,
 };
 use futures_util::StreamExt;
 
+use crate::support::docker::container_ips;
 use crate::support::{
     docker_cli, fixture_image, http_get, http_get_ready, wait_for, TestInstallation,
 };
@@ -29,6 +30,15 @@ async fn wait_exited(t: &TestInstallation, instance: &str) -> escale::node::Cont
     .await
 }
 
+/// Where `docker port` says the container's `port` is published (IPv4).
+fn published_addr(container: &str, port: u16) -> std::net::SocketAddr {
+    docker_cli(&["port", container, &format!("{port}/tcp")])
+        .lines()
+        .find_map(|l| l.trim().parse::<std::net::SocketAddrV4>().ok())
+        .map(std::net::SocketAddr::V4)
+        .unwrap_or_else(|| panic!("{container}: port {port} is not published"))
+}
+
 #[tokio::test]
 async fn instance_is_reachable_with_env_limits_and_labels() {
     let t = TestInstallation::new().await;
@@ -41,8 +51,18 @@ async fn instance_is_reachable_with_env_limits_and_labels() {
     spec.memory_bytes = Some(64 * 1024 * 1024);
     spec.nano_cpus = Some(500_000_000);
     let started = t.node.start_instance(&spec).await.unwrap();
-    assert!(started.addr.ip().is_loopback());
-    assert_ne!(started.addr.port(), 5000, "host port is engine-chosen");
+    // The local engine is on this host: the instance is reached at its own address on its
+    // app's bridge network and the app's port, not through the published port.
+    let ips = container_ips(&started.container_id);
+    assert_eq!(ips.len(), 1, "{ips:?}");
+    assert_eq!(started.addr, format!("{}:5000", ips[0]).parse().unwrap());
+    assert!(!started.addr.ip().is_loopback());
+    // The port is still published (on 127.0.0.1, an engine-chosen port): the fallback, and
+    // how another host reaches it.
+    let published = published_addr(&started.container_id, 5000);
+    assert!(published.ip().is_loopback());
+    assert_ne!(published.port(), 5000, "host port is engine-chosen");
+    assert_eq!(http_get_ready(published, "/health").await.0, 200);
 
     let (status, body) = http_get_ready(started.addr, "/").await;
     assert_eq!(status, 200);
@@ -125,6 +145,50 @@ async fn list_instances_parses_labels_and_addresses() {
     // Another installation sees none of them.
     let other = TestInstallation::new().await;
     assert!(t.node.list_instances(&other.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn addresses_follow_the_nodes_reach_and_answer() {
+    let t = TestInstallation::new().await;
+    let image = fixture_image().await;
+    let bridged = t.node.clone();
+    assert_eq!(
+        bridged.reach,
+        Reach::Bridge,
+        "a unix socket is this host's engine"
+    );
+    let published = t.node.clone().with_reach(Reach::Published);
+
+    let started = bridged
+        .start_instance(&t.spec("web-b", image))
+        .await
+        .unwrap();
+    let bridge_addr = format!("{}:8080", container_ips(&started.container_id)[0])
+        .parse()
+        .unwrap();
+    let port_addr = published_addr(&started.container_id, 8080);
+    assert_eq!(started.addr, bridge_addr);
+    // Listed back (what a restarted escale routes by): the same address, per reach.
+    let listed = |n: escale::node::Node| {
+        let id = t.id.clone();
+        async move { n.list_instances(&id).await.unwrap()[0].addr }
+    };
+    assert_eq!(listed(bridged.clone()).await, Some(bridge_addr));
+    assert_eq!(listed(published.clone()).await, Some(port_addr));
+    // Both answer, as the same instance.
+    for addr in [bridge_addr, port_addr] {
+        let (status, body) = http_get_ready(addr, "/").await;
+        assert_eq!(status, 200, "{addr}");
+        assert!(body.contains("instance=web-b"), "{addr}: {body}");
+    }
+
+    // A node on another host publishes and is reached at its advertise address.
+    let mut spec = t.spec("web-p", image);
+    spec.slot = 1;
+    let on_port = published.start_instance(&spec).await.unwrap();
+    assert_eq!(on_port.addr, published_addr(&on_port.container_id, 8080));
+    assert!(on_port.addr.ip().is_loopback());
+    assert_eq!(http_get_ready(on_port.addr, "/health").await.0, 200);
 }
 
 #[tokio::test]
