@@ -13,6 +13,8 @@
 //! | client body failed while sending it upstream       | 400    | `client-body`              |
 //! | connect refused/reset before sending (after retry) | 502    | `upstream-connect`         |
 //! | connect timed out (after retry)                    | 504    | `upstream-connect-timeout` |
+//! | all connections to the backends busy for the       | 503    | `upstream-busy`            |
+//! | connect timeout (after retry)                      |        |                            |
 //! | no response head within the response timeout       | 504    | `upstream-timeout`         |
 //! | exchange failed after the request was sent (after  | 502    | `upstream-failed`          |
 //! | retry, when idempotent)                            |        |                            |
@@ -28,7 +30,9 @@
 //! written, never like a refused connect (an instance reached at its bridge address refuses). The failing backend is passively ejected in both cases. Before that, a failure on
 //! a pooled keep-alive connection is retried (under the same conditions) on a new connection
 //! to the same backend: the backend may simply have closed the idle connection as it was
-//! reused.
+//! reused. A backend whose connections were all busy for the connect timeout (see
+//! `upstream`: they are bounded per backend) is loaded rather than failing: the request moves
+//! to another backend, but the busy one is not ejected.
 
 use std::io;
 use std::net::SocketAddr;
@@ -52,7 +56,7 @@ use super::headers::{
 };
 use super::metrics::{AppMetrics, InFlight, ProxyMetrics};
 use super::server::ConnInfo;
-use super::upstream::{self, Conn, Exchanged, Failed, Forwarding, RequestHead, ReturnTo};
+use super::upstream::{self, Checkout, Conn, Exchanged, Failed, Forwarding, RequestHead, ReturnTo};
 use super::{ProxyConfig, ProxyError};
 use crate::routing::{normalize_host, Backend, Route, SharedRoutes};
 
@@ -68,6 +72,7 @@ pub(crate) enum ErrorKind {
     ClientBody,
     UpstreamConnect,
     UpstreamConnectTimeout,
+    UpstreamBusy,
     UpstreamTimeout,
     UpstreamFailed,
 }
@@ -79,7 +84,7 @@ impl ErrorKind {
             ErrorKind::MethodNotSupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::UnknownHost => StatusCode::NOT_FOUND,
-            ErrorKind::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoBackend | ErrorKind::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamConnectTimeout | ErrorKind::UpstreamTimeout => {
@@ -99,6 +104,7 @@ impl ErrorKind {
             ErrorKind::ClientBody => "client-body",
             ErrorKind::UpstreamConnect => "upstream-connect",
             ErrorKind::UpstreamConnectTimeout => "upstream-connect-timeout",
+            ErrorKind::UpstreamBusy => "upstream-busy",
             ErrorKind::UpstreamTimeout => "upstream-timeout",
             ErrorKind::UpstreamFailed => "upstream-failed",
         }
@@ -121,6 +127,7 @@ impl ErrorKind {
             ErrorKind::UpstreamConnectTimeout => {
                 "upstream: connecting to an instance of the app timed out"
             }
+            ErrorKind::UpstreamBusy => "upstream: every connection to the app's instances is busy",
             ErrorKind::UpstreamTimeout => "upstream: the app did not answer in time",
             ErrorKind::UpstreamFailed => "upstream: the app's response failed",
         }
@@ -181,6 +188,8 @@ struct Failure {
     no_response: bool,
     /// The attempt used a pooled connection (which the backend may have just closed).
     reused: bool,
+    /// Every connection to the backend was busy: it is loaded, not failing (no ejection).
+    busy: bool,
     /// The client's body, back unpolled, for another attempt.
     body: Option<UpstreamBody>,
 }
@@ -249,6 +258,7 @@ fn classify(
         not_sent,
         no_response,
         reused,
+        busy: false,
         body,
     }
 }
@@ -422,7 +432,9 @@ impl Proxy {
                 fresh = true;
                 continue;
             }
-            self.balancer.eject(&pick);
+            if !f.busy {
+                self.balancer.eject(&pick);
+            }
             if moved {
                 break Err(f);
             }
@@ -452,7 +464,7 @@ impl Proxy {
                 rid,
             ),
             Err(f) => {
-                if f.not_sent || f.no_response {
+                if (f.not_sent || f.no_response) && !f.busy {
                     self.balancer.eject(&pick);
                 }
                 warn!(
@@ -480,17 +492,42 @@ impl Proxy {
         let addr = backend.addr;
         let connect_timeout = self.config.upstream_connect_timeout;
         let outstanding = pick.start();
-        let pooled = if fresh {
-            None
-        } else {
-            pick.state.idle.take(self.config.upstream_idle_timeout)
-        };
-        let conn = match pooled {
-            Some(c) => c,
-            None => match Conn::connect(addr, connect_timeout).await {
-                Ok(c) => c,
-                Err(e) => return Err(classify(e, addr, connect_timeout, false, Some(body))),
-            },
+        // A connection within the connect timeout: an idle one, a new one, or (all of this
+        // backend's busy) the first one to come back.
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let checkout = pick.state.idle.checkout(
+            self.config.upstream_idle_timeout,
+            self.config.upstream_max_connections_per_backend,
+            fresh,
+            deadline,
+        );
+        let conn = match checkout.await {
+            Some(Checkout::Idle(c)) => c,
+            Some(Checkout::Connect(slot)) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match Conn::connect(addr, left).await {
+                    Ok(mut c) => {
+                        c.hold(slot);
+                        c
+                    }
+                    Err(e) => return Err(classify(e, addr, connect_timeout, false, Some(body))),
+                }
+            }
+            None => {
+                return Err(Failure {
+                    kind: ErrorKind::UpstreamBusy,
+                    error: ProxyError::UpstreamBusy {
+                        backend: addr,
+                        open: self.config.upstream_max_connections_per_backend,
+                        waited: connect_timeout,
+                    },
+                    not_sent: true,
+                    no_response: true,
+                    reused: false,
+                    busy: true,
+                    body: Some(body),
+                })
+            }
         };
         let reused = conn.reused();
         let timeout = self.config.upstream_response_timeout;
@@ -499,7 +536,7 @@ impl Proxy {
                 if exchanged.status != StatusCode::SWITCHING_PROTOCOLS {
                     exchanged.body.return_to(ReturnTo {
                         pool: pick.state.clone(),
-                        max_idle: self.config.upstream_max_idle_per_backend,
+                        max_idle: self.config.upstream_max_connections_per_backend,
                     });
                 }
                 Ok((exchanged, outstanding))
@@ -515,6 +552,7 @@ impl Proxy {
                 // The backend may still be working on it: waiting again elsewhere is no help.
                 no_response: false,
                 reused,
+                busy: false,
                 body: None,
             }),
         }

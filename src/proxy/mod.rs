@@ -59,8 +59,12 @@ pub struct ProxyConfig {
     pub upstream_response_timeout: Duration,
     /// Idle pooled upstream connections are closed after this long.
     pub upstream_idle_timeout: Duration,
-    /// Idle pooled connections kept per backend.
-    pub upstream_max_idle_per_backend: usize,
+    /// Connections one worker opens to one backend at most (busy and idle; all of them are
+    /// kept for reuse until idle for `upstream_idle_timeout`). A request that finds them all
+    /// busy waits for one, up to `upstream_connect_timeout`. HTTP/2 clients multiplex many
+    /// requests on one connection, each of which needs an upstream connection of its own:
+    /// this bounds them, and keeping every one avoids reconnecting after each burst.
+    pub upstream_max_connections_per_backend: usize,
     /// How long a backend that refused a connection is skipped (passive ejection).
     pub eject_duration: Duration,
     /// On shutdown, how long in-flight requests (and upgraded tunnels) may take to finish.
@@ -95,7 +99,7 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(3),
             upstream_response_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(30),
-            upstream_max_idle_per_backend: 64,
+            upstream_max_connections_per_backend: 512,
             eject_duration: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             h2_max_concurrent_streams: 256,
@@ -142,6 +146,16 @@ pub enum ProxyError {
         /// The socket error.
         #[source]
         source: std::io::Error,
+    },
+    /// Every connection to the backend stayed busy (at the per-backend bound) for the wait.
+    #[error("upstream {backend}: all {open} connections busy for {waited:?}")]
+    UpstreamBusy {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// The bound on open connections.
+        open: usize,
+        /// How long the request waited.
+        waited: Duration,
     },
     /// The backend did not answer (connect or response head) in time.
     #[error("upstream {backend}: no response within {timeout:?}")]

@@ -21,13 +21,25 @@
 //! Idle connections are checked before reuse without a system call: the runtime has already
 //! recorded whether the socket became readable (a FIN, usually the backend's keep-alive
 //! timeout) since its last read drained it.
+//!
+//! Connections to a backend are bounded and kept ([`IdlePool`]): a worker opens at most
+//! `upstream_max_connections_per_backend` to one instance, every one of them stays pooled
+//! when its exchange ends, and a request that finds them all busy waits for one to come back
+//! (up to the connect timeout). HTTP/2 is why: a client connection multiplexes hundreds of
+//! streams, and each needs an HTTP/1.1 connection of its own for as long as it runs. A pool
+//! that kept fewer idle connections than the streams in flight closed the surplus after
+//! every burst and reconnected on the next; each close left a socket in TIME_WAIT for a
+//! minute, and once tens of thousands of those hold the ephemeral ports towards the backend's
+//! address, every connect searches that port space (and finally fails): throughput fell
+//! from round to round of a benchmark while the CPU per request grew tenfold.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -59,6 +71,22 @@ pub(crate) struct Conn {
     buf: BytesMut,
     /// Taken from a pool (it carried an earlier exchange).
     reused: bool,
+    /// Its place among the backend's open connections, given back when it closes.
+    slot: Option<Slot>,
+}
+
+/// One of a backend's open connections, counted from before the connect until the socket
+/// closes (or becomes a tunnel, which the pool no longer counts).
+#[derive(Debug)]
+pub(crate) struct Slot(Weak<PoolShared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.open.fetch_sub(1, Relaxed);
+            pool.freed.notify_one();
+        }
+    }
 }
 
 impl Conn {
@@ -71,6 +99,7 @@ impl Conn {
                     io,
                     buf: BytesMut::new(),
                     reused: false,
+                    slot: None,
                 })
             }
             Ok(Err(e)) => Err(Failed::Connect(e)),
@@ -82,9 +111,15 @@ impl Conn {
         self.reused
     }
 
+    /// Counts this connection in its pool's slot until it closes.
+    pub(crate) fn hold(&mut self, slot: Slot) {
+        self.slot = Some(slot);
+    }
+
     /// The socket and the bytes already read past the response head (an upgraded tunnel
     /// starts with them).
     pub(crate) fn into_parts(self) -> (TcpStream, BytesMut) {
+        // A tunnel is no longer one of the pool's connections: its slot is given back.
         (self.io, self.buf)
     }
 
@@ -112,16 +147,70 @@ impl Conn {
     }
 }
 
-/// Idle keep-alive connections to one backend, newest last.
+/// The connections of one worker to one backend: the idle ones (newest last), how many are
+/// open (idle, busy or connecting), and the requests waiting for one.
 #[derive(Debug, Default)]
-pub(crate) struct IdlePool {
+pub(crate) struct IdlePool(Arc<PoolShared>);
+
+#[derive(Debug, Default)]
+pub(crate) struct PoolShared {
     conns: Mutex<Vec<(Conn, Instant)>>,
+    open: AtomicUsize,
+    /// Woken when a connection goes idle or closes.
+    freed: tokio::sync::Notify,
+}
+
+/// What a request gets from [`IdlePool::checkout`].
+#[derive(Debug)]
+pub(crate) enum Checkout {
+    /// An idle connection, still open.
+    Idle(Conn),
+    /// Room for a new connection: connect, then [`Conn::hold`] the slot.
+    Connect(Slot),
 }
 
 impl IdlePool {
+    /// An idle connection younger than `max_age`, or room to open one (at most `max_open`
+    /// are open), waiting until `deadline` for either. `fresh` wants a new connection (the
+    /// retry after a pooled one failed): an idle one is closed to make room if need be.
+    /// `None` when the deadline passed with every connection busy.
+    pub(crate) async fn checkout(
+        &self,
+        max_age: Duration,
+        max_open: usize,
+        fresh: bool,
+        deadline: tokio::time::Instant,
+    ) -> Option<Checkout> {
+        let shared = &self.0;
+        loop {
+            // Registered before looking, so a connection freed in between is not missed.
+            let freed = shared.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if !fresh {
+                if let Some(conn) = self.take(max_age) {
+                    return Some(Checkout::Idle(conn));
+                }
+            }
+            let reserved = shared
+                .open
+                .fetch_update(Relaxed, Relaxed, |n| (n < max_open.max(1)).then_some(n + 1))
+                .is_ok();
+            if reserved {
+                return Some(Checkout::Connect(Slot(Arc::downgrade(shared))));
+            }
+            if fresh && self.close_oldest() {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// The most recently used idle connection that is still open and younger than `max_age`.
     pub(crate) fn take(&self, max_age: Duration) -> Option<Conn> {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conns = self.0.conns.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((conn, since)) = conns.pop() {
             if since.elapsed() > max_age {
                 // The newest is too old: so are the others.
@@ -135,24 +224,42 @@ impl IdlePool {
         None
     }
 
+    /// Closes the idle connection unused the longest; `false` when none is idle.
+    fn close_oldest(&self) -> bool {
+        let mut conns = self.0.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.is_empty() {
+            return false;
+        }
+        drop(conns.remove(0));
+        true
+    }
+
     /// Keeps `conn` for reuse unless `max` connections are already idle.
     pub(crate) fn put(&self, mut conn: Conn, max: usize) {
         conn.reused = true;
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conns = self.0.conns.lock().unwrap_or_else(PoisonError::into_inner);
         if conns.len() < max {
             conns.push((conn, Instant::now()));
+            drop(conns);
+            self.0.freed.notify_one();
         }
     }
 
     /// Closes connections idle for longer than `max_age`.
     pub(crate) fn sweep(&self, max_age: Duration) {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conns = self.0.conns.lock().unwrap_or_else(PoisonError::into_inner);
         conns.retain(|(_, since)| since.elapsed() <= max_age);
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.conns.lock().unwrap().len()
+        self.0.conns.lock().unwrap().len()
+    }
+
+    /// Open connections (idle, busy or connecting).
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> usize {
+        self.0.open.load(Relaxed)
     }
 }
 
@@ -965,6 +1072,56 @@ impl Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    #[tokio::test]
+    async fn checkout_bounds_open_connections_and_waits_for_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = IdlePool::default();
+        let age = Duration::from_secs(30);
+        let far = tokio::time::Instant::now() + age;
+        let mut busy = Vec::new();
+        for _ in 0..2 {
+            let Some(Checkout::Connect(slot)) = pool.checkout(age, 2, false, far).await else {
+                panic!("room for two connections");
+            };
+            let mut c = Conn::connect(addr, Duration::from_secs(1)).await.unwrap();
+            c.hold(slot);
+            busy.push(c);
+        }
+        assert_eq!(pool.open(), 2);
+        // Both busy: nothing by the deadline, and no third connection.
+        let now = tokio::time::Instant::now();
+        assert!(pool.checkout(age, 2, false, now).await.is_none());
+        assert_eq!(pool.open(), 2);
+
+        // A waiting request gets the first connection that comes back.
+        let waiting = pool.checkout(age, 2, false, far);
+        tokio::pin!(waiting);
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "all busy: it waits"
+        );
+        pool.put(busy.pop().unwrap(), 2);
+        let Some(Checkout::Idle(reused)) = waiting.await else {
+            panic!("the returned connection");
+        };
+        assert!(reused.reused());
+        assert_eq!(pool.open(), 2);
+
+        // A retry that wants a new connection closes an idle one to make room.
+        pool.put(reused, 2);
+        assert_eq!(pool.len(), 1);
+        let fresh = pool.checkout(age, 2, true, far).await;
+        assert!(matches!(fresh, Some(Checkout::Connect(_))), "{fresh:?}");
+        assert_eq!((pool.len(), pool.open()), (0, 2));
+        drop(fresh);
+
+        // A closed connection gives its slot back.
+        drop(busy);
+        assert_eq!(pool.open(), 0);
+    }
 
     fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, bool), &'static str> {
         let mut dec = Chunked::default();

@@ -1525,3 +1525,178 @@ async fn workers_share_the_listeners_and_drain_on_shutdown() {
     assert_eq!((s, body.as_str()), (StatusCode::OK, "finished"));
     workers.join().await.unwrap();
 }
+
+/// A backend that counts the connections it accepts and answers requests in batches: each
+/// request waits until `batch` requests (of its batch) have arrived, so a batch is in flight
+/// at once. `most` is the largest number of requests it saw in flight together.
+struct BatchBackend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+async fn batch_backend(batch: usize) -> BatchBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (arrived_tx, arrived) = tokio::sync::watch::channel(0usize);
+    let arrived_tx = Arc::new(arrived_tx);
+    let (acc, top) = (accepted.clone(), most.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            acc.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx, flight, top) = (
+                arrived_tx.clone(),
+                arrived.clone(),
+                in_flight.clone(),
+                top.clone(),
+            );
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let (tx, mut rx, flight, top) =
+                        (tx.clone(), rx.clone(), flight.clone(), top.clone());
+                    async move {
+                        let now = flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        top.fetch_max(now, Ordering::SeqCst);
+                        let mut mine = 0;
+                        tx.send_modify(|n| {
+                            mine = *n;
+                            *n += 1;
+                        });
+                        let release = (mine / batch + 1) * batch;
+                        let _ = rx.wait_for(|n| *n >= release).await;
+                        flight.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, Infallible>(Response::new(full("ok")))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    BatchBackend {
+        addr,
+        accepted,
+        most,
+    }
+}
+
+/// `n` concurrent GETs as streams of one HTTP/2 (prior knowledge) connection; their statuses.
+async fn h2_burst(proxy: SocketAddr, n: usize) -> Vec<StatusCode> {
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    futures_util::future::join_all((0..n).map(|i| {
+        let mut sender = sender.clone();
+        async move {
+            let req = Request::builder()
+                .uri(format!("http://shop.example.test/{i}"))
+                .body(empty())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            read(resp).await.0
+        }
+    }))
+    .await
+}
+
+/// Issue #16: HTTP/2 multiplexes many requests on one client connection, each needing an
+/// upstream connection while it runs. The proxy keeps every connection it opened for reuse:
+/// bursts after the first open none (the pool used to keep 64 and close the rest, so each
+/// burst reconnected, piling up TIME_WAIT sockets until connects slowed to a crawl).
+#[tokio::test]
+async fn h2_bursts_reuse_upstream_connections() {
+    let streams = 100;
+    let b = batch_backend(streams).await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig::default(),
+    )
+    .await;
+    for burst in 0..3 {
+        let statuses = h2_burst(p.addr, streams).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "burst {burst}: {statuses:?}"
+        );
+        assert_eq!(b.most.load(Ordering::SeqCst), streams, "burst {burst}");
+        assert_eq!(
+            b.accepted.load(Ordering::SeqCst),
+            streams,
+            "burst {burst}: upstream connections opened so far"
+        );
+    }
+    p.shutdown().await.unwrap();
+}
+
+/// However many streams arrive at once, a worker opens at most
+/// `upstream_max_connections_per_backend` connections to one backend; the other requests
+/// wait for one of them and are served in turn.
+#[tokio::test]
+async fn upstream_connections_stay_bounded_under_many_h2_streams() {
+    let cap = 8;
+    let b = batch_backend(cap).await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig {
+            upstream_max_connections_per_backend: cap,
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let statuses = h2_burst(p.addr, 200).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(b.accepted.load(Ordering::SeqCst), cap);
+    assert_eq!(b.most.load(Ordering::SeqCst), cap);
+    p.shutdown().await.unwrap();
+}
+
+/// With every connection busy past the connect timeout, the request is answered 503
+/// `upstream-busy` (the backend is loaded, not broken).
+#[tokio::test]
+async fn busy_upstream_is_503_after_the_connect_timeout() {
+    let b = backend("shop").await;
+    let p = start_proxy(
+        table(vec![(
+            "shop.example.test",
+            route("shop", &[("s1", b.addr)], 1 << 20),
+        )]),
+        ProxyConfig {
+            upstream_max_connections_per_backend: 1,
+            upstream_connect_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let (addr, state) = (p.addr, b.state.clone());
+    let held = tokio::spawn(async move { get(addr, "shop.example.test", "/wait").await });
+    state.arrived.notified().await;
+    let (s, h, _) = get(p.addr, "shop.example.test", "/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(&h), "upstream-busy");
+    b.state.release.notify_one();
+    let (s, _, body) = held.await.unwrap();
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "finished"));
+    // The connection is back: the next request is served.
+    let (s, _, body) = get(p.addr, "shop.example.test", "/").await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "shop"));
+    p.shutdown().await.unwrap();
+}
