@@ -182,27 +182,40 @@ impl IdlePool {
         deadline: tokio::time::Instant,
     ) -> Option<Checkout> {
         let shared = &self.0;
+        if let Some(got) = self.try_checkout(max_age, max_open, fresh) {
+            return Some(got);
+        }
         loop {
-            // Registered before looking, so a connection freed in between is not missed.
+            // Registered before looking again, so a connection freed in between is not missed.
             let freed = shared.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if !fresh {
-                if let Some(conn) = self.take(max_age) {
-                    return Some(Checkout::Idle(conn));
-                }
+            if let Some(got) = self.try_checkout(max_age, max_open, fresh) {
+                return Some(got);
             }
-            let reserved = shared
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// [`IdlePool::checkout`] without waiting.
+    fn try_checkout(&self, max_age: Duration, max_open: usize, fresh: bool) -> Option<Checkout> {
+        if !fresh {
+            if let Some(conn) = self.take(max_age) {
+                return Some(Checkout::Idle(conn));
+            }
+        }
+        loop {
+            let reserved = self
+                .0
                 .open
                 .fetch_update(Relaxed, Relaxed, |n| (n < max_open.max(1)).then_some(n + 1))
                 .is_ok();
             if reserved {
-                return Some(Checkout::Connect(Slot(Arc::downgrade(shared))));
+                return Some(Checkout::Connect(Slot(Arc::downgrade(&self.0))));
             }
-            if fresh && self.close_oldest() {
-                continue;
-            }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            if !(fresh && self.close_oldest()) {
                 return None;
             }
         }
