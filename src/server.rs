@@ -192,7 +192,7 @@ pub async fn run(
     tracing::info!(certificates = loaded, "certificates loaded");
     let certs = cert_manager.store().clone();
     let scheduler = Scheduler::new(
-        registry,
+        registry.clone(),
         config.clone(),
         vec![Arc::new(local)],
         routes.clone(),
@@ -214,7 +214,13 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let sched_task = tokio::spawn(scheduler.run(stopped()));
+    let sched_task = tokio::spawn(scheduler.clone().run(stopped()));
+    // Registered nodes join the pool when they answer (and leave it when removed).
+    let join_task = tokio::spawn(crate::service::nodes::join(
+        registry.clone(),
+        scheduler.clone(),
+        stopped(),
+    ));
     // What destroyed apps left outside the registry (repositories, built images).
     tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
@@ -294,6 +300,7 @@ pub async fn run(
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
     let _ = sched_task.await;
     let _ = acme_task.await;
+    let _ = join_task.await;
     if let Err(e) = proxy_workers.join().await {
         tracing::error!(error = %e, "proxy stopped with an error");
     }
