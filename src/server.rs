@@ -176,13 +176,19 @@ pub async fn run(
         registry.store_setup_token(&token.hash).await?;
         announce_setup(&token.secret, api_listener.local_addr()?);
     }
-    let local = crate::node::Node::connect_local("local", &config.docker_host)
-        .await
-        .map_err(|source| ServerError::Docker {
-            host: config.docker_host.clone(),
-            source: Box::new(source),
-        })?
-        .with_advertise_ip(config.advertise_ip);
+    let mut local_nodes = Vec::new();
+    if config.docker_host != "off" {
+        let local = crate::node::Node::connect_local("local", &config.docker_host)
+            .await
+            .map_err(|source| ServerError::Docker {
+                host: config.docker_host.clone(),
+                source: Box::new(source),
+            })?
+            .with_advertise_ip(config.advertise_ip);
+        local_nodes.push(Arc::new(local));
+    } else {
+        tracing::info!("docker_host is off: apps run on the registered nodes only");
+    }
     let config = Arc::new(config);
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();
@@ -194,7 +200,7 @@ pub async fn run(
     let scheduler = Scheduler::new(
         registry.clone(),
         config.clone(),
-        vec![Arc::new(local)],
+        local_nodes,
         routes.clone(),
     );
     if config.https_addr.is_some() {
