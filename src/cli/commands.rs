@@ -1369,12 +1369,8 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
         NodesCommand::List => {
             let out: Value = c.call(Method::GET, "/api/v1/nodes", None).await?;
             print_json_or(json_out, &out, || {
-                let rows: Vec<Vec<String>> = out
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(node_row)
-                    .collect();
+                let rows: Vec<Vec<String>> =
+                    out.as_array().into_iter().flatten().map(node_row).collect();
                 table(
                     &[
                         "NODE", "STATE", "ADDRESS", "ENGINE", "CPUS", "MEMORY", "INST", "LABELS",
@@ -1410,14 +1406,18 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
             labels,
             out,
         } => {
-            let body = json!({"name": node, "address": address, "advertise": advertise, "labels": labels});
+            let body =
+                json!({"name": node, "address": address, "advertise": advertise, "labels": labels});
             let bundle: Value = c
                 .call(Method::POST, "/api/v1/nodes", Some(strip_nulls(body)))
                 .await?;
             let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
             write_bundle(&dir, &bundle)?;
             if json_out {
-                println!("{}", json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]}));
+                println!(
+                    "{}",
+                    json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
+                );
             } else {
                 println!(
                     "Node {node} registered at {} (certificate {}, expires {}).",
@@ -1429,7 +1429,10 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
                     "Its bundle is in {} (the node's private key is there and nowhere else: keep it safe).",
                     dir.display()
                 );
-                println!("On the node, as root, from a copy of that directory:\n  {}", s(&bundle["install"]));
+                println!(
+                    "On the node, as root, from a copy of that directory:\n  {}",
+                    s(&bundle["install"])
+                );
                 println!("It joins as soon as its engine answers; until then `escale nodes list` shows it as joining, with why.");
             }
         }
@@ -1444,7 +1447,10 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
             let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
             write_bundle(&dir, &bundle)?;
             if json_out {
-                println!("{}", json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]}));
+                println!(
+                    "{}",
+                    json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
+                );
             } else {
                 println!(
                     "New certificate {} for {node} at {} (expires {}); bundle in {}.",
@@ -1453,12 +1459,19 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
                     clock(bundle["not_after"].as_i64().unwrap_or(0)),
                     dir.display()
                 );
-                println!("On the node, as root, from a copy of that directory:\n  {}", s(&bundle["install"]));
+                println!(
+                    "On the node, as root, from a copy of that directory:\n  {}",
+                    s(&bundle["install"])
+                );
             }
         }
         NodesCommand::Cordon { node } => {
             let out: Value = c
-                .call(Method::POST, &format!("/api/v1/nodes/{}/cordon", seg(&node)), None)
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/cordon", seg(&node)),
+                    None,
+                )
                 .await?;
             print_json_or(json_out, &out, || {
                 println!(
@@ -1469,7 +1482,11 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
         }
         NodesCommand::Uncordon { node } => {
             let out: Value = c
-                .call(Method::POST, &format!("/api/v1/nodes/{}/uncordon", seg(&node)), None)
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/uncordon", seg(&node)),
+                    None,
+                )
                 .await?;
             print_json_or(json_out, &out, || {
                 println!("{node} takes new instances again.")
@@ -1487,10 +1504,15 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
                 Some(c.events("/api/v1/events/stream").await?)
             };
             let mut out: Value = c
-                .call(Method::POST, &format!("/api/v1/nodes/{}/drain", seg(&node)), None)
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/drain", seg(&node)),
+                    None,
+                )
                 .await?;
             if let Some(live) = live.as_mut() {
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+                let deadline =
+                    tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
                 let mut shown = None;
                 loop {
                     let left = out["instances"].as_u64().unwrap_or(0);
@@ -1532,8 +1554,12 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
             });
         }
         NodesCommand::Remove { node } => {
-            c.call_raw(Method::DELETE, &format!("/api/v1/nodes/{}", seg(&node)), None)
-                .await?;
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/nodes/{}", seg(&node)),
+                None,
+            )
+            .await?;
             if json_out {
                 println!("{}", json!({"node": node, "removed": true}));
             } else {
@@ -1554,7 +1580,11 @@ fn node_row(n: &Value) -> Vec<String> {
     let cpus = |v: &Value| format!("{:.1}", v.as_i64().unwrap_or(0) as f64 / 1e9);
     let (cpu, mem) = match n["capacity"].as_object() {
         Some(cap) => (
-            format!("{}/{}", cpus(&n["placed"]["nano_cpus"]), cpus(&cap["nano_cpus"])),
+            format!(
+                "{}/{}",
+                cpus(&n["placed"]["nano_cpus"]),
+                cpus(&cap["nano_cpus"])
+            ),
             format!(
                 "{}/{}",
                 size(n["placed"]["memory_bytes"].as_u64().unwrap_or(0)),
@@ -1577,7 +1607,11 @@ fn node_row(n: &Value) -> Vec<String> {
         cpu,
         mem,
         n["instances"].to_string(),
-        if labels.is_empty() { "-".into() } else { labels.join(",") },
+        if labels.is_empty() {
+            "-".into()
+        } else {
+            labels.join(",")
+        },
         match n["certificate"]["days_left"].as_i64() {
             Some(d) => format!("{d}d"),
             None => "-".into(),
@@ -1592,8 +1626,16 @@ fn node_row(n: &Value) -> Vec<String> {
 fn print_node(n: &Value) {
     let row = node_row(n);
     for (k, v) in [
-        "Node", "State", "Address", "Engine", "CPUs placed/has", "Memory placed/has", "Instances",
-        "Labels", "Certificate left", "Last heartbeat",
+        "Node",
+        "State",
+        "Address",
+        "Engine",
+        "CPUs placed/has",
+        "Memory placed/has",
+        "Instances",
+        "Labels",
+        "Certificate left",
+        "Last heartbeat",
     ]
     .iter()
     .zip(row)
@@ -1626,7 +1668,9 @@ fn write_bundle(dir: &std::path::Path, bundle: &Value) -> Result<(), CliError> {
         let name = f["name"].as_str().unwrap_or_default();
         // File names come from the server: plain names only.
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(local(format!("the server sent a bundle file named `{name}`")));
+            return Err(local(format!(
+                "the server sent a bundle file named `{name}`"
+            )));
         }
         let path = dir.join(name);
         let mode = f["mode"].as_u64().unwrap_or(0o600) as u32 & 0o777;
@@ -1637,7 +1681,10 @@ fn write_bundle(dir: &std::path::Path, bundle: &Value) -> Result<(), CliError> {
                 .truncate(true)
                 .mode(mode)
                 .open(&path)?;
-            std::io::Write::write_all(&mut file, f["contents"].as_str().unwrap_or_default().as_bytes())?;
+            std::io::Write::write_all(
+                &mut file,
+                f["contents"].as_str().unwrap_or_default().as_bytes(),
+            )?;
             file.set_permissions(std::fs::Permissions::from_mode(mode))
         };
         write().map_err(|e| local(format!("cannot write {}: {e}", path.display())))?;

@@ -471,7 +471,9 @@ pub enum NodesCommand {
     },
     /// Issue a node a new server certificate (before the old one expires, or for a new
     /// address) and write its new bundle; install it on the node as before.
-    #[command(after_help = "Example:\n  escale nodes renew n2\n  escale nodes renew n2 --address 10.0.0.12:2376")]
+    #[command(
+        after_help = "Example:\n  escale nodes renew n2\n  escale nodes renew n2 --address 10.0.0.12:2376"
+    )]
     Renew {
         node: String,
         /// A new HOST:PORT for the node.

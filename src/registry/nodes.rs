@@ -75,11 +75,11 @@ impl Registry {
             "SELECT name, docker_host, advertise, labels, cordoned, draining, created_at
              FROM nodes ORDER BY name",
         )
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(NodeRecord::try_from)
-            .collect()
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(NodeRecord::try_from)
+        .collect()
     }
 
     /// The registered node `name`.
@@ -88,11 +88,11 @@ impl Registry {
             "SELECT name, docker_host, advertise, labels, cordoned, draining, created_at
              FROM nodes WHERE name = ?",
         )
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| not_found("node", name))?
-            .try_into()
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| not_found("node", name))?
+        .try_into()
     }
 
     /// Registers `node` with the server certificate issued for it, by `actor`; a name taken
@@ -131,7 +131,11 @@ impl Registry {
         let labels = if node.labels.is_empty() {
             String::new()
         } else {
-            let l: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let l: Vec<String> = node
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             format!(", labels {}", l.join(","))
         };
         audit(
@@ -208,12 +212,16 @@ impl Registry {
         let (action, what) = match to {
             Schedulable::Yes => ("node.uncordon", "takes new instances again"),
             Schedulable::Cordoned => ("node.cordon", "cordoned: nothing new is placed on it"),
-            Schedulable::Draining => (
-                "node.drain",
-                "draining: its instances move to other nodes",
-            ),
+            Schedulable::Draining => ("node.drain", "draining: its instances move to other nodes"),
         };
-        audit(&mut tx, actor, None, action, &format!("node `{name}` {what}")).await?;
+        audit(
+            &mut tx,
+            actor,
+            None,
+            action,
+            &format!("node `{name}` {what}"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }

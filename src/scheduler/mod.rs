@@ -173,6 +173,7 @@ struct ReleaseCrash {
 #[derive(Default)]
 struct Member {
     last_seen: Option<Vec<node::ContainerInstance>>,
+    /// When the first call it has not answered (since it last did) was made.
     silent_since: Option<std::time::Instant>,
     /// When it last answered (unix milliseconds).
     last_ok_ms: Option<i64>,
@@ -613,7 +614,8 @@ impl Scheduler {
     /// [`Scheduler::add_node`] for any engine (the unit tests' fakes).
     pub fn add_engine(self: &Arc<Self>, engine: Arc<dyn Engine>, docker: Option<Arc<Node>>) {
         let name = engine.name().to_string();
-        self.pool.rcu(|p| Pool::with(p, engine.clone(), docker.clone()));
+        self.pool
+            .rcu(|p| Pool::with(p, engine.clone(), docker.clone()));
         self.set_joining(&name, None);
         if self.running.load(std::sync::atomic::Ordering::SeqCst) {
             self.watch(engine);
@@ -742,7 +744,8 @@ impl Scheduler {
                 }
             }
         });
-        self.running.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for n in self.engines() {
             self.watch(n);
         }
@@ -810,12 +813,21 @@ impl Scheduler {
             )
         };
 
-        // Observe every node: one labelled list call each, all at once, each bounded.
+        // Observe every node: one labelled list call each, all at once, each bounded by a
+        // quarter of `node_down_after` (at least a second, at most the engine timeout): a node
+        // that hangs (stopped, cut off) holds a pass up that long, no longer, and is judged
+        // by the time since it last answered.
         let engines = self.engines();
+        let down_after = self.config.scheduler.node_down_after;
+        let list_within = (down_after / 4)
+            .max(Duration::from_secs(1))
+            .min(self.engine_timeout());
+        let asked_at = std::time::Instant::now();
         let lists = futures_util::future::join_all(engines.iter().map(|n| async move {
             self.engine_calls.fetch_add(1, Relaxed);
             let r = self
-                .bounded(
+                .bounded_for(
+                    list_within,
                     n.name(),
                     "listing instances",
                     n.list_instances(&self.installation),
@@ -827,7 +839,6 @@ impl Scheduler {
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
         let mut node_views = Vec::new();
-        let down_after = self.config.scheduler.node_down_after;
         for (name, result) in lists {
             // Membership: one failed call is a blip. A node that answered before and has
             // been silent for less than `node_down_after` is suspect: its instances count as
@@ -854,9 +865,8 @@ impl Scheduler {
                     containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
                 Err(e) => {
-                    let since = *member
-                        .silent_since
-                        .get_or_insert_with(std::time::Instant::now);
+                    // Silent since the first call it did not answer was made.
+                    let since = *member.silent_since.get_or_insert(asked_at);
                     let suspect = member.last_seen.is_some() && since.elapsed() < down_after;
                     if suspect {
                         tracing::info!(node = %name, error = %e, silent = ?since.elapsed(), "node not answering; suspect");
@@ -886,7 +896,12 @@ impl Scheduler {
             }
         }
         self.announce_nodes(&node_views).await;
-        for (name, error) in self.joining.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (name, error) in self
+            .joining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             if !node_views.iter().any(|n| &n.name == name) {
                 node_views.push(NodeView {
                     name: name.clone(),

@@ -182,8 +182,7 @@ impl Services {
         let address = NodeAddress::parse(&add.address).map_err(pki_error)?;
         let mut labels = BTreeMap::new();
         for l in &add.labels {
-            let (k, v) =
-                crate::validate::node_label(l).map_err(|e| ServiceError::Invalid(e.0))?;
+            let (k, v) = crate::validate::node_label(l).map_err(|e| ServiceError::Invalid(e.0))?;
             labels.insert(k, v);
         }
         let advertise = match add.advertise {
@@ -243,7 +242,12 @@ impl Services {
     }
 
     /// Cordons, drains or uncordons node `name`; returns whether anything changed.
-    pub async fn set_schedulable(&self, actor: &Actor, name: &str, to: Schedulable) -> Result<bool> {
+    pub async fn set_schedulable(
+        &self,
+        actor: &Actor,
+        name: &str,
+        to: Schedulable,
+    ) -> Result<bool> {
         actor.require_admin("cordoning and draining nodes")?;
         pki::validate_node_name(name).map_err(pki_error)?;
         if name == LOCAL_NODE {
@@ -518,7 +522,9 @@ async fn join_once(
                 let address = NodeAddress::parse(&r.address)?;
                 let node = tokio::time::timeout(ASK_TIMEOUT, pki.connect(&r.name, &address))
                     .await
-                    .map_err(|_| PkiError::Refused(format!("no answer within {ASK_TIMEOUT:?}")))??;
+                    .map_err(|_| {
+                        PkiError::Refused(format!("no answer within {ASK_TIMEOUT:?}"))
+                    })??;
                 Ok::<_, PkiError>(node)
             }
             .await;

@@ -108,7 +108,12 @@ async fn six_healthy(
     let mut most = 0;
     loop {
         let l = live(s);
-        most = most.max(l.len());
+        if l.len() > most {
+            most = l.len();
+            if most > 7 {
+                println!("{most} instances at once: {l:?}");
+            }
+        }
         if let Some(stale) = stale_on {
             let routed: Vec<_> = l
                 .iter()
@@ -189,16 +194,28 @@ async fn three_nodes_spread_heal_return_and_drain() {
     }
     let list = s.json(&["nodes", "list"]);
     for n in list.as_array().unwrap() {
-        assert!(n["engine_version"].as_str().is_some_and(|v| !v.is_empty()), "{n}");
-        assert!(n["capacity"]["memory_bytes"].as_u64().unwrap_or(0) > 0, "{n}");
-        assert!(n["certificate"]["days_left"].as_i64().unwrap_or(0) > 300, "{n}");
+        assert!(
+            n["engine_version"].as_str().is_some_and(|v| !v.is_empty()),
+            "{n}"
+        );
+        assert!(
+            n["capacity"]["memory_bytes"].as_u64().unwrap_or(0) > 0,
+            "{n}"
+        );
+        assert!(
+            n["certificate"]["days_left"].as_i64().unwrap_or(0) > 300,
+            "{n}"
+        );
         assert!(n["last_heartbeat"].as_i64().is_some(), "{n}");
     }
 
     // The image is on n2 only: the others get it from n2, streamed by escale.
     nodes[&2].load_image_from_host(&image);
     for n in [3, 4] {
-        assert!(nodes[&n].docker(&["images", "-q", &image]).trim().is_empty());
+        assert!(nodes[&n]
+            .docker(&["images", "-q", &image])
+            .trim()
+            .is_empty());
     }
     s.ok(&["apps", "create", APP]);
     s.ok(&["deploy", APP, "--image", &image]);
@@ -211,7 +228,10 @@ async fn three_nodes_spread_heal_return_and_drain() {
     );
     for n in [3, 4] {
         assert!(
-            !nodes[&n].docker(&["images", "-q", &image]).trim().is_empty(),
+            !nodes[&n]
+                .docker(&["images", "-q", &image])
+                .trim()
+                .is_empty(),
             "the image reached n{n}"
         );
     }
@@ -270,13 +290,17 @@ async fn three_nodes_spread_heal_return_and_drain() {
     })
     .await;
     six_healthy(&s, &["n2"], Some("n2"), Duration::from_secs(60)).await;
-    s.wait_for("n2's stale containers removed", Duration::from_secs(60), || {
-        nodes[&2]
-            .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
-            .trim()
-            .is_empty()
-            .then_some(())
-    })
+    s.wait_for(
+        "n2's stale containers removed",
+        Duration::from_secs(60),
+        || {
+            nodes[&2]
+                .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
 
     // n3 is silent longer than node_down_after while its containers keep running (its daemon
@@ -296,13 +320,17 @@ async fn three_nodes_spread_heal_return_and_drain() {
     })
     .await;
     six_healthy(&s, &["n3"], Some("n3"), Duration::from_secs(60)).await;
-    s.wait_for("n3's stale containers removed", Duration::from_secs(60), || {
-        nodes[&3]
-            .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
-            .trim()
-            .is_empty()
-            .then_some(())
-    })
+    s.wait_for(
+        "n3's stale containers removed",
+        Duration::from_secs(60),
+        || {
+            nodes[&3]
+                .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
 
     // Remove is refused while instances run there.
@@ -320,7 +348,7 @@ async fn three_nodes_spread_heal_return_and_drain() {
     let load = Load::start(&proxy, &host);
     load.phase("drain");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    s.ok(&["nodes", "drain", &busy]);
+    s.ok(&["nodes", "drain", &busy, "--timeout", "120"]);
     let per = six_healthy(&s, &[busy.as_str()], None, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tally = load.stop();
@@ -329,7 +357,10 @@ async fn three_nodes_spread_heal_return_and_drain() {
         tally.total, tally.failures, tally.first
     );
     assert!(tally.total > 100, "the load ran: {tally:?}");
-    assert_eq!(tally.ok, tally.total, "requests failed during the drain: {tally:?}");
+    assert_eq!(
+        tally.ok, tally.total,
+        "requests failed during the drain: {tally:?}"
+    );
     let info = s.json(&["nodes", "info", &busy]);
     assert_eq!(info["instances"], 0);
     assert_eq!(info["draining"], true);

@@ -17,7 +17,6 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-
 /// Concurrent keep-alive connections of the load generator.
 pub const CONNECTIONS: usize = 8;
 /// Pause between two requests on one connection.

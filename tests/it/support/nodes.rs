@@ -226,7 +226,10 @@ impl ExtraNode {
             .args(["--bridge", &bridge_of(self.n)])
             .args(["--iptables=false", "--ip-masq=false"])
             .args(["--containerd-namespace", &format!("esc-n{}", self.n)])
-            .args(["--containerd-plugins-namespace", &format!("esc-n{}p", self.n)])
+            .args([
+                "--containerd-plugins-namespace",
+                &format!("esc-n{}p", self.n),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
