@@ -236,6 +236,8 @@ pub struct Scheduler {
     /// Registered nodes not in the pool yet, with why (the last failed attempt to reach
     /// them); shown as `joining`.
     joining: Mutex<BTreeMap<String, String>>,
+    /// Image transfers (pull or copy) in flight, by (node, image).
+    transfers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
     /// Set once [`Scheduler::run`] started the watchers of the first engines.
     running: std::sync::atomic::AtomicBool,
     installation: String,
@@ -384,6 +386,7 @@ impl Scheduler {
             pool: ArcSwap::from_pointee(Pool::new(engines, docker)),
             watchers: Default::default(),
             joining: Default::default(),
+            transfers: Default::default(),
             running: Default::default(),
             registry,
             config,
@@ -1929,6 +1932,16 @@ impl Scheduler {
             .scheduler
             .deploy_timeout
             .max(self.engine_timeout());
+        // One transfer of an image to a node at a time: the starts of several instances
+        // there wait for the first to bring it, then find it present.
+        let transfer_lock = self
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((node_name.to_string(), image.to_string()))
+            .or_default()
+            .clone();
+        let transferring = transfer_lock.lock().await;
         if !self
             .bounded(node_name, "looking up an image", node.image_exists(image))
             .await?
@@ -1966,6 +1979,12 @@ impl Scheduler {
                 .await?;
             }
         }
+        drop(transferring);
+        drop(transfer_lock);
+        self.transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, l| Arc::strong_count(l) > 1);
         let mut env = self.registry.release_env(app, release).await?;
         env.push(("ESCALE_APP".into(), app.name.clone()));
         env.push(("ESCALE_PROCESS".into(), p.name.clone()));
