@@ -64,8 +64,8 @@ fn node_states(s: &TestServer) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Completed reconcile passes, from `/metrics`.
-async fn passes(s: &TestServer) -> u64 {
+/// `/metrics`, as the admin reads it.
+async fn metrics_text(s: &TestServer) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = s.api.trim_start_matches("http://").trim_end_matches('/');
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("API");
@@ -81,10 +81,12 @@ async fn passes(s: &TestServer) -> u64 {
     let mut body = String::new();
     tcp.read_to_string(&mut body).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body.lines()
-        .find_map(|l| l.strip_prefix("escale_reconcile_passes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("passes counter")
+    body
+}
+
+/// Completed reconcile passes, from `/metrics`.
+async fn passes(s: &TestServer) -> u64 {
+    metric(s, "escale_reconcile_passes_total").await
 }
 
 async fn wait_passes(s: &TestServer, n: u64) {
@@ -210,6 +212,7 @@ async fn three_nodes_spread_heal_return_and_drain() {
     }
 
     // The image is on n2 only: the others get it from n2, streamed by escale.
+    nodes[&2].wait_ready();
     nodes[&2].load_image_from_host(&image);
     for n in [3, 4] {
         assert!(nodes[&n]
@@ -371,4 +374,149 @@ async fn three_nodes_spread_heal_return_and_drain() {
     let (status, _) = get_once(&proxy, &host, "/").await.expect("served");
     assert_eq!(status, 200);
     drop(nodes);
+}
+
+/// The node-loss benchmark (`scripts/bench-node-loss`; ignored in the test run): the three
+/// nodes, 6 instances, then ROUNDS (default 5) rounds of: under load, kill one node's
+/// daemon, time until 6 instances are healthy on the other two and the proxy serves, count
+/// failed requests; bring it back and wait until it is ready and clean. Then one drain under
+/// load. Prints each round and the median.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run by scripts/bench-node-loss"]
+async fn bench_node_loss() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let _addresses = ADDRESSES.lock().await;
+    let image = fixture_image().await.to_string();
+    let s = TestServer::start(&[
+        ("ESCALE_DOCKER_HOST", "off"),
+        ("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "120s"),
+        ("ESCALE_LOG_LEVEL", "info"),
+    ])
+    .await;
+    let proxy = s.proxy.clone().expect("proxy");
+    let host = format!("{APP}.localhost");
+    let bundles = tempfile::tempdir().unwrap();
+    let mut nodes: BTreeMap<u8, ExtraNode> = BTreeMap::new();
+    for n in NODES {
+        let dir = bundles.path().join(ExtraNode::name(n));
+        s.ok(&[
+            "nodes",
+            "add",
+            &ExtraNode::name(n),
+            "--address",
+            &ExtraNode::address(n),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        let node = ExtraNode::start(n, &dir);
+        node.wait_ready();
+        node.load_image_from_host(&image);
+        nodes.insert(n, node);
+    }
+    s.wait_for("three ready nodes", Duration::from_secs(60), || {
+        let st = node_states(&s);
+        (st.len() == 3 && st.values().all(|v| v == "ready")).then_some(())
+    })
+    .await;
+    s.ok(&["apps", "create", APP]);
+    s.ok(&["deploy", APP, "--image", &image]);
+    s.ok(&["scale", APP, "web=6"]);
+    six_healthy(&s, &[], None, Duration::from_secs(120)).await;
+    let p0 = passes(&s).await;
+    let calls0 = metric(&s, "escale_engine_calls_total").await;
+    wait_passes(&s, 20).await;
+    let per_pass = (metric(&s, "escale_engine_calls_total").await - calls0) as f64
+        / (passes(&s).await - p0) as f64;
+    println!("engine calls per reconcile pass, 3 nodes, 6 instances, steady: {per_pass:.2}");
+
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        let victim = NODES[round % NODES.len()];
+        let name = ExtraNode::name(victim);
+        let load = Load::start(&proxy, &host);
+        load.phase(&format!("loss of {name}"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let lost = Instant::now();
+        nodes.get_mut(&victim).unwrap().kill();
+        six_healthy(&s, &[name.as_str()], None, Duration::from_secs(120)).await;
+        // Serving: a request through the proxy answered.
+        loop {
+            if let Ok((status, _)) = get_once(&proxy, &host, "/").await {
+                if status == 200 {
+                    break;
+                }
+            }
+        }
+        let healed = lost.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tally = load.stop();
+        println!(
+            "round {}: {name} lost -> 6 healthy elsewhere, serving: {:.1} s; requests {} failed {} {:?}",
+            round + 1,
+            healed.as_secs_f64(),
+            tally.total,
+            tally.total - tally.ok,
+            tally.failures
+        );
+        times.push(healed.as_secs_f64());
+        nodes.get_mut(&victim).unwrap().restart();
+        s.wait_for("the node ready again", Duration::from_secs(60), || {
+            (node_states(&s)[&name] == "ready").then_some(())
+        })
+        .await;
+        s.wait_for("its stale containers removed", Duration::from_secs(60), || {
+            nodes[&victim]
+                .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
+                .trim()
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+        // Spread again over three nodes for the next round: scale down and up.
+        s.ok(&["scale", APP, "web=0"]);
+        s.wait_for("no instance", Duration::from_secs(60), || {
+            live(&s).is_empty().then_some(())
+        })
+        .await;
+        s.ok(&["scale", APP, "web=6"]);
+        six_healthy(&s, &[], None, Duration::from_secs(120)).await;
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "node loss to replacements serving: median {:.1} s over {} rounds ({:?})",
+        times[times.len() / 2],
+        times.len(),
+        times
+    );
+
+    let busy = ExtraNode::name(NODES[0]);
+    let load = Load::start(&proxy, &host);
+    load.phase("drain");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    s.ok(&["nodes", "drain", &busy, "--timeout", "120"]);
+    let took = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = load.stop();
+    println!(
+        "drain of {busy}: {:.1} s, requests {} failed {} {:?}",
+        took.as_secs_f64(),
+        tally.total,
+        tally.total - tally.ok,
+        tally.failures
+    );
+    drop(nodes);
+}
+
+/// A counter from `/metrics`.
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    metrics_text(s)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }

@@ -256,6 +256,29 @@ impl ExtraNode {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits (up to 30 s) until the daemon answers on its unix socket.
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new("docker")
+                .arg("-H")
+                .arg(self.socket())
+                .args(["version", "--format", "{{.Server.Version}}"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} dockerd did not answer within 30 s:\n{}",
+                self.n,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Loads `image` from the host's engine into this node (`docker save | docker load`).
     pub fn load_image_from_host(&self, image: &str) {
         let save = Command::new("docker")
