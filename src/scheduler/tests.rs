@@ -760,3 +760,30 @@ async fn a_node_silent_past_the_grace_is_down_and_its_instances_are_replaced() {
         super::NodeStatus::Down
     );
 }
+
+/// Engine calls per pass do not grow with the instance count: with 3 nodes and 300 running
+/// instances, a steady pass makes one list call per node and nothing else (the benchmark
+/// figure of issue #16, as an invariant).
+#[tokio::test]
+async fn a_steady_pass_makes_one_call_per_node_at_300_instances() {
+    let mut h = Harness::new(&["n1", "n2", "n3"]).await;
+    h.sched.set_engine_timeout(Duration::from_secs(5));
+    h.app("big", 300).await;
+    h.until("300 healthy instances", |h| h.healthy() == 300)
+        .await;
+    let per_node: Vec<usize> = h.engines.iter().map(|e| e.running().len()).collect();
+    assert_eq!(per_node, vec![100, 100, 100], "spread");
+    // Let in-flight bookkeeping settle, then count.
+    h.sched.pass().await.expect("pass");
+    let before = h.sched.engine_calls.load(Relaxed);
+    let lists: Vec<u64> = h.engines.iter().map(|e| e.calls(Call::List)).collect();
+    for _ in 0..10 {
+        h.sched.pass().await.expect("pass");
+    }
+    let calls = h.sched.engine_calls.load(Relaxed) - before;
+    assert_eq!(calls, 30, "10 steady passes over 3 nodes");
+    for (e, before) in h.engines.iter().zip(lists) {
+        assert_eq!(e.calls(Call::List) - before, 10, "one list per pass on {}", e.name());
+        assert_eq!(e.running().len(), 100);
+    }
+}

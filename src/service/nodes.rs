@@ -570,3 +570,38 @@ pub fn warn_expiring(certs: &[crate::registry::NodeCertRecord], now: i64) -> usi
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    #[test]
+    fn a_certificate_is_expiring_under_thirty_days() {
+        let now = 1_800_000_000_000;
+        let v = cert_view("ab", now + 31 * DAY, now);
+        assert_eq!((v.days_left, v.expiring), (31, false));
+        let v = cert_view("ab", now + 30 * DAY - 1, now);
+        assert_eq!((v.days_left, v.expiring), (29, true));
+        let v = cert_view("ab", now - 1, now);
+        assert_eq!((v.days_left, v.expiring), (-1, true));
+    }
+
+    #[test]
+    fn expiring_certificates_are_counted_for_the_warning() {
+        let now = 1_800_000_000_000;
+        let cert = |node: &str, days: i64| crate::registry::NodeCertRecord {
+            node: node.into(),
+            address: "10.0.0.2:2376".into(),
+            serial: "01".into(),
+            cert_pem: String::new(),
+            not_after: now + days * DAY,
+            issued_at: now - DAY,
+        };
+        assert_eq!(
+            warn_expiring(&[cert("n2", 400), cert("n3", 10), cert("n4", -2)], now),
+            2
+        );
+    }
+}
