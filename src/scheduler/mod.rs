@@ -658,7 +658,7 @@ impl Scheduler {
                     observed_nodes.push(plan::NodeState {
                         name: name.clone(),
                         ready: true,
-                        suspect: false,
+                        ..Default::default()
                     });
                     node_views.push(NodeView {
                         name: name.clone(),
@@ -685,6 +685,7 @@ impl Scheduler {
                         name: name.clone(),
                         ready: suspect,
                         suspect,
+                        ..Default::default()
                     });
                     node_views.push(NodeView {
                         name,
@@ -738,6 +739,7 @@ impl Scheduler {
                             .scheduler
                             .unhealthy_replace_after
                             .as_millis() as u64,
+                        ..Default::default()
                     })
                     .collect(),
                 rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
@@ -1982,6 +1984,10 @@ fn drain_cause(reason: plan::DrainReason, health_error: Option<&str>) -> (DrainC
         R::Orphan => (
             DrainCause::ScaledDown,
             "its app or process is no longer desired".into(),
+        ),
+        R::Moved => (
+            DrainCause::Rollout,
+            "moved off its node (draining, or lacking a label its process needs)".into(),
         ),
     }
 }

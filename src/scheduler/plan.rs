@@ -99,6 +99,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::placement::{Placer, Request, Resources};
+
 /// First crash-loop backoff delay, in milliseconds.
 pub const BACKOFF_BASE_MS: u64 = 1_000;
 /// Largest crash-loop backoff delay, in milliseconds.
@@ -134,7 +136,7 @@ pub struct DesiredApp {
 }
 
 /// The desired shape of one process type (`web`, `worker`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredProcess {
     /// The process type name.
     pub process: String,
@@ -151,6 +153,17 @@ pub struct DesiredProcess {
     /// How long an instance of the target release in a target slot must have been `Unhealthy`
     /// before it is replaced (`scheduler.unhealthy_replace_after`), in ms.
     pub unhealthy_replace_after_ms: u64,
+    /// Declared CPUs and memory of one instance (zero: none declared); placement counts them
+    /// against each node's capacity.
+    pub resources: Resources,
+    /// Node labels an instance needs (`disk = "ssd"`). An instance on a node that lacks one is
+    /// moved like one on a draining node.
+    pub constraints: BTreeMap<String, String>,
+    /// Free node resources do not limit placement (`scheduler.overcommit` or the process's own
+    /// flag).
+    pub overcommit: bool,
+    /// The image of the target release (nodes holding it are preferred); empty: unknown.
+    pub image: String,
 }
 
 /// What runs, as seen by the reconciler at `now_ms`.
@@ -202,8 +215,9 @@ pub struct HealthFacts {
     pub accepting: bool,
 }
 
-/// One node. A name listed several times is ready only if every entry says so.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One node. A name listed several times is ready only if every entry says so (and cordoned,
+/// draining or suspect if one says so; capacity, labels and images come from the first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeState {
     /// The node name.
     pub name: String,
@@ -212,6 +226,17 @@ pub struct NodeState {
     /// It has stopped answering, not for long (a blip so far): its instances count as last
     /// seen, but nothing new is placed on it.
     pub suspect: bool,
+    /// What the node has in all (`None`: unknown, resources are then not judged).
+    pub capacity: Option<Resources>,
+    /// The node's labels (`disk = "ssd"`), matched against process constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Nothing new is placed on it; its instances stay.
+    pub cordoned: bool,
+    /// Nothing new is placed on it and its instances are replaced elsewhere: a replacement
+    /// starts on another node, and the old instance is drained once enough are healthy.
+    pub draining: bool,
+    /// Images known to be on the node (preferred by placement).
+    pub images: BTreeSet<String>,
 }
 
 /// One container: an instance of (app, process, release, slot) on a node.
@@ -285,6 +310,9 @@ pub enum DrainReason {
     Unhealthy,
     /// The app or the process is no longer desired.
     Orphan,
+    /// Its node is draining, or lacks a label its process is constrained to: a replacement
+    /// on another node is healthy (or enough others are).
+    Moved,
 }
 
 /// One step for the executor.
@@ -371,6 +399,31 @@ pub fn backoff_delay_ms(consecutive_crashes: u32) -> u64 {
 /// live instances in total, then the smallest name; counts exclude instances drained in this
 /// pass and include starts planned earlier in this pass.
 pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
+    plan_report(desired, observed).actions
+}
+
+/// A plan with what it could not place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// What the executor does, as [`plan`] returns it.
+    pub actions: Vec<Action>,
+    /// Starts no node could take, with the reason per node.
+    pub unplaced: Vec<Unplaced>,
+}
+
+/// A start the planner wanted but no node could take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    pub app: String,
+    pub process: String,
+    pub slot: u32,
+    /// One line per node: `n2: 200 MiB free, needs 256 MiB`, `n3: lacks disk=ssd`; empty when
+    /// there is no node.
+    pub reasons: Vec<String>,
+}
+
+/// [`plan`], and the starts it could not place with why.
+pub fn plan_report(desired: &Desired, observed: &Observed) -> Plan {
     let now = observed.now_ms;
     let ready = ready_nodes(&observed.nodes);
     let views = instance_views(&observed.instances);
@@ -411,18 +464,31 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
+    // Nodes whose instances move away: draining ones, and (per process) those lacking a
+    // label the process is constrained to.
+    let node_facts = node_facts(&observed.nodes);
     for (&app, target) in &targets {
         let verdict = rollout_verdict(target, &groups, observed, !ready.is_empty());
         let freeze_other_releases = matches!(verdict, Some(Action::RolloutFailed { .. }));
         for (&process, spec) in &target.processes {
             let group = groups.get(&(app, process)).map_or(&[][..], Vec::as_slice);
             let blocked = blocked_slots(&observed.backoff, app, process, now);
+            let misplaced = |node: &str| {
+                node_facts.get(node).is_some_and(|&(draining, labels)| {
+                    draining
+                        || spec
+                            .constraints
+                            .iter()
+                            .any(|(k, v)| labels.get(k) != Some(v))
+                })
+            };
             let pp = plan_process(
                 target.spec.release,
                 spec,
                 group,
                 &blocked,
                 freeze_other_releases,
+                &misplaced,
                 now,
             );
             for (view, crashed) in pp.removes {
@@ -449,28 +515,51 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
-    // Placement (see `placement`): spread over ready nodes, counting this pass's drains and
-    // starts.
-    let live = views
-        .iter()
-        .filter(|v| {
-            matches!(v.phase, Phase::Live(_)) && !drained.contains(v.inst.container_id.as_str())
-        })
-        .map(|v| {
-            (
-                v.inst.app.as_str(),
-                v.inst.process.as_str(),
-                v.inst.node.as_str(),
-            )
-        });
-    let placed = super::placement::place(
-        &observed.nodes,
-        live,
-        starts.iter().map(|&(app, process, _, _)| (app, process)),
-    );
-    for ((app, process, release, slot), node) in starts.into_iter().zip(placed) {
-        let Some(node) = node else {
-            continue; // no ready node: nothing can start
+    // Placement (see `placement`): feasible nodes (ready, open, labels, free resources), spread
+    // first; resources count every container still running (drained ones too, until they
+    // stop), spread only the live ones kept, and both count this pass's starts.
+    let declared = |app: &str, process: &str| {
+        targets
+            .get(app)
+            .and_then(|t| t.processes.get(process))
+            .map_or(Resources::default(), |p| p.resources)
+    };
+    let mut placer = Placer::new(&observed.nodes);
+    for v in &views {
+        let inst = v.inst;
+        let resources = declared(&inst.app, &inst.process);
+        match v.phase {
+            Phase::Live(_) if !drained.contains(inst.container_id.as_str()) => {
+                placer.add(&inst.app, &inst.process, &inst.node, resources);
+            }
+            Phase::Live(_) | Phase::Draining => placer.reserve(&inst.node, resources),
+            Phase::Exited { .. } => {}
+        }
+    }
+    let mut unplaced = Vec::new();
+    for (app, process, release, slot) in starts {
+        let Some(spec) = targets.get(app).and_then(|t| t.processes.get(process)) else {
+            continue;
+        };
+        let request = Request {
+            app,
+            process,
+            resources: spec.resources,
+            constraints: &spec.constraints,
+            image: &spec.image,
+            overcommit: spec.overcommit,
+        };
+        let node = match placer.place(&request) {
+            Ok(node) => node,
+            Err(why) => {
+                unplaced.push(Unplaced {
+                    app: app.to_owned(),
+                    process: process.to_owned(),
+                    slot,
+                    reasons: why.reasons,
+                });
+                continue;
+            }
         };
         let key = SortKey {
             app: app.to_owned(),
@@ -493,7 +582,19 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
     }
 
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    out.into_iter().map(|(_, action)| action).collect()
+    Plan {
+        actions: out.into_iter().map(|(_, action)| action).collect(),
+        unplaced,
+    }
+}
+
+/// Per node name (entries merged): whether it is draining, and its labels (first entry's).
+fn node_facts(nodes: &[NodeState]) -> BTreeMap<&str, (bool, &BTreeMap<String, String>)> {
+    let mut out: BTreeMap<&str, (bool, &BTreeMap<String, String>)> = BTreeMap::new();
+    for n in nodes {
+        out.entry(n.name.as_str()).or_insert((false, &n.labels)).0 |= n.draining;
+    }
+    out
 }
 
 /// Output order: app, then its process actions before its rollout verdict, then process,
@@ -651,6 +752,7 @@ fn plan_process<'v, 'a>(
     group: &[&'v View<'a>],
     blocked: &BTreeSet<u32>,
     freeze_other_releases: bool,
+    misplaced: &dyn Fn(&str) -> bool,
     now: u64,
 ) -> ProcessPlan<'v, 'a> {
     let n = spec.instances.min(MAX_INSTANCES);
@@ -686,6 +788,10 @@ fn plan_process<'v, 'a>(
             Phase::Live(state) => {
                 if !current {
                     retiring.push((view, state, DrainReason::Replaced));
+                } else if misplaced(&inst.node) {
+                    // Its slot is free for a replacement on another node; it is drained
+                    // like an old release, once enough instances are healthy.
+                    retiring.push((view, state, DrainReason::Moved));
                 } else if in_target(inst.slot) {
                     by_slot.entry(inst.slot).or_default().push((view, state));
                 } else {
@@ -1027,7 +1133,7 @@ mod tests {
             .map(|n| NodeState {
                 name: (*n).to_owned(),
                 ready: true,
-                suspect: false,
+                ..NodeState::default()
             })
             .collect()
     }
@@ -1039,6 +1145,7 @@ mod tests {
             surge,
             spec: String::new(),
             unhealthy_replace_after_ms: REPLACE_AFTER_MS,
+            ..DesiredProcess::default()
         }
     }
 
@@ -2584,7 +2691,7 @@ mod tests {
                     .map(|(k, ready)| NodeState {
                         name: NODES[k].to_owned(),
                         ready,
-                        suspect: false,
+                        ..NodeState::default()
                     })
                     .collect(),
                 instances,
