@@ -22,6 +22,10 @@
 //! - The **target slots** are `1..=N`. In each target slot at most one live current instance
 //!   is the slot's **keeper** (preferring `Healthy`, then `Starting`, then `Unhealthy`, then the
 //!   smallest container id).
+//! - A live current instance is **misplaced** when its node is draining or lacks a label the
+//!   process is constrained to ([`DesiredProcess::constraints`]): it is retiring
+//!   ([`DrainReason::Moved`]) and its slot is free, so a replacement starts on another node and
+//!   the old one is drained only once enough instances are healthy, as in a rolling deploy.
 //! - Every other live instance of the process is **retiring**: instances of other releases
 //!   (older ones during a deploy, newer ones after a rollback) or of an older spec, current
 //!   instances in slots outside `1..=N` (scaled down), and the non-keepers of a slot
@@ -55,7 +59,9 @@
 //! 5. Free target slots (no keeper, not cooling from steps 1 and 4, no backoff with
 //!    `until_ms > now_ms`) are started in ascending order, as many as the budget
 //!    `N + S - live after the drains` allows.
-//! 6. Each start is placed on a ready node (see [`plan`]).
+//! 6. Each start is placed by [`super::placement`]: a ready, open node with the labels and
+//!    the free resources it needs, spread first. A start no node can take is left out and
+//!    reported with the reason per node ([`plan_report`], [`Unplaced`]).
 //!
 //! Instances whose app or process is not desired are **orphans**: live ones are drained
 //! ([`DrainReason::Orphan`]), exited ones removed with `crashed = false`.
@@ -394,10 +400,12 @@ pub fn backoff_delay_ms(consecutive_crashes: u32) -> u64 {
 
 /// Plans the next actions that move `observed` towards `desired`.
 ///
-/// See the module documentation for the rules. Placement of a [`Action::Start`]: among ready
-/// nodes, the one with the fewest live instances of the same `(app, process)`, then the fewest
-/// live instances in total, then the smallest name; counts exclude instances drained in this
-/// pass and include starts planned earlier in this pass.
+/// See the module documentation for the rules. Placement of a [`Action::Start`] (see
+/// [`super::placement`]): among feasible nodes, the one with the fewest live instances of the
+/// same `(app, process)`, then one holding the image, then the fewest live instances in total,
+/// then the smallest name; counts exclude instances drained in this pass and include starts
+/// planned earlier in this pass. Resources count every container still running (drained ones
+/// until they stop) at its process's declared CPUs and memory.
 pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
     plan_report(desired, observed).actions
 }
@@ -1507,6 +1515,162 @@ mod tests {
             }
             None
         }
+    }
+
+    // ---------- placement: drain, cordon, constraints, resources ----------
+
+    fn node_mut<'s>(sim: &'s mut Sim, name: &str) -> &'s mut NodeState {
+        sim.observed
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("node")
+    }
+
+    fn on(sim: &Sim, node: &str) -> usize {
+        sim.live("shop", "web")
+            .iter()
+            .filter(|i| i.node == node)
+            .count()
+    }
+
+    #[test]
+    fn a_draining_node_is_emptied_replacements_first_never_below_the_healthy_count() {
+        for surge in [1, 2] {
+            let mut sim = Sim::new(shop(1, 3, surge), &["n1", "n2", "n3"]);
+            assert!(sim.run_until_converged(10).is_some());
+            assert_eq!(on(&sim, "n1"), 1);
+            node_mut(&mut sim, "n1").draining = true;
+            let mut passes = 0;
+            while on(&sim, "n1") > 0 || !sim.converged() {
+                passes += 1;
+                assert!(passes < 20, "no progress: {:?}", sim.observed.instances);
+                let actions = sim.plan();
+                for (_, _, node) in starts(&actions) {
+                    assert_ne!(node, "n1", "nothing new on a draining node");
+                }
+                for (_, reason) in drains(&actions) {
+                    assert_eq!(reason, DrainReason::Moved);
+                }
+                sim.apply(&actions);
+                assert!(sim.healthy("shop", "web") >= 3, "healthy count kept");
+                assert!(
+                    sim.live("shop", "web").len() <= 3 + surge as usize,
+                    "surge cap"
+                );
+                sim.tick();
+                sim.mark_starting(Healthy);
+            }
+            assert_eq!(on(&sim, "n1"), 0);
+            assert!(sim.plan().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_draining_node_with_nowhere_else_to_go_keeps_its_instances() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1"]);
+        assert!(sim.run_until_converged(10).is_some());
+        node_mut(&mut sim, "n1").draining = true;
+        let report = plan_report(&sim.desired, &sim.observed);
+        assert!(report.actions.is_empty(), "{:?}", report.actions);
+        assert_eq!(report.unplaced.len(), 1);
+        assert_eq!(report.unplaced[0].reasons, ["n1: draining"]);
+    }
+
+    #[test]
+    fn a_cordoned_node_keeps_its_instances_and_gets_nothing_new() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1", "n2"]);
+        assert!(sim.run_until_converged(10).is_some());
+        node_mut(&mut sim, "n1").cordoned = true;
+        assert!(sim.plan().is_empty(), "its instance stays");
+        sim.desired = shop(1, 4, 1);
+        let actions = sim.plan();
+        assert_eq!(
+            starts(&actions),
+            [
+                ("web".into(), 3, "n2".into()),
+                ("web".into(), 4, "n2".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn constraints_place_on_labelled_nodes_and_move_instances_off_the_others() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1", "n2", "n3"]);
+        node_mut(&mut sim, "n3")
+            .labels
+            .insert("disk".into(), "ssd".into());
+        assert!(sim.run_until_converged(10).is_some());
+        assert_eq!(on(&sim, "n3"), 0, "spread by name: n1 and n2");
+        sim.desired.apps[0].processes[0]
+            .constraints
+            .insert("disk".into(), "ssd".into());
+        assert!(sim.run_until_converged(20).is_some());
+        assert_eq!(on(&sim, "n3"), 2, "{:?}", sim.observed.instances);
+    }
+
+    #[test]
+    fn unplaceable_starts_are_reported_with_a_reason_per_node() {
+        let mut sim = Sim::new(shop(1, 3, 1), &["n1", "n2", "n3"]);
+        let gib = |g: u64| Resources {
+            nano_cpus: 2 * super::super::placement::NANOS_PER_CPU,
+            memory_bytes: g << 30,
+        };
+        node_mut(&mut sim, "n1").capacity = Some(gib(1));
+        node_mut(&mut sim, "n2").capacity = Some(gib(1));
+        node_mut(&mut sim, "n2").cordoned = true;
+        node_mut(&mut sim, "n3").capacity = Some(gib(1));
+        node_mut(&mut sim, "n3")
+            .labels
+            .insert("disk".into(), "hdd".into());
+        let web = &mut sim.desired.apps[0].processes[0];
+        web.resources.memory_bytes = 600 << 20;
+        // Another app already uses 500 MiB on n1... through an instance of its own.
+        sim.desired.apps.push(app(
+            "blog",
+            1,
+            vec![DesiredProcess {
+                resources: Resources {
+                    nano_cpus: 0,
+                    memory_bytes: 500 << 20,
+                },
+                ..process("web", 1, 1)
+            }],
+        ));
+        sim.observed
+            .instances
+            .push(inst("b1", "n1", "blog", "web", 1, 1, Healthy));
+        let report = plan_report(&sim.desired, &sim.observed);
+        // n3 takes the first; nothing takes the others.
+        assert_eq!(starts(&report.actions), [("web".into(), 1, "n3".into())]);
+        assert_eq!(
+            report.unplaced,
+            [2, 3]
+                .map(|slot| Unplaced {
+                    app: "shop".into(),
+                    process: "web".into(),
+                    slot,
+                    reasons: vec![
+                        "n1: 524 MiB free, needs 600 MiB".into(),
+                        "n2: cordoned".into(),
+                        "n3: 424 MiB free, needs 600 MiB".into(),
+                    ],
+                })
+                .to_vec()
+        );
+        // With overcommit, free memory does not limit.
+        sim.desired.apps[0].processes[0].overcommit = true;
+        let report = plan_report(&sim.desired, &sim.observed);
+        assert_eq!(start_slots(&report.actions), [1, 2, 3]);
+        assert!(report.unplaced.is_empty());
+    }
+
+    #[test]
+    fn the_image_is_preferred_after_spread() {
+        let mut sim = Sim::new(shop(1, 1, 1), &["n1", "n2"]);
+        sim.desired.apps[0].processes[0].image = "shop:1".into();
+        node_mut(&mut sim, "n2").images.insert("shop:1".into());
+        assert_eq!(starts(&sim.plan()), [("web".into(), 1, "n2".into())]);
     }
 
     // ---------- backoff ----------
