@@ -76,6 +76,22 @@ pub fn node_name(name: &str) -> bool {
     label_chars(name, 63, true)
 }
 
+/// A node label or a process constraint `key=value`: each a DNS label of 1 to 63 lowercase
+/// letters, digits and `-` (as node names).
+pub fn node_label(key: &str, value: &str) -> Result<(), ValidationError> {
+    for (what, s) in [("key", key), ("value", value)] {
+        if !label_chars(s, 63, true) {
+            return err(format!(
+                "label {what} `{}` in `{}={}` is invalid: use 1 to 63 lowercase letters, digits and `-`, not ending with `-` (e.g. disk=ssd)",
+                printable(s),
+                printable(key),
+                printable(value)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Lowercase letters, digits and `-`, 1 to `max` of them, not ending with `-`, starting with a
 /// letter (or a digit when `digit_first`).
 fn label_chars(name: &str, max: usize, digit_first: bool) -> bool {

@@ -111,6 +111,18 @@ pub struct ClusterView {
     pub instances: Vec<InstanceView>,
     pub crashing: Vec<CrashView>,
     pub nodes: Vec<NodeView>,
+    /// Instances the last pass wanted to start but no node could take.
+    pub unplaced: Vec<UnplacedView>,
+}
+
+/// A slot that no node can take now, with the reason per node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct UnplacedView {
+    pub app: String,
+    pub process: String,
+    pub slot: u32,
+    /// One line per node: `n2: 200 MiB free, needs 256 MiB`, `n3: lacks disk=ssd`.
+    pub reasons: Vec<String>,
 }
 
 /// A node's reachability.
@@ -201,7 +213,14 @@ struct ExecState {
     progress: HashMap<String, (u32, u32, u32, u32)>,
     /// Node readiness as last observed.
     node_ready: HashMap<String, bool>,
+    /// Each node's capacity and when it was asked (see [`CAPACITY_REFRESH`]).
+    capacity: HashMap<String, (std::time::Instant, Option<placement::Resources>)>,
+    /// What was last logged as unplaceable, by (app, process): logged again when it changes.
+    unplaced: HashMap<(String, String), Vec<String>>,
 }
+
+/// How often a node's capacity is asked again (also whenever it becomes ready).
+const CAPACITY_REFRESH: Duration = Duration::from_secs(60);
 
 /// How often app networks are swept when nothing suggests one is due (an app destroyed, a
 /// network left by the last sweep, the first pass after start).
@@ -255,6 +274,9 @@ pub struct Scheduler {
     /// [`ENGINE_PARALLELISM`]: a deploy of 300 instances queues here instead of asking an
     /// engine for 300 starts at once (each then too slow for its timeout).
     slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// What the node registry says of each node (labels, cordoned, draining), by name; a node
+    /// not listed has no labels and is open. See [`Scheduler::set_node_meta`].
+    node_meta: Mutex<HashMap<String, placement::NodeMeta>>,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -326,7 +348,30 @@ impl Scheduler {
             panics: Default::default(),
             engine_timeouts: Default::default(),
             engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
+            node_meta: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Sets what the node registry says of node `name` (labels, cordoned, draining), read by
+    /// every pass from now on; wakes a pass. Cordoned: nothing new is placed there. Draining:
+    /// nothing new either, and its instances are replaced on other nodes, each old one drained
+    /// once enough replacements are healthy.
+    pub fn set_node_meta(&self, name: &str, meta: placement::NodeMeta) {
+        self.node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), meta);
+        self.changed.notify_one();
+    }
+
+    /// What the node registry says of node `name` (the default when it said nothing).
+    pub fn node_meta(&self, name: &str) -> placement::NodeMeta {
+        self.node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Bounds every engine call of passes and action tasks (default [`ENGINE_CALL_TIMEOUT`]).
@@ -700,6 +745,7 @@ impl Scheduler {
                 }
             }
         }
+        self.node_facts(&mut observed_nodes, &containers).await;
         self.announce_nodes(&node_views).await;
 
         // Desired state, with rollout deadlines.
@@ -739,7 +785,10 @@ impl Scheduler {
                             .scheduler
                             .unhealthy_replace_after
                             .as_millis() as u64,
-                        ..Default::default()
+                        resources: placement::Resources::declared(p.nano_cpus, p.memory_bytes),
+                        constraints: p.constraints.clone(),
+                        overcommit: self.config.scheduler.overcommit || p.overcommit,
+                        image: image.clone(),
                     })
                     .collect(),
                 rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
@@ -914,7 +963,8 @@ impl Scheduler {
             )
         };
 
-        let actions = plan::plan(&desired, &observed);
+        let plan::Plan { actions, unplaced } = plan::plan_report(&desired, &observed);
+        let unplaced = self.report_unplaced(unplaced);
         let refs: HashMap<String, InstanceRef> = containers
             .iter()
             .map(|(node_name, c)| {
@@ -1015,6 +1065,7 @@ impl Scheduler {
             instances: views,
             crashing,
             nodes: node_views,
+            unplaced,
         }));
         self.sweep_networks(registry_apps).await;
         self.passes.fetch_add(1, Relaxed);
@@ -1531,6 +1582,108 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Completes the planner's view of the nodes: capacity (cached, asked again every
+    /// [`CAPACITY_REFRESH`] and when a node becomes ready, so a steady pass asks nothing),
+    /// labels, cordoned and draining ([`Scheduler::set_node_meta`]), and the images of the
+    /// containers listed there.
+    async fn node_facts(
+        &self,
+        nodes: &mut [plan::NodeState],
+        containers: &[(String, node::ContainerInstance)],
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let due: Vec<&Arc<dyn Engine>> = {
+            let st = self.st();
+            self.engines
+                .iter()
+                .filter(|e| {
+                    let answering = nodes
+                        .iter()
+                        .any(|n| n.name == e.name() && n.ready && !n.suspect);
+                    let back = st.node_ready.get(e.name()) != Some(&true);
+                    let stale = st
+                        .capacity
+                        .get(e.name())
+                        .is_none_or(|(at, _)| at.elapsed() >= CAPACITY_REFRESH);
+                    answering && (back || stale)
+                })
+                .collect()
+        };
+        let asked = futures_util::future::join_all(due.into_iter().map(|e| async move {
+            self.engine_calls.fetch_add(1, Relaxed);
+            let r = self
+                .bounded(e.name(), "reading its capacity", e.capacity())
+                .await;
+            (e.name().to_string(), r)
+        }))
+        .await;
+        let meta = self
+            .node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut st = self.st();
+        for (name, r) in asked {
+            let known = st.capacity.get(&name).and_then(|(_, c)| *c);
+            let capacity = match r {
+                Ok(c) => c.map(|c| placement::Resources {
+                    nano_cpus: u64::from(c.cpus) * placement::NANOS_PER_CPU,
+                    memory_bytes: c.memory_bytes,
+                }),
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot read the node's capacity; keeping what was known");
+                    known
+                }
+            };
+            st.capacity
+                .insert(name, (std::time::Instant::now(), capacity));
+        }
+        for n in nodes.iter_mut() {
+            n.capacity = st.capacity.get(&n.name).and_then(|(_, c)| *c);
+            if let Some(m) = meta.get(&n.name) {
+                n.labels = m.labels.clone();
+                n.cordoned = m.cordoned;
+                n.draining = m.draining;
+            }
+            n.images = containers
+                .iter()
+                .filter(|(node, c)| *node == n.name && !c.image.is_empty())
+                .map(|(_, c)| c.image.clone())
+                .collect();
+        }
+    }
+
+    /// Logs starts that no node can take (once per change of reasons) and returns them for the
+    /// cluster view.
+    fn report_unplaced(&self, unplaced: Vec<plan::Unplaced>) -> Vec<UnplacedView> {
+        let mut st = self.st();
+        let mut now: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for u in &unplaced {
+            now.entry((u.app.clone(), u.process.clone()))
+                .or_insert_with(|| u.reasons.clone());
+        }
+        for ((app, process), reasons) in &now {
+            if st.unplaced.get(&(app.clone(), process.clone())) != Some(reasons) {
+                let why = if reasons.is_empty() {
+                    "no node".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                tracing::warn!(%app, %process, reasons = %why, "no node can take an instance");
+            }
+        }
+        st.unplaced = now;
+        unplaced
+            .into_iter()
+            .map(|u| UnplacedView {
+                app: u.app,
+                process: u.process,
+                slot: u.slot,
+                reasons: u.reasons,
+            })
+            .collect()
     }
 
     /// Publishes `InstanceHealthy`/`InstanceUnhealthy` for running instances whose verdict
