@@ -319,7 +319,7 @@ pub async fn update_formation(
             validate::instances(name, *n, s.config.max_instances)?,
         );
     }
-    let out = s.registry.set_formation(&actor, &app, &counts).await?;
+    let out = s.services.scale(&actor, &app, &counts).await?;
     Ok(Json(out))
 }
 

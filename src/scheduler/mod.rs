@@ -277,6 +277,17 @@ pub struct Scheduler {
     /// What the node registry says of each node (labels, cordoned, draining), by name; a node
     /// not listed has no labels and is open. See [`Scheduler::set_node_meta`].
     node_meta: Mutex<HashMap<String, placement::NodeMeta>>,
+    /// What the last pass saw running, with declared resources (the service's placement
+    /// check counts what other apps use).
+    placed: ArcSwap<Vec<PlacedInstance>>,
+}
+
+/// A container escale runs on a node, at its process's declared CPUs and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedInstance {
+    pub app: String,
+    pub node: String,
+    pub resources: placement::Resources,
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -349,7 +360,51 @@ impl Scheduler {
             engine_timeouts: Default::default(),
             engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
             node_meta: Mutex::new(HashMap::new()),
+            placed: ArcSwap::from_pointee(Vec::new()),
         })
+    }
+
+    /// What the last pass saw running on the nodes, with declared resources.
+    pub fn placed(&self) -> Arc<Vec<PlacedInstance>> {
+        self.placed.load_full()
+    }
+
+    /// Every node as a placement check before a change sees it: capacity asked now (each
+    /// engine at once, bounded by `timeout`; what the passes cached when it does not answer),
+    /// labels, cordoned and draining. Readiness is not judged (a node down now may be back
+    /// before the change rolls out): every node is ready here.
+    pub async fn placement_nodes(&self, timeout: Duration) -> Vec<plan::NodeState> {
+        let asked = futures_util::future::join_all(self.engines.iter().map(|e| async move {
+            let r = self.bounded_for(timeout, e.name(), "reading its capacity", e.capacity());
+            (e.name().to_string(), r.await)
+        }))
+        .await;
+        let cached: HashMap<String, Option<placement::Resources>> = self
+            .st()
+            .capacity
+            .iter()
+            .map(|(name, (_, c))| (name.clone(), *c))
+            .collect();
+        asked
+            .into_iter()
+            .map(|(name, r)| {
+                let capacity = match r {
+                    Ok(c) => c.map(capacity_resources),
+                    Err(_) => cached.get(&name).copied().flatten(),
+                };
+                let meta = self.node_meta(&name);
+                plan::NodeState {
+                    name,
+                    ready: true,
+                    suspect: false,
+                    capacity,
+                    labels: meta.labels,
+                    cordoned: meta.cordoned,
+                    draining: meta.draining,
+                    images: Default::default(),
+                }
+            })
+            .collect()
     }
 
     /// Sets what the node registry says of node `name` (labels, cordoned, draining), read by
@@ -964,6 +1019,8 @@ impl Scheduler {
         };
 
         let plan::Plan { actions, unplaced } = plan::plan_report(&desired, &observed);
+        self.placed
+            .store(Arc::new(placed_instances(&desired, &observed)));
         let unplaced = self.report_unplaced(unplaced);
         let refs: HashMap<String, InstanceRef> = containers
             .iter()
@@ -1628,10 +1685,7 @@ impl Scheduler {
         for (name, r) in asked {
             let known = st.capacity.get(&name).and_then(|(_, c)| *c);
             let capacity = match r {
-                Ok(c) => c.map(|c| placement::Resources {
-                    nano_cpus: u64::from(c.cpus) * placement::NANOS_PER_CPU,
-                    memory_bytes: c.memory_bytes,
-                }),
+                Ok(c) => c.map(capacity_resources),
                 Err(e) => {
                     tracing::warn!(node = %name, error = %e, "cannot read the node's capacity; keeping what was known");
                     known
@@ -2093,6 +2147,43 @@ impl Scheduler {
 
 /// A short hash of what an instance of `p` runs with: a change (resources, command, port)
 /// makes running instances stale, and the planner rolls them like a new release.
+/// Every container that holds resources (all but exited ones), at its process's declared
+/// CPUs and memory.
+fn placed_instances(desired: &plan::Desired, observed: &plan::Observed) -> Vec<PlacedInstance> {
+    let declared: HashMap<(&str, &str), placement::Resources> = desired
+        .apps
+        .iter()
+        .flat_map(|a| {
+            a.processes
+                .iter()
+                .map(move |p| ((a.app.as_str(), p.process.as_str()), p.resources))
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    observed
+        .instances
+        .iter()
+        .filter(|i| !matches!(i.state, InstanceState::Exited { .. }))
+        .filter(|i| seen.insert(i.container_id.as_str()))
+        .map(|i| PlacedInstance {
+            app: i.app.clone(),
+            node: i.node.clone(),
+            resources: declared
+                .get(&(i.app.as_str(), i.process.as_str()))
+                .copied()
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A node's capacity in placement's terms.
+fn capacity_resources(c: node::Capacity) -> placement::Resources {
+    placement::Resources {
+        nano_cpus: u64::from(c.cpus) * placement::NANOS_PER_CPU,
+        memory_bytes: c.memory_bytes,
+    }
+}
+
 pub fn spec_hash(image: &str, p: &ProcessType) -> String {
     use sha2::{Digest, Sha256};
     let text =

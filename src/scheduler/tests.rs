@@ -923,3 +923,103 @@ async fn nodes_holding_the_image_are_preferred_after_spread() {
         h.engine(0).running()
     );
 }
+
+#[tokio::test]
+async fn the_service_refuses_a_formation_that_cannot_be_placed_and_changes_nothing() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.engine(0).set_capacity(2, 1 << 30);
+    h.engine(1).set_capacity(2, 1 << 30);
+    h.sched
+        .set_node_meta("n2", meta(&[("disk", "ssd")], false, false));
+    let services =
+        crate::service::Services::new(h.registry.clone(), h.config.clone(), Some(h.sched.clone()));
+    // blog takes 600 MiB of n1 (at its declared memory).
+    h.app("blog", 0).await;
+    let mem = |m: u64| ProcessPatch {
+        memory_bytes: Some(Some(m << 20)),
+        ..Default::default()
+    };
+    services
+        .update_process(&h.actor, "blog", "web", &mem(600))
+        .await
+        .expect("fits");
+    h.scale("blog", 1).await;
+    h.until("blog healthy", |h| h.healthy() == 1).await;
+    assert_eq!(h.engine(0).running().len(), 1, "blog on n1");
+
+    h.app("shop", 0).await;
+    let ssd = ProcessPatch {
+        constraints: Some(BTreeMap::from([("disk".to_string(), "ssd".to_string())])),
+        ..mem(512)
+    };
+    services
+        .update_process(&h.actor, "shop", "web", &ssd)
+        .await
+        .expect("fits");
+    let counts = |n: u32| BTreeMap::from([("web".to_string(), n)]);
+    services
+        .scale(&h.actor, "shop", &counts(2))
+        .await
+        .expect("two fit on n2");
+    let err = services
+        .scale(&h.actor, "shop", &counts(3))
+        .await
+        .expect_err("a third does not");
+    assert_eq!(
+        err.to_string(),
+        "no node can run `web` of `shop` (3 instances, 512 MiB each, on disk=ssd): n1: lacks disk=ssd; n2: 0 MiB free, needs 512 MiB; nothing was changed"
+    );
+    let a = h.registry.app(&h.actor, "shop").await.expect("app");
+    let web = h.registry.processes_of(a.id).await.expect("processes");
+    assert_eq!(web[0].instances, 2, "nothing changed");
+    // Without the constraint, n1 has 424 MiB free: still no.
+    let any = ProcessPatch {
+        constraints: Some(BTreeMap::new()),
+        ..Default::default()
+    };
+    let err = services
+        .update_process(&h.actor, "shop", "web", &any)
+        .await
+        .map(|_| ());
+    assert_eq!(err.map_err(|e| e.to_string()), Ok(()), "2 still fit");
+    let err = services
+        .scale(&h.actor, "shop", &counts(4))
+        .await
+        .expect_err("four do not");
+    assert!(
+        err.to_string()
+            .contains("n1: 424 MiB free, needs 512 MiB; n2: 0 MiB free, needs 512 MiB"),
+        "{err}"
+    );
+    // Scaling down is never refused; more CPUs than a node has are, even at 0 instances.
+    services
+        .scale(&h.actor, "shop", &counts(0))
+        .await
+        .expect("down");
+    let cpus = ProcessPatch {
+        nano_cpus: Some(Some(3_000_000_000)),
+        ..Default::default()
+    };
+    let err = services
+        .update_process(&h.actor, "shop", "web", &cpus)
+        .await
+        .expect_err("3 CPUs");
+    assert!(
+        err.to_string()
+            .contains("n1: has 2 CPU(s), needs 3; n2: has 2 CPU(s), needs 3"),
+        "{err}"
+    );
+    // Overcommit: free memory does not limit.
+    let over = ProcessPatch {
+        overcommit: Some(true),
+        ..Default::default()
+    };
+    services
+        .update_process(&h.actor, "shop", "web", &over)
+        .await
+        .expect("overcommit");
+    services
+        .scale(&h.actor, "shop", &counts(4))
+        .await
+        .expect("overcommitted");
+}
