@@ -250,8 +250,8 @@ impl Services {
     /// capacity once (a few seconds at most; what the scheduler knows otherwise); what other
     /// apps run counts at their declared resources; this app's own instances do not (its
     /// formation is placed afresh). Every instance is placed as the planner would
-    /// ([`placement::fit`]); a process with no instances must still fit one node, free
-    /// resources, cordons and drains aside. Readiness is not judged. Without a scheduler or a
+    /// ([`placement::fit`]); a process with no instances must still fit one node by its
+    /// CPUs and memory (free resources, labels, cordons and drains aside). Readiness is not judged. Without a scheduler or a
     /// node, nothing is refused.
     pub async fn check_placement(&self, app: &str, formation: &[ProcessType]) -> Result<()> {
         let Some(sched) = &self.scheduler else {
@@ -272,7 +272,8 @@ impl Services {
                 overcommit: overcommit || p.overcommit,
             }
         }
-        // One instance of each process, on empty open nodes: what no node can ever take.
+        // One instance of each process, on empty open nodes: CPUs or memory no node has
+        // (constraints are judged with the instances: nodes may be labelled later).
         let open: Vec<_> = nodes
             .iter()
             .map(|n| crate::scheduler::plan::NodeState {
@@ -286,6 +287,7 @@ impl Services {
             let one = placement::Request {
                 app,
                 overcommit: true,
+                constraints: &NO_CONSTRAINTS,
                 ..request(p, overcommit)
             };
             if empty.rank(&one).is_empty() {
@@ -385,6 +387,8 @@ impl Services {
             .await?)
     }
 }
+
+static NO_CONSTRAINTS: BTreeMap<String, String> = BTreeMap::new();
 
 /// A process type as created by a change that names it first (as the registry creates it;
 /// only what placement judges matters here).
