@@ -589,6 +589,28 @@ pub fn plan_report(desired: &Desired, observed: &Observed) -> Plan {
         ));
     }
 
+    // A failed rollout says what could not be placed, and why, node by node.
+    for (_, action) in &mut out {
+        let Action::RolloutFailed { app, reason, .. } = action else {
+            continue;
+        };
+        let mut per: BTreeMap<&str, (usize, &[String])> = BTreeMap::new();
+        for u in unplaced.iter().filter(|u| &u.app == app) {
+            per.entry(u.process.as_str())
+                .or_insert((0, u.reasons.as_slice()))
+                .0 += 1;
+        }
+        for (process, (n, reasons)) in per {
+            if reasons.is_empty() {
+                continue;
+            }
+            reason.push_str(&format!(
+                "; {process}: no node can take {n} instance(s): {}",
+                reasons.join(", ")
+            ));
+        }
+    }
+
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Plan {
         actions: out.into_iter().map(|(_, action)| action).collect(),
@@ -1663,6 +1685,29 @@ mod tests {
         let report = plan_report(&sim.desired, &sim.observed);
         assert_eq!(start_slots(&report.actions), [1, 2, 3]);
         assert!(report.unplaced.is_empty());
+    }
+
+    #[test]
+    fn a_failed_rollout_names_what_could_not_be_placed() {
+        let mut desired = shop(2, 2, 1);
+        desired.apps[0].rollout_deadline_ms = Some(NOW);
+        desired.apps[0].processes[0]
+            .constraints
+            .insert("disk".into(), "ssd".into());
+        let obs = observed(&["n1"], vec![web("a", "n1", 1, 1, Healthy)]);
+        let report = plan_report(&desired, &obs);
+        let reason = report
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::RolloutFailed { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .expect("failed");
+        assert!(
+            reason.ends_with("; web: no node can take 2 instance(s): n1: lacks disk=ssd"),
+            "{reason}"
+        );
     }
 
     #[test]
