@@ -2970,10 +2970,18 @@ mod tests {
                         before.observed.now_ms,
                     );
                     prop_assert!(!blocked.contains(slot), "starts a slot in backoff");
+                    // An instance on a draining node does not hold its slot: it is replaced.
+                    let draining = |node: &str| {
+                        before
+                            .observed
+                            .nodes
+                            .iter()
+                            .any(|n| n.name == node && n.draining)
+                    };
                     let held = before
                         .live(app, process)
                         .iter()
-                        .any(|i| i.release == *release && i.slot == *slot);
+                        .any(|i| i.release == *release && i.slot == *slot && !draining(&i.node));
                     prop_assert!(!held, "starts a held slot: {action:?}");
                 }
                 Action::RolloutSucceeded { .. } | Action::RolloutFailed { .. } => {}
@@ -3037,8 +3045,9 @@ mod tests {
             check_pass(&before, &actions, &after)?;
         }
 
-        /// Random executions: instances become healthy, unhealthy, exit; nodes flap; the target
-        /// changes. Every pass keeps the cap and the availability guarantee.
+        /// Random executions: instances become healthy, unhealthy, exit; nodes flap, are
+        /// cordoned and drained; the target changes. Every pass keeps the cap and the
+        /// availability guarantee, and starts nothing on a cordoned or draining node.
         #[test]
         fn random_executions_keep_invariants(
             desired in arb_desired(),
@@ -3050,6 +3059,14 @@ mod tests {
             let mut roll = move || dice.next().unwrap_or(0);
             for pass in 0..15u64 {
                 let actions = sim.plan();
+                for (_, _, node) in starts(&actions) {
+                    let closed = sim
+                        .observed
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == node && (n.cordoned || n.draining));
+                    prop_assert!(!closed, "a start on closed node {node}: {actions:?}");
+                }
                 let before = sim.clone();
                 sim.apply(&actions);
                 check_pass(&before, &actions, &sim)?;
@@ -3069,6 +3086,15 @@ mod tests {
                 if roll() % 8 == 0 {
                     let k = usize::from(roll()) % sim.observed.nodes.len();
                     sim.observed.nodes[k].ready = !sim.observed.nodes[k].ready;
+                }
+                if roll() % 6 == 0 {
+                    let k = usize::from(roll()) % sim.observed.nodes.len();
+                    let n = &mut sim.observed.nodes[k];
+                    match roll() % 3 {
+                        0 => n.cordoned = !n.cordoned,
+                        1 => n.draining = !n.draining,
+                        _ => {}
+                    }
                 }
                 if roll() % 10 == 0 {
                     let now = sim.observed.now_ms;

@@ -752,9 +752,16 @@ async fn constraints_are_stored_shown_and_refused_when_no_node_has_the_label() {
         "zone=a",
     ]);
     let web = &s.json(&["processes", "list", "placed"])[0];
-    assert_eq!(web["constraints"], json!({"disk": "ssd", "zone": "a"}), "{web}");
+    assert_eq!(
+        web["constraints"],
+        json!({"disk": "ssd", "zone": "a"}),
+        "{web}"
+    );
     let list = s.ok(&["processes", "list", "placed"]);
-    assert!(list.contains("PLACEMENT") && list.contains("disk=ssd,zone=a"), "{list}");
+    assert!(
+        list.contains("PLACEMENT") && list.contains("disk=ssd,zone=a"),
+        "{list}"
+    );
     // No node has the label: scaling up fails at once, naming the node, nothing changed.
     let out = s.cli(&["scale", "placed", "web=1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
