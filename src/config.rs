@@ -162,7 +162,7 @@ pub struct Config {
     pub https_addr: Option<SocketAddr>,
     /// Apps answer at `APP.<apps_domain>`.
     pub apps_domain: String,
-    /// The local engine: node `local`.
+    /// The local engine: node `local`; `off` runs apps on registered nodes only.
     pub docker_host: String,
     /// Address at which the local node's published ports are reached by the proxy.
     pub advertise_ip: std::net::IpAddr,

@@ -627,9 +627,9 @@ impl Walker<'_> {
                 self.problem(vspan, &f, type_message(v, "a string: disk = \"ssd\""));
                 continue;
             };
-            match validate::node_label(k, value) {
-                Ok(()) => {
-                    out.insert(k.to_string(), value.to_string());
+            match validate::node_label(&format!("{k}={value}")) {
+                Ok((k, v)) => {
+                    out.insert(k, v);
                 }
                 Err(e) => self.problem(vspan, &f, e.0),
             }

@@ -76,20 +76,33 @@ pub fn node_name(name: &str) -> bool {
     label_chars(name, 63, true)
 }
 
-/// A node label or a process constraint `key=value`: each a DNS label of 1 to 63 lowercase
-/// letters, digits and `-` (as node names).
-pub fn node_label(key: &str, value: &str) -> Result<(), ValidationError> {
-    for (what, s) in [("key", key), ("value", value)] {
-        if !label_chars(s, 63, true) {
-            return err(format!(
-                "label {what} `{}` in `{}={}` is invalid: use 1 to 63 lowercase letters, digits and `-`, not ending with `-` (e.g. disk=ssd)",
-                printable(s),
-                printable(key),
-                printable(value)
-            ));
-        }
+/// A node label `KEY=VALUE`: a key of 1 to 63 lowercase letters, digits, `.`, `_` and `-`
+/// starting with a letter or digit, a value of 1 to 63 letters, digits, `.`, `_` and `-`.
+pub fn node_label(input: &str) -> Result<(String, String), ValidationError> {
+    let Some((key, value)) = input.split_once('=') else {
+        return err(format!(
+            "label `{}` is invalid: write it KEY=VALUE, e.g. disk=ssd",
+            printable(input)
+        ));
+    };
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key.as_bytes()[0].is_ascii_alphanumeric()
+        && key.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        });
+    let value_ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if !key_ok || !value_ok {
+        return err(format!(
+            "label `{}` is invalid: the key takes 1 to 63 lowercase letters, digits, `.`, `_` and `-` (starting with a letter or digit), the value 1 to 63 letters, digits, `.`, `_` and `-`",
+            printable(input)
+        ));
     }
-    Ok(())
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// Lowercase letters, digits and `-`, 1 to `max` of them, not ending with `-`, starting with a

@@ -255,7 +255,7 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
         validate::health_path(p)?;
     }
     for (k, v) in u.constraints.iter().flatten() {
-        validate::node_label(k, v)?;
+        validate::node_label(&format!("{k}={v}"))?;
     }
     Ok(ProcessPatch {
         command: u

@@ -133,6 +133,9 @@ pub struct NodeView {
     pub ready: bool,
     pub state: NodeStatus,
     pub error: Option<String>,
+    /// When it last answered (unix milliseconds).
+    #[serde(default)]
+    pub last_heartbeat: Option<i64>,
 }
 
 /// A node's membership, as the scheduler judges it.
@@ -146,6 +149,9 @@ pub enum NodeStatus {
     Suspect,
     /// Not answering for longer: its instances are replaced on the other nodes.
     Down,
+    /// Registered, and not reached yet (its engine is not set up with its bundle, or does
+    /// not answer): it is not in the pool.
+    Joining,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +186,8 @@ struct ReleaseCrash {
 struct Member {
     last_seen: Option<Vec<node::ContainerInstance>>,
     silent_since: Option<std::time::Instant>,
+    /// When it last answered (unix milliseconds).
+    last_ok_ms: Option<i64>,
 }
 
 #[derive(Default)]
@@ -238,10 +246,16 @@ const LAST_LOGS_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Scheduler {
     registry: Registry,
     config: Arc<Config>,
-    /// The engines the reconciler drives, one per node.
-    engines: Vec<Arc<dyn Engine>>,
-    /// The Docker nodes among them (builds, image facts, cleanup need Docker itself).
-    docker: Vec<Arc<Node>>,
+    /// The engines the reconciler drives, one per node; swapped whole when a node joins or
+    /// leaves ([`Scheduler::add_node`], [`Scheduler::remove_node`]).
+    pool: ArcSwap<Pool>,
+    /// Each engine's event watcher, cancelled when its node leaves.
+    watchers: Mutex<HashMap<String, CancellationToken>>,
+    /// Registered nodes not in the pool yet, with why (the last failed attempt to reach
+    /// them); shown as `joining`.
+    joining: Mutex<BTreeMap<String, String>>,
+    /// Set once [`Scheduler::run`] started the watchers of the first engines.
+    running: std::sync::atomic::AtomicBool,
     installation: String,
     /// The routing snapshot the proxy reads.
     pub routes: SharedRoutes,
@@ -270,10 +284,6 @@ pub struct Scheduler {
     pub engine_timeouts: AtomicU64,
     /// The bound on one engine call, in milliseconds ([`Scheduler::set_engine_timeout`]).
     engine_timeout_ms: AtomicU64,
-    /// Container changes (start, stop, remove) in flight per engine, at most
-    /// [`ENGINE_PARALLELISM`]: a deploy of 300 instances queues here instead of asking an
-    /// engine for 300 starts at once (each then too slow for its timeout).
-    slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// What the node registry says of each node (labels, cordoned, draining), by name; a node
     /// not listed has no labels and is open. See [`Scheduler::set_node_meta`].
     node_meta: Mutex<HashMap<String, placement::NodeMeta>>,
@@ -282,12 +292,85 @@ pub struct Scheduler {
     placed: ArcSwap<Vec<PlacedInstance>>,
 }
 
+/// The engines of the nodes the reconciler drives.
+#[derive(Default)]
+struct Pool {
+    engines: Vec<Arc<dyn Engine>>,
+    /// The Docker nodes among them (builds, image facts, cleanup need Docker itself).
+    docker: Vec<Arc<Node>>,
+    /// Container changes (start, stop, remove) in flight per engine, at most
+    /// [`ENGINE_PARALLELISM`]: a deploy of 300 instances queues here instead of asking an
+    /// engine for 300 starts at once (each then too slow for its timeout).
+    slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+}
+
 /// A container escale runs on a node, at its process's declared CPUs and memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacedInstance {
     pub app: String,
     pub node: String,
     pub resources: placement::Resources,
+}
+
+impl Pool {
+    fn new(engines: Vec<Arc<dyn Engine>>, docker: Vec<Arc<Node>>) -> Pool {
+        let slots = engines
+            .iter()
+            .map(|e| {
+                (
+                    e.name().to_string(),
+                    Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
+                )
+            })
+            .collect();
+        Pool {
+            engines,
+            docker,
+            slots,
+        }
+    }
+
+    /// This pool with `engine` (and `docker`, its Docker node) in place of any engine of the
+    /// same name.
+    fn with(&self, engine: Arc<dyn Engine>, docker: Option<Arc<Node>>) -> Pool {
+        let name = engine.name().to_string();
+        let mut p = self.without(&name);
+        p.slots.insert(
+            name,
+            Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
+        );
+        p.engines.push(engine);
+        p.engines.sort_by(|a, b| a.name().cmp(b.name()));
+        if let Some(d) = docker {
+            p.docker.push(d);
+            p.docker.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        p
+    }
+
+    /// This pool without the engine named `name`.
+    fn without(&self, name: &str) -> Pool {
+        Pool {
+            engines: self
+                .engines
+                .iter()
+                .filter(|e| e.name() != name)
+                .cloned()
+                .collect(),
+            docker: self
+                .docker
+                .iter()
+                .filter(|d| d.name != name)
+                .cloned()
+                .collect(),
+            slots: self
+                .slots
+                .iter()
+                .filter(|(n, _)| n.as_str() != name)
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -329,21 +412,13 @@ impl Scheduler {
         routes: SharedRoutes,
     ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
-        let slots = engines
-            .iter()
-            .map(|e| {
-                (
-                    e.name().to_string(),
-                    Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
-                )
-            })
-            .collect();
         Arc::new(Scheduler {
-            slots,
+            pool: ArcSwap::from_pointee(Pool::new(engines, docker)),
+            watchers: Default::default(),
+            joining: Default::default(),
+            running: Default::default(),
             registry,
             config,
-            engines,
-            docker,
             installation,
             routes,
             view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
@@ -374,7 +449,8 @@ impl Scheduler {
     /// labels, cordoned and draining. Readiness is not judged (a node down now may be back
     /// before the change rolls out): every node is ready here.
     pub async fn placement_nodes(&self, timeout: Duration) -> Vec<plan::NodeState> {
-        let asked = futures_util::future::join_all(self.engines.iter().map(|e| async move {
+        let engines = self.engines();
+        let asked = futures_util::future::join_all(engines.iter().map(|e| async move {
             let r = self.bounded_for(timeout, e.name(), "reading its capacity", e.capacity());
             (e.name().to_string(), r.await)
         }))
@@ -465,7 +541,8 @@ impl Scheduler {
         action: &str,
         call: impl std::future::Future<Output = runtime::Result<T>>,
     ) -> runtime::Result<T> {
-        let _slot = match self.slots.get(engine) {
+        let slot = self.pool.load().slots.get(engine).cloned();
+        let _slot = match slot {
             Some(s) => Some(s.clone().acquire_owned().await),
             None => None,
         };
@@ -509,8 +586,19 @@ impl Scheduler {
     ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        self.supervise_until(what, self.cancel.clone(), make)
+    }
+
+    /// [`Scheduler::supervise_forever`] until `cancel` (a child of the shutdown token).
+    fn supervise_until<F>(
+        self: &Arc<Self>,
+        what: &'static str,
+        cancel: CancellationToken,
+        make: impl Fn() -> F + Send + 'static,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let me = self.clone();
-        let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
             loop {
                 let outcome = tokio::select! {
@@ -561,18 +649,122 @@ impl Scheduler {
     }
 
     /// The engine of the node named `name`.
-    pub fn engine(&self, name: &str) -> Option<&Arc<dyn Engine>> {
-        self.engines.iter().find(|n| n.name() == name)
+    pub fn engine(&self, name: &str) -> Option<Arc<dyn Engine>> {
+        self.pool
+            .load()
+            .engines
+            .iter()
+            .find(|n| n.name() == name)
+            .cloned()
     }
 
-    /// All engines.
-    pub fn engines(&self) -> &[Arc<dyn Engine>] {
-        &self.engines
+    /// All engines, by name.
+    pub fn engines(&self) -> Vec<Arc<dyn Engine>> {
+        self.pool.load().engines.clone()
     }
 
     /// The Docker nodes (for builds, image facts and cleanup, which need Docker itself).
-    pub fn docker_nodes(&self) -> &[Arc<Node>] {
-        &self.docker
+    pub fn docker_nodes(&self) -> Vec<Arc<Node>> {
+        self.pool.load().docker.clone()
+    }
+
+    /// The Docker node a build runs on: a ready one, with the fewest instances (then by
+    /// name), as the last pass saw them; before any pass, the first. The image it makes
+    /// reaches other nodes by transfer when an instance needs it there.
+    pub fn build_node(&self) -> Option<Arc<Node>> {
+        let docker = self.docker_nodes();
+        let view = self.view.load();
+        if view.nodes.is_empty() {
+            return docker.first().cloned();
+        }
+        let load = |name: &str| view.instances.iter().filter(|i| i.node == name).count();
+        docker
+            .into_iter()
+            .filter(|d| {
+                view.nodes
+                    .iter()
+                    .any(|n| n.name == d.name && n.state == NodeStatus::Ready)
+            })
+            .min_by_key(|d| (load(&d.name), d.name.clone()))
+    }
+
+    /// Notes that the registered node `name` could not be reached yet (`None`: forget it:
+    /// it joined, or it was removed); it is shown as `joining` with `error`.
+    pub fn set_joining(&self, name: &str, error: Option<String>) {
+        let mut joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => joining.insert(name.to_string(), e),
+            None => joining.remove(name),
+        };
+    }
+
+    /// Whether node `name` is in the pool.
+    pub fn has_node(&self, name: &str) -> bool {
+        self.pool.load().slots.contains_key(name)
+    }
+
+    /// Adds the Docker node `node` to the pool (replacing one of the same name: a renewed
+    /// certificate, a new address), watches its events, and wakes a pass. Its instances are
+    /// adopted from their labels like any node's.
+    pub fn add_node(self: &Arc<Self>, node: Arc<Node>) {
+        let engine = node.clone() as Arc<dyn Engine>;
+        self.add_engine(engine, Some(node));
+    }
+
+    /// [`Scheduler::add_node`] for any engine (the unit tests' fakes).
+    pub fn add_engine(self: &Arc<Self>, engine: Arc<dyn Engine>, docker: Option<Arc<Node>>) {
+        let name = engine.name().to_string();
+        self.pool
+            .rcu(|p| Pool::with(p, engine.clone(), docker.clone()));
+        self.set_joining(&name, None);
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) {
+            self.watch(engine);
+        }
+        tracing::info!(node = %name, "node joined the pool");
+        self.changed.notify_one();
+    }
+
+    /// Takes node `name` out of the pool: nothing is observed, placed or routed there any
+    /// more (its containers are left as they are). Returns whether it was there.
+    pub fn remove_node(&self, name: &str) -> bool {
+        let was = self.has_node(name);
+        self.pool.rcu(|p| p.without(name));
+        if let Some(token) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+        {
+            token.cancel();
+        }
+        self.st().members.remove(name);
+        if was {
+            tracing::info!(node = %name, "node left the pool");
+        }
+        self.changed.notify_one();
+        was
+    }
+
+    /// Starts the event watcher of `engine` (replacing one of the same name).
+    fn watch(self: &Arc<Self>, engine: Arc<dyn Engine>) {
+        let token = self.cancel.child_token();
+        if let Some(old) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(engine.name().to_string(), token.clone())
+        {
+            old.cancel();
+        }
+        let me = self.clone();
+        self.supervise_until("engine event watcher", token, move || {
+            watch_events(
+                engine.clone(),
+                me.installation.clone(),
+                me.changed.clone(),
+                me.clone(),
+            )
+        });
     }
 
     /// Makes sure the app with uid `app_uid` may run `image`: named by reference (not by id
@@ -586,7 +778,7 @@ impl Scheduler {
                 .then(|| crate::images::may_use(&crate::images::builder(&f.labels), app_uid))
         };
         let mut last = None;
-        for n in &self.docker {
+        for n in &self.docker_nodes() {
             match n.image_facts(image).await {
                 Ok(Some(f)) => match usable(&f) {
                     Some(true) => return Ok(()),
@@ -602,7 +794,7 @@ impl Scheduler {
             }
         }
         let mut engine_ok = false;
-        for n in &self.docker {
+        for n in &self.docker_nodes() {
             match n.ensure_image(image).await {
                 Ok(()) => {}
                 Err(e @ node::NodeError::ImageUnavailable { .. }) => {
@@ -624,7 +816,7 @@ impl Scheduler {
         }
         match last {
             Some(e) if !engine_ok => Err(ImageError::Node(e)),
-            None if self.docker.is_empty() => Err(ImageError::NoNode),
+            None if self.pool.load().docker.is_empty() => Err(ImageError::NoNode),
             _ => Err(ImageError::NotFound(image.to_string())),
         }
     }
@@ -652,17 +844,10 @@ impl Scheduler {
                 }
             }
         });
-        for n in &self.engines {
-            let me = self.clone();
-            let n = n.clone();
-            self.supervise_forever("engine event watcher", move || {
-                watch_events(
-                    n.clone(),
-                    me.installation.clone(),
-                    me.changed.clone(),
-                    me.clone(),
-                )
-            });
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for n in self.engines() {
+            self.watch(n);
         }
         tokio::pin!(shutdown);
         let mut wait = Duration::ZERO;
@@ -729,7 +914,8 @@ impl Scheduler {
         };
 
         // Observe every node: one labelled list call each, all at once, each bounded.
-        let lists = futures_util::future::join_all(self.engines.iter().map(|n| async move {
+        let engines = self.engines();
+        let lists = futures_util::future::join_all(engines.iter().map(|n| async move {
             self.engine_calls.fetch_add(1, Relaxed);
             let r = self
                 .bounded(
@@ -754,6 +940,7 @@ impl Scheduler {
             match result {
                 Ok(list) => {
                     member.silent_since = None;
+                    member.last_ok_ms = Some(now);
                     member.last_seen = Some(list.clone());
                     observed_nodes.push(plan::NodeState {
                         name: name.clone(),
@@ -765,6 +952,7 @@ impl Scheduler {
                         ready: true,
                         state: NodeStatus::Ready,
                         error: None,
+                        last_heartbeat: Some(now),
                     });
                     containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
@@ -788,6 +976,7 @@ impl Scheduler {
                         ..Default::default()
                     });
                     node_views.push(NodeView {
+                        last_heartbeat: member.last_ok_ms,
                         name,
                         ready: false,
                         state: if suspect {
@@ -802,6 +991,22 @@ impl Scheduler {
         }
         self.node_facts(&mut observed_nodes, &containers).await;
         self.announce_nodes(&node_views).await;
+        for (name, error) in self
+            .joining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if !node_views.iter().any(|n| &n.name == name) {
+                node_views.push(NodeView {
+                    name: name.clone(),
+                    ready: false,
+                    state: NodeStatus::Joining,
+                    error: Some(error.clone()),
+                    last_heartbeat: None,
+                });
+            }
+        }
 
         // Desired state, with rollout deadlines.
         let timeout_ms = self.config.scheduler.deploy_timeout.as_millis() as i64;
@@ -1230,7 +1435,7 @@ impl Scheduler {
                                 node::NodeError::ExitedAtStart { container_id, .. },
                             )) = &e
                             {
-                                if let Some(n) = me.engine(&node).cloned() {
+                                if let Some(n) = me.engine(&node) {
                                     let written = runtime::last_logs(
                                         n.as_ref(),
                                         container_id,
@@ -1428,7 +1633,7 @@ impl Scheduler {
                             st.removing.remove(&id);
                         }
                     });
-                    let Some(n) = me.engine(&node).cloned() else {
+                    let Some(n) = me.engine(&node) else {
                         return;
                     };
                     if crashed {
@@ -1528,7 +1733,7 @@ impl Scheduler {
                     let mut logs = logs;
                     if logs.is_empty() {
                         if let Some((node, id)) = running {
-                            if let Some(n) = me.engine(&node).cloned() {
+                            if let Some(n) = me.engine(&node) {
                                 logs = runtime::last_logs(n.as_ref(), &id, 10, LAST_LOGS_TIMEOUT)
                                     .await;
                                 logs.retain(|l| !l.is_empty());
@@ -1651,9 +1856,10 @@ impl Scheduler {
         containers: &[(String, node::ContainerInstance)],
     ) {
         use std::sync::atomic::Ordering::Relaxed;
+        let engines = self.engines();
         let due: Vec<&Arc<dyn Engine>> = {
             let st = self.st();
-            self.engines
+            engines
                 .iter()
                 .filter(|e| {
                     let answering = nodes
@@ -1866,7 +2072,7 @@ impl Scheduler {
             return;
         }
         let mut left = false;
-        for n in &self.engines {
+        for n in &self.engines() {
             self.engine_calls.fetch_add(1, Relaxed);
             let networks = match self
                 .bounded(
@@ -1931,7 +2137,7 @@ impl Scheduler {
             .await?
         {
             let mut copied = false;
-            for other in &self.engines {
+            for other in &self.engines() {
                 if other.name() != node.name()
                     && self
                         .bounded(

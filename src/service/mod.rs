@@ -18,6 +18,7 @@
 
 mod follow;
 mod locks;
+pub mod nodes;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +51,12 @@ pub enum ServiceError {
     Invalid(String),
     #[error("this server runs no scheduler, so it cannot deploy")]
     NoScheduler,
+    /// The request conflicts with the current state; the message says what to do first.
+    #[error("{0}")]
+    Conflict(String),
+    /// The cluster's certificate authority failed (ours, not the caller's).
+    #[error("cluster CA: {0}")]
+    Cluster(String),
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
