@@ -1023,3 +1023,16 @@ async fn the_service_refuses_a_formation_that_cannot_be_placed_and_changes_nothi
         .await
         .expect("overcommitted");
 }
+
+#[test]
+fn the_api_document_describes_placement() {
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas.get("UnplacedView").is_some(), "{schemas}");
+    let process = &schemas["ProcessType"]["properties"];
+    assert!(process.get("constraints").is_some(), "{process}");
+    assert!(process.get("overcommit").is_some(), "{process}");
+    let update = &schemas["ProcessUpdate"]["properties"];
+    assert!(update.get("constraints").is_some(), "{update}");
+}
