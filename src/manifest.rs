@@ -988,6 +988,50 @@ kind = "none"
     }
 
     #[test]
+    fn constraints_and_overcommit_parse_and_are_checked() {
+        let m = Manifest::parse(
+            "[processes.web]\nconstraints = { disk = \"ssd\", zone = \"eu-1\" }\novercommit = true\n",
+        )
+        .unwrap();
+        let web = &m.processes["web"];
+        assert_eq!(
+            web.constraints,
+            BTreeMap::from([
+                ("disk".to_string(), "ssd".to_string()),
+                ("zone".to_string(), "eu-1".to_string())
+            ])
+        );
+        assert!(web.overcommit);
+        let none = Manifest::parse("[processes.web]\nport = 80\n").unwrap();
+        assert!(none.processes["web"].constraints.is_empty());
+        assert!(!none.processes["web"].overcommit);
+        assert_error(
+            "[processes.web]\nconstraints = { disk = 1 }\n",
+            2,
+            "processes.web.constraints.disk",
+            &["a string"],
+        );
+        assert_error(
+            "[processes.web]\nconstraints = { \"Disk Type\" = \"ssd\" }\n",
+            2,
+            "processes.web.constraints.\"Disk Type\"",
+            &["label", "invalid"],
+        );
+        assert_error(
+            "[processes.web]\nconstraints = \"disk=ssd\"\n",
+            2,
+            "processes.web.constraints",
+            &["table of node labels"],
+        );
+        assert_error(
+            "[processes.web]\novercommit = \"yes\"\n",
+            2,
+            "processes.web.overcommit",
+            &["true or false"],
+        );
+    }
+
+    #[test]
     fn a_good_manifest_parses_to_validated_values() {
         let m = Manifest::parse(GOOD).unwrap();
         assert_eq!(m.app.as_deref(), Some("shop"));
