@@ -2,7 +2,10 @@
 //!
 //! Each pass of the [`Scheduler`] reads the desired state from the registry (two queries),
 //! observes every node through its [`Engine`] (one labelled list call per node, all at once,
-//! each bounded by a timeout), asks [`plan::plan`] what to do ([`placement`] chooses nodes), and
+//! each bounded by a timeout; a node's capacity is asked only when it becomes ready and every
+//! minute, its labels, cordon and drain come from [`Scheduler::set_node_meta`]), asks
+//! [`plan::plan_report`] what to do ([`placement`] chooses nodes and explains the ones it
+//! cannot use), and
 //! executes the actions through thin executors. Starting, draining and removing run as
 //! supervised tasks (tracked, cancelled at shutdown, panics caught and counted) so a pass never
 //! waits on a container; what is in flight is remembered (`pending`, `draining`, `removing`)
