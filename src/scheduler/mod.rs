@@ -188,6 +188,7 @@ struct ReleaseCrash {
 #[derive(Default)]
 struct Member {
     last_seen: Option<Vec<node::ContainerInstance>>,
+    /// When the first call it has not answered (since it last did) was made.
     silent_since: Option<std::time::Instant>,
     /// When it last answered (unix milliseconds).
     last_ok_ms: Option<i64>,
@@ -257,6 +258,8 @@ pub struct Scheduler {
     /// Registered nodes not in the pool yet, with why (the last failed attempt to reach
     /// them); shown as `joining`.
     joining: Mutex<BTreeMap<String, String>>,
+    /// Image transfers (pull or copy) in flight, by (node, image).
+    transfers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
     /// Set once [`Scheduler::run`] started the watchers of the first engines.
     running: std::sync::atomic::AtomicBool,
     installation: String,
@@ -419,6 +422,7 @@ impl Scheduler {
             pool: ArcSwap::from_pointee(Pool::new(engines, docker)),
             watchers: Default::default(),
             joining: Default::default(),
+            transfers: Default::default(),
             running: Default::default(),
             registry,
             config,
@@ -916,12 +920,21 @@ impl Scheduler {
             )
         };
 
-        // Observe every node: one labelled list call each, all at once, each bounded.
+        // Observe every node: one labelled list call each, all at once, each bounded by a
+        // quarter of `node_down_after` (at least a second, at most the engine timeout): a node
+        // that hangs (stopped, cut off) holds a pass up that long, no longer, and is judged
+        // by the time since it last answered.
         let engines = self.engines();
+        let down_after = self.config.scheduler.node_down_after;
+        let list_within = (down_after / 4)
+            .max(Duration::from_secs(1))
+            .min(self.engine_timeout());
+        let asked_at = std::time::Instant::now();
         let lists = futures_util::future::join_all(engines.iter().map(|n| async move {
             self.engine_calls.fetch_add(1, Relaxed);
             let r = self
-                .bounded(
+                .bounded_for(
+                    list_within,
                     n.name(),
                     "listing instances",
                     n.list_instances(&self.installation),
@@ -933,7 +946,6 @@ impl Scheduler {
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
         let mut node_views = Vec::new();
-        let down_after = self.config.scheduler.node_down_after;
         for (name, result) in lists {
             // Membership: one failed call is a blip. A node that answered before and has
             // been silent for less than `node_down_after` is suspect: its instances count as
@@ -960,9 +972,8 @@ impl Scheduler {
                     containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
                 Err(e) => {
-                    let since = *member
-                        .silent_since
-                        .get_or_insert_with(std::time::Instant::now);
+                    // Silent since the first call it did not answer was made.
+                    let since = *member.silent_since.get_or_insert(asked_at);
                     let suspect = member.last_seen.is_some() && since.elapsed() < down_after;
                     if suspect {
                         tracing::info!(node = %name, error = %e, silent = ?since.elapsed(), "node not answering; suspect");
@@ -2135,6 +2146,16 @@ impl Scheduler {
             .scheduler
             .deploy_timeout
             .max(self.engine_timeout());
+        // One transfer of an image to a node at a time: the starts of several instances
+        // there wait for the first to bring it, then find it present.
+        let transfer_lock = self
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((node_name.to_string(), image.to_string()))
+            .or_default()
+            .clone();
+        let transferring = transfer_lock.lock().await;
         if !self
             .bounded(node_name, "looking up an image", node.image_exists(image))
             .await?
@@ -2172,6 +2193,12 @@ impl Scheduler {
                 .await?;
             }
         }
+        drop(transferring);
+        drop(transfer_lock);
+        self.transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, l| Arc::strong_count(l) > 1);
         let mut env = self.registry.release_env(app, release).await?;
         env.push(("ESCALE_APP".into(), app.name.clone()));
         env.push(("ESCALE_PROCESS".into(), p.name.clone()));

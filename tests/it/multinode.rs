@@ -108,7 +108,12 @@ async fn six_healthy(
     let mut most = 0;
     loop {
         let l = live(s);
-        most = most.max(l.len());
+        if l.len() > most {
+            most = l.len();
+            if most > 7 {
+                println!("{most} instances at once: {l:?}");
+            }
+        }
         if let Some(stale) = stale_on {
             let routed: Vec<_> = l
                 .iter()
@@ -343,7 +348,7 @@ async fn three_nodes_spread_heal_return_and_drain() {
     let load = Load::start(&proxy, &host);
     load.phase("drain");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    s.ok(&["nodes", "drain", &busy]);
+    s.ok(&["nodes", "drain", &busy, "--timeout", "120"]);
     let per = six_healthy(&s, &[busy.as_str()], None, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tally = load.stop();
