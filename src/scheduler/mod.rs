@@ -259,7 +259,7 @@ pub struct Scheduler {
     /// them); shown as `joining`.
     joining: Mutex<BTreeMap<String, String>>,
     /// Image transfers (pull or copy) in flight, by (node, image).
-    transfers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    transfers: Mutex<HashMap<(String, String), TransferSlot>>,
     /// Set once [`Scheduler::run`] started the watchers of the first engines.
     running: std::sync::atomic::AtomicBool,
     installation: String,
@@ -297,6 +297,9 @@ pub struct Scheduler {
     /// check counts what other apps use).
     placed: ArcSwap<Vec<PlacedInstance>>,
 }
+
+/// One image transfer to one node: held while it runs, so the next start there waits for it.
+type TransferSlot = Arc<tokio::sync::Mutex<()>>;
 
 /// The engines of the nodes the reconciler drives.
 #[derive(Default)]
