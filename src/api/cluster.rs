@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState, Auth, Json, Path, Query};
-use crate::scheduler::{CrashView, InstanceView};
+use crate::scheduler::{CrashView, InstanceView, UnplacedView};
 
 /// Instances of an app and the slots that are crash-looping.
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -17,6 +17,9 @@ pub struct AppInstances {
     pub instances: Vec<InstanceView>,
     /// Non-empty when instances keep crashing: `escale ps` shows the app as "crashing".
     pub crashing: Vec<CrashView>,
+    /// Slots no node can take now, with the reason per node.
+    #[serde(default)]
+    pub unplaced: Vec<UnplacedView>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -64,9 +67,16 @@ pub async fn list_instances(
         .filter(|c| c.app == app)
         .cloned()
         .collect();
+    let unplaced = view
+        .unplaced
+        .iter()
+        .filter(|u| u.app == app)
+        .cloned()
+        .collect();
     Ok(Json(AppInstances {
         instances,
         crashing,
+        unplaced,
     }))
 }
 

@@ -807,9 +807,15 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
                 .is_some_and(|o| !o.is_empty())
                 .then_some(health);
 
-            let body = strip_nulls(
-                json!({"command": command, "port": p.port, "surge": p.surge, "health": health}),
-            );
+            let constraints = constraints_arg(&p.constraints)?;
+            let body = strip_nulls(json!({
+                "command": command,
+                "port": p.port,
+                "surge": p.surge,
+                "health": health,
+                "constraints": constraints,
+                "overcommit": p.overcommit,
+            }));
             let out: Value = c
                 .call(
                     Method::PATCH,
@@ -872,6 +878,37 @@ fn print_ps(app: &str, out: &Value) {
             println!("    | {}", s(l));
         }
     }
+    for u in out["unplaced"].as_array().into_iter().flatten() {
+        println!();
+        println!(
+            "{app}: no node can take {}.{}:",
+            s(&u["process"]),
+            u["slot"]
+        );
+        for r in u["reasons"].as_array().into_iter().flatten() {
+            println!("    {}", s(r));
+        }
+    }
+}
+
+/// `--constraint disk=ssd` (repeated) as a JSON object; `-` alone clears; none given: `None`.
+fn constraints_arg(args: &[String]) -> Result<Option<Value>, CliError> {
+    if args.is_empty() {
+        return Ok(None);
+    }
+    if args.len() == 1 && args[0] == "-" {
+        return Ok(Some(json!({})));
+    }
+    let mut out = serde_json::Map::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            return Err(CliError::Local(format!(
+                "--constraint `{a}`: write KEY=VALUE, e.g. --constraint disk=ssd (or `-` alone to clear)"
+            )));
+        };
+        out.insert(k.to_string(), json!(v));
+    }
+    Ok(Some(Value::Object(out)))
 }
 
 fn print_processes(list: &[Value]) {
@@ -900,6 +937,7 @@ fn print_processes(list: &[Value]) {
                     .map(|n| format!("{}", n as f64 / 1e9))
                     .unwrap_or_else(|| "-".into()),
                 health,
+                placement(p),
                 cmd,
             ]
         })
@@ -912,6 +950,7 @@ fn print_processes(list: &[Value]) {
             "MEMORY",
             "CPUS",
             "HEALTH",
+            "PLACEMENT",
             "COMMAND",
         ],
         &rows,
@@ -1744,4 +1783,22 @@ pub fn seg(s: &str) -> String {
         }
     }
     out
+}
+
+/// A process's constraints and overcommit flag: `disk=ssd`, `disk=ssd,overcommit`, `-`.
+fn placement(p: &Value) -> String {
+    let mut parts: Vec<String> = p["constraints"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", s(v)))
+        .collect();
+    if p["overcommit"] == true {
+        parts.push("overcommit".into());
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
 }

@@ -313,7 +313,7 @@ pub enum ProcessesCommand {
     List { app: String },
     /// Create or change a process type.
     #[command(
-        after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz"
+        after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz\n  escale processes set shop web --constraint disk=ssd --constraint zone=a\n  escale processes set shop web --constraint -      # any node again"
     )]
     Set(ProcessSet),
 }
@@ -341,6 +341,13 @@ pub struct ProcessSet {
     /// Extra instances during a rolling deploy.
     #[arg(long)]
     pub surge: Option<u32>,
+    /// Run only on nodes with this label, KEY=VALUE (repeat for several; they replace the
+    /// current ones). `-` clears them: any node.
+    #[arg(long = "constraint", value_name = "KEY=VALUE")]
+    pub constraints: Vec<String>,
+    /// Let instances use node memory and CPUs already given to others (true or false).
+    #[arg(long)]
+    pub overcommit: Option<bool>,
     /// Run the image's default command.
     #[arg(long, conflicts_with = "command")]
     pub default_command: bool,

@@ -2,7 +2,10 @@
 //!
 //! Each pass of the [`Scheduler`] reads the desired state from the registry (two queries),
 //! observes every node through its [`Engine`] (one labelled list call per node, all at once,
-//! each bounded by a timeout), asks [`plan::plan`] what to do ([`placement`] chooses nodes), and
+//! each bounded by a timeout; a node's capacity is asked only when it becomes ready and every
+//! minute, its labels, cordon and drain come from [`Scheduler::set_node_meta`]), asks
+//! [`plan::plan_report`] what to do ([`placement`] chooses nodes and explains the ones it
+//! cannot use), and
 //! executes the actions through thin executors. Starting, draining and removing run as
 //! supervised tasks (tracked, cancelled at shutdown, panics caught and counted) so a pass never
 //! waits on a container; what is in flight is remembered (`pending`, `draining`, `removing`)
@@ -111,6 +114,18 @@ pub struct ClusterView {
     pub instances: Vec<InstanceView>,
     pub crashing: Vec<CrashView>,
     pub nodes: Vec<NodeView>,
+    /// Instances the last pass wanted to start but no node could take.
+    pub unplaced: Vec<UnplacedView>,
+}
+
+/// A slot that no node can take now, with the reason per node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct UnplacedView {
+    pub app: String,
+    pub process: String,
+    pub slot: u32,
+    /// One line per node: `n2: 200 MiB free, needs 256 MiB`, `n3: lacks disk=ssd`.
+    pub reasons: Vec<String>,
 }
 
 /// A node's reachability.
@@ -210,7 +225,14 @@ struct ExecState {
     progress: HashMap<String, (u32, u32, u32, u32)>,
     /// Node readiness as last observed.
     node_ready: HashMap<String, bool>,
+    /// Each node's capacity and when it was asked (see [`CAPACITY_REFRESH`]).
+    capacity: HashMap<String, (std::time::Instant, Option<placement::Resources>)>,
+    /// What was last logged as unplaceable, by (app, process): logged again when it changes.
+    unplaced: HashMap<(String, String), Vec<String>>,
 }
+
+/// How often a node's capacity is asked again (also whenever it becomes ready).
+const CAPACITY_REFRESH: Duration = Duration::from_secs(60);
 
 /// How often app networks are swept when nothing suggests one is due (an app destroyed, a
 /// network left by the last sweep, the first pass after start).
@@ -237,7 +259,7 @@ pub struct Scheduler {
     /// them); shown as `joining`.
     joining: Mutex<BTreeMap<String, String>>,
     /// Image transfers (pull or copy) in flight, by (node, image).
-    transfers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    transfers: Mutex<HashMap<(String, String), TransferSlot>>,
     /// Set once [`Scheduler::run`] started the watchers of the first engines.
     running: std::sync::atomic::AtomicBool,
     installation: String,
@@ -268,7 +290,16 @@ pub struct Scheduler {
     pub engine_timeouts: AtomicU64,
     /// The bound on one engine call, in milliseconds ([`Scheduler::set_engine_timeout`]).
     engine_timeout_ms: AtomicU64,
+    /// What the node registry says of each node (labels, cordoned, draining), by name; a node
+    /// not listed has no labels and is open. See [`Scheduler::set_node_meta`].
+    node_meta: Mutex<HashMap<String, placement::NodeMeta>>,
+    /// What the last pass saw running, with declared resources (the service's placement
+    /// check counts what other apps use).
+    placed: ArcSwap<Vec<PlacedInstance>>,
 }
+
+/// One image transfer to one node: held while it runs, so the next start there waits for it.
+type TransferSlot = Arc<tokio::sync::Mutex<()>>;
 
 /// The engines of the nodes the reconciler drives.
 #[derive(Default)]
@@ -280,6 +311,14 @@ struct Pool {
     /// [`ENGINE_PARALLELISM`]: a deploy of 300 instances queues here instead of asking an
     /// engine for 300 starts at once (each then too slow for its timeout).
     slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+}
+
+/// A container escale runs on a node, at its process's declared CPUs and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedInstance {
+    pub app: String,
+    pub node: String,
+    pub resources: placement::Resources,
 }
 
 impl Pool {
@@ -405,7 +444,75 @@ impl Scheduler {
             panics: Default::default(),
             engine_timeouts: Default::default(),
             engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
+            node_meta: Mutex::new(HashMap::new()),
+            placed: ArcSwap::from_pointee(Vec::new()),
         })
+    }
+
+    /// What the last pass saw running on the nodes, with declared resources.
+    pub fn placed(&self) -> Arc<Vec<PlacedInstance>> {
+        self.placed.load_full()
+    }
+
+    /// Every node as a placement check before a change sees it: capacity asked now (each
+    /// engine at once, bounded by `timeout`; what the passes cached when it does not answer),
+    /// labels, cordoned and draining. Readiness is not judged (a node down now may be back
+    /// before the change rolls out): every node is ready here.
+    pub async fn placement_nodes(&self, timeout: Duration) -> Vec<plan::NodeState> {
+        let engines = self.engines();
+        let asked = futures_util::future::join_all(engines.iter().map(|e| async move {
+            let r = self.bounded_for(timeout, e.name(), "reading its capacity", e.capacity());
+            (e.name().to_string(), r.await)
+        }))
+        .await;
+        let cached: HashMap<String, Option<placement::Resources>> = self
+            .st()
+            .capacity
+            .iter()
+            .map(|(name, (_, c))| (name.clone(), *c))
+            .collect();
+        asked
+            .into_iter()
+            .map(|(name, r)| {
+                let capacity = match r {
+                    Ok(c) => c.map(capacity_resources),
+                    Err(_) => cached.get(&name).copied().flatten(),
+                };
+                let meta = self.node_meta(&name);
+                plan::NodeState {
+                    name,
+                    ready: true,
+                    suspect: false,
+                    capacity,
+                    labels: meta.labels,
+                    cordoned: meta.cordoned,
+                    draining: meta.draining,
+                    images: Default::default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Sets what the node registry says of node `name` (labels, cordoned, draining), read by
+    /// every pass from now on; wakes a pass. Cordoned: nothing new is placed there. Draining:
+    /// nothing new either, and its instances are replaced on other nodes, each old one drained
+    /// once enough replacements are healthy.
+    pub fn set_node_meta(&self, name: &str, meta: placement::NodeMeta) {
+        self.node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), meta);
+        self.changed.notify_one();
+    }
+
+    /// What the node registry says of node `name` (the default when it said nothing).
+    pub fn node_meta(&self, name: &str) -> placement::NodeMeta {
+        self.node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Bounds every engine call of passes and action tasks (default [`ENGINE_CALL_TIMEOUT`]).
@@ -856,7 +963,7 @@ impl Scheduler {
                     observed_nodes.push(plan::NodeState {
                         name: name.clone(),
                         ready: true,
-                        suspect: false,
+                        ..Default::default()
                     });
                     node_views.push(NodeView {
                         name: name.clone(),
@@ -883,6 +990,7 @@ impl Scheduler {
                         name: name.clone(),
                         ready: suspect,
                         suspect,
+                        ..Default::default()
                     });
                     node_views.push(NodeView {
                         last_heartbeat: member.last_ok_ms,
@@ -898,6 +1006,7 @@ impl Scheduler {
                 }
             }
         }
+        self.node_facts(&mut observed_nodes, &containers).await;
         self.announce_nodes(&node_views).await;
         for (name, error) in self
             .joining
@@ -953,6 +1062,10 @@ impl Scheduler {
                             .scheduler
                             .unhealthy_replace_after
                             .as_millis() as u64,
+                        resources: placement::Resources::declared(p.nano_cpus, p.memory_bytes),
+                        constraints: p.constraints.clone(),
+                        overcommit: self.config.scheduler.overcommit || p.overcommit,
+                        image: image.clone(),
                     })
                     .collect(),
                 rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
@@ -1127,7 +1240,10 @@ impl Scheduler {
             )
         };
 
-        let actions = plan::plan(&desired, &observed);
+        let plan::Plan { actions, unplaced } = plan::plan_report(&desired, &observed);
+        self.placed
+            .store(Arc::new(placed_instances(&desired, &observed)));
+        let unplaced = self.report_unplaced(unplaced);
         let refs: HashMap<String, InstanceRef> = containers
             .iter()
             .map(|(node_name, c)| {
@@ -1228,6 +1344,7 @@ impl Scheduler {
             instances: views,
             crashing,
             nodes: node_views,
+            unplaced,
         }));
         self.sweep_networks(registry_apps).await;
         self.passes.fetch_add(1, Relaxed);
@@ -1746,6 +1863,106 @@ impl Scheduler {
         }
     }
 
+    /// Completes the planner's view of the nodes: capacity (cached, asked again every
+    /// [`CAPACITY_REFRESH`] and when a node becomes ready, so a steady pass asks nothing),
+    /// labels, cordoned and draining ([`Scheduler::set_node_meta`]), and the images of the
+    /// containers listed there.
+    async fn node_facts(
+        &self,
+        nodes: &mut [plan::NodeState],
+        containers: &[(String, node::ContainerInstance)],
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let engines = self.engines();
+        let due: Vec<&Arc<dyn Engine>> = {
+            let st = self.st();
+            engines
+                .iter()
+                .filter(|e| {
+                    let answering = nodes
+                        .iter()
+                        .any(|n| n.name == e.name() && n.ready && !n.suspect);
+                    let back = st.node_ready.get(e.name()) != Some(&true);
+                    let stale = st
+                        .capacity
+                        .get(e.name())
+                        .is_none_or(|(at, _)| at.elapsed() >= CAPACITY_REFRESH);
+                    answering && (back || stale)
+                })
+                .collect()
+        };
+        let asked = futures_util::future::join_all(due.into_iter().map(|e| async move {
+            self.engine_calls.fetch_add(1, Relaxed);
+            let r = self
+                .bounded(e.name(), "reading its capacity", e.capacity())
+                .await;
+            (e.name().to_string(), r)
+        }))
+        .await;
+        let meta = self
+            .node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut st = self.st();
+        for (name, r) in asked {
+            let known = st.capacity.get(&name).and_then(|(_, c)| *c);
+            let capacity = match r {
+                Ok(c) => c.map(capacity_resources),
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot read the node's capacity; keeping what was known");
+                    known
+                }
+            };
+            st.capacity
+                .insert(name, (std::time::Instant::now(), capacity));
+        }
+        for n in nodes.iter_mut() {
+            n.capacity = st.capacity.get(&n.name).and_then(|(_, c)| *c);
+            if let Some(m) = meta.get(&n.name) {
+                n.labels = m.labels.clone();
+                n.cordoned = m.cordoned;
+                n.draining = m.draining;
+            }
+            n.images = containers
+                .iter()
+                .filter(|(node, c)| *node == n.name && !c.image.is_empty())
+                .map(|(_, c)| c.image.clone())
+                .collect();
+        }
+    }
+
+    /// Logs starts that no node can take (once per change of reasons) and returns them for the
+    /// cluster view.
+    fn report_unplaced(&self, unplaced: Vec<plan::Unplaced>) -> Vec<UnplacedView> {
+        let mut st = self.st();
+        let mut now: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for u in &unplaced {
+            now.entry((u.app.clone(), u.process.clone()))
+                .or_insert_with(|| u.reasons.clone());
+        }
+        for ((app, process), reasons) in &now {
+            if st.unplaced.get(&(app.clone(), process.clone())) != Some(reasons) {
+                let why = if reasons.is_empty() {
+                    "no node".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                tracing::warn!(%app, %process, reasons = %why, "no node can take an instance");
+            }
+        }
+        st.unplaced = now;
+        unplaced
+            .into_iter()
+            .map(|u| UnplacedView {
+                app: u.app,
+                process: u.process,
+                slot: u.slot,
+                reasons: u.reasons,
+            })
+            .collect()
+    }
+
     /// Publishes `InstanceHealthy`/`InstanceUnhealthy` for running instances whose verdict
     /// changed since it was last announced.
     fn announce_health(
@@ -2169,6 +2386,43 @@ impl Scheduler {
 
 /// A short hash of what an instance of `p` runs with: a change (resources, command, port)
 /// makes running instances stale, and the planner rolls them like a new release.
+/// Every container that holds resources (all but exited ones), at its process's declared
+/// CPUs and memory.
+fn placed_instances(desired: &plan::Desired, observed: &plan::Observed) -> Vec<PlacedInstance> {
+    let declared: HashMap<(&str, &str), placement::Resources> = desired
+        .apps
+        .iter()
+        .flat_map(|a| {
+            a.processes
+                .iter()
+                .map(move |p| ((a.app.as_str(), p.process.as_str()), p.resources))
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    observed
+        .instances
+        .iter()
+        .filter(|i| !matches!(i.state, InstanceState::Exited { .. }))
+        .filter(|i| seen.insert(i.container_id.as_str()))
+        .map(|i| PlacedInstance {
+            app: i.app.clone(),
+            node: i.node.clone(),
+            resources: declared
+                .get(&(i.app.as_str(), i.process.as_str()))
+                .copied()
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A node's capacity in placement's terms.
+fn capacity_resources(c: node::Capacity) -> placement::Resources {
+    placement::Resources {
+        nano_cpus: u64::from(c.cpus) * placement::NANOS_PER_CPU,
+        memory_bytes: c.memory_bytes,
+    }
+}
+
 pub fn spec_hash(image: &str, p: &ProcessType) -> String {
     use sha2::{Digest, Sha256};
     let text =
@@ -2213,6 +2467,10 @@ fn drain_cause(reason: plan::DrainReason, health_error: Option<&str>) -> (DrainC
         R::Orphan => (
             DrainCause::ScaledDown,
             "its app or process is no longer desired".into(),
+        ),
+        R::Moved => (
+            DrainCause::Rollout,
+            "moved off its node (draining, or lacking a label its process needs)".into(),
         ),
     }
 }

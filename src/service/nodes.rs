@@ -26,6 +26,7 @@ use serde::Serialize;
 use super::{Result, ServiceError, Services};
 use crate::cluster::pki::{self, NodeAddress, NodeBundle, Pki, PkiError};
 use crate::registry::{now_ms, Actor, NodeRecord, Schedulable};
+use crate::scheduler::placement::NodeMeta;
 use crate::scheduler::{NodeStatus, Scheduler};
 
 /// The name of the engine escale runs beside (configured, never registered).
@@ -503,6 +504,18 @@ async fn join_once(
         joined.remove(&name);
         sched.remove_node(&name);
         sched.set_joining(&name, None);
+        sched.set_node_meta(&name, NodeMeta::default());
+    }
+    // Labels, cordon and drain as registered, for placement (a change wakes a pass).
+    for r in &records {
+        let meta = NodeMeta {
+            labels: r.labels.clone(),
+            cordoned: r.cordoned,
+            draining: r.draining,
+        };
+        if sched.node_meta(&r.name) != meta {
+            sched.set_node_meta(&r.name, meta);
+        }
     }
     let waiting: Vec<&NodeRecord> = records
         .iter()

@@ -281,7 +281,7 @@ impl ExtraNode {
 
     /// Loads `image` from the host's engine into this node (`docker save | docker load`).
     pub fn load_image_from_host(&self, image: &str) {
-        let save = Command::new("docker")
+        let mut save = Command::new("docker")
             .args(["save", image])
             .stdout(Stdio::piped())
             .spawn()
@@ -290,9 +290,11 @@ impl ExtraNode {
             .arg("-H")
             .arg(self.socket())
             .arg("load")
-            .stdin(save.stdout.expect("piped"))
+            .stdin(save.stdout.take().expect("piped"))
             .output()
             .expect("docker load");
+        let saved = save.wait().expect("docker save");
+        assert!(saved.success(), "docker save {image}: {saved}");
         assert!(
             load.status.success(),
             "loading {image} into node {}: {}",
