@@ -112,6 +112,7 @@ fn planning_time(instances: u32) -> Duration {
                     surge: 1,
                     spec: "abc".into(),
                     unhealthy_replace_after_ms: 60_000,
+                    ..DesiredProcess::default()
                 }],
                 rollout_deadline_ms: None,
             })
@@ -122,7 +123,7 @@ fn planning_time(instances: u32) -> Duration {
         nodes: vec![NodeState {
             name: "local".into(),
             ready: true,
-            suspect: false,
+            ..NodeState::default()
         }],
         instances: (0..apps)
             .flat_map(|a| {

@@ -115,6 +115,7 @@ pub struct RawScheduler {
     pub deploy_timeout: Option<String>,
     pub unhealthy_replace_after: Option<String>,
     pub node_down_after: Option<String>,
+    pub overcommit: Option<bool>,
     pub drain_grace: Option<String>,
     pub stop_timeout: Option<String>,
     pub default_port: Option<u16>,
@@ -162,7 +163,7 @@ pub struct Config {
     pub https_addr: Option<SocketAddr>,
     /// Apps answer at `APP.<apps_domain>`.
     pub apps_domain: String,
-    /// The local engine: node `local`.
+    /// The local engine: node `local`; `off` runs apps on registered nodes only.
     pub docker_host: String,
     /// Address at which the local node's published ports are reached by the proxy.
     pub advertise_ip: std::net::IpAddr,
@@ -251,6 +252,10 @@ pub struct SchedulerConfig {
     /// elsewhere; until then it is suspect (a blip): its instances are kept as last seen and
     /// nothing new is placed on it.
     pub node_down_after: Duration,
+    /// Place instances whatever memory and CPUs escale already gave out on a node (an
+    /// instance larger than a whole node is still refused); off: a node takes an instance only
+    /// while its capacity minus the declared resources of what runs there covers it.
+    pub overcommit: bool,
     pub drain_grace: Duration,
     pub stop_timeout: Duration,
     pub default_port: u16,
@@ -316,6 +321,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "scheduler.node_down_after",
         "ESCALE_SCHEDULER_NODE_DOWN_AFTER",
     ),
+    ("scheduler.overcommit", "ESCALE_SCHEDULER_OVERCOMMIT"),
     ("scheduler.drain_grace", "ESCALE_SCHEDULER_DRAIN_GRACE"),
     ("scheduler.stop_timeout", "ESCALE_SCHEDULER_STOP_TIMEOUT"),
     ("scheduler.default_port", "ESCALE_SCHEDULER_DEFAULT_PORT"),
@@ -553,6 +559,7 @@ impl Config {
                     sc.node_down_after.clone(),
                     "10s",
                 )?,
+                overcommit: s.flag("scheduler.overcommit", sc.overcommit)?,
                 drain_grace: s.duration("scheduler.drain_grace", sc.drain_grace.clone(), "1s")?,
                 stop_timeout: s.duration(
                     "scheduler.stop_timeout",

@@ -15,6 +15,8 @@
 //! memory = "256m"                   # absent: no limit
 //! cpus = 0.5                        # absent: no limit
 //! surge = 1                         # absent: 1
+//! constraints = { disk = "ssd" }    # node labels it needs; absent: any node
+//! overcommit = false                # may use node resources given to others; absent: false
 //!
 //! [processes.web.health]            # absent fields: http, "/", 5s, 2s, 30s
 //! kind = "http"
@@ -121,6 +123,9 @@ pub struct ProcessSpec {
     pub nano_cpus: Option<i64>,
     pub surge: u32,
     pub health: HealthCheck,
+    /// Node labels its instances need; empty: any node.
+    pub constraints: BTreeMap<String, String>,
+    pub overcommit: bool,
 }
 
 /// A parsed, validated manifest.
@@ -159,6 +164,8 @@ const PROCESS_KEYS: &[&str] = &[
     "cpus",
     "surge",
     "health",
+    "constraints",
+    "overcommit",
 ];
 const HEALTH_KEYS: &[&str] = &["kind", "path", "interval", "timeout", "grace"];
 
@@ -220,6 +227,8 @@ impl Manifest {
                             nano_cpus: p.nano_cpus,
                             surge: p.surge,
                             health: p.health.clone(),
+                            constraints: p.constraints.clone(),
+                            overcommit: p.overcommit,
                         },
                     )
                 })
@@ -276,6 +285,17 @@ impl Manifest {
             }
             if p.surge != DEFAULT_SURGE {
                 out.push_str(&format!("surge = {}\n", p.surge));
+            }
+            if !p.constraints.is_empty() {
+                let pairs: Vec<String> = p
+                    .constraints
+                    .iter()
+                    .map(|(k, v)| format!("{} = {}", key(k), quote(v)))
+                    .collect();
+                out.push_str(&format!("constraints = {{ {} }}\n", pairs.join(", ")));
+            }
+            if p.overcommit {
+                out.push_str("overcommit = true\n");
             }
             if p.health != default_health() {
                 let h = &p.health;
@@ -580,6 +600,43 @@ impl Walker<'_> {
         Some(out)
     }
 
+    /// `constraints = { disk = "ssd" }`: node labels, checked as the API checks them.
+    fn constraints(
+        &mut self,
+        item: &Item,
+        span: Option<Range<usize>>,
+        field: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let Some(t) = item.as_table_like() else {
+            self.problem(
+                span,
+                field,
+                type_message(
+                    item,
+                    "a table of node labels: constraints = { disk = \"ssd\" }",
+                ),
+            );
+            return None;
+        };
+        let before = self.problems.len();
+        let mut out = BTreeMap::new();
+        let t_span = item_span(item).or(span);
+        for (k, v, _, vspan) in self.entries(t, t_span, field, None) {
+            let f = path(field, k);
+            let Some(value) = v.as_str() else {
+                self.problem(vspan, &f, type_message(v, "a string: disk = \"ssd\""));
+                continue;
+            };
+            match validate::node_label(&format!("{k}={value}")) {
+                Ok((k, v)) => {
+                    out.insert(k, v);
+                }
+                Err(e) => self.problem(vspan, &f, e.0),
+            }
+        }
+        (self.problems.len() == before).then_some(out)
+    }
+
     fn process(
         &mut self,
         name: &str,
@@ -606,6 +663,8 @@ impl Walker<'_> {
             nano_cpus: None,
             surge: DEFAULT_SURGE,
             health: default_health(),
+            constraints: BTreeMap::new(),
+            overcommit: false,
         };
         let t_span = item_span(item).or(name_span);
         for (k, v, _, vspan) in self.entries(t, t_span, &field, Some(PROCESS_KEYS)) {
@@ -682,6 +741,15 @@ impl Walker<'_> {
                         spec.health = h;
                     }
                 }
+                "constraints" => {
+                    if let Some(c) = self.constraints(v, vspan, &f) {
+                        spec.constraints = c;
+                    }
+                }
+                "overcommit" => match v.as_bool() {
+                    Some(b) => spec.overcommit = b,
+                    None => self.problem(vspan, &f, type_message(v, "true or false")),
+                },
                 _ => unreachable!("entries() keeps allowed keys only"),
             }
         }
@@ -920,6 +988,50 @@ kind = "none"
     }
 
     #[test]
+    fn constraints_and_overcommit_parse_and_are_checked() {
+        let m = Manifest::parse(
+            "[processes.web]\nconstraints = { disk = \"ssd\", zone = \"eu-1\" }\novercommit = true\n",
+        )
+        .unwrap();
+        let web = &m.processes["web"];
+        assert_eq!(
+            web.constraints,
+            BTreeMap::from([
+                ("disk".to_string(), "ssd".to_string()),
+                ("zone".to_string(), "eu-1".to_string())
+            ])
+        );
+        assert!(web.overcommit);
+        let none = Manifest::parse("[processes.web]\nport = 80\n").unwrap();
+        assert!(none.processes["web"].constraints.is_empty());
+        assert!(!none.processes["web"].overcommit);
+        assert_error(
+            "[processes.web]\nconstraints = { disk = 1 }\n",
+            2,
+            "processes.web.constraints.disk",
+            &["a string"],
+        );
+        assert_error(
+            "[processes.web]\nconstraints = { \"Disk Type\" = \"ssd\" }\n",
+            2,
+            "processes.web.constraints.\"Disk Type\"",
+            &["label", "invalid"],
+        );
+        assert_error(
+            "[processes.web]\nconstraints = \"disk=ssd\"\n",
+            2,
+            "processes.web.constraints",
+            &["table of node labels"],
+        );
+        assert_error(
+            "[processes.web]\novercommit = \"yes\"\n",
+            2,
+            "processes.web.overcommit",
+            &["true or false"],
+        );
+    }
+
+    #[test]
     fn a_good_manifest_parses_to_validated_values() {
         let m = Manifest::parse(GOOD).unwrap();
         assert_eq!(m.app.as_deref(), Some("shop"));
@@ -993,6 +1105,8 @@ kind = "none"
                 memory_bytes: Some(6 << 20 | 1),
                 nano_cpus: Some(10_000_000),
                 surge: 1,
+                constraints: BTreeMap::from([("disk".to_string(), "ssd".to_string())]),
+                overcommit: true,
                 health: HealthCheck {
                     kind: HealthKind::Tcp,
                     path: "/".into(),
@@ -1022,6 +1136,8 @@ kind = "none"
                 nano_cpus: None,
                 surge: 1,
                 health: default_health(),
+                constraints: BTreeMap::new(),
+                overcommit: false,
             }],
             domains: vec!["shop.example.eu".into()],
         };

@@ -2,6 +2,8 @@
 //! its process types (resources, health checks) and config vars. No database, no engine: the
 //! registry stores them, the manifest reads and writes them, the scheduler runs them.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 /// An app as the API shows it.
@@ -71,6 +73,10 @@ pub struct ProcessType {
     /// Extra instances allowed during a rolling deploy.
     pub surge: u32,
     pub health: HealthCheck,
+    /// Node labels an instance needs (`disk = "ssd"`); empty: any node.
+    pub constraints: BTreeMap<String, String>,
+    /// Its instances may use node memory and CPUs that escale already gave to others.
+    pub overcommit: bool,
 }
 
 /// A validated change to a process type; `None` fields are left as they are.
@@ -86,6 +92,9 @@ pub struct ProcessPatch {
     pub health_interval_ms: Option<u32>,
     pub health_timeout_ms: Option<u32>,
     pub health_grace_ms: Option<u32>,
+    /// Replaces the constraints (an empty map clears them).
+    pub constraints: Option<BTreeMap<String, String>>,
+    pub overcommit: Option<bool>,
 }
 
 /// A config var. `value` is `None` for a secret unless revealed.

@@ -176,14 +176,20 @@ pub async fn run(
         registry.store_setup_token(&token.hash).await?;
         announce_setup(&token.secret, api_listener.local_addr()?);
     }
-    let local = crate::node::Node::connect_local("local", &config.docker_host)
-        .await
-        .map_err(|source| ServerError::Docker {
-            host: config.docker_host.clone(),
-            source: Box::new(source),
-        })?
-        .with_advertise_ip(config.advertise_ip)
-        .with_reach(config.local_reach);
+    let mut local_nodes = Vec::new();
+    if config.docker_host != "off" {
+        let local = crate::node::Node::connect_local("local", &config.docker_host)
+            .await
+            .map_err(|source| ServerError::Docker {
+                host: config.docker_host.clone(),
+                source: Box::new(source),
+            })?
+            .with_advertise_ip(config.advertise_ip)
+            .with_reach(config.local_reach);
+        local_nodes.push(Arc::new(local));
+    } else {
+        tracing::info!("docker_host is off: apps run on the registered nodes only");
+    }
     let config = Arc::new(config);
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();
@@ -193,9 +199,9 @@ pub async fn run(
     tracing::info!(certificates = loaded, "certificates loaded");
     let certs = cert_manager.store().clone();
     let scheduler = Scheduler::new(
-        registry,
+        registry.clone(),
         config.clone(),
-        vec![Arc::new(local)],
+        local_nodes,
         routes.clone(),
     );
     if config.https_addr.is_some() {
@@ -215,7 +221,13 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let sched_task = tokio::spawn(scheduler.run(stopped()));
+    let sched_task = tokio::spawn(scheduler.clone().run(stopped()));
+    // Registered nodes join the pool when they answer (and leave it when removed).
+    let join_task = tokio::spawn(crate::service::nodes::join(
+        registry.clone(),
+        scheduler.clone(),
+        stopped(),
+    ));
     // What destroyed apps left outside the registry (repositories, built images).
     tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
@@ -295,6 +307,7 @@ pub async fn run(
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
     let _ = sched_task.await;
     let _ = acme_task.await;
+    let _ = join_task.await;
     if let Err(e) = proxy_workers.join().await {
         tracing::error!(error = %e, "proxy stopped with an error");
     }

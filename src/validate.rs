@@ -76,6 +76,35 @@ pub fn node_name(name: &str) -> bool {
     label_chars(name, 63, true)
 }
 
+/// A node label `KEY=VALUE`: a key of 1 to 63 lowercase letters, digits, `.`, `_` and `-`
+/// starting with a letter or digit, a value of 1 to 63 letters, digits, `.`, `_` and `-`.
+pub fn node_label(input: &str) -> Result<(String, String), ValidationError> {
+    let Some((key, value)) = input.split_once('=') else {
+        return err(format!(
+            "label `{}` is invalid: write it KEY=VALUE, e.g. disk=ssd",
+            printable(input)
+        ));
+    };
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key.as_bytes()[0].is_ascii_alphanumeric()
+        && key.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        });
+    let value_ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if !key_ok || !value_ok {
+        return err(format!(
+            "label `{}` is invalid: the key takes 1 to 63 lowercase letters, digits, `.`, `_` and `-` (starting with a letter or digit), the value 1 to 63 letters, digits, `.`, `_` and `-`",
+            printable(input)
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
 /// Lowercase letters, digits and `-`, 1 to `max` of them, not ending with `-`, starting with a
 /// letter (or a digit when `digit_first`).
 fn label_chars(name: &str, max: usize, digit_first: bool) -> bool {

@@ -45,6 +45,13 @@ pub struct ProcessUpdate {
     pub surge: Option<i64>,
     #[serde(default)]
     pub health: Option<HealthUpdate>,
+    /// Node labels its instances need, e.g. `{"disk": "ssd"}`; replaces the current ones (`{}`
+    /// clears them).
+    #[serde(default)]
+    pub constraints: Option<BTreeMap<String, String>>,
+    /// Its instances may use node memory and CPUs escale already gave to others.
+    #[serde(default)]
+    pub overcommit: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -247,6 +254,9 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
     if let Some(p) = h.and_then(|h| h.path.as_deref()) {
         validate::health_path(p)?;
     }
+    for (k, v) in u.constraints.iter().flatten() {
+        validate::node_label(&format!("{k}={v}"))?;
+    }
     Ok(ProcessPatch {
         command: u
             .command
@@ -262,6 +272,8 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
         health_interval_ms: ms("interval", h.and_then(|h| h.interval_ms))?,
         health_timeout_ms: ms("timeout", h.and_then(|h| h.timeout_ms))?,
         health_grace_ms: ms("grace", h.and_then(|h| h.grace_ms))?,
+        constraints: u.constraints.clone(),
+        overcommit: u.overcommit,
     })
 }
 
@@ -307,7 +319,7 @@ pub async fn update_formation(
             validate::instances(name, *n, s.config.max_instances)?,
         );
     }
-    let out = s.registry.set_formation(&actor, &app, &counts).await?;
+    let out = s.services.scale(&actor, &app, &counts).await?;
     Ok(Json(out))
 }
 

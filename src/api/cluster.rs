@@ -1,4 +1,4 @@
-//! Instances (`escale ps`), logs and nodes: what the scheduler observes.
+//! Instances (`escale ps`) and logs: what the scheduler observes.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState, Auth, Json, Path, Query};
-use crate::scheduler::{CrashView, InstanceView, NodeView};
+use crate::scheduler::{CrashView, InstanceView, UnplacedView};
 
 /// Instances of an app and the slots that are crash-looping.
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -17,6 +17,9 @@ pub struct AppInstances {
     pub instances: Vec<InstanceView>,
     /// Non-empty when instances keep crashing: `escale ps` shows the app as "crashing".
     pub crashing: Vec<CrashView>,
+    /// Slots no node can take now, with the reason per node.
+    #[serde(default)]
+    pub unplaced: Vec<UnplacedView>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -64,19 +67,17 @@ pub async fn list_instances(
         .filter(|c| c.app == app)
         .cloned()
         .collect();
+    let unplaced = view
+        .unplaced
+        .iter()
+        .filter(|u| u.app == app)
+        .cloned()
+        .collect();
     Ok(Json(AppInstances {
         instances,
         crashing,
+        unplaced,
     }))
-}
-
-#[utoipa::path(get, path = "/api/v1/nodes", tag = "system", security(("token" = [])), responses((status = 200, body = [NodeView])))]
-pub async fn list_nodes(
-    State(s): State<AppState>,
-    Auth(actor): Auth,
-) -> Result<Json<Vec<NodeView>>, ApiError> {
-    actor.require_admin("listing nodes")?;
-    Ok(Json(view(&s).nodes.clone()))
 }
 
 /// Streams the merged output of an app's instances as text lines:

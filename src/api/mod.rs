@@ -10,6 +10,7 @@ mod accounts;
 mod apps;
 mod certs;
 mod cluster;
+mod nodes;
 mod stream;
 mod webhooks;
 
@@ -94,7 +95,9 @@ impl AppState {
         apps::get_manifest, apps::apply_manifest,
         webhooks::set_webhook, webhooks::get_webhook, webhooks::remove_webhook,
         apps::list_events, apps::list_all_events,
-        cluster::list_instances, cluster::logs, cluster::list_nodes, stream::stream_events,
+        cluster::list_instances, cluster::logs, stream::stream_events,
+        nodes::list_nodes, nodes::get_node, nodes::add_node, nodes::renew_node,
+        nodes::cordon_node, nodes::uncordon_node, nodes::drain_node, nodes::remove_node,
     ),
     components(schemas(Problem)),
     modifiers(&SecurityAddon),
@@ -178,7 +181,15 @@ pub fn router(state: AppState) -> Router {
         .route("/apps/{app}/events", get(apps::list_events))
         .route("/apps/{app}/instances", get(cluster::list_instances))
         .route("/apps/{app}/logs", get(cluster::logs))
-        .route("/nodes", get(cluster::list_nodes))
+        .route("/nodes", get(nodes::list_nodes).post(nodes::add_node))
+        .route(
+            "/nodes/{node}",
+            get(nodes::get_node).delete(nodes::remove_node),
+        )
+        .route("/nodes/{node}/renew", post(nodes::renew_node))
+        .route("/nodes/{node}/cordon", post(nodes::cordon_node))
+        .route("/nodes/{node}/uncordon", post(nodes::uncordon_node))
+        .route("/nodes/{node}/drain", post(nodes::drain_node))
         .route("/events", get(apps::list_all_events))
         .route("/events/stream", get(stream::stream_events));
     let services = state.services.clone();
@@ -237,10 +248,34 @@ async fn metrics(
             "# HELP escale_reconcile_passes_total Reconcile passes completed.\n# TYPE escale_reconcile_passes_total counter\nescale_reconcile_passes_total {}\n",
             sched.passes.load(Relaxed)
         ));
+        out.push_str("# HELP escale_node_ready Whether a node answers (1), by node and state.\n# TYPE escale_node_ready gauge\n");
+        for n in &view.nodes {
+            let state = serde_json::to_value(n.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "escale_node_ready{{node=\"{}\",state=\"{state}\"}} {}\n",
+                n.name,
+                u8::from(n.ready)
+            ));
+        }
         out.push_str(&format!(
             "# HELP escale_engine_calls_total Docker engine calls made by reconcile passes.\n# TYPE escale_engine_calls_total counter\nescale_engine_calls_total {}\n",
             sched.engine_calls.load(Relaxed)
         ));
+    }
+    let certs = s.registry.node_certs().await?;
+    if !certs.is_empty() {
+        let now = crate::registry::now_ms();
+        out.push_str("# HELP escale_node_certificate_expiry_seconds Seconds until a node's server certificate expires (renew with `escale nodes renew` under 30 days).\n# TYPE escale_node_certificate_expiry_seconds gauge\n");
+        for c in certs {
+            out.push_str(&format!(
+                "escale_node_certificate_expiry_seconds{{node=\"{}\"}} {}\n",
+                c.node,
+                (c.not_after - now) / 1000
+            ));
+        }
     }
     Ok((
         [(

@@ -330,25 +330,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Webhooks(cmd) => webhooks(&api()?, json_out, cmd).await,
         Command::Tokens(cmd) => tokens(&url, token.clone(), json_out, cmd).await,
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
-        Command::Nodes(super::NodesCommand::List) => {
-            let out: Value = api()?.call(Method::GET, "/api/v1/nodes", None).await?;
-            print_json_or(json_out, &out, || {
-                let rows: Vec<Vec<String>> = out
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|n| {
-                        vec![
-                            s(&n["name"]),
-                            s(&n["state"]),
-                            n["error"].as_str().unwrap_or("-").to_string(),
-                        ]
-                    })
-                    .collect();
-                table(&["NODE", "STATE", "ERROR"], &rows);
-            });
-            Ok(())
-        }
+        Command::Nodes(cmd) => nodes(&api()?, json_out, cmd).await,
         Command::Teams(cmd) => {
             let c = api()?;
             match cmd {
@@ -825,9 +807,15 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
                 .is_some_and(|o| !o.is_empty())
                 .then_some(health);
 
-            let body = strip_nulls(
-                json!({"command": command, "port": p.port, "surge": p.surge, "health": health}),
-            );
+            let constraints = constraints_arg(&p.constraints)?;
+            let body = strip_nulls(json!({
+                "command": command,
+                "port": p.port,
+                "surge": p.surge,
+                "health": health,
+                "constraints": constraints,
+                "overcommit": p.overcommit,
+            }));
             let out: Value = c
                 .call(
                     Method::PATCH,
@@ -890,6 +878,37 @@ fn print_ps(app: &str, out: &Value) {
             println!("    | {}", s(l));
         }
     }
+    for u in out["unplaced"].as_array().into_iter().flatten() {
+        println!();
+        println!(
+            "{app}: no node can take {}.{}:",
+            s(&u["process"]),
+            u["slot"]
+        );
+        for r in u["reasons"].as_array().into_iter().flatten() {
+            println!("    {}", s(r));
+        }
+    }
+}
+
+/// `--constraint disk=ssd` (repeated) as a JSON object; `-` alone clears; none given: `None`.
+fn constraints_arg(args: &[String]) -> Result<Option<Value>, CliError> {
+    if args.is_empty() {
+        return Ok(None);
+    }
+    if args.len() == 1 && args[0] == "-" {
+        return Ok(Some(json!({})));
+    }
+    let mut out = serde_json::Map::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            return Err(CliError::Local(format!(
+                "--constraint `{a}`: write KEY=VALUE, e.g. --constraint disk=ssd (or `-` alone to clear)"
+            )));
+        };
+        out.insert(k.to_string(), json!(v));
+    }
+    Ok(Some(Value::Object(out)))
 }
 
 fn print_processes(list: &[Value]) {
@@ -918,6 +937,7 @@ fn print_processes(list: &[Value]) {
                     .map(|n| format!("{}", n as f64 / 1e9))
                     .unwrap_or_else(|| "-".into()),
                 health,
+                placement(p),
                 cmd,
             ]
         })
@@ -930,6 +950,7 @@ fn print_processes(list: &[Value]) {
             "MEMORY",
             "CPUS",
             "HEALTH",
+            "PLACEMENT",
             "COMMAND",
         ],
         &rows,
@@ -1382,6 +1403,334 @@ async fn delete(
     Ok(())
 }
 
+async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliError> {
+    match cmd {
+        NodesCommand::List => {
+            let out: Value = c.call(Method::GET, "/api/v1/nodes", None).await?;
+            print_json_or(json_out, &out, || {
+                let rows: Vec<Vec<String>> =
+                    out.as_array().into_iter().flatten().map(node_row).collect();
+                table(
+                    &[
+                        "NODE", "STATE", "ADDRESS", "ENGINE", "CPUS", "MEMORY", "INST", "LABELS",
+                        "CERT", "SEEN",
+                    ],
+                    &rows,
+                );
+                for n in out.as_array().into_iter().flatten() {
+                    if let Some(e) = n["error"].as_str() {
+                        println!("{}: {e}", s(&n["name"]));
+                    }
+                    if n["certificate"]["expiring"].as_bool() == Some(true) {
+                        println!(
+                            "{}: its certificate expires in {} days: run `escale nodes renew {}` and install the new bundle",
+                            s(&n["name"]),
+                            n["certificate"]["days_left"],
+                            s(&n["name"])
+                        );
+                    }
+                }
+            });
+        }
+        NodesCommand::Info { node } => {
+            let out: Value = c
+                .call(Method::GET, &format!("/api/v1/nodes/{}", seg(&node)), None)
+                .await?;
+            print_json_or(json_out, &out, || print_node(&out));
+        }
+        NodesCommand::Add {
+            node,
+            address,
+            advertise,
+            labels,
+            out,
+        } => {
+            let body =
+                json!({"name": node, "address": address, "advertise": advertise, "labels": labels});
+            let bundle: Value = c
+                .call(Method::POST, "/api/v1/nodes", Some(strip_nulls(body)))
+                .await?;
+            let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
+            write_bundle(&dir, &bundle)?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
+                );
+            } else {
+                println!(
+                    "Node {node} registered at {} (certificate {}, expires {}).",
+                    s(&bundle["address"]),
+                    s(&bundle["serial"]),
+                    clock(bundle["not_after"].as_i64().unwrap_or(0))
+                );
+                println!(
+                    "Its bundle is in {} (the node's private key is there and nowhere else: keep it safe).",
+                    dir.display()
+                );
+                println!(
+                    "On the node, as root, from a copy of that directory:\n  {}",
+                    s(&bundle["install"])
+                );
+                println!("It joins as soon as its engine answers; until then `escale nodes list` shows it as joining, with why.");
+            }
+        }
+        NodesCommand::Renew { node, address, out } => {
+            let bundle: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/renew", seg(&node)),
+                    Some(strip_nulls(json!({"address": address}))),
+                )
+                .await?;
+            let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
+            write_bundle(&dir, &bundle)?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
+                );
+            } else {
+                println!(
+                    "New certificate {} for {node} at {} (expires {}); bundle in {}.",
+                    s(&bundle["serial"]),
+                    s(&bundle["address"]),
+                    clock(bundle["not_after"].as_i64().unwrap_or(0)),
+                    dir.display()
+                );
+                println!(
+                    "On the node, as root, from a copy of that directory:\n  {}",
+                    s(&bundle["install"])
+                );
+            }
+        }
+        NodesCommand::Cordon { node } => {
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/cordon", seg(&node)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!(
+                    "{node} is cordoned: nothing new is placed there; its {} instance(s) stay.",
+                    out["instances"]
+                )
+            });
+        }
+        NodesCommand::Uncordon { node } => {
+            let out: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/uncordon", seg(&node)),
+                    None,
+                )
+                .await?;
+            print_json_or(json_out, &out, || {
+                println!("{node} takes new instances again.")
+            });
+        }
+        NodesCommand::Drain {
+            node,
+            detach,
+            timeout,
+        } => {
+            // Subscribed before the drain starts: no instance event falls between the two.
+            let mut live = if detach {
+                None
+            } else {
+                Some(c.events("/api/v1/events/stream").await?)
+            };
+            let mut out: Value = c
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/nodes/{}/drain", seg(&node)),
+                    None,
+                )
+                .await?;
+            if let Some(live) = live.as_mut() {
+                let deadline =
+                    tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+                let mut shown = None;
+                loop {
+                    let left = out["instances"].as_u64().unwrap_or(0);
+                    if shown != Some(left) && !json_out {
+                        println!("{node}: {left} instance(s) left to move");
+                        shown = Some(left);
+                    }
+                    if left == 0 {
+                        break;
+                    }
+                    // Any event may be one of its instances moving; read the node again.
+                    match tokio::time::timeout_at(deadline, live.next()).await {
+                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(None)) | Ok(Err(_)) => {
+                            return Err(CliError::Failed(format!(
+                                "lost the event stream while {node} drains; the drain goes on: see `escale nodes info {node}`"
+                            )))
+                        }
+                        Err(_) => {
+                            return Err(CliError::Failed(format!(
+                                "{node} still runs {left} instance(s) after {timeout} s; the drain goes on: see `escale nodes info {node}` and `escale events -f`"
+                            )))
+                        }
+                    }
+                    out = c
+                        .call(Method::GET, &format!("/api/v1/nodes/{}", seg(&node)), None)
+                        .await?;
+                }
+            }
+            print_json_or(json_out, &out, || {
+                if detach {
+                    println!(
+                        "{node} is draining: {} instance(s) to move; `escale nodes info {node}` follows it.",
+                        out["instances"]
+                    );
+                } else {
+                    println!("{node} is drained: nothing runs there, nothing new goes there. `escale nodes uncordon {node}` takes it back; `escale nodes remove {node}` removes it.");
+                }
+            });
+        }
+        NodesCommand::Remove { node } => {
+            c.call_raw(
+                Method::DELETE,
+                &format!("/api/v1/nodes/{}", seg(&node)),
+                None,
+            )
+            .await?;
+            if json_out {
+                println!("{}", json!({"node": node, "removed": true}));
+            } else {
+                println!("Node {node} removed.");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn node_row(n: &Value) -> Vec<String> {
+    let mut state = s(&n["state"]);
+    if n["draining"].as_bool() == Some(true) {
+        state.push_str(",draining");
+    } else if n["cordoned"].as_bool() == Some(true) {
+        state.push_str(",cordoned");
+    }
+    let cpus = |v: &Value| format!("{:.1}", v.as_i64().unwrap_or(0) as f64 / 1e9);
+    let (cpu, mem) = match n["capacity"].as_object() {
+        Some(cap) => (
+            format!(
+                "{}/{}",
+                cpus(&n["placed"]["nano_cpus"]),
+                cpus(&cap["nano_cpus"])
+            ),
+            format!(
+                "{}/{}",
+                size(n["placed"]["memory_bytes"].as_u64().unwrap_or(0)),
+                size(cap["memory_bytes"].as_u64().unwrap_or(0))
+            ),
+        ),
+        None => ("-".into(), "-".into()),
+    };
+    let labels: Vec<String> = n["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    vec![
+        s(&n["name"]),
+        state,
+        s(&n["address"]),
+        s(&n["engine_version"]),
+        cpu,
+        mem,
+        n["instances"].to_string(),
+        if labels.is_empty() {
+            "-".into()
+        } else {
+            labels.join(",")
+        },
+        match n["certificate"]["days_left"].as_i64() {
+            Some(d) => format!("{d}d"),
+            None => "-".into(),
+        },
+        match n["last_heartbeat"].as_i64() {
+            Some(t) => ago(t),
+            None => "never".into(),
+        },
+    ]
+}
+
+fn print_node(n: &Value) {
+    let row = node_row(n);
+    for (k, v) in [
+        "Node",
+        "State",
+        "Address",
+        "Engine",
+        "CPUs placed/has",
+        "Memory placed/has",
+        "Instances",
+        "Labels",
+        "Certificate left",
+        "Last heartbeat",
+    ]
+    .iter()
+    .zip(row)
+    {
+        println!("{k:<18} {v}");
+    }
+    if let Some(c) = n["certificate"].as_object() {
+        println!(
+            "{:<18} {} (serial {})",
+            "Certificate until",
+            clock(c["not_after"].as_i64().unwrap_or(0)),
+            c["serial"].as_str().unwrap_or("-")
+        );
+    }
+    if let Some(e) = n["error"].as_str() {
+        println!("{:<18} {e}", "Error");
+    }
+}
+
+/// Writes a node bundle's files into `dir` (made 0700; each file with its mode).
+fn write_bundle(dir: &std::path::Path, bundle: &Value) -> Result<(), CliError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let local = |what: String| CliError::Local(what);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| local(format!("cannot create {}: {e}", dir.display())))?;
+    for f in bundle["files"].as_array().into_iter().flatten() {
+        let name = f["name"].as_str().unwrap_or_default();
+        // File names come from the server: plain names only.
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(local(format!(
+                "the server sent a bundle file named `{name}`"
+            )));
+        }
+        let path = dir.join(name);
+        let mode = f["mode"].as_u64().unwrap_or(0o600) as u32 & 0o777;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&path)?;
+            std::io::Write::write_all(
+                &mut file,
+                f["contents"].as_str().unwrap_or_default().as_bytes(),
+            )?;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+        };
+        write().map_err(|e| local(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 fn print_json_or(json_out: bool, v: &Value, human: impl FnOnce()) {
     if json_out {
         println!(
@@ -1434,4 +1783,22 @@ pub fn seg(s: &str) -> String {
         }
     }
     out
+}
+
+/// A process's constraints and overcommit flag: `disk=ssd`, `disk=ssd,overcommit`, `-`.
+fn placement(p: &Value) -> String {
+    let mut parts: Vec<String> = p["constraints"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", s(v)))
+        .collect();
+    if p["overcommit"] == true {
+        parts.push("overcommit".into());
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
 }

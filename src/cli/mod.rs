@@ -223,9 +223,13 @@ pub enum Command {
     /// Teams (admin).
     #[command(subcommand)]
     Teams(TeamsCommand),
-    /// Docker nodes and how the scheduler judges them: ready, suspect (not answering for a
-    /// moment: kept, given nothing new) or down (its instances replaced elsewhere). Admin.
-    #[command(subcommand, after_help = "Example:\n  escale nodes list")]
+    /// Docker nodes: register one (its TLS bundle is written for you to install on it), list
+    /// them with their state (ready, suspect, down, joining), capacity and certificates,
+    /// cordon, drain, renew a certificate, remove. Admin.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale nodes add n2 --address 10.0.0.2:2376 --label disk=ssd\n  escale nodes list\n  escale nodes drain n2\n  escale nodes remove n2"
+    )]
     Nodes(NodesCommand),
     /// Audit log: who changed what, when; with -f, then what happens live (instances
     /// started, healthy, replaced, crashed; rollouts; nodes).
@@ -309,7 +313,7 @@ pub enum ProcessesCommand {
     List { app: String },
     /// Create or change a process type.
     #[command(
-        after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz"
+        after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz\n  escale processes set shop web --constraint disk=ssd --constraint zone=a\n  escale processes set shop web --constraint -      # any node again"
     )]
     Set(ProcessSet),
 }
@@ -337,6 +341,13 @@ pub struct ProcessSet {
     /// Extra instances during a rolling deploy.
     #[arg(long)]
     pub surge: Option<u32>,
+    /// Run only on nodes with this label, KEY=VALUE (repeat for several; they replace the
+    /// current ones). `-` clears them: any node.
+    #[arg(long = "constraint", value_name = "KEY=VALUE")]
+    pub constraints: Vec<String>,
+    /// Let instances use node memory and CPUs already given to others (true or false).
+    #[arg(long)]
+    pub overcommit: Option<bool>,
     /// Run the image's default command.
     #[arg(long, conflicts_with = "command")]
     pub default_command: bool,
@@ -437,8 +448,70 @@ pub enum UsersCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
-    /// Each node's name, state and last error.
+    /// Each node: state, address, engine version, CPUs and memory (what it has and what
+    /// escale placed there), instances, labels, certificate expiry, last heartbeat.
     List,
+    /// One node, in full.
+    Info { node: String },
+    /// Register a Docker host as a node: issues its server certificate from escale's own CA
+    /// and writes its bundle (certificates, daemon.json, a systemd drop-in, install.sh) into
+    /// a directory, to be installed on the node with `sudo sh install.sh`. The node joins
+    /// the cluster as soon as its engine answers over mutual TLS.
+    #[command(
+        after_help = "Examples:\n  escale nodes add n2 --address 10.0.0.2:2376\n  escale nodes add n3 --address n3.example.eu:2376 --advertise 10.0.0.3 --label disk=ssd --out /tmp/n3\n  scp -r escale-node-n2 root@10.0.0.2: && ssh root@10.0.0.2 sh escale-node-n2/install.sh"
+    )]
+    Add {
+        /// The node's name (lowercase letters, digits and `-`).
+        node: String,
+        /// HOST:PORT of its Docker engine with TLS (usually port 2376).
+        #[arg(long)]
+        address: String,
+        /// The IP its published ports are reached on (default: the address's IP).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// A KEY=VALUE label, matched by process constraints; repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Where to write the bundle (default: ./escale-node-NODE).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Issue a node a new server certificate (before the old one expires, or for a new
+    /// address) and write its new bundle; install it on the node as before.
+    #[command(
+        after_help = "Example:\n  escale nodes renew n2\n  escale nodes renew n2 --address 10.0.0.12:2376"
+    )]
+    Renew {
+        node: String,
+        /// A new HOST:PORT for the node.
+        #[arg(long)]
+        address: Option<String>,
+        /// Where to write the bundle (default: ./escale-node-NODE).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Place nothing new on a node; what runs there stays.
+    #[command(after_help = "Example:\n  escale nodes cordon n2")]
+    Cordon { node: String },
+    /// Let a cordoned or drained node take new instances again.
+    #[command(after_help = "Example:\n  escale nodes uncordon n2")]
+    Uncordon { node: String },
+    /// Cordon a node and move its instances to the other nodes, each replacement healthy
+    /// before the instance it replaces stops; waits until none is left (or --detach).
+    #[command(after_help = "Examples:\n  escale nodes drain n2\n  escale nodes drain n2 --detach")]
+    Drain {
+        node: String,
+        /// Return at once instead of waiting for the instances to move.
+        #[arg(long)]
+        detach: bool,
+        /// Give up waiting after this many seconds (the drain goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Remove a node from the cluster (refused while escale's instances run there: drain
+    /// it first). Its containers and Docker settings are left as they are.
+    #[command(after_help = "Example:\n  escale nodes drain n2 && escale nodes remove n2")]
+    Remove { node: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -973,30 +973,37 @@ impl Pki {
     /// Issues a server certificate for node `name` at `address` (`HOST:PORT`), records it
     /// (by `actor`), and returns the node's bundle.
     pub async fn issue_node(&self, actor: &str, name: &str, address: &str) -> Result<NodeBundle> {
+        let (bundle, record) = self.issue_bundle(name, address)?;
+        self.registry.record_node_cert(actor, &record).await?;
+        Ok(bundle)
+    }
+
+    /// Issues a server certificate for node `name` at `address` (`HOST:PORT`) and returns
+    /// the node's bundle with what the registry keeps of it; records nothing (the caller
+    /// writes the record with the node, in one transaction).
+    pub fn issue_bundle(&self, name: &str, address: &str) -> Result<(NodeBundle, NodeCertRecord)> {
         let address = NodeAddress::parse(address)?;
         let now = OffsetDateTime::now_utc();
         let cert = self
             .ca
             .issue_server(name, &address, self.node_validity_days, now)?;
-        self.registry
-            .record_node_cert(
-                actor,
-                &NodeCertRecord {
-                    node: name.to_string(),
-                    address: address.to_string(),
-                    serial: cert.serial.clone(),
-                    cert_pem: cert.cert_pem.clone(),
-                    not_after: cert.not_after,
-                    issued_at: ms(now),
-                },
-            )
-            .await?;
-        Ok(NodeBundle {
+        let record = NodeCertRecord {
             node: name.to_string(),
-            address,
-            ca_pem: self.ca.cert_pem.clone(),
-            cert,
-        })
+            address: address.to_string(),
+            serial: cert.serial.clone(),
+            cert_pem: cert.cert_pem.clone(),
+            not_after: cert.not_after,
+            issued_at: ms(now),
+        };
+        Ok((
+            NodeBundle {
+                node: name.to_string(),
+                address,
+                ca_pem: self.ca.cert_pem.clone(),
+                cert,
+            },
+            record,
+        ))
     }
 
     /// The rustls client configuration for nodes: only the cluster CA is trusted, escale's

@@ -228,9 +228,9 @@ impl Job<'_> {
             .await?;
         let tag = format!("{}:v{next}-{short}", self.app.name);
         let node = sched
-            .docker_nodes()
-            .first()
-            .ok_or_else(|| GitError::Deploy("no node to build on".into()))?;
+            .build_node()
+            .ok_or_else(|| GitError::Deploy("no node is ready to build on".into()))?;
+        let node = &node;
         // Non-secret config vars are build args (a Dockerfile takes one with `ARG NAME`);
         // secrets are not: build args are visible in the image's history.
         let build_args: Vec<(String, String)> = self

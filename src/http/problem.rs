@@ -156,6 +156,8 @@ impl From<crate::service::ServiceError> for ApiError {
             e @ S::Busy(_) => ApiError::Conflict(e.to_string()),
             e @ (S::Image { .. } | S::Invalid(_)) => ApiError::Unprocessable(e.to_string()),
             e @ S::NoScheduler => ApiError::Unavailable(e.to_string()),
+            S::Conflict(m) => ApiError::Conflict(m),
+            e @ S::Cluster(_) => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -47,6 +47,8 @@ pub(crate) struct ProcessRow {
     health_interval_ms: i64,
     health_timeout_ms: i64,
     health_grace_ms: i64,
+    constraints: String,
+    overcommit: bool,
 }
 
 impl From<ProcessRow> for ProcessType {
@@ -66,6 +68,9 @@ impl From<ProcessRow> for ProcessType {
                 timeout_ms: r.health_timeout_ms as u32,
                 grace_ms: r.health_grace_ms as u32,
             },
+            // Written by escale only, as a JSON object; anything else reads as none.
+            constraints: serde_json::from_str(&r.constraints).unwrap_or_default(),
+            overcommit: r.overcommit,
         }
     }
 }
@@ -217,7 +222,7 @@ impl Registry {
     pub async fn processes_of(&self, app_id: i64) -> Result<Vec<ProcessType>> {
         let rows: Vec<ProcessRow> = sqlx::query_as(
             "SELECT name, command, port, instances, memory_bytes, nano_cpus, surge, health_kind, health_path,
-                    health_interval_ms, health_timeout_ms, health_grace_ms
+                    health_interval_ms, health_timeout_ms, health_grace_ms, constraints, overcommit
              FROM process_types WHERE app_id = ? ORDER BY name",
         )
         .bind(app_id)
@@ -236,7 +241,7 @@ impl Registry {
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT app_id, name, command, port, instances, memory_bytes, nano_cpus, surge, health_kind, health_path,
-                    health_interval_ms, health_timeout_ms, health_grace_ms
+                    health_interval_ms, health_timeout_ms, health_grace_ms, constraints, overcommit
              FROM process_types ORDER BY app_id, name",
         )
         .fetch_all(&self.pool)
@@ -339,7 +344,9 @@ pub(crate) async fn upsert_process_in(
                 health_path = COALESCE(?10, health_path),
                 health_interval_ms = COALESCE(?11, health_interval_ms),
                 health_timeout_ms = COALESCE(?12, health_timeout_ms),
-                health_grace_ms = COALESCE(?13, health_grace_ms)
+                health_grace_ms = COALESCE(?13, health_grace_ms),
+                constraints = COALESCE(?16, constraints),
+                overcommit = COALESCE(?17, overcommit)
              WHERE app_id = ?14 AND name = ?15",
         )
         .bind(p.command.is_some())
@@ -362,6 +369,8 @@ pub(crate) async fn upsert_process_in(
         .bind(p.health_grace_ms.map(i64::from))
         .bind(a.id)
         .bind(process)
+        .bind(p.constraints.as_ref().map(constraints_json))
+        .bind(p.overcommit)
         .execute(&mut **tx)
         .await?;
         audit(
@@ -699,6 +708,12 @@ fn describe_patch(process: &str, p: &ProcessPatch) -> String {
     if let Some(k) = p.health_kind {
         parts.push(format!("health={}", k.as_str()));
     }
+    if let Some(c) = &p.constraints {
+        parts.push(format!("constraints={}", constraints_text(c)));
+    }
+    if let Some(o) = p.overcommit {
+        parts.push(format!("overcommit={o}"));
+    }
     if let Some(path) = &p.health_path {
         parts.push(format!("health_path={path}"));
     }
@@ -720,8 +735,24 @@ pub struct ManifestApplied {
     pub release: Option<u32>,
 }
 
+/// Constraints as stored: a JSON object.
+fn constraints_json(c: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(c).expect("a string map serialises")
+}
+
+/// Constraints as shown: `disk=ssd,zone=a`, or `none`.
+pub fn constraints_text(c: &BTreeMap<String, String>) -> String {
+    if c.is_empty() {
+        return "none".into();
+    }
+    c.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 const PROCESS_SELECT: &str = "SELECT name, command, port, instances, memory_bytes, nano_cpus, surge, health_kind, health_path,
-        health_interval_ms, health_timeout_ms, health_grace_ms
+        health_interval_ms, health_timeout_ms, health_grace_ms, constraints, overcommit
  FROM process_types WHERE app_id = ? ORDER BY name";
 
 impl Registry {
@@ -787,6 +818,8 @@ pub(crate) async fn apply_manifest_in(
                 nano_cpus: spec.nano_cpus,
                 surge: spec.surge,
                 health: spec.health.clone(),
+                constraints: spec.constraints.clone(),
+                overcommit: spec.overcommit,
             };
             let diff = match old {
                 Some(o) => process_diff(o, &want),
@@ -798,13 +831,15 @@ pub(crate) async fn apply_manifest_in(
             let h = &want.health;
             sqlx::query(
                 "INSERT INTO process_types (app_id, name, command, port, instances, memory_bytes, nano_cpus, surge,
-                    health_kind, health_path, health_interval_ms, health_timeout_ms, health_grace_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    health_kind, health_path, health_interval_ms, health_timeout_ms, health_grace_ms,
+                    constraints, overcommit)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                  ON CONFLICT (app_id, name) DO UPDATE SET command = excluded.command, port = excluded.port,
                     instances = excluded.instances, memory_bytes = excluded.memory_bytes,
                     nano_cpus = excluded.nano_cpus, surge = excluded.surge, health_kind = excluded.health_kind,
                     health_path = excluded.health_path, health_interval_ms = excluded.health_interval_ms,
-                    health_timeout_ms = excluded.health_timeout_ms, health_grace_ms = excluded.health_grace_ms",
+                    health_timeout_ms = excluded.health_timeout_ms, health_grace_ms = excluded.health_grace_ms,
+                    constraints = excluded.constraints, overcommit = excluded.overcommit",
             )
             .bind(a.id)
             .bind(name)
@@ -823,6 +858,8 @@ pub(crate) async fn apply_manifest_in(
             .bind(i64::from(h.interval_ms))
             .bind(i64::from(h.timeout_ms))
             .bind(i64::from(h.grace_ms))
+            .bind(constraints_json(&want.constraints))
+            .bind(want.overcommit)
             .execute(&mut **tx)
             .await?;
             if old.is_some() {
@@ -1017,6 +1054,16 @@ fn process_diff(old: &ProcessType, new: &ProcessType) -> Vec<String> {
         limit(new.nano_cpus.map(cpus_text)),
     );
     field("surge", old.surge.to_string(), new.surge.to_string());
+    field(
+        "constraints",
+        constraints_text(&old.constraints),
+        constraints_text(&new.constraints),
+    );
+    field(
+        "overcommit",
+        old.overcommit.to_string(),
+        new.overcommit.to_string(),
+    );
     let (oh, nh) = (&old.health, &new.health);
     field(
         "health kind",

@@ -187,20 +187,7 @@ impl Registry {
     /// by `actor`.
     pub async fn record_node_cert(&self, actor: &str, record: &NodeCertRecord) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query(
-            "INSERT INTO cluster_node_certs (node, address, serial, cert_pem, not_after, issued_at)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (node) DO UPDATE SET address = excluded.address, serial = excluded.serial,
-               cert_pem = excluded.cert_pem, not_after = excluded.not_after, issued_at = excluded.issued_at",
-        )
-        .bind(&record.node)
-        .bind(&record.address)
-        .bind(&record.serial)
-        .bind(&record.cert_pem)
-        .bind(record.not_after)
-        .bind(record.issued_at)
-        .execute(&mut *tx)
-        .await?;
+        super::nodes::put_cert(&mut tx, record).await?;
         audit(
             &mut tx,
             actor,

@@ -15,6 +15,7 @@ mod accounts;
 mod apps;
 mod cluster;
 mod deploys;
+mod nodes;
 mod releases;
 mod webhooks;
 
@@ -29,6 +30,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 pub use accounts::*;
 pub use apps::*;
 pub use cluster::*;
+pub use nodes::*;
 pub use releases::*;
 pub use webhooks::*;
 

@@ -36,6 +36,7 @@ pub enum Call {
     Logs,
     ListNetworks,
     RemoveNetwork,
+    Capacity,
 }
 
 /// What a call does instead of its work.
@@ -70,6 +71,8 @@ struct State {
     start_delay: Duration,
     starting: usize,
     most_starting: usize,
+    /// What [`Engine::capacity`] answers (`None`: the engine does not say).
+    capacity: Option<crate::node::Capacity>,
 }
 
 /// An in-memory engine. Cheap to share (`Arc`).
@@ -117,6 +120,11 @@ impl FakeEngine {
     /// Adds an image.
     pub fn add_image(&self, image: &str) {
         self.state().images.insert(image.to_string());
+    }
+
+    /// Sets what the engine says its host has.
+    pub fn set_capacity(&self, cpus: u32, memory_bytes: u64) {
+        self.state().capacity = Some(crate::node::Capacity { cpus, memory_bytes });
     }
 
     /// Makes every `call` fail with `reason` until [`FakeEngine::heal`].
@@ -388,6 +396,11 @@ impl Engine for FakeEngine {
             let _ = self.events.send(event_of(&c.instance, "destroy", None));
         }
         Ok(())
+    }
+
+    async fn capacity(&self) -> Result<Option<crate::node::Capacity>> {
+        self.enter(Call::Capacity).await?;
+        Ok(self.state().capacity)
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool> {

@@ -83,6 +83,10 @@ pub trait Engine: Send + Sync + 'static {
     async fn list_app_networks(&self, installation: &str) -> Result<Vec<AppNetwork>>;
     /// Removes a network by id or name.
     async fn remove_network(&self, id: &str) -> Result<()>;
+    /// What the node has in all (CPUs, memory); `None` when the engine does not say.
+    async fn capacity(&self) -> Result<Option<crate::node::Capacity>> {
+        Ok(None)
+    }
 }
 
 /// Copies `image` from `from` to `to` (save streamed into load, nothing buffered); nothing
@@ -158,6 +162,9 @@ impl Engine for crate::node::Node {
     }
     async fn load_image(&self, tar: BoxStream<'static, Result<Bytes>>) -> Result<()> {
         Ok(crate::node::Node::load_image(self, tar).await?)
+    }
+    async fn capacity(&self) -> Result<Option<crate::node::Capacity>> {
+        Ok(Some(crate::node::Node::capacity(self).await?))
     }
     fn logs(
         &self,

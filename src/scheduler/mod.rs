@@ -2,7 +2,10 @@
 //!
 //! Each pass of the [`Scheduler`] reads the desired state from the registry (two queries),
 //! observes every node through its [`Engine`] (one labelled list call per node, all at once,
-//! each bounded by a timeout), asks [`plan::plan`] what to do ([`placement`] chooses nodes), and
+//! each bounded by a timeout; a node's capacity is asked only when it becomes ready and every
+//! minute, its labels, cordon and drain come from [`Scheduler::set_node_meta`]), asks
+//! [`plan::plan_report`] what to do ([`placement`] chooses nodes and explains the ones it
+//! cannot use), and
 //! executes the actions through thin executors. Starting, draining and removing run as
 //! supervised tasks (tracked, cancelled at shutdown, panics caught and counted) so a pass never
 //! waits on a container; what is in flight is remembered (`pending`, `draining`, `removing`)
@@ -111,6 +114,18 @@ pub struct ClusterView {
     pub instances: Vec<InstanceView>,
     pub crashing: Vec<CrashView>,
     pub nodes: Vec<NodeView>,
+    /// Instances the last pass wanted to start but no node could take.
+    pub unplaced: Vec<UnplacedView>,
+}
+
+/// A slot that no node can take now, with the reason per node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct UnplacedView {
+    pub app: String,
+    pub process: String,
+    pub slot: u32,
+    /// One line per node: `n2: 200 MiB free, needs 256 MiB`, `n3: lacks disk=ssd`.
+    pub reasons: Vec<String>,
 }
 
 /// A node's reachability.
@@ -121,6 +136,9 @@ pub struct NodeView {
     pub ready: bool,
     pub state: NodeStatus,
     pub error: Option<String>,
+    /// When it last answered (unix milliseconds).
+    #[serde(default)]
+    pub last_heartbeat: Option<i64>,
 }
 
 /// A node's membership, as the scheduler judges it.
@@ -134,6 +152,9 @@ pub enum NodeStatus {
     Suspect,
     /// Not answering for longer: its instances are replaced on the other nodes.
     Down,
+    /// Registered, and not reached yet (its engine is not set up with its bundle, or does
+    /// not answer): it is not in the pool.
+    Joining,
 }
 
 #[derive(Debug, Clone)]
@@ -167,7 +188,10 @@ struct ReleaseCrash {
 #[derive(Default)]
 struct Member {
     last_seen: Option<Vec<node::ContainerInstance>>,
+    /// When the first call it has not answered (since it last did) was made.
     silent_since: Option<std::time::Instant>,
+    /// When it last answered (unix milliseconds).
+    last_ok_ms: Option<i64>,
 }
 
 #[derive(Default)]
@@ -201,7 +225,14 @@ struct ExecState {
     progress: HashMap<String, (u32, u32, u32, u32)>,
     /// Node readiness as last observed.
     node_ready: HashMap<String, bool>,
+    /// Each node's capacity and when it was asked (see [`CAPACITY_REFRESH`]).
+    capacity: HashMap<String, (std::time::Instant, Option<placement::Resources>)>,
+    /// What was last logged as unplaceable, by (app, process): logged again when it changes.
+    unplaced: HashMap<(String, String), Vec<String>>,
 }
+
+/// How often a node's capacity is asked again (also whenever it becomes ready).
+const CAPACITY_REFRESH: Duration = Duration::from_secs(60);
 
 /// How often app networks are swept when nothing suggests one is due (an app destroyed, a
 /// network left by the last sweep, the first pass after start).
@@ -219,10 +250,18 @@ const LAST_LOGS_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Scheduler {
     registry: Registry,
     config: Arc<Config>,
-    /// The engines the reconciler drives, one per node.
-    engines: Vec<Arc<dyn Engine>>,
-    /// The Docker nodes among them (builds, image facts, cleanup need Docker itself).
-    docker: Vec<Arc<Node>>,
+    /// The engines the reconciler drives, one per node; swapped whole when a node joins or
+    /// leaves ([`Scheduler::add_node`], [`Scheduler::remove_node`]).
+    pool: ArcSwap<Pool>,
+    /// Each engine's event watcher, cancelled when its node leaves.
+    watchers: Mutex<HashMap<String, CancellationToken>>,
+    /// Registered nodes not in the pool yet, with why (the last failed attempt to reach
+    /// them); shown as `joining`.
+    joining: Mutex<BTreeMap<String, String>>,
+    /// Image transfers (pull or copy) in flight, by (node, image).
+    transfers: Mutex<HashMap<(String, String), TransferSlot>>,
+    /// Set once [`Scheduler::run`] started the watchers of the first engines.
+    running: std::sync::atomic::AtomicBool,
     installation: String,
     /// The routing snapshot the proxy reads.
     pub routes: SharedRoutes,
@@ -251,10 +290,96 @@ pub struct Scheduler {
     pub engine_timeouts: AtomicU64,
     /// The bound on one engine call, in milliseconds ([`Scheduler::set_engine_timeout`]).
     engine_timeout_ms: AtomicU64,
+    /// What the node registry says of each node (labels, cordoned, draining), by name; a node
+    /// not listed has no labels and is open. See [`Scheduler::set_node_meta`].
+    node_meta: Mutex<HashMap<String, placement::NodeMeta>>,
+    /// What the last pass saw running, with declared resources (the service's placement
+    /// check counts what other apps use).
+    placed: ArcSwap<Vec<PlacedInstance>>,
+}
+
+/// One image transfer to one node: held while it runs, so the next start there waits for it.
+type TransferSlot = Arc<tokio::sync::Mutex<()>>;
+
+/// The engines of the nodes the reconciler drives.
+#[derive(Default)]
+struct Pool {
+    engines: Vec<Arc<dyn Engine>>,
+    /// The Docker nodes among them (builds, image facts, cleanup need Docker itself).
+    docker: Vec<Arc<Node>>,
     /// Container changes (start, stop, remove) in flight per engine, at most
     /// [`ENGINE_PARALLELISM`]: a deploy of 300 instances queues here instead of asking an
     /// engine for 300 starts at once (each then too slow for its timeout).
     slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+}
+
+/// A container escale runs on a node, at its process's declared CPUs and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedInstance {
+    pub app: String,
+    pub node: String,
+    pub resources: placement::Resources,
+}
+
+impl Pool {
+    fn new(engines: Vec<Arc<dyn Engine>>, docker: Vec<Arc<Node>>) -> Pool {
+        let slots = engines
+            .iter()
+            .map(|e| {
+                (
+                    e.name().to_string(),
+                    Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
+                )
+            })
+            .collect();
+        Pool {
+            engines,
+            docker,
+            slots,
+        }
+    }
+
+    /// This pool with `engine` (and `docker`, its Docker node) in place of any engine of the
+    /// same name.
+    fn with(&self, engine: Arc<dyn Engine>, docker: Option<Arc<Node>>) -> Pool {
+        let name = engine.name().to_string();
+        let mut p = self.without(&name);
+        p.slots.insert(
+            name,
+            Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
+        );
+        p.engines.push(engine);
+        p.engines.sort_by(|a, b| a.name().cmp(b.name()));
+        if let Some(d) = docker {
+            p.docker.push(d);
+            p.docker.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        p
+    }
+
+    /// This pool without the engine named `name`.
+    fn without(&self, name: &str) -> Pool {
+        Pool {
+            engines: self
+                .engines
+                .iter()
+                .filter(|e| e.name() != name)
+                .cloned()
+                .collect(),
+            docker: self
+                .docker
+                .iter()
+                .filter(|d| d.name != name)
+                .cloned()
+                .collect(),
+            slots: self
+                .slots
+                .iter()
+                .filter(|(n, _)| n.as_str() != name)
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// The processes of an app to converge, with what the executor needs to start instances.
@@ -296,21 +421,14 @@ impl Scheduler {
         routes: SharedRoutes,
     ) -> Arc<Scheduler> {
         let installation = registry.installation_id().to_string();
-        let slots = engines
-            .iter()
-            .map(|e| {
-                (
-                    e.name().to_string(),
-                    Arc::new(tokio::sync::Semaphore::new(ENGINE_PARALLELISM)),
-                )
-            })
-            .collect();
         Arc::new(Scheduler {
-            slots,
+            pool: ArcSwap::from_pointee(Pool::new(engines, docker)),
+            watchers: Default::default(),
+            joining: Default::default(),
+            transfers: Default::default(),
+            running: Default::default(),
             registry,
             config,
-            engines,
-            docker,
             installation,
             routes,
             view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
@@ -326,7 +444,75 @@ impl Scheduler {
             panics: Default::default(),
             engine_timeouts: Default::default(),
             engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
+            node_meta: Mutex::new(HashMap::new()),
+            placed: ArcSwap::from_pointee(Vec::new()),
         })
+    }
+
+    /// What the last pass saw running on the nodes, with declared resources.
+    pub fn placed(&self) -> Arc<Vec<PlacedInstance>> {
+        self.placed.load_full()
+    }
+
+    /// Every node as a placement check before a change sees it: capacity asked now (each
+    /// engine at once, bounded by `timeout`; what the passes cached when it does not answer),
+    /// labels, cordoned and draining. Readiness is not judged (a node down now may be back
+    /// before the change rolls out): every node is ready here.
+    pub async fn placement_nodes(&self, timeout: Duration) -> Vec<plan::NodeState> {
+        let engines = self.engines();
+        let asked = futures_util::future::join_all(engines.iter().map(|e| async move {
+            let r = self.bounded_for(timeout, e.name(), "reading its capacity", e.capacity());
+            (e.name().to_string(), r.await)
+        }))
+        .await;
+        let cached: HashMap<String, Option<placement::Resources>> = self
+            .st()
+            .capacity
+            .iter()
+            .map(|(name, (_, c))| (name.clone(), *c))
+            .collect();
+        asked
+            .into_iter()
+            .map(|(name, r)| {
+                let capacity = match r {
+                    Ok(c) => c.map(capacity_resources),
+                    Err(_) => cached.get(&name).copied().flatten(),
+                };
+                let meta = self.node_meta(&name);
+                plan::NodeState {
+                    name,
+                    ready: true,
+                    suspect: false,
+                    capacity,
+                    labels: meta.labels,
+                    cordoned: meta.cordoned,
+                    draining: meta.draining,
+                    images: Default::default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Sets what the node registry says of node `name` (labels, cordoned, draining), read by
+    /// every pass from now on; wakes a pass. Cordoned: nothing new is placed there. Draining:
+    /// nothing new either, and its instances are replaced on other nodes, each old one drained
+    /// once enough replacements are healthy.
+    pub fn set_node_meta(&self, name: &str, meta: placement::NodeMeta) {
+        self.node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), meta);
+        self.changed.notify_one();
+    }
+
+    /// What the node registry says of node `name` (the default when it said nothing).
+    pub fn node_meta(&self, name: &str) -> placement::NodeMeta {
+        self.node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Bounds every engine call of passes and action tasks (default [`ENGINE_CALL_TIMEOUT`]).
@@ -365,7 +551,8 @@ impl Scheduler {
         action: &str,
         call: impl std::future::Future<Output = runtime::Result<T>>,
     ) -> runtime::Result<T> {
-        let _slot = match self.slots.get(engine) {
+        let slot = self.pool.load().slots.get(engine).cloned();
+        let _slot = match slot {
             Some(s) => Some(s.clone().acquire_owned().await),
             None => None,
         };
@@ -409,8 +596,19 @@ impl Scheduler {
     ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        self.supervise_until(what, self.cancel.clone(), make)
+    }
+
+    /// [`Scheduler::supervise_forever`] until `cancel` (a child of the shutdown token).
+    fn supervise_until<F>(
+        self: &Arc<Self>,
+        what: &'static str,
+        cancel: CancellationToken,
+        make: impl Fn() -> F + Send + 'static,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let me = self.clone();
-        let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
             loop {
                 let outcome = tokio::select! {
@@ -461,18 +659,122 @@ impl Scheduler {
     }
 
     /// The engine of the node named `name`.
-    pub fn engine(&self, name: &str) -> Option<&Arc<dyn Engine>> {
-        self.engines.iter().find(|n| n.name() == name)
+    pub fn engine(&self, name: &str) -> Option<Arc<dyn Engine>> {
+        self.pool
+            .load()
+            .engines
+            .iter()
+            .find(|n| n.name() == name)
+            .cloned()
     }
 
-    /// All engines.
-    pub fn engines(&self) -> &[Arc<dyn Engine>] {
-        &self.engines
+    /// All engines, by name.
+    pub fn engines(&self) -> Vec<Arc<dyn Engine>> {
+        self.pool.load().engines.clone()
     }
 
     /// The Docker nodes (for builds, image facts and cleanup, which need Docker itself).
-    pub fn docker_nodes(&self) -> &[Arc<Node>] {
-        &self.docker
+    pub fn docker_nodes(&self) -> Vec<Arc<Node>> {
+        self.pool.load().docker.clone()
+    }
+
+    /// The Docker node a build runs on: a ready one, with the fewest instances (then by
+    /// name), as the last pass saw them; before any pass, the first. The image it makes
+    /// reaches other nodes by transfer when an instance needs it there.
+    pub fn build_node(&self) -> Option<Arc<Node>> {
+        let docker = self.docker_nodes();
+        let view = self.view.load();
+        if view.nodes.is_empty() {
+            return docker.first().cloned();
+        }
+        let load = |name: &str| view.instances.iter().filter(|i| i.node == name).count();
+        docker
+            .into_iter()
+            .filter(|d| {
+                view.nodes
+                    .iter()
+                    .any(|n| n.name == d.name && n.state == NodeStatus::Ready)
+            })
+            .min_by_key(|d| (load(&d.name), d.name.clone()))
+    }
+
+    /// Notes that the registered node `name` could not be reached yet (`None`: forget it:
+    /// it joined, or it was removed); it is shown as `joining` with `error`.
+    pub fn set_joining(&self, name: &str, error: Option<String>) {
+        let mut joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => joining.insert(name.to_string(), e),
+            None => joining.remove(name),
+        };
+    }
+
+    /// Whether node `name` is in the pool.
+    pub fn has_node(&self, name: &str) -> bool {
+        self.pool.load().slots.contains_key(name)
+    }
+
+    /// Adds the Docker node `node` to the pool (replacing one of the same name: a renewed
+    /// certificate, a new address), watches its events, and wakes a pass. Its instances are
+    /// adopted from their labels like any node's.
+    pub fn add_node(self: &Arc<Self>, node: Arc<Node>) {
+        let engine = node.clone() as Arc<dyn Engine>;
+        self.add_engine(engine, Some(node));
+    }
+
+    /// [`Scheduler::add_node`] for any engine (the unit tests' fakes).
+    pub fn add_engine(self: &Arc<Self>, engine: Arc<dyn Engine>, docker: Option<Arc<Node>>) {
+        let name = engine.name().to_string();
+        self.pool
+            .rcu(|p| Pool::with(p, engine.clone(), docker.clone()));
+        self.set_joining(&name, None);
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) {
+            self.watch(engine);
+        }
+        tracing::info!(node = %name, "node joined the pool");
+        self.changed.notify_one();
+    }
+
+    /// Takes node `name` out of the pool: nothing is observed, placed or routed there any
+    /// more (its containers are left as they are). Returns whether it was there.
+    pub fn remove_node(&self, name: &str) -> bool {
+        let was = self.has_node(name);
+        self.pool.rcu(|p| p.without(name));
+        if let Some(token) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+        {
+            token.cancel();
+        }
+        self.st().members.remove(name);
+        if was {
+            tracing::info!(node = %name, "node left the pool");
+        }
+        self.changed.notify_one();
+        was
+    }
+
+    /// Starts the event watcher of `engine` (replacing one of the same name).
+    fn watch(self: &Arc<Self>, engine: Arc<dyn Engine>) {
+        let token = self.cancel.child_token();
+        if let Some(old) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(engine.name().to_string(), token.clone())
+        {
+            old.cancel();
+        }
+        let me = self.clone();
+        self.supervise_until("engine event watcher", token, move || {
+            watch_events(
+                engine.clone(),
+                me.installation.clone(),
+                me.changed.clone(),
+                me.clone(),
+            )
+        });
     }
 
     /// Makes sure the app with uid `app_uid` may run `image`: named by reference (not by id
@@ -486,7 +788,7 @@ impl Scheduler {
                 .then(|| crate::images::may_use(&crate::images::builder(&f.labels), app_uid))
         };
         let mut last = None;
-        for n in &self.docker {
+        for n in &self.docker_nodes() {
             match n.image_facts(image).await {
                 Ok(Some(f)) => match usable(&f) {
                     Some(true) => return Ok(()),
@@ -502,7 +804,7 @@ impl Scheduler {
             }
         }
         let mut engine_ok = false;
-        for n in &self.docker {
+        for n in &self.docker_nodes() {
             match n.ensure_image(image).await {
                 Ok(()) => {}
                 Err(e @ node::NodeError::ImageUnavailable { .. }) => {
@@ -524,7 +826,7 @@ impl Scheduler {
         }
         match last {
             Some(e) if !engine_ok => Err(ImageError::Node(e)),
-            None if self.docker.is_empty() => Err(ImageError::NoNode),
+            None if self.pool.load().docker.is_empty() => Err(ImageError::NoNode),
             _ => Err(ImageError::NotFound(image.to_string())),
         }
     }
@@ -552,17 +854,10 @@ impl Scheduler {
                 }
             }
         });
-        for n in &self.engines {
-            let me = self.clone();
-            let n = n.clone();
-            self.supervise_forever("engine event watcher", move || {
-                watch_events(
-                    n.clone(),
-                    me.installation.clone(),
-                    me.changed.clone(),
-                    me.clone(),
-                )
-            });
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for n in self.engines() {
+            self.watch(n);
         }
         tokio::pin!(shutdown);
         let mut wait = Duration::ZERO;
@@ -628,11 +923,21 @@ impl Scheduler {
             )
         };
 
-        // Observe every node: one labelled list call each, all at once, each bounded.
-        let lists = futures_util::future::join_all(self.engines.iter().map(|n| async move {
+        // Observe every node: one labelled list call each, all at once, each bounded by a
+        // quarter of `node_down_after` (at least a second, at most the engine timeout): a node
+        // that hangs (stopped, cut off) holds a pass up that long, no longer, and is judged
+        // by the time since it last answered.
+        let engines = self.engines();
+        let down_after = self.config.scheduler.node_down_after;
+        let list_within = (down_after / 4)
+            .max(Duration::from_secs(1))
+            .min(self.engine_timeout());
+        let asked_at = std::time::Instant::now();
+        let lists = futures_util::future::join_all(engines.iter().map(|n| async move {
             self.engine_calls.fetch_add(1, Relaxed);
             let r = self
-                .bounded(
+                .bounded_for(
+                    list_within,
                     n.name(),
                     "listing instances",
                     n.list_instances(&self.installation),
@@ -644,7 +949,6 @@ impl Scheduler {
         let mut observed_nodes = Vec::new();
         let mut containers = Vec::new();
         let mut node_views = Vec::new();
-        let down_after = self.config.scheduler.node_down_after;
         for (name, result) in lists {
             // Membership: one failed call is a blip. A node that answered before and has
             // been silent for less than `node_down_after` is suspect: its instances count as
@@ -654,24 +958,25 @@ impl Scheduler {
             match result {
                 Ok(list) => {
                     member.silent_since = None;
+                    member.last_ok_ms = Some(now);
                     member.last_seen = Some(list.clone());
                     observed_nodes.push(plan::NodeState {
                         name: name.clone(),
                         ready: true,
-                        suspect: false,
+                        ..Default::default()
                     });
                     node_views.push(NodeView {
                         name: name.clone(),
                         ready: true,
                         state: NodeStatus::Ready,
                         error: None,
+                        last_heartbeat: Some(now),
                     });
                     containers.extend(list.into_iter().map(|c| (name.clone(), c)));
                 }
                 Err(e) => {
-                    let since = *member
-                        .silent_since
-                        .get_or_insert_with(std::time::Instant::now);
+                    // Silent since the first call it did not answer was made.
+                    let since = *member.silent_since.get_or_insert(asked_at);
                     let suspect = member.last_seen.is_some() && since.elapsed() < down_after;
                     if suspect {
                         tracing::info!(node = %name, error = %e, silent = ?since.elapsed(), "node not answering; suspect");
@@ -685,8 +990,10 @@ impl Scheduler {
                         name: name.clone(),
                         ready: suspect,
                         suspect,
+                        ..Default::default()
                     });
                     node_views.push(NodeView {
+                        last_heartbeat: member.last_ok_ms,
                         name,
                         ready: false,
                         state: if suspect {
@@ -699,7 +1006,24 @@ impl Scheduler {
                 }
             }
         }
+        self.node_facts(&mut observed_nodes, &containers).await;
         self.announce_nodes(&node_views).await;
+        for (name, error) in self
+            .joining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if !node_views.iter().any(|n| &n.name == name) {
+                node_views.push(NodeView {
+                    name: name.clone(),
+                    ready: false,
+                    state: NodeStatus::Joining,
+                    error: Some(error.clone()),
+                    last_heartbeat: None,
+                });
+            }
+        }
 
         // Desired state, with rollout deadlines.
         let timeout_ms = self.config.scheduler.deploy_timeout.as_millis() as i64;
@@ -738,6 +1062,10 @@ impl Scheduler {
                             .scheduler
                             .unhealthy_replace_after
                             .as_millis() as u64,
+                        resources: placement::Resources::declared(p.nano_cpus, p.memory_bytes),
+                        constraints: p.constraints.clone(),
+                        overcommit: self.config.scheduler.overcommit || p.overcommit,
+                        image: image.clone(),
                     })
                     .collect(),
                 rollout_deadline_ms: deadline.map(|d| d.max(0) as u64),
@@ -912,7 +1240,10 @@ impl Scheduler {
             )
         };
 
-        let actions = plan::plan(&desired, &observed);
+        let plan::Plan { actions, unplaced } = plan::plan_report(&desired, &observed);
+        self.placed
+            .store(Arc::new(placed_instances(&desired, &observed)));
+        let unplaced = self.report_unplaced(unplaced);
         let refs: HashMap<String, InstanceRef> = containers
             .iter()
             .map(|(node_name, c)| {
@@ -1013,6 +1344,7 @@ impl Scheduler {
             instances: views,
             crashing,
             nodes: node_views,
+            unplaced,
         }));
         self.sweep_networks(registry_apps).await;
         self.passes.fetch_add(1, Relaxed);
@@ -1120,7 +1452,7 @@ impl Scheduler {
                                 node::NodeError::ExitedAtStart { container_id, .. },
                             )) = &e
                             {
-                                if let Some(n) = me.engine(&node).cloned() {
+                                if let Some(n) = me.engine(&node) {
                                     let written = runtime::last_logs(
                                         n.as_ref(),
                                         container_id,
@@ -1318,7 +1650,7 @@ impl Scheduler {
                             st.removing.remove(&id);
                         }
                     });
-                    let Some(n) = me.engine(&node).cloned() else {
+                    let Some(n) = me.engine(&node) else {
                         return;
                     };
                     if crashed {
@@ -1418,7 +1750,7 @@ impl Scheduler {
                     let mut logs = logs;
                     if logs.is_empty() {
                         if let Some((node, id)) = running {
-                            if let Some(n) = me.engine(&node).cloned() {
+                            if let Some(n) = me.engine(&node) {
                                 logs = runtime::last_logs(n.as_ref(), &id, 10, LAST_LOGS_TIMEOUT)
                                     .await;
                                 logs.retain(|l| !l.is_empty());
@@ -1529,6 +1861,106 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Completes the planner's view of the nodes: capacity (cached, asked again every
+    /// [`CAPACITY_REFRESH`] and when a node becomes ready, so a steady pass asks nothing),
+    /// labels, cordoned and draining ([`Scheduler::set_node_meta`]), and the images of the
+    /// containers listed there.
+    async fn node_facts(
+        &self,
+        nodes: &mut [plan::NodeState],
+        containers: &[(String, node::ContainerInstance)],
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let engines = self.engines();
+        let due: Vec<&Arc<dyn Engine>> = {
+            let st = self.st();
+            engines
+                .iter()
+                .filter(|e| {
+                    let answering = nodes
+                        .iter()
+                        .any(|n| n.name == e.name() && n.ready && !n.suspect);
+                    let back = st.node_ready.get(e.name()) != Some(&true);
+                    let stale = st
+                        .capacity
+                        .get(e.name())
+                        .is_none_or(|(at, _)| at.elapsed() >= CAPACITY_REFRESH);
+                    answering && (back || stale)
+                })
+                .collect()
+        };
+        let asked = futures_util::future::join_all(due.into_iter().map(|e| async move {
+            self.engine_calls.fetch_add(1, Relaxed);
+            let r = self
+                .bounded(e.name(), "reading its capacity", e.capacity())
+                .await;
+            (e.name().to_string(), r)
+        }))
+        .await;
+        let meta = self
+            .node_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut st = self.st();
+        for (name, r) in asked {
+            let known = st.capacity.get(&name).and_then(|(_, c)| *c);
+            let capacity = match r {
+                Ok(c) => c.map(capacity_resources),
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot read the node's capacity; keeping what was known");
+                    known
+                }
+            };
+            st.capacity
+                .insert(name, (std::time::Instant::now(), capacity));
+        }
+        for n in nodes.iter_mut() {
+            n.capacity = st.capacity.get(&n.name).and_then(|(_, c)| *c);
+            if let Some(m) = meta.get(&n.name) {
+                n.labels = m.labels.clone();
+                n.cordoned = m.cordoned;
+                n.draining = m.draining;
+            }
+            n.images = containers
+                .iter()
+                .filter(|(node, c)| *node == n.name && !c.image.is_empty())
+                .map(|(_, c)| c.image.clone())
+                .collect();
+        }
+    }
+
+    /// Logs starts that no node can take (once per change of reasons) and returns them for the
+    /// cluster view.
+    fn report_unplaced(&self, unplaced: Vec<plan::Unplaced>) -> Vec<UnplacedView> {
+        let mut st = self.st();
+        let mut now: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for u in &unplaced {
+            now.entry((u.app.clone(), u.process.clone()))
+                .or_insert_with(|| u.reasons.clone());
+        }
+        for ((app, process), reasons) in &now {
+            if st.unplaced.get(&(app.clone(), process.clone())) != Some(reasons) {
+                let why = if reasons.is_empty() {
+                    "no node".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                tracing::warn!(%app, %process, reasons = %why, "no node can take an instance");
+            }
+        }
+        st.unplaced = now;
+        unplaced
+            .into_iter()
+            .map(|u| UnplacedView {
+                app: u.app,
+                process: u.process,
+                slot: u.slot,
+                reasons: u.reasons,
+            })
+            .collect()
     }
 
     /// Publishes `InstanceHealthy`/`InstanceUnhealthy` for running instances whose verdict
@@ -1657,7 +2089,7 @@ impl Scheduler {
             return;
         }
         let mut left = false;
-        for n in &self.engines {
+        for n in &self.engines() {
             self.engine_calls.fetch_add(1, Relaxed);
             let networks = match self
                 .bounded(
@@ -1717,12 +2149,22 @@ impl Scheduler {
             .scheduler
             .deploy_timeout
             .max(self.engine_timeout());
+        // One transfer of an image to a node at a time: the starts of several instances
+        // there wait for the first to bring it, then find it present.
+        let transfer_lock = self
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((node_name.to_string(), image.to_string()))
+            .or_default()
+            .clone();
+        let transferring = transfer_lock.lock().await;
         if !self
             .bounded(node_name, "looking up an image", node.image_exists(image))
             .await?
         {
             let mut copied = false;
-            for other in &self.engines {
+            for other in &self.engines() {
                 if other.name() != node.name()
                     && self
                         .bounded(
@@ -1754,6 +2196,12 @@ impl Scheduler {
                 .await?;
             }
         }
+        drop(transferring);
+        drop(transfer_lock);
+        self.transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, l| Arc::strong_count(l) > 1);
         let mut env = self.registry.release_env(app, release).await?;
         env.push(("ESCALE_APP".into(), app.name.clone()));
         env.push(("ESCALE_PROCESS".into(), p.name.clone()));
@@ -1938,6 +2386,43 @@ impl Scheduler {
 
 /// A short hash of what an instance of `p` runs with: a change (resources, command, port)
 /// makes running instances stale, and the planner rolls them like a new release.
+/// Every container that holds resources (all but exited ones), at its process's declared
+/// CPUs and memory.
+fn placed_instances(desired: &plan::Desired, observed: &plan::Observed) -> Vec<PlacedInstance> {
+    let declared: HashMap<(&str, &str), placement::Resources> = desired
+        .apps
+        .iter()
+        .flat_map(|a| {
+            a.processes
+                .iter()
+                .map(move |p| ((a.app.as_str(), p.process.as_str()), p.resources))
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    observed
+        .instances
+        .iter()
+        .filter(|i| !matches!(i.state, InstanceState::Exited { .. }))
+        .filter(|i| seen.insert(i.container_id.as_str()))
+        .map(|i| PlacedInstance {
+            app: i.app.clone(),
+            node: i.node.clone(),
+            resources: declared
+                .get(&(i.app.as_str(), i.process.as_str()))
+                .copied()
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A node's capacity in placement's terms.
+fn capacity_resources(c: node::Capacity) -> placement::Resources {
+    placement::Resources {
+        nano_cpus: u64::from(c.cpus) * placement::NANOS_PER_CPU,
+        memory_bytes: c.memory_bytes,
+    }
+}
+
 pub fn spec_hash(image: &str, p: &ProcessType) -> String {
     use sha2::{Digest, Sha256};
     let text =
@@ -1982,6 +2467,10 @@ fn drain_cause(reason: plan::DrainReason, health_error: Option<&str>) -> (DrainC
         R::Orphan => (
             DrainCause::ScaledDown,
             "its app or process is no longer desired".into(),
+        ),
+        R::Moved => (
+            DrainCause::Rollout,
+            "moved off its node (draining, or lacking a label its process needs)".into(),
         ),
     }
 }

@@ -22,6 +22,10 @@
 //! - The **target slots** are `1..=N`. In each target slot at most one live current instance
 //!   is the slot's **keeper** (preferring `Healthy`, then `Starting`, then `Unhealthy`, then the
 //!   smallest container id).
+//! - A live current instance is **misplaced** when its node is draining or lacks a label the
+//!   process is constrained to ([`DesiredProcess::constraints`]): it is retiring
+//!   ([`DrainReason::Moved`]) and its slot is free, so a replacement starts on another node and
+//!   the old one is drained only once enough instances are healthy, as in a rolling deploy.
 //! - Every other live instance of the process is **retiring**: instances of other releases
 //!   (older ones during a deploy, newer ones after a rollback) or of an older spec, current
 //!   instances in slots outside `1..=N` (scaled down), and the non-keepers of a slot
@@ -55,7 +59,9 @@
 //! 5. Free target slots (no keeper, not cooling from steps 1 and 4, no backoff with
 //!    `until_ms > now_ms`) are started in ascending order, as many as the budget
 //!    `N + S - live after the drains` allows.
-//! 6. Each start is placed on a ready node (see [`plan`]).
+//! 6. Each start is placed by [`super::placement`]: a ready, open node with the labels and
+//!    the free resources it needs, spread first. A start no node can take is left out and
+//!    reported with the reason per node ([`plan_report`], [`Unplaced`]).
 //!
 //! Instances whose app or process is not desired are **orphans**: live ones are drained
 //! ([`DrainReason::Orphan`]), exited ones removed with `crashed = false`.
@@ -99,6 +105,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::placement::{Placer, Request, Resources};
+
 /// First crash-loop backoff delay, in milliseconds.
 pub const BACKOFF_BASE_MS: u64 = 1_000;
 /// Largest crash-loop backoff delay, in milliseconds.
@@ -134,7 +142,7 @@ pub struct DesiredApp {
 }
 
 /// The desired shape of one process type (`web`, `worker`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredProcess {
     /// The process type name.
     pub process: String,
@@ -151,6 +159,17 @@ pub struct DesiredProcess {
     /// How long an instance of the target release in a target slot must have been `Unhealthy`
     /// before it is replaced (`scheduler.unhealthy_replace_after`), in ms.
     pub unhealthy_replace_after_ms: u64,
+    /// Declared CPUs and memory of one instance (zero: none declared); placement counts them
+    /// against each node's capacity.
+    pub resources: Resources,
+    /// Node labels an instance needs (`disk = "ssd"`). An instance on a node that lacks one is
+    /// moved like one on a draining node.
+    pub constraints: BTreeMap<String, String>,
+    /// Free node resources do not limit placement (`scheduler.overcommit` or the process's own
+    /// flag).
+    pub overcommit: bool,
+    /// The image of the target release (nodes holding it are preferred); empty: unknown.
+    pub image: String,
 }
 
 /// What runs, as seen by the reconciler at `now_ms`.
@@ -202,8 +221,9 @@ pub struct HealthFacts {
     pub accepting: bool,
 }
 
-/// One node. A name listed several times is ready only if every entry says so.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One node. A name listed several times is ready only if every entry says so (and cordoned,
+/// draining or suspect if one says so; capacity, labels and images come from the first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeState {
     /// The node name.
     pub name: String,
@@ -212,6 +232,17 @@ pub struct NodeState {
     /// It has stopped answering, not for long (a blip so far): its instances count as last
     /// seen, but nothing new is placed on it.
     pub suspect: bool,
+    /// What the node has in all (`None`: unknown, resources are then not judged).
+    pub capacity: Option<Resources>,
+    /// The node's labels (`disk = "ssd"`), matched against process constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Nothing new is placed on it; its instances stay.
+    pub cordoned: bool,
+    /// Nothing new is placed on it and its instances are replaced elsewhere: a replacement
+    /// starts on another node, and the old instance is drained once enough are healthy.
+    pub draining: bool,
+    /// Images known to be on the node (preferred by placement).
+    pub images: BTreeSet<String>,
 }
 
 /// One container: an instance of (app, process, release, slot) on a node.
@@ -285,6 +316,9 @@ pub enum DrainReason {
     Unhealthy,
     /// The app or the process is no longer desired.
     Orphan,
+    /// Its node is draining, or lacks a label its process is constrained to: a replacement
+    /// on another node is healthy (or enough others are).
+    Moved,
 }
 
 /// One step for the executor.
@@ -366,11 +400,38 @@ pub fn backoff_delay_ms(consecutive_crashes: u32) -> u64 {
 
 /// Plans the next actions that move `observed` towards `desired`.
 ///
-/// See the module documentation for the rules. Placement of a [`Action::Start`]: among ready
-/// nodes, the one with the fewest live instances of the same `(app, process)`, then the fewest
-/// live instances in total, then the smallest name; counts exclude instances drained in this
-/// pass and include starts planned earlier in this pass.
+/// See the module documentation for the rules. Placement of a [`Action::Start`] (see
+/// [`super::placement`]): among feasible nodes, the one with the fewest live instances of the
+/// same `(app, process)`, then one holding the image, then the fewest live instances in total,
+/// then the smallest name; counts exclude instances drained in this pass and include starts
+/// planned earlier in this pass. Resources count every container still running (drained ones
+/// until they stop) at its process's declared CPUs and memory.
 pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
+    plan_report(desired, observed).actions
+}
+
+/// A plan with what it could not place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// What the executor does, as [`plan`] returns it.
+    pub actions: Vec<Action>,
+    /// Starts no node could take, with the reason per node.
+    pub unplaced: Vec<Unplaced>,
+}
+
+/// A start the planner wanted but no node could take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    pub app: String,
+    pub process: String,
+    pub slot: u32,
+    /// One line per node: `n2: 200 MiB free, needs 256 MiB`, `n3: lacks disk=ssd`; empty when
+    /// there is no node.
+    pub reasons: Vec<String>,
+}
+
+/// [`plan`], and the starts it could not place with why.
+pub fn plan_report(desired: &Desired, observed: &Observed) -> Plan {
     let now = observed.now_ms;
     let ready = ready_nodes(&observed.nodes);
     let views = instance_views(&observed.instances);
@@ -411,18 +472,31 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
+    // Nodes whose instances move away: draining ones, and (per process) those lacking a
+    // label the process is constrained to.
+    let node_facts = node_facts(&observed.nodes);
     for (&app, target) in &targets {
         let verdict = rollout_verdict(target, &groups, observed, !ready.is_empty());
         let freeze_other_releases = matches!(verdict, Some(Action::RolloutFailed { .. }));
         for (&process, spec) in &target.processes {
             let group = groups.get(&(app, process)).map_or(&[][..], Vec::as_slice);
             let blocked = blocked_slots(&observed.backoff, app, process, now);
+            let misplaced = |node: &str| {
+                node_facts.get(node).is_some_and(|&(draining, labels)| {
+                    draining
+                        || spec
+                            .constraints
+                            .iter()
+                            .any(|(k, v)| labels.get(k) != Some(v))
+                })
+            };
             let pp = plan_process(
                 target.spec.release,
                 spec,
                 group,
                 &blocked,
                 freeze_other_releases,
+                &misplaced,
                 now,
             );
             for (view, crashed) in pp.removes {
@@ -449,28 +523,51 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
-    // Placement (see `placement`): spread over ready nodes, counting this pass's drains and
-    // starts.
-    let live = views
-        .iter()
-        .filter(|v| {
-            matches!(v.phase, Phase::Live(_)) && !drained.contains(v.inst.container_id.as_str())
-        })
-        .map(|v| {
-            (
-                v.inst.app.as_str(),
-                v.inst.process.as_str(),
-                v.inst.node.as_str(),
-            )
-        });
-    let placed = super::placement::place(
-        &observed.nodes,
-        live,
-        starts.iter().map(|&(app, process, _, _)| (app, process)),
-    );
-    for ((app, process, release, slot), node) in starts.into_iter().zip(placed) {
-        let Some(node) = node else {
-            continue; // no ready node: nothing can start
+    // Placement (see `placement`): feasible nodes (ready, open, labels, free resources), spread
+    // first; resources count every container still running (drained ones too, until they
+    // stop), spread only the live ones kept, and both count this pass's starts.
+    let declared = |app: &str, process: &str| {
+        targets
+            .get(app)
+            .and_then(|t| t.processes.get(process))
+            .map_or(Resources::default(), |p| p.resources)
+    };
+    let mut placer = Placer::new(&observed.nodes);
+    for v in &views {
+        let inst = v.inst;
+        let resources = declared(&inst.app, &inst.process);
+        match v.phase {
+            Phase::Live(_) if !drained.contains(inst.container_id.as_str()) => {
+                placer.add(&inst.app, &inst.process, &inst.node, resources);
+            }
+            Phase::Live(_) | Phase::Draining => placer.reserve(&inst.node, resources),
+            Phase::Exited { .. } => {}
+        }
+    }
+    let mut unplaced = Vec::new();
+    for (app, process, release, slot) in starts {
+        let Some(spec) = targets.get(app).and_then(|t| t.processes.get(process)) else {
+            continue;
+        };
+        let request = Request {
+            app,
+            process,
+            resources: spec.resources,
+            constraints: &spec.constraints,
+            image: &spec.image,
+            overcommit: spec.overcommit,
+        };
+        let node = match placer.place(&request) {
+            Ok(node) => node,
+            Err(why) => {
+                unplaced.push(Unplaced {
+                    app: app.to_owned(),
+                    process: process.to_owned(),
+                    slot,
+                    reasons: why.reasons,
+                });
+                continue;
+            }
         };
         let key = SortKey {
             app: app.to_owned(),
@@ -492,8 +589,42 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         ));
     }
 
+    // A failed rollout says what could not be placed, and why, node by node.
+    for (_, action) in &mut out {
+        let Action::RolloutFailed { app, reason, .. } = action else {
+            continue;
+        };
+        let mut per: BTreeMap<&str, (usize, &[String])> = BTreeMap::new();
+        for u in unplaced.iter().filter(|u| &u.app == app) {
+            per.entry(u.process.as_str())
+                .or_insert((0, u.reasons.as_slice()))
+                .0 += 1;
+        }
+        for (process, (n, reasons)) in per {
+            if reasons.is_empty() {
+                continue;
+            }
+            reason.push_str(&format!(
+                "; {process}: no node can take {n} instance(s): {}",
+                reasons.join(", ")
+            ));
+        }
+    }
+
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    out.into_iter().map(|(_, action)| action).collect()
+    Plan {
+        actions: out.into_iter().map(|(_, action)| action).collect(),
+        unplaced,
+    }
+}
+
+/// Per node name (entries merged): whether it is draining, and its labels (first entry's).
+fn node_facts(nodes: &[NodeState]) -> BTreeMap<&str, (bool, &BTreeMap<String, String>)> {
+    let mut out: BTreeMap<&str, (bool, &BTreeMap<String, String>)> = BTreeMap::new();
+    for n in nodes {
+        out.entry(n.name.as_str()).or_insert((false, &n.labels)).0 |= n.draining;
+    }
+    out
 }
 
 /// Output order: app, then its process actions before its rollout verdict, then process,
@@ -651,6 +782,7 @@ fn plan_process<'v, 'a>(
     group: &[&'v View<'a>],
     blocked: &BTreeSet<u32>,
     freeze_other_releases: bool,
+    misplaced: &dyn Fn(&str) -> bool,
     now: u64,
 ) -> ProcessPlan<'v, 'a> {
     let n = spec.instances.min(MAX_INSTANCES);
@@ -686,6 +818,10 @@ fn plan_process<'v, 'a>(
             Phase::Live(state) => {
                 if !current {
                     retiring.push((view, state, DrainReason::Replaced));
+                } else if misplaced(&inst.node) {
+                    // Its slot is free for a replacement on another node; it is drained
+                    // like an old release, once enough instances are healthy.
+                    retiring.push((view, state, DrainReason::Moved));
                 } else if in_target(inst.slot) {
                     by_slot.entry(inst.slot).or_default().push((view, state));
                 } else {
@@ -1027,7 +1163,7 @@ mod tests {
             .map(|n| NodeState {
                 name: (*n).to_owned(),
                 ready: true,
-                suspect: false,
+                ..NodeState::default()
             })
             .collect()
     }
@@ -1039,6 +1175,7 @@ mod tests {
             surge,
             spec: String::new(),
             unhealthy_replace_after_ms: REPLACE_AFTER_MS,
+            ..DesiredProcess::default()
         }
     }
 
@@ -1400,6 +1537,185 @@ mod tests {
             }
             None
         }
+    }
+
+    // ---------- placement: drain, cordon, constraints, resources ----------
+
+    fn node_mut<'s>(sim: &'s mut Sim, name: &str) -> &'s mut NodeState {
+        sim.observed
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("node")
+    }
+
+    fn on(sim: &Sim, node: &str) -> usize {
+        sim.live("shop", "web")
+            .iter()
+            .filter(|i| i.node == node)
+            .count()
+    }
+
+    #[test]
+    fn a_draining_node_is_emptied_replacements_first_never_below_the_healthy_count() {
+        for surge in [1, 2] {
+            let mut sim = Sim::new(shop(1, 3, surge), &["n1", "n2", "n3"]);
+            assert!(sim.run_until_converged(10).is_some());
+            assert_eq!(on(&sim, "n1"), 1);
+            node_mut(&mut sim, "n1").draining = true;
+            let mut passes = 0;
+            while on(&sim, "n1") > 0 || !sim.converged() {
+                passes += 1;
+                assert!(passes < 20, "no progress: {:?}", sim.observed.instances);
+                let actions = sim.plan();
+                for (_, _, node) in starts(&actions) {
+                    assert_ne!(node, "n1", "nothing new on a draining node");
+                }
+                for (_, reason) in drains(&actions) {
+                    assert_eq!(reason, DrainReason::Moved);
+                }
+                sim.apply(&actions);
+                assert!(sim.healthy("shop", "web") >= 3, "healthy count kept");
+                assert!(
+                    sim.live("shop", "web").len() <= 3 + surge as usize,
+                    "surge cap"
+                );
+                sim.tick();
+                sim.mark_starting(Healthy);
+            }
+            assert_eq!(on(&sim, "n1"), 0);
+            assert!(sim.plan().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_draining_node_with_nowhere_else_to_go_keeps_its_instances() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1"]);
+        assert!(sim.run_until_converged(10).is_some());
+        node_mut(&mut sim, "n1").draining = true;
+        let report = plan_report(&sim.desired, &sim.observed);
+        assert!(report.actions.is_empty(), "{:?}", report.actions);
+        assert_eq!(report.unplaced.len(), 1);
+        assert_eq!(report.unplaced[0].reasons, ["n1: draining"]);
+    }
+
+    #[test]
+    fn a_cordoned_node_keeps_its_instances_and_gets_nothing_new() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1", "n2"]);
+        assert!(sim.run_until_converged(10).is_some());
+        node_mut(&mut sim, "n1").cordoned = true;
+        assert!(sim.plan().is_empty(), "its instance stays");
+        sim.desired = shop(1, 4, 1);
+        let actions = sim.plan();
+        assert_eq!(
+            starts(&actions),
+            [
+                ("web".into(), 3, "n2".into()),
+                ("web".into(), 4, "n2".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn constraints_place_on_labelled_nodes_and_move_instances_off_the_others() {
+        let mut sim = Sim::new(shop(1, 2, 1), &["n1", "n2", "n3"]);
+        node_mut(&mut sim, "n3")
+            .labels
+            .insert("disk".into(), "ssd".into());
+        assert!(sim.run_until_converged(10).is_some());
+        assert_eq!(on(&sim, "n3"), 0, "spread by name: n1 and n2");
+        sim.desired.apps[0].processes[0]
+            .constraints
+            .insert("disk".into(), "ssd".into());
+        assert!(sim.run_until_converged(20).is_some());
+        assert_eq!(on(&sim, "n3"), 2, "{:?}", sim.observed.instances);
+    }
+
+    #[test]
+    fn unplaceable_starts_are_reported_with_a_reason_per_node() {
+        let mut sim = Sim::new(shop(1, 3, 1), &["n1", "n2", "n3"]);
+        let gib = |g: u64| Resources {
+            nano_cpus: 2 * super::super::placement::NANOS_PER_CPU,
+            memory_bytes: g << 30,
+        };
+        node_mut(&mut sim, "n1").capacity = Some(gib(1));
+        node_mut(&mut sim, "n2").capacity = Some(gib(1));
+        node_mut(&mut sim, "n2").cordoned = true;
+        node_mut(&mut sim, "n3").capacity = Some(gib(1));
+        node_mut(&mut sim, "n3")
+            .labels
+            .insert("disk".into(), "hdd".into());
+        let web = &mut sim.desired.apps[0].processes[0];
+        web.resources.memory_bytes = 600 << 20;
+        // Another app already uses 500 MiB on n1... through an instance of its own.
+        sim.desired.apps.push(app(
+            "blog",
+            1,
+            vec![DesiredProcess {
+                resources: Resources {
+                    nano_cpus: 0,
+                    memory_bytes: 500 << 20,
+                },
+                ..process("web", 1, 1)
+            }],
+        ));
+        sim.observed
+            .instances
+            .push(inst("b1", "n1", "blog", "web", 1, 1, Healthy));
+        let report = plan_report(&sim.desired, &sim.observed);
+        // n3 takes the first; nothing takes the others.
+        assert_eq!(starts(&report.actions), [("web".into(), 1, "n3".into())]);
+        assert_eq!(
+            report.unplaced,
+            [2, 3]
+                .map(|slot| Unplaced {
+                    app: "shop".into(),
+                    process: "web".into(),
+                    slot,
+                    reasons: vec![
+                        "n1: 524 MiB free, needs 600 MiB".into(),
+                        "n2: cordoned".into(),
+                        "n3: 424 MiB free, needs 600 MiB".into(),
+                    ],
+                })
+                .to_vec()
+        );
+        // With overcommit, free memory does not limit.
+        sim.desired.apps[0].processes[0].overcommit = true;
+        let report = plan_report(&sim.desired, &sim.observed);
+        assert_eq!(start_slots(&report.actions), [1, 2, 3]);
+        assert!(report.unplaced.is_empty());
+    }
+
+    #[test]
+    fn a_failed_rollout_names_what_could_not_be_placed() {
+        let mut desired = shop(2, 2, 1);
+        desired.apps[0].rollout_deadline_ms = Some(NOW);
+        desired.apps[0].processes[0]
+            .constraints
+            .insert("disk".into(), "ssd".into());
+        let obs = observed(&["n1"], vec![web("a", "n1", 1, 1, Healthy)]);
+        let report = plan_report(&desired, &obs);
+        let reason = report
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::RolloutFailed { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .expect("failed");
+        assert!(
+            reason.ends_with("; web: no node can take 2 instance(s): n1: lacks disk=ssd"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn the_image_is_preferred_after_spread() {
+        let mut sim = Sim::new(shop(1, 1, 1), &["n1", "n2"]);
+        sim.desired.apps[0].processes[0].image = "shop:1".into();
+        node_mut(&mut sim, "n2").images.insert("shop:1".into());
+        assert_eq!(starts(&sim.plan()), [("web".into(), 1, "n2".into())]);
     }
 
     // ---------- backoff ----------
@@ -2584,7 +2900,7 @@ mod tests {
                     .map(|(k, ready)| NodeState {
                         name: NODES[k].to_owned(),
                         ready,
-                        suspect: false,
+                        ..NodeState::default()
                     })
                     .collect(),
                 instances,
@@ -2654,10 +2970,18 @@ mod tests {
                         before.observed.now_ms,
                     );
                     prop_assert!(!blocked.contains(slot), "starts a slot in backoff");
+                    // An instance on a draining node does not hold its slot: it is replaced.
+                    let draining = |node: &str| {
+                        before
+                            .observed
+                            .nodes
+                            .iter()
+                            .any(|n| n.name == node && n.draining)
+                    };
                     let held = before
                         .live(app, process)
                         .iter()
-                        .any(|i| i.release == *release && i.slot == *slot);
+                        .any(|i| i.release == *release && i.slot == *slot && !draining(&i.node));
                     prop_assert!(!held, "starts a held slot: {action:?}");
                 }
                 Action::RolloutSucceeded { .. } | Action::RolloutFailed { .. } => {}
@@ -2721,8 +3045,9 @@ mod tests {
             check_pass(&before, &actions, &after)?;
         }
 
-        /// Random executions: instances become healthy, unhealthy, exit; nodes flap; the target
-        /// changes. Every pass keeps the cap and the availability guarantee.
+        /// Random executions: instances become healthy, unhealthy, exit; nodes flap, are
+        /// cordoned and drained; the target changes. Every pass keeps the cap and the
+        /// availability guarantee, and starts nothing on a cordoned or draining node.
         #[test]
         fn random_executions_keep_invariants(
             desired in arb_desired(),
@@ -2734,6 +3059,14 @@ mod tests {
             let mut roll = move || dice.next().unwrap_or(0);
             for pass in 0..15u64 {
                 let actions = sim.plan();
+                for (_, _, node) in starts(&actions) {
+                    let closed = sim
+                        .observed
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == node && (n.cordoned || n.draining));
+                    prop_assert!(!closed, "a start on closed node {node}: {actions:?}");
+                }
                 let before = sim.clone();
                 sim.apply(&actions);
                 check_pass(&before, &actions, &sim)?;
@@ -2753,6 +3086,15 @@ mod tests {
                 if roll() % 8 == 0 {
                     let k = usize::from(roll()) % sim.observed.nodes.len();
                     sim.observed.nodes[k].ready = !sim.observed.nodes[k].ready;
+                }
+                if roll() % 6 == 0 {
+                    let k = usize::from(roll()) % sim.observed.nodes.len();
+                    let n = &mut sim.observed.nodes[k];
+                    match roll() % 3 {
+                        0 => n.cordoned = !n.cordoned,
+                        1 => n.draining = !n.draining,
+                        _ => {}
+                    }
                 }
                 if roll() % 10 == 0 {
                     let now = sim.observed.now_ms;

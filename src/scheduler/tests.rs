@@ -760,3 +760,310 @@ async fn a_node_silent_past_the_grace_is_down_and_its_instances_are_replaced() {
         super::NodeStatus::Down
     );
 }
+
+// ---------- placement: drain, cordon, constraints, resources, images ----------
+
+fn meta(labels: &[(&str, &str)], cordoned: bool, draining: bool) -> super::placement::NodeMeta {
+    super::placement::NodeMeta {
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        cordoned,
+        draining,
+    }
+}
+
+#[tokio::test]
+async fn a_draining_node_is_emptied_replacements_healthy_first() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.app("shop", 2).await;
+    h.until("two healthy instances", |h| h.healthy() == 2).await;
+    assert_eq!(h.engine(0).running().len(), 1);
+    h.sched.set_node_meta("n1", meta(&[], false, true));
+    let mut lowest = usize::MAX;
+    h.until("n1 emptied, two healthy on n2", |h| {
+        lowest = lowest.min(h.healthy());
+        h.engine(0).running().is_empty() && h.engine(1).running().len() == 2 && h.healthy() == 2
+    })
+    .await;
+    assert_eq!(lowest, 2, "the healthy count never dropped");
+    // Drained through the rolling machinery, with its cause.
+    assert!(
+        h.count(|e| matches!(
+            e,
+            Event::InstanceDraining {
+                cause: DrainCause::Rollout,
+                ..
+            }
+        )) >= 1,
+        "{:?}",
+        h.events
+    );
+    // Undrained: nothing moves back on its own (spread is for new instances).
+    h.sched.set_node_meta("n1", meta(&[], false, false));
+    h.sched.pass().await.expect("pass");
+    assert_eq!(h.engine(1).running().len(), 2);
+}
+
+#[tokio::test]
+async fn a_cordoned_node_keeps_its_instances_and_takes_nothing_new() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.app("shop", 2).await;
+    h.until("two healthy instances", |h| h.healthy() == 2).await;
+    h.sched.set_node_meta("n1", meta(&[], true, false));
+    h.scale("shop", 4).await;
+    h.until("four healthy instances", |h| h.healthy() == 4)
+        .await;
+    assert_eq!(h.engine(0).running().len(), 1, "kept, nothing new");
+    assert_eq!(h.engine(1).running().len(), 3);
+}
+
+#[tokio::test]
+async fn constraints_place_on_labelled_nodes_only() {
+    let mut h = Harness::new(&["n1", "n2", "n3"]).await;
+    h.sched
+        .set_node_meta("n2", meta(&[("disk", "ssd")], false, false));
+    h.sched
+        .set_node_meta("n3", meta(&[("disk", "hdd")], false, false));
+    h.registry
+        .create_app(&h.actor, "shop", None, 8080)
+        .await
+        .expect("app");
+    let patch = ProcessPatch {
+        health_kind: Some(HealthKind::None),
+        constraints: Some(BTreeMap::from([("disk".to_string(), "ssd".to_string())])),
+        ..Default::default()
+    };
+    h.registry
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .await
+        .expect("process");
+    h.scale("shop", 2).await;
+    h.deploy("shop", IMAGE).await;
+    h.until("two healthy instances", |h| h.healthy() == 2).await;
+    assert_eq!(h.engine(1).running().len(), 2);
+    assert!(h.engine(0).running().is_empty() && h.engine(2).running().is_empty());
+}
+
+#[tokio::test]
+async fn what_does_not_fit_is_not_started_and_says_why_per_node() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.engine(0).set_capacity(1, 512 << 20);
+    h.engine(1).set_capacity(1, 512 << 20);
+    h.sched.set_node_meta("n2", meta(&[], true, false));
+    h.registry
+        .create_app(&h.actor, "shop", None, 8080)
+        .await
+        .expect("app");
+    let patch = ProcessPatch {
+        health_kind: Some(HealthKind::None),
+        memory_bytes: Some(Some(200 << 20)),
+        ..Default::default()
+    };
+    h.registry
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .await
+        .expect("process");
+    h.scale("shop", 3).await;
+    h.deploy("shop", IMAGE).await;
+    h.until("two healthy instances and one unplaced", |h| {
+        h.healthy() == 2 && !h.sched.view.load().unplaced.is_empty()
+    })
+    .await;
+    let view = h.sched.view.load();
+    assert_eq!(view.unplaced.len(), 1);
+    let u = &view.unplaced[0];
+    assert_eq!(
+        (u.app.as_str(), u.process.as_str(), u.slot),
+        ("shop", "web", 3)
+    );
+    assert_eq!(
+        u.reasons,
+        ["n1: 112 MiB free, needs 200 MiB", "n2: cordoned"]
+    );
+    // Capacity is asked once per node, not at every pass.
+    let passes = h.sched.passes.load(Relaxed);
+    assert!(passes > 1);
+    assert_eq!(h.engine(0).calls(Call::Capacity), 1);
+    // Uncordoned: the last one goes to n2.
+    h.sched.set_node_meta("n2", meta(&[], false, false));
+    h.until("three healthy instances", |h| h.healthy() == 3)
+        .await;
+    assert_eq!(h.engine(1).running().len(), 1);
+    assert!(h.sched.view.load().unplaced.is_empty());
+}
+
+#[tokio::test]
+async fn nodes_holding_the_image_are_preferred_after_spread() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    // blog (IMAGE) on n1 by name; wiki (wiki:1) on n2, the less loaded.
+    h.app("blog", 1).await;
+    h.until("blog healthy", |h| h.healthy() == 1).await;
+    assert_eq!(h.engine(0).running().len(), 1);
+    h.app("wiki", 1).await;
+    h.deploy("wiki", "registry.example/wiki:1").await;
+    h.until("wiki:1 healthy on n2", |h| {
+        h.healthy() == 2
+            && h.engine(1)
+                .running()
+                .iter()
+                .any(|c| c.image == "registry.example/wiki:1")
+            && h.engine(1).running().len() == 1
+    })
+    .await;
+    // docs runs wiki:1 too: equal load, so by name it would be n1; n2 holds the image.
+    h.app("docs", 0).await;
+    h.deploy("docs", "registry.example/wiki:1").await;
+    h.scale("docs", 1).await;
+    h.until("docs healthy", |h| h.healthy() == 3).await;
+    assert!(
+        h.engine(1).running().iter().any(|c| c.app == "docs"),
+        "{:?}",
+        h.engine(0).running()
+    );
+}
+
+#[tokio::test]
+async fn the_service_refuses_a_formation_that_cannot_be_placed_and_changes_nothing() {
+    let mut h = Harness::new(&["n1", "n2"]).await;
+    h.engine(0).set_capacity(2, 1 << 30);
+    h.engine(1).set_capacity(2, 1 << 30);
+    h.sched
+        .set_node_meta("n2", meta(&[("disk", "ssd")], false, false));
+    let services =
+        crate::service::Services::new(h.registry.clone(), h.config.clone(), Some(h.sched.clone()));
+    // blog takes 600 MiB of n1 (at its declared memory).
+    h.app("blog", 0).await;
+    let mem = |m: u64| ProcessPatch {
+        memory_bytes: Some(Some(m << 20)),
+        ..Default::default()
+    };
+    services
+        .update_process(&h.actor, "blog", "web", &mem(600))
+        .await
+        .expect("fits");
+    h.scale("blog", 1).await;
+    h.until("blog healthy", |h| h.healthy() == 1).await;
+    assert_eq!(h.engine(0).running().len(), 1, "blog on n1");
+
+    h.app("shop", 0).await;
+    let ssd = ProcessPatch {
+        constraints: Some(BTreeMap::from([("disk".to_string(), "ssd".to_string())])),
+        ..mem(512)
+    };
+    services
+        .update_process(&h.actor, "shop", "web", &ssd)
+        .await
+        .expect("fits");
+    let counts = |n: u32| BTreeMap::from([("web".to_string(), n)]);
+    services
+        .scale(&h.actor, "shop", &counts(2))
+        .await
+        .expect("two fit on n2");
+    let err = services
+        .scale(&h.actor, "shop", &counts(3))
+        .await
+        .expect_err("a third does not");
+    assert_eq!(
+        err.to_string(),
+        "no node can run `web` of `shop` (3 instances, 512 MiB each, on disk=ssd): n1: lacks disk=ssd; n2: 0 MiB free, needs 512 MiB; nothing was changed"
+    );
+    let a = h.registry.app(&h.actor, "shop").await.expect("app");
+    let web = h.registry.processes_of(a.id).await.expect("processes");
+    assert_eq!(web[0].instances, 2, "nothing changed");
+    // Without the constraint, n1 has 424 MiB free: still no.
+    let any = ProcessPatch {
+        constraints: Some(BTreeMap::new()),
+        ..Default::default()
+    };
+    let err = services
+        .update_process(&h.actor, "shop", "web", &any)
+        .await
+        .map(|_| ());
+    assert_eq!(err.map_err(|e| e.to_string()), Ok(()), "2 still fit");
+    let err = services
+        .scale(&h.actor, "shop", &counts(4))
+        .await
+        .expect_err("four do not");
+    assert!(
+        err.to_string()
+            .contains("n1: 424 MiB free, needs 512 MiB; n2: 0 MiB free, needs 512 MiB"),
+        "{err}"
+    );
+    // Scaling down is never refused; more CPUs than a node has are, even at 0 instances.
+    services
+        .scale(&h.actor, "shop", &counts(0))
+        .await
+        .expect("down");
+    let cpus = ProcessPatch {
+        nano_cpus: Some(Some(3_000_000_000)),
+        ..Default::default()
+    };
+    let err = services
+        .update_process(&h.actor, "shop", "web", &cpus)
+        .await
+        .expect_err("3 CPUs");
+    assert!(
+        err.to_string()
+            .contains("n1: has 2 CPU(s), needs 3; n2: has 2 CPU(s), needs 3"),
+        "{err}"
+    );
+    // Overcommit: free memory does not limit.
+    let over = ProcessPatch {
+        overcommit: Some(true),
+        ..Default::default()
+    };
+    services
+        .update_process(&h.actor, "shop", "web", &over)
+        .await
+        .expect("overcommit");
+    services
+        .scale(&h.actor, "shop", &counts(4))
+        .await
+        .expect("overcommitted");
+}
+
+#[test]
+fn the_api_document_describes_placement() {
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas.get("UnplacedView").is_some(), "{schemas}");
+    let process = &schemas["ProcessType"]["properties"];
+    assert!(process.get("constraints").is_some(), "{process}");
+    assert!(process.get("overcommit").is_some(), "{process}");
+    let update = &schemas["ProcessUpdate"]["properties"];
+    assert!(update.get("constraints").is_some(), "{update}");
+}
+/// Engine calls per pass do not grow with the instance count: with 3 nodes and 300 running
+/// instances, a steady pass makes one list call per node and nothing else (the benchmark
+/// figure of issue #16, as an invariant).
+#[tokio::test]
+async fn a_steady_pass_makes_one_call_per_node_at_300_instances() {
+    let mut h = Harness::new(&["n1", "n2", "n3"]).await;
+    h.sched.set_engine_timeout(Duration::from_secs(5));
+    h.app("big", 300).await;
+    h.until("300 healthy instances", |h| h.healthy() == 300)
+        .await;
+    let per_node: Vec<usize> = h.engines.iter().map(|e| e.running().len()).collect();
+    assert_eq!(per_node, vec![100, 100, 100], "spread");
+    // Let in-flight bookkeeping settle, then count.
+    h.sched.pass().await.expect("pass");
+    let before = h.sched.engine_calls.load(Relaxed);
+    let lists: Vec<u64> = h.engines.iter().map(|e| e.calls(Call::List)).collect();
+    for _ in 0..10 {
+        h.sched.pass().await.expect("pass");
+    }
+    let calls = h.sched.engine_calls.load(Relaxed) - before;
+    assert_eq!(calls, 30, "10 steady passes over 3 nodes");
+    for (e, before) in h.engines.iter().zip(lists) {
+        assert_eq!(
+            e.calls(Call::List) - before,
+            10,
+            "one list per pass on {}",
+            e.name()
+        );
+        assert_eq!(e.running().len(), 100);
+    }
+}

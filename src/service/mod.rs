@@ -18,15 +18,18 @@
 
 mod follow;
 mod locks;
+pub mod nodes;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use follow::{follow, FollowError, Progress};
 pub use locks::{AppLocks, Busy, DeployGuard, Queue};
 
 use crate::config::Config;
+use crate::model::{ProcessPatch, ProcessType};
 use crate::registry::{Actor, AppRef, ManifestApplied, Registry, RegistryError, Release};
-use crate::scheduler::{ImageError, Scheduler};
+use crate::scheduler::{placement, ImageError, Scheduler};
 
 /// Why a service call failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +51,17 @@ pub enum ServiceError {
     Invalid(String),
     #[error("this server runs no scheduler, so it cannot deploy")]
     NoScheduler,
+    /// The request conflicts with the current state; the message says what to do first.
+    #[error("{0}")]
+    Conflict(String),
+    /// The cluster's certificate authority failed (ours, not the caller's).
+    #[error("cluster CA: {0}")]
+    Cluster(String),
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
-/// How long a node may take to say what it has (a node that does not answer is left out).
+/// How long a node may take to say what it has (what the scheduler knows is used otherwise).
 const CAPACITY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the surfaces share; cheap to clone.
@@ -148,6 +157,8 @@ impl Services {
             &a,
             format!("an image deploy of `{}` by {}", req.image, actor.name),
         )?;
+        let formation = self.registry.processes_of(a.id).await?;
+        self.check_placement(&a.name, &formation).await?;
         if let Some(sched) = &self.scheduler {
             sched
                 .check_image(&req.image, &a.uid)
@@ -178,19 +189,32 @@ impl Services {
         Ok(self.registry.release(actor, app, v).await?)
     }
 
-    /// Changes a process type (created if new). Declared CPUs and memory must fit at least one
-    /// node: a process no node can run is refused, naming each node's capacity.
+    /// Changes a process type (created if new). When the change touches what placement
+    /// judges (CPUs, memory, constraints, overcommit), the app's whole formation with it must
+    /// fit the nodes ([`Services::check_placement`]), else nothing is changed.
     pub async fn update_process(
         &self,
         actor: &Actor,
         app: &str,
         process: &str,
-        patch: &crate::model::ProcessPatch,
-    ) -> Result<crate::model::ProcessType> {
-        self.registry.app(actor, app).await?;
-        let (cpus, memory) = (patch.nano_cpus.flatten(), patch.memory_bytes.flatten());
-        if cpus.is_some() || memory.is_some() {
-            Self::check_fits(&self.capacities().await, process, cpus, memory)?;
+        patch: &ProcessPatch,
+    ) -> Result<ProcessType> {
+        let a = self.registry.app(actor, app).await?;
+        let placement = patch.nano_cpus.is_some()
+            || patch.memory_bytes.is_some()
+            || patch.constraints.is_some()
+            || patch.overcommit.is_some();
+        if placement {
+            let mut formation = self.registry.processes_of(a.id).await?;
+            match formation.iter_mut().find(|p| p.name == process) {
+                Some(p) => patched(p, patch),
+                None => {
+                    let mut p = new_process(process);
+                    patched(&mut p, patch);
+                    formation.push(p);
+                }
+            }
+            self.check_placement(app, &formation).await?;
         }
         Ok(self
             .registry
@@ -204,70 +228,127 @@ impl Services {
             .await?)
     }
 
-    /// What each node that answers within a few seconds has (none without a scheduler).
-    async fn capacities(&self) -> Vec<(String, crate::node::Capacity)> {
-        let Some(sched) = &self.scheduler else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for n in sched.docker_nodes() {
-            let asked = tokio::time::timeout(CAPACITY_TIMEOUT, n.capacity()).await;
-            if let Ok(Ok(c)) = asked {
-                out.push((n.name.clone(), c));
+    /// Sets instance counts. When a count grows, the whole formation must fit the nodes
+    /// ([`Services::check_placement`]), else nothing is changed; scaling down is never
+    /// refused.
+    pub async fn scale(
+        &self,
+        actor: &Actor,
+        app: &str,
+        counts: &BTreeMap<String, u32>,
+    ) -> Result<Vec<ProcessType>> {
+        let a = self.registry.app(actor, app).await?;
+        let mut formation = self.registry.processes_of(a.id).await?;
+        let mut grows = false;
+        for p in &mut formation {
+            if let Some(&n) = counts.get(&p.name) {
+                grows |= n > p.instances;
+                p.instances = n;
             }
         }
-        out
+        if grows {
+            self.check_placement(app, &formation).await?;
+        }
+        Ok(self.registry.set_formation(actor, app, counts).await?)
     }
 
-    /// Refuses `cpus`/`memory` that none of `nodes` has (with no node to ask, nothing is
-    /// refused).
-    fn check_fits(
-        nodes: &[(String, crate::node::Capacity)],
-        process: &str,
-        nano_cpus: Option<i64>,
-        memory_bytes: Option<u64>,
-    ) -> Result<()> {
-        if nodes.is_empty() || (nano_cpus.is_none() && memory_bytes.is_none()) {
+    /// Refuses a formation of `app` that the nodes cannot take, naming each node's reason
+    /// (`n2: 200 MiB free, needs 256 MiB`, `n3: lacks disk=ssd`). The nodes are asked for their
+    /// capacity once (a few seconds at most; what the scheduler knows otherwise); what other
+    /// apps run counts at their declared resources; this app's own instances do not (its
+    /// formation is placed afresh). Every instance is placed as the planner would
+    /// ([`placement::fit`]); a process with no instances must still fit one node by its
+    /// CPUs and memory (free resources, labels, cordons and drains aside). Readiness is not judged. Without a scheduler or a
+    /// node, nothing is refused.
+    pub async fn check_placement(&self, app: &str, formation: &[ProcessType]) -> Result<()> {
+        let Some(sched) = &self.scheduler else {
             return Ok(());
-        }
-        let fits = |c: &crate::node::Capacity| {
-            nano_cpus.is_none_or(|n| n <= c.cpus as i64 * 1_000_000_000)
-                && memory_bytes.is_none_or(|m| m <= c.memory_bytes)
         };
-        if nodes.iter().any(|(_, c)| fits(c)) {
+        let nodes = sched.placement_nodes(CAPACITY_TIMEOUT).await;
+        if nodes.is_empty() {
             return Ok(());
         }
-        let seen: Vec<String> = nodes
+        let overcommit = self.config.scheduler.overcommit;
+        fn request(p: &ProcessType, overcommit: bool) -> placement::Request<'_> {
+            placement::Request {
+                app: "",
+                process: &p.name,
+                resources: placement::Resources::declared(p.nano_cpus, p.memory_bytes),
+                constraints: &p.constraints,
+                image: "",
+                overcommit: overcommit || p.overcommit,
+            }
+        }
+        // One instance of each process, on empty open nodes: CPUs or memory no node has
+        // (constraints are judged with the instances: nodes may be labelled later).
+        let open: Vec<_> = nodes
             .iter()
-            .map(|(name, c)| format!("{name}: {} CPU(s), {} MiB", c.cpus, c.memory_bytes >> 20))
+            .map(|n| crate::scheduler::plan::NodeState {
+                cordoned: false,
+                draining: false,
+                ..n.clone()
+            })
             .collect();
-        let asked = [
-            nano_cpus.map(|n| format!("{} CPU(s)", n as f64 / 1e9)),
-            memory_bytes.map(|m| format!("{} MiB", m >> 20)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" and ");
-        Err(ServiceError::Invalid(format!(
-            "no node can run `{process}` with {asked} ({}); ask for what a node has; nothing was changed",
-            seen.join("; ")
-        )))
+        let empty = placement::Placer::new(&open);
+        for p in formation {
+            let one = placement::Request {
+                app,
+                overcommit: true,
+                constraints: &NO_CONSTRAINTS,
+                ..request(p, overcommit)
+            };
+            if empty.rank(&one).is_empty() {
+                return Err(refusal(app, p, &empty.explain(&one)));
+            }
+        }
+        // The formation, against what the others use.
+        let placed = sched.placed();
+        let mut placer = placement::Placer::new(&nodes);
+        for other in placed.iter().filter(|i| i.app != app) {
+            placer.reserve(&other.node, other.resources);
+        }
+        let demands: Vec<placement::Demand<'_>> = formation
+            .iter()
+            .map(|p| placement::Demand {
+                request: placement::Request {
+                    app,
+                    ..request(p, overcommit)
+                },
+                instances: p.instances,
+            })
+            .collect();
+        placement::fit(&mut placer, &demands).map_err(|(process, why)| {
+            let p = formation
+                .iter()
+                .find(|p| p.name == process)
+                .expect("a process of the formation");
+            refusal(app, p, &why.reasons)
+        })
     }
 
-    /// [`Services::check_fits`] for every process of a manifest, asking the nodes once.
-    async fn check_manifest_fits(&self, m: &crate::manifest::Manifest) -> Result<()> {
-        if m.processes
-            .values()
-            .all(|p| p.nano_cpus.is_none() && p.memory_bytes.is_none())
-        {
-            return Ok(());
+    /// [`Services::check_placement`] of the formation a manifest leaves `app` with.
+    async fn check_manifest_placement(
+        &self,
+        app: &AppRef,
+        m: &crate::manifest::Manifest,
+    ) -> Result<()> {
+        let mut formation = self.registry.processes_of(app.id).await?;
+        for (name, spec) in &m.processes {
+            let i = match formation.iter().position(|p| &p.name == name) {
+                Some(i) => i,
+                None => {
+                    formation.push(new_process(name));
+                    formation.len() - 1
+                }
+            };
+            let p = &mut formation[i];
+            p.instances = spec.instances.unwrap_or(p.instances);
+            p.memory_bytes = spec.memory_bytes;
+            p.nano_cpus = spec.nano_cpus;
+            p.constraints = spec.constraints.clone();
+            p.overcommit = spec.overcommit;
         }
-        let nodes = self.capacities().await;
-        for (name, p) in &m.processes {
-            Self::check_fits(&nodes, name, p.nano_cpus, p.memory_bytes)?;
-        }
-        Ok(())
+        self.check_placement(&app.name, &formation).await
     }
 
     /// Makes `app` match a manifest, in one transaction (a release when its config changed).
@@ -278,7 +359,7 @@ impl Services {
         m: &crate::manifest::Manifest,
     ) -> Result<ManifestApplied> {
         let a = self.registry.app(actor, app).await?;
-        self.check_manifest_fits(m).await?;
+        self.check_manifest_placement(&a, m).await?;
         let _guard = self.try_lock(&a, format!("a manifest apply by {}", actor.name))?;
         Ok(self
             .registry
@@ -296,7 +377,7 @@ impl Services {
         push: &PushRelease<'_>,
     ) -> Result<(Option<ManifestApplied>, u32)> {
         if let Some(m) = push.manifest {
-            self.check_manifest_fits(m).await?;
+            self.check_manifest_placement(app, m).await?;
         }
         Ok(self
             .registry
@@ -311,5 +392,97 @@ impl Services {
                 push.build_log,
             )
             .await?)
+    }
+}
+
+static NO_CONSTRAINTS: BTreeMap<String, String> = BTreeMap::new();
+
+/// A process type as created by a change that names it first (as the registry creates it;
+/// only what placement judges matters here).
+fn new_process(name: &str) -> ProcessType {
+    ProcessType {
+        name: name.to_string(),
+        command: None,
+        port: 0,
+        instances: 0,
+        memory_bytes: None,
+        nano_cpus: None,
+        surge: 1,
+        health: crate::manifest::default_health(),
+        constraints: BTreeMap::new(),
+        overcommit: false,
+    }
+}
+
+/// `p` with what `patch` changes of placement.
+fn patched(p: &mut ProcessType, patch: &ProcessPatch) {
+    if let Some(m) = patch.memory_bytes {
+        p.memory_bytes = m;
+    }
+    if let Some(c) = patch.nano_cpus {
+        p.nano_cpus = c;
+    }
+    if let Some(c) = &patch.constraints {
+        p.constraints = c.clone();
+    }
+    if let Some(o) = patch.overcommit {
+        p.overcommit = o;
+    }
+}
+
+/// The 422 for a formation the nodes cannot take.
+fn refusal(app: &str, p: &ProcessType, reasons: &[String]) -> ServiceError {
+    let mut asked = vec![format!(
+        "{} instance{}",
+        p.instances,
+        if p.instances == 1 { "" } else { "s" }
+    )];
+    if let Some(m) = p.memory_bytes {
+        asked.push(format!("{} each", placement::mib(m)));
+    }
+    if let Some(c) = p.nano_cpus {
+        asked.push(format!("{} CPU(s) each", placement::cpus(c.max(0) as u64)));
+    }
+    if !p.constraints.is_empty() {
+        asked.push(format!(
+            "on {}",
+            crate::registry::constraints_text(&p.constraints)
+        ));
+    }
+    let reasons = if reasons.is_empty() {
+        "no node".to_string()
+    } else {
+        reasons.join("; ")
+    };
+    ServiceError::Invalid(format!(
+        "no node can run `{}` of `{app}` ({}): {reasons}; nothing was changed",
+        p.name,
+        asked.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_what_was_asked_and_each_node() {
+        let mut p = new_process("web");
+        p.instances = 3;
+        p.memory_bytes = Some(256 << 20);
+        p.nano_cpus = Some(500_000_000);
+        p.constraints.insert("disk".into(), "ssd".into());
+        let e = refusal(
+            "shop",
+            &p,
+            &[
+                "n2: 200 MiB free, needs 256 MiB".into(),
+                "n3: lacks disk=ssd".into(),
+            ],
+        );
+        assert_eq!(
+            e.to_string(),
+            "no node can run `web` of `shop` (3 instances, 256 MiB each, 0.5 CPU(s) each, on disk=ssd): n2: 200 MiB free, needs 256 MiB; n3: lacks disk=ssd; nothing was changed"
+        );
     }
 }

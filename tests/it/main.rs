@@ -11,6 +11,7 @@ mod exhaustion;
 mod gitpush;
 mod isolation;
 mod manifest;
+mod multinode;
 mod network;
 mod node;
 mod proxy;

@@ -171,7 +171,13 @@ async fn export_of_an_app_built_by_commands_applies_as_a_no_op_and_leaves_secret
 
 #[tokio::test]
 async fn an_invalid_manifest_changes_nothing() {
-    let s = TestServer::start(&[("ESCALE_MAX_INSTANCES", "20")]).await;
+    // Overcommit: 5 instances of 0.5 CPU are more than a 2-core machine has free, and this
+    // test is about what else the server refuses (placement has its own tests).
+    let s = TestServer::start(&[
+        ("ESCALE_MAX_INSTANCES", "20"),
+        ("ESCALE_SCHEDULER_OVERCOMMIT", "true"),
+    ])
+    .await;
     s.ok(&["apps", "create", "shop", "--port", "5000"]);
     s.ok(&["apps", "create", "other"]);
     s.ok(&["domains", "add", "other", "taken.example.eu"]);

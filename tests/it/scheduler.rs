@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::fixture_image;
 use crate::support::server::{healthy, TestServer};
@@ -734,4 +734,50 @@ async fn an_instance_that_stops_accepting_connections_is_replaced_after_the_thre
         took >= Duration::from_secs(2),
         "not before the threshold: {took:?}"
     );
+}
+
+#[tokio::test]
+async fn constraints_are_stored_shown_and_refused_when_no_node_has_the_label() {
+    let s = TestServer::start(&[]).await;
+    s.ok(&["apps", "create", "placed"]);
+    s.ok(&["scale", "placed", "web=0"]);
+    s.ok(&[
+        "processes",
+        "set",
+        "placed",
+        "web",
+        "--constraint",
+        "disk=ssd",
+        "--constraint",
+        "zone=a",
+    ]);
+    let web = &s.json(&["processes", "list", "placed"])[0];
+    assert_eq!(
+        web["constraints"],
+        json!({"disk": "ssd", "zone": "a"}),
+        "{web}"
+    );
+    let list = s.ok(&["processes", "list", "placed"]);
+    assert!(
+        list.contains("PLACEMENT") && list.contains("disk=ssd,zone=a"),
+        "{list}"
+    );
+    // No node has the label: scaling up fails at once, naming the node, nothing changed.
+    let out = s.cli(&["scale", "placed", "web=1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no node can run `web` of `placed`")
+            && stderr.contains("local: lacks disk=ssd")
+            && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(s.json(&["processes", "list", "placed"])[0]["instances"], 0);
+    // More memory than the node has, at once; then the constraints cleared.
+    let out = s.cli(&["processes", "set", "placed", "web", "--constraint", "disk"]);
+    assert_eq!(out.status.code(), Some(1));
+    s.ok(&["processes", "set", "placed", "web", "--constraint", "-"]);
+    let web = &s.json(&["processes", "list", "placed"])[0];
+    assert_eq!(web["constraints"], json!({}), "{web}");
+    s.ok(&["scale", "placed", "web=1"]);
 }

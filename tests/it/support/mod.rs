@@ -3,6 +3,8 @@ pub mod api;
 
 pub mod docker;
 pub mod fixture;
+pub mod load;
+pub mod nodes;
 pub mod server;
 pub mod tar;
 
