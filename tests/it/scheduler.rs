@@ -57,7 +57,7 @@ async fn deploy_scale_up_down_to_zero_and_destroy_leaves_nothing() {
         .await;
     let slots: HashSet<u64> = ps.iter().filter_map(|i| i["slot"].as_u64()).collect();
     assert_eq!(slots, (1..=7).collect(), "slots 1..=7");
-    // Every instance answers through its published address with its own identity.
+    // Every instance answers at the address escale reports (its bridge address on this host) with its own identity.
     let mut names = HashSet::new();
     for i in &ps {
         let addr: std::net::SocketAddr = i["address"].as_str().unwrap().parse().unwrap();
