@@ -413,6 +413,15 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
+            // The whole log, kept as a test artifact.
+            let kept = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("server-logs")
+                .join(format!("{}.log", self.installation));
+            if std::fs::create_dir_all(kept.parent().unwrap()).is_ok()
+                && std::fs::copy(&self.log, &kept).is_ok()
+            {
+                eprintln!("server log kept in {}", kept.display());
+            }
             let log = self.server_log();
             let tail: Vec<&str> = log
                 .lines()
