@@ -1562,17 +1562,20 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
                     if left == 0 {
                         break;
                     }
-                    // Any event may be one of its instances moving; read the node again.
-                    match tokio::time::timeout_at(deadline, live.next()).await {
-                        Ok(Ok(Some(_))) => {}
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(CliError::Failed(format!(
+                            "{node} still runs {left} instance(s) after {timeout} s; the drain goes on: see `escale nodes info {node}` and `escale events -f`"
+                        )));
+                    }
+                    // Any event may be one of its instances moving; read the node again then,
+                    // or after a second (the node's view follows the events by up to a pass).
+                    let tick = (tokio::time::Instant::now() + std::time::Duration::from_secs(1))
+                        .min(deadline);
+                    match tokio::time::timeout_at(tick, live.next()).await {
+                        Ok(Ok(Some(_))) | Err(_) => {}
                         Ok(Ok(None)) | Ok(Err(_)) => {
                             return Err(CliError::Failed(format!(
                                 "lost the event stream while {node} drains; the drain goes on: see `escale nodes info {node}`"
-                            )))
-                        }
-                        Err(_) => {
-                            return Err(CliError::Failed(format!(
-                                "{node} still runs {left} instance(s) after {timeout} s; the drain goes on: see `escale nodes info {node}` and `escale events -f`"
                             )))
                         }
                     }

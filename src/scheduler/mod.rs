@@ -916,11 +916,7 @@ impl Scheduler {
         // must still be seen as in flight, not as a leftover or a live instance.
         let (pending_before, draining_before, removing_before) = {
             let st = self.st();
-            (
-                st.pending.keys().cloned().collect::<HashSet<String>>(),
-                st.draining.clone(),
-                st.removing.clone(),
-            )
+            (st.pending.clone(), st.draining.clone(), st.removing.clone())
         };
 
         // Observe every node: one labelled list call each, all at once, each bounded by a
@@ -1112,7 +1108,7 @@ impl Scheduler {
                         node::InstanceState::Removing => InstanceState::Draining,
                         // A start of ours in flight, or a leftover of a crash between create and start.
                         _ if st.pending.contains_key(&c.instance)
-                            || pending_before.contains(&c.instance) =>
+                            || pending_before.contains_key(&c.instance) =>
                         {
                             InstanceState::Starting
                         }
@@ -1167,8 +1163,16 @@ impl Scheduler {
                     health: self.health.facts(&c.container_id, now as u64),
                 });
             }
-            for (instance, p) in &st.pending {
-                if seen.contains(instance) {
+            // Starts in flight, and starts that finished while the nodes were listed (their
+            // containers may be missing from a list answered before they existed: counted as
+            // starting for this pass, or their slots would be started twice).
+            let in_flight = st.pending.iter().chain(
+                pending_before
+                    .iter()
+                    .filter(|(i, _)| !st.pending.contains_key(*i)),
+            );
+            for (instance, p) in in_flight {
+                if !seen.insert(instance.clone()) {
                     continue;
                 }
                 instances.push(plan::ObservedInstance {
