@@ -229,6 +229,8 @@ async fn fake_node(cert: &pki::IssuedCert) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extra_node_with_an_escale_bundle_speaks_mutual_tls_only_with_escale() {
+    // 127.0.0.2-3:2376 are shared with the multi-node tests.
+    let _addresses = crate::support::nodes::ADDRESSES.lock().await;
     sweep();
     let root = PathBuf::from(ROOT);
     std::fs::create_dir_all(&root).unwrap();
