@@ -1450,14 +1450,7 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
             let bundle: Value = c
                 .call(Method::POST, "/api/v1/nodes", Some(strip_nulls(body)))
                 .await?;
-            let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
-            write_bundle(&dir, &bundle)?;
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
-                );
-            } else {
+            if let Some(dir) = save_bundle(json_out, &node, out, &bundle)? {
                 println!(
                     "Node {node} registered at {} (certificate {}, expires {}).",
                     s(&bundle["address"]),
@@ -1483,14 +1476,7 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
                     Some(strip_nulls(json!({"address": address}))),
                 )
                 .await?;
-            let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
-            write_bundle(&dir, &bundle)?;
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
-                );
-            } else {
+            if let Some(dir) = save_bundle(json_out, &node, out, &bundle)? {
                 println!(
                     "New certificate {} for {node} at {} (expires {}); bundle in {}.",
                     s(&bundle["serial"]),
@@ -1695,6 +1681,26 @@ fn print_node(n: &Value) {
     if let Some(e) = n["error"].as_str() {
         println!("{:<18} {e}", "Error");
     }
+}
+
+/// Writes `bundle` into `out` (default `./escale-node-NODE`); with `--json`, prints where and
+/// returns `None`, else returns the directory for the human message.
+fn save_bundle(
+    json_out: bool,
+    node: &str,
+    out: Option<std::path::PathBuf>,
+    bundle: &Value,
+) -> Result<Option<std::path::PathBuf>, CliError> {
+    let dir = out.unwrap_or_else(|| format!("escale-node-{node}").into());
+    write_bundle(&dir, bundle)?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"node": node, "bundle_dir": dir, "serial": bundle["serial"], "not_after": bundle["not_after"]})
+        );
+        return Ok(None);
+    }
+    Ok(Some(dir))
 }
 
 /// Writes a node bundle's files into `dir` (made 0700; each file with its mode).

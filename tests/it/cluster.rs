@@ -20,6 +20,7 @@ use escale::cluster::pki::{self, Ca, NodeAddress, Pki, PkiError};
 use escale::registry::Registry;
 use escale::secrets::MasterKey;
 
+use crate::support::nodes::{run, stop_group, unmount_below};
 use crate::support::wait_for;
 
 const BRIDGE: &str = "br-esc-pki";
@@ -28,47 +29,6 @@ const ADDRESS: &str = "127.0.0.2:2376";
 const OTHER_ADDRESS: &str = "127.0.0.3:2376";
 /// Where the daemon keeps everything; fixed, so that a crashed run can be swept.
 const ROOT: &str = "/tmp/escale-it-cluster-pki";
-
-fn run(argv: &[&str]) -> Option<String> {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Unmounts whatever the daemon left mounted below `root` (deepest first).
-fn unmount_below(root: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return;
-    };
-    let root = root.to_string_lossy();
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|p| p.starts_with(root.as_ref()))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = run(&["umount", "-l", p]);
-    }
-}
-
-fn pid_alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Stops the process group led by `pid` (not our child: a crashed run's): SIGTERM, up to
-/// 15 s, then SIGKILL.
-fn stop_group(pid: i32) {
-    use nix::sys::signal::{killpg, Signal};
-    use nix::unistd::Pid;
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while pid_alive(pid) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-}
 
 /// Removes what a run left: its daemon (by the pid file, if it is a dockerd), the bridge, the
 /// directory.

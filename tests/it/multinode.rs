@@ -146,20 +146,17 @@ async fn six_healthy(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_spread_heal_return_and_drain() {
-    let _addresses = ADDRESSES.lock().await;
-    let image = fixture_image().await.to_string();
-    let s = TestServer::start(&[
+/// escale with no local engine (`docker_host = off`, plus `env`) and nodes n2, n3, n4
+/// registered with `escale nodes add` (label `zone=zN`; the bundle's key written 0600) and
+/// started with their bundles; returns once all three are ready (joining until then).
+async fn cluster(env: &[(&str, &str)]) -> (TestServer, BTreeMap<u8, ExtraNode>, tempfile::TempDir) {
+    let mut all = vec![
         ("ESCALE_DOCKER_HOST", "off"),
         ("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "120s"),
-    ])
-    .await;
-    let proxy = s.proxy.clone().expect("the server runs an HTTP proxy");
-    let host = format!("{APP}.localhost");
+    ];
+    all.extend_from_slice(env);
+    let s = TestServer::start(&all).await;
     let bundles = tempfile::tempdir().unwrap();
-
-    // Nodes join: registered (bundle written), then their engines started with it.
     let mut nodes: BTreeMap<u8, ExtraNode> = BTreeMap::new();
     for n in NODES {
         let dir = bundles.path().join(ExtraNode::name(n));
@@ -193,7 +190,18 @@ async fn three_nodes_spread_heal_return_and_drain() {
     .await;
     for node in nodes.values_mut() {
         node.check_running();
+        node.wait_ready();
     }
+    (s, nodes, bundles)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_spread_heal_return_and_drain() {
+    let _addresses = ADDRESSES.lock().await;
+    let image = fixture_image().await.to_string();
+    let (s, mut nodes, _bundles) = cluster(&[]).await;
+    let proxy = s.proxy.clone().expect("the server runs an HTTP proxy");
+    let host = format!("{APP}.localhost");
     let list = s.json(&["nodes", "list"]);
     for n in list.as_array().unwrap() {
         assert!(
@@ -212,7 +220,6 @@ async fn three_nodes_spread_heal_return_and_drain() {
     }
 
     // The image is on n2 only: the others get it from n2, streamed by escale.
-    nodes[&2].wait_ready();
     nodes[&2].load_image_from_host(&image);
     for n in [3, 4] {
         assert!(nodes[&n]
@@ -390,37 +397,12 @@ async fn bench_node_loss() {
         .unwrap_or(5);
     let _addresses = ADDRESSES.lock().await;
     let image = fixture_image().await.to_string();
-    let s = TestServer::start(&[
-        ("ESCALE_DOCKER_HOST", "off"),
-        ("ESCALE_SCHEDULER_DEPLOY_TIMEOUT", "120s"),
-        ("ESCALE_LOG_LEVEL", "info"),
-    ])
-    .await;
+    let (s, mut nodes, _bundles) = cluster(&[("ESCALE_LOG_LEVEL", "info")]).await;
     let proxy = s.proxy.clone().expect("proxy");
     let host = format!("{APP}.localhost");
-    let bundles = tempfile::tempdir().unwrap();
-    let mut nodes: BTreeMap<u8, ExtraNode> = BTreeMap::new();
-    for n in NODES {
-        let dir = bundles.path().join(ExtraNode::name(n));
-        s.ok(&[
-            "nodes",
-            "add",
-            &ExtraNode::name(n),
-            "--address",
-            &ExtraNode::address(n),
-            "--out",
-            dir.to_str().unwrap(),
-        ]);
-        let node = ExtraNode::start(n, &dir);
-        node.wait_ready();
+    for node in nodes.values() {
         node.load_image_from_host(&image);
-        nodes.insert(n, node);
     }
-    s.wait_for("three ready nodes", Duration::from_secs(60), || {
-        let st = node_states(&s);
-        (st.len() == 3 && st.values().all(|v| v == "ready")).then_some(())
-    })
-    .await;
     s.ok(&["apps", "create", APP]);
     s.ok(&["deploy", APP, "--image", &image]);
     s.ok(&["scale", APP, "web=6"]);

@@ -19,7 +19,8 @@ use std::time::Duration;
 /// Held by every test that listens on 127.0.0.2-4:2376.
 pub static ADDRESSES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn run(argv: &[&str]) -> Option<String> {
+/// Runs `argv`; its stdout when it succeeded.
+pub fn run(argv: &[&str]) -> Option<String> {
     let out = Command::new(argv[0]).args(&argv[1..]).output().ok()?;
     out.status
         .success()
@@ -43,7 +44,8 @@ pub fn unmount_below(root: &Path) {
     }
 }
 
-fn pid_alive(pid: i32) -> bool {
+/// Whether process `pid` exists.
+pub fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
