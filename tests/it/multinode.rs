@@ -199,7 +199,7 @@ async fn cluster(env: &[(&str, &str)]) -> (TestServer, BTreeMap<u8, ExtraNode>, 
 async fn three_nodes_spread_heal_return_and_drain() {
     let _addresses = ADDRESSES.lock().await;
     let image = fixture_image().await.to_string();
-    let (s, mut nodes, _bundles) = cluster(&[]).await;
+    let (s, mut nodes, bundles_dir) = cluster(&[]).await;
     let proxy = s.proxy.clone().expect("the server runs an HTTP proxy");
     let host = format!("{APP}.localhost");
     let list = s.json(&["nodes", "list"]);
@@ -374,6 +374,30 @@ async fn three_nodes_spread_heal_return_and_drain() {
     let info = s.json(&["nodes", "info", &busy]);
     assert_eq!(info["instances"], 0);
     assert_eq!(info["draining"], true);
+
+    // Placement refusals name every node and what it lacks; nothing changes.
+    let out = s.cli(&["processes", "set", APP, "web", "--constraint", "disk=ssd"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in ["n3", "n4"] {
+        assert!(err.contains(&format!("{n}: lacks disk=ssd")), "{err}");
+    }
+    assert!(err.contains(&format!("{busy}: draining")), "{err}");
+    let out = s.cli(&["resources", APP, "web", "--memory", "100000g"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("n3:") && err.contains("MiB"), "{err}");
+
+    // A node's certificate renewed: a new bundle, the new serial listed.
+    let old_serial = s.json(&["nodes", "info", "n4"])["certificate"]["serial"].clone();
+    let renewed = bundles_dir.path().join("n4-renewed");
+    let out = s.json(&["nodes", "renew", "n4", "--out", renewed.to_str().unwrap()]);
+    assert_ne!(out["serial"], old_serial);
+    assert!(renewed.join("server-key.pem").exists());
+    assert_eq!(
+        s.json(&["nodes", "info", "n4"])["certificate"]["serial"],
+        out["serial"]
+    );
 
     // Drained, it can be removed; it leaves the list and the pool.
     s.ok(&["nodes", "remove", &busy]);
