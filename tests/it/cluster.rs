@@ -20,7 +20,7 @@ use escale::cluster::pki::{self, Ca, NodeAddress, Pki, PkiError};
 use escale::registry::Registry;
 use escale::secrets::MasterKey;
 
-use crate::support::nodes::{run, stop_group, unmount_below};
+use crate::support::nodes::{daemon_config, run, stop_group, unmount_below};
 use crate::support::wait_for;
 
 const BRIDGE: &str = "br-esc-pki";
@@ -60,41 +60,12 @@ impl ExtraDaemon {
     /// Starts dockerd with the bundle in `bundle_dir`, listening on [`ADDRESS`] and
     /// [`OTHER_ADDRESS`].
     fn start(bundle_dir: &Path, root: &Path) -> ExtraDaemon {
-        let host_config: serde_json::Value = std::fs::read_to_string("/etc/docker/daemon.json")
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
         // The bundle's daemon.json with its paths moved into the test's directory.
-        let bundle: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(bundle_dir.join("daemon.json")).unwrap())
-                .unwrap();
-        let mut config = bundle.clone();
-        for (key, file) in [
-            ("tlscacert", "ca.pem"),
-            ("tlscert", "server-cert.pem"),
-            ("tlskey", "server-key.pem"),
-        ] {
-            assert_eq!(bundle[key], format!("/etc/docker/escale/{file}"));
-            config[key] = bundle_dir.join(file).to_string_lossy().into();
-        }
-        config["hosts"] = serde_json::json!([
-            format!("tcp://{ADDRESS}"),
-            format!("tcp://{OTHER_ADDRESS}"),
-            format!("unix://{}", root.join("docker.sock").display()),
-        ]);
-        // The storage driver the host's engine runs with (fuse-overlayfs here).
-        let driver = host_config
-            .get("storage-driver")
-            .and_then(|d| d.as_str())
-            .map(str::to_string)
-            .or_else(|| {
-                run(&["docker", "info", "--format", "{{.Driver}}"])
-                    .map(|d| d.trim().to_string())
-                    .filter(|d| !d.is_empty())
-            });
-        if let Some(driver) = driver {
-            config["storage-driver"] = driver.into();
-        }
+        let config = daemon_config(
+            bundle_dir,
+            root,
+            &[format!("tcp://{ADDRESS}"), format!("tcp://{OTHER_ADDRESS}")],
+        );
         let config_path = root.join("daemon.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 

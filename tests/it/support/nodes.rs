@@ -124,6 +124,47 @@ fn kill_shims(root: &Path) {
     }
 }
 
+/// The `daemon.json` of the bundle escale wrote into `bundle_dir`, made to run beside the
+/// host's engine: its certificates copied into `root`, the engine on `tcp_hosts` and on
+/// `root/docker.sock`, the host's storage driver.
+pub fn daemon_config(bundle_dir: &Path, root: &Path, tcp_hosts: &[String]) -> serde_json::Value {
+    let host_config: serde_json::Value = std::fs::read_to_string("/etc/docker/daemon.json")
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle_dir.join("daemon.json")).unwrap())
+            .unwrap();
+    let mut config = bundle.clone();
+    for (key, file) in [
+        ("tlscacert", "ca.pem"),
+        ("tlscert", "server-cert.pem"),
+        ("tlskey", "server-key.pem"),
+    ] {
+        assert_eq!(bundle[key], format!("/etc/docker/escale/{file}"));
+        let to = root.join(file);
+        std::fs::copy(bundle_dir.join(file), &to).unwrap();
+        config[key] = to.to_string_lossy().into();
+    }
+    let mut hosts: Vec<String> = tcp_hosts.to_vec();
+    hosts.push(format!("unix://{}", root.join("docker.sock").display()));
+    config["hosts"] = serde_json::json!(hosts);
+    // The storage driver the host's engine runs with (fuse-overlayfs here).
+    let driver = host_config
+        .get("storage-driver")
+        .and_then(|d| d.as_str())
+        .map(str::to_string)
+        .or_else(|| {
+            run(&["docker", "info", "--format", "{{.Driver}}"])
+                .map(|d| d.trim().to_string())
+                .filter(|d| !d.is_empty())
+        });
+    if let Some(driver) = driver {
+        config["storage-driver"] = driver.into();
+    }
+    config
+}
+
 /// An extra node's dockerd, stopped and cleaned up on drop.
 pub struct ExtraNode {
     pub n: u8,
@@ -148,42 +189,10 @@ impl ExtraNode {
         sweep(n);
         let root = root_of(n);
         std::fs::create_dir_all(&root).unwrap();
-        let host_config: serde_json::Value = std::fs::read_to_string("/etc/docker/daemon.json")
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let bundle: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(bundle_dir.join("daemon.json")).unwrap())
-                .unwrap();
-        let mut config = bundle.clone();
-        for (key, file) in [
-            ("tlscacert", "ca.pem"),
-            ("tlscert", "server-cert.pem"),
-            ("tlskey", "server-key.pem"),
-        ] {
-            assert_eq!(bundle[key], format!("/etc/docker/escale/{file}"));
-            let to = root.join(file);
-            std::fs::copy(bundle_dir.join(file), &to).unwrap();
-            config[key] = to.to_string_lossy().into();
-        }
-        config["hosts"] = serde_json::json!([
-            format!("tcp://{}", ExtraNode::address(n)),
-            format!("unix://{}", root.join("docker.sock").display()),
-        ]);
+        let hosts = [format!("tcp://{}", ExtraNode::address(n))];
+        let mut config = daemon_config(bundle_dir, &root, &hosts);
         config["default-address-pools"] =
             serde_json::json!([{"base": format!("10.21{n}.0.0/16"), "size": 24}]);
-        let driver = host_config
-            .get("storage-driver")
-            .and_then(|d| d.as_str())
-            .map(str::to_string)
-            .or_else(|| {
-                run(&["docker", "info", "--format", "{{.Driver}}"])
-                    .map(|d| d.trim().to_string())
-                    .filter(|d| !d.is_empty())
-            });
-        if let Some(driver) = driver {
-            config["storage-driver"] = driver.into();
-        }
         let config_path = root.join("daemon.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         let bridge = bridge_of(n);
