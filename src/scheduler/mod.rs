@@ -678,8 +678,8 @@ impl Scheduler {
         self.pool.load().docker.clone()
     }
 
-    /// The Docker node a build runs on: a ready one, with the fewest instances (then by
-    /// name), as the last pass saw them; before any pass, the first. The image it makes
+    /// The Docker node a build runs on ([`placement::build_node`] over what the last pass saw
+    /// and the nodes' cordons and drains); before any pass, the first. The image it makes
     /// reaches other nodes by transfer when an instance needs it there.
     pub fn build_node(&self) -> Option<Arc<Node>> {
         let docker = self.docker_nodes();
@@ -687,15 +687,23 @@ impl Scheduler {
         if view.nodes.is_empty() {
             return docker.first().cloned();
         }
-        let load = |name: &str| view.instances.iter().filter(|i| i.node == name).count();
-        docker
-            .into_iter()
-            .filter(|d| {
-                view.nodes
-                    .iter()
-                    .any(|n| n.name == d.name && n.state == NodeStatus::Ready)
+        let candidates: Vec<placement::BuildCandidate> = docker
+            .iter()
+            .map(|d| {
+                let meta = self.node_meta(&d.name);
+                placement::BuildCandidate {
+                    node: d.name.clone(),
+                    ready: view
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == d.name && n.state == NodeStatus::Ready),
+                    closed: meta.cordoned || meta.draining,
+                    instances: view.instances.iter().filter(|i| i.node == d.name).count(),
+                }
             })
-            .min_by_key(|d| (load(&d.name), d.name.clone()))
+            .collect();
+        let chosen = placement::build_node(&candidates)?;
+        docker.into_iter().find(|d| d.name == chosen)
     }
 
     /// Notes that the registered node `name` could not be reached yet (`None`: forget it:

@@ -389,8 +389,52 @@ pub fn fit<'a>(
     Ok(())
 }
 
+/// A node as a build site: whether it answers, is closed to new work (cordoned or draining),
+/// and how many instances it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildCandidate {
+    pub node: String,
+    pub ready: bool,
+    pub closed: bool,
+    pub instances: usize,
+}
+
+/// Where a build runs: a ready node open to new work, the one with the fewest instances
+/// (then by name); `None` when there is none.
+pub fn build_node(candidates: &[BuildCandidate]) -> Option<String> {
+    candidates
+        .iter()
+        .filter(|c| c.ready && !c.closed)
+        .min_by(|a, b| (a.instances, &a.node).cmp(&(b.instances, &b.node)))
+        .map(|c| c.node.clone())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn builds_go_to_the_least_busy_ready_open_node() {
+        let c = |node: &str, ready: bool, closed: bool, instances: usize| BuildCandidate {
+            node: node.into(),
+            ready,
+            closed,
+            instances,
+        };
+        let nodes = [
+            c("local", true, false, 9),
+            c("n2", true, true, 0),
+            c("n3", false, false, 0),
+            c("n4", true, false, 3),
+            c("n5", true, false, 3),
+        ];
+        assert_eq!(
+            build_node(&nodes).as_deref(),
+            Some("n4"),
+            "not the first, not closed, not down"
+        );
+        assert_eq!(build_node(&nodes[..3]).as_deref(), Some("local"));
+        assert_eq!(build_node(&nodes[1..3]), None, "nowhere to build");
+    }
+
     use super::*;
     use proptest::prelude::*;
 
