@@ -2428,7 +2428,8 @@ fn placed_instances(desired: &plan::Desired, observed: &plan::Observed) -> Vec<P
 }
 
 /// A node's capacity in placement's terms.
-fn capacity_resources(c: node::Capacity) -> placement::Resources {
+/// A node's capacity as placement counts it.
+pub fn capacity_resources(c: node::Capacity) -> placement::Resources {
     placement::Resources {
         nano_cpus: u64::from(c.cpus) * placement::NANOS_PER_CPU,
         memory_bytes: c.memory_bytes,

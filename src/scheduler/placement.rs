@@ -29,7 +29,19 @@ pub const NANOS_PER_CPU: u64 = 1_000_000_000;
 
 /// CPUs (in billionths) and memory (bytes): a node's capacity, an instance's declared limits,
 /// what escale has placed on a node. A zero is "none declared".
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct Resources {
     pub nano_cpus: u64,
     pub memory_bytes: u64,
@@ -44,7 +56,8 @@ impl Resources {
         }
     }
 
-    fn add(&mut self, other: Resources) {
+    /// Adds `other` (saturating).
+    pub fn add(&mut self, other: Resources) {
         self.nano_cpus = self.nano_cpus.saturating_add(other.nano_cpus);
         self.memory_bytes = self.memory_bytes.saturating_add(other.memory_bytes);
     }

@@ -27,7 +27,8 @@ use super::{Result, ServiceError, Services};
 use crate::cluster::pki::{self, NodeAddress, NodeBundle, Pki, PkiError};
 use crate::registry::{now_ms, Actor, NodeRecord, Schedulable};
 use crate::scheduler::placement::NodeMeta;
-use crate::scheduler::{NodeStatus, Scheduler};
+use crate::scheduler::placement::Resources;
+use crate::scheduler::{capacity_resources, NodeStatus, Scheduler};
 
 /// The name of the engine escale runs beside (configured, never registered).
 pub const LOCAL_NODE: &str = "local";
@@ -111,14 +112,6 @@ pub struct NodeCertView {
     pub days_left: i64,
     /// Fewer than 30 days left: renew it (`escale nodes renew NAME`).
     pub expiring: bool,
-}
-
-/// Declared resources (what escale placed on a node, or what a node has).
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct Resources {
-    /// Billionths of a CPU.
-    pub nano_cpus: i64,
-    pub memory_bytes: u64,
 }
 
 /// One node, as `escale nodes list` shows it.
@@ -335,22 +328,7 @@ impl Services {
         };
         let view = sched.view.load_full();
         let facts = engine_facts(sched).await;
-        // Declared limits per (app, process), for what is placed where.
-        let limits: HashMap<(String, String), (i64, u64)> = self
-            .registry
-            .desired_state()
-            .await?
-            .into_iter()
-            .flat_map(|d| {
-                let app = d.app.name.clone();
-                d.processes.into_iter().map(move |p| {
-                    (
-                        (app.clone(), p.name.clone()),
-                        (p.nano_cpus.unwrap_or(0), p.memory_bytes.unwrap_or(0)),
-                    )
-                })
-            })
-            .collect();
+        let placed = sched.placed();
         let mut names: Vec<String> = view.nodes.iter().map(|n| n.name.clone()).collect();
         names.extend(records.iter().map(|r| r.name.clone()));
         names.sort_by(|a, b| (a != LOCAL_NODE, a).cmp(&(b != LOCAL_NODE, b)));
@@ -362,15 +340,11 @@ impl Services {
             if record.is_none() && !sched.has_node(&name) {
                 continue;
             }
-            let mut placed = Resources::default();
-            let mut instances = 0;
-            for i in view.instances.iter().filter(|i| i.node == name) {
-                instances += 1;
-                if let Some((c, m)) = limits.get(&(i.app.clone(), i.process.clone())) {
-                    placed.nano_cpus += c;
-                    placed.memory_bytes += m;
-                }
+            let mut on_node = Resources::default();
+            for p in placed.iter().filter(|p| p.node == name) {
+                on_node.add(p.resources);
             }
+            let instances = view.instances.iter().filter(|i| i.node == name).count() as u32;
             let (version, capacity) = facts.get(&name).cloned().unwrap_or_default();
             out.push(NodeInfo {
                 address: record
@@ -383,7 +357,7 @@ impl Services {
                 labels: record.map(|r| r.labels.clone()).unwrap_or_default(),
                 engine_version: version,
                 capacity,
-                placed,
+                placed: on_node,
                 instances,
                 certificate: certs
                     .get(&name)
@@ -403,10 +377,7 @@ async fn engine_facts(sched: &Scheduler) -> HashMap<String, Facts> {
     let asks = sched.docker_nodes().into_iter().map(|n| async move {
         let asked = tokio::time::timeout(ASK_TIMEOUT, async {
             let version = n.version().await.ok().map(|v| v.version);
-            let capacity = n.capacity().await.ok().map(|c| Resources {
-                nano_cpus: c.cpus as i64 * 1_000_000_000,
-                memory_bytes: c.memory_bytes,
-            });
+            let capacity = n.capacity().await.ok().map(capacity_resources);
             (version, capacity)
         })
         .await

@@ -1168,6 +1168,93 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         400,
         "UTF-8",
     ));
+
+    // Nodes: names, addresses, labels, the local engine, a taken name, unknown nodes.
+    let node = |v: Value| post("/api/v1/nodes", v);
+    for (what, body, status, detail) in [
+        (
+            "node name",
+            json!({"name": "N2", "address": "127.0.0.9:2376"}),
+            422,
+            "node name",
+        ),
+        (
+            "node name",
+            json!({"name": "n2-", "address": "127.0.0.9:2376"}),
+            422,
+            "node name",
+        ),
+        (
+            "local node",
+            json!({"name": "local", "address": "127.0.0.9:2376"}),
+            422,
+            "local",
+        ),
+        (
+            "node address",
+            json!({"name": "n2", "address": "n2.example:port"}),
+            422,
+            "HOST:PORT",
+        ),
+        (
+            "unresolvable node",
+            json!({"name": "n2", "address": "nope.invalid:2376"}),
+            422,
+            "--advertise",
+        ),
+        (
+            "node address",
+            json!({"name": "n2", "address": "127.0.0.9:0"}),
+            422,
+            "node address",
+        ),
+        (
+            "node label",
+            json!({"name": "n2", "address": "127.0.0.9:2376", "labels": ["disk"]}),
+            422,
+            "KEY=VALUE",
+        ),
+        (
+            "node label",
+            json!({"name": "n2", "address": "127.0.0.9:2376", "labels": ["Disk=ssd"]}),
+            422,
+            "label",
+        ),
+        (
+            "advertise",
+            json!({"name": "n2", "address": "127.0.0.9:2376", "advertise": "x"}),
+            422,
+            "IP address",
+        ),
+        (
+            "advertise",
+            json!({"name": "n2", "address": "127.0.0.9:2376", "advertise": "0.0.0.0"}),
+            422,
+            "advertise",
+        ),
+        (
+            "taken node name",
+            json!({"name": "n8", "address": "127.0.0.8:2376"}),
+            409,
+            "exists already",
+        ),
+    ] {
+        rows.push(bad(format!("{what} {body}"), node(body), status, detail));
+    }
+    for (method, path, status, detail) in [
+        ("POST", "/api/v1/nodes/local/cordon", 422, "local"),
+        ("DELETE", "/api/v1/nodes/local", 422, "local"),
+        ("GET", "/api/v1/nodes/n7", 404, "n7"),
+        ("POST", "/api/v1/nodes/n7/drain", 404, "n7"),
+        ("POST", "/api/v1/nodes/N7/cordon", 404, "N7"),
+    ] {
+        rows.push(bad(
+            format!("{method} {path}"),
+            Req::new(method, path).token(t),
+            status,
+            detail,
+        ));
+    }
     rows
 }
 
@@ -1182,6 +1269,7 @@ async fn snapshot(api: &TestApi, admin: &str) -> Value {
         "/api/v1/users",
         "/api/v1/teams",
         "/api/v1/tokens",
+        "/api/v1/nodes",
     ] {
         out.insert(
             path.into(),
@@ -1263,6 +1351,15 @@ async fn bad_input_is_4xx_problem_json_and_changes_nothing() {
     )
     .await;
 
+    // A registered node, for the taken-name row.
+    api.expect(
+        StatusCode::CREATED,
+        "POST",
+        "/api/v1/nodes",
+        Some(&admin),
+        Some(json!({"name": "n8", "address": "127.0.0.8:2376"})),
+    )
+    .await;
     let before = snapshot(&api, &admin).await;
     let rows = bad_input_table(&admin);
     let n = rows.len();
