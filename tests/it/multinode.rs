@@ -84,6 +84,21 @@ async fn metrics_text(s: &TestServer) -> String {
     body
 }
 
+/// Waits until `node` holds no container of [`APP`] (its stale ones removed).
+async fn stale_removed(s: &TestServer, node: &ExtraNode) {
+    s.wait_for(
+        &format!("n{}'s stale containers removed", node.n),
+        Duration::from_secs(60),
+        || {
+            node.docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Completed reconcile passes, from `/metrics`.
 async fn passes(s: &TestServer) -> u64 {
     metric(s, "escale_reconcile_passes_total").await
@@ -300,18 +315,7 @@ async fn three_nodes_spread_heal_return_and_drain() {
     })
     .await;
     six_healthy(&s, &["n2"], Some("n2"), Duration::from_secs(60)).await;
-    s.wait_for(
-        "n2's stale containers removed",
-        Duration::from_secs(60),
-        || {
-            nodes[&2]
-                .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
-                .trim()
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    stale_removed(&s, &nodes[&2]).await;
 
     // n3 is silent longer than node_down_after while its containers keep running (its daemon
     // and docker-proxies stopped, not its containers): replaced elsewhere; back, its running
@@ -330,18 +334,7 @@ async fn three_nodes_spread_heal_return_and_drain() {
     })
     .await;
     six_healthy(&s, &["n3"], Some("n3"), Duration::from_secs(60)).await;
-    s.wait_for(
-        "n3's stale containers removed",
-        Duration::from_secs(60),
-        || {
-            nodes[&3]
-                .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
-                .trim()
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    stale_removed(&s, &nodes[&3]).await;
 
     // Remove is refused while instances run there.
     let busy = live(&s)
@@ -473,18 +466,7 @@ async fn bench_node_loss() {
             (node_states(&s)[&name] == "ready").then_some(())
         })
         .await;
-        s.wait_for(
-            "its stale containers removed",
-            Duration::from_secs(60),
-            || {
-                nodes[&victim]
-                    .docker(&["ps", "-aq", "--filter", &format!("label=escale.app={APP}")])
-                    .trim()
-                    .is_empty()
-                    .then_some(())
-            },
-        )
-        .await;
+        stale_removed(&s, &nodes[&victim]).await;
         // Spread again over three nodes for the next round: scale down and up.
         s.ok(&["scale", APP, "web=0"]);
         s.wait_for("no instance", Duration::from_secs(60), || {
