@@ -1,4 +1,4 @@
-//! The service layer: the one path every surface (the API, `git push`, push webhooks, next the
+//! The service layer: the one path every surface (the API, `git push`, push webhooks, the
 //! dashboard) takes to change an app's releases. A surface parses and authenticates; the
 //! service checks, serialises and writes.
 //!
@@ -18,7 +18,9 @@
 
 mod follow;
 mod locks;
+pub mod logs;
 pub mod nodes;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
