@@ -29,6 +29,7 @@ pub mod server;
 pub mod service;
 pub mod tls;
 pub mod validate;
+pub mod web;
 pub mod webhooks;
 
 #[cfg(test)]

@@ -193,6 +193,15 @@ pub fn router(state: AppState) -> Router {
         .route("/events", get(apps::list_all_events))
         .route("/events/stream", get(stream::stream_events));
     let services = state.services.clone();
+    // The dashboard at `/` (see `crate::web`), on the same services, limiter and hashing bound.
+    let web = crate::web::router(crate::web::WebState {
+        services: state.services.clone(),
+        limiter: state.limiter.clone(),
+        hashing: state.hashing.clone(),
+        metrics: state.metrics.clone(),
+        certs: state.certs.clone(),
+        session_ttl: crate::web::SESSION_TTL,
+    });
     Router::new()
         .nest("/api/v1", v1)
         .route("/metrics", get(metrics))
@@ -201,13 +210,24 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::git::router().with_state(services.clone()))
         // Push webhooks under `/hooks/` (see `crate::webhooks`); signed, no token.
         .merge(crate::webhooks::router().with_state(services))
+        .merge(web)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
+/// An unknown path: a problem+json under the machine prefixes, the dashboard's 404 page
+/// elsewhere.
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    let p = uri.path();
+    let machine = ["/api/", "/git/", "/hooks/", "/metrics"]
+        .iter()
+        .any(|m| p.starts_with(m) || p == m.trim_end_matches('/'));
+    if machine {
+        ApiError::NotFound("no such API route; see /api/v1/openapi.json".into()).into_response()
+    } else {
+        crate::web::not_found_page()
+    }
 }
 
 async fn method_not_allowed() -> ApiError {

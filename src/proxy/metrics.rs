@@ -22,6 +22,19 @@ const BUCKETS_US: [u64; 11] = [
     10_000_000,
 ];
 
+/// An app's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppTotals {
+    /// Responses sent.
+    pub requests: u64,
+    /// Responses with a 5xx status.
+    pub errors: u64,
+    /// Responses by status class, 1xx..5xx.
+    pub status: [u64; 5],
+    /// Total time to the response head, in microseconds.
+    pub sum_us: u64,
+}
+
 /// All proxy counters. Share one `Arc<ProxyMetrics>` between the proxy and the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -148,6 +161,20 @@ impl ProxyMetrics {
             .entry(app.to_owned())
             .or_default()
             .clone()
+    }
+
+    /// What the proxy counted for `app` since it started (`None`: no request yet), for the
+    /// dashboard; reads atomics only.
+    pub fn app_totals(&self, app: &str) -> Option<AppTotals> {
+        let apps = self.apps.read().unwrap_or_else(PoisonError::into_inner);
+        let m = apps.get(app)?;
+        let status: [u64; 5] = std::array::from_fn(|i| m.status[i].load(Relaxed));
+        Some(AppTotals {
+            requests: m.count.load(Relaxed),
+            errors: status[4],
+            status,
+            sum_us: m.sum_us.load(Relaxed),
+        })
     }
 
     /// Counts an accepted client connection until the guard is dropped.

@@ -17,6 +17,7 @@ mod cluster;
 mod deploys;
 mod nodes;
 mod releases;
+mod sessions;
 mod webhooks;
 
 use std::path::Path;
