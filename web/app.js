@@ -3,7 +3,8 @@
 // with textContent only; HTML fragments come from escale's own escaped templates.
 "use strict";
 (function () {
-  // Regions with data-refresh="URL" are re-fetched (debounced) when an event arrives.
+  // Regions with data-refresh="URL" are re-fetched (debounced) when an event arrives: the
+  // region of the same id in the answer (a page), or the whole answer (a fragment).
   var pending = null;
   function refresh() {
     pending = null;
@@ -11,9 +12,9 @@
       fetch(el.getAttribute("data-refresh"), { credentials: "same-origin", headers: { "Accept": "text/html" } })
         .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.text(); })
         .then(function (html) {
-          var t = document.createElement("template");
-          t.innerHTML = html;
-          el.replaceChildren(t.content);
+          var doc = new DOMParser().parseFromString(html, "text/html");
+          var src = (el.id && doc.getElementById(el.id)) || doc.body;
+          el.replaceChildren.apply(el, Array.from(src.childNodes));
           el.setAttribute("data-updated", String(Date.now()));
         })
         .catch(function () { /* the next event tries again */ });
@@ -25,6 +26,9 @@
     var list = document.getElementById("activity");
     if (!list || !ev.summary) { return; }
     var li = document.createElement("li");
+    // When the event happened (server clock) and when it was shown: the page's latency.
+    li.setAttribute("data-at", String(ev.at || ""));
+    li.setAttribute("data-seen", String(Date.now()));
     var time = document.createElement("time");
     time.textContent = new Date(ev.at || Date.now()).toLocaleTimeString();
     li.appendChild(time);

@@ -66,7 +66,7 @@ pub async fn overview(State(s): State<WebState>, session: Session) -> PageResult
             form.inline method="post" action="/apps" {
                 (csrf(&session))
                 label for="app-name" { "Name" }
-                input id="app-name" name="name" required pattern="[a-z0-9][a-z0-9-]*" maxlength="63" placeholder="my-app";
+                input id="app-name" name="name" required pattern="[a-z0-9][a-z0-9\\-]*" maxlength="63" placeholder="my-app";
                 @if session.actor.is_admin() {
                     label for="app-team" { "Team" }
                     input id="app-team" name="team" placeholder=(session.actor.team);
@@ -298,7 +298,7 @@ pub async fn app_page(
                 button type="submit" { "Add domain" }
             }
         }
-        section.card aria-labelledby="releases-h" {
+        section.card aria-labelledby="releases-h" id="releases" data-refresh={ "/apps/" (info.name) } {
             h2 id="releases-h" { "Releases" }
             @if releases.is_empty() { p.empty { "No releases yet." } }
             @else {

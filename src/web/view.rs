@@ -33,6 +33,8 @@ pub fn page(
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · escale" }
+                // No favicon request (and no 404 in the console).
+                link rel="icon" href="data:,";
                 link rel="stylesheet" href=(assets::url("app.css"));
                 script src=(assets::url("app.js")) defer {}
             }

@@ -6,6 +6,7 @@ mod api;
 mod certs;
 mod cli;
 mod cluster;
+mod dashboard;
 mod deploys;
 mod exhaustion;
 mod gitpush;
