@@ -783,3 +783,54 @@ async fn the_overview_says_what_to_do_and_renders_many_apps() {
     assert!(overview.body.contains("never deployed"));
     assert!(overview.body.contains("href=\"/apps/shop\""));
 }
+
+/// For `scripts/bench-dashboard`: server time to render the overview (`GET /` through the
+/// router, session lookup included) with 10 and 1,000 apps, and the embedded assets' sizes.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, run by scripts/bench-dashboard"]
+async fn bench_overview_render() {
+    let t = T::new().await;
+    let b = t.login("alice").await;
+    for a in super::assets::all() {
+        println!("asset {}: {} bytes", a.hashed, a.data.len());
+    }
+    println!(
+        "assets total: {} bytes",
+        super::assets::all().iter().map(|a| a.data.len()).sum::<usize>()
+    );
+    let mut made = 0;
+    for n in [10usize, 1000] {
+        while made < n {
+            let name = format!("app{made:04}");
+            t.registry
+                .create_app(&t.admin, &name, None, 8080)
+                .await
+                .unwrap();
+            let app = t.registry.app(&t.admin, &name).await.unwrap();
+            t.registry
+                .deploy_image(&t.admin, &app, "example/app:1", "Deploy", None)
+                .await
+                .unwrap();
+            made += 1;
+        }
+        // Warm up, then time.
+        let r = t.get("/", Some(&b)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body.matches("<tr>").count(), n + 1, "one row per app");
+        let rounds = 20;
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let start = std::time::Instant::now();
+            let r = t.get("/", Some(&b)).await;
+            times.push(start.elapsed());
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        times.sort();
+        println!(
+            "overview with {n} apps: median {:?}, p90 {:?}, page {} bytes",
+            times[rounds / 2],
+            times[rounds * 9 / 10],
+            r.body.len()
+        );
+    }
+}

@@ -504,3 +504,100 @@ async fn the_dashboard_drives_an_app_live_in_a_real_browser() {
     c.close().await.unwrap();
     drop(driver);
 }
+
+/// One HTTP/1.1 exchange on a new connection (`Connection: close`); the whole answer.
+async fn http(addr: &str, head: &str, body: &str) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    conn.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Logs in through the login form over plain HTTP; the `Cookie` header of the session.
+async fn form_login(addr: &str, name: &str, password: &str) -> String {
+    let page = http(addr, "GET /login HTTP/1.1", "").await;
+    let cookie = page
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: escale_login="))
+        .and_then(|v| v.split(';').next())
+        .expect("the login cookie")
+        .to_string();
+    let token = page
+        .split("name=\"login_token\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the login token");
+    let body = format!("login_token={token}&name={name}&password={password}");
+    let answer = http(
+        addr,
+        &format!(
+            "POST /login HTTP/1.1\r\nOrigin: http://{addr}\r\nCookie: escale_login={cookie}\r\n\
+             Content-Type: application/x-www-form-urlencoded"
+        ),
+        &body,
+    )
+    .await;
+    let session = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: escale_session="))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no session: {answer}"));
+    format!("escale_session={session}")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// For `scripts/bench-dashboard`: the resident memory of an idle `escale serve` with 20
+/// dashboard pages open (each an app page: its event stream and its log stream), against the
+/// same server with none; the app runs one instance of the fixture.
+#[tokio::test]
+#[ignore = "a measurement, run by scripts/bench-dashboard"]
+async fn bench_dashboard_idle_rss() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[]).await;
+    let app = format!("rss{}", &s.installation[s.installation.len() - 6..]);
+    s.ok(&["apps", "create", &app]);
+    s.ok(&["deploy", &app, "--image", image]);
+    let addr = s.api.trim_start_matches("http://").to_string();
+    let cookie = form_login(&addr, "admin", "test-password-1").await;
+    let pid = s.pid().expect("the server runs");
+    // Settle: the page itself rendered once.
+    let page = http(&addr, &format!("GET /apps/{app} HTTP/1.1\r\nCookie: {cookie}"), "").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_kib(pid);
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        for path in [format!("/live?app={app}"), format!("/apps/{app}/logs/live")] {
+            let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n");
+            conn.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = conn.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            streams.push(conn);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = rss_kib(pid);
+    println!(
+        "escale serve RSS: {before} KiB idle, {after} KiB with 20 dashboard pages \
+         ({} SSE streams: events + logs each), {} KiB per page",
+        streams.len(),
+        (after.saturating_sub(before)) / 20
+    );
+}
