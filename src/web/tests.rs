@@ -411,7 +411,8 @@ async fn state_changes_need_the_sessions_csrf_token_and_a_same_site_origin() {
     let t = T::new().await;
     let b = t.login("alice").await;
     let other = t.login("rita").await;
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<(&str, &str)>)> = vec![
+    type Fields<'a> = Vec<(&'a str, &'a str)>;
+    let cases: Vec<(&str, Fields, Fields)> = vec![
         ("no token", vec![], vec![("origin", "http://dash.test")]),
         (
             "empty token",
@@ -796,7 +797,10 @@ async fn bench_overview_render() {
     }
     println!(
         "assets total: {} bytes",
-        super::assets::all().iter().map(|a| a.data.len()).sum::<usize>()
+        super::assets::all()
+            .iter()
+            .map(|a| a.data.len())
+            .sum::<usize>()
     );
     let mut made = 0;
     for n in [10usize, 1000] {

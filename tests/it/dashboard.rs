@@ -455,10 +455,7 @@ async fn the_dashboard_drives_an_app_live_in_a_real_browser() {
         "const e = document.querySelector('#apps table'); return e ? e.innerText : '';",
     )
     .await;
-    assert!(
-        overview.as_str().unwrap().contains(&format!("{app}")),
-        "{overview}"
-    );
+    assert!(overview.as_str().unwrap().contains(&app), "{overview}");
     assert!(overview.as_str().unwrap().contains("3/3"), "{overview}");
 
     // Create a token: shown once.
@@ -575,7 +572,12 @@ async fn bench_dashboard_idle_rss() {
     let cookie = form_login(&addr, "admin", "test-password-1").await;
     let pid = s.pid().expect("the server runs");
     // Settle: the page itself rendered once.
-    let page = http(&addr, &format!("GET /apps/{app} HTTP/1.1\r\nCookie: {cookie}"), "").await;
+    let page = http(
+        &addr,
+        &format!("GET /apps/{app} HTTP/1.1\r\nCookie: {cookie}"),
+        "",
+    )
+    .await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = rss_kib(pid);
