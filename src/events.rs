@@ -143,8 +143,35 @@ pub enum Event {
     NodeReady { node: String },
     /// A node stopped answering.
     NodeDown { node: String, error: String },
+    /// A node's engine disk crossed a threshold (`upkeep.disk_warn_percent`,
+    /// `upkeep.disk_refuse_builds_percent`), up or back down.
+    NodeDisk {
+        node: String,
+        used_percent: u8,
+        level: DiskLevel,
+    },
+    /// Images escale built and no longer needs were removed from a node.
+    ImagesPruned {
+        node: String,
+        images: u32,
+        bytes: u64,
+    },
     /// The certificates the proxy serves changed.
     CertificatesChanged,
+}
+
+/// How full a node's engine disk is, against the `[upkeep]` thresholds.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskLevel {
+    /// Below `disk_warn_percent`.
+    Ok,
+    /// At or above `disk_warn_percent`: announced.
+    Warning,
+    /// At or above `disk_refuse_builds_percent`: builds there are refused.
+    Full,
 }
 
 impl Event {
@@ -161,7 +188,11 @@ impl Event {
             Event::RolloutProgress { app, .. }
             | Event::RolloutSucceeded { app, .. }
             | Event::RolloutFailed { app, .. } => Some(app),
-            Event::NodeReady { .. } | Event::NodeDown { .. } | Event::CertificatesChanged => None,
+            Event::NodeReady { .. }
+            | Event::NodeDown { .. }
+            | Event::NodeDisk { .. }
+            | Event::ImagesPruned { .. }
+            | Event::CertificatesChanged => None,
         }
     }
 
@@ -233,6 +264,25 @@ impl Event {
             }
             Event::NodeReady { node } => format!("node {node} ready"),
             Event::NodeDown { node, error } => format!("node {node} unreachable: {error}"),
+            Event::NodeDisk {
+                node,
+                used_percent,
+                level,
+            } => match level {
+                DiskLevel::Ok => format!("node {node} disk back to {used_percent}% used"),
+                DiskLevel::Warning => format!("node {node} disk {used_percent}% used"),
+                DiskLevel::Full => {
+                    format!("node {node} disk {used_percent}% used: builds there are refused")
+                }
+            },
+            Event::ImagesPruned {
+                node,
+                images,
+                bytes,
+            } => format!(
+                "node {node}: {images} unused image(s) removed, {} MiB freed",
+                bytes / (1 << 20)
+            ),
             Event::CertificatesChanged => "certificates changed".to_string(),
         }
     }
