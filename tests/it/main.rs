@@ -17,5 +17,6 @@ mod node;
 mod proxy;
 mod scheduler;
 mod smuggling;
+mod upkeep;
 mod webhooks;
 mod zero_downtime;
