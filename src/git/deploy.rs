@@ -416,7 +416,7 @@ impl Job<'_> {
     async fn prune_images(&self) {
         use crate::service::upkeep::{prune, PruneScope};
         let keep_n = self.services.config.scheduler.keep_releases;
-        match prune(&self.services, PruneScope::Held(self.app)).await {
+        match prune(self.services, PruneScope::Held(self.app)).await {
             Ok(pruned) => {
                 let removed: u32 = pruned.nodes.values().map(|(n, _)| n).sum();
                 if removed > 0 {
