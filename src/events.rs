@@ -139,6 +139,16 @@ pub enum Event {
         release: u32,
         reason: String,
     },
+    /// No node can take `missing` instances of a process (the reasons, one per node); the
+    /// scheduler keeps trying every pass.
+    InstancesUnplaced {
+        app: String,
+        process: String,
+        missing: u32,
+        reasons: Vec<String>,
+    },
+    /// Every instance of a process that could not be placed has a node again.
+    InstancesPlaced { app: String, process: String },
     /// A node answered again (or for the first time).
     NodeReady { node: String },
     /// A node stopped answering.
@@ -186,6 +196,8 @@ impl Event {
             | Event::InstanceStopped { instance }
             | Event::InstanceCrashed { instance, .. } => Some(&instance.app),
             Event::RolloutProgress { app, .. }
+            | Event::InstancesUnplaced { app, .. }
+            | Event::InstancesPlaced { app, .. }
             | Event::RolloutSucceeded { app, .. }
             | Event::RolloutFailed { app, .. } => Some(app),
             Event::NodeReady { .. }
@@ -261,6 +273,22 @@ impl Event {
                 release, reason, ..
             } => {
                 format!("rollout of v{release} failed: {reason}")
+            }
+            Event::InstancesUnplaced {
+                process,
+                missing,
+                reasons,
+                ..
+            } => {
+                let why = if reasons.is_empty() {
+                    "no node is ready".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                format!("{missing} instance(s) of {process} cannot be placed: {why}")
+            }
+            Event::InstancesPlaced { process, .. } => {
+                format!("every instance of {process} has a node again")
             }
             Event::NodeReady { node } => format!("node {node} ready"),
             Event::NodeDown { node, error } => format!("node {node} unreachable: {error}"),
