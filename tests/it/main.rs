@@ -9,6 +9,7 @@ mod cluster;
 mod deploys;
 mod exhaustion;
 mod gitpush;
+mod image;
 mod isolation;
 mod manifest;
 mod multinode;
