@@ -21,6 +21,7 @@ mod locks;
 pub mod logs;
 pub mod nodes;
 pub mod stream;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -75,6 +76,8 @@ pub struct Services {
     pub scheduler: Option<Arc<Scheduler>>,
     /// One deploy at a time per app.
     pub locks: Arc<AppLocks>,
+    /// What the nodes use, as the upkeep last measured it ([`upkeep::run`]).
+    pub usage: Arc<upkeep::Usage>,
 }
 
 impl axum::extract::FromRef<Services> for Registry {
@@ -115,6 +118,7 @@ impl Services {
             config,
             scheduler,
             locks: Arc::new(AppLocks::default()),
+            usage: Arc::new(upkeep::Usage::default()),
         }
     }
 
