@@ -194,6 +194,7 @@ pub async fn run(
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();
     let metrics = state.metrics.clone();
+    let rates = state.rates.clone();
     let cert_manager = state.certs.clone();
     let loaded = cert_manager.load().await?;
     tracing::info!(certificates = loaded, "certificates loaded");
@@ -222,6 +223,8 @@ pub async fn run(
         }
     };
     let sched_task = tokio::spawn(scheduler.clone().run(stopped()));
+    // The dashboard's request and error rates: the proxy's counters sampled every 30 s.
+    let rates_task = tokio::spawn(rates.run(metrics.clone(), stopped()));
     // Registered nodes join the pool when they answer (and leave it when removed).
     let join_task = tokio::spawn(crate::service::nodes::join(
         registry.clone(),
@@ -312,6 +315,7 @@ pub async fn run(
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
     let _ = sched_task.await;
     let _ = acme_task.await;
+    let _ = rates_task.await;
     let _ = join_task.await;
     let _ = upkeep_task.await;
     if let Err(e) = proxy_workers.join().await {

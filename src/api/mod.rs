@@ -42,6 +42,8 @@ pub struct AppState {
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
     /// Certificates: registry rows and the proxy's certificate store.
     pub certs: Arc<crate::certs::CertManager>,
+    /// The dashboard's request and error rates per app (`escale serve` samples them).
+    pub rates: Arc<crate::web::rates::Rates>,
 }
 
 impl std::ops::Deref for AppState {
@@ -72,6 +74,7 @@ impl AppState {
             hashing: Arc::new(Hashing::per_core()),
             certs,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
+            rates: Arc::new(crate::web::rates::Rates::new()),
         }
     }
 }
@@ -200,6 +203,7 @@ pub fn router(state: AppState) -> Router {
         hashing: state.hashing.clone(),
         metrics: state.metrics.clone(),
         certs: state.certs.clone(),
+        rates: state.rates.clone(),
         session_ttl: crate::web::SESSION_TTL,
     });
     Router::new()

@@ -163,6 +163,16 @@ impl ProxyMetrics {
             .clone()
     }
 
+    /// The apps counted so far.
+    pub fn app_names(&self) -> Vec<String> {
+        self.apps
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// What the proxy counted for `app` since it started (`None`: no request yet), for the
     /// dashboard; reads atomics only.
     pub fn app_totals(&self, app: &str) -> Option<AppTotals> {

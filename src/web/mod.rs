@@ -23,6 +23,7 @@
 pub mod assets;
 mod live;
 mod pages;
+pub mod rates;
 mod session;
 mod view;
 
@@ -62,6 +63,8 @@ pub struct WebState {
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
     /// Certificate state of domains.
     pub certs: Arc<crate::certs::CertManager>,
+    /// Request and error rates per app over the last hour (sampled by `escale serve`).
+    pub rates: Arc<rates::Rates>,
     pub session_ttl: Duration,
 }
 

@@ -138,9 +138,15 @@ pub async fn apps_table(s: &WebState, actor: &Actor) -> Result<Markup, WebError>
                         td { @if let Some(l) = l {
                             "v" (l.version) " " small { (ago(l.created_at)) " ago" }
                         } @else { "never deployed" } }
-                        td { @match s.metrics.app_totals(&a.name) {
-                            Some(t) => { (t.requests) @if t.errors > 0 { " " span.err { "(" (t.errors) " 5xx)" } } }
-                            None => { "–" }
+                        td { @let series = s.rates.series(&a.name);
+                            @match s.metrics.app_totals(&a.name) {
+                            Some(t) => {
+                                (format!("{:.1}", super::rates::per_second(&series))) " req/s"
+                                @if let Some(p) = series.last() { @if p.errors > 0 { " " span.err { (format!("{:.1}", p.errors as f64 / super::rates::STEP.as_secs_f64())) " 5xx/s" } } }
+                                br; (view::sparkline(&series, 120.0, 24.0))
+                                small.total { (t.requests) " total" @if t.errors > 0 { ", " (t.errors) " 5xx" } }
+                            }
+                            None => { "no traffic yet" }
                         } }
                     }
                 }
@@ -211,6 +217,22 @@ pub async fn app_page(
         section.card aria-labelledby="instances-h" {
             h2 id="instances-h" { "Instances" }
             div id="instances" data-refresh={ "/apps/" (info.name) "/instances" } { (instances) }
+        }
+        section.card aria-labelledby="traffic-h" {
+            h2 id="traffic-h" { "Traffic" }
+            @match s.metrics.app_totals(&info.name) {
+                None => { p.empty { "No request reached this app through the proxy since escale started." } }
+                Some(t) => {
+                    @let series = s.rates.series(&info.name);
+                    p { (format!("{:.1}", super::rates::per_second(&series))) " requests/s now · "
+                        (t.requests) " since start · mean time to response head "
+                        (format!("{:.1}", if t.requests > 0 { t.sum_us as f64 / t.requests as f64 / 1000.0 } else { 0.0 })) " ms" }
+                    p { "By status: "
+                        @for (i, n) in t.status.iter().enumerate() { @if *n > 0 { (i + 1) "xx " (n) " · " } } }
+                    (view::sparkline(&series, 600.0, 60.0))
+                    p.hint { "Requests (blue) and 5xx answers (red) per 30 s, last hour." }
+                }
+            }
         }
         section.card aria-labelledby="processes-h" {
             h2 id="processes-h" { "Processes" }

@@ -21,6 +21,8 @@ struct T {
     registry: Registry,
     router: Router,
     admin: Actor,
+    metrics: Arc<crate::proxy::ProxyMetrics>,
+    rates: Arc<super::rates::Rates>,
 }
 
 struct Resp {
@@ -72,6 +74,8 @@ impl T {
         T {
             _dir: dir,
             registry,
+            metrics: state.metrics.clone(),
+            rates: state.rates.clone(),
             router: router(state),
             admin: root,
         }
@@ -783,6 +787,42 @@ async fn the_overview_says_what_to_do_and_renders_many_apps() {
     let overview = t.get("/", Some(&b)).await;
     assert!(overview.body.contains("never deployed"));
     assert!(overview.body.contains("href=\"/apps/shop\""));
+}
+
+#[tokio::test]
+async fn traffic_shows_as_rates_and_sparklines_from_the_proxys_counters() {
+    let t = T::new().await;
+    let b = t.login("alice").await;
+    t.post("/apps", &b, &[("csrf", &b.csrf), ("name", "shop")])
+        .await;
+    let before = t.get("/apps/shop", Some(&b)).await;
+    assert!(before.body.contains("No request reached this app"));
+    let m = t.metrics.app("shop");
+    for status in [200, 200, 404, 503] {
+        m.record(status, std::time::Duration::from_millis(4));
+    }
+    t.rates
+        .sample("shop", t.metrics.app_totals("shop").unwrap());
+    for _ in 0..60 {
+        m.record(200, std::time::Duration::from_millis(4));
+    }
+    t.rates
+        .sample("shop", t.metrics.app_totals("shop").unwrap());
+    let overview = t.get("/", Some(&b)).await;
+    assert!(overview.body.contains("2.0 req/s"), "{}", overview.body);
+    assert!(
+        overview.body.contains("64 total, 1 5xx"),
+        "{}",
+        overview.body
+    );
+    assert!(overview.body.contains("<svg class=\"spark\""));
+    let page = t.get("/apps/shop", Some(&b)).await;
+    assert!(page.body.contains("2xx 62"), "{}", page.body);
+    assert!(page.body.contains("5xx 1"));
+    assert!(
+        page.body.contains("polyline class=\"err\""),
+        "the 5xx line is drawn"
+    );
 }
 
 /// For `scripts/bench-dashboard`: server time to render the overview (`GET /` through the

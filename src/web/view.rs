@@ -132,3 +132,25 @@ pub fn login_page(token: &str, error: Option<&str>) -> Markup {
 pub fn badge(state: &str) -> Markup {
     html! { span class={ "badge " (state) } { (state) } }
 }
+
+/// A sparkline of requests (and 5xx answers) per step, oldest first, as inline SVG.
+pub fn sparkline(points: &[super::rates::Point], w: f64, h: f64) -> Markup {
+    use super::rates::polyline;
+    let req: Vec<u64> = points.iter().map(|p| p.requests).collect();
+    let err: Vec<u64> = points.iter().map(|p| p.errors).collect();
+    // One scale for both lines: errors are read against requests.
+    let max = req.iter().copied().max().unwrap_or(0);
+    let label = format!(
+        "requests per {} s over the last {} samples; latest {}, 5xx {}",
+        super::rates::STEP.as_secs(),
+        points.len(),
+        req.last().copied().unwrap_or(0),
+        err.last().copied().unwrap_or(0)
+    );
+    html! {
+        svg.spark xmlns="http://www.w3.org/2000/svg" viewBox={ "0 0 " (w) " " (h) } width=(w) height=(h) role="img" aria-label=(label) {
+            polyline.req points=(polyline(&req, max, w, h)) {}
+            @if err.iter().any(|e| *e > 0) { polyline.err points=(polyline(&err, max, w, h)) {} }
+        }
+    }
+}
