@@ -165,6 +165,10 @@ pub fn router(state: WebState) -> Router {
         .route("/apps/{app}/domains", post(pages::add_domain))
         .route("/apps/{app}/domains/remove", post(pages::remove_domain))
         .route("/apps/{app}/logs/live", get(live::logs))
+        .route(
+            "/apps/{app}/releases/{version}/build-log",
+            get(pages::build_log),
+        )
         .route("/overview/apps", get(pages::apps_fragment))
         .route("/live", get(live::events))
         .route("/nodes", get(pages::nodes_page))

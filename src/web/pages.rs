@@ -329,7 +329,8 @@ pub async fn app_page(
                     tbody { @for r in &releases { tr {
                         td { "v" (r.version) @if current == Some(r.version) { " " small { "(current)" } } }
                         td { (badge(status_word(r.status))) @if let Some(why) = &r.status_reason { details { summary { "why" } pre { (why) } } } }
-                        td { (r.source) br; small { code { (r.image) } } }
+                        td { (r.source) br; small { code { (r.image) } }
+                            @if r.source.starts_with("git") { br; a href={ "/apps/" (info.name) "/releases/" (r.version) "/build-log" } { "build log" span.visually-hidden { " of v" (r.version) } } } }
                         td.desc { (r.description) }
                         td { (r.created_by) }
                         td { (ago(r.created_at)) " ago" }
@@ -823,4 +824,32 @@ pub async fn create_team(State(s): State<WebState>, a: Action) -> PageResult {
     validate::account_name(name, "team name")?;
     s.registry.create_team(a.actor(), name).await?;
     Ok(Redirect::to("/account").into_response())
+}
+
+/// `GET /apps/{app}/releases/{version}/build-log`: a pushed release's build output.
+pub async fn build_log(
+    State(s): State<WebState>,
+    session: Session,
+    Path((app, version)): Path<(String, u32)>,
+) -> PageResult {
+    app_name(&app)?;
+    let log = s
+        .registry
+        .release_build_log(&session.actor, &app, version)
+        .await?;
+    let title = format!("{app} v{version} build log");
+    Ok(page(
+        &title,
+        Some(&session),
+        Nav::Apps,
+        None,
+        html! {
+            h1 { a href={ "/apps/" (app) } { (app) } " · v" (version) " build log" }
+            @match &log {
+                Some(l) => { pre.logs tabindex="0" { (l) } }
+                None => { p.empty { "This release was not built by escale (an image deploy, a config change or a rollback)." } }
+            }
+        },
+    )
+    .into_response())
 }

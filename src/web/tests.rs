@@ -632,6 +632,37 @@ async fn what_users_and_apps_wrote_is_rendered_as_text() {
         "{}",
         revealed.body
     );
+    // A pushed release's build output, as text, on its own page (another team: 404).
+    t.registry
+        .release_push(
+            &t.admin,
+            &app,
+            None,
+            "example/shop:2",
+            "git 1a2b3c4",
+            &format!("commit {XSS}"),
+            &format!("Step 1/2 : RUN echo {XSS}"),
+        )
+        .await
+        .unwrap();
+    let page = t.get("/apps/shop", Some(&b)).await;
+    assert!(
+        page.body.contains("/apps/shop/releases/2/build-log"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains(XSS));
+    let log = t.get("/apps/shop/releases/2/build-log", Some(&b)).await;
+    let bob = t.login("bob").await;
+    assert_eq!(
+        t.get("/apps/shop/releases/2/build-log", Some(&bob))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(log.status, StatusCode::OK);
+    assert!(log.body.contains("RUN echo &lt;script&gt;"), "{}", log.body);
+    assert!(!log.body.contains(XSS));
     // The events page shows the audit details as text too.
     let events = t.get("/events", Some(&b)).await;
     assert!(!events.body.contains(XSS));
