@@ -141,7 +141,7 @@ pub async fn apps_table(s: &WebState, actor: &Actor) -> Result<Markup, WebError>
                         td { @let series = s.rates.series(&a.name);
                             @match s.metrics.app_totals(&a.name) {
                             Some(t) => {
-                                (format!("{:.1}", super::rates::per_second(&series))) " req/s"
+                                @if !series.is_empty() { (format!("{:.1}", super::rates::per_second(&series))) " req/s" }
                                 @if let Some(p) = series.last() { @if p.errors > 0 { " " span.err { (format!("{:.1}", p.errors as f64 / super::rates::STEP.as_secs_f64())) " 5xx/s" } } }
                                 br; (view::sparkline(&series, 120.0, 24.0))
                                 small.total { (t.requests) " total" @if t.errors > 0 { ", " (t.errors) " 5xx" } }

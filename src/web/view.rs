@@ -147,6 +147,9 @@ pub fn sparkline(points: &[super::rates::Point], w: f64, h: f64) -> Markup {
         req.last().copied().unwrap_or(0),
         err.last().copied().unwrap_or(0)
     );
+    if points.is_empty() {
+        return html! { small { "rate: first sample within 30 s" } };
+    }
     html! {
         svg.spark xmlns="http://www.w3.org/2000/svg" viewBox={ "0 0 " (w) " " (h) } width=(w) height=(h) role="img" aria-label=(label) {
             polyline.req points=(polyline(&req, max, w, h)) {}
