@@ -3,7 +3,7 @@
 //! uses), and an app's merged logs ([`crate::service::logs`]). Each `data:` line is JSON;
 //! the page's script puts what it shows into the page as text, never as HTML.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -46,10 +46,15 @@ pub async fn events(
         crate::validate::app_name(app).map_err(|e| ApiError::NotFound(e.0))?;
         s.registry.app(&session.actor, app).await?;
     }
-    let events = TeamEvents::new(&s.registry, session.actor, q.app);
+    let events = TeamEvents::new(&s.registry, session.actor.clone(), q.app);
     let first = stream::once(async { Bytes::from_static(b"retry: 2000\n: subscribed\n\n") });
-    let rest = stream::unfold(events, |mut ev| async move {
-        let chunk = match ev.next(KEEP_ALIVE).await {
+    let state = (events, Check::new(session, &s));
+    let rest = stream::unfold(state, |(mut ev, mut check)| async move {
+        let next = ev.next(KEEP_ALIVE).await;
+        if !check.still_valid().await {
+            return None;
+        }
+        let chunk = match next {
             Next::Idle => Bytes::from_static(b": keep-alive\n\n"),
             Next::Missed(n) => Bytes::from(format!(
                 "data: {}\n\n",
@@ -65,11 +70,39 @@ pub async fn events(
                 Bytes::from(format!("data: {v}\n\n"))
             }
         };
-        Some((chunk, ev))
+        Some((chunk, (ev, check)))
     });
     Ok(sse(Body::from_stream(
         first.chain(rest).map(Ok::<_, std::io::Error>),
     )))
+}
+
+/// A stream's session, asked again at most every [`KEEP_ALIVE`]: a logout (or a deleted
+/// user, or the expiry) ends the streams it opened within that time.
+struct Check {
+    session: Session,
+    registry: crate::registry::Registry,
+    at: Instant,
+    valid: bool,
+}
+
+impl Check {
+    fn new(session: Session, s: &WebState) -> Check {
+        Check {
+            session,
+            registry: s.registry.clone(),
+            at: Instant::now(),
+            valid: true,
+        }
+    }
+
+    async fn still_valid(&mut self) -> bool {
+        if self.valid && self.at.elapsed() >= KEEP_ALIVE {
+            self.valid = self.session.still_valid(&self.registry).await;
+            self.at = Instant::now();
+        }
+        self.valid
+    }
 }
 
 /// The event's `type` as the API names it (`instance_started`, `changed`, ...).
@@ -99,8 +132,13 @@ pub async fn logs(
         },
     );
     let first = stream::once(async { Bytes::from_static(b"retry: 2000\n: following\n\n") });
-    let rest = stream::unfold(lines, |mut lines| async move {
-        let chunk = match tokio::time::timeout(KEEP_ALIVE, lines.next()).await {
+    let state = (lines, Check::new(session, &s));
+    let rest = stream::unfold(state, |(mut lines, mut check)| async move {
+        let next = tokio::time::timeout(KEEP_ALIVE, lines.next()).await;
+        if !check.still_valid().await {
+            return None;
+        }
+        let chunk = match next {
             Err(_) => Bytes::from_static(b": keep-alive\n\n"),
             Ok(None) => return None,
             Ok(Some(l)) => Bytes::from(format!(
@@ -108,7 +146,7 @@ pub async fn logs(
                 serde_json::json!({"time": l.time, "tag": l.tag, "text": l.text})
             )),
         };
-        Some((chunk, lines))
+        Some((chunk, (lines, check)))
     });
     Ok(sse(Body::from_stream(
         first.chain(rest).map(Ok::<_, std::io::Error>),

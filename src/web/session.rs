@@ -41,6 +41,14 @@ pub struct Session {
     hash: String,
 }
 
+impl Session {
+    /// Whether the session still exists and has not expired (a live stream asks again from
+    /// time to time, so that a logout or a deleted user ends it).
+    pub async fn still_valid(&self, registry: &crate::registry::Registry) -> bool {
+        matches!(registry.actor_for_session(&self.hash).await, Ok(Some(_)))
+    }
+}
+
 /// The CSRF token of session id `id`.
 fn csrf_for(id: &str) -> String {
     let mut h = Sha256::new();

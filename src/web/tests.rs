@@ -689,8 +689,24 @@ async fn a_member_sees_another_teams_app_as_a_plain_404() {
         ],
     )
     .await;
+    t.post(
+        "/apps/red-shop/config",
+        &admin,
+        &[
+            ("csrf", &admin.csrf),
+            ("key", "API_KEY"),
+            ("value", "hidden-from-members"),
+            ("secret", "1"),
+        ],
+    )
+    .await;
     let rita = t.login("rita").await;
     let bob = t.login("bob").await;
+    // A member of the team does not get secrets by asking (as with the API's `reveal`).
+    let r = t.get("/apps/red-shop?reveal=1", Some(&rita)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.body.contains("hidden-from-members"));
+    assert!(!r.body.contains("Reveal secrets"));
     // Rita (team red) sees it.
     let r = t.get("/apps/red-shop", Some(&rita)).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -740,7 +756,7 @@ async fn a_member_sees_another_teams_app_as_a_plain_404() {
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {}", r.body);
     }
     let cfg = t.registry.config(&t.admin, "red-shop", true).await.unwrap();
-    assert_eq!(cfg.len(), 1, "unchanged: {cfg:?}");
+    assert_eq!(cfg.len(), 2, "unchanged: {cfg:?}");
     // Admin pages are an admin's: a member gets 403 for nodes, and no node actions.
     assert_eq!(
         t.get("/nodes", Some(&bob)).await.status,
