@@ -1143,9 +1143,11 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         404,
         "no such API route",
     ));
+    // Under the other machine prefixes too (any other path is the dashboard's: its 404 page
+    // is tested in src/web/tests.rs).
     rows.push(bad(
-        "unknown route outside the API",
-        get("/nope"),
+        "unknown route under /git/",
+        get("/git/nope"),
         404,
         "no such API route",
     ));
