@@ -227,6 +227,15 @@ pub async fn app_page(
                     p { (format!("{:.1}", super::rates::per_second(&series))) " requests/s now · "
                         (t.requests) " since start · mean time to response head "
                         (format!("{:.1}", if t.requests > 0 { t.sum_us as f64 / t.requests as f64 / 1000.0 } else { 0.0 })) " ms" }
+                    p { "Time to response head: "
+                        @for (label, q) in [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)] {
+                            (label) " " @match t.quantile_ms(q) {
+                                Some(ms) if ms.is_finite() => { "≤ " (ms) " ms" }
+                                Some(_) => { "> 10 s" }
+                                None => { "–" }
+                            } " · "
+                        }
+                        small { "(since start, by histogram bucket)" } }
                     p { "By status: "
                         @for (i, n) in t.status.iter().enumerate() { @if *n > 0 { (i + 1) "xx " (n) " · " } } }
                     (view::sparkline(&series, 600.0, 60.0))
@@ -638,6 +647,9 @@ pub async fn node_action(
 pub struct EventsQuery {
     #[serde(default)]
     app: Option<String>,
+    /// Only events whose action or detail contains this text.
+    #[serde(default)]
+    text: Option<String>,
 }
 
 /// `GET /events`: the audit log (filterable by app), new events prepended live.
@@ -650,10 +662,19 @@ pub async fn events_page(
     if let Some(a) = &app {
         app_name(a)?;
     }
-    let events = s
+    let text = q.text.filter(|t| !t.is_empty());
+    let mut events = s
         .registry
-        .events(&session.actor, app.as_deref(), 200)
+        .events(
+            &session.actor,
+            app.as_deref(),
+            if text.is_some() { 2000 } else { 200 },
+        )
         .await?;
+    if let Some(t) = &text {
+        events.retain(|e| e.action.contains(t.as_str()) || e.detail.contains(t.as_str()));
+        events.truncate(200);
+    }
     let live = match &app {
         Some(a) => format!("/live?app={a}"),
         None => "/live".to_string(),
@@ -663,6 +684,8 @@ pub async fn events_page(
         form.inline method="get" action="/events" {
             label for="ev-app" { "App" }
             input id="ev-app" name="app" value=(app.as_deref().unwrap_or(""));
+            label for="ev-text" { "Action or detail contains" }
+            input id="ev-text" name="text" type="search" value=(text.as_deref().unwrap_or(""));
             button type="submit" { "Filter" }
         }
         h2 { "Live" }

@@ -667,6 +667,14 @@ async fn what_users_and_apps_wrote_is_rendered_as_text() {
     let events = t.get("/events", Some(&b)).await;
     assert!(!events.body.contains(XSS));
     assert!(events.body.contains("&lt;script&gt;"));
+    // Filtered by action text: only config changes.
+    let filtered = t.get("/events?app=shop&text=config.update", Some(&b)).await;
+    assert!(filtered.body.contains("config.update"), "{}", filtered.body);
+    assert!(
+        !filtered.body.contains("release.create"),
+        "{}",
+        filtered.body
+    );
 }
 
 #[tokio::test]
