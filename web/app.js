@@ -10,7 +10,12 @@
     pending = null;
     document.querySelectorAll("[data-refresh]").forEach(function (el) {
       fetch(el.getAttribute("data-refresh"), { credentials: "same-origin", headers: { "Accept": "text/html" } })
-        .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.text(); })
+        .then(function (r) {
+          // The session ended (logout elsewhere, expiry): go to the login page.
+          if (r.redirected && new URL(r.url).pathname === "/login") { location.assign("/login"); }
+          if (!r.ok || r.redirected) { throw new Error(String(r.status)); }
+          return r.text();
+        })
         .then(function (html) {
           var doc = new DOMParser().parseFromString(html, "text/html");
           var src = (el.id && doc.getElementById(el.id)) || doc.body;
