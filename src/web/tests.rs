@@ -933,3 +933,93 @@ async fn bench_overview_render() {
         );
     }
 }
+
+/// Reads an SSE body until a `data:` line containing `needle` (or panics after `limit`,
+/// listing what came).
+async fn read_until(body: &mut Body, needle: &str, limit: std::time::Duration) -> String {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut text = String::new();
+    loop {
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("data: ") && l.contains(needle))
+        {
+            return line.trim_start_matches("data: ").to_string();
+        }
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&d));
+                }
+            }
+            other => panic!("no `{needle}` in the stream ({other:?}); read:\n{text}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_live_stream_is_the_actors_events_as_json() {
+    let t = T::new().await;
+    let admin = t.login("alice").await;
+    let bob = t.login("bob").await;
+    t.post(
+        "/apps",
+        &admin,
+        &[("csrf", &admin.csrf), ("name", "red-shop"), ("team", "red")],
+    )
+    .await;
+    t.post(
+        "/apps",
+        &admin,
+        &[
+            ("csrf", &admin.csrf),
+            ("name", "blue-shop"),
+            ("team", "blue"),
+        ],
+    )
+    .await;
+    let open = |b: &Browser| {
+        Request::get("/live")
+            .header(header::HOST, "dash.test")
+            .header(header::COOKIE, &b.cookie)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let resp = t.router.clone().oneshot(open(&bob)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut bob_stream = resp.into_body();
+    let mut admin_stream = t
+        .router
+        .clone()
+        .oneshot(open(&admin))
+        .await
+        .unwrap()
+        .into_body();
+    // A change to red-shop (not bob's), then one to blue-shop (bob's).
+    t.post(
+        "/apps/red-shop/config",
+        &admin,
+        &[("csrf", &admin.csrf), ("key", "RED"), ("value", XSS)],
+    )
+    .await;
+    t.post(
+        "/apps/blue-shop/config",
+        &admin,
+        &[("csrf", &admin.csrf), ("key", "BLUE"), ("value", "1")],
+    )
+    .await;
+    let limit = std::time::Duration::from_secs(10);
+    let seen = read_until(&mut admin_stream, "RED", limit).await;
+    let v: serde_json::Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(v["app"], "red-shop");
+    assert_eq!(v["type"], "changed");
+    // Bob's stream: blue-shop's change arrives, red-shop's never did (it came first).
+    let first = read_until(&mut bob_stream, "\"app\"", limit).await;
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v["app"], "blue-shop", "{first}");
+    // Another team's app cannot be followed by name.
+    let r = t.get("/live?app=red-shop", Some(&bob)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
