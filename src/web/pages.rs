@@ -594,16 +594,27 @@ pub async fn nodes_page(State(s): State<WebState>, session: Session) -> PageResu
         } @else {
             table.nodes {
                 thead { tr {
-                    th scope="col" { "Node" } th scope="col" { "State" } th scope="col" { "CPUs placed / capacity" }
-                    th scope="col" { "Memory placed / capacity (GiB)" } th scope="col" { "Instances" } th scope="col" { "Labels" }
+                    th scope="col" { "Node" } th scope="col" { "State" } th scope="col" { "CPUs used / placed / capacity" }
+                    th scope="col" { "Memory used / placed / capacity (GiB)" } th scope="col" { "Disk" }
+                    th scope="col" { "Instances" } th scope="col" { "Labels" }
                     th scope="col" { "Certificate" } th scope="col" { span.visually-hidden { "Actions" } }
                 } }
                 tbody { @for n in &nodes { tr {
                     th scope="row" { (n.name) br; small { code { (n.address) } } }
                     td { (badge(&enum_word(&n.state))) @if n.cordoned { " " (badge("cordoned")) } @if n.draining { " " (badge("draining")) }
                         @if let Some(e) = &n.error { br; small.err { (e) } } }
-                    td { (cpus(n.placed.nano_cpus)) " / " @if let Some(c) = &n.capacity { (cpus(c.nano_cpus)) } @else { "?" } }
-                    td { (gib(n.placed.memory_bytes)) " / " @if let Some(c) = &n.capacity { (gib(c.memory_bytes)) } @else { "?" } }
+                    td { @if let Some(u) = &n.used { (format!("{:.1}", u.cpus)) } @else { "–" } " / "
+                        (cpus(n.placed.nano_cpus)) " / " @if let Some(c) = &n.capacity { (cpus(c.nano_cpus)) } @else { "?" } }
+                    td { @if let Some(u) = &n.used { (gib(u.memory_bytes)) } @else { "–" } " / "
+                        (gib(n.placed.memory_bytes)) " / " @if let Some(c) = &n.capacity { (gib(c.memory_bytes)) } @else { "?" } }
+                    td { @match n.used.as_ref().and_then(|u| u.disk.as_ref()) {
+                        Some(d) => {
+                            @if let Some(f) = &d.filesystem { (f.used_percent) "% used " }
+                            @if d.level != crate::events::DiskLevel::Ok { (badge(&enum_word(&d.level))) " " }
+                            small { (crate::service::upkeep::human_bytes(d.images_bytes + d.containers_bytes)) " escale" }
+                        }
+                        None => { "–" }
+                    } }
                     td { (n.instances) }
                     td { @for (k, v) in &n.labels { code { (k) "=" (v) } " " } }
                     td { @match &n.certificate {
