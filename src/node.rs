@@ -320,6 +320,8 @@ pub struct Filesystem {
     pub total_bytes: u64,
     /// Free for unprivileged writers (what the engine's writes can use).
     pub available_bytes: u64,
+    /// Free in all, blocks reserved for root included.
+    pub free_bytes: u64,
 }
 
 impl Filesystem {
@@ -331,12 +333,14 @@ impl Filesystem {
             path: path.display().to_string(),
             total_bytes: st.blocks() as u64 * frsize,
             available_bytes: st.blocks_available() as u64 * frsize,
+            free_bytes: st.blocks_free() as u64 * frsize,
         })
     }
 
-    /// Percent used, as `df` counts it (used over used + available, rounded up).
+    /// Percent used, as `df` counts it: used (total - free) over used + available, rounded
+    /// up; blocks reserved for root count neither as used nor as available.
     pub fn used_percent(&self) -> u8 {
-        let used = self.total_bytes.saturating_sub(self.available_bytes);
+        let used = self.total_bytes.saturating_sub(self.free_bytes);
         let usable = used + self.available_bytes;
         if usable == 0 {
             return 0;

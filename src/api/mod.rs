@@ -317,15 +317,10 @@ async fn metrics(
                 u.cpus
             ));
         }
-        out.push_str("# HELP escale_node_disk_used_ratio Used fraction of the filesystem of a node's engine data root (engines on this host).\n# TYPE escale_node_disk_used_ratio gauge\n");
+        out.push_str("# HELP escale_node_disk_used_ratio Used fraction of the filesystem of a node's engine data root, as df counts it (engines on this host).\n# TYPE escale_node_disk_used_ratio gauge\n");
         for (node, u) in &usage.nodes {
             if let Some(fs) = u.disk.as_ref().and_then(|d| d.filesystem.as_ref()) {
-                let used = fs.total_bytes.saturating_sub(fs.available_bytes);
-                let ratio = if fs.total_bytes == 0 {
-                    0.0
-                } else {
-                    used as f64 / fs.total_bytes as f64
-                };
+                let ratio = f64::from(fs.used_percent) / 100.0;
                 out.push_str(&format!(
                     "escale_node_disk_used_ratio{{node=\"{node}\"}} {ratio:.4}\n"
                 ));
