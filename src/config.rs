@@ -58,6 +58,17 @@ pub struct RawConfig {
     pub webhooks: RawWebhooks,
     #[serde(default)]
     pub git: RawGit,
+    #[serde(default)]
+    pub backup: RawBackup,
+}
+
+/// `[backup]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackup {
+    pub interval: Option<String>,
+    pub keep: Option<u32>,
+    pub dir: Option<String>,
 }
 
 /// `[git]` as written.
@@ -185,6 +196,7 @@ pub struct Config {
     pub acme: AcmeConfig,
     pub webhooks: WebhooksConfig,
     pub git: GitSettings,
+    pub backup: crate::backup::BackupSettings,
 }
 
 /// `[webhooks]`, validated.
@@ -359,6 +371,9 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("git.deploy_branch", "ESCALE_GIT_DEPLOY_BRANCH"),
     ("git.dockerfile", "ESCALE_GIT_DOCKERFILE"),
     ("git.max_context_size", "ESCALE_GIT_MAX_CONTEXT_SIZE"),
+    ("backup.interval", "ESCALE_BACKUP_INTERVAL"),
+    ("backup.keep", "ESCALE_BACKUP_KEEP"),
+    ("backup.dir", "ESCALE_BACKUP_DIR"),
 ];
 
 /// Where `escale serve` looks for a config file when `--config` is not given.
@@ -488,7 +503,37 @@ impl Config {
                 }
             },
         };
+        let backup = crate::backup::BackupSettings {
+            interval: match s
+                .get("backup.interval", raw.backup.interval.clone())
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("off") | Some("") => None,
+                Some(v) => {
+                    let d = humantime::parse_duration(v).map_err(|e| {
+                        invalid(
+                            "backup.interval",
+                            format!("`{v}`: {e}; write a duration such as `24h`, or `off`"),
+                        )
+                    })?;
+                    if d < Duration::from_secs(60) {
+                        return Err(invalid(
+                            "backup.interval",
+                            format!("`{v}`: back up at most once a minute"),
+                        ));
+                    }
+                    Some(d)
+                }
+            },
+            keep: s.parse_num("backup.keep", raw.backup.keep, 7u32)?,
+            dir: s
+                .get("backup.dir", raw.backup.dir.clone())
+                .filter(|d| !d.trim().is_empty())
+                .map(PathBuf::from),
+        };
         let config = Config {
+            backup,
             data_dir: PathBuf::from(
                 s.get("data_dir", raw.data_dir.clone())
                     .unwrap_or_else(|| "./data".into()),

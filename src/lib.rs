@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod certs;
 pub mod cleanup;
 pub mod cli;

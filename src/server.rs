@@ -228,6 +228,14 @@ pub async fn run(
         scheduler.clone(),
         stopped(),
     ));
+    // Scheduled backups (`[backup] interval`), counted in /metrics.
+    let backup_task = tokio::spawn(crate::backup::run_schedule(
+        registry.clone(),
+        config.data_dir.clone(),
+        config.backup.clone(),
+        cleanup_state.backups.clone(),
+        stopped(),
+    ));
     // What destroyed apps left outside the registry (repositories, built images).
     tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
@@ -308,6 +316,7 @@ pub async fn run(
     let _ = sched_task.await;
     let _ = acme_task.await;
     let _ = join_task.await;
+    let _ = backup_task.await;
     if let Err(e) = proxy_workers.join().await {
         tracing::error!(error = %e, "proxy stopped with an error");
     }

@@ -331,6 +331,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Tokens(cmd) => tokens(&url, token.clone(), json_out, cmd).await,
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
         Command::Nodes(cmd) => nodes(&api()?, json_out, cmd).await,
+        Command::Backup(cmd) => super::backup::run(api, json_out, cmd).await,
         Command::Teams(cmd) => {
             let c = api()?;
             match cmd {

@@ -16,6 +16,7 @@
 //!
 //! Depends on the registry, the scheduler and the event bus; never on a surface.
 
+mod backups;
 mod follow;
 mod locks;
 pub mod nodes;
@@ -54,6 +55,9 @@ pub enum ServiceError {
     /// The request conflicts with the current state; the message says what to do first.
     #[error("{0}")]
     Conflict(String),
+    /// A backup failed or was refused.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// The cluster's certificate authority failed (ours, not the caller's).
     #[error("cluster CA: {0}")]
     Cluster(String),
@@ -73,6 +77,8 @@ pub struct Services {
     pub scheduler: Option<Arc<Scheduler>>,
     /// One deploy at a time per app.
     pub locks: Arc<AppLocks>,
+    /// Backups: one at a time, and what `/metrics` says of them.
+    pub backups: Arc<crate::backup::BackupStatus>,
 }
 
 impl axum::extract::FromRef<Services> for Registry {
@@ -113,6 +119,7 @@ impl Services {
             config,
             scheduler,
             locks: Arc::new(AppLocks::default()),
+            backups: Arc::new(crate::backup::BackupStatus::default()),
         }
     }
 
