@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod backup;
 mod certs;
 mod cli;
 mod cluster;
