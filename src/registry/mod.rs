@@ -411,3 +411,6 @@ pub(crate) fn conflict_if_unique(
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
+
+#[cfg(test)]
+mod schema_tests;

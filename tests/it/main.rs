@@ -18,5 +18,6 @@ mod node;
 mod proxy;
 mod scheduler;
 mod smuggling;
+mod upgrade;
 mod webhooks;
 mod zero_downtime;
