@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod git;
+pub mod handover;
 pub mod http;
 pub mod images;
 pub mod listen;

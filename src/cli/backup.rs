@@ -108,7 +108,7 @@ async fn create(c: &Client, json_out: bool, to: Option<&Path>) -> Result<(), Cli
             got += chunk.len() as u64;
             if !json_out && (got - last_shown >= 8 << 20 || got == total) {
                 last_shown = got;
-                let pct = if total > 0 { got * 100 / total } else { 100 };
+                let pct = (got * 100).checked_div(total).unwrap_or(100);
                 eprint!("\rdownloading: {} / {} ({pct}%)", size(got), size(total));
             }
             true

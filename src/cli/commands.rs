@@ -419,10 +419,7 @@ async fn serve(config: Option<PathBuf>) -> Result<(), CliError> {
     let cfg = crate::config::Config::load(config.as_deref())
         .map_err(|e| CliError::Local(e.to_string()))?;
     crate::server::init_logging(cfg.log_format, &cfg.log_level);
-    let listener = crate::server::bind_api(&cfg)
-        .await
-        .map_err(|e| CliError::Local(e.to_string()))?;
-    crate::server::run(cfg, listener, crate::server::shutdown_signal())
+    crate::server::serve(cfg, crate::server::shutdown_signal())
         .await
         .map_err(|e| CliError::Local(e.to_string()))
 }

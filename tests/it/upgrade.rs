@@ -1,8 +1,130 @@
-//! Upgrades: an escale older than its database refuses to start, saying why.
+//! Upgrades and restarts: a new `escale serve` on the same data dir takes the listening
+//! sockets over from the running one, which drains and exits (see `escale::handover`);
+//! under steady load through the proxy to an app container, five restarts and an upgrade (a
+//! copy of the binary at another path) fail no request. An escale older than its database
+//! refuses to start, saying why.
 
+use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use crate::support::server::ESCALE;
+use http::StatusCode;
+
+use crate::support::fixture_image;
+use crate::support::load::{get_once, Load, CONNECTIONS};
+use crate::support::server::{healthy, TestServer, ESCALE};
+
+/// Restarts `restarts` times and upgrades once under load; asserts no request failed and
+/// prints the figures.
+async fn restarts_under_load(restarts: usize) {
+    let app = "steady";
+    let host = format!("{app}.localhost");
+    let mut s = TestServer::start(&[]).await;
+    let proxy = s.proxy.clone().expect("an HTTP proxy");
+    let image = fixture_image().await.to_string();
+    s.ok(&["apps", "create", app]);
+    s.ok(&["deploy", app, "--image", &image]);
+    s.ok(&["scale", app, "web=2"]);
+    let v = s.json(&["apps", "info", app])["release"].as_u64().unwrap();
+    s.wait_for("2 healthy instances", Duration::from_secs(90), || {
+        (healthy(&s.instances(app), "web", v) == 2).then_some(())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match get_once(&proxy, &host, "/").await {
+            Ok((StatusCode::OK, _)) => break,
+            r if Instant::now() > deadline => panic!("the app never answered: {r:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    // The upgrade: the same build at another path, as a package manager would install it.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let newer = bin_dir.path().join("escale-newer");
+    std::fs::copy(ESCALE, &newer).unwrap();
+    let containers_before: Vec<String> = s.containers().into_iter().map(|c| c.0).collect();
+
+    let load = Load::start(&proxy, &host);
+    load.phase("steady");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut took = Vec::new();
+    for i in 1..=restarts + 1 {
+        let (phase, binary) = if i <= restarts {
+            (format!("restart {i}"), Path::new(ESCALE))
+        } else {
+            ("upgrade".to_string(), newer.as_path())
+        };
+        load.phase(&phase);
+        let t = Instant::now();
+        let status = s.take_over(binary);
+        took.push(t.elapsed());
+        assert!(
+            status.success(),
+            "the old server exited with {status} after {phase}"
+        );
+        load.phase(&format!("after {phase}"));
+        // The new server answers its API and still sees the app.
+        assert_eq!(s.json(&["apps", "info", app])["name"], app);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    load.phase("steady after");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tally = load.stop();
+
+    let failed: u64 = tally.failures.values().sum();
+    let p99_restart = tally
+        .quantile_ms(0.99, |p| p.starts_with("restart") || p == "upgrade")
+        .unwrap_or(f64::NAN);
+    let p99_steady = tally
+        .quantile_ms(0.99, |p| p.starts_with("steady"))
+        .unwrap_or(f64::NAN);
+    let p50_restart = tally
+        .quantile_ms(0.5, |p| p.starts_with("restart") || p == "upgrade")
+        .unwrap_or(f64::NAN);
+    let report = format!(
+        "{} requests over {CONNECTIONS} connections, {restarts} restarts and 1 upgrade (takeover times {took:?}): {} ok, {failed} failed; during takeovers p50 {p50_restart:.2} ms, p99 {p99_restart:.2} ms; steady p99 {p99_steady:.2} ms; failures by kind: {:?}; first:\n{}",
+        tally.total,
+        tally.ok,
+        tally.failures,
+        tally.first.join("\n")
+    );
+    eprintln!("restart under load: {report}");
+    assert_eq!(failed, 0, "requests failed across restarts: {report}");
+    assert!(
+        tally.total >= 500,
+        "too few requests to prove anything: {report}"
+    );
+    // The containers were adopted, not replaced.
+    let containers_after: Vec<String> = s.containers().into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        containers_before, containers_after,
+        "the restarts adopted the running containers"
+    );
+    // One server left, serving.
+    let log = s.server_log();
+    assert!(
+        log.matches("a newer escale serves: draining and stopping")
+            .count()
+            == restarts + 1,
+        "every old server drained"
+    );
+}
+
+#[tokio::test]
+async fn five_restarts_and_an_upgrade_under_load_fail_no_request() {
+    restarts_under_load(5).await;
+}
+
+/// `scripts/bench-restart`: more restarts, figures printed.
+#[tokio::test]
+#[ignore = "benchmark: scripts/bench-restart"]
+async fn bench_restart() {
+    let n = std::env::var("RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    restarts_under_load(n).await;
+}
 
 #[tokio::test]
 async fn an_escale_older_than_its_database_refuses_to_start() {
