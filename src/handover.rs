@@ -263,6 +263,18 @@ async fn handle(
                 }
                 tracing::info!(sockets = %names, "handover: listening sockets given to a newer escale");
             }
+            "addresses" => {
+                // For `escale doctor`: which addresses this server holds.
+                let list: Vec<String> = sockets
+                    .iter()
+                    .filter_map(|(n, l)| Some(format!("{n}={}", l.local_addr().ok()?)))
+                    .collect();
+                stream
+                    .get_mut()
+                    .write_all(format!("{}\n", list.join(",")).as_bytes())
+                    .await
+                    .map_err(proto)?;
+            }
             "stop-background" => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 requests
@@ -288,6 +300,21 @@ async fn handle(
             }
         }
     }
+}
+
+/// The addresses the escale serving `data_dir` listens on; `None` when none serves there.
+pub fn addresses(data_dir: &Path) -> Option<Vec<std::net::SocketAddr>> {
+    let s = UnixStream::connect(data_dir.join(SOCKET)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    (&s).write_all(b"addresses\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    Some(
+        line.trim()
+            .split(',')
+            .filter_map(|e| e.split_once('=')?.1.parse().ok())
+            .collect(),
+    )
 }
 
 /// An inherited listener when it listens where `want` says (same address, or port 0 asked

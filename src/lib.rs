@@ -12,6 +12,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod events;
 pub mod git;
 pub mod handover;

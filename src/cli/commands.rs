@@ -332,6 +332,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
         Command::Nodes(cmd) => nodes(&api()?, json_out, cmd).await,
         Command::Backup(cmd) => super::backup::run(api, json_out, cmd).await,
+        Command::Doctor { config } => doctor(config, json_out).await,
         Command::Teams(cmd) => {
             let c = api()?;
             match cmd {
@@ -422,6 +423,59 @@ async fn serve(config: Option<PathBuf>) -> Result<(), CliError> {
     crate::server::serve(cfg, crate::server::shutdown_signal())
         .await
         .map_err(|e| CliError::Local(e.to_string()))
+}
+
+async fn doctor(config: Option<PathBuf>, json_out: bool) -> Result<(), CliError> {
+    let cfg = crate::config::Config::load(config.as_deref())
+        .map_err(|e| CliError::Local(e.to_string()))?;
+    let report = crate::doctor::run(&cfg).await;
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Local(e.to_string()))?
+        );
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .checks
+            .iter()
+            .map(|c| {
+                vec![
+                    match c.status {
+                        crate::doctor::Status::Ok => "ok",
+                        crate::doctor::Status::Warn => "WARN",
+                        crate::doctor::Status::Fail => "FAIL",
+                    }
+                    .to_string(),
+                    c.check.clone(),
+                    c.detail.clone(),
+                ]
+            })
+            .collect();
+        table(&["STATUS", "CHECK", "DETAIL"], &rows);
+        let todo: Vec<&crate::doctor::Check> =
+            report.checks.iter().filter(|c| c.fix.is_some()).collect();
+        if !todo.is_empty() {
+            println!("\nTo fix:");
+            for c in todo {
+                println!("  {}: {}", c.check, c.fix.as_deref().unwrap_or_default());
+            }
+        }
+    }
+    let failed = report
+        .checks
+        .iter()
+        .filter(|c| c.status == crate::doctor::Status::Fail)
+        .map(|c| c.check.as_str())
+        .collect::<Vec<_>>();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "{} check(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )))
+    }
 }
 
 /// Follows release `v` by its events (`events` was opened before the release was made) until

@@ -232,6 +232,17 @@ pub enum Command {
         after_help = "Examples:\n  escale nodes add n2 --address 10.0.0.2:2376 --label disk=ssd\n  escale nodes list\n  escale nodes drain n2\n  escale nodes remove n2"
     )]
     Nodes(NodesCommand),
+    /// Check this host: the Docker engine (reachable, version, storage driver, clock), the
+    /// ports, the apps domain's DNS, free disk on the data dir and the engine, the registry,
+    /// certificate expiries, the nodes. Says what to fix; exits 1 when something is wrong.
+    #[command(
+        after_help = "Examples:\n  escale doctor\n  escale doctor --config /etc/escale/escale.toml\n  escale doctor --json"
+    )]
+    Doctor {
+        /// Config file (default: ./config/escale.toml, then /etc/escale/escale.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Backups: take one now, list them, restore one, export the master key.
     #[command(
         subcommand,

@@ -8,6 +8,7 @@ mod certs;
 mod cli;
 mod cluster;
 mod deploys;
+mod doctor;
 mod exhaustion;
 mod gitpush;
 mod isolation;
