@@ -5,12 +5,19 @@
 #     -v /var/run/docker.sock:/var/run/docker.sock -v /var/lib/escale:/var/lib/escale escale
 #
 # --network host lets the proxy bind :80/:443 and reach instances published on 127.0.0.1.
+# Restart without dropping a request: `docker exec escale escale serve` in the same container
+# takes the sockets over (escale::handover) only within one container; across containers
+# (an image upgrade) the data dir volume carries `handover.sock`, so start the new container
+# with the same volume and --network host before stopping the old one.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The manifest names the benches: cargo needs their files to load it.
+COPY benches benches
 COPY src src
 COPY migrations migrations
 COPY config config
+COPY dist dist
 RUN cargo build --release --locked && strip target/release/escale
 
 FROM debian:bookworm-slim

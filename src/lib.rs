@@ -18,6 +18,7 @@ pub mod git;
 pub mod handover;
 pub mod http;
 pub mod images;
+pub mod install;
 pub mod listen;
 pub mod manifest;
 pub mod model;

@@ -333,6 +333,32 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Nodes(cmd) => nodes(&api()?, json_out, cmd).await,
         Command::Backup(cmd) => super::backup::run(api, json_out, cmd).await,
         Command::Doctor { config } => doctor(config, json_out).await,
+        Command::Install {
+            root,
+            binary,
+            no_start,
+        } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => std::env::current_exe()
+                    .map_err(|e| CliError::Local(format!("cannot find this binary: {e}")))?,
+            };
+            let done = crate::install::install(&crate::install::InstallOptions {
+                root,
+                binary,
+                start: !no_start,
+            })
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+            print_done(json_out, &done);
+            Ok(())
+        }
+        Command::Uninstall { root, purge } => {
+            let done = crate::install::uninstall(&crate::install::UninstallOptions { root, purge })
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            print_done(json_out, &done);
+            Ok(())
+        }
         Command::Teams(cmd) => {
             let c = api()?;
             match cmd {
@@ -423,6 +449,16 @@ async fn serve(config: Option<PathBuf>) -> Result<(), CliError> {
     crate::server::serve(cfg, crate::server::shutdown_signal())
         .await
         .map_err(|e| CliError::Local(e.to_string()))
+}
+
+fn print_done(json_out: bool, done: &crate::install::Done) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(done).unwrap_or_default());
+    } else {
+        for s in &done.steps {
+            println!("{s}");
+        }
+    }
 }
 
 async fn doctor(config: Option<PathBuf>, json_out: bool) -> Result<(), CliError> {

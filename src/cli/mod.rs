@@ -243,6 +243,37 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Install escale under systemd on this host (Debian, Ubuntu): the binary in
+    /// /usr/local/bin, the config in /etc/escale, data in /var/lib/escale, the unit
+    /// escale.service enabled and started (logs: `journalctl -u escale`). Run as root.
+    #[command(
+        after_help = "Examples:\n  sudo escale install\n  escale install --root /tmp/escale-root   # a throwaway root: files only, nothing started"
+    )]
+    Install {
+        /// Install under this directory instead of / (nothing outside it is touched).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// The binary to install (default: this one).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Enable the unit for boot but do not start it now.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop and remove the escale.service unit. The config, the data and the running apps stay
+    /// unless --purge.
+    #[command(
+        after_help = "Examples:\n  sudo escale uninstall\n  sudo escale uninstall --purge   # also the config, the data dir, the apps' containers"
+    )]
+    Uninstall {
+        /// Uninstall from this directory instead of /.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Also remove /etc/escale, /var/lib/escale (registry, repositories, backups, master
+        /// key) and the installation's containers and networks.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Backups: take one now, list them, restore one, export the master key.
     #[command(
         subcommand,

@@ -11,6 +11,7 @@ mod deploys;
 mod doctor;
 mod exhaustion;
 mod gitpush;
+mod install;
 mod isolation;
 mod manifest;
 mod multinode;
