@@ -5,10 +5,8 @@
 #     -v /var/run/docker.sock:/var/run/docker.sock -v /var/lib/escale:/var/lib/escale escale
 #
 # --network host lets the proxy bind :80/:443 and reach instances published on 127.0.0.1.
-# Restart without dropping a request: `docker exec escale escale serve` in the same container
-# takes the sockets over (escale::handover) only within one container; across containers
-# (an image upgrade) the data dir volume carries `handover.sock`, so start the new container
-# with the same volume and --network host before stopping the old one.
+# Restarting without dropping a request (a new `escale serve` taking the sockets over on the
+# same data dir, see README) is tested on a host, not across containers.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
