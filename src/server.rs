@@ -338,6 +338,11 @@ pub async fn run_with(
         cleanup_state.backups.clone(),
         stopped(),
     ));
+    // What the nodes use, and pruning what escale owns there.
+    let upkeep_task = tokio::spawn(crate::service::upkeep::run(
+        cleanup_state.clone(),
+        stopped(),
+    ));
     // What destroyed apps left outside the registry (repositories, built images).
     let cleanup_task = tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
@@ -430,7 +435,14 @@ pub async fn run_with(
             Err(e) => tracing::warn!(error = %e, "handover task failed"),
         }
     }
-    let mut background = Some((sched_task, acme_task, join_task, backup_task, cleanup_task));
+    let mut background = Some((
+        sched_task,
+        acme_task,
+        join_task,
+        backup_task,
+        cleanup_task,
+        upkeep_task,
+    ));
     let stop_background = |bg: &mut Option<_>| {
         let _ = bg_tx.send(true);
         bg.take()
@@ -442,8 +454,8 @@ pub async fn run_with(
             r = handover_rx.recv() => match r {
                 Some(crate::handover::Request::StopBackground(done)) => {
                     tracing::info!("a newer escale takes over: stopping the reconciler and background tasks");
-                    if let Some((a, b, c, d, e)) = stop_background(&mut background) {
-                        let _ = tokio::join!(a, b, c, d, e);
+                    if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
+                        let _ = tokio::join!(a, b, c, d, e, f);
                     }
                     let _ = done.send(());
                 }
@@ -455,8 +467,8 @@ pub async fn run_with(
             },
         }
     }
-    if let Some((a, b, c, d, e)) = stop_background(&mut background) {
-        let _ = tokio::join!(a, b, c, d, e);
+    if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
+        let _ = tokio::join!(a, b, c, d, e, f);
     }
     let _ = stop_tx.send(true);
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;

@@ -20,6 +20,7 @@ mod backups;
 mod follow;
 mod locks;
 pub mod nodes;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub struct Services {
     pub locks: Arc<AppLocks>,
     /// Backups: one at a time, and what `/metrics` says of them.
     pub backups: Arc<crate::backup::BackupStatus>,
+    /// What the nodes use, as the upkeep last measured it ([`upkeep::run`]).
+    pub usage: Arc<upkeep::Usage>,
 }
 
 impl axum::extract::FromRef<Services> for Registry {
@@ -120,6 +123,7 @@ impl Services {
             scheduler,
             locks: Arc::new(AppLocks::default()),
             backups: Arc::new(crate::backup::BackupStatus::default()),
+            usage: Arc::new(upkeep::Usage::default()),
         }
     }
 
