@@ -100,6 +100,24 @@ pub struct RawBackup {
     pub dir: Option<String>,
 }
 
+/// `[backup]`, validated.
+#[derive(Debug, Clone)]
+pub struct BackupSettings {
+    /// Time between scheduled backups; `None`: no scheduled backups.
+    pub interval: Option<Duration>,
+    /// Backups kept in `dir` (older ones of this installation are removed after each backup).
+    pub keep: u32,
+    /// Where the server writes backups (`None`: `data_dir/backups`).
+    pub dir: Option<PathBuf>,
+}
+
+impl BackupSettings {
+    /// The directory backups go to.
+    pub fn dir_for(&self, data_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| data_dir.join("backups"))
+    }
+}
+
 /// `[git]` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,7 +243,7 @@ pub struct Config {
     pub acme: AcmeConfig,
     pub webhooks: WebhooksConfig,
     pub git: GitSettings,
-    pub backup: crate::backup::BackupSettings,
+    pub backup: BackupSettings,
     pub upkeep: UpkeepConfig,
 }
 
@@ -545,7 +563,7 @@ impl Config {
                 }
             },
         };
-        let backup = crate::backup::BackupSettings {
+        let backup = BackupSettings {
             interval: match s
                 .get("backup.interval", raw.backup.interval.clone())
                 .as_deref()

@@ -140,23 +140,7 @@ impl BackupStatus {
     }
 }
 
-/// `[backup]`, validated.
-#[derive(Debug, Clone)]
-pub struct BackupSettings {
-    /// Time between scheduled backups; `None`: no scheduled backups.
-    pub interval: Option<Duration>,
-    /// Backups kept in `dir` (older ones of this installation are removed after each backup).
-    pub keep: u32,
-    /// Where the server writes backups (`None`: `data_dir/backups`).
-    pub dir: Option<PathBuf>,
-}
-
-impl BackupSettings {
-    /// The directory backups go to.
-    pub fn dir_for(&self, data_dir: &Path) -> PathBuf {
-        self.dir.clone().unwrap_or_else(|| data_dir.join("backups"))
-    }
-}
+pub use crate::config::BackupSettings;
 
 /// True for a name escale gives backup files (and so may list, serve and prune).
 pub fn is_backup_name(name: &str) -> bool {
@@ -221,7 +205,7 @@ async fn create_unlocked(
     started: Instant,
 ) -> Result<Created> {
     std::fs::create_dir_all(dir).map_err(io_err("cannot create the backup dir", dir))?;
-    crate::server::make_private(dir).map_err(io_err("cannot make private", dir))?;
+    set_mode(dir, 0o700);
     let inst = registry.installation_id().to_string();
     let mut name = format!("escale-{inst}-{}.backup", stamp(crate::registry::now_ms()));
     let mut n = 1;
@@ -563,7 +547,7 @@ fn restore_files(
         });
     }
     std::fs::create_dir_all(data_dir).map_err(io_err("cannot create", data_dir))?;
-    crate::server::make_private(data_dir).map_err(io_err("cannot make private", data_dir))?;
+    set_mode(data_dir, 0o700);
     // Unpacked beside, moved into place once complete.
     let staging = data_dir.join(".restore-partial");
     let _ = std::fs::remove_dir_all(&staging);
