@@ -779,4 +779,116 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
+
+    /// `scripts/bench-backup`: a registry of APPS (1,000) apps with 5 config vars (one
+    /// secret) each and RELEASES_PER_APP (10) image releases each, plus a git repository per
+    /// app; times a backup and a restore and prints the sizes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark: scripts/bench-backup"]
+    async fn bench_backup() {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let (apps, per_app) = (env("APPS", 1000), env("RELEASES_PER_APP", 10));
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let key = MasterKey::random();
+        let reg = Registry::open(&data.join("escale.db"), key.clone())
+            .await
+            .unwrap();
+        let admin = crate::registry::Actor {
+            user_id: 0,
+            name: "bench".into(),
+            role: crate::registry::Role::Admin,
+            team_id: 1,
+            team: "default".into(),
+        };
+        let t = Instant::now();
+        for i in 0..apps {
+            let name = format!("app{i}");
+            reg.create_app(&admin, &name, None, 8080).await.unwrap();
+            let vars: Vec<(String, String)> = (0..4)
+                .map(|k| {
+                    (
+                        format!("VAR{k}"),
+                        format!("value-{i}-{k}-{}", "x".repeat(40)),
+                    )
+                })
+                .collect();
+            reg.update_config(&admin, &name, &vars, false, &[])
+                .await
+                .unwrap();
+            reg.update_config(
+                &admin,
+                &name,
+                &[(
+                    "DATABASE_URL".into(),
+                    format!("postgres://u:secret{i}@db/app{i}"),
+                )],
+                true,
+                &[],
+            )
+            .await
+            .unwrap();
+            let app = reg.app(&admin, &name).await.unwrap();
+            for v in 0..per_app {
+                reg.deploy_image(
+                    &admin,
+                    &app,
+                    &format!("registry.example.eu/app{i}:{v}"),
+                    "bench",
+                    None,
+                )
+                .await
+                .unwrap();
+            }
+            // A small bare repository per app.
+            let repo = data.join("git/apps").join(format!("{}.git", app.uid));
+            std::fs::create_dir_all(repo.join("objects/ab")).unwrap();
+            std::fs::create_dir_all(repo.join("refs/heads")).unwrap();
+            std::fs::write(repo.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+            std::fs::write(repo.join("objects/ab/cdef0123"), vec![7u8; 4096]).unwrap();
+        }
+        let releases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM releases")
+            .fetch_one(reg.pool())
+            .await
+            .unwrap();
+        let db_size = std::fs::metadata(data.join("escale.db")).unwrap().len();
+        eprintln!(
+            "bench-backup: filled {apps} apps, {releases} releases in {:.1}s; registry {} bytes (+ WAL)",
+            t.elapsed().as_secs_f64(),
+            db_size
+        );
+        let status = BackupStatus::default();
+        let t = Instant::now();
+        let c = create(&reg, &data, &dir.path().join("backups"), 0, &status)
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        eprintln!(
+            "bench-backup: backup {} bytes sealed ({} files, {} bytes archived) in {:.3}s",
+            c.info.size,
+            c.files,
+            c.bytes,
+            took.as_secs_f64()
+        );
+        let file = dir.path().join("backups").join(&c.info.name);
+        let t = Instant::now();
+        let r = restore(&file, &key, &dir.path().join("restored"), false)
+            .await
+            .unwrap();
+        eprintln!(
+            "bench-backup: restore (unseal, unpack, integrity check) in {:.3}s: {} apps, {} releases, {} repositories",
+            t.elapsed().as_secs_f64(),
+            r.apps,
+            r.releases,
+            r.repositories
+        );
+        assert_eq!(r.apps as usize, apps);
+        assert_eq!(r.releases, releases);
+    }
 }
