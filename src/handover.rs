@@ -198,6 +198,12 @@ pub async fn serve(
     let path = data_dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path).map_err(io(&path))?;
+    // Owner-only, as everything in the data dir: whoever connects can take the sockets over.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(&path))?;
+    }
     tokio::pin!(stop);
     loop {
         let conn = tokio::select! {
@@ -315,6 +321,35 @@ pub fn addresses(data_dir: &Path) -> Option<Vec<std::net::SocketAddr>> {
             .filter_map(|e| e.split_once('=')?.1.parse().ok())
             .collect(),
     )
+}
+
+/// Tells systemd (when it started this process with `NOTIFY_SOCKET`, `Type=notify`) about
+/// the service: `READY=1` once serving, `MAINPID=<pid>` when this process took over from the
+/// main one (so systemd follows the new process), `STOPPING=1`. Without `NOTIFY_SOCKET`,
+/// nothing.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "sd_notify: no socket");
+            return;
+        }
+    };
+    let path = path.to_string_lossy().into_owned();
+    let sent = match path.strip_prefix('@') {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        }
+        None => sock.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = %path, "sd_notify failed");
+    }
 }
 
 /// An inherited listener when it listens where `want` says (same address, or port 0 asked

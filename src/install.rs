@@ -315,6 +315,9 @@ mod tests {
         assert!(!u.contains("@BINARY@"));
         for line in [
             "Restart=on-failure",
+            "Type=notify",
+            "NotifyAccess=all",
+            "ExecReload=/usr/local/bin/escale serve --config /etc/escale/escale.toml --reload",
             "WantedBy=multi-user.target",
             "User=escale",
             "NoNewPrivileges=yes",

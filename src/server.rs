@@ -426,6 +426,7 @@ pub async fn run_with(
         handover_tx,
         serving_stopped(),
     ));
+    let took_over = taker.is_some();
     if let Some(t) = taker {
         match tokio::task::spawn_blocking(move || t.drain()).await {
             Ok(Ok(())) => tracing::info!("handover: the old escale is draining; this one serves"),
@@ -435,6 +436,12 @@ pub async fn run_with(
             Err(e) => tracing::warn!(error = %e, "handover task failed"),
         }
     }
+    // Under systemd (`Type=notify`): serving; after a takeover, this is the main process now.
+    crate::handover::sd_notify(&if took_over {
+        format!("MAINPID={}\nREADY=1", std::process::id())
+    } else {
+        "READY=1".to_string()
+    });
     let mut background = Some((
         sched_task,
         acme_task,
@@ -448,6 +455,8 @@ pub async fn run_with(
         bg.take()
     };
     tokio::pin!(shutdown);
+    // A newer escale took over: it is systemd's main process now, so no STOPPING=1 from here.
+    let mut handed_over = false;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -461,11 +470,15 @@ pub async fn run_with(
                 }
                 Some(crate::handover::Request::Drain) => {
                     tracing::info!("a newer escale serves: draining and stopping");
+                    handed_over = true;
                     break;
                 }
                 None => std::future::pending::<()>().await,
             },
         }
+    }
+    if !handed_over {
+        crate::handover::sd_notify("STOPPING=1");
     }
     if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
         let _ = tokio::join!(a, b, c, d, e, f);

@@ -55,7 +55,8 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
     let json_out = cli.json;
     let api = || Client::new(&url, token.clone());
     match cli.command {
-        Command::Serve { config } => serve(config).await,
+        Command::Serve { config, reload } if reload => serve_reload(config).await,
+        Command::Serve { config, .. } => serve(config).await,
         Command::Completions { .. } => unreachable!("handled before the runtime starts"),
         Command::Setup {
             setup_token,
@@ -511,6 +512,56 @@ async fn doctor(config: Option<PathBuf>, json_out: bool) -> Result<(), CliError>
             failed.len(),
             failed.join(", ")
         )))
+    }
+}
+
+/// True while process `pid` runs (not gone, not a zombie waiting to be reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(|c| c != 'Z' && c != 'X'))
+        })
+        .unwrap_or(false)
+}
+
+/// `escale serve --reload`: a new server takes over from the running one (see
+/// `crate::handover`); returns once the old one ($MAINPID, when systemd says it) exited.
+async fn serve_reload(config: Option<PathBuf>) -> Result<(), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Local(format!("cannot find this binary: {e}")))?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("serve");
+    if let Some(c) = &config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.stdin(std::process::Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CliError::Local(format!("cannot start {}: {e}", exe.display())))?;
+    let old: Option<u32> = std::env::var("MAINPID").ok().and_then(|p| p.parse().ok());
+    let Some(old) = old else {
+        eprintln!("escale: a new server ({}) takes over", child.id());
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if !alive(old) {
+            eprintln!("escale: server {} took over from {old}", child.id());
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(CliError::Failed(format!(
+                "the new server exited ({status}) before taking over; {old} keeps serving"
+            )));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CliError::Failed(format!(
+                "server {old} has not handed over after 120 s; both run: see the journal"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -60,6 +60,11 @@ pub enum Command {
         /// Config file (default: ./config/escale.toml, then /etc/escale/escale.toml).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// For systemd's ExecReload (`systemctl reload escale`): start a new `escale serve`
+        /// (this binary, same config) that takes the sockets over from the running one, and
+        /// return once the old one ($MAINPID) has drained and exited.
+        #[arg(long)]
+        reload: bool,
     },
     /// Bind the first admin with the one-time token printed by `escale serve`.
     #[command(

@@ -173,3 +173,80 @@ async fn an_escale_older_than_its_database_refuses_to_start() {
         "{err}"
     );
 }
+
+/// Kills a server process that is not a child of the test (started by `serve --reload`).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// What systemd does on `systemctl reload escale` (`ExecReload=escale serve --reload` with
+/// `$MAINPID`), with the test in systemd's place on `NOTIFY_SOCKET`: the first server says
+/// READY=1; the reload starts a new server that takes over and says it is the main process
+/// (MAINPID=<its pid>, READY=1); the old one exits without STOPPING=1; the API answers
+/// throughout at the same address.
+#[tokio::test]
+async fn systemd_reload_hands_over_and_notifies_the_new_main_pid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let notify_path = tmp.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let recv = |what: &str| {
+        let mut buf = [0u8; 512];
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({what}): {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let notify_env = notify_path.to_str().unwrap().to_string();
+    let s = TestServer::start(&[("NOTIFY_SOCKET", notify_env.as_str())]).await;
+    assert_eq!(recv("first start"), "READY=1");
+    let old = s.pid().expect("running");
+
+    let data = s.dir.path().join("data");
+    let out = Command::new(ESCALE)
+        .args(["serve", "--reload"])
+        .env("MAINPID", old.to_string())
+        .env("NOTIFY_SOCKET", &notify_env)
+        .env("ESCALE_DATA_DIR", &data)
+        .env("ESCALE_API_ADDR", "127.0.0.1:0")
+        .env("ESCALE_HTTP_ADDR", "127.0.0.1:0")
+        .env("ESCALE_HTTPS_ADDR", "off")
+        .env("ESCALE_ACME_DIRECTORY_URL", "off")
+        .env("ESCALE_INSTALLATION_ID", &s.installation)
+        .current_dir(s.dir.path())
+        // Files, not pipes: the new server inherits them and outlives the reload command.
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("reload.log")).unwrap())
+        .status()
+        .expect("escale serve --reload runs");
+    let out_log = std::fs::read_to_string(tmp.path().join("reload.log")).unwrap_or_default();
+    let said = recv("after the reload");
+    let new: u32 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in `{said}`"));
+    let _guard = KillOnDrop(new);
+    assert!(out.success(), "reload failed: {out_log}");
+    assert!(said.contains("READY=1"), "{said}");
+    assert_ne!(new, old);
+    // The old server is gone (exited, not killed by anyone), and sent no STOPPING=1.
+    notify.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        notify.recv(&mut buf).is_err(),
+        "no STOPPING=1 from the old server"
+    );
+    // The new one answers on the same API address.
+    assert_eq!(s.json(&["apps", "list"]), serde_json::json!([]));
+    assert!(Path::new(&format!("/proc/{new}")).exists());
+}
