@@ -57,12 +57,17 @@ fn config_keys(s: &TestServer, app: &str) -> Vec<String> {
 
 /// `GET /metrics` with the admin token; the body.
 async fn metrics(s: &TestServer) -> String {
+    get(s, "/metrics").await
+}
+
+/// `GET path` with the admin token; the whole answer (head and body).
+async fn get(s: &TestServer, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = s.api.trim_start_matches("http://");
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("api");
     tcp.write_all(
         format!(
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
             s.token
         )
         .as_bytes(),
@@ -211,6 +216,51 @@ async fn backup_under_writes_and_a_deploy_then_restore_into_a_new_data_dir() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no backup metric in {m}"));
     assert!(last > 0, "{m}");
+
+    // Backups are the admins': a member can neither take, list nor fetch one; only names
+    // escale gives backups are served, nothing else of the data dir.
+    let out = s.cli_with_token(
+        Some(&s.token.clone()),
+        &[
+            "users",
+            "create",
+            "bob",
+            "--role",
+            "member",
+            "--password-stdin",
+        ],
+        Some("bob-password-1"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s.cli_with_token(
+        None,
+        &["login", "--name", "bob", "--password-stdin"],
+        Some("bob-password-1"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for args in [&["backup", "list"][..], &["backup", "create"][..]] {
+        let out = s.cli_with_token(None, args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "member ran {args:?}: {err}");
+        assert!(err.contains("admin"), "{err}");
+    }
+    for path in [
+        "/api/v1/backups/..%2Fescale.db",
+        "/api/v1/backups/escale.db",
+        "/api/v1/backups/master.key",
+        "/api/v1/backups/..%2F..%2Fdata%2Fmaster.key",
+    ] {
+        let answer = get(&s, path).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+    }
 
     // No canary in clear: not the secret, not a plain value, not the private key, not the
     // app names.
