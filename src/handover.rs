@@ -238,9 +238,17 @@ async fn handle(
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let proto = |e: std::io::Error| HandoverError::Protocol(e.to_string());
     let mut stream = tokio::io::BufReader::new(stream);
+    let mut stopped_background = false;
     loop {
         let mut line = String::new();
         if stream.read_line(&mut line).await.map_err(proto)? == 0 {
+            if stopped_background {
+                tracing::error!(
+                    "the newer escale went away after this one stopped its reconciler and before \
+                     it took over: this server keeps serving on its last routes but no longer \
+                     reconciles; start escale again (it takes over from this one)"
+                );
+            }
             return Ok(false);
         }
         match line.trim() {
@@ -288,6 +296,7 @@ async fn handle(
                     .await
                     .map_err(|_| HandoverError::Protocol("the server is stopping".into()))?;
                 let _ = rx.await;
+                stopped_background = true;
                 stream.get_mut().write_all(b"ok\n").await.map_err(proto)?;
             }
             "drain" => {
