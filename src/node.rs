@@ -271,6 +271,17 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// What `escale doctor` checks of an engine besides its version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EngineFacts {
+    /// The storage driver (`overlay2`, `vfs`, ...).
+    pub storage_driver: String,
+    /// Where the engine keeps images and containers, on its own host.
+    pub root_dir: String,
+    /// The engine host's clock (RFC 3339), when it says.
+    pub system_time: Option<String>,
+}
+
 /// One reading of a container's counters ([`Node::instance_stats`]); a rate needs two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatsSample {
@@ -816,6 +827,20 @@ impl Node {
         Ok(EngineVersion {
             version: v.version.unwrap_or_default(),
             api_version: v.api_version.unwrap_or_default(),
+        })
+    }
+
+    /// Storage driver, root dir and clock of the engine (for `escale doctor`).
+    pub async fn facts(&self) -> Result<EngineFacts> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(self.engine_err("reading the engine's info"))?;
+        Ok(EngineFacts {
+            storage_driver: info.driver.unwrap_or_default(),
+            root_dir: info.docker_root_dir.unwrap_or_default(),
+            system_time: info.system_time,
         })
     }
 

@@ -8,6 +8,7 @@
 
 mod accounts;
 mod apps;
+mod backups;
 mod certs;
 mod cluster;
 mod nodes;
@@ -101,6 +102,7 @@ impl AppState {
         cluster::list_instances, cluster::logs, stream::stream_events,
         nodes::list_nodes, nodes::get_node, nodes::add_node, nodes::renew_node,
         nodes::cordon_node, nodes::uncordon_node, nodes::drain_node, nodes::remove_node,
+        backups::create_backup, backups::list_backups, backups::download_backup,
     ),
     components(schemas(Problem)),
     modifiers(&SecurityAddon),
@@ -193,6 +195,11 @@ pub fn router(state: AppState) -> Router {
         .route("/nodes/{node}/cordon", post(nodes::cordon_node))
         .route("/nodes/{node}/uncordon", post(nodes::uncordon_node))
         .route("/nodes/{node}/drain", post(nodes::drain_node))
+        .route(
+            "/backups",
+            get(backups::list_backups).post(backups::create_backup),
+        )
+        .route("/backups/{name}", get(backups::download_backup))
         .route("/events", get(apps::list_all_events))
         .route("/events/stream", get(stream::stream_events));
     let services = state.services.clone();
@@ -248,6 +255,7 @@ async fn metrics(
     actor.require_admin("reading /metrics (every team's apps)")?;
     let mut out = String::with_capacity(4096);
     s.metrics.render_prometheus(&mut out);
+    s.services.backups.render(&mut out);
     if let Some(sched) = &s.scheduler {
         use std::sync::atomic::Ordering::Relaxed;
         let view = sched.view.load();
