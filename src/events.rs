@@ -123,6 +123,9 @@ pub enum Event {
         /// The last lines it wrote (or why it could not start).
         last_logs: Vec<String>,
     },
+    /// A line of a build and deploy's output (`git push`, webhooks), as the pusher sees it.
+    /// Published on the bus only: the release keeps the whole build log.
+    BuildOutput { app: String, line: String },
     /// A rollout moved: `healthy` of `total` new instances healthy, `old` left to replace.
     RolloutProgress {
         app: String,
@@ -196,6 +199,7 @@ impl Event {
             | Event::InstanceStopped { instance }
             | Event::InstanceCrashed { instance, .. } => Some(&instance.app),
             Event::RolloutProgress { app, .. }
+            | Event::BuildOutput { app, .. }
             | Event::InstancesUnplaced { app, .. }
             | Event::InstancesPlaced { app, .. }
             | Event::RolloutSucceeded { app, .. }
@@ -274,6 +278,7 @@ impl Event {
             } => {
                 format!("rollout of v{release} failed: {reason}")
             }
+            Event::BuildOutput { line, .. } => format!("build: {}", line.trim()),
             Event::InstancesUnplaced {
                 process,
                 missing,

@@ -48,7 +48,8 @@
       var ev;
       try { ev = JSON.parse(m.data); } catch (e) { return; }
       activity(ev);
-      schedule();
+      // A build's output lines change no region of the page.
+      if (ev.type !== "build_output") { schedule(); }
     };
     es.onopen = function () { document.body.setAttribute("data-live-state", "open"); };
     es.onerror = function () { document.body.setAttribute("data-live-state", "reconnecting"); };

@@ -173,12 +173,25 @@ pub(crate) struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// One line of the deploy's output: to the pusher (`remote:` lines) and, as
+    /// `BuildOutput`, on the bus (the dashboard shows it as it happens).
+    fn out(&self, line: &str) {
+        self.progress.say(line);
+        self.services
+            .registry
+            .bus()
+            .publish(crate::events::Event::BuildOutput {
+                app: self.app.name.clone(),
+                line: line.to_string(),
+            });
+    }
+
     /// Builds and rolls out; the new release's version, or why it did not go live.
     pub(crate) async fn run(&self) -> Result<u32, GitError> {
         let sha = self.update.new.as_str();
         debug_assert!(super::valid_oid(sha));
         let short = &sha[..7];
-        let say = |l: &str| self.progress.say(l);
+        let say = |l: &str| self.out(l);
         let sched = self
             .services
             .scheduler
@@ -310,7 +323,7 @@ impl Job<'_> {
         let built = node
             .build_image_stream(&spec, context, |line| {
                 if !line.trim().is_empty() {
-                    self.progress.say(&format!("       {line}"));
+                    self.out(&format!("       {line}"));
                 }
                 log.push_str(line);
                 log.push('\n');
@@ -420,7 +433,7 @@ impl Job<'_> {
             Ok(pruned) => {
                 let removed: u32 = pruned.nodes.values().map(|(n, _)| n).sum();
                 if removed > 0 {
-                    self.progress.say(&format!(
+                    self.out(&format!(
                         "-----> Removed {removed} old image(s) (keeping the last {keep_n} releases')"
                     ));
                 }
@@ -470,7 +483,7 @@ impl Job<'_> {
                         )));
                     }
                 }
-                self.progress.say(&format!(
+                self.out(&format!(
                     "-----> {MANIFEST_FILE} is valid; applied before the release"
                 ));
                 Ok(Some(m))
@@ -481,7 +494,7 @@ impl Job<'_> {
                     ManifestError::Invalid(v) => v,
                 };
                 for p in &problems {
-                    self.progress.say(&format!("{MANIFEST_FILE}:{p}"));
+                    self.out(&format!("{MANIFEST_FILE}:{p}"));
                 }
                 Err(GitError::Rejected(format!(
                     "invalid {MANIFEST_FILE}: {MANIFEST_FILE}:{}; nothing was changed",
@@ -494,7 +507,7 @@ impl Job<'_> {
     /// Waits for release `v` to become active or fail, reporting healthy instances.
     async fn follow(&self, v: u32) -> Result<(), GitError> {
         let limit = self.services.config.scheduler.deploy_timeout + Duration::from_secs(120);
-        let say = |l: &str| self.progress.say(&format!("       {l}"));
+        let say = |l: &str| self.out(&format!("       {l}"));
         crate::service::follow(
             &self.services.registry,
             self.services.registry.bus(),

@@ -170,6 +170,11 @@ async fn api_git_and_webhook_deploys_of_one_app_take_turns() {
 
     let (ok, out) = pusher.join().unwrap();
     assert!(ok, "{out}");
+    // The push's output went out live too, as the pusher saw it (the dashboard shows it).
+    live.until("the push's build output", Duration::from_secs(30), |t| {
+        t.contains("\"type\":\"build_output\"") && t.contains("build: -----> Building")
+    })
+    .await;
     // Then the webhook's deploy runs: v2, by the webhook's own identity.
     let rel = s
         .wait_for(
