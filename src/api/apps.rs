@@ -142,8 +142,22 @@ pub struct ManifestDocument {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// Most events to answer, 1 to 1000 (default 100).
     #[serde(default)]
     pub limit: Option<i64>,
+}
+
+impl EventsQuery {
+    fn limit(&self) -> Result<i64, ApiError> {
+        let n = self.limit.unwrap_or(100);
+        if (1..=1000).contains(&n) {
+            Ok(n)
+        } else {
+            Err(ApiError::Unprocessable(format!(
+                "limit {n} is out of range: use 1 to 1000"
+            )))
+        }
+    }
 }
 
 fn app_name(name: &str) -> Result<(), ApiError> {
@@ -153,17 +167,7 @@ fn app_name(name: &str) -> Result<(), ApiError> {
 
 /// Parses `3` or `v3`.
 pub fn parse_version(v: &str) -> Result<u32, ApiError> {
-    v.strip_prefix('v')
-        .unwrap_or(v)
-        .parse::<u32>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            ApiError::Unprocessable(format!(
-                "`{}` is not a release version; write e.g. `v3` or `3`",
-                validate::printable(v)
-            ))
-        })
+    Ok(validate::version(v)?)
 }
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), responses((status = 200, body = [App])))]
@@ -235,15 +239,6 @@ pub async fn list_processes(
 
 /// Validates a process update into a registry patch.
 pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
-    let limit = |v: &Option<String>,
-                 parse: &dyn Fn(&str) -> Result<i64, validate::ValidationError>|
-     -> Result<Option<Option<i64>>, ApiError> {
-        Ok(match v.as_deref() {
-            None => None,
-            Some("none") | Some("unlimited") => Some(None),
-            Some(x) => Some(Some(parse(x)?)),
-        })
-    };
     let ms = |what: &str, v: Option<i64>| -> Result<Option<u32>, ApiError> {
         Ok(v.map(|n| validate::health_ms(what, n)).transpose()?)
     };
@@ -263,9 +258,12 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
             .clone()
             .map(|c| if c.is_empty() { None } else { Some(c) }),
         port: u.port.map(validate::port).transpose()?,
-        memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?
-            .map(|o| o.map(|b| b as u64)),
-        nano_cpus: limit(&u.cpus, &validate::cpus)?,
+        memory_bytes: u
+            .memory
+            .as_deref()
+            .map(validate::api_memory_limit)
+            .transpose()?,
+        nano_cpus: u.cpus.as_deref().map(validate::api_cpus).transpose()?,
         surge: u.surge.map(validate::surge).transpose()?,
         health_kind: h.and_then(|h| h.kind),
         health_path: h.and_then(|h| h.path.clone()),
@@ -415,9 +413,9 @@ pub async fn create_release(
     let description = req
         .description
         .unwrap_or_else(|| format!("Deploy {}", req.image));
-    if description.len() > 500 || description.contains('\0') {
+    if description.chars().count() > 500 || description.contains('\0') {
         return Err(ApiError::Unprocessable(
-            "description must be at most 500 bytes without NUL".into(),
+            "description must be at most 500 characters without NUL".into(),
         ));
     }
     // Fails before anything changes when the app is unknown or not the caller's, when another
@@ -498,7 +496,7 @@ pub async fn add_domain(
     Json(req): Json<DomainRequest>,
 ) -> Result<(StatusCode, Json<Domain>), ApiError> {
     app_name(&app)?;
-    let domain = validate::domain(&req.domain)?;
+    let domain = validate::api_domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
     validate::custom_domain(&domain, &app, apps_domain).map_err(|e| {
         // The apps domain (and above) is not a domain one can have; another app's names are
@@ -522,7 +520,7 @@ pub async fn remove_domain(
     Path((app, domain)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     app_name(&app)?;
-    let domain = validate::domain(&domain)?;
+    let domain = validate::api_domain(&domain)?;
     s.registry.remove_domain(&actor, &app, &domain).await?;
     s.certs.forget(&domain).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -595,9 +593,7 @@ pub async fn list_events(
 ) -> Result<Json<Vec<Event>>, ApiError> {
     app_name(&app)?;
     Ok(Json(
-        s.registry
-            .events(&actor, Some(&app), q.limit.unwrap_or(100))
-            .await?,
+        s.registry.events(&actor, Some(&app), q.limit()?).await?,
     ))
 }
 
@@ -609,9 +605,5 @@ pub async fn list_all_events(
     Auth(actor): Auth,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    Ok(Json(
-        s.registry
-            .events(&actor, None, q.limit.unwrap_or(100))
-            .await?,
-    ))
+    Ok(Json(s.registry.events(&actor, None, q.limit()?).await?))
 }

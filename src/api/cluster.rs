@@ -95,7 +95,12 @@ pub async fn logs(
     if let Some(p) = &q.process {
         crate::validate::process_name(p)?;
     }
-    let tail = q.tail.unwrap_or(100).min(10_000);
+    let tail = q.tail.unwrap_or(100);
+    if tail > 10_000 {
+        return Err(ApiError::Unprocessable(format!(
+            "tail {tail} is out of range: use 0 to 10000"
+        )));
+    }
     // Subscribed before the view is read: an instance started after it is an event here.
     let events = q.follow.then(|| s.registry.bus().subscribe());
     let view = view(&s);

@@ -139,6 +139,7 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             RegistryError::Conflict(m) => ApiError::Conflict(m),
+            RegistryError::Missing(m) => ApiError::NotFound(m),
             RegistryError::Invalid(m) => ApiError::Unprocessable(m),
             RegistryError::Forbidden(m) => ApiError::Forbidden(m),
             // Names the release for the operator; nothing was changed.

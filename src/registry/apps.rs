@@ -402,7 +402,7 @@ impl Registry {
                 .await?;
         for name in counts.keys() {
             if !known.contains(name) {
-                return Err(RegistryError::Invalid(format!(
+                return Err(RegistryError::Missing(format!(
                     "app `{app}` has no process type `{name}` (it has: {}); define it first with `escale processes set {app} {name} --command ...`",
                     known.join(", ")
                 )));

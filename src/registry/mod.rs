@@ -44,6 +44,10 @@ pub enum RegistryError {
     NotFound { what: &'static str, name: String },
     #[error("{0}")]
     Conflict(String),
+    /// Something the request names (not its path) does not exist; the message says what
+    /// does.
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Invalid(String),
     #[error("forbidden: {0}")]

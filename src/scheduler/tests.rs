@@ -617,8 +617,7 @@ fn instance_states_serialise_as_before() {
         assert_eq!(serde_json::to_value(s).expect("json"), want);
     }
     // The API document describes them.
-    use utoipa::OpenApi;
-    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let doc = crate::api::openapi();
     let schemas = &doc["components"]["schemas"];
     assert!(schemas.get("InstanceStatus").is_some(), "{schemas}");
     assert!(schemas.get("HealthStatus").is_some());
@@ -1026,8 +1025,7 @@ async fn the_service_refuses_a_formation_that_cannot_be_placed_and_changes_nothi
 
 #[test]
 fn the_api_document_describes_placement() {
-    use utoipa::OpenApi;
-    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let doc = crate::api::openapi();
     let schemas = &doc["components"]["schemas"];
     assert!(schemas.get("UnplacedView").is_some(), "{schemas}");
     let process = &schemas["ProcessType"]["properties"];

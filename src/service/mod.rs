@@ -454,7 +454,8 @@ fn refusal(app: &str, p: &ProcessType, reasons: &[String]) -> ServiceError {
     } else {
         reasons.join("; ")
     };
-    ServiceError::Invalid(format!(
+    // The nodes' state, not the request, is at odds: 409.
+    ServiceError::Conflict(format!(
         "no node can run `{}` of `{app}` ({}): {reasons}; nothing was changed",
         p.name,
         asked.join(", ")
