@@ -22,7 +22,7 @@ pub struct CreateAppRequest {
     #[serde(default)]
     pub team: Option<String>,
     /// Port of the `web` process; default from the server's `scheduler.default_port`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub port: Option<i64>,
 }
 
@@ -33,7 +33,7 @@ pub struct ProcessUpdate {
     /// argv; an empty list means the image's default command.
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub port: Option<i64>,
     /// e.g. `256m`, `1g`; `none` removes the limit.
     #[serde(default)]
@@ -41,7 +41,7 @@ pub struct ProcessUpdate {
     /// e.g. `0.5`, `2`; `none` removes the limit.
     #[serde(default)]
     pub cpus: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub surge: Option<i64>,
     #[serde(default)]
     pub health: Option<HealthUpdate>,
@@ -61,15 +61,20 @@ pub struct HealthUpdate {
     pub kind: Option<HealthKind>,
     #[serde(default)]
     pub path: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub interval_ms: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub timeout_ms: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub grace_ms: Option<i64>,
 }
 
-/// Sets and unsets config vars in one change.
+/// Process type -> instances (`3` or `3.0`).
+#[derive(Debug, Deserialize)]
+pub struct Formation(#[serde(deserialize_with = "crate::http::int::map")] BTreeMap<String, i64>);
+
+/// Sets and unsets config vars in one change: `unset` first, then `set` (a name in both ends
+/// set).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigUpdate {
@@ -104,7 +109,7 @@ pub struct ConfigQuery {
 pub struct DeployRequest {
     pub image: String,
     /// Port the `web` process listens on, if it changes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub port: Option<i64>,
     #[serde(default)]
     pub description: Option<String>,
@@ -139,24 +144,101 @@ pub struct ManifestDocument {
     pub manifest: String,
 }
 
+/// A page of events, newest first.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Most events to answer, 1 to 1000 (default 100).
     #[serde(default)]
     pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the id of its last (oldest) event.
+    #[serde(default)]
+    pub after: Option<i64>,
 }
 
-impl EventsQuery {
-    fn limit(&self) -> Result<i64, ApiError> {
-        let n = self.limit.unwrap_or(100);
-        if (1..=1000).contains(&n) {
-            Ok(n)
-        } else {
-            Err(ApiError::Unprocessable(format!(
-                "limit {n} is out of range: use 1 to 1000"
-            )))
+/// A page of apps, by name.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AppsQuery {
+    /// Most apps to answer, 1 to 1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the name of its last app.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// A page of releases, newest first.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasesQuery {
+    /// Most releases to answer, 1 to 1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the version of its last
+    /// (oldest) release.
+    #[serde(default)]
+    pub after: Option<i64>,
+}
+
+/// The page size asked for: 1 to 1000, default 100.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let n = limit.unwrap_or(100);
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ApiError::Unprocessable(format!(
+            "limit {n} is out of range: use 1 to 1000"
+        )))
+    }
+}
+
+/// A numeric cursor (an event id, a release version): 1 to 999999999999.
+fn numeric_cursor(after: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match after {
+        Some(n) if !(1..=MAX_CURSOR).contains(&n) => Err(ApiError::Unprocessable(format!(
+            "after {n} is out of range: give the `after` of a `Link: rel=\"next\"` header"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Largest numeric `after`.
+pub const MAX_CURSOR: i64 = 999_999_999_999;
+
+/// One page of a list: the items, and when more may follow, the `Link: <...>; rel="next"`
+/// header giving the next page (`path?limit=N&after=CURSOR`). `items` holds up to `limit + 1`
+/// rows: the extra one only tells that there is a next page.
+pub struct Page<T> {
+    items: Vec<T>,
+    next: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn new(
+        mut items: Vec<T>,
+        limit: i64,
+        path: &str,
+        cursor: impl Fn(&T) -> String,
+    ) -> Page<T> {
+        let limit = limit as usize;
+        let next = (items.len() > limit).then(|| {
+            items.truncate(limit);
+            let last = items.last().map(&cursor).unwrap_or_default();
+            // Cursors are app names, event ids and versions: nothing to escape.
+            format!("<{path}?limit={limit}&after={last}>; rel=\"next\"")
+        });
+        Page { items, next }
+    }
+}
+
+impl<T: Serialize> axum::response::IntoResponse for Page<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut r = Json(self.items).into_response();
+        if let Some(link) = self.next.and_then(|l| l.parse().ok()) {
+            r.headers_mut().insert(axum::http::header::LINK, link);
         }
+        r
     }
 }
 
@@ -170,12 +252,20 @@ pub fn parse_version(v: &str) -> Result<u32, ApiError> {
     Ok(validate::version(v)?)
 }
 
-#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), responses((status = 200, body = [App])))]
+/// The apps the caller can see, by name, a page at a time (see `Link`).
+#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), params(AppsQuery),
+    responses((status = 200, body = [App], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_apps(
     State(s): State<AppState>,
     Auth(actor): Auth,
-) -> Result<Json<Vec<App>>, ApiError> {
-    Ok(Json(s.registry.list_apps(&actor).await?))
+    Query(q): Query<AppsQuery>,
+) -> Result<Page<App>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let apps = s
+        .registry
+        .list_apps(&actor, q.after.as_deref(), limit + 1)
+        .await?;
+    Ok(Page::new(apps, limit, "/api/v1/apps", |a| a.name.clone()))
 }
 
 #[utoipa::path(post, path = "/api/v1/apps", tag = "apps", security(("token" = [])), request_body = CreateAppRequest,
@@ -301,7 +391,7 @@ pub async fn update_formation(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
-    Json(req): Json<BTreeMap<String, i64>>,
+    Json(Formation(req)): Json<Formation>,
 ) -> Result<Json<Vec<ProcessType>>, ApiError> {
     app_name(&app)?;
     if req.is_empty() {
@@ -353,16 +443,17 @@ pub async fn update_config(
     }
     for k in &req.unset {
         validate::env_key(k)?;
-        if req.set.contains_key(k) {
-            return Err(ApiError::Unprocessable(format!(
-                "`{k}` is both set and unset"
-            )));
-        }
     }
+    // Unset first, then set: a name in both ends set.
+    let unset: Vec<String> = req
+        .unset
+        .into_iter()
+        .filter(|k| !req.set.contains_key(k))
+        .collect();
     let set: Vec<(String, String)> = req.set.into_iter().collect();
     let release = s
         .registry
-        .update_config(&actor, &app, &set, req.secret, &req.unset)
+        .update_config(&actor, &app, &set, req.secret, &unset)
         .await?;
     Ok(Json(ConfigChanged {
         vars: s.registry.config(&actor, &app, false).await?,
@@ -370,15 +461,26 @@ pub async fn update_config(
     }))
 }
 
+/// Releases, newest first, a page at a time (see `Link`).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path)), responses((status = 200, body = [Release])))]
+    params(("app" = String, Path), ReleasesQuery),
+    responses((status = 200, body = [Release], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_releases(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
-) -> Result<Json<Vec<Release>>, ApiError> {
+    Query(q): Query<ReleasesQuery>,
+) -> Result<Page<Release>, ApiError> {
     app_name(&app)?;
-    Ok(Json(s.registry.releases(&actor, &app).await?))
+    let limit = page_limit(q.limit)?;
+    let before = numeric_cursor(q.after)?.map(|v| v.min(u32::MAX as i64) as u32);
+    let releases = s.registry.releases(&actor, &app, before, limit + 1).await?;
+    Ok(Page::new(
+        releases,
+        limit,
+        &format!("/api/v1/apps/{app}/releases"),
+        |r| r.version.to_string(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases/{version}", tag = "apps", security(("token" = [])),
@@ -439,7 +541,10 @@ pub async fn rollback(
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
     app_name(&app)?;
     let v = match &req.version {
-        serde_json::Value::Number(n) => parse_version(&n.to_string())?,
+        serde_json::Value::Number(n) => match crate::http::int::integer(n) {
+            Some(i) => parse_version(&i.to_string())?,
+            None => parse_version(&n.to_string())?,
+        },
         serde_json::Value::String(t) => parse_version(t)?,
         _ => {
             return Err(ApiError::Unprocessable(
@@ -583,27 +688,45 @@ pub async fn apply_manifest(
     Ok(Json(out))
 }
 
+/// Audit events of an app, newest first, a page at a time (see `Link`).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/events", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path), EventsQuery), responses((status = 200, body = [Event])))]
+    params(("app" = String, Path), EventsQuery),
+    responses((status = 200, body = [Event], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_events(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
     Query(q): Query<EventsQuery>,
-) -> Result<Json<Vec<Event>>, ApiError> {
+) -> Result<Page<Event>, ApiError> {
     app_name(&app)?;
-    Ok(Json(
-        s.registry.events(&actor, Some(&app), q.limit()?).await?,
+    let limit = page_limit(q.limit)?;
+    let events = s
+        .registry
+        .events(&actor, Some(&app), numeric_cursor(q.after)?, limit + 1)
+        .await?;
+    Ok(Page::new(
+        events,
+        limit,
+        &format!("/api/v1/apps/{app}/events"),
+        |e| e.id.to_string(),
     ))
 }
 
-/// Audit events of everything the caller can see.
+/// Audit events of everything the caller can see, newest first, a page at a time (see `Link`).
 #[utoipa::path(get, path = "/api/v1/events", tag = "apps", security(("token" = [])),
-    params(EventsQuery), responses((status = 200, body = [Event])))]
+    params(EventsQuery),
+    responses((status = 200, body = [Event], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_all_events(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Query(q): Query<EventsQuery>,
-) -> Result<Json<Vec<Event>>, ApiError> {
-    Ok(Json(s.registry.events(&actor, None, q.limit()?).await?))
+) -> Result<Page<Event>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let events = s
+        .registry
+        .events(&actor, None, numeric_cursor(q.after)?, limit + 1)
+        .await?;
+    Ok(Page::new(events, limit, "/api/v1/events", |e| {
+        e.id.to_string()
+    }))
 }

@@ -58,8 +58,9 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("get_manifest", &[]),
     ("apply_manifest", &[409]),
     ("set_webhook", &[409]),
-    ("get_webhook", &[]),
-    ("remove_webhook", &[]),
+    // An invalid app name is 422 here.
+    ("get_webhook", &[422]),
+    ("remove_webhook", &[422]),
     ("list_events", &[]),
     ("list_all_events", &[]),
     ("list_instances", &[]),
@@ -235,12 +236,19 @@ fn parameter_rules() -> Vec<(&'static str, &'static str, Value)> {
         ("delete_user", "name", pattern(patterns::ACCOUNT_NAME)),
         ("delete_token", "name", pattern(patterns::TOKEN_NAME)),
         ("*", "limit", range(1, 1000)),
+        ("list_events", "after", range(1, super::apps::MAX_CURSOR)),
+        (
+            "list_all_events",
+            "after",
+            range(1, super::apps::MAX_CURSOR),
+        ),
+        ("list_releases", "after", range(1, super::apps::MAX_CURSOR)),
         ("logs", "tail", range(0, 10_000)),
     ]
 }
 
 /// States the rules of [`crate::validate`] in the document (see [`property_rules`] and
-/// [`parameter_rules`]); query parameters are never `null` (a query cannot say it).
+/// [`parameter_rules`]).
 fn constrain(doc: &mut Value, max_instances: u32) {
     if let Some(schemas) = doc
         .pointer_mut("/components/schemas")
@@ -304,17 +312,6 @@ fn constrain(doc: &mut Value, max_instances: u32) {
                 .flatten()
             {
                 let name = p["name"].as_str().unwrap_or_default().to_string();
-                let schema = &mut p["schema"];
-                if let Some(types) = schema.get_mut("type").and_then(Value::as_array_mut) {
-                    types.retain(|t| t != "null");
-                    if types.len() == 1 {
-                        let t = types[0].clone();
-                        schema["type"] = t;
-                    }
-                }
-                if p["in"] == "query" {
-                    p["required"] = json!(false);
-                }
                 for (op_id, param, r) in &rules {
                     if (*op_id == "*" || *op_id == id) && *param == name {
                         for (k, v) in r.as_object().expect("rules are an object") {

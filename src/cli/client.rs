@@ -156,6 +156,36 @@ impl Client {
             .to_bytes())
     }
 
+    /// GETs a paginated list, following each page's `Link: <...>; rel="next"` until the last
+    /// page or `max` items; answers one JSON array.
+    pub async fn list(&self, path: &str, max: usize) -> Result<serde_json::Value, CliError> {
+        let mut items: Vec<serde_json::Value> = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next.take() {
+            let resp = self.send(Method::GET, &path, None).await?;
+            next = resp
+                .headers()
+                .get(http::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?
+                .to_bytes();
+            let page: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+                .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))?;
+            let empty = page.is_empty();
+            items.extend(page);
+            if items.len() >= max || empty {
+                items.truncate(max);
+                break;
+            }
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
     /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
     /// until the body ends or `sink` returns false.
     pub async fn stream_raw(
@@ -242,6 +272,19 @@ impl Client {
             reason,
         }
     }
+}
+
+/// The target of a `Link` header's `rel="next"`: a path on this server (a link elsewhere is
+/// not followed).
+pub fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let next = params
+            .split(';')
+            .any(|p| p.trim().eq_ignore_ascii_case("rel=\"next\"") || p.trim() == "rel=next");
+        (next && target.starts_with('/') && !target.starts_with("//")).then(|| target.to_string())
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

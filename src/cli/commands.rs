@@ -280,10 +280,9 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         }
         Command::Releases { app } => {
             let out: Value = api()?
-                .call(
-                    Method::GET,
-                    &format!("/api/v1/apps/{}/releases", seg(&app)),
-                    None,
+                .list(
+                    &format!("/api/v1/apps/{}/releases?limit=1000", seg(&app)),
+                    usize::MAX,
                 )
                 .await?;
             print_json_or(json_out, &out, || {
@@ -358,9 +357,10 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             Ok(())
         }
         Command::Events { app, limit, follow } => {
+            let page = limit.clamp(1, 1000);
             let path = match &app {
-                Some(a) => format!("/api/v1/apps/{}/events?limit={limit}", seg(a)),
-                None => format!("/api/v1/events?limit={limit}"),
+                Some(a) => format!("/api/v1/apps/{}/events?limit={page}", seg(a)),
+                None => format!("/api/v1/events?limit={page}"),
             };
             let c = api()?;
             // Subscribed before the history is read: nothing falls between the two.
@@ -373,7 +373,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             } else {
                 None
             };
-            let out: Value = c.call(Method::GET, &path, None).await?;
+            let out: Value = c.list(&path, limit as usize).await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
@@ -574,7 +574,7 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
             });
         }
         AppsCommand::List => {
-            let out: Value = c.call(Method::GET, "/api/v1/apps", None).await?;
+            let out: Value = c.list("/api/v1/apps?limit=1000", usize::MAX).await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
@@ -1027,9 +1027,16 @@ async fn webhooks(c: &Client, json_out: bool, cmd: WebhooksCommand) -> Result<()
     Ok(())
 }
 
+/// A domain as the API takes it: an international name in its `xn--` form, lowercase. Input
+/// that is no domain at all goes as typed, for the server to say what is wrong.
+fn ascii_domain(domain: String) -> String {
+    crate::validate::domain(&domain).unwrap_or(domain)
+}
+
 async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), CliError> {
     match cmd {
         DomainsCommand::Add { app, domain } => {
+            let domain = ascii_domain(domain);
             let out: Value = c
                 .call(
                     Method::POST,
@@ -1042,6 +1049,7 @@ async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), 
             });
         }
         DomainsCommand::Remove { app, domain } => {
+            let domain = ascii_domain(domain);
             delete(
                 c,
                 &format!("/api/v1/apps/{}/domains/{}", seg(&app), seg(&domain)),
@@ -1130,7 +1138,7 @@ async fn certs(c: &Client, json_out: bool, cmd: CertsCommand) -> Result<(), CliE
                 std::fs::read_to_string(p)
                     .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
             };
-            let body = json!({"domain": domain, "cert_pem": read(&cert)?, "key_pem": read(&key)?});
+            let body = json!({"domain": ascii_domain(domain), "cert_pem": read(&cert)?, "key_pem": read(&key)?});
             let out: Value = c
                 .call(
                     Method::POST,
@@ -1174,6 +1182,7 @@ async fn certs(c: &Client, json_out: bool, cmd: CertsCommand) -> Result<(), CliE
             });
         }
         CertsCommand::Remove { app, domain } => {
+            let domain = ascii_domain(domain);
             delete(
                 c,
                 &format!("/api/v1/apps/{}/certs/{}", seg(&app), seg(&domain)),

@@ -5,6 +5,7 @@
 //! 1 the operation failed, 2 usage error, 3 server unreachable, 4 not authenticated/allowed.
 
 mod client;
+pub use client::next_link;
 mod commands;
 mod output;
 

@@ -417,7 +417,7 @@ impl Job<'_> {
         let releases = match self
             .services
             .registry
-            .releases(self.actor, &self.app.name)
+            .releases(self.actor, &self.app.name, None, keep_n.max(1) as i64)
             .await
         {
             Ok(r) => r,

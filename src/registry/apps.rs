@@ -164,21 +164,57 @@ impl Registry {
     }
 
     /// Apps the actor can see.
-    pub async fn list_apps(&self, actor: &Actor) -> Result<Vec<App>> {
+    pub async fn list_apps(
+        &self,
+        actor: &Actor,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<App>> {
+        // Keyset on the (unique) name: a page is the next `limit` names after the cursor, so
+        // apps created or removed between pages neither repeat nor hide the others.
         let rows: Vec<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{APP_COLUMNS} WHERE ? OR a.team_id = ? ORDER BY a.name"
+            "{APP_COLUMNS} WHERE (?1 OR a.team_id = ?2) AND a.name > ?3 ORDER BY a.name LIMIT ?4"
         )))
         .bind(actor.is_admin())
         .bind(actor.team_id)
+        .bind(after.unwrap_or(""))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        // Three queries whatever the number of apps.
-        let mut processes = self.all_processes().await?;
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(Vec::new());
+        };
+        // Two more queries, over the page's apps only (a name range of the name index).
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            app_id: i64,
+            #[sqlx(flatten)]
+            p: ProcessRow,
+        }
+        let procs: Vec<Row> = sqlx::query_as(
+            "SELECT p.app_id, p.name, p.command, p.port, p.instances, p.memory_bytes, p.nano_cpus, p.surge,
+                    p.health_kind, p.health_path, p.health_interval_ms, p.health_timeout_ms,
+                    p.health_grace_ms, p.constraints, p.overcommit
+             FROM apps a JOIN process_types p ON p.app_id = a.id
+             WHERE a.name >= ?1 AND a.name <= ?2 ORDER BY p.app_id, p.name",
+        )
+        .bind(&first.name)
+        .bind(&last.name)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut processes: std::collections::HashMap<i64, Vec<ProcessType>> = Default::default();
+        for r in procs {
+            processes.entry(r.app_id).or_default().push(r.p.into());
+        }
         let mut domains: std::collections::HashMap<i64, Vec<String>> = Default::default();
-        let all: Vec<(i64, String)> =
-            sqlx::query_as("SELECT app_id, domain FROM domains ORDER BY domain")
-                .fetch_all(&self.pool)
-                .await?;
+        let all: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT d.app_id, d.domain FROM apps a JOIN domains d ON d.app_id = a.id
+             WHERE a.name >= ?1 AND a.name <= ?2 ORDER BY d.domain",
+        )
+        .bind(&first.name)
+        .bind(&last.name)
+        .fetch_all(&self.pool)
+        .await?;
         for (id, d) in all {
             domains.entry(id).or_default().push(d);
         }

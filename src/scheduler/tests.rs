@@ -281,7 +281,7 @@ async fn a_crashed_instance_is_replaced_then_backed_off() {
     // The operator sees the crashes later in the audit log.
     let audit = h
         .registry
-        .events(&h.actor, Some("shop"), 100)
+        .events(&h.actor, Some("shop"), None, 100)
         .await
         .expect("audit");
     assert_eq!(
@@ -448,7 +448,11 @@ async fn a_hanging_engine_does_not_hold_up_a_pass() {
         h.count(|e| matches!(e, Event::NodeReady { node } if node == "n2")) == 1
     })
     .await;
-    let audit = h.registry.events(&h.actor, None, 100).await.expect("audit");
+    let audit = h
+        .registry
+        .events(&h.actor, None, None, 100)
+        .await
+        .expect("audit");
     assert!(audit.iter().any(|e| e.action == "node.down"));
     assert!(audit.iter().any(|e| e.action == "node.ready"));
 }
@@ -571,7 +575,7 @@ async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
         Event::InstanceDraining { instance, cause: DrainCause::Unhealthy, .. } if instance.instance == sick.instance)));
     let audit = h
         .registry
-        .events(&h.actor, Some("shop"), 100)
+        .events(&h.actor, Some("shop"), None, 100)
         .await
         .expect("audit");
     assert!(
@@ -719,7 +723,11 @@ async fn a_node_that_misses_a_call_is_suspect_and_nothing_is_rescheduled() {
             .any(|n| n.name == "n2" && n.state == super::NodeStatus::Ready)
     })
     .await;
-    let audit = h.registry.events(&h.actor, None, 100).await.expect("audit");
+    let audit = h
+        .registry
+        .events(&h.actor, None, None, 100)
+        .await
+        .expect("audit");
     assert!(
         !audit.iter().any(|e| e.action.starts_with("node.")),
         "{audit:?}"

@@ -1283,20 +1283,35 @@ async fn bad_input_is_4xx_problem_json_and_changes_nothing() {
     .await;
 
     // The positive twins of some rows, so that the table does not pass by rejecting everything.
-    let d = api
-        .expect(
-            StatusCode::CREATED,
+    // The API takes international names in their ASCII form (the CLI converts).
+    let r = api
+        .call(
             "POST",
             "/api/v1/apps/shop/domains",
             Some(&admin),
             Some(json!({"domain": "Bücher.Example"})),
         )
         .await;
+    r.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "a non-ASCII domain");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("xn--"),
+        "{:?}",
+        r.body
+    );
+    let d = api
+        .expect(
+            StatusCode::CREATED,
+            "POST",
+            "/api/v1/apps/shop/domains",
+            Some(&admin),
+            Some(json!({"domain": "xn--bcher-kva.Example"})),
+        )
+        .await;
     assert_eq!(d["domain"], "xn--bcher-kva.example");
     api.expect(
         StatusCode::NO_CONTENT,
         "DELETE",
-        "/api/v1/apps/shop/domains/b%C3%BCcher.example",
+        "/api/v1/apps/shop/domains/xn--bcher-kva.example",
         Some(&admin),
         None,
     )
@@ -2512,4 +2527,151 @@ async fn domains_under_or_above_another_teams_names_are_refused() {
     }
     let r = apply(&t.bert, "bapp", "www.shop.example.eu").await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
+}
+
+/// Follows `Link: rel="next"` from `first`, calling `between` before each next page; answers
+/// every page's items.
+async fn pages(
+    api: &TestApi,
+    token: &str,
+    first: &str,
+    mut between: impl AsyncFnMut(usize),
+) -> Vec<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut next = Some(first.to_string());
+    while let Some(path) = next.take() {
+        let r = api.call("GET", &path, Some(token), None).await;
+        assert_eq!(r.status, StatusCode::OK, "GET {path}: {:?}", r.body);
+        let items = r.body.as_array().expect("a page is an array").clone();
+        next = r
+            .headers
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(|l| escale::cli::next_link(l).expect("a rel=next link"));
+        if next.is_some() {
+            assert!(!items.is_empty(), "a page before another is not empty");
+        }
+        out.push(items);
+        assert!(out.len() < 100, "pagination does not end");
+        if next.is_some() {
+            between(out.len()).await;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn lists_page_with_a_stable_cursor_while_items_are_added() {
+    let api = TestApi::new().await;
+    let admin = api.setup_admin().await;
+    let originals: Vec<String> = (0..23).map(|i| format!("p{i:02}")).collect();
+    for a in &originals {
+        api.create_app(&admin, a).await;
+    }
+    // Apps: between pages, one app sorts before the cursor and one after it.
+    let pages_of_apps = pages(&api, &admin, "/api/v1/apps?limit=5", async |n| {
+        api.create_app(&admin, &format!("a-new-{n}")).await;
+        api.create_app(&admin, &format!("z-new-{n}")).await;
+    })
+    .await;
+    assert_eq!(pages_of_apps[0].len(), 5);
+    let seen: Vec<String> = pages_of_apps
+        .iter()
+        .flatten()
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect();
+    let unique: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "an app repeated: {seen:?}");
+    for a in &originals {
+        assert!(seen.contains(a), "{a} lost: {seen:?}");
+    }
+    assert!(
+        seen.iter().all(|a| !a.starts_with("a-new")),
+        "apps before the cursor are not in later pages: {seen:?}"
+    );
+    let late = seen.iter().filter(|a| a.starts_with("z-new")).count();
+    assert!(late >= 4, "apps after the cursor show: {seen:?}");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(sorted, seen, "by name");
+
+    // Events, newest first: the events written between pages are newer than the cursor.
+    let before = api
+        .expect(
+            StatusCode::OK,
+            "GET",
+            "/api/v1/events?limit=1000",
+            Some(&admin),
+            None,
+        )
+        .await;
+    let ids_before: Vec<i64> = before
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    let pages_of_events = pages(&api, &admin, "/api/v1/events?limit=7", async |n| {
+        api.create_app(&admin, &format!("e-new-{n}")).await;
+    })
+    .await;
+    let ids: Vec<i64> = pages_of_events
+        .iter()
+        .flatten()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "strictly newest first, no repeat: {ids:?}"
+    );
+    assert_eq!(ids, ids_before, "every event once, none lost");
+
+    // Releases of one app, newest first, with deploys between pages.
+    for _ in 0..8 {
+        api.expect(
+            StatusCode::CREATED,
+            "POST",
+            "/api/v1/apps/p00/releases",
+            Some(&admin),
+            Some(json!({"image": "nginx:1.27"})),
+        )
+        .await;
+    }
+    let pages_of_releases = pages(
+        &api,
+        &admin,
+        "/api/v1/apps/p00/releases?limit=3",
+        async |_| {
+            api.expect(
+                StatusCode::CREATED,
+                "POST",
+                "/api/v1/apps/p00/releases",
+                Some(&admin),
+                Some(json!({"image": "nginx:1.27"})),
+            )
+            .await;
+        },
+    )
+    .await;
+    let versions: Vec<i64> = pages_of_releases
+        .iter()
+        .flatten()
+        .map(|r| r["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(versions, (1..=8).rev().collect::<Vec<_>>(), "{versions:?}");
+
+    // Bad page requests say what to fix.
+    for q in [
+        "/api/v1/apps?limit=0",
+        "/api/v1/apps?limit=1001",
+        "/api/v1/events?limit=1.5",
+        "/api/v1/events?after=0",
+        "/api/v1/events?after=x",
+        "/api/v1/apps/p00/releases?limit=-1",
+        "/api/v1/apps?page=2",
+    ] {
+        let r = api.call("GET", q, Some(&admin), None).await;
+        assert!(r.status.is_client_error(), "{q}: {}", r.status);
+        r.assert_problem(r.status, q);
+    }
 }
