@@ -96,6 +96,7 @@ pub struct ConfigChanged {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigQuery {
     /// Show secret values (admins only).
@@ -134,6 +135,10 @@ pub struct DomainRequest {
 pub struct ManifestRequest {
     /// The TOML text.
     pub manifest: String,
+    /// Remove the process types the manifest does not declare (when it declares any);
+    /// without, they are listed in `processes_undeclared` and left in place.
+    #[serde(default)]
+    pub prune: bool,
 }
 
 /// An app's current state as an `escale.toml` manifest (secret config vars left out).
@@ -146,6 +151,7 @@ pub struct ManifestDocument {
 
 /// A page of events, newest first.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Most events to answer, 1 to 1000 (default 100).
@@ -158,6 +164,7 @@ pub struct EventsQuery {
 
 /// A page of apps, by name.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AppsQuery {
     /// Most apps to answer, 1 to 1000 (default 100).
@@ -170,6 +177,7 @@ pub struct AppsQuery {
 
 /// A page of releases, newest first.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReleasesQuery {
     /// Most releases to answer, 1 to 1000 (default 100).
@@ -365,6 +373,42 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
     })
 }
 
+/// Defines a process type, or changes it when it exists (absent fields keep their value, or
+/// take their default for a new one).
+#[utoipa::path(put, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("process" = String, Path)), request_body = ProcessUpdate,
+    responses((status = 200, body = ProcessType)))]
+pub async fn define_process(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, process)): Path<(String, String)>,
+    Json(req): Json<ProcessUpdate>,
+) -> Result<Json<ProcessType>, ApiError> {
+    app_name(&app)?;
+    validate::process_name(&process)?;
+    let patch = process_patch(&req)?;
+    Ok(Json(
+        s.services
+            .define_process(&actor, &app, &process, &patch)
+            .await?,
+    ))
+}
+
+/// Removes a process type: its instances are stopped.
+#[utoipa::path(delete, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("process" = String, Path)), responses((status = 204)))]
+pub async fn remove_process(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, process)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app_name(&app)?;
+    validate::process_name(&process)?;
+    s.services.remove_process(&actor, &app, &process).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Changes an existing process type (404 naming the ones the app has otherwise).
 #[utoipa::path(patch, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
     params(("app" = String, Path), ("process" = String, Path)), request_body = ProcessUpdate,
     responses((status = 200, body = ProcessType)))]
@@ -684,7 +728,10 @@ pub async fn apply_manifest(
     };
     let m = Manifest::parse_with(&req.manifest, &checks)
         .map_err(|e| ApiError::Unprocessable(format!("invalid manifest: {e}")))?;
-    let out = s.services.apply_manifest(&actor, &app, &m).await?;
+    let out = s
+        .services
+        .apply_manifest(&actor, &app, &m, req.prune)
+        .await?;
     Ok(Json(out))
 }
 

@@ -23,6 +23,7 @@ pub struct AppInstances {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Keep streaming new lines.

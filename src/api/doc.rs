@@ -26,7 +26,7 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("login", &[401, 409, 429, 503]),
     ("me", &[]),
     ("list_users", &[403]),
-    ("create_user", &[403, 409, 503]),
+    ("create_user", &[403, 404, 409, 503]),
     ("delete_user", &[403, 409]),
     ("list_teams", &[]),
     ("create_team", &[403, 409]),
@@ -41,6 +41,8 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("list_processes", &[]),
     // A deploy holds the app (409); the formation does not fit the nodes (422).
     ("update_process", &[409]),
+    ("define_process", &[409]),
+    ("remove_process", &[422]),
     ("update_formation", &[409]),
     // `reveal` is for admins.
     ("get_config", &[403]),
@@ -65,7 +67,8 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("list_all_events", &[]),
     ("list_instances", &[]),
     ("logs", &[503]),
-    ("stream_events", &[]),
+    // An unknown (or invalid) `app` is 404.
+    ("stream_events", &[404]),
     ("list_nodes", &[403]),
     ("get_node", &[403]),
     ("add_node", &[403, 409]),

@@ -120,7 +120,11 @@ fn v1() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(apps::list_apps, apps::create_app))
         .routes(routes!(apps::get_app, apps::destroy_app))
         .routes(routes!(apps::list_processes))
-        .routes(routes!(apps::update_process))
+        .routes(routes!(
+            apps::update_process,
+            apps::define_process,
+            apps::remove_process
+        ))
         .routes(routes!(apps::update_formation))
         .routes(routes!(apps::get_config, apps::update_config))
         .routes(routes!(apps::list_releases, apps::create_release))

@@ -139,7 +139,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             });
             Ok(())
         }
-        Command::Apply { file, app } => apply(&api()?, json_out, &file, app).await,
+        Command::Apply { file, app, prune } => apply(&api()?, json_out, &file, app, prune).await,
         Command::Export { app } => {
             let out: Value = api()?
                 .call(
@@ -493,6 +493,7 @@ async fn apply(
     json_out: bool,
     file: &std::path::Path,
     app: Option<String>,
+    prune: bool,
 ) -> Result<(), CliError> {
     use std::io::Read;
     let stdin = file.as_os_str() == "-";
@@ -532,7 +533,7 @@ async fn apply(
         .call(
             Method::PUT,
             &format!("/api/v1/apps/{}/manifest", seg(&app)),
-            Some(json!({"manifest": text})),
+            Some(json!({"manifest": text, "prune": prune})),
         )
         .await?;
     print_json_or(json_out, &out, || {
@@ -542,8 +543,25 @@ async fn apply(
             .flatten()
             .map(s)
             .collect();
+        let undeclared: Vec<String> = out["processes_undeclared"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        let note = || {
+            if !undeclared.is_empty() {
+                println!(
+                    "Not in {shown}, left in place: process type{} {}. Remove {} with: escale apply -f {shown} --prune",
+                    if undeclared.len() == 1 { "" } else { "s" },
+                    undeclared.join(", "),
+                    if undeclared.len() == 1 { "it" } else { "them" },
+                );
+            }
+        };
         if changes.is_empty() {
             println!("{app} already matches {shown}; nothing changed.");
+            note();
             return;
         }
         println!("Applied {shown} to {app}:");
@@ -553,6 +571,7 @@ async fn apply(
         if let Some(v) = out["release"].as_u64() {
             println!("The config changed: release v{v} is rolling out.");
         }
+        note();
     });
     Ok(())
 }
@@ -774,6 +793,16 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
 
 async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<(), CliError> {
     match cmd {
+        ProcessesCommand::Remove { app, process } => {
+            delete(
+                c,
+                &format!("/api/v1/apps/{}/processes/{}", seg(&app), seg(&process)),
+                json_out,
+                json!({"removed": process}),
+                &format!("Process type {process} removed from {app}; its instances stop."),
+            )
+            .await?;
+        }
         ProcessesCommand::List { app } => {
             let out: Value = c
                 .call(
@@ -816,9 +845,10 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
                 "constraints": constraints,
                 "overcommit": p.overcommit,
             }));
+            // Defines the process type when it is new (the one command that does).
             let out: Value = c
                 .call(
-                    Method::PATCH,
+                    Method::PUT,
                     &format!("/api/v1/apps/{}/processes/{}", seg(&p.app), seg(&p.process)),
                     Some(body),
                 )

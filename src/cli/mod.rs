@@ -208,6 +208,10 @@ pub enum Command {
         /// The app (default: the manifest's `app` key; if both are given they must agree).
         #[arg(long)]
         app: Option<String>,
+        /// Also remove the process types the manifest does not declare (without it they are
+        /// listed and left in place).
+        #[arg(long)]
+        prune: bool,
     },
     /// Print an app's current state as an `escale.toml` manifest (secret config vars left out).
     #[command(after_help = "Example:\n  escale export shop > escale.toml")]
@@ -317,6 +321,13 @@ pub enum ProcessesCommand {
         after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz\n  escale processes set shop web --constraint disk=ssd --constraint zone=a\n  escale processes set shop web --constraint -      # any node again"
     )]
     Set(ProcessSet),
+    /// Remove a process type; its instances stop.
+    #[command(after_help = "Example:\n  escale processes remove shop worker")]
+    Remove {
+        app: String,
+        /// The process type, e.g. worker.
+        process: String,
+    },
 }
 
 #[derive(Debug, Args)]

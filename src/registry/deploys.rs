@@ -45,7 +45,7 @@ impl Registry {
         let mut tx = self.write().await?;
         let applied = match manifest {
             Some((m, default_port)) => {
-                Some(apply_manifest_in(&mut tx, app, actor, m, default_port, false).await?)
+                Some(apply_manifest_in(&mut tx, app, actor, m, default_port, false, false).await?)
             }
             None => None,
         };

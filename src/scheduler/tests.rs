@@ -96,7 +96,7 @@ impl Harness {
             ..Default::default()
         };
         self.registry
-            .upsert_process(&self.actor, name, "web", &patch, 8080)
+            .upsert_process(&self.actor, name, "web", &patch, 8080, true)
             .await
             .expect("process");
         self.scale(name, instances).await;
@@ -543,7 +543,7 @@ async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
         ..Default::default()
     };
     h.registry
-        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
         .await
         .expect("process");
     h.until("a healthy instance on a TCP check", |h| {
@@ -843,7 +843,7 @@ async fn constraints_place_on_labelled_nodes_only() {
         ..Default::default()
     };
     h.registry
-        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
         .await
         .expect("process");
     h.scale("shop", 2).await;
@@ -869,7 +869,7 @@ async fn what_does_not_fit_is_not_started_and_says_why_per_node() {
         ..Default::default()
     };
     h.registry
-        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
         .await
         .expect("process");
     h.scale("shop", 3).await;

@@ -92,6 +92,12 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         Access::App,
     ),
     (
+        "PUT",
+        "/api/v1/apps/{app}/processes/{process}",
+        r#"{"port":8080}"#,
+        Access::App,
+    ),
+    (
         "PATCH",
         "/api/v1/apps/{app}/formation",
         r#"{"web":2}"#,
@@ -165,6 +171,12 @@ const ROUTES: &[(&str, &str, &str, Access)] = &[
         Access::App,
     ),
     ("GET", "/api/v1/apps/{app}/events", "", Access::App),
+    (
+        "DELETE",
+        "/api/v1/apps/{app}/processes/{process}",
+        "",
+        Access::App,
+    ),
     ("DELETE", "/api/v1/apps/{app}", "", Access::App),
 ];
 
@@ -746,12 +758,6 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         patch(cfg, json!({})),
         422,
         "nothing to change",
-    ));
-    rows.push(bad(
-        "set and unset",
-        patch(cfg, json!({"set": {"A": "2"}, "unset": ["A"]})),
-        422,
-        "both set and unset",
     ));
     rows.push(bad(
         "unset a missing var (and set another)",
@@ -2659,6 +2665,19 @@ async fn lists_page_with_a_stable_cursor_while_items_are_added() {
         .map(|r| r["version"].as_i64().unwrap())
         .collect();
     assert_eq!(versions, (1..=8).rev().collect::<Vec<_>>(), "{versions:?}");
+
+    // A config var both unset and set in one change ends set (unset applies first).
+    let out = api
+        .expect(
+            StatusCode::OK,
+            "PATCH",
+            "/api/v1/apps/p01/config",
+            Some(&admin),
+            Some(json!({"set": {"A": "2"}, "unset": ["A"]})),
+        )
+        .await;
+    assert_eq!(out["vars"][0]["key"], "A", "{out}");
+    assert_eq!(out["vars"][0]["value"], "2", "{out}");
 
     // Bad page requests say what to fix.
     for q in [
