@@ -437,7 +437,7 @@ async fn a_member_of_another_team_gets_404_on_every_app_route() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 25);
+    assert_eq!(checked, 27);
     // bert does not see redshop anywhere.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&bert), None)
@@ -579,7 +579,7 @@ async fn the_owner_succeeds_on_every_route_of_its_own_app() {
             Access::Public => {}
         }
     }
-    assert_eq!(checked, 35);
+    assert_eq!(checked, 37);
     // The last row destroyed the app; the one created through the table remains.
     let apps = api
         .expect(StatusCode::OK, "GET", "/api/v1/apps", Some(&rosa), None)
@@ -683,7 +683,7 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         "body not an object",
         post("/api/v1/apps", json!([1])),
         422,
-        "invalid type",
+        "send a JSON object",
     ));
     rows.push(bad(
         "invalid JSON syntax",
@@ -809,7 +809,7 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         "domain 1.2.3.4",
         post(dom, json!({"domain": "1.2.3.4"})),
         422,
-        "IP address",
+        "the last starting with a letter",
     ));
     rows.push(bad(
         "the apps domain itself",
@@ -918,14 +918,30 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
     rows.push(bad(
         "unknown process type",
         patch(form, json!({"worker": 1})),
-        422,
+        404,
         "it has: web",
     ));
     rows.push(bad(
         "unknown and known process types",
         patch(form, json!({"web": 3, "worker": 1})),
-        422,
+        404,
         "it has: web",
+    ));
+    // Changing a process type that does not exist (a typo) creates nothing.
+    rows.push(bad(
+        "resources of a missing process type",
+        patch(
+            "/api/v1/apps/shop/processes/wrker",
+            json!({"memory": "256m"}),
+        ),
+        404,
+        "has no process type `wrker` (it has: web)",
+    ));
+    rows.push(bad(
+        "removing a missing process type",
+        Req::new("DELETE", "/api/v1/apps/shop/processes/wrker").token(t),
+        404,
+        "has no process type `wrker` (it has: web)",
     ));
     rows.push(bad(
         "process name invalid",
@@ -939,31 +955,31 @@ fn bad_input_table(token: &str) -> Vec<Bad> {
         "memory 4m",
         patch(proc, json!({"memory": "4m"})),
         422,
-        "minimum",
+        "6m to",
     ));
     rows.push(bad(
         "memory 12x",
         patch(proc, json!({"memory": "12x"})),
         422,
-        "not a size",
+        "is invalid: write",
     ));
     rows.push(bad(
         "cpus 0",
         patch(proc, json!({"cpus": "0"})),
         422,
-        "between",
+        "0.01 to 256",
     ));
     rows.push(bad(
         "cpus abc",
         patch(proc, json!({"cpus": "abc"})),
         422,
-        "not a CPU count",
+        "0.01 to 256",
     ));
     rows.push(bad(
         "cpus -1",
         patch(proc, json!({"cpus": "-1"})),
         422,
-        "not a CPU count",
+        "0.01 to 256",
     ));
     rows.push(bad(
         "surge 0",

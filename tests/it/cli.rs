@@ -1277,3 +1277,98 @@ async fn the_data_dir_is_owner_only_and_a_start_fixes_older_installs() {
     assert_eq!(not_owner_only(&data), Vec::<String>::new());
     s.ok(&["apps", "info", "shop"]);
 }
+
+#[tokio::test]
+async fn process_types_must_exist_to_change_and_apply_prunes_only_when_asked() {
+    let s = TestServer::start(&[]).await;
+    let admin = Run::admin(&s);
+    admin.run(&["apps", "create", "shop"]).ok();
+
+    // A typo in a process name creates nothing and says what the app has, as `scale` does.
+    admin
+        .run(&["resources", "shop", "wrker", "--memory", "256m"])
+        .fails(1, &["no process type `wrker`", "it has: web"]);
+    admin
+        .run(&["scale", "shop", "wrker=1"])
+        .fails(1, &["no process type `wrker`", "it has: web"]);
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&admin.json(&["processes", "list", "shop"])), ["web"]);
+
+    // `processes set` defines one; `processes remove` removes it, once.
+    admin
+        .run(&[
+            "processes",
+            "set",
+            "shop",
+            "worker",
+            "--health",
+            "none",
+            "--",
+            "/app/worker",
+        ])
+        .ok();
+    admin
+        .run(&["resources", "shop", "worker", "--memory", "256m"])
+        .ok();
+    let out = admin.run(&["processes", "remove", "shop", "worker"]);
+    assert!(
+        out.ok().contains("Process type worker removed from shop"),
+        "{out:?}"
+    );
+    admin
+        .run(&["processes", "remove", "shop", "worker"])
+        .fails(1, &["no process type `worker`", "it has: web"]);
+    assert_eq!(names(&admin.json(&["processes", "list", "shop"])), ["web"]);
+
+    // `apply` of a manifest without a process type says so and keeps it; `--prune` removes it.
+    admin
+        .run(&[
+            "processes",
+            "set",
+            "shop",
+            "worker",
+            "--health",
+            "none",
+            "--",
+            "/app/worker",
+        ])
+        .ok();
+    let manifest = s.dir.path().join("escale.toml");
+    std::fs::write(
+        &manifest,
+        "app = \"shop\"\n[processes.web]\ninstances = 0\n",
+    )
+    .unwrap();
+    let file = manifest.to_str().unwrap();
+    let out = admin.run(&["apply", "-f", file]);
+    let text = out.ok();
+    assert!(
+        text.contains("left in place: process type worker") && text.contains("--prune"),
+        "{out:?}"
+    );
+    assert_eq!(
+        names(&admin.json(&["processes", "list", "shop"])),
+        ["web", "worker"]
+    );
+    let out = admin.run(&["apply", "-f", file, "--prune"]);
+    assert!(out.ok().contains("process worker: removed"), "{out:?}");
+    assert_eq!(names(&admin.json(&["processes", "list", "shop"])), ["web"]);
+    // Applied again: nothing to do, nothing undeclared.
+    let out = admin.run(&["apply", "-f", file, "--prune"]);
+    assert!(out.ok().contains("nothing changed"), "{out:?}");
+    let events = admin.json(&["events", "shop"]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "process.remove"),
+        "{events}"
+    );
+}
