@@ -43,7 +43,7 @@ pub struct ProcessUpdate {
     pub cpus: Option<String>,
     #[serde(default, deserialize_with = "crate::http::int::option")]
     pub surge: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option_object")]
     pub health: Option<HealthUpdate>,
     /// Node labels its instances need, e.g. `{"disk": "ssd"}`; replaces the current ones (`{}`
     /// clears them).

@@ -32,7 +32,7 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("create_team", &[403, 409]),
     ("list_tokens", &[]),
     ("create_token", &[409]),
-    ("delete_token", &[]),
+    ("delete_token", &[409]),
     ("list_apps", &[]),
     // Another team's app needs the admin role; the name is taken.
     ("create_app", &[403, 404, 409]),
@@ -42,7 +42,7 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     // A deploy holds the app (409); the formation does not fit the nodes (422).
     ("update_process", &[409]),
     ("define_process", &[409]),
-    ("remove_process", &[422]),
+    ("remove_process", &[409, 422]),
     ("update_formation", &[409]),
     // `reveal` is for admins.
     ("get_config", &[403]),
@@ -53,16 +53,16 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("rollback", &[409, 503]),
     ("list_domains", &[]),
     ("add_domain", &[409]),
-    ("remove_domain", &[422]),
+    ("remove_domain", &[409, 422]),
     ("list_certs", &[]),
     ("add_cert", &[409]),
-    ("remove_cert", &[422]),
+    ("remove_cert", &[409, 422]),
     ("get_manifest", &[]),
     ("apply_manifest", &[409]),
     ("set_webhook", &[409]),
     // An invalid app name is 422 here.
     ("get_webhook", &[422]),
-    ("remove_webhook", &[422]),
+    ("remove_webhook", &[409, 422]),
     ("list_events", &[]),
     ("list_all_events", &[]),
     ("list_instances", &[]),

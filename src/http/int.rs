@@ -1,6 +1,7 @@
 //! Integers in JSON bodies as JSON Schema counts them: `3` and `3.0` are the same integer
 //! (`type: integer` accepts both), so a body field declared `i64` takes either; `3.5` is
-//! refused. Used with `#[serde(deserialize_with = ...)]`.
+//! refused; and a nested object is an object, never an array. Used with
+//! `#[serde(deserialize_with = ...)]`.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,21 @@ pub fn integer(n: &serde_json::Number) -> Option<i64> {
 /// An optional integer field.
 pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     Ok(Option::<Int>::deserialize(d)?.map(|i| i.0))
+}
+
+/// An optional nested object (`{...}` or `null`; serde would also take an array for a struct).
+pub fn option_object<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v @ serde_json::Value::Object(_) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(D::Error::custom),
+        other => Err(D::Error::custom(format!(
+            "invalid type: expected an object, got `{other}`"
+        ))),
+    }
 }
 
 /// A map of integers (the formation).
