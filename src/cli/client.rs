@@ -19,9 +19,12 @@ pub enum CliError {
     /// The server refused or failed the operation (exit 1).
     #[error("{0}")]
     Server(String),
+    /// The server answered an error status (exit 1).
+    #[error("{detail}")]
+    Refused { status: u16, detail: String },
     /// The request was not authenticated or not allowed (exit 4).
-    #[error("{0}")]
-    Auth(String),
+    #[error("{detail}")]
+    Auth { status: u16, detail: String },
     /// The server could not be reached (exit 3).
     #[error("cannot reach the escale server at {url}: {reason}\n  (set ESCALE_URL or --url; is `escale serve` running?)")]
     Unreachable { url: String, reason: String },
@@ -40,11 +43,32 @@ impl CliError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Server(_) | CliError::Local(_) | CliError::Failed(_) => 1,
+            CliError::Server(_)
+            | CliError::Refused { .. }
+            | CliError::Local(_)
+            | CliError::Failed(_) => 1,
             CliError::Usage(_) => 2,
             CliError::Unreachable { .. } => 3,
-            CliError::Auth(_) => 4,
+            CliError::Auth { .. } => 4,
         }
+    }
+
+    /// The HTTP status the server answered, when the error is its answer.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            CliError::Refused { status, .. } | CliError::Auth { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The error as `--json` prints it on stderr: `{"error": ..., "status": ..., "exit": ...}`
+    /// (`status` is the server's HTTP status, `null` when the server did not answer).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": self.to_string(),
+            "status": self.http_status(),
+            "exit": self.exit_code(),
+        })
     }
 }
 
@@ -261,8 +285,14 @@ impl Client {
             .map(|p| p.detail)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(500).collect());
         Err(match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth(detail),
-            _ => CliError::Server(detail),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth {
+                status: status.as_u16(),
+                detail,
+            },
+            _ => CliError::Refused {
+                status: status.as_u16(),
+                detail,
+            },
         })
     }
 

@@ -34,13 +34,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let hint =
         token.is_none() && !matches!(cli.command, Command::Setup { .. } | Command::Login { .. });
     run_with(cli, url.clone(), token).await.map_err(|e| match e {
-        CliError::Auth(detail) if hint => match stored_elsewhere {
-            Some(other) => CliError::Auth(format!(
-                "{detail}\n  (the stored login is for {other}, not {url}: run `escale login --url {url}` or set ESCALE_TOKEN)"
-            )),
-            None => CliError::Auth(format!(
-                "{detail}\n  (log in with `escale login --name NAME` or set ESCALE_TOKEN)"
-            )),
+        CliError::Auth { status, detail } if hint => CliError::Auth {
+            status,
+            detail: match stored_elsewhere {
+                Some(other) => format!(
+                    "{detail}\n  (the stored login is for {other}, not {url}: run `escale login --url {url}` or set ESCALE_TOKEN)"
+                ),
+                None => format!(
+                    "{detail}\n  (log in with `escale login --name NAME` or set ESCALE_TOKEN)"
+                ),
+            },
         },
         other => other,
     })
@@ -695,6 +698,23 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
 }
 
 async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), CliError> {
+    let cmd = match cmd {
+        // `escale config shop` (the Heroku habit): `escale config get shop`.
+        ConfigCommand::App(args) => match args.as_slice() {
+            [app] => ConfigCommand::Get {
+                app: app.clone(),
+                key: None,
+                reveal: false,
+            },
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "`escale config {}`: write `escale config APP`, or `escale config get|set|unset APP ...`",
+                    args.join(" ")
+                )))
+            }
+        },
+        other => other,
+    };
     match cmd {
         ConfigCommand::Get { app, key, reveal } => {
             let path = format!(
@@ -768,6 +788,7 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
                 }
             });
         }
+        ConfigCommand::App(_) => unreachable!("mapped to Get above"),
         ConfigCommand::Unset { app, keys } => {
             let out: Value = c
                 .call(

@@ -96,7 +96,7 @@ pub enum Command {
     /// Config vars (environment) of an app.
     #[command(
         subcommand,
-        after_help = "Examples:\n  escale config get shop\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret\n  escale config get shop DATABASE_URL --reveal\n  escale config unset shop LOG_LEVEL"
+        after_help = "Examples:\n  escale config shop            # lists them, as `config get shop`\n  escale config get shop\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret\n  escale config get shop DATABASE_URL --reveal\n  escale config unset shop LOG_LEVEL"
     )]
     Config(ConfigCommand),
     /// Define or change a process type (command, port, health check).
@@ -310,6 +310,9 @@ pub enum ConfigCommand {
         #[arg(required = true)]
         keys: Vec<String>,
     },
+    /// `escale config APP`: lists the app's config vars (as `config get APP`).
+    #[command(external_subcommand)]
+    App(Vec<String>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -535,6 +538,7 @@ pub enum TeamsCommand {
 /// Parses arguments, runs the command and exits with its code.
 pub fn main() -> ! {
     let cli = Cli::parse();
+    let json = cli.json;
     if let Command::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "escale", &mut std::io::stdout());
         std::process::exit(0);
@@ -547,7 +551,12 @@ pub fn main() -> ! {
         Ok(()) => 0,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("error: {e}");
+            if json {
+                // Scripts read one JSON object, with the same exit code.
+                eprintln!("{}", e.to_json());
+            } else {
+                eprintln!("error: {e}");
+            }
             e.exit_code()
         }
     };

@@ -1372,3 +1372,70 @@ async fn process_types_must_exist_to_change_and_apply_prunes_only_when_asked() {
         "{events}"
     );
 }
+
+#[tokio::test]
+async fn json_errors_config_shorthand_and_a_plain_server_log() {
+    let s = TestServer::start(&[]).await;
+    let admin = Run::admin(&s);
+    admin.run(&["apps", "create", "shop"]).ok();
+    admin.run(&["config", "set", "shop", "GREETING=hi"]).ok();
+
+    // `escale config APP` lists the config, as `config get APP`.
+    let out = admin.run(&["config", "shop"]);
+    assert!(out.ok().contains("GREETING"), "{out:?}");
+    assert_eq!(
+        admin.json(&["config", "shop"]),
+        admin.json(&["config", "get", "shop"])
+    );
+    admin
+        .run(&["config", "shop", "extra"])
+        .fails(2, &["escale config APP"]);
+
+    // With --json, errors are one JSON object on stderr, with the same exit codes.
+    let json_err = |out: &Out| -> Value {
+        assert!(out.stdout.is_empty(), "{out:?}");
+        serde_json::from_str(out.stderr.trim())
+            .unwrap_or_else(|e| panic!("stderr is not JSON ({e}): {out:?}"))
+    };
+    for (args, code, status) in [
+        (vec!["ps", "nosuch", "--json"], 1, Value::from(404)),
+        (
+            vec!["resources", "shop", "wrker", "--memory", "256m", "--json"],
+            1,
+            Value::from(404),
+        ),
+        (
+            vec!["apps", "create", "Bad_Name", "--json"],
+            1,
+            Value::from(422),
+        ),
+        (
+            vec!["apps", "list", "--url", "http://127.0.0.1:1", "--json"],
+            3,
+            Value::Null,
+        ),
+        (vec!["config", "shop", "extra", "--json"], 2, Value::Null),
+    ] {
+        let out = admin.run(&args);
+        assert_eq!(out.code, code, "{args:?}: {out:?}");
+        let e = json_err(&out);
+        assert_eq!(e["status"], status, "{args:?}: {e}");
+        assert_eq!(e["exit"], code, "{args:?}: {e}");
+        assert!(
+            e["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{args:?}: {e}"
+        );
+    }
+    let out = Run::anonymous(&s, "nobody")
+        .token("esc_not-a-real-token")
+        .run(&["apps", "list", "--json"]);
+    assert_eq!(out.code, 4, "{out:?}");
+    assert_eq!(json_err(&out)["status"], 401);
+    // Without --json, the message as before.
+    admin.run(&["ps", "nosuch"]).fails(1, &["error: "]);
+
+    // The server's log goes to a file here: no colour codes in it.
+    let log = s.server_log();
+    assert!(!log.is_empty(), "the server logged nothing");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file log: {log}");
+}
