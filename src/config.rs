@@ -58,6 +58,35 @@ pub struct RawConfig {
     pub webhooks: RawWebhooks,
     #[serde(default)]
     pub git: RawGit,
+    #[serde(default)]
+    pub upkeep: RawUpkeep,
+}
+
+/// `[upkeep]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpkeep {
+    pub usage_interval: Option<String>,
+    pub disk_interval: Option<String>,
+    pub prune_interval: Option<String>,
+    pub disk_warn_percent: Option<u8>,
+    pub disk_refuse_builds_percent: Option<u8>,
+}
+
+/// `[upkeep]`, validated: how often escale measures what nodes use and prunes what it owns.
+#[derive(Debug, Clone)]
+pub struct UpkeepConfig {
+    /// How often each running instance's CPU and memory are sampled.
+    pub usage_interval: Duration,
+    /// How often each node's disk (escale's images and containers, the engine's filesystem)
+    /// is measured.
+    pub disk_interval: Duration,
+    /// How often unused images escale built are pruned on every node.
+    pub prune_interval: Duration,
+    /// A node's engine disk this full (percent) is announced (log, event, metric).
+    pub disk_warn_percent: u8,
+    /// Builds are refused on a node whose engine disk is this full (percent).
+    pub disk_refuse_builds_percent: u8,
 }
 
 /// `[git]` as written.
@@ -185,6 +214,7 @@ pub struct Config {
     pub acme: AcmeConfig,
     pub webhooks: WebhooksConfig,
     pub git: GitSettings,
+    pub upkeep: UpkeepConfig,
 }
 
 /// `[webhooks]`, validated.
@@ -262,7 +292,8 @@ pub struct SchedulerConfig {
     pub log_max_size: String,
     pub log_max_files: u32,
     /// Built images of an app's last `keep_releases` releases are kept on every node; older
-    /// ones are removed after each successful deploy by `git push` or webhook.
+    /// ones are removed after each successful deploy by `git push` or webhook, and every
+    /// `upkeep.prune_interval` ([`crate::service::upkeep`]).
     pub keep_releases: u32,
 }
 
@@ -359,6 +390,17 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("git.deploy_branch", "ESCALE_GIT_DEPLOY_BRANCH"),
     ("git.dockerfile", "ESCALE_GIT_DOCKERFILE"),
     ("git.max_context_size", "ESCALE_GIT_MAX_CONTEXT_SIZE"),
+    ("upkeep.usage_interval", "ESCALE_UPKEEP_USAGE_INTERVAL"),
+    ("upkeep.disk_interval", "ESCALE_UPKEEP_DISK_INTERVAL"),
+    ("upkeep.prune_interval", "ESCALE_UPKEEP_PRUNE_INTERVAL"),
+    (
+        "upkeep.disk_warn_percent",
+        "ESCALE_UPKEEP_DISK_WARN_PERCENT",
+    ),
+    (
+        "upkeep.disk_refuse_builds_percent",
+        "ESCALE_UPKEEP_DISK_REFUSE_BUILDS_PERCENT",
+    ),
 ];
 
 /// Where `escale serve` looks for a config file when `--config` is not given.
@@ -689,6 +731,55 @@ impl Config {
                     }
                     n
                 },
+            },
+            upkeep: {
+                let u = &raw.upkeep;
+                let positive = |key: &'static str, d: Duration| {
+                    if d.is_zero() {
+                        Err(invalid(
+                            key,
+                            "must be longer than 0s, e.g. `30s`".to_string(),
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                };
+                let warn = s.parse_num("upkeep.disk_warn_percent", u.disk_warn_percent, 80u8)?;
+                let refuse = s.parse_num(
+                    "upkeep.disk_refuse_builds_percent",
+                    u.disk_refuse_builds_percent,
+                    95u8,
+                )?;
+                if !(1..=100).contains(&warn) {
+                    return Err(invalid(
+                        "upkeep.disk_warn_percent",
+                        format!("`{warn}`: give a percentage between 1 and 100"),
+                    ));
+                }
+                if !(warn..=100).contains(&refuse) {
+                    return Err(invalid(
+                        "upkeep.disk_refuse_builds_percent",
+                        format!(
+                            "`{refuse}`: give a percentage between upkeep.disk_warn_percent ({warn}) and 100"
+                        ),
+                    ));
+                }
+                UpkeepConfig {
+                    usage_interval: positive(
+                        "upkeep.usage_interval",
+                        s.duration("upkeep.usage_interval", u.usage_interval.clone(), "30s")?,
+                    )?,
+                    disk_interval: positive(
+                        "upkeep.disk_interval",
+                        s.duration("upkeep.disk_interval", u.disk_interval.clone(), "5m")?,
+                    )?,
+                    prune_interval: positive(
+                        "upkeep.prune_interval",
+                        s.duration("upkeep.prune_interval", u.prune_interval.clone(), "1h")?,
+                    )?,
+                    disk_warn_percent: warn,
+                    disk_refuse_builds_percent: refuse,
+                }
             },
         };
         if config.acme.directory_url.is_some()

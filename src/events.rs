@@ -139,12 +139,49 @@ pub enum Event {
         release: u32,
         reason: String,
     },
+    /// No node can take `missing` instances of a process (the reasons, one per node); the
+    /// scheduler keeps trying every pass.
+    InstancesUnplaced {
+        app: String,
+        process: String,
+        missing: u32,
+        reasons: Vec<String>,
+    },
+    /// Every instance of a process that could not be placed has a node again.
+    InstancesPlaced { app: String, process: String },
     /// A node answered again (or for the first time).
     NodeReady { node: String },
     /// A node stopped answering.
     NodeDown { node: String, error: String },
+    /// A node's engine disk crossed a threshold (`upkeep.disk_warn_percent`,
+    /// `upkeep.disk_refuse_builds_percent`), up or back down.
+    NodeDisk {
+        node: String,
+        used_percent: u8,
+        level: DiskLevel,
+    },
+    /// Images escale built and no longer needs were removed from a node.
+    ImagesPruned {
+        node: String,
+        images: u32,
+        bytes: u64,
+    },
     /// The certificates the proxy serves changed.
     CertificatesChanged,
+}
+
+/// How full a node's engine disk is, against the `[upkeep]` thresholds.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskLevel {
+    /// Below `disk_warn_percent`.
+    Ok,
+    /// At or above `disk_warn_percent`: announced.
+    Warning,
+    /// At or above `disk_refuse_builds_percent`: builds there are refused.
+    Full,
 }
 
 impl Event {
@@ -159,9 +196,15 @@ impl Event {
             | Event::InstanceStopped { instance }
             | Event::InstanceCrashed { instance, .. } => Some(&instance.app),
             Event::RolloutProgress { app, .. }
+            | Event::InstancesUnplaced { app, .. }
+            | Event::InstancesPlaced { app, .. }
             | Event::RolloutSucceeded { app, .. }
             | Event::RolloutFailed { app, .. } => Some(app),
-            Event::NodeReady { .. } | Event::NodeDown { .. } | Event::CertificatesChanged => None,
+            Event::NodeReady { .. }
+            | Event::NodeDown { .. }
+            | Event::NodeDisk { .. }
+            | Event::ImagesPruned { .. }
+            | Event::CertificatesChanged => None,
         }
     }
 
@@ -231,8 +274,43 @@ impl Event {
             } => {
                 format!("rollout of v{release} failed: {reason}")
             }
+            Event::InstancesUnplaced {
+                process,
+                missing,
+                reasons,
+                ..
+            } => {
+                let why = if reasons.is_empty() {
+                    "no node is ready".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                format!("{missing} instance(s) of {process} cannot be placed: {why}")
+            }
+            Event::InstancesPlaced { process, .. } => {
+                format!("every instance of {process} has a node again")
+            }
             Event::NodeReady { node } => format!("node {node} ready"),
             Event::NodeDown { node, error } => format!("node {node} unreachable: {error}"),
+            Event::NodeDisk {
+                node,
+                used_percent,
+                level,
+            } => match level {
+                DiskLevel::Ok => format!("node {node} disk back to {used_percent}% used"),
+                DiskLevel::Warning => format!("node {node} disk {used_percent}% used"),
+                DiskLevel::Full => {
+                    format!("node {node} disk {used_percent}% used: builds there are refused")
+                }
+            },
+            Event::ImagesPruned {
+                node,
+                images,
+                bytes,
+            } => format!(
+                "node {node}: {images} unused image(s) removed, {} MiB freed",
+                bytes / (1 << 20)
+            ),
             Event::CertificatesChanged => "certificates changed".to_string(),
         }
     }

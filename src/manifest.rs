@@ -1127,6 +1127,7 @@ kind = "none"
             team: "default".into(),
             release: None,
             created_at: 0,
+            disk_bytes: None,
             processes: vec![ProcessType {
                 name: "web".into(),
                 command: None,

@@ -16,6 +16,10 @@ pub struct App {
     pub created_at: i64,
     pub processes: Vec<ProcessType>,
     pub domains: Vec<String>,
+    /// Disk its images and containers take on all nodes, as last measured
+    /// (`upkeep.disk_interval`); absent until measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// How an instance's health is checked.

@@ -271,6 +271,80 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// One reading of a container's counters ([`Node::instance_stats`]); a rate needs two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatsSample {
+    /// CPU time the container used since it started, in nanoseconds.
+    pub cpu_total_ns: u64,
+    /// CPU time the whole host used since boot, in nanoseconds (all CPUs).
+    pub system_ns: u64,
+    pub online_cpus: u32,
+    pub memory_usage: u64,
+    /// Page cache the kernel reclaims first, included in `memory_usage`.
+    pub memory_inactive_file: u64,
+}
+
+/// What escale owns on one engine's disk ([`Node::owned_disk`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnedDisk {
+    pub images: Vec<OwnedImage>,
+    pub containers: Vec<OwnedContainer>,
+}
+
+/// An image labelled with escale's installation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnedImage {
+    pub id: String,
+    pub tags: Vec<String>,
+    /// The app it was built for (`escale.app`), if it says.
+    pub app: Option<String>,
+    /// The uid of that app ([`crate::images::LABEL_BUILT_FOR`]), if it says.
+    pub built_for: Option<String>,
+    pub bytes: u64,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+/// A container labelled with escale's installation: its writable layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnedContainer {
+    pub app: Option<String>,
+    pub bytes: u64,
+}
+
+/// The size and free space of a filesystem, as `statvfs` says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Filesystem {
+    /// The path measured (the engine's data root).
+    pub path: String,
+    pub total_bytes: u64,
+    /// Free for unprivileged writers (what the engine's writes can use).
+    pub available_bytes: u64,
+}
+
+impl Filesystem {
+    /// `statvfs` of `path`; `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<Filesystem> {
+        let st = nix::sys::statvfs::statvfs(path).ok()?;
+        let frsize = st.fragment_size() as u64;
+        Some(Filesystem {
+            path: path.display().to_string(),
+            total_bytes: st.blocks() as u64 * frsize,
+            available_bytes: st.blocks_available() as u64 * frsize,
+        })
+    }
+
+    /// Percent used, as `df` counts it (used over used + available, rounded up).
+    pub fn used_percent(&self) -> u8 {
+        let used = self.total_bytes.saturating_sub(self.available_bytes);
+        let usable = used + self.available_bytes;
+        if usable == 0 {
+            return 0;
+        }
+        (used * 100).div_ceil(usable).min(100) as u8
+    }
+}
+
 /// What an engine says of its own version.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EngineVersion {
@@ -1644,6 +1718,115 @@ impl Node {
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(self.engine_err(format!("removing image `{image}`"))(e)),
         }
+    }
+
+    /// One sample of a container's CPU and memory counters (the engine's one-shot stats: one
+    /// read of the cgroup, no second sample waited for). `None` when the container is gone.
+    pub async fn instance_stats(&self, container_id: &str) -> Result<Option<StatsSample>> {
+        use bollard::query_parameters::StatsOptions;
+        let mut stream = Box::pin(self.docker.stats(
+            container_id,
+            Some(StatsOptions {
+                stream: false,
+                one_shot: true,
+            }),
+        ));
+        match stream.next().await {
+            None => Ok(None),
+            Some(Err(e)) if is_not_found(&e) => Ok(None),
+            Some(Err(e)) => Err(self
+                .engine_err(format!("reading stats of `{container_id}`"))(
+                e
+            )),
+            Some(Ok(stats)) => {
+                let cpu = stats.cpu_stats.unwrap_or_default();
+                let memory = stats.memory_stats.unwrap_or_default();
+                let counters = memory.stats.unwrap_or_default();
+                Ok(Some(StatsSample {
+                    cpu_total_ns: cpu.cpu_usage.and_then(|u| u.total_usage).unwrap_or(0),
+                    system_ns: cpu.system_cpu_usage.unwrap_or(0),
+                    online_cpus: cpu.online_cpus.unwrap_or(0),
+                    memory_usage: memory.usage.unwrap_or(0),
+                    // The page cache the kernel reclaims first: what `docker stats` leaves out
+                    // (cgroup v2 names it `inactive_file`, v1 `total_inactive_file`).
+                    memory_inactive_file: counters
+                        .get("inactive_file")
+                        .or_else(|| counters.get("total_inactive_file"))
+                        .copied()
+                        .unwrap_or(0),
+                }))
+            }
+        }
+    }
+
+    /// What escale owns on this engine's disk: the images and containers labelled with
+    /// `installation`, with their sizes and apps (containers' writable layers are measured,
+    /// which costs the engine a walk of each: call this rarely).
+    pub async fn owned_disk(&self, installation: &str) -> Result<OwnedDisk> {
+        let label = format!("{LABEL_INSTALLATION}={installation}");
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                all: false,
+                filters: Some(label_filter(vec![label.clone()])),
+                ..Default::default()
+            }))
+            .await
+            .map_err(self.engine_err("listing images"))?;
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                size: true,
+                filters: Some(label_filter(vec![label])),
+                ..Default::default()
+            }))
+            .await
+            .map_err(self.engine_err("listing containers with their sizes"))?;
+        Ok(OwnedDisk {
+            images: images
+                .into_iter()
+                .map(|i| OwnedImage {
+                    app: i.labels.get(LABEL_APP).cloned(),
+                    built_for: i.labels.get(crate::images::LABEL_BUILT_FOR).cloned(),
+                    tags: i
+                        .repo_tags
+                        .into_iter()
+                        .filter(|t| t != "<none>:<none>")
+                        .collect(),
+                    id: i.id,
+                    bytes: i.size.max(0) as u64,
+                    created: i.created,
+                })
+                .collect(),
+            containers: containers
+                .into_iter()
+                .map(|c| OwnedContainer {
+                    app: c.labels.as_ref().and_then(|l| l.get(LABEL_APP).cloned()),
+                    bytes: c.size_rw.unwrap_or(0).max(0) as u64,
+                })
+                .collect(),
+        })
+    }
+
+    /// The filesystem holding the engine's data (`DockerRootDir`), measured from this host:
+    /// only for an engine on this host (its unix socket, or a loopback address), whose data
+    /// root this process can see. `None` otherwise, or when the path is not visible (escale
+    /// in a container without the engine's data mounted).
+    pub async fn filesystem(&self) -> Result<Option<Filesystem>> {
+        let on_this_host = self.reach == Reach::Bridge || self.advertise_ip.is_loopback();
+        if !on_this_host {
+            return Ok(None);
+        }
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(self.engine_err("reading the engine's info"))?;
+        let Some(root) = info.docker_root_dir.filter(|r| !r.is_empty()) else {
+            return Ok(None);
+        };
+        Ok(Filesystem::of(Path::new(&root)))
     }
 
     /// A container's output (stdout and stderr), with engine timestamps. `tail` limits to the

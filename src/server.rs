@@ -228,6 +228,11 @@ pub async fn run(
         scheduler.clone(),
         stopped(),
     ));
+    // What the nodes use, and pruning what escale owns there.
+    let upkeep_task = tokio::spawn(crate::service::upkeep::run(
+        cleanup_state.clone(),
+        stopped(),
+    ));
     // What destroyed apps left outside the registry (repositories, built images).
     tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
@@ -308,6 +313,7 @@ pub async fn run(
     let _ = sched_task.await;
     let _ = acme_task.await;
     let _ = join_task.await;
+    let _ = upkeep_task.await;
     if let Err(e) = proxy_workers.join().await {
         tracing::error!(error = %e, "proxy stopped with an error");
     }

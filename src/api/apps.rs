@@ -306,7 +306,9 @@ pub async fn get_app(
     Path(app): Path<String>,
 ) -> Result<Json<App>, ApiError> {
     app_name(&app)?;
-    Ok(Json(s.registry.app_info(&actor, &app).await?))
+    let mut info = s.registry.app_info(&actor, &app).await?;
+    info.disk_bytes = s.usage.view().apps_disk.get(&info.name).copied();
+    Ok(Json(info))
 }
 
 #[utoipa::path(delete, path = "/api/v1/apps/{app}", tag = "apps", security(("token" = [])), params(("app" = String, Path)),

@@ -272,6 +272,46 @@ async fn metrics(
             ));
         }
     }
+    let usage = s.usage.view();
+    if !usage.nodes.is_empty() {
+        out.push_str("# HELP escale_node_memory_used_bytes Memory escale's instances use on a node (page cache left out), last sampled.\n# TYPE escale_node_memory_used_bytes gauge\n");
+        for (node, u) in &usage.nodes {
+            out.push_str(&format!(
+                "escale_node_memory_used_bytes{{node=\"{node}\"}} {}\n",
+                u.memory_bytes
+            ));
+        }
+        out.push_str("# HELP escale_node_cpu_used CPUs escale's instances use on a node, last sampled.\n# TYPE escale_node_cpu_used gauge\n");
+        for (node, u) in &usage.nodes {
+            out.push_str(&format!(
+                "escale_node_cpu_used{{node=\"{node}\"}} {:.3}\n",
+                u.cpus
+            ));
+        }
+        out.push_str("# HELP escale_node_disk_used_ratio Used fraction of the filesystem of a node's engine data root (engines on this host).\n# TYPE escale_node_disk_used_ratio gauge\n");
+        for (node, u) in &usage.nodes {
+            if let Some(fs) = u.disk.as_ref().and_then(|d| d.filesystem.as_ref()) {
+                let used = fs.total_bytes.saturating_sub(fs.available_bytes);
+                let ratio = if fs.total_bytes == 0 {
+                    0.0
+                } else {
+                    used as f64 / fs.total_bytes as f64
+                };
+                out.push_str(&format!(
+                    "escale_node_disk_used_ratio{{node=\"{node}\"}} {ratio:.4}\n"
+                ));
+            }
+        }
+        out.push_str("# HELP escale_node_owned_disk_bytes Disk escale's images and containers take on a node.\n# TYPE escale_node_owned_disk_bytes gauge\n");
+        for (node, u) in &usage.nodes {
+            if let Some(d) = &u.disk {
+                out.push_str(&format!(
+                    "escale_node_owned_disk_bytes{{node=\"{node}\"}} {}\n",
+                    d.images_bytes + d.containers_bytes
+                ));
+            }
+        }
+    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -652,6 +652,12 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
                         domains.join(", ")
                     }
                 );
+                if let Some(bytes) = out["disk_bytes"].as_u64() {
+                    println!(
+                        "Disk:     {} (images and containers, all nodes)",
+                        crate::service::upkeep::human_bytes(bytes)
+                    );
+                }
                 println!();
                 print_processes(
                     out["processes"]
@@ -1472,11 +1478,14 @@ async fn nodes(c: &Client, json_out: bool, cmd: NodesCommand) -> Result<(), CliE
                     out.as_array().into_iter().flatten().map(node_row).collect();
                 table(
                     &[
-                        "NODE", "STATE", "ADDRESS", "ENGINE", "CPUS", "MEMORY", "INST", "LABELS",
-                        "CERT", "SEEN",
+                        "NODE", "STATE", "ADDRESS", "ENGINE", "CPUS", "MEMORY", "DISK", "INST",
+                        "LABELS", "CERT", "SEEN",
                     ],
                     &rows,
                 );
+                if !rows.is_empty() {
+                    println!("CPUS and MEMORY: used (measured) / placed (declared limits) / the node's capacity");
+                }
                 for n in out.as_array().into_iter().flatten() {
                     if let Some(e) = n["error"].as_str() {
                         println!("{}: {e}", s(&n["name"]));
@@ -1666,20 +1675,39 @@ fn node_row(n: &Value) -> Vec<String> {
         state.push_str(",cordoned");
     }
     let cpus = |v: &Value| format!("{:.1}", v.as_i64().unwrap_or(0) as f64 / 1e9);
+    // Used (measured) / placed (declared) / capacity.
+    let used = &n["used"];
+    let used_cpu = used["cpus"]
+        .as_f64()
+        .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"));
+    let used_mem = used["memory_bytes"]
+        .as_u64()
+        .map_or_else(|| "-".to_string(), size);
     let (cpu, mem) = match n["capacity"].as_object() {
         Some(cap) => (
             format!(
-                "{}/{}",
+                "{used_cpu}/{}/{}",
                 cpus(&n["placed"]["nano_cpus"]),
                 cpus(&cap["nano_cpus"])
             ),
             format!(
-                "{}/{}",
+                "{used_mem}/{}/{}",
                 size(n["placed"]["memory_bytes"].as_u64().unwrap_or(0)),
                 size(cap["memory_bytes"].as_u64().unwrap_or(0))
             ),
         ),
         None => ("-".into(), "-".into()),
+    };
+    let disk = match used["disk"].as_object() {
+        None => "-".to_string(),
+        Some(d) => {
+            let owned = d["images_bytes"].as_u64().unwrap_or(0)
+                + d["containers_bytes"].as_u64().unwrap_or(0);
+            match d["filesystem"]["used_percent"].as_u64() {
+                Some(p) => format!("{p}% ({} escale)", size(owned)),
+                None => format!("{} escale", size(owned)),
+            }
+        }
     };
     let labels: Vec<String> = n["labels"]
         .as_object()
@@ -1694,6 +1722,7 @@ fn node_row(n: &Value) -> Vec<String> {
         s(&n["engine_version"]),
         cpu,
         mem,
+        disk,
         n["instances"].to_string(),
         if labels.is_empty() {
             "-".into()
@@ -1718,8 +1747,9 @@ fn print_node(n: &Value) {
         "State",
         "Address",
         "Engine",
-        "CPUs placed/has",
-        "Memory placed/has",
+        "CPUs used/placed/has",
+        "Memory used/placed/has",
+        "Disk",
         "Instances",
         "Labels",
         "Certificate left",
@@ -1728,18 +1758,18 @@ fn print_node(n: &Value) {
     .iter()
     .zip(row)
     {
-        println!("{k:<18} {v}");
+        println!("{k:<23} {v}");
     }
     if let Some(c) = n["certificate"].as_object() {
         println!(
-            "{:<18} {} (serial {})",
+            "{:<23} {} (serial {})",
             "Certificate until",
             clock(c["not_after"].as_i64().unwrap_or(0)),
             c["serial"].as_str().unwrap_or("-")
         );
     }
     if let Some(e) = n["error"].as_str() {
-        println!("{:<18} {e}", "Error");
+        println!("{:<23} {e}", "Error");
     }
 }
 

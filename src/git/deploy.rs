@@ -231,6 +231,9 @@ impl Job<'_> {
             .build_node()
             .ok_or_else(|| GitError::Deploy("no node is ready to build on".into()))?;
         let node = &node;
+        crate::service::upkeep::check_build_disk(node, &self.services.config.upkeep)
+            .await
+            .map_err(|e| GitError::Rejected(e.to_string()))?;
         // Non-secret config vars are build args (a Dockerfile takes one with `ARG NAME`);
         // secrets are not: build args are visible in the image's history.
         let build_args: Vec<(String, String)> = self
@@ -407,69 +410,24 @@ impl Job<'_> {
     }
 
     /// Removes, on every node, the images escale built for this app that belong to none of
-    /// its last `scheduler.keep_releases` releases and that no instance (live or not) of the
-    /// installation uses. Failures are logged, never fatal: the deploy has succeeded.
+    /// its last `scheduler.keep_releases` releases and that no container of the installation
+    /// uses ([`crate::service::upkeep::prune`], with the deploy lock this deploy holds).
+    /// Failures are logged, never fatal: the deploy has succeeded.
     async fn prune_images(&self) {
-        let Some(sched) = self.services.scheduler.as_ref() else {
-            return;
-        };
-        let keep_n = self.services.config.scheduler.keep_releases as usize;
-        let releases = match self
-            .services
-            .registry
-            .releases(self.actor, &self.app.name, None, keep_n.max(1) as i64)
-            .await
-        {
-            Ok(r) => r,
+        use crate::service::upkeep::{prune, PruneScope};
+        let keep_n = self.services.config.scheduler.keep_releases;
+        match prune(self.services, PruneScope::Held(self.app)).await {
+            Ok(pruned) => {
+                let removed: u32 = pruned.nodes.values().map(|(n, _)| n).sum();
+                if removed > 0 {
+                    self.progress.say(&format!(
+                        "-----> Removed {removed} old image(s) (keeping the last {keep_n} releases')"
+                    ));
+                }
+            }
             Err(e) => {
-                tracing::warn!(app = %self.app.name, error = %e, "image pruning: cannot list releases");
-                return;
+                tracing::warn!(app = %self.app.name, error = %e, "image pruning skipped")
             }
-        };
-        // Newest first; any release still rolling out is among them.
-        let mut keep: std::collections::HashSet<String> = releases
-            .iter()
-            .take(keep_n)
-            .map(|r| r.image.clone())
-            .collect();
-        let installation = self.services.registry.installation_id().to_string();
-        let labels = vec![
-            format!("{}={installation}", crate::node::LABEL_INSTALLATION),
-            format!("escale.app={}", self.app.name),
-        ];
-        // Never an image an instance uses, whatever its release, state or node: when a node
-        // cannot be asked, nothing is pruned.
-        for node in sched.docker_nodes() {
-            match node.list_instances(&installation).await {
-                Ok(instances) => keep.extend(instances.into_iter().map(|i| i.image)),
-                Err(e) => {
-                    tracing::warn!(node = %node.name, error = %e, "image pruning skipped: cannot list instances");
-                    return;
-                }
-            }
-        }
-        let mut removed = 0usize;
-        for node in sched.docker_nodes() {
-            let images = match node.list_labelled_images(&labels).await {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::warn!(node = %node.name, error = %e, "image pruning: cannot list images");
-                    continue;
-                }
-            };
-            for tag in images.iter().filter(|t| !keep.contains(*t)) {
-                match node.remove_image(tag).await {
-                    Ok(()) => removed += 1,
-                    Err(e) => {
-                        tracing::info!(node = %node.name, image = %tag, error = %e, "image pruning: not removed")
-                    }
-                }
-            }
-        }
-        if removed > 0 {
-            self.progress.say(&format!(
-                "-----> Removed {removed} old image(s) (keeping the last {keep_n} releases')"
-            ));
         }
     }
 

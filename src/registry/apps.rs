@@ -227,6 +227,7 @@ impl Registry {
                 team: r.team,
                 release: r.target_release.map(|v| v as u32),
                 created_at: r.created_at,
+                disk_bytes: None,
             })
             .collect())
     }
@@ -251,6 +252,7 @@ impl Registry {
             created_at: r.created_at,
             processes,
             domains,
+            disk_bytes: None,
         })
     }
 

@@ -324,6 +324,27 @@ impl Registry {
             .collect()
     }
 
+    /// The images of each app's last `keep` releases (newest first), by app id: what image
+    /// pruning keeps.
+    pub async fn recent_release_images(
+        &self,
+        keep: u32,
+    ) -> Result<std::collections::HashMap<i64, Vec<String>>> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT app_id, image FROM (SELECT app_id, image, version, ROW_NUMBER() OVER \
+             (PARTITION BY app_id ORDER BY version DESC) AS n FROM releases) \
+             WHERE n <= ? ORDER BY app_id, version DESC",
+        )
+        .bind(keep as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: std::collections::HashMap<i64, Vec<String>> = Default::default();
+        for (app, image) in rows {
+            out.entry(app).or_default().push(image);
+        }
+        Ok(out)
+    }
+
     /// The image of a release.
     pub async fn release_image(&self, app_id: i64, version: u32) -> Result<Option<String>> {
         Ok(

@@ -128,6 +128,21 @@ pub struct UnplacedView {
     pub reasons: Vec<String>,
 }
 
+/// A change of what no node can take ([`Scheduler::report_unplaced`]).
+#[derive(Debug, Clone, PartialEq)]
+enum PlacementChange {
+    Unplaced {
+        app: String,
+        process: String,
+        missing: u32,
+        reasons: Vec<String>,
+    },
+    Placed {
+        app: String,
+        process: String,
+    },
+}
+
 /// A node's reachability.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
@@ -1255,7 +1270,8 @@ impl Scheduler {
         let plan::Plan { actions, unplaced } = plan::plan_report(&desired, &observed);
         self.placed
             .store(Arc::new(placed_instances(&desired, &observed)));
-        let unplaced = self.report_unplaced(unplaced);
+        let (unplaced, placement_changes) = self.report_unplaced(unplaced);
+        self.announce_placement(placement_changes).await;
         let refs: HashMap<String, InstanceRef> = containers
             .iter()
             .map(|(node_name, c)| {
@@ -1945,14 +1961,23 @@ impl Scheduler {
     }
 
     /// Logs starts that no node can take (once per change of reasons) and returns them for the
-    /// cluster view.
-    fn report_unplaced(&self, unplaced: Vec<plan::Unplaced>) -> Vec<UnplacedView> {
+    /// cluster view, with what changed since the last pass: processes that lost a place (or
+    /// whose reasons changed) and processes fully placed again, for [`Self::announce_placement`].
+    fn report_unplaced(
+        &self,
+        unplaced: Vec<plan::Unplaced>,
+    ) -> (Vec<UnplacedView>, Vec<PlacementChange>) {
         let mut st = self.st();
         let mut now: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let mut missing: HashMap<(String, String), u32> = HashMap::new();
         for u in &unplaced {
             now.entry((u.app.clone(), u.process.clone()))
                 .or_insert_with(|| u.reasons.clone());
+            *missing
+                .entry((u.app.clone(), u.process.clone()))
+                .or_default() += 1;
         }
+        let mut changes = Vec::new();
         for ((app, process), reasons) in &now {
             if st.unplaced.get(&(app.clone(), process.clone())) != Some(reasons) {
                 let why = if reasons.is_empty() {
@@ -1961,10 +1986,24 @@ impl Scheduler {
                     reasons.join("; ")
                 };
                 tracing::warn!(%app, %process, reasons = %why, "no node can take an instance");
+                changes.push(PlacementChange::Unplaced {
+                    app: app.clone(),
+                    process: process.clone(),
+                    missing: missing[&(app.clone(), process.clone())],
+                    reasons: reasons.clone(),
+                });
+            }
+        }
+        for (app, process) in st.unplaced.keys() {
+            if !now.contains_key(&(app.clone(), process.clone())) {
+                changes.push(PlacementChange::Placed {
+                    app: app.clone(),
+                    process: process.clone(),
+                });
             }
         }
         st.unplaced = now;
-        unplaced
+        let views = unplaced
             .into_iter()
             .map(|u| UnplacedView {
                 app: u.app,
@@ -1972,7 +2011,45 @@ impl Scheduler {
                 slot: u.slot,
                 reasons: u.reasons,
             })
-            .collect()
+            .collect();
+        (views, changes)
+    }
+
+    /// Records (audit log and bus) each process that no node can take an instance of, and
+    /// each one fully placed again.
+    async fn announce_placement(&self, changes: Vec<PlacementChange>) {
+        for change in changes {
+            let (app, action, event) = match change {
+                PlacementChange::Unplaced {
+                    app,
+                    process,
+                    missing,
+                    reasons,
+                } => (
+                    app.clone(),
+                    "instance.unplaced",
+                    Event::InstancesUnplaced {
+                        app,
+                        process,
+                        missing,
+                        reasons,
+                    },
+                ),
+                PlacementChange::Placed { app, process } => (
+                    app.clone(),
+                    "instance.placed",
+                    Event::InstancesPlaced { app, process },
+                ),
+            };
+            let detail = event.summary();
+            if let Err(e) = self
+                .registry
+                .record(Some(&app), action, &detail, event)
+                .await
+            {
+                tracing::warn!(%app, error = %e, "cannot record a placement change");
+            }
+        }
     }
 
     /// Publishes `InstanceHealthy`/`InstanceUnhealthy` for running instances whose verdict

@@ -889,6 +889,18 @@ async fn what_does_not_fit_is_not_started_and_says_why_per_node() {
         u.reasons,
         ["n1: 112 MiB free, needs 200 MiB", "n2: cordoned"]
     );
+    // Announced once (audit log and bus), with the same reasons.
+    h.until("the unplaced instance announced", |h| {
+        h.count(|e| matches!(e, Event::InstancesUnplaced { .. })) > 0
+    })
+    .await;
+    assert_eq!(
+        h.count(
+            |e| matches!(e, Event::InstancesUnplaced { app, process, missing: 1, reasons }
+            if app == "shop" && process == "web" && reasons.len() == 2)
+        ),
+        1
+    );
     // Capacity is asked once per node, not at every pass.
     let passes = h.sched.passes.load(Relaxed);
     assert!(passes > 1);
@@ -899,6 +911,15 @@ async fn what_does_not_fit_is_not_started_and_says_why_per_node() {
         .await;
     assert_eq!(h.engine(1).running().len(), 1);
     assert!(h.sched.view.load().unplaced.is_empty());
+    h.until("placed again, announced", |h| {
+        h.count(|e| matches!(e, Event::InstancesPlaced { app, process } if app == "shop" && process == "web")) == 1
+    })
+    .await;
+    assert_eq!(
+        h.count(|e| matches!(e, Event::InstancesUnplaced { .. })),
+        1,
+        "announced once, not every pass"
+    );
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@
 mod follow;
 mod locks;
 pub mod nodes;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub struct Services {
     pub scheduler: Option<Arc<Scheduler>>,
     /// One deploy at a time per app.
     pub locks: Arc<AppLocks>,
+    /// What the nodes use, as the upkeep last measured it ([`upkeep::run`]).
+    pub usage: Arc<upkeep::Usage>,
 }
 
 impl axum::extract::FromRef<Services> for Registry {
@@ -113,6 +116,7 @@ impl Services {
             config,
             scheduler,
             locks: Arc::new(AppLocks::default()),
+            usage: Arc::new(upkeep::Usage::default()),
         }
     }
 

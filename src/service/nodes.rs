@@ -135,6 +135,10 @@ pub struct NodeInfo {
     /// The declared limits of the instances escale runs there (instances without a limit
     /// count for nothing).
     pub placed: Resources,
+    /// What its instances really use (CPU and memory, sampled every
+    /// `upkeep.usage_interval`) and its disk (every `upkeep.disk_interval`); `None` until
+    /// first measured.
+    pub used: Option<super::upkeep::NodeUsage>,
     pub instances: u32,
     /// Its server certificate (none for `local`).
     pub certificate: Option<NodeCertView>,
@@ -321,6 +325,7 @@ impl Services {
                     engine_version: None,
                     capacity: None,
                     placed: Resources::default(),
+                    used: None,
                     instances: 0,
                     last_heartbeat: None,
                 })
@@ -329,6 +334,7 @@ impl Services {
         let view = sched.view.load_full();
         let facts = engine_facts(sched).await;
         let placed = sched.placed();
+        let usage = self.usage.view();
         let mut names: Vec<String> = view.nodes.iter().map(|n| n.name.clone()).collect();
         names.extend(records.iter().map(|r| r.name.clone()));
         names.sort_by(|a, b| (a != LOCAL_NODE, a).cmp(&(b != LOCAL_NODE, b)));
@@ -358,6 +364,7 @@ impl Services {
                 engine_version: version,
                 capacity,
                 placed: on_node,
+                used: usage.nodes.get(&name).cloned(),
                 instances,
                 certificate: certs
                     .get(&name)

@@ -1,5 +1,6 @@
 //! Test harness: temp data dirs, servers bound to port 0, fixture images, cleanup by label.
 pub mod api;
+pub mod base;
 
 pub mod docker;
 pub mod fixture;

@@ -186,9 +186,36 @@ impl ExtraNode {
 
     /// Starts node `n` (2..=9) with the bundle escale wrote into `bundle_dir`.
     pub fn start(n: u8, bundle_dir: &Path) -> ExtraNode {
+        ExtraNode::start_with(n, bundle_dir, None)
+    }
+
+    /// Starts node `n` with its whole root (data root included) on a tmpfs of `size`
+    /// (`512m`): a disk small enough to fill.
+    pub fn start_on_tmpfs(n: u8, bundle_dir: &Path, size: &str) -> ExtraNode {
+        ExtraNode::start_with(n, bundle_dir, Some(size))
+    }
+
+    /// The directory holding the node's data root, certificates and log.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn start_with(n: u8, bundle_dir: &Path, tmpfs: Option<&str>) -> ExtraNode {
         sweep(n);
         let root = root_of(n);
         std::fs::create_dir_all(&root).unwrap();
+        if let Some(size) = tmpfs {
+            run(&[
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "escale-it-tmpfs",
+                root.to_str().unwrap(),
+            ])
+            .expect("tmpfs mounted for the node's root");
+        }
         let hosts = [format!("tcp://{}", ExtraNode::address(n))];
         let mut config = daemon_config(bundle_dir, &root, &hosts);
         config["default-address-pools"] =

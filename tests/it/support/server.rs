@@ -29,6 +29,9 @@ pub struct TestServer {
     pub token: String,
     child: Option<Child>,
     extra_env: Vec<(String, String)>,
+    /// When set, the server runs from this image (`docker run`, host network, the engine's
+    /// socket mounted) instead of the binary under test.
+    image: Option<String>,
     /// Lines the server printed on stdout/stderr, for failure messages.
     pub log: PathBuf,
 }
@@ -46,6 +49,16 @@ pub fn sweep_server_leftovers() {
             "--format",
             "{{.ID}} {{.Label \"escale.installation\"}}",
         ]);
+        // Servers run from an image (`start_in_image`) carry their own label.
+        let servers = docker_cli(&[
+            "ps",
+            "-a",
+            "--filter",
+            "label=escale.test-server",
+            "--format",
+            "{{.ID}} {{.Label \"escale.test-server\"}}",
+        ]);
+        let listing = format!("{listing}\n{servers}");
         let stale: Vec<&str> = listing
             .lines()
             .filter_map(|l| {
@@ -88,12 +101,32 @@ impl TestServer {
     /// Starts a server with fast test timings (plus `env`), and binds the first admin.
     pub async fn start(env: &[(&str, &str)]) -> TestServer {
         let (mut s, setup) = TestServer::start_unbound(env).await;
-        let out = s.cli_with_token(
+        s.bind_admin(&setup);
+        s
+    }
+
+    /// Starts a server with no admin yet (`token` is empty); returns it and the setup token it
+    /// printed.
+    pub async fn start_unbound(env: &[(&str, &str)]) -> (TestServer, String) {
+        TestServer::start_unbound_from(None, env).await
+    }
+
+    /// Starts a server from `image` (its entrypoint is `escale`), and binds the first admin.
+    /// The container is named `escale-it-<installation>`, on the host's network, with the
+    /// engine's socket and the test's directory mounted at the same path.
+    pub async fn start_in_image(image: &str, env: &[(&str, &str)]) -> TestServer {
+        let (mut s, setup) = TestServer::start_unbound_from(Some(image), env).await;
+        s.bind_admin(&setup);
+        s
+    }
+
+    fn bind_admin(&mut self, setup: &str) {
+        let out = self.cli_with_token(
             None,
             &[
                 "setup",
                 "--setup-token",
-                &setup,
+                setup,
                 "--name",
                 "admin",
                 "--password-stdin",
@@ -107,13 +140,15 @@ impl TestServer {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: Value = serde_json::from_slice(&out.stdout).expect("setup --json prints JSON");
-        s.token = v["token"].as_str().expect("token").to_string();
-        s
+        self.token = v["token"].as_str().expect("token").to_string();
     }
 
-    /// Starts a server with no admin yet (`token` is empty); returns it and the setup token it
-    /// printed.
-    pub async fn start_unbound(env: &[(&str, &str)]) -> (TestServer, String) {
+    /// The name of the server's container, when it runs from an image.
+    pub fn container_name(&self) -> String {
+        format!("escale-it-{}", self.installation)
+    }
+
+    async fn start_unbound_from(image: Option<&str>, env: &[(&str, &str)]) -> (TestServer, String) {
         super::docker::sweep_leftovers();
         sweep_server_leftovers();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -145,6 +180,7 @@ impl TestServer {
             token: String::new(),
             child: None,
             extra_env,
+            image: image.map(str::to_string),
             log,
         };
         let setup = s.spawn().expect("a new server prints a setup token");
@@ -153,15 +189,49 @@ impl TestServer {
 
     /// Starts the process on the data dir; returns the setup token if it printed one.
     fn spawn(&mut self) -> Option<String> {
-        let mut cmd = Command::new(ESCALE);
-        cmd.arg("serve")
-            .env("ESCALE_DATA_DIR", self.dir.path().join("data"))
-            .env("ESCALE_API_ADDR", "127.0.0.1:0")
-            .env("ESCALE_INSTALLATION_ID", &self.installation)
-            .env("ESCALE_LOG_LEVEL", "escale=debug,info")
-            .env_remove("ESCALE_URL")
-            .env_remove("ESCALE_TOKEN")
-            .current_dir(self.dir.path())
+        let data = self.dir.path().join("data");
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "ESCALE_DATA_DIR".into(),
+                data.to_string_lossy().into_owned(),
+            ),
+            ("ESCALE_API_ADDR".into(), "127.0.0.1:0".into()),
+            ("ESCALE_INSTALLATION_ID".into(), self.installation.clone()),
+            ("ESCALE_LOG_LEVEL".into(), "escale=debug,info".into()),
+        ];
+        env.extend(self.extra_env.iter().cloned());
+        let mut cmd = match &self.image {
+            None => {
+                let mut cmd = Command::new(ESCALE);
+                cmd.arg("serve")
+                    .env_remove("ESCALE_URL")
+                    .env_remove("ESCALE_TOKEN");
+                for (k, v) in &env {
+                    cmd.env(k, v);
+                }
+                cmd
+            }
+            Some(image) => {
+                std::fs::create_dir_all(&data).expect("data dir");
+                let _ = docker_cli(&["rm", "-f", &self.container_name()]);
+                let dir = self.dir.path().to_string_lossy().into_owned();
+                let mut cmd = Command::new("docker");
+                cmd.args(["run", "--rm", "--name", &self.container_name()])
+                    .args([
+                        "--label",
+                        &format!("escale.test-server={}", self.installation),
+                    ])
+                    .args(["--network", "host"])
+                    .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+                    .args(["-v", &format!("{dir}:{dir}")]);
+                for (k, v) in &env {
+                    cmd.args(["-e", &format!("{k}={v}")]);
+                }
+                cmd.args([image.as_str(), "serve"]);
+                cmd
+            }
+        };
+        cmd.current_dir(self.dir.path())
             .stdout(Stdio::piped())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -170,9 +240,6 @@ impl TestServer {
                     .open(&self.log)
                     .expect("log file"),
             );
-        for (k, v) in &self.extra_env {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().expect("escale serve starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
@@ -231,6 +298,9 @@ impl TestServer {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if self.image.is_some() {
+            let _ = docker_cli(&["rm", "-f", &self.container_name()]);
         }
     }
 
