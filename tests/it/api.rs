@@ -2710,3 +2710,66 @@ async fn lists_page_with_a_stable_cursor_while_items_are_added() {
         r.assert_problem(r.status, q);
     }
 }
+
+#[tokio::test]
+async fn a_deploy_with_an_unchanged_port_writes_no_process_update() {
+    let api = TestApi::new().await;
+    let admin = api.setup_admin().await;
+    api.create_app(&admin, "shop").await;
+    let port = api
+        .expect(
+            StatusCode::OK,
+            "GET",
+            "/api/v1/apps/shop/processes",
+            Some(&admin),
+            None,
+        )
+        .await[0]["port"]
+        .as_i64()
+        .unwrap();
+    let updates = async || {
+        api.expect(
+            StatusCode::OK,
+            "GET",
+            "/api/v1/apps/shop/events",
+            Some(&admin),
+            None,
+        )
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "process.update")
+        .count()
+    };
+    for p in [port, port] {
+        api.expect(
+            StatusCode::CREATED,
+            "POST",
+            "/api/v1/apps/shop/releases",
+            Some(&admin),
+            Some(json!({"image": "nginx:1.27", "port": p})),
+        )
+        .await;
+    }
+    assert_eq!(updates().await, 0, "the port did not change");
+    api.expect(
+        StatusCode::CREATED,
+        "POST",
+        "/api/v1/apps/shop/releases",
+        Some(&admin),
+        Some(json!({"image": "nginx:1.27", "port": port + 1})),
+    )
+    .await;
+    assert_eq!(updates().await, 1, "the port changed once");
+    let web = &api
+        .expect(
+            StatusCode::OK,
+            "GET",
+            "/api/v1/apps/shop/processes",
+            Some(&admin),
+            None,
+        )
+        .await[0];
+    assert_eq!(web["port"], port + 1);
+}
