@@ -311,20 +311,43 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             });
             Ok(())
         }
-        Command::Rollback { app, version } => {
-            let out: Value = api()?
+        Command::Rollback {
+            app,
+            version,
+            detach,
+            wait_timeout,
+        } => {
+            let c = api()?;
+            // Subscribed before the release exists, as for a deploy.
+            let mut events = if detach {
+                None
+            } else {
+                Some(
+                    c.events(&format!("/api/v1/events/stream?app={}", seg(&app)))
+                        .await?,
+                )
+            };
+            let out: Value = c
                 .call(
                     Method::POST,
                     &format!("/api/v1/apps/{}/rollback", seg(&app)),
                     Some(json!({"version": version})),
                 )
                 .await?;
-            print_json_or(json_out, &out, || {
-                println!(
-                    "Rolled back {app} to {version}: new release v{}.",
-                    out["version"]
-                )
-            });
+            let v = out["version"].as_u64().unwrap_or(0);
+            let Some(events) = events.as_mut() else {
+                print_json_or(json_out, &out, || {
+                    println!("Rolled back {app} to {version}: new release v{v}; rolling out.")
+                });
+                return Ok(());
+            };
+            if !json_out {
+                println!("Rolled back {app} to {version}: new release v{v}; rolling out...");
+            }
+            let done =
+                super::commands::follow_rollout(&c, events, &app, v, *wait_timeout, json_out)
+                    .await?;
+            print_json_or(json_out, &done, || println!("v{v} of {app} is serving."));
             Ok(())
         }
         Command::Domains(cmd) => domains(&api()?, json_out, cmd).await,

@@ -195,16 +195,25 @@ pub enum Command {
         /// The app, e.g. shop.
         app: String,
     },
-    /// Make a new release with the image and config of an earlier one.
-    #[command(after_help = "Example:\n  escale rollback shop v3")]
+    /// Make a new release with the image and config of an earlier one, and follow its rollout
+    /// as `deploy` does (exit 1 when it fails).
+    #[command(
+        after_help = "Examples:\n  escale rollback shop v3\n  escale rollback shop v3 --detach   # return once the release exists"
+    )]
     Rollback {
         /// The app, e.g. shop.
         app: String,
-        /// e.g. v3
+        /// The release to go back to, e.g. v3.
         // Not the id `version`: that is the `--version` flag's, and clap panics at parse time
         // on the clash.
         #[arg(id = "release", value_name = "VERSION")]
         version: String,
+        /// Return once the release is created, without following the rollout.
+        #[arg(long, alias = "no-wait")]
+        detach: bool,
+        /// Give up following after this long (the rollout itself has the server's deploy timeout).
+        #[arg(long, default_value = "15m")]
+        wait_timeout: humantime::Duration,
     },
     /// Custom domains of an app.
     #[command(
@@ -710,7 +719,7 @@ mod tests {
     fn rollback_parses_its_version() {
         let cli = Cli::try_parse_from(["escale", "rollback", "shop", "v3"]).expect("parses");
         match cli.command {
-            Command::Rollback { app, version } => {
+            Command::Rollback { app, version, .. } => {
                 assert_eq!((app.as_str(), version.as_str()), ("shop", "v3"))
             }
             other => panic!("{other:?}"),
