@@ -55,7 +55,9 @@ fn same_server(a: &str, b: &str) -> bool {
 }
 
 async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), CliError> {
-    let json_out = cli.json;
+    // `escale config APP --json` reaches us as the external subcommand's argument.
+    let json_out = cli.json
+        || matches!(&cli.command, Command::Config(ConfigCommand::App(a)) if a.iter().any(|x| x == "--json"));
     let api = || Client::new(&url, token.clone());
     match cli.command {
         Command::Serve { config } => serve(config).await,
@@ -729,9 +731,14 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
 async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), CliError> {
     let cmd = match cmd {
         // `escale config shop` (the Heroku habit): `escale config get shop`.
-        ConfigCommand::App(args) => match args.as_slice() {
+        ConfigCommand::App(args) => match args
+            .iter()
+            .filter(|a| *a != "--json")
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
             [app] => ConfigCommand::Get {
-                app: app.clone(),
+                app: app.to_string(),
                 key: None,
                 reveal: false,
             },

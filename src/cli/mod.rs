@@ -652,7 +652,9 @@ pub enum TeamsCommand {
 /// Parses arguments, runs the command and exits with its code.
 pub fn main() -> ! {
     let cli = Cli::parse();
-    let json = cli.json;
+    // A global flag after `escale config APP` is that external subcommand's argument.
+    let json = cli.json
+        || matches!(&cli.command, Command::Config(ConfigCommand::App(a)) if a.iter().any(|x| x == "--json"));
     if let Command::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "escale", &mut std::io::stdout());
         std::process::exit(0);

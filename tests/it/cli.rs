@@ -353,7 +353,7 @@ async fn a_user_walks_through_the_cli() {
             ],
         );
     admin
-        .run(&["resources", "shop", "web", "--memory", "64t"])
+        .run(&["resources", "shop", "web", "--memory", "999999g"])
         .fails(1, &["no node can run `web`", "MiB"]);
     let again = admin.run(&["processes", "list", "shop"]);
     assert!(
