@@ -638,14 +638,44 @@ pub async fn list_domains(
     ))
 }
 
+/// A domain added, and what happens next about its certificate.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DomainAdded {
+    #[serde(flatten)]
+    pub domain: Domain,
+    /// e.g. "a certificate will be requested from https://acme-v02.api.letsencrypt.org/directory
+    /// over http-01 (...)" or "no ACME configured: add a certificate with `escale certs add`".
+    pub next: String,
+}
+
+/// What happens after a domain is added, as the server's ACME settings say.
+fn certificate_next(config: &crate::config::Config, app: &str, domain: &str) -> String {
+    use crate::config::AcmeChallenge;
+    match &config.acme.directory_url {
+        Some(url) => {
+            let how = match config.acme.challenge {
+                AcmeChallenge::Http01 => "the CA fetches http://DOMAIN/.well-known/acme-challenge/... on port 80",
+                AcmeChallenge::TlsAlpn01 => "the CA connects to port 443 with TLS ALPN acme-tls/1",
+            };
+            format!(
+                "a certificate will be requested from {url} over {} ({how}): point {domain}'s DNS at this server; `escale certs list {app}` shows its state",
+                config.acme.challenge.as_str()
+            )
+        }
+        None => format!(
+            "no ACME configured: add a certificate with `escale certs add {app} {domain} --cert CERT.pem --key KEY.pem`"
+        ),
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path)), request_body = DomainRequest, responses((status = 201, body = Domain)))]
+    params(("app" = String, Path)), request_body = DomainRequest, responses((status = 201, body = DomainAdded)))]
 pub async fn add_domain(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
     Json(req): Json<DomainRequest>,
-) -> Result<(StatusCode, Json<Domain>), ApiError> {
+) -> Result<(StatusCode, Json<DomainAdded>), ApiError> {
     app_name(&app)?;
     let domain = validate::api_domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
@@ -660,7 +690,8 @@ pub async fn add_domain(
     })?;
     let d = s.registry.add_domain(&actor, &app, &domain).await?;
     s.certs.wake_acme();
-    Ok((StatusCode::CREATED, Json(d)))
+    let next = certificate_next(&s.config, &app, &domain);
+    Ok((StatusCode::CREATED, Json(DomainAdded { domain: d, next })))
 }
 
 #[utoipa::path(delete, path = "/api/v1/apps/{app}/domains/{domain}", tag = "apps", security(("token" = [])),
@@ -778,4 +809,26 @@ pub async fn list_all_events(
     Ok(Page::new(events, limit, "/api/v1/events", |e| {
         e.id.to_string()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adding_a_domain_says_which_ca_and_challenge_or_how_to_upload() {
+        let mut c = crate::config::Config::for_data_dir(std::path::Path::new("/tmp"));
+        let next = certificate_next(&c, "shop", "shop.example.eu");
+        assert!(
+            next.contains(crate::config::LETS_ENCRYPT) && next.contains("http-01"),
+            "the default CA: {next}"
+        );
+        c.acme.challenge = crate::config::AcmeChallenge::TlsAlpn01;
+        assert!(certificate_next(&c, "shop", "shop.example.eu").contains("tls-alpn-01"));
+        c.acme.directory_url = None;
+        assert_eq!(
+            certificate_next(&c, "shop", "shop.example.eu"),
+            "no ACME configured: add a certificate with `escale certs add shop shop.example.eu --cert CERT.pem --key KEY.pem`"
+        );
+    }
 }

@@ -1132,7 +1132,10 @@ async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), 
                 )
                 .await?;
             print_json_or(json_out, &out, || {
-                println!("Domain {} added to {app}.", s(&out["domain"]))
+                println!("Domain {} added to {app}.", s(&out["domain"]));
+                if let Some(next) = out["next"].as_str() {
+                    println!("Next: {next}.");
+                }
             });
         }
         DomainsCommand::Remove { app, domain } => {

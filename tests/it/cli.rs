@@ -1434,6 +1434,15 @@ async fn json_errors_config_shorthand_and_a_plain_server_log() {
     // Without --json, the message as before.
     admin.run(&["ps", "nosuch"]).fails(1, &["error: "]);
 
+    // `domains add` says what happens to the certificate (this server has no ACME).
+    let out = admin.run(&["domains", "add", "shop", "shop.example.eu"]);
+    assert!(
+        out.ok().contains(
+            "Next: no ACME configured: add a certificate with `escale certs add shop shop.example.eu"
+        ),
+        "{out:?}"
+    );
+
     // The server's log goes to a file here: no colour codes in it.
     let log = s.server_log();
     assert!(!log.is_empty(), "the server logged nothing");
