@@ -43,6 +43,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
 COPY config config
+# The systemd unit `escale install` writes is compiled in.
+COPY dist dist
 COPY web web
 COPY benches benches
 RUN cargo build --release --locked --bin escale && strip target/release/escale

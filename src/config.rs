@@ -59,6 +59,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub git: RawGit,
     #[serde(default)]
+    pub backup: RawBackup,
+    #[serde(default)]
     pub upkeep: RawUpkeep,
 }
 
@@ -87,6 +89,33 @@ pub struct UpkeepConfig {
     pub disk_warn_percent: u8,
     /// Builds are refused on a node whose engine disk is this full (percent).
     pub disk_refuse_builds_percent: u8,
+}
+
+/// `[backup]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackup {
+    pub interval: Option<String>,
+    pub keep: Option<u32>,
+    pub dir: Option<String>,
+}
+
+/// `[backup]`, validated.
+#[derive(Debug, Clone)]
+pub struct BackupSettings {
+    /// Time between scheduled backups; `None`: no scheduled backups.
+    pub interval: Option<Duration>,
+    /// Backups kept in `dir` (older ones of this installation are removed after each backup).
+    pub keep: u32,
+    /// Where the server writes backups (`None`: `data_dir/backups`).
+    pub dir: Option<PathBuf>,
+}
+
+impl BackupSettings {
+    /// The directory backups go to.
+    pub fn dir_for(&self, data_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| data_dir.join("backups"))
+    }
 }
 
 /// `[git]` as written.
@@ -214,6 +243,7 @@ pub struct Config {
     pub acme: AcmeConfig,
     pub webhooks: WebhooksConfig,
     pub git: GitSettings,
+    pub backup: BackupSettings,
     pub upkeep: UpkeepConfig,
 }
 
@@ -390,6 +420,9 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("git.deploy_branch", "ESCALE_GIT_DEPLOY_BRANCH"),
     ("git.dockerfile", "ESCALE_GIT_DOCKERFILE"),
     ("git.max_context_size", "ESCALE_GIT_MAX_CONTEXT_SIZE"),
+    ("backup.interval", "ESCALE_BACKUP_INTERVAL"),
+    ("backup.keep", "ESCALE_BACKUP_KEEP"),
+    ("backup.dir", "ESCALE_BACKUP_DIR"),
     ("upkeep.usage_interval", "ESCALE_UPKEEP_USAGE_INTERVAL"),
     ("upkeep.disk_interval", "ESCALE_UPKEEP_DISK_INTERVAL"),
     ("upkeep.prune_interval", "ESCALE_UPKEEP_PRUNE_INTERVAL"),
@@ -530,7 +563,37 @@ impl Config {
                 }
             },
         };
+        let backup = BackupSettings {
+            interval: match s
+                .get("backup.interval", raw.backup.interval.clone())
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("off") | Some("") => None,
+                Some(v) => {
+                    let d = humantime::parse_duration(v).map_err(|e| {
+                        invalid(
+                            "backup.interval",
+                            format!("`{v}`: {e}; write a duration such as `24h`, or `off`"),
+                        )
+                    })?;
+                    if d < Duration::from_secs(60) {
+                        return Err(invalid(
+                            "backup.interval",
+                            format!("`{v}`: back up at most once a minute"),
+                        ));
+                    }
+                    Some(d)
+                }
+            },
+            keep: s.parse_num("backup.keep", raw.backup.keep, 7u32)?,
+            dir: s
+                .get("backup.dir", raw.backup.dir.clone())
+                .filter(|d| !d.trim().is_empty())
+                .map(PathBuf::from),
+        };
         let config = Config {
+            backup,
             data_dir: PathBuf::from(
                 s.get("data_dir", raw.data_dir.clone())
                     .unwrap_or_else(|| "./data".into()),

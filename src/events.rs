@@ -4,7 +4,7 @@
 //!
 //! Consumers subscribe and filter: the reconciler wakes on registry changes, `escale deploy`
 //! and `git push` follow a rollout, `escale logs -f` picks up instances started after it
-//! began, `escale events -f` (and next the dashboard) shows them live. The bus is in memory
+//! began, `escale events -f` and the dashboard show them live. The bus is in memory
 //! and lossy for slow readers (a [`tokio::sync::broadcast`] channel): a reader that falls
 //! behind learns it ([`Subscription::recv`] answers [`Missed`]) and re-reads the state it
 //! follows. What must survive a restart is in the registry's audit log, written in the same

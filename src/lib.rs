@@ -6,15 +6,19 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod certs;
 pub mod cleanup;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod events;
 pub mod git;
+pub mod handover;
 pub mod http;
 pub mod images;
+pub mod install;
 pub mod listen;
 pub mod manifest;
 pub mod model;
@@ -29,6 +33,7 @@ pub mod server;
 pub mod service;
 pub mod tls;
 pub mod validate;
+pub mod web;
 pub mod webhooks;
 
 #[cfg(test)]

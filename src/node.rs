@@ -271,6 +271,17 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// What `escale doctor` checks of an engine besides its version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EngineFacts {
+    /// The storage driver (`overlay2`, `vfs`, ...).
+    pub storage_driver: String,
+    /// Where the engine keeps images and containers, on its own host.
+    pub root_dir: String,
+    /// The engine host's clock (RFC 3339), when it says.
+    pub system_time: Option<String>,
+}
+
 /// One reading of a container's counters ([`Node::instance_stats`]); a rate needs two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatsSample {
@@ -320,6 +331,8 @@ pub struct Filesystem {
     pub total_bytes: u64,
     /// Free for unprivileged writers (what the engine's writes can use).
     pub available_bytes: u64,
+    /// Free in all, blocks reserved for root included.
+    pub free_bytes: u64,
 }
 
 impl Filesystem {
@@ -331,12 +344,14 @@ impl Filesystem {
             path: path.display().to_string(),
             total_bytes: st.blocks() as u64 * frsize,
             available_bytes: st.blocks_available() as u64 * frsize,
+            free_bytes: st.blocks_free() as u64 * frsize,
         })
     }
 
-    /// Percent used, as `df` counts it (used over used + available, rounded up).
+    /// Percent used, as `df` counts it: used (total - free) over used + available, rounded
+    /// up; blocks reserved for root count neither as used nor as available.
     pub fn used_percent(&self) -> u8 {
-        let used = self.total_bytes.saturating_sub(self.available_bytes);
+        let used = self.total_bytes.saturating_sub(self.free_bytes);
         let usable = used + self.available_bytes;
         if usable == 0 {
             return 0;
@@ -812,6 +827,20 @@ impl Node {
         Ok(EngineVersion {
             version: v.version.unwrap_or_default(),
             api_version: v.api_version.unwrap_or_default(),
+        })
+    }
+
+    /// Storage driver, root dir and clock of the engine (for `escale doctor`).
+    pub async fn facts(&self) -> Result<EngineFacts> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(self.engine_err("reading the engine's info"))?;
+        Ok(EngineFacts {
+            storage_driver: info.driver.unwrap_or_default(),
+            root_dir: info.docker_root_dir.unwrap_or_default(),
+            system_time: info.system_time,
         })
     }
 

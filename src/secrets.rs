@@ -33,6 +33,8 @@ pub enum SecretsError {
 #[derive(Clone)]
 pub struct MasterKey {
     cipher: Aes256Gcm,
+    /// The key itself, for deriving the backup keys and for `escale backup export-key`.
+    raw: [u8; 32],
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -71,6 +73,47 @@ impl MasterKey {
         }
     }
 
+    /// The key as written in `master.key` (64 hex digits): only for `escale backup export-key`.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.raw)
+    }
+
+    /// Reads the key without ever creating one: `ESCALE_MASTER_KEY` when given, else
+    /// `data_dir/master.key` (for commands that must not invent a key, such as exporting it).
+    pub fn load_existing(
+        data_dir: &Path,
+        from_env: Option<&str>,
+    ) -> Result<MasterKey, SecretsError> {
+        if let Some(hex_key) = from_env {
+            return MasterKey::from_hex(hex_key, "in ESCALE_MASTER_KEY");
+        }
+        let path = data_dir.join("master.key");
+        let text = std::fs::read_to_string(&path).map_err(|source| SecretsError::KeyFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        MasterKey::from_hex(text.trim(), &format!("in {}", path.display()))
+    }
+
+    /// Parses a key given as 64 hex digits; `origin` says where it came from, for the error.
+    pub fn parse(text: &str, origin: &str) -> Result<MasterKey, SecretsError> {
+        MasterKey::from_hex(text.trim(), origin)
+    }
+
+    /// A 32-byte key for `purpose`, derived from the master key with HKDF-SHA256 (RFC 5869)
+    /// and `salt`: each backup has its own salt, so its own key.
+    pub fn derive(&self, purpose: &str, salt: &[u8]) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        type H = Hmac<sha2::Sha256>;
+        let mut extract = <H as Mac>::new_from_slice(salt).expect("HMAC takes any key length");
+        extract.update(&self.raw);
+        let prk = extract.finalize().into_bytes();
+        let mut expand = <H as Mac>::new_from_slice(&prk).expect("HMAC takes any key length");
+        expand.update(purpose.as_bytes());
+        expand.update(&[1]);
+        expand.finalize().into_bytes().into()
+    }
+
     fn from_hex(text: &str, origin: &str) -> Result<MasterKey, SecretsError> {
         let bytes = hex::decode(text)
             .ok()
@@ -82,8 +125,11 @@ impl MasterKey {
     }
 
     fn from_bytes(key: &[u8]) -> MasterKey {
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(key);
         MasterKey {
             cipher: Aes256Gcm::new_from_slice(key).expect("32-byte key"),
+            raw,
         }
     }
 

@@ -47,6 +47,8 @@ pub enum ServerError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] crate::handover::HandoverError),
 }
 
 /// How long API connections may take to finish after a shutdown signal before they are cut.
@@ -135,6 +137,54 @@ pub async fn bind_api(config: &Config) -> Result<TcpListener, ServerError> {
         })
 }
 
+/// `escale serve`: takes the listening sockets over from an escale already serving on the
+/// same data dir (see [`crate::handover`]) or binds them, then runs until `shutdown` (or
+/// until a newer escale takes over from this one).
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    create_data_dir(&config.data_dir)?;
+    let data_dir = config.data_dir.clone();
+    let taken = tokio::task::spawn_blocking(move || {
+        let Some(mut taker) = crate::handover::connect(&data_dir)? else {
+            return Ok(None);
+        };
+        let sockets = taker.listeners()?;
+        Ok::<_, crate::handover::HandoverError>(Some((taker, sockets)))
+    })
+    .await
+    .map_err(|e| ServerError::Io(std::io::Error::other(e)))??;
+    let (taker, sockets) = match taken {
+        Some((t, s)) => {
+            tracing::info!("an escale already serves this data dir: taking its sockets over");
+            (Some(t), s)
+        }
+        None => (None, crate::handover::Sockets::default()),
+    };
+    let api = match crate::handover::matching(sockets.api, config.api_addr) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)?
+        }
+        None => bind_api(&config).await?,
+    };
+    let inherited = Inherited {
+        http: sockets.http,
+        https: sockets.https,
+        taker,
+    };
+    run_with(config, api, inherited, shutdown).await
+}
+
+/// What a server taking over got from the one it replaces.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub http: Option<std::net::TcpListener>,
+    pub https: Option<std::net::TcpListener>,
+    pub taker: Option<crate::handover::Taker>,
+}
+
 /// Runs escale on an already-bound API listener until `shutdown` resolves, then stops
 /// accepting, lets requests in flight finish, and returns.
 pub async fn run(
@@ -142,6 +192,39 @@ pub async fn run(
     api_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with(config, api_listener, Inherited::default(), shutdown).await
+}
+
+/// How long a server taking over waits for its routing table to be warm before it accepts.
+const WARM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Binds `addr`, or uses the inherited listener when it listens there.
+async fn listener_for(
+    inherited: Option<std::net::TcpListener>,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<std::net::TcpListener, ServerError> {
+    if let Some(l) = crate::handover::matching(inherited, addr) {
+        return Ok(l);
+    }
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })?;
+    Ok(l.into_std()?)
+}
+
+/// [`run`], with what a server taking over inherited.
+pub async fn run_with(
+    config: Config,
+    api_listener: TcpListener,
+    inherited: Inherited,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let Inherited {
+        http: inherited_http,
+        https: inherited_https,
+        taker,
+    } = inherited;
     // Descriptors: the limit raised as far as allowed, then split so that the proxy, however
     // loaded, leaves enough for the API, the registry and the engines.
     let nofile = crate::listen::raise_nofile_limit();
@@ -194,6 +277,7 @@ pub async fn run(
     let mut state = AppState::new(registry.clone(), config.clone());
     let routes = crate::routing::shared();
     let metrics = state.metrics.clone();
+    let rates = state.rates.clone();
     let cert_manager = state.certs.clone();
     let loaded = cert_manager.load().await?;
     tracing::info!(certificates = loaded, "certificates loaded");
@@ -212,20 +296,49 @@ pub async fn run(
     let cleanup_state = state.services.clone();
     let app = api::router(state);
 
-    // One shutdown signal, fanned out to every part.
+    // Two shutdown signals: the background work (reconciler, ACME, nodes, backups, cleanup)
+    // stops first, alone when a newer escale takes over; then the serving (proxy, API).
+    let (bg_tx, bg_rx) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx_proxy = stop_rx.clone();
     let stopped = move || {
+        let mut rx = bg_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let serving_stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    // Taking over: the old server's reconciler stops before this one starts.
+    let taker = match taker {
+        Some(mut t) => {
+            let t = tokio::task::spawn_blocking(move || t.stop_background().map(|()| t))
+                .await
+                .map_err(|e| ServerError::Io(std::io::Error::other(e)))??;
+            tracing::info!("handover: the old escale's reconciler stopped");
+            Some(t)
+        }
+        None => None,
+    };
     let sched_task = tokio::spawn(scheduler.clone().run(stopped()));
+    // The dashboard's request and error rates: the proxy's counters sampled every 30 s.
+    let rates_task = tokio::spawn(rates.run(metrics.clone(), stopped()));
     // Registered nodes join the pool when they answer (and leave it when removed).
     let join_task = tokio::spawn(crate::service::nodes::join(
         registry.clone(),
         scheduler.clone(),
+        stopped(),
+    ));
+    // Scheduled backups (`[backup] interval`), counted in /metrics.
+    let backup_task = tokio::spawn(crate::backup::run_schedule(
+        registry.clone(),
+        config.data_dir.clone(),
+        config.backup.clone(),
+        cleanup_state.backups.clone(),
         stopped(),
     ));
     // What the nodes use, and pruning what escale owns there.
@@ -234,7 +347,7 @@ pub async fn run(
         stopped(),
     ));
     // What destroyed apps left outside the registry (repositories, built images).
-    tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
+    let cleanup_task = tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
         && config.acme.challenge == crate::config::AcmeChallenge::Http01
         && config.http_addr.is_none()
@@ -262,29 +375,30 @@ pub async fn run(
     proxy_config.connection_limits = Some(proxy_limits);
     metrics.watch_listener(api_limits.clone());
     let mut listeners = crate::proxy::Listeners::default();
+    if taker.is_some() {
+        let warm = scheduler.wait_warm(WARM_TIMEOUT).await;
+        tracing::info!(warm, "handover: routing table ready, accepting");
+    }
+    // Kept to hand the sockets to a newer escale (see `crate::handover`).
+    let mut handover_sockets: Vec<(&'static str, std::net::TcpListener)> = Vec::new();
+    {
+        use std::os::fd::AsFd;
+        let fd = api_listener.as_fd().try_clone_to_owned()?;
+        handover_sockets.push(("api", std::net::TcpListener::from(fd)));
+    }
     if let Some(addr) = config.http_addr {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                what: "http_addr",
-                addr,
-                source,
-            })?;
+        let l = listener_for(inherited_http, addr, "http_addr").await?;
         println!("escale: proxy listening on http://{}", l.local_addr()?);
-        listeners.http = Some(l.into_std()?);
+        handover_sockets.push(("http", l.try_clone()?));
+        listeners.http = Some(l);
     }
     if let Some(addr) = config.https_addr {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                what: "https_addr",
-                addr,
-                source,
-            })?;
+        let l = listener_for(inherited_https, addr, "https_addr").await?;
         println!("escale: proxy listening on https://{}", l.local_addr()?);
+        handover_sockets.push(("https", l.try_clone()?));
         // The store, plus TLS-ALPN-01 validation certificates for `acme-tls/1` clients.
         let certs: Arc<dyn rustls::server::ResolvesServerCert> = cert_manager.resolver();
-        listeners.https = Some((l.into_std()?, certs));
+        listeners.https = Some((l, certs));
     }
     let proxy_workers = crate::proxy::spawn_workers(
         config.proxy.workers,
@@ -305,15 +419,77 @@ pub async fn run(
             header_read_timeout: config.proxy.header_read_timeout,
             connections: api_limits,
         },
-        stopped(),
+        serving_stopped(),
     ));
-    shutdown.await;
+    // The handover socket: a newer escale on this data dir takes over from this one.
+    let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel(4);
+    let handover_task = tokio::spawn(crate::handover::serve(
+        config.data_dir.clone(),
+        handover_sockets,
+        handover_tx,
+        serving_stopped(),
+    ));
+    let took_over = taker.is_some();
+    if let Some(t) = taker {
+        match tokio::task::spawn_blocking(move || t.drain()).await {
+            Ok(Ok(())) => tracing::info!("handover: the old escale is draining; this one serves"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "handover: the old escale did not confirm its drain")
+            }
+            Err(e) => tracing::warn!(error = %e, "handover task failed"),
+        }
+    }
+    // Under systemd (`Type=notify`): serving; after a takeover, this is the main process now.
+    crate::handover::sd_notify(&if took_over {
+        format!("MAINPID={}\nREADY=1", std::process::id())
+    } else {
+        "READY=1".to_string()
+    });
+    let mut background = Some((
+        sched_task,
+        acme_task,
+        join_task,
+        backup_task,
+        cleanup_task,
+        upkeep_task,
+    ));
+    let stop_background = |bg: &mut Option<_>| {
+        let _ = bg_tx.send(true);
+        bg.take()
+    };
+    tokio::pin!(shutdown);
+    // A newer escale took over: it is systemd's main process now, so no STOPPING=1 from here.
+    let mut handed_over = false;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            r = handover_rx.recv() => match r {
+                Some(crate::handover::Request::StopBackground(done)) => {
+                    tracing::info!("a newer escale takes over: stopping the reconciler and background tasks");
+                    if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
+                        let _ = tokio::join!(a, b, c, d, e, f);
+                    }
+                    let _ = done.send(());
+                }
+                Some(crate::handover::Request::Drain) => {
+                    tracing::info!("a newer escale serves: draining and stopping");
+                    handed_over = true;
+                    break;
+                }
+                None => std::future::pending::<()>().await,
+            },
+        }
+    }
+    if !handed_over {
+        crate::handover::sd_notify("STOPPING=1");
+    }
+    if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
+        let _ = tokio::join!(a, b, c, d, e, f);
+    }
     let _ = stop_tx.send(true);
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
-    let _ = sched_task.await;
-    let _ = acme_task.await;
-    let _ = join_task.await;
-    let _ = upkeep_task.await;
+    let _ = rates_task.await;
+    let _ = handover_task.await;
     if let Err(e) = proxy_workers.join().await {
         tracing::error!(error = %e, "proxy stopped with an error");
     }

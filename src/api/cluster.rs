@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -102,116 +102,22 @@ pub async fn logs(
             "tail {tail} is out of range: use 0 to 10000"
         )));
     }
-    // Subscribed before the view is read: an instance started after it is an event here.
-    let events = q.follow.then(|| s.registry.bus().subscribe());
-    let view = view(&s);
-    let mut lines = stream::SelectAll::new();
-    let mut following = std::collections::HashSet::new();
-    for i in view
-        .instances
-        .iter()
-        .filter(|i| i.app == app && !i.container_id.is_empty())
-    {
-        if q.process.as_deref().is_some_and(|p| p != i.process) {
-            continue;
-        }
-        let tag = format!("{}.{}[v{}]", i.process, i.slot, i.release);
-        if let Some(l) = instance_lines(&s, &i.node, &i.container_id, tag, q.follow, Some(tail)) {
-            following.insert(i.instance.clone());
-            lines.push(l);
-        }
-    }
-    let Some(events) = events else {
-        return Ok(text_stream(Body::from_stream(lines)));
-    };
-    // Following: instances that start from now on join the stream, from their first line.
-    let follow = Follow {
-        s,
-        app,
-        process: q.process,
-        events,
-        lines,
-        following,
-    };
-    let body = stream::unfold(follow, |mut f| async move {
-        f.next()
-            .await
-            .map(|chunk| (Ok::<_, std::io::Error>(chunk), f))
-    });
-    Ok(text_stream(Body::from_stream(body)))
-}
-
-type Lines = futures_util::stream::BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
-
-/// The lines of one container, each prefixed with its time and `tag`; `None` when its node
-/// is not known here.
-fn instance_lines(
-    s: &AppState,
-    node: &str,
-    container_id: &str,
-    tag: String,
-    follow: bool,
-    tail: Option<usize>,
-) -> Option<Lines> {
-    let node = s.scheduler.as_ref()?.engine(node)?;
-    Some(
-        node.logs(container_id, follow, tail)
-            .filter_map(move |l| {
-                let tag = tag.clone();
-                async move {
-                    l.ok().map(|l| {
-                        Ok::<_, std::io::Error>(bytes::Bytes::from(format!(
-                            "{} {tag} {}\n",
-                            l.time,
-                            l.text.trim_end_matches('\n')
-                        )))
-                    })
-                }
-            })
-            .boxed(),
+    let lines = crate::service::logs::app_logs(
+        &s.services,
+        &app,
+        crate::service::logs::LogRequest {
+            process: q.process,
+            follow: q.follow,
+            tail: Some(tail),
+        },
     )
-}
-
-/// `logs -f`: the lines of the instances followed so far, and the bus, which says when
-/// another instance of the app starts.
-struct Follow {
-    s: AppState,
-    app: String,
-    process: Option<String>,
-    events: crate::events::Subscription,
-    lines: stream::SelectAll<Lines>,
-    following: std::collections::HashSet<String>,
-}
-
-impl Follow {
-    async fn next(&mut self) -> Option<bytes::Bytes> {
-        loop {
-            tokio::select! {
-                Some(line) = self.lines.next(), if !self.lines.is_empty() => {
-                    match line {
-                        Ok(l) => return Some(l),
-                        Err(_) => continue,
-                    }
-                }
-                e = self.events.recv() => {
-                    let Ok(e) = e else { continue };
-                    let crate::events::Event::InstanceStarted { instance: i } = &e.event else {
-                        continue;
-                    };
-                    if i.app != self.app
-                        || self.process.as_deref().is_some_and(|p| p != i.process)
-                        || !self.following.insert(i.instance.clone())
-                    {
-                        continue;
-                    }
-                    let tag = format!("{}.{}[v{}]", i.process, i.slot, i.release);
-                    if let Some(l) = instance_lines(&self.s, &i.node, &i.container_id, tag, true, None) {
-                        self.lines.push(l);
-                    }
-                }
-            }
-        }
-    }
+    .map(|l| {
+        Ok::<_, std::io::Error>(bytes::Bytes::from(format!(
+            "{} {} {}\n",
+            l.time, l.tag, l.text
+        )))
+    });
+    Ok(text_stream(Body::from_stream(lines)))
 }
 
 fn text_stream(body: Body) -> Response {

@@ -77,6 +77,10 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("uncordon_node", &[403, 409]),
     ("drain_node", &[403, 409]),
     ("remove_node", &[403, 409]),
+    // A backup is being taken (409).
+    ("create_backup", &[403, 409]),
+    ("list_backups", &[403]),
+    ("download_backup", &[403]),
 ];
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];

@@ -8,6 +8,7 @@
 
 mod accounts;
 mod apps;
+mod backups;
 mod certs;
 mod cluster;
 mod doc;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<crate::proxy::ProxyMetrics>,
     /// Certificates: registry rows and the proxy's certificate store.
     pub certs: Arc<crate::certs::CertManager>,
+    /// The dashboard's request and error rates per app (`escale serve` samples them).
+    pub rates: Arc<crate::web::rates::Rates>,
 }
 
 impl std::ops::Deref for AppState {
@@ -74,6 +77,7 @@ impl AppState {
             hashing: Arc::new(Hashing::per_core()),
             certs,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),
+            rates: Arc::new(crate::web::rates::Rates::new()),
         }
     }
 }
@@ -149,6 +153,8 @@ fn v1() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(nodes::cordon_node))
         .routes(routes!(nodes::uncordon_node))
         .routes(routes!(nodes::drain_node))
+        .routes(routes!(backups::list_backups, backups::create_backup))
+        .routes(routes!(backups::download_backup))
         .routes(routes!(apps::list_all_events))
         .routes(routes!(stream::stream_events))
         .split_for_parts()
@@ -188,6 +194,16 @@ fn openapi_text(config: &Config) -> Arc<str> {
 pub fn router(state: AppState) -> Router {
     let (v1, _) = v1();
     let services = state.services.clone();
+    // The dashboard at `/` (see `crate::web`), on the same services, limiter and hashing bound.
+    let web = crate::web::router(crate::web::WebState {
+        services: state.services.clone(),
+        limiter: state.limiter.clone(),
+        hashing: state.hashing.clone(),
+        metrics: state.metrics.clone(),
+        certs: state.certs.clone(),
+        rates: state.rates.clone(),
+        session_ttl: crate::web::SESSION_TTL,
+    });
     Router::new()
         .merge(v1)
         .route("/metrics", axum::routing::get(metrics))
@@ -196,13 +212,24 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::git::router().with_state(services.clone()))
         // Push webhooks under `/hooks/` (see `crate::webhooks`); signed, no token.
         .merge(crate::webhooks::router().with_state(services))
+        .merge(web)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(1 << 20))
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
+/// An unknown path: a problem+json under the machine prefixes, the dashboard's 404 page
+/// elsewhere.
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    let p = uri.path();
+    let machine = ["/api/", "/git/", "/hooks/", "/metrics"]
+        .iter()
+        .any(|m| p.starts_with(m) || p == m.trim_end_matches('/'));
+    if machine {
+        ApiError::NotFound("no such API route; see /api/v1/openapi.json".into()).into_response()
+    } else {
+        crate::web::not_found_page()
+    }
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -219,6 +246,7 @@ async fn metrics(
     actor.require_admin("reading /metrics (every team's apps)")?;
     let mut out = String::with_capacity(4096);
     s.metrics.render_prometheus(&mut out);
+    s.services.backups.render(&mut out);
     if let Some(sched) = &s.scheduler {
         use std::sync::atomic::Ordering::Relaxed;
         let view = sched.view.load();
@@ -288,15 +316,10 @@ async fn metrics(
                 u.cpus
             ));
         }
-        out.push_str("# HELP escale_node_disk_used_ratio Used fraction of the filesystem of a node's engine data root (engines on this host).\n# TYPE escale_node_disk_used_ratio gauge\n");
+        out.push_str("# HELP escale_node_disk_used_ratio Used fraction of the filesystem of a node's engine data root, as df counts it (engines on this host).\n# TYPE escale_node_disk_used_ratio gauge\n");
         for (node, u) in &usage.nodes {
             if let Some(fs) = u.disk.as_ref().and_then(|d| d.filesystem.as_ref()) {
-                let used = fs.total_bytes.saturating_sub(fs.available_bytes);
-                let ratio = if fs.total_bytes == 0 {
-                    0.0
-                } else {
-                    used as f64 / fs.total_bytes as f64
-                };
+                let ratio = f64::from(fs.used_percent) / 100.0;
                 out.push_str(&format!(
                     "escale_node_disk_used_ratio{{node=\"{node}\"}} {ratio:.4}\n"
                 ));

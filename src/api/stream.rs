@@ -1,8 +1,7 @@
 //! `GET /api/v1/events/stream`: the event bus as Server-Sent Events, for `escale deploy`
-//! and `escale events -f` (and next the dashboard). A member sees the events of its team's
+//! and `escale events -f` (the dashboard has its own, on the same filter: `crate::service::stream`). A member sees the events of its team's
 //! apps only; installation-wide events (nodes, certificates) are an admin's.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -15,8 +14,8 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState, Auth, Query};
-use crate::events::{Envelope, Event, Subscription};
-use crate::registry::{Actor, Registry};
+use crate::events::Envelope;
+use crate::service::stream::{Next, TeamEvents};
 
 /// How often a quiet stream says it is alive (a comment line), so that idle-closing
 /// middleboxes and the proxy's own idle timeout keep it open.
@@ -47,13 +46,8 @@ pub async fn stream_events(
     }
     // Subscribed before the answer starts: a client that has the headers sees every event
     // published from then on.
-    let sub = s.registry.bus().subscribe();
     let reader = Reader {
-        sub,
-        registry: s.registry.clone(),
-        actor,
-        app: q.app,
-        visible: HashMap::new(),
+        events: TeamEvents::new(&s.registry, actor, q.app),
         started: false,
     };
     let body = stream::unfold(reader, |mut r| async move {
@@ -69,12 +63,7 @@ pub async fn stream_events(
 }
 
 struct Reader {
-    sub: Subscription,
-    registry: Registry,
-    actor: Actor,
-    app: Option<String>,
-    /// Apps of events seen so far, and whether the actor may see them.
-    visible: HashMap<String, bool>,
+    events: TeamEvents,
     started: bool,
 }
 
@@ -84,45 +73,11 @@ impl Reader {
             self.started = true;
             return Bytes::from_static(b": subscribed\n\n");
         }
-        loop {
-            let e = match tokio::time::timeout(KEEP_ALIVE, self.sub.recv()).await {
-                Err(_) => return Bytes::from_static(b": keep-alive\n\n"),
-                Ok(Err(missed)) => {
-                    return Bytes::from(format!(
-                        "event: missed\ndata: {{\"missed\":{}}}\n\n",
-                        missed.0
-                    ))
-                }
-                Ok(Ok(e)) => e,
-            };
-            if self.shows(&e.event).await {
-                return frame(&e);
-            }
+        match self.events.next(KEEP_ALIVE).await {
+            Next::Idle => Bytes::from_static(b": keep-alive\n\n"),
+            Next::Missed(n) => Bytes::from(format!("event: missed\ndata: {{\"missed\":{n}}}\n\n")),
+            Next::Event(e) => frame(&e),
         }
-    }
-
-    async fn shows(&mut self, e: &Event) -> bool {
-        let Some(app) = e.app() else {
-            return self.app.is_none() && self.actor.is_admin();
-        };
-        if self.app.as_deref().is_some_and(|a| a != app) {
-            return false;
-        }
-        if self.actor.is_admin() {
-            return true;
-        }
-        // An app created or destroyed since: ask again (names are reused across teams).
-        if let Event::Changed { action, .. } = e {
-            if action.starts_with("app.") {
-                self.visible.remove(app);
-            }
-        }
-        if let Some(v) = self.visible.get(app) {
-            return *v;
-        }
-        let v = self.registry.app(&self.actor, app).await.is_ok();
-        self.visible.insert(app.to_string(), v);
-        v
     }
 }
 

@@ -60,7 +60,8 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         || matches!(&cli.command, Command::Config(ConfigCommand::App(a)) if a.iter().any(|x| x == "--json"));
     let api = || Client::new(&url, token.clone());
     match cli.command {
-        Command::Serve { config } => serve(config).await,
+        Command::Serve { config, reload } if reload => serve_reload(config).await,
+        Command::Serve { config, .. } => serve(config).await,
         Command::Completions { .. } => unreachable!("handled before the runtime starts"),
         Command::Setup {
             setup_token,
@@ -358,6 +359,34 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         Command::Tokens(cmd) => tokens(&url, token.clone(), json_out, cmd).await,
         Command::Users(cmd) => users(&api()?, json_out, cmd).await,
         Command::Nodes(cmd) => nodes(&api()?, json_out, cmd).await,
+        Command::Backup(cmd) => super::backup::run(api, json_out, cmd).await,
+        Command::Doctor { config } => doctor(config, json_out).await,
+        Command::Install {
+            root,
+            binary,
+            no_start,
+        } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => std::env::current_exe()
+                    .map_err(|e| CliError::Local(format!("cannot find this binary: {e}")))?,
+            };
+            let done = crate::install::install(&crate::install::InstallOptions {
+                root,
+                binary,
+                start: !no_start,
+            })
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+            print_done(json_out, &done);
+            Ok(())
+        }
+        Command::Uninstall { root, purge } => {
+            let done = crate::install::uninstall(&crate::install::UninstallOptions { root, purge })
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            print_done(json_out, &done);
+            Ok(())
+        }
         Command::Teams(cmd) => {
             let c = api()?;
             match cmd {
@@ -446,12 +475,122 @@ async fn serve(config: Option<PathBuf>) -> Result<(), CliError> {
     let cfg = crate::config::Config::load(config.as_deref())
         .map_err(|e| CliError::Local(e.to_string()))?;
     crate::server::init_logging(cfg.log_format, &cfg.log_level);
-    let listener = crate::server::bind_api(&cfg)
-        .await
-        .map_err(|e| CliError::Local(e.to_string()))?;
-    crate::server::run(cfg, listener, crate::server::shutdown_signal())
+    crate::server::serve(cfg, crate::server::shutdown_signal())
         .await
         .map_err(|e| CliError::Local(e.to_string()))
+}
+
+fn print_done(json_out: bool, done: &crate::install::Done) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(done).unwrap_or_default());
+    } else {
+        for s in &done.steps {
+            println!("{s}");
+        }
+    }
+}
+
+async fn doctor(config: Option<PathBuf>, json_out: bool) -> Result<(), CliError> {
+    let cfg = crate::config::Config::load(config.as_deref())
+        .map_err(|e| CliError::Local(e.to_string()))?;
+    let report = crate::doctor::run(&cfg).await;
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Local(e.to_string()))?
+        );
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .checks
+            .iter()
+            .map(|c| {
+                vec![
+                    match c.status {
+                        crate::doctor::Status::Ok => "ok",
+                        crate::doctor::Status::Warn => "WARN",
+                        crate::doctor::Status::Fail => "FAIL",
+                    }
+                    .to_string(),
+                    c.check.clone(),
+                    c.detail.clone(),
+                ]
+            })
+            .collect();
+        table(&["STATUS", "CHECK", "DETAIL"], &rows);
+        let todo: Vec<&crate::doctor::Check> =
+            report.checks.iter().filter(|c| c.fix.is_some()).collect();
+        if !todo.is_empty() {
+            println!("\nTo fix:");
+            for c in todo {
+                println!("  {}: {}", c.check, c.fix.as_deref().unwrap_or_default());
+            }
+        }
+    }
+    let failed = report
+        .checks
+        .iter()
+        .filter(|c| c.status == crate::doctor::Status::Fail)
+        .map(|c| c.check.as_str())
+        .collect::<Vec<_>>();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "{} check(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )))
+    }
+}
+
+/// True while process `pid` runs (not gone, not a zombie waiting to be reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(|c| c != 'Z' && c != 'X'))
+        })
+        .unwrap_or(false)
+}
+
+/// `escale serve --reload`: a new server takes over from the running one (see
+/// `crate::handover`); returns once the old one ($MAINPID, when systemd says it) exited.
+async fn serve_reload(config: Option<PathBuf>) -> Result<(), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Local(format!("cannot find this binary: {e}")))?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("serve");
+    if let Some(c) = &config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.stdin(std::process::Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CliError::Local(format!("cannot start {}: {e}", exe.display())))?;
+    let old: Option<u32> = std::env::var("MAINPID").ok().and_then(|p| p.parse().ok());
+    let Some(old) = old else {
+        eprintln!("escale: a new server ({}) takes over", child.id());
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if !alive(old) {
+            eprintln!("escale: server {} took over from {old}", child.id());
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(CliError::Failed(format!(
+                "the new server exited ({status}) before taking over; {old} keeps serving"
+            )));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CliError::Failed(format!(
+                "server {old} has not handed over after 120 s; both run: see the journal"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Follows release `v` by its events (`events` was opened before the release was made) until

@@ -4,6 +4,7 @@
 //! Output is a human table by default and the API's JSON with `--json`. Exit codes: 0 success,
 //! 1 the operation failed, 2 usage error, 3 server unreachable, 4 not authenticated/allowed.
 
+mod backup;
 mod client;
 pub use client::next_link;
 mod commands;
@@ -71,6 +72,11 @@ pub enum Command {
         /// Config file (default: ./config/escale.toml, then /etc/escale/escale.toml).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// For systemd's ExecReload (`systemctl reload escale`): start a new `escale serve`
+        /// (this binary, same config) that takes the sockets over from the running one, and
+        /// return once the old one ($MAINPID) has drained and exited.
+        #[arg(long)]
+        reload: bool,
     },
     /// Bind the first admin with the one-time token printed by `escale serve`.
     #[command(
@@ -273,6 +279,54 @@ pub enum Command {
         after_help = "Examples:\n  escale nodes add n2 --address 10.0.0.2:2376 --label disk=ssd\n  escale nodes list\n  escale nodes drain n2\n  escale nodes remove n2"
     )]
     Nodes(NodesCommand),
+    /// Check this host: the Docker engine (reachable, version, storage driver, clock), the
+    /// ports, the apps domain's DNS, free disk on the data dir and the engine, the registry,
+    /// certificate expiries, the nodes. Says what to fix; exits 1 when something is wrong.
+    #[command(
+        after_help = "Examples:\n  escale doctor\n  escale doctor --config /etc/escale/escale.toml\n  escale doctor --json"
+    )]
+    Doctor {
+        /// Config file (default: ./config/escale.toml, then /etc/escale/escale.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Install escale under systemd on this host (Debian, Ubuntu): the binary in
+    /// /usr/local/bin, the config in /etc/escale, data in /var/lib/escale, the unit
+    /// escale.service enabled and started (logs: `journalctl -u escale`). Run as root.
+    #[command(
+        after_help = "Examples:\n  sudo escale install\n  escale install --root /tmp/escale-root   # a throwaway root: files only, nothing started"
+    )]
+    Install {
+        /// Install under this directory instead of / (nothing outside it is touched).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// The binary to install (default: this one).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Enable the unit for boot but do not start it now.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop and remove the escale.service unit. The config, the data and the running apps stay
+    /// unless --purge.
+    #[command(
+        after_help = "Examples:\n  sudo escale uninstall\n  sudo escale uninstall --purge   # also the config, the data dir, the apps' containers"
+    )]
+    Uninstall {
+        /// Uninstall from this directory instead of /.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Also remove /etc/escale, /var/lib/escale (registry, repositories, backups, master
+        /// key) and the installation's containers and networks.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Backups: take one now, list them, restore one, export the master key.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  escale backup create --to /mnt/offsite\n  escale backup list\n  escale backup export-key --out /root/escale-master.key\n  escale backup restore FILE --key-file /root/escale-master.key --data-dir /var/lib/escale"
+    )]
+    Backup(BackupCommand),
     /// Audit log: who changed what, when; with -f, then what happens live (instances
     /// started, healthy, replaced, crashed; rollouts; nodes).
     #[command(
@@ -555,6 +609,62 @@ pub enum UsersCommand {
     Remove {
         /// The user's name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take an online backup now (while escale serves and deploys): the registry,
+    /// certificates and ACME account, the CA and node certificates, the git repositories,
+    /// sealed with a key derived from the master key. Kept in the server's backup dir;
+    /// `--to DIR` also downloads it here.
+    #[command(after_help = "Examples:
+  escale backup create
+  escale backup create --to /mnt/offsite")]
+    Create {
+        /// Also download the backup into this directory (on the machine running the CLI).
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+    },
+    /// The backups in the server's backup dir, newest first.
+    List,
+    /// Restore a backup into a data dir, offline (no `escale serve` on it): refuses a
+    /// non-empty data dir unless --force. Then start `escale serve` on it.
+    #[command(after_help = "Examples:
+  escale backup restore escale-a1b2-20261201T031003123Z.backup --key-file master.key --data-dir /var/lib/escale
+  ESCALE_MASTER_KEY=$(cat key) escale backup restore FILE --config /etc/escale/escale.toml")]
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// Where to restore (default: the config's data_dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Config file whose data_dir to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// File holding the master key (from `escale backup export-key`); default:
+        /// ESCALE_MASTER_KEY.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Replace the registry, repositories and master key of a non-empty data dir.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the master key (or write it to a new 0600 file): a backup cannot be restored
+    /// without it. Keep it apart from the backups. Runs on the server's host.
+    #[command(after_help = "Examples:
+  escale backup export-key --out /root/escale-master.key
+  escale backup export-key --config /etc/escale/escale.toml")]
+    ExportKey {
+        /// Config file whose data_dir to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The data dir holding master.key (default: the config's data_dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Write the key to this new file (0600) instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 

@@ -167,6 +167,15 @@ impl From<crate::service::ServiceError> for ApiError {
             e @ S::NoScheduler => ApiError::Unavailable(e.to_string()),
             S::Conflict(m) => ApiError::Conflict(m),
             e @ S::Cluster(_) => ApiError::Internal(e.to_string()),
+            S::Backup(e) => {
+                use crate::backup::BackupError as B;
+                match e {
+                    e @ B::NotFound(_) => ApiError::NotFound(e.to_string()),
+                    e @ B::Busy => ApiError::Conflict(e.to_string()),
+                    B::Registry(e) => e.into(),
+                    e => ApiError::Internal(e.to_string()),
+                }
+            }
         }
     }
 }

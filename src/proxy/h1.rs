@@ -216,6 +216,18 @@ fn build(
     Some(request)
 }
 
+/// How long a connection between requests waits, once the server drains, for a request its
+/// client may already have sent.
+pub(crate) const DRAIN_LINGER: Duration = Duration::from_millis(500);
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves `io` until it closes or a request needs hyper. `stop` is the server's shutdown
 /// state: once draining, an idle connection closes and a busy one closes after its response;
 /// on force close, whatever is in flight is dropped.
@@ -243,6 +255,8 @@ pub(crate) async fn serve<T: Transport>(
     // (idle), or the first byte of a head.
     let mut since = Instant::now();
     let mut idle = false;
+    // Set once draining found the connection between requests.
+    let mut linger: Option<tokio::time::Instant> = None;
     let timer = tokio::time::sleep_until((since + config.header_read_timeout).into());
     tokio::pin!(timer);
     loop {
@@ -277,8 +291,13 @@ pub(crate) async fn serve<T: Transport>(
                     }
                     timer.as_mut().reset(deadline.into());
                 }
-                // Shutting down: a connection between requests closes now.
-                () = &mut draining, if empty => return Ended::Closed,
+                // Shutting down: a connection between requests lingers a moment for a
+                // request already on its way (answered with `Connection: close`), then
+                // closes: closing at once would fail a request the client sent meanwhile.
+                () = &mut draining, if empty && linger.is_none() => {
+                    linger = Some(tokio::time::Instant::now() + DRAIN_LINGER);
+                }
+                () = sleep_until_opt(linger), if empty && linger.is_some() => return Ended::Closed,
             }
         };
         let close = client_close || *stop.borrow() >= DRAINING;

@@ -22,6 +22,45 @@ const BUCKETS_US: [u64; 11] = [
     10_000_000,
 ];
 
+/// An app's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppTotals {
+    /// Responses sent.
+    pub requests: u64,
+    /// Responses with a 5xx status.
+    pub errors: u64,
+    /// Responses by status class, 1xx..5xx.
+    pub status: [u64; 5],
+    /// Total time to the response head, in microseconds.
+    pub sum_us: u64,
+    /// Responses per latency bucket (non-cumulative; bounds in [`BUCKET_BOUNDS_MS`]).
+    pub buckets: [u64; 11],
+}
+
+/// Upper bounds of the latency buckets, in milliseconds.
+pub const BUCKET_BOUNDS_MS: [f64; 11] = [
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+impl AppTotals {
+    /// The bucket bound under which `q` (0..1) of the responses' times fall, in ms; `None`
+    /// without responses, `f64::INFINITY` when above the last bound.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        if self.requests == 0 {
+            return None;
+        }
+        let want = (q * self.requests as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(BUCKET_BOUNDS_MS[i]);
+            }
+        }
+        Some(f64::INFINITY)
+    }
+}
+
 /// All proxy counters. Share one `Arc<ProxyMetrics>` between the proxy and the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -148,6 +187,31 @@ impl ProxyMetrics {
             .entry(app.to_owned())
             .or_default()
             .clone()
+    }
+
+    /// The apps counted so far.
+    pub fn app_names(&self) -> Vec<String> {
+        self.apps
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// What the proxy counted for `app` since it started (`None`: no request yet), for the
+    /// dashboard; reads atomics only.
+    pub fn app_totals(&self, app: &str) -> Option<AppTotals> {
+        let apps = self.apps.read().unwrap_or_else(PoisonError::into_inner);
+        let m = apps.get(app)?;
+        let status: [u64; 5] = std::array::from_fn(|i| m.status[i].load(Relaxed));
+        Some(AppTotals {
+            requests: m.count.load(Relaxed),
+            errors: status[4],
+            status,
+            sum_us: m.sum_us.load(Relaxed),
+            buckets: std::array::from_fn(|i| m.buckets[i].load(Relaxed)),
+        })
     }
 
     /// Counts an accepted client connection until the guard is dropped.
@@ -304,6 +368,22 @@ fn escape_label(v: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn quantiles_are_bucket_bounds() {
+        let m = ProxyMetrics::new();
+        let a = m.app("q");
+        for ms in [1u64, 2, 3, 4, 30, 30, 30, 30, 400, 20_000] {
+            a.record(200, Duration::from_millis(ms));
+        }
+        let t = m.app_totals("q").unwrap();
+        assert_eq!(t.quantile_ms(0.4), Some(5.0));
+        assert_eq!(t.quantile_ms(0.5), Some(50.0));
+        assert_eq!(t.quantile_ms(0.9), Some(500.0));
+        assert_eq!(t.quantile_ms(0.99), Some(f64::INFINITY));
+        assert_eq!(m.app_totals("none"), None);
+        assert_eq!(m.app_names(), vec!["q".to_string()]);
+    }
     use super::*;
 
     #[test]

@@ -103,7 +103,7 @@ pub struct NewToken<'a> {
 }
 
 #[derive(sqlx::FromRow)]
-struct ActorRow {
+pub(super) struct ActorRow {
     id: i64,
     name: String,
     role: String,

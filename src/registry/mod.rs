@@ -17,6 +17,7 @@ mod cluster;
 mod deploys;
 mod nodes;
 mod releases;
+mod sessions;
 mod webhooks;
 
 use std::path::Path;
@@ -54,6 +55,13 @@ pub enum RegistryError {
     Forbidden(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database was migrated by a newer escale than this one.
+    #[error("the registry {path} has schema version {database}, newer than this escale knows (up to {known}): it was upgraded by a newer escale. Run that version (or newer), or restore a backup taken before the upgrade; escale never migrates backwards")]
+    TooNew {
+        path: String,
+        database: i64,
+        known: i64,
+    },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -121,6 +129,43 @@ impl Write {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The migrations this escale knows, in order (forward-only: none is ever edited or removed).
+pub fn migrations() -> &'static [sqlx::migrate::Migration] {
+    &MIGRATOR.migrations
+}
+
+/// The newest schema version this escale knows (the version of its last migration).
+pub fn schema_version() -> i64 {
+    MIGRATOR.migrations.last().map_or(0, |m| m.version)
+}
+
+/// Refuses a database migrated by a newer escale: an older binary would otherwise run on a
+/// schema it does not understand (or sqlx would fail with a bare "migration N was previously
+/// applied but is missing").
+async fn check_schema_not_newer(pool: &SqlitePool, path: &Path) -> Result<()> {
+    let exists: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if exists.is_none() {
+        return Ok(());
+    }
+    let newest: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+            .fetch_one(pool)
+            .await?;
+    let known = schema_version();
+    match newest {
+        Some(v) if v > known => Err(RegistryError::TooNew {
+            path: path.display().to_string(),
+            database: v,
+            known,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Milliseconds since the unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -167,6 +212,7 @@ impl Registry {
             .min_connections(1)
             .connect_with(opts)
             .await?;
+        check_schema_not_newer(&pool, path).await?;
         MIGRATOR.run(&pool).await?;
         let mut reg = Registry {
             pool,
@@ -220,6 +266,20 @@ impl Registry {
     /// The master key, for sealing values outside the registry (certificates).
     pub fn master_key(&self) -> &MasterKey {
         &self.key
+    }
+
+    /// Writes a consistent copy of the whole database to `dest` (which must not exist) with
+    /// `VACUUM INTO`: one read transaction, so writers go on and the copy is the state of one
+    /// instant, never a file copied under load.
+    pub async fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        let dest = dest.to_str().ok_or_else(|| {
+            RegistryError::Invalid(format!("{} is not a UTF-8 path", dest.display()))
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The raw pool, for read-only diagnostics (integrity checks in tests).
@@ -368,3 +428,6 @@ pub(crate) fn conflict_if_unique(
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
+
+#[cfg(test)]
+mod schema_tests;

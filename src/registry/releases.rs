@@ -607,3 +607,49 @@ mod tests {
         );
     }
 }
+
+/// An app's latest release, for the dashboard's overview.
+#[derive(Debug, Clone)]
+pub struct LatestRelease {
+    pub version: u32,
+    pub status: ReleaseStatus,
+    pub status_reason: Option<String>,
+    pub created_at: i64,
+    pub created_by: String,
+}
+
+impl Registry {
+    /// The latest release of every app the actor can see, by app name (one query).
+    pub async fn latest_releases(
+        &self,
+        actor: &Actor,
+    ) -> Result<std::collections::HashMap<String, LatestRelease>> {
+        let rows: Vec<(String, i64, String, Option<String>, i64, String)> = sqlx::query_as(
+            "SELECT a.name, r.version, r.status, r.status_reason, r.created_at, r.created_by
+             FROM apps a JOIN releases r ON r.app_id = a.id
+             WHERE (? OR a.team_id = ?)
+               AND r.version = (SELECT MAX(version) FROM releases WHERE app_id = a.id)",
+        )
+        .bind(actor.is_admin())
+        .bind(actor.team_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(app, version, status, status_reason, created_at, created_by)| {
+                    (
+                        app,
+                        LatestRelease {
+                            version: version as u32,
+                            status: ReleaseStatus::parse(&status),
+                            status_reason,
+                            created_at,
+                            created_by,
+                        },
+                    )
+                },
+            )
+            .collect())
+    }
+}

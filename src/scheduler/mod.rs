@@ -854,6 +854,30 @@ impl Scheduler {
         }
     }
 
+    /// Waits until a pass has run and no instance it saw is still waiting for its first
+    /// probe (so the routing table holds what is healthy), at most `timeout`; true when warm.
+    /// A server taking over from another waits for this before it accepts requests.
+    pub async fn wait_warm(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let passes = self.passes.load(std::sync::atomic::Ordering::SeqCst);
+            let starting = self
+                .view
+                .load()
+                .instances
+                .iter()
+                .any(|i| i.health == crate::events::HealthStatus::Starting);
+            if passes > 0 && !starting {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // Passes run on every health verdict change; this only looks at their outcome.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Runs passes until `shutdown`; also runs the health checker and follows engine events.
     /// Containers keep running when escale stops: they are the apps. Returns once every task
     /// the scheduler spawned has ended or been cancelled. A failed or panicking pass is

@@ -1,4 +1,4 @@
-//! The service layer: the one path every surface (the API, `git push`, push webhooks, next the
+//! The service layer: the one path every surface (the API, `git push`, push webhooks, the
 //! dashboard) takes to change an app's releases. A surface parses and authenticates; the
 //! service checks, serialises and writes.
 //!
@@ -16,9 +16,12 @@
 //!
 //! Depends on the registry, the scheduler and the event bus; never on a surface.
 
+mod backups;
 mod follow;
 mod locks;
+pub mod logs;
 pub mod nodes;
+pub mod stream;
 pub mod upkeep;
 
 use std::collections::BTreeMap;
@@ -55,6 +58,9 @@ pub enum ServiceError {
     /// The request conflicts with the current state; the message says what to do first.
     #[error("{0}")]
     Conflict(String),
+    /// A backup failed or was refused.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// The cluster's certificate authority failed (ours, not the caller's).
     #[error("cluster CA: {0}")]
     Cluster(String),
@@ -74,6 +80,8 @@ pub struct Services {
     pub scheduler: Option<Arc<Scheduler>>,
     /// One deploy at a time per app.
     pub locks: Arc<AppLocks>,
+    /// Backups: one at a time, and what `/metrics` says of them.
+    pub backups: Arc<crate::backup::BackupStatus>,
     /// What the nodes use, as the upkeep last measured it ([`upkeep::run`]).
     pub usage: Arc<upkeep::Usage>,
 }
@@ -116,6 +124,7 @@ impl Services {
             config,
             scheduler,
             locks: Arc::new(AppLocks::default()),
+            backups: Arc::new(crate::backup::BackupStatus::default()),
             usage: Arc::new(upkeep::Usage::default()),
         }
     }

@@ -8,8 +8,9 @@
 //!   memory leaves out the page cache the kernel reclaims first ([`memory_used`]);
 //! - every `disk_interval`, each node's disk: the images and containers escale owns there (per
 //!   node and per app) and, for an engine on this host, the free space of its data root; a
-//!   node crossing `disk_warn_percent` or `disk_refuse_builds_percent` (up, or back down) is
-//!   announced as a `node.disk` event ([`disk_level`]);
+//!   node crossing `disk_warn_percent` or `disk_refuse_builds_percent` (up, or back down)
+//!   while escale runs is recorded as a `node.disk` event ([`disk_level`]); a level above
+//!   the warning found at start is logged only (a restart is not a change of the disk);
 //! - every `prune_interval`, on every node, the images escale built that belong to none of
 //!   their app's last `scheduler.keep_releases` releases and that no container uses are
 //!   removed ([`images_to_prune`]); an app being deployed is skipped (its deploy lock is
@@ -443,10 +444,20 @@ async fn measure_disks(
         let level = view
             .as_ref()
             .map_or(DiskLevel::Ok, |f| disk_level(f.used_percent, policy));
-        let before = levels.insert(node.clone(), level).unwrap_or(DiskLevel::Ok);
-        if level != before {
-            let used = view.as_ref().map_or(0, |f| f.used_percent);
-            announce_disk(services, &node, used, level, view.as_ref()).await;
+        let used = view.as_ref().map_or(0, |f| f.used_percent);
+        match levels.insert(node.clone(), level) {
+            // A change: recorded (audit log, bus) and logged.
+            Some(before) if before != level => {
+                announce_disk(services, &node, used, level, view.as_ref()).await
+            }
+            Some(_) => {}
+            // The first measurement since start: logged when not ok, not recorded again (a
+            // restart is not a change of the disk; `nodes list`, `/metrics` and `escale
+            // doctor` show the level).
+            None if level != DiskLevel::Ok => {
+                tracing::warn!(%node, used_percent = used, level = ?level, "node disk above the warning threshold at start")
+            }
+            None => {}
         }
         disks.insert(
             node,
@@ -697,12 +708,23 @@ mod tests {
             path: "/".into(),
             total_bytes: 1000,
             available_bytes: 51,
+            free_bytes: 51,
         };
         assert_eq!(f.used_percent(), 95);
+        // Blocks reserved for root are neither used nor available (here: the machine's
+        // /var/lib/docker, which `df` shows 52 % used).
+        let reserved = Filesystem {
+            path: "/var/lib/docker".into(),
+            total_bytes: 66_053_021 * 4096,
+            available_bytes: 11_485_089 * 4096,
+            free_bytes: 53_716_638 * 4096,
+        };
+        assert_eq!(reserved.used_percent(), 52);
         let empty = Filesystem {
             path: "/".into(),
             total_bytes: 0,
             available_bytes: 0,
+            free_bytes: 0,
         };
         assert_eq!(empty.used_percent(), 0);
     }

@@ -3,13 +3,17 @@
 mod support;
 
 mod api;
+mod backup;
 mod certs;
 mod cli;
 mod cluster;
+mod dashboard;
 mod deploys;
+mod doctor;
 mod exhaustion;
 mod gitpush;
 mod image;
+mod install;
 mod isolation;
 mod manifest;
 mod multinode;
@@ -18,6 +22,7 @@ mod node;
 mod proxy;
 mod scheduler;
 mod smuggling;
+mod upgrade;
 mod upkeep;
 mod webhooks;
 mod zero_downtime;

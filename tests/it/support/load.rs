@@ -49,6 +49,27 @@ pub struct Tally {
     pub failures: BTreeMap<String, u64>,
     /// The first failures, with when and in which phase they happened.
     pub first: Vec<String>,
+    /// Each successful request: (phase, seconds since the load started, latency in µs).
+    pub latencies: Vec<(String, f64, u32)>,
+}
+
+impl Tally {
+    /// The `q` quantile (0.0 to 1.0) of the latencies of successful requests in phases for
+    /// which `phase` is true, in milliseconds; `None` without any.
+    pub fn quantile_ms(&self, q: f64, phase: impl Fn(&str) -> bool) -> Option<f64> {
+        let mut v: Vec<u32> = self
+            .latencies
+            .iter()
+            .filter(|(p, _, _)| phase(p))
+            .map(|(_, _, us)| *us)
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        Some(f64::from(v[i]) / 1000.0)
+    }
 }
 
 /// Shared between the test and the load generator's tasks.
@@ -61,10 +82,14 @@ struct LoadState {
 }
 
 impl LoadState {
-    fn ok(&self) {
+    fn ok(&self, took: Duration) {
+        let phase = self.phase.lock().unwrap().clone();
+        let at = self.started.elapsed().as_secs_f64();
         let mut t = self.tally.lock().unwrap();
         t.total += 1;
         t.ok += 1;
+        t.latencies
+            .push((phase, at, took.as_micros().min(u128::from(u32::MAX)) as u32));
     }
 
     fn failed(&self, kind: String, detail: String) {
@@ -173,6 +198,12 @@ async fn connection_loop(proxy: String, host: String, st: Arc<LoadState>) {
                 .await
                 .map_err(|e| ("request".to_string(), format!("request: {e}")))?;
             let status = resp.status();
+            // The server closes the connection after this answer (`Connection: close`, as
+            // when it drains): the next request goes on a new connection, as any client does.
+            let closing = resp
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
             let code = resp
                 .headers()
                 .get("x-escale-error")
@@ -185,11 +216,16 @@ async fn connection_loop(proxy: String, host: String, st: Arc<LoadState>) {
                 .await
                 .map_err(|e| ("body".to_string(), format!("body: {e}")))?
                 .to_bytes();
-            Ok::<_, (String, String)>((status, code, body))
+            Ok::<_, (String, String)>((status, code, body, closing))
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-            Ok(Ok((status, _, _))) if status.is_success() => st.ok(),
-            Ok(Ok((status, code, body))) => st.failed(
+        let t = Instant::now();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, exchange).await;
+        if matches!(result, Ok(Ok((_, _, _, true)))) {
+            sender = None;
+        }
+        match result {
+            Ok(Ok((status, _, _, _))) if status.is_success() => st.ok(t.elapsed()),
+            Ok(Ok((status, code, body, _))) => st.failed(
                 format!("{} {code}", status.as_u16()),
                 format!(
                     "{status} {code}: {}",

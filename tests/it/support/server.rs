@@ -189,6 +189,36 @@ impl TestServer {
 
     /// Starts the process on the data dir; returns the setup token if it printed one.
     fn spawn(&mut self) -> Option<String> {
+        self.spawn_binary(Path::new(ESCALE))
+    }
+
+    /// Starts `binary` (another copy of escale: an upgrade) as `escale serve` on the same data
+    /// dir while this server runs: the new process takes the listening sockets over and the
+    /// old one drains and exits. Waits for that exit and returns its status.
+    pub fn take_over(&mut self, binary: &Path) -> std::process::ExitStatus {
+        let mut old = self.child.take().expect("a running server");
+        let (api, proxy) = (self.api.clone(), self.proxy.clone());
+        self.spawn_binary(binary);
+        assert_eq!(self.api, api, "the API address is kept");
+        assert_eq!(self.proxy, proxy, "the proxy address is kept");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = old.try_wait().expect("wait") {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = old.kill();
+                let _ = old.wait();
+                panic!(
+                    "the old server did not exit after the takeover; log:\n{}",
+                    self.server_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn_binary(&mut self, binary: &Path) -> Option<String> {
         let data = self.dir.path().join("data");
         let mut env: Vec<(String, String)> = vec![
             (
@@ -202,7 +232,7 @@ impl TestServer {
         env.extend(self.extra_env.iter().cloned());
         let mut cmd = match &self.image {
             None => {
-                let mut cmd = Command::new(ESCALE);
+                let mut cmd = Command::new(binary);
                 cmd.arg("serve")
                     .env_remove("ESCALE_URL")
                     .env_remove("ESCALE_TOKEN");
