@@ -1,11 +1,14 @@
-//! API benchmark: idle RSS of `escale serve`, and p50/p99 latency of app create and app list
-//! over 1,000 sequential keep-alive requests each, on loopback, against the release binary.
+//! API benchmark: idle RSS of `escale serve`, and p50/p99 latency of app create, app get and
+//! app list pages (`?limit=`, at 10, 1,000 and 10,000 apps in the installation, the first page
+//! and one deep in the list by its `after` cursor), sequential keep-alive requests on loopback,
+//! against the release binary.
 //!
 //! ```text
 //! cargo bench --bench api
 //! ```
 //!
-//! Targets (issue "Foundation"): idle RSS under 30 MiB; p99 under 5 ms.
+//! Targets (issue "Foundation"): idle RSS under 30 MiB; p99 under 5 ms; a page of 1,000 apps
+//! under 5 ms p99 (issue 13).
 
 mod common;
 
@@ -14,6 +17,10 @@ use std::time::{Duration, Instant};
 use common::{ms, percentile, Server};
 
 const N: usize = 1000;
+/// Apps in the installation when the list pages are measured.
+const SIZES: [usize; 3] = [10, 1_000, 10_000];
+/// Requests per list measurement.
+const LIST_REQUESTS: usize = 300;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -22,32 +29,53 @@ async fn main() {
     let idle_rss = s.rss_kib();
 
     let mut create = Vec::with_capacity(N);
-    let mut lists: Vec<(usize, Vec<Duration>)> = Vec::new();
-    for i in 0..N {
-        let body = serde_json::json!({"name": format!("bench-{i}")});
+    // (apps in the installation, page size, deep page, latencies)
+    let mut lists: Vec<(usize, usize, bool, Vec<Duration>)> = Vec::new();
+    let total = SIZES[SIZES.len() - 1];
+    for i in 0..total {
+        let body = serde_json::json!({"name": format!("bench-{i:05}")});
         let t = Instant::now();
         let (status, _) = s.call("POST", "/api/v1/apps", Some(body)).await;
-        create.push(t.elapsed());
+        if i < N {
+            create.push(t.elapsed());
+        }
         assert_eq!(status, 201);
-        // List latency at 10, 100 and 1,000 apps: 1,000 requests each.
-        if [10, 100, N].contains(&(i + 1)) {
-            let mut list = Vec::with_capacity(N);
-            for _ in 0..N {
-                let t = Instant::now();
-                let (status, v) = s.call("GET", "/api/v1/apps", None).await;
-                list.push(t.elapsed());
-                assert_eq!(status, 200);
-                assert_eq!(v.as_array().map(Vec::len), Some(i + 1));
+        let apps = i + 1;
+        if !SIZES.contains(&apps) {
+            continue;
+        }
+        for page in [10, 100, 1000] {
+            for deep in [false, true] {
+                // A deep page starts after the middle app.
+                let after = format!("bench-{:05}", apps / 2);
+                let path = if deep {
+                    format!("/api/v1/apps?limit={page}&after={after}")
+                } else {
+                    format!("/api/v1/apps?limit={page}")
+                };
+                let want = if deep {
+                    page.min(apps - apps / 2 - 1)
+                } else {
+                    page.min(apps)
+                };
+                let mut list = Vec::with_capacity(LIST_REQUESTS);
+                for _ in 0..LIST_REQUESTS {
+                    let t = Instant::now();
+                    let (status, v) = s.call("GET", &path, None).await;
+                    list.push(t.elapsed());
+                    assert_eq!(status, 200);
+                    assert_eq!(v.as_array().map(Vec::len), Some(want), "{path}");
+                }
+                list.sort();
+                lists.push((apps, page, deep, list));
             }
-            list.sort();
-            lists.push((i + 1, list));
         }
     }
     let mut get = Vec::with_capacity(N);
     for i in 0..N {
         let t = Instant::now();
         let (status, _) = s
-            .call("GET", &format!("/api/v1/apps/bench-{i}"), None)
+            .call("GET", &format!("/api/v1/apps/bench-{i:05}"), None)
             .await;
         get.push(t.elapsed());
         assert_eq!(status, 200);
@@ -56,7 +84,7 @@ async fn main() {
     create.sort();
     get.sort();
     println!(
-        "escale API benchmark ({N} sequential requests each, keep-alive, loopback, release build)"
+        "escale API benchmark ({N} sequential creates and gets, keep-alive, loopback, release build)"
     );
     println!(
         "  idle RSS after start:        {:.1} MiB",
@@ -76,9 +104,13 @@ async fn main() {
         ms(percentile(&get, 50.0)),
         ms(percentile(&get, 99.0))
     );
-    for (n, list) in &lists {
+    println!(
+        "  GET  /api/v1/apps?limit=L ({LIST_REQUESTS} requests each; deep: after the middle app)"
+    );
+    for (apps, page, deep, list) in &lists {
         println!(
-            "  GET  /api/v1/apps ({n:>4} apps) p50 {}  p99 {}",
+            "    {apps:>6} apps, page of {page:>4}{}  p50 {}  p99 {}",
+            if *deep { " (deep) " } else { "        " },
             ms(percentile(list, 50.0)),
             ms(percentile(list, 99.0))
         );

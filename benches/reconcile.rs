@@ -89,7 +89,7 @@ async fn measure(image: &str, n: u32) -> (Duration, Duration, f64) {
         ..Default::default()
     };
     registry
-        .upsert_process(&actor, "bench", "web", &patch, 8080)
+        .upsert_process(&actor, "bench", "web", &patch, 8080, true)
         .await
         .unwrap();
     registry

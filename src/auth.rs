@@ -105,7 +105,7 @@ fn argon2_into(
 /// (`$argon2id$v=19$m=19456,t=2,p=1$SALT$HASH`). Synchronous and expensive: callers go
 /// through [`Hashing::hash`], which bounds how many run at once.
 fn hash_password(password: &str, memory: &mut Memory) -> Result<String, AuthError> {
-    if password.chars().count() < 8 || password.len() > 1024 {
+    if password.chars().count() < 8 || password.chars().count() > 1024 {
         return Err(AuthError::WeakPassword);
     }
     let herr = |e: argon2::password_hash::Error| AuthError::Hash(e.to_string());
@@ -234,7 +234,7 @@ impl Hashing {
 
     /// Hashes a new password (its length is checked first, without a slot).
     pub async fn hash(&self, password: &str) -> Result<String, AuthError> {
-        if password.chars().count() < 8 || password.len() > 1024 {
+        if password.chars().count() < 8 || password.chars().count() > 1024 {
             return Err(AuthError::WeakPassword);
         }
         let password = password.to_string();

@@ -649,12 +649,15 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
-/// Installs the `tracing` subscriber: human or JSON lines on stderr.
+/// Installs the `tracing` subscriber: human or JSON lines on stderr; colours only when stderr
+/// is a terminal (a log file or journal gets plain text).
 pub fn init_logging(format: LogFormat, level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -12,8 +12,109 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ValidationError> {
     Err(ValidationError(msg.into()))
 }
 
-/// Largest value of one config var.
-pub const MAX_VALUE_BYTES: usize = 32 * 1024;
+/// Largest value of one config var, in characters.
+pub const MAX_VALUE_CHARS: usize = 32 * 1024;
+
+/// The rules above as JSON Schema regular expressions, for the OpenAPI document
+/// (`crate::api`'s `doc` module): each accepts exactly what its function accepts (a property
+/// test below checks both directions), so a request valid by the document is not refused for a
+/// rule it does not state, and an invalid one is refused. They use the syntax that ECMA-262,
+/// Python's `re` and the `regex` crate share (no look-around).
+pub mod patterns {
+    /// [`super::app_name`].
+    pub const APP_NAME: &str = r"^[a-z](?:[a-z0-9-]{0,28}[a-z0-9])?$";
+    /// [`super::process_name`].
+    pub const PROCESS_NAME: &str = r"^[a-z](?:[a-z0-9-]{0,18}[a-z0-9])?$";
+    /// [`super::account_name`].
+    pub const ACCOUNT_NAME: &str = r"^[a-z0-9][a-z0-9._-]{0,39}$";
+    /// [`super::token_name`].
+    pub const TOKEN_NAME: &str = r"^[A-Za-z0-9._:@-]{1,64}$";
+    /// [`super::node_name`].
+    pub const NODE_NAME: &str = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$";
+    /// [`super::node_label`] (`KEY=VALUE`).
+    pub const NODE_LABEL: &str = r"^[a-z0-9][a-z0-9._-]{0,62}=[A-Za-z0-9._-]{1,63}$";
+    /// A node label's key and value apart (process constraints).
+    pub const NODE_LABEL_KEY: &str = r"^[a-z0-9][a-z0-9._-]{0,62}$";
+    pub const NODE_LABEL_VALUE: &str = r"^[A-Za-z0-9._-]{1,63}$";
+    /// [`super::env_key`]'s syntax; `PORT` and `ESCALE_*` are refused besides (the document
+    /// says so with a `not`).
+    pub const ENV_KEY: &str = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$";
+    /// Names [`super::env_key`] reserves.
+    pub const ENV_KEY_RESERVED: &str = r"^(?:PORT$|ESCALE_)";
+    /// Text without NUL (config values, commands, descriptions).
+    pub const NO_NUL: &str = r"^[^\x00]*$";
+    /// [`super::health_path`].
+    pub const HEALTH_PATH: &str = r"^/[!-~]{0,511}$";
+    /// [`super::domain`] as the API takes it: ASCII (international names in their `xn--`
+    /// form; the CLI converts), the last label starting with a letter, at most 253
+    /// characters with an optional final dot.
+    pub const DOMAIN: &str = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$";
+    /// [`super::image_ref`]: Docker's reference grammar.
+    pub const IMAGE_REF: &str = r"^(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?))*(?::[0-9]{1,5})?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,})?$";
+    /// [`super::api_memory_limit`]: `none`, or 6m to 999999999.999m, or 0.01g to 999999.999g
+    /// (an optional `b`, `ib`).
+    pub const MEMORY_LIMIT: &str = r"^(?:none|unlimited|(?:(?:[6-9]|[1-9][0-9]{1,8})(?:\.[0-9]{1,3})?[mM]|(?:0\.(?:0[1-9]|[1-9])[0-9]?|[1-9][0-9]{0,5}(?:\.[0-9]{1,3})?)[gG])(?:[iI]?[bB])?)$";
+    /// [`super::api_cpus`]: `none`, or 0.01 to 256.
+    pub const CPUS: &str = r"^(?:none|unlimited|0\.(?:0[1-9]|[1-9])[0-9]{0,7}|(?:[1-9]|[1-9][0-9]|1[0-9]{2}|2[0-4][0-9]|25[0-5])(?:\.[0-9]{1,8})?|256(?:\.0{1,8})?)$";
+    /// A release version, `3` or `v3` (1 to 999999999).
+    pub const VERSION: &str = r"^v?[1-9][0-9]{0,8}$";
+}
+
+/// A release version, `3` or `v3` ([`patterns::VERSION`]).
+pub fn version(v: &str) -> Result<u32, ValidationError> {
+    if !matches(patterns::VERSION, v) {
+        return err(format!(
+            "`{}` is not a release version; write e.g. `v3` or `3`",
+            printable(v)
+        ));
+    }
+    Ok(v.trim_start_matches('v').parse().expect("at most 9 digits"))
+}
+
+/// Whether `value` matches `pattern` (one of [`patterns`]), compiled once.
+pub fn matches(pattern: &'static str, value: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, regex::Regex>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(pattern)
+        .or_insert_with(|| regex::Regex::new(pattern).expect("a valid pattern"))
+        .is_match(value)
+}
+
+/// A memory limit as the API takes it ([`patterns::MEMORY_LIMIT`]): `Some(bytes)`, or `None`
+/// for `none`/`unlimited`.
+pub fn api_memory_limit(input: &str) -> Result<Option<u64>, ValidationError> {
+    if !matches(patterns::MEMORY_LIMIT, input) {
+        return err(format!(
+            "memory limit `{}` is invalid: write 6m to 999999999m or 0.01g to 999999g (e.g. `256m`, `1.5g`), or `none`",
+            printable(input)
+        ));
+    }
+    match input {
+        "none" | "unlimited" => Ok(None),
+        x => memory_limit(x).map(Some),
+    }
+}
+
+/// A CPU limit as the API takes it ([`patterns::CPUS`]): `Some(nano-CPUs)`, or `None` for
+/// `none`/`unlimited`.
+pub fn api_cpus(input: &str) -> Result<Option<i64>, ValidationError> {
+    if !matches(patterns::CPUS, input) {
+        return err(format!(
+            "CPU limit `{}` is invalid: write 0.01 to 256 (e.g. `0.5`, `2`), or `none`",
+            printable(input)
+        ));
+    }
+    match input {
+        "none" | "unlimited" => Ok(None),
+        x => cpus(x).map(Some),
+    }
+}
 /// Largest number of config vars of one app.
 pub const MAX_VARS: usize = 500;
 
@@ -138,17 +239,17 @@ pub fn env_key(key: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// A config var value: any text without NUL, at most [`MAX_VALUE_BYTES`].
+/// A config var value: any text without NUL, at most [`MAX_VALUE_CHARS`] characters.
 pub fn env_value(key: &str, value: &str) -> Result<(), ValidationError> {
     if value.contains('\0') {
         return err(format!(
             "value of `{key}` contains a NUL byte, which environment variables cannot hold"
         ));
     }
-    if value.len() > MAX_VALUE_BYTES {
+    let n = value.chars().count();
+    if n > MAX_VALUE_CHARS {
         return err(format!(
-            "value of `{key}` is {} bytes; the limit is {MAX_VALUE_BYTES}",
-            value.len()
+            "value of `{key}` is {n} characters; the limit is {MAX_VALUE_CHARS}"
         ));
     }
     Ok(())
@@ -197,101 +298,34 @@ pub fn domain(input: &str) -> Result<String, ValidationError> {
     Ok(ascii.to_ascii_lowercase())
 }
 
-/// An image reference, `[registry[:port]/]path[:tag][@sha256:hex]`, as the Docker engine
-/// accepts it.
-pub fn image_ref(input: &str) -> Result<(), ValidationError> {
-    let bad = |why: &str| {
-        err(format!(
-            "image reference `{}` is invalid: {why}; expected e.g. `nginx:1.27`, `registry.example.eu:5000/team/app:v3` or `app@sha256:...`",
+/// A domain as the API takes it ([`patterns::DOMAIN`], at most 253 characters): the
+/// canonical lowercase form of [`domain`].
+pub fn api_domain(input: &str) -> Result<String, ValidationError> {
+    if input.len() > 253 || !matches(patterns::DOMAIN, input) {
+        return err(format!(
+            "domain `{}` is invalid: expected a host name such as shop.example.eu: labels of 1 to 63 letters, digits and `-` (not starting or ending with `-`), the last starting with a letter, at most 253 characters (international names in their xn-- form)",
             printable(input)
-        ))
-    };
-    if input.is_empty() || input.len() > 512 {
-        return bad("it must be 1 to 512 characters");
+        ));
     }
-    let (rest, digest) = match input.split_once('@') {
-        Some((r, d)) => (r, Some(d)),
-        None => (input, None),
-    };
-    if let Some(d) = digest {
-        let ok = d
-            .split_once(':')
-            .map(|(alg, hex)| {
-                !alg.is_empty()
-                    && alg.bytes().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c)
-                    })
-                    && hex.len() >= 32
-                    && hex.bytes().all(|c| c.is_ascii_hexdigit())
-            })
-            .unwrap_or(false);
-        if !ok {
-            return bad("the digest must look like `sha256:<64 hex digits>`");
-        }
-    }
-    // A tag is after the last ':' that comes after the last '/'.
-    let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
-    let (name, tag) = match rest[last_slash..].rfind(':') {
-        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
-        None => (rest, None),
-    };
-    if let Some(t) = tag {
-        let tb = t.as_bytes();
-        let ok = !tb.is_empty()
-            && tb.len() <= 128
-            && (tb[0].is_ascii_alphanumeric() || tb[0] == b'_')
-            && tb
-                .iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
-        if !ok {
-            return bad("the tag must be 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`");
-        }
-    }
-    let mut parts: Vec<&str> = name.split('/').collect();
-    if parts.len() > 1 {
-        let first = parts[0];
-        if first.contains('.') || first.contains(':') || first == "localhost" {
-            // registry host[:port]
-            let (host, port) = match first.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (first, None),
-            };
-            let host_ok = !host.is_empty()
-                && host.split('.').all(|l| {
-                    !l.is_empty()
-                        && !l.starts_with('-')
-                        && !l.ends_with('-')
-                        && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                });
-            let port_ok = port.is_none_or(|p| {
-                !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit())
-            });
-            if !host_ok || !port_ok {
-                return bad("the registry host is not a valid host[:port]");
-            }
-            parts.remove(0);
-        }
-    }
-    if parts.is_empty() {
-        return bad("the repository path is missing");
-    }
-    for p in parts {
-        if !path_component(p) {
-            return bad("path components are lowercase letters and digits, separated by `.`, `_`, `__` or `-`");
-        }
-    }
-    Ok(())
+    domain(input)
 }
 
-fn path_component(p: &str) -> bool {
-    let b = p.as_bytes();
-    if b.is_empty() || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
-        return false;
+/// An image reference, `[registry[:port]/]path[:tag][@algorithm:hex]`, in Docker's reference
+/// grammar ([`patterns::IMAGE_REF`]), at most 512 characters.
+pub fn image_ref(input: &str) -> Result<(), ValidationError> {
+    if input.is_empty() || input.len() > 512 {
+        return err(format!(
+            "image reference `{}` is invalid: it must be 1 to 512 characters",
+            printable(input)
+        ));
     }
-    b.iter()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
-        && !p.contains("..")
-        && !p.contains("___")
+    if !matches(patterns::IMAGE_REF, input) {
+        return err(format!(
+            "image reference `{}` is invalid: path components are lowercase letters and digits separated by `.`, `_`, `__` or `-`, a tag is 1 to 128 letters, digits, `_`, `.` or `-` (not starting with `.` or `-`), a digest `sha256:<hex>`; expected e.g. `nginx:1.27`, `registry.example.eu:5000/team/app:v3` or `app@sha256:...`",
+            printable(input)
+        ));
+    }
+    Ok(())
 }
 
 /// A memory or size amount: `256m`, `1g`, `512k`, `1.5g`, or plain bytes. Units are binary
@@ -411,12 +445,20 @@ pub fn health_ms(what: &str, ms: i64) -> Result<u32, ValidationError> {
     }
 }
 
-/// A command as argv: no NUL byte, at most 16 KiB in all.
+/// Most arguments a command may have.
+pub const MAX_ARGS: usize = 256;
+/// Longest argument of a command, in characters.
+pub const MAX_ARG_CHARS: usize = 4096;
+
+/// A command as argv: at most [`MAX_ARGS`] arguments of at most [`MAX_ARG_CHARS`] characters,
+/// no NUL byte.
 pub fn command(argv: &[String]) -> Result<(), ValidationError> {
-    if argv.iter().any(|a| a.contains('\0'))
-        || argv.iter().map(String::len).sum::<usize>() > 16 * 1024
+    if argv.len() > MAX_ARGS
+        || argv
+            .iter()
+            .any(|a| a.contains('\0') || a.chars().count() > MAX_ARG_CHARS)
     {
-        return err("command arguments must not contain NUL and must total at most 16 KiB");
+        return err(format!("a command has at most {MAX_ARGS} arguments of at most {MAX_ARG_CHARS} characters, without NUL"));
     }
     Ok(())
 }
@@ -544,7 +586,7 @@ mod tests {
             assert!(env_key(bad).is_err(), "{bad}");
         }
         assert!(env_value("A", "x\0y").unwrap_err().0.contains("NUL"));
-        assert!(env_value("A", &"x".repeat(MAX_VALUE_BYTES + 1)).is_err());
+        assert!(env_value("A", &"x".repeat(MAX_VALUE_CHARS + 1)).is_err());
         assert!(env_value("A", "multi\nline $(id) `x`").is_ok());
     }
 
@@ -640,5 +682,76 @@ mod tests {
     #[test]
     fn printable_escapes_controls() {
         assert_eq!(printable("a\nb\0"), "a\\nb\\0");
+    }
+
+    /// Each pattern of the document and its function agree: what the pattern generates is
+    /// accepted, and on arbitrary and near-miss input both say the same.
+    mod patterns_agree {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        type Check = fn(&str) -> bool;
+
+        fn rules() -> Vec<(&'static str, Check)> {
+            vec![
+                (patterns::APP_NAME, |s| app_name(s).is_ok()),
+                (patterns::PROCESS_NAME, |s| process_name(s).is_ok()),
+                (patterns::ACCOUNT_NAME, |s| account_name(s, "x").is_ok()),
+                (patterns::TOKEN_NAME, |s| token_name(s).is_ok()),
+                (patterns::NODE_NAME, node_name),
+                (patterns::NODE_LABEL, |s| node_label(s).is_ok()),
+                (patterns::ENV_KEY, |s| {
+                    env_key(s).is_ok() || matches(patterns::ENV_KEY_RESERVED, s)
+                }),
+                (patterns::HEALTH_PATH, |s| health_path(s).is_ok()),
+                (patterns::DOMAIN, |s| s.len() > 253 || api_domain(s).is_ok()),
+                (patterns::IMAGE_REF, |s| {
+                    s.len() > 512 || image_ref(s).is_ok()
+                }),
+                (patterns::MEMORY_LIMIT, |s| api_memory_limit(s).is_ok()),
+                (patterns::CPUS, |s| api_cpus(s).is_ok()),
+                (patterns::VERSION, |s| version(s).is_ok()),
+            ]
+        }
+
+        /// The pattern without its anchors, for proptest's generator.
+        fn body(p: &str) -> &str {
+            p.trim_start_matches('^').trim_end_matches('$')
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn generated_values_are_accepted(seed in any::<u64>()) {
+                use proptest::strategy::ValueTree;
+                use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+                let mut runner = TestRunner::new_with_rng(
+                    Config::default(),
+                    TestRng::from_seed(RngAlgorithm::ChaCha, &{
+                        let mut b = [0u8; 32];
+                        b[..8].copy_from_slice(&seed.to_le_bytes());
+                        b
+                    }),
+                );
+                for (p, check) in rules() {
+                    let strategy = proptest::string::string_regex(body(p)).expect("pattern");
+                    let v = strategy.new_tree(&mut runner).expect("value").current();
+                    prop_assert!(matches(p, &v), "{p} does not match its own `{v:?}`");
+                    prop_assert!(check(&v), "{p} generated `{v:?}`, which its function refuses");
+                }
+            }
+
+            #[test]
+            fn near_misses_agree(s in "[a-zA-Z0-9._:@/=+ -]{0,12}", cut in 0usize..12, c in "[a-zA-Z0-9._:@/=+\\x00 -]") {
+                for (p, check) in rules() {
+                    let mut v = s.clone();
+                    let at = cut.min(v.len());
+                    v.insert_str(at, &c);
+                    for v in [&s, &v] {
+                        prop_assert_eq!(check(v), matches(p, v), "{} on `{:?}`", p, v);
+                    }
+                }
+            }
+        }
     }
 }

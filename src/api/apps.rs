@@ -22,7 +22,7 @@ pub struct CreateAppRequest {
     #[serde(default)]
     pub team: Option<String>,
     /// Port of the `web` process; default from the server's `scheduler.default_port`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub port: Option<i64>,
 }
 
@@ -33,7 +33,7 @@ pub struct ProcessUpdate {
     /// argv; an empty list means the image's default command.
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub port: Option<i64>,
     /// e.g. `256m`, `1g`; `none` removes the limit.
     #[serde(default)]
@@ -41,9 +41,9 @@ pub struct ProcessUpdate {
     /// e.g. `0.5`, `2`; `none` removes the limit.
     #[serde(default)]
     pub cpus: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub surge: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option_object")]
     pub health: Option<HealthUpdate>,
     /// Node labels its instances need, e.g. `{"disk": "ssd"}`; replaces the current ones (`{}`
     /// clears them).
@@ -61,15 +61,20 @@ pub struct HealthUpdate {
     pub kind: Option<HealthKind>,
     #[serde(default)]
     pub path: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub interval_ms: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub timeout_ms: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub grace_ms: Option<i64>,
 }
 
-/// Sets and unsets config vars in one change.
+/// Process type -> instances (`3` or `3.0`).
+#[derive(Debug, Deserialize)]
+pub struct Formation(#[serde(deserialize_with = "crate::http::int::map")] BTreeMap<String, i64>);
+
+/// Sets and unsets config vars in one change: `unset` first, then `set` (a name in both ends
+/// set).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigUpdate {
@@ -91,6 +96,7 @@ pub struct ConfigChanged {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigQuery {
     /// Show secret values (admins only).
@@ -104,7 +110,7 @@ pub struct ConfigQuery {
 pub struct DeployRequest {
     pub image: String,
     /// Port the `web` process listens on, if it changes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::int::option")]
     pub port: Option<i64>,
     #[serde(default)]
     pub description: Option<String>,
@@ -129,6 +135,10 @@ pub struct DomainRequest {
 pub struct ManifestRequest {
     /// The TOML text.
     pub manifest: String,
+    /// Remove the process types the manifest does not declare (when it declares any);
+    /// without, they are listed in `processes_undeclared` and left in place.
+    #[serde(default)]
+    pub prune: bool,
 }
 
 /// An app's current state as an `escale.toml` manifest (secret config vars left out).
@@ -139,11 +149,105 @@ pub struct ManifestDocument {
     pub manifest: String,
 }
 
+/// A page of events, newest first.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// Most events to answer, 1 to 1000 (default 100).
     #[serde(default)]
     pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the id of its last (oldest) event.
+    #[serde(default)]
+    pub after: Option<i64>,
+}
+
+/// A page of apps, by name.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AppsQuery {
+    /// Most apps to answer, 1 to 1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the name of its last app.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// A page of releases, newest first.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasesQuery {
+    /// Most releases to answer, 1 to 1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the version of its last
+    /// (oldest) release.
+    #[serde(default)]
+    pub after: Option<i64>,
+}
+
+/// The page size asked for: 1 to 1000, default 100.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let n = limit.unwrap_or(100);
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ApiError::Unprocessable(format!(
+            "limit {n} is out of range: use 1 to 1000"
+        )))
+    }
+}
+
+/// A numeric cursor (an event id, a release version): 1 to 999999999999.
+fn numeric_cursor(after: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match after {
+        Some(n) if !(1..=MAX_CURSOR).contains(&n) => Err(ApiError::Unprocessable(format!(
+            "after {n} is out of range: give the `after` of a `Link: rel=\"next\"` header"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Largest numeric `after`.
+pub const MAX_CURSOR: i64 = 999_999_999_999;
+
+/// One page of a list: the items, and when more may follow, the `Link: <...>; rel="next"`
+/// header giving the next page (`path?limit=N&after=CURSOR`). `items` holds up to `limit + 1`
+/// rows: the extra one only tells that there is a next page.
+pub struct Page<T> {
+    items: Vec<T>,
+    next: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn new(
+        mut items: Vec<T>,
+        limit: i64,
+        path: &str,
+        cursor: impl Fn(&T) -> String,
+    ) -> Page<T> {
+        let limit = limit as usize;
+        let next = (items.len() > limit).then(|| {
+            items.truncate(limit);
+            let last = items.last().map(&cursor).unwrap_or_default();
+            // Cursors are app names, event ids and versions: nothing to escape.
+            format!("<{path}?limit={limit}&after={last}>; rel=\"next\"")
+        });
+        Page { items, next }
+    }
+}
+
+impl<T: Serialize> axum::response::IntoResponse for Page<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut r = Json(self.items).into_response();
+        if let Some(link) = self.next.and_then(|l| l.parse().ok()) {
+            r.headers_mut().insert(axum::http::header::LINK, link);
+        }
+        r
+    }
 }
 
 fn app_name(name: &str) -> Result<(), ApiError> {
@@ -153,25 +257,23 @@ fn app_name(name: &str) -> Result<(), ApiError> {
 
 /// Parses `3` or `v3`.
 pub fn parse_version(v: &str) -> Result<u32, ApiError> {
-    v.strip_prefix('v')
-        .unwrap_or(v)
-        .parse::<u32>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            ApiError::Unprocessable(format!(
-                "`{}` is not a release version; write e.g. `v3` or `3`",
-                validate::printable(v)
-            ))
-        })
+    Ok(validate::version(v)?)
 }
 
-#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), responses((status = 200, body = [App])))]
+/// The apps the caller can see, by name, a page at a time (see `Link`).
+#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("token" = [])), params(AppsQuery),
+    responses((status = 200, body = [App], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_apps(
     State(s): State<AppState>,
     Auth(actor): Auth,
-) -> Result<Json<Vec<App>>, ApiError> {
-    Ok(Json(s.registry.list_apps(&actor).await?))
+    Query(q): Query<AppsQuery>,
+) -> Result<Page<App>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let apps = s
+        .registry
+        .list_apps(&actor, q.after.as_deref(), limit + 1)
+        .await?;
+    Ok(Page::new(apps, limit, "/api/v1/apps", |a| a.name.clone()))
 }
 
 #[utoipa::path(post, path = "/api/v1/apps", tag = "apps", security(("token" = [])), request_body = CreateAppRequest,
@@ -237,15 +339,6 @@ pub async fn list_processes(
 
 /// Validates a process update into a registry patch.
 pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
-    let limit = |v: &Option<String>,
-                 parse: &dyn Fn(&str) -> Result<i64, validate::ValidationError>|
-     -> Result<Option<Option<i64>>, ApiError> {
-        Ok(match v.as_deref() {
-            None => None,
-            Some("none") | Some("unlimited") => Some(None),
-            Some(x) => Some(Some(parse(x)?)),
-        })
-    };
     let ms = |what: &str, v: Option<i64>| -> Result<Option<u32>, ApiError> {
         Ok(v.map(|n| validate::health_ms(what, n)).transpose()?)
     };
@@ -265,9 +358,12 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
             .clone()
             .map(|c| if c.is_empty() { None } else { Some(c) }),
         port: u.port.map(validate::port).transpose()?,
-        memory_bytes: limit(&u.memory, &|x| validate::memory_limit(x).map(|b| b as i64))?
-            .map(|o| o.map(|b| b as u64)),
-        nano_cpus: limit(&u.cpus, &validate::cpus)?,
+        memory_bytes: u
+            .memory
+            .as_deref()
+            .map(validate::api_memory_limit)
+            .transpose()?,
+        nano_cpus: u.cpus.as_deref().map(validate::api_cpus).transpose()?,
         surge: u.surge.map(validate::surge).transpose()?,
         health_kind: h.and_then(|h| h.kind),
         health_path: h.and_then(|h| h.path.clone()),
@@ -279,6 +375,42 @@ pub fn process_patch(u: &ProcessUpdate) -> Result<ProcessPatch, ApiError> {
     })
 }
 
+/// Defines a process type, or changes it when it exists (absent fields keep their value, or
+/// take their default for a new one).
+#[utoipa::path(put, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("process" = String, Path)), request_body = ProcessUpdate,
+    responses((status = 200, body = ProcessType)))]
+pub async fn define_process(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, process)): Path<(String, String)>,
+    Json(req): Json<ProcessUpdate>,
+) -> Result<Json<ProcessType>, ApiError> {
+    app_name(&app)?;
+    validate::process_name(&process)?;
+    let patch = process_patch(&req)?;
+    Ok(Json(
+        s.services
+            .define_process(&actor, &app, &process, &patch)
+            .await?,
+    ))
+}
+
+/// Removes a process type: its instances are stopped.
+#[utoipa::path(delete, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
+    params(("app" = String, Path), ("process" = String, Path)), responses((status = 204)))]
+pub async fn remove_process(
+    State(s): State<AppState>,
+    Auth(actor): Auth,
+    Path((app, process)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app_name(&app)?;
+    validate::process_name(&process)?;
+    s.services.remove_process(&actor, &app, &process).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Changes an existing process type (404 naming the ones the app has otherwise).
 #[utoipa::path(patch, path = "/api/v1/apps/{app}/processes/{process}", tag = "apps", security(("token" = [])),
     params(("app" = String, Path), ("process" = String, Path)), request_body = ProcessUpdate,
     responses((status = 200, body = ProcessType)))]
@@ -305,7 +437,7 @@ pub async fn update_formation(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
-    Json(req): Json<BTreeMap<String, i64>>,
+    Json(Formation(req)): Json<Formation>,
 ) -> Result<Json<Vec<ProcessType>>, ApiError> {
     app_name(&app)?;
     if req.is_empty() {
@@ -357,16 +489,17 @@ pub async fn update_config(
     }
     for k in &req.unset {
         validate::env_key(k)?;
-        if req.set.contains_key(k) {
-            return Err(ApiError::Unprocessable(format!(
-                "`{k}` is both set and unset"
-            )));
-        }
     }
+    // Unset first, then set: a name in both ends set.
+    let unset: Vec<String> = req
+        .unset
+        .into_iter()
+        .filter(|k| !req.set.contains_key(k))
+        .collect();
     let set: Vec<(String, String)> = req.set.into_iter().collect();
     let release = s
         .registry
-        .update_config(&actor, &app, &set, req.secret, &req.unset)
+        .update_config(&actor, &app, &set, req.secret, &unset)
         .await?;
     Ok(Json(ConfigChanged {
         vars: s.registry.config(&actor, &app, false).await?,
@@ -374,15 +507,26 @@ pub async fn update_config(
     }))
 }
 
+/// Releases, newest first, a page at a time (see `Link`).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path)), responses((status = 200, body = [Release])))]
+    params(("app" = String, Path), ReleasesQuery),
+    responses((status = 200, body = [Release], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_releases(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
-) -> Result<Json<Vec<Release>>, ApiError> {
+    Query(q): Query<ReleasesQuery>,
+) -> Result<Page<Release>, ApiError> {
     app_name(&app)?;
-    Ok(Json(s.registry.releases(&actor, &app).await?))
+    let limit = page_limit(q.limit)?;
+    let before = numeric_cursor(q.after)?.map(|v| v.min(u32::MAX as i64) as u32);
+    let releases = s.registry.releases(&actor, &app, before, limit + 1).await?;
+    Ok(Page::new(
+        releases,
+        limit,
+        &format!("/api/v1/apps/{app}/releases"),
+        |r| r.version.to_string(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases/{version}", tag = "apps", security(("token" = [])),
@@ -417,9 +561,9 @@ pub async fn create_release(
     let description = req
         .description
         .unwrap_or_else(|| format!("Deploy {}", req.image));
-    if description.len() > 500 || description.contains('\0') {
+    if description.chars().count() > 500 || description.contains('\0') {
         return Err(ApiError::Unprocessable(
-            "description must be at most 500 bytes without NUL".into(),
+            "description must be at most 500 characters without NUL".into(),
         ));
     }
     // Fails before anything changes when the app is unknown or not the caller's, when another
@@ -443,7 +587,10 @@ pub async fn rollback(
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
     app_name(&app)?;
     let v = match &req.version {
-        serde_json::Value::Number(n) => parse_version(&n.to_string())?,
+        serde_json::Value::Number(n) => match crate::http::int::integer(n) {
+            Some(i) => parse_version(&i.to_string())?,
+            None => parse_version(&n.to_string())?,
+        },
         serde_json::Value::String(t) => parse_version(t)?,
         _ => {
             return Err(ApiError::Unprocessable(
@@ -491,16 +638,46 @@ pub async fn list_domains(
     ))
 }
 
+/// A domain added, and what happens next about its certificate.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DomainAdded {
+    #[serde(flatten)]
+    pub domain: Domain,
+    /// e.g. "a certificate will be requested from https://acme-v02.api.letsencrypt.org/directory
+    /// over http-01 (...)" or "no ACME configured: add a certificate with `escale certs add`".
+    pub next: String,
+}
+
+/// What happens after a domain is added, as the server's ACME settings say.
+fn certificate_next(config: &crate::config::Config, app: &str, domain: &str) -> String {
+    use crate::config::AcmeChallenge;
+    match &config.acme.directory_url {
+        Some(url) => {
+            let how = match config.acme.challenge {
+                AcmeChallenge::Http01 => "the CA fetches http://DOMAIN/.well-known/acme-challenge/... on port 80",
+                AcmeChallenge::TlsAlpn01 => "the CA connects to port 443 with TLS ALPN acme-tls/1",
+            };
+            format!(
+                "a certificate will be requested from {url} over {} ({how}): point {domain}'s DNS at this server; `escale certs list {app}` shows its state",
+                config.acme.challenge.as_str()
+            )
+        }
+        None => format!(
+            "no ACME configured: add a certificate with `escale certs add {app} {domain} --cert CERT.pem --key KEY.pem`"
+        ),
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/apps/{app}/domains", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path)), request_body = DomainRequest, responses((status = 201, body = Domain)))]
+    params(("app" = String, Path)), request_body = DomainRequest, responses((status = 201, body = DomainAdded)))]
 pub async fn add_domain(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
     Json(req): Json<DomainRequest>,
-) -> Result<(StatusCode, Json<Domain>), ApiError> {
+) -> Result<(StatusCode, Json<DomainAdded>), ApiError> {
     app_name(&app)?;
-    let domain = validate::domain(&req.domain)?;
+    let domain = validate::api_domain(&req.domain)?;
     let apps_domain = &s.config.apps_domain;
     validate::custom_domain(&domain, &app, apps_domain).map_err(|e| {
         // The apps domain (and above) is not a domain one can have; another app's names are
@@ -513,7 +690,8 @@ pub async fn add_domain(
     })?;
     let d = s.registry.add_domain(&actor, &app, &domain).await?;
     s.certs.wake_acme();
-    Ok((StatusCode::CREATED, Json(d)))
+    let next = certificate_next(&s.config, &app, &domain);
+    Ok((StatusCode::CREATED, Json(DomainAdded { domain: d, next })))
 }
 
 #[utoipa::path(delete, path = "/api/v1/apps/{app}/domains/{domain}", tag = "apps", security(("token" = [])),
@@ -524,7 +702,7 @@ pub async fn remove_domain(
     Path((app, domain)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     app_name(&app)?;
-    let domain = validate::domain(&domain)?;
+    let domain = validate::api_domain(&domain)?;
     s.registry.remove_domain(&actor, &app, &domain).await?;
     s.certs.forget(&domain).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -583,37 +761,74 @@ pub async fn apply_manifest(
     };
     let m = Manifest::parse_with(&req.manifest, &checks)
         .map_err(|e| ApiError::Unprocessable(format!("invalid manifest: {e}")))?;
-    let out = s.services.apply_manifest(&actor, &app, &m).await?;
+    let out = s
+        .services
+        .apply_manifest(&actor, &app, &m, req.prune)
+        .await?;
     Ok(Json(out))
 }
 
+/// Audit events of an app, newest first, a page at a time (see `Link`).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/events", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path), EventsQuery), responses((status = 200, body = [Event])))]
+    params(("app" = String, Path), EventsQuery),
+    responses((status = 200, body = [Event], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_events(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
     Query(q): Query<EventsQuery>,
-) -> Result<Json<Vec<Event>>, ApiError> {
+) -> Result<Page<Event>, ApiError> {
     app_name(&app)?;
-    Ok(Json(
-        s.registry
-            .events(&actor, Some(&app), q.limit.unwrap_or(100))
-            .await?,
+    let limit = page_limit(q.limit)?;
+    let events = s
+        .registry
+        .events(&actor, Some(&app), numeric_cursor(q.after)?, limit + 1)
+        .await?;
+    Ok(Page::new(
+        events,
+        limit,
+        &format!("/api/v1/apps/{app}/events"),
+        |e| e.id.to_string(),
     ))
 }
 
-/// Audit events of everything the caller can see.
+/// Audit events of everything the caller can see, newest first, a page at a time (see `Link`).
 #[utoipa::path(get, path = "/api/v1/events", tag = "apps", security(("token" = [])),
-    params(EventsQuery), responses((status = 200, body = [Event])))]
+    params(EventsQuery),
+    responses((status = 200, body = [Event], headers(("Link" = String, description = "`<...>; rel=\"next\"` when more may follow")))))]
 pub async fn list_all_events(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Query(q): Query<EventsQuery>,
-) -> Result<Json<Vec<Event>>, ApiError> {
-    Ok(Json(
-        s.registry
-            .events(&actor, None, q.limit.unwrap_or(100))
-            .await?,
-    ))
+) -> Result<Page<Event>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let events = s
+        .registry
+        .events(&actor, None, numeric_cursor(q.after)?, limit + 1)
+        .await?;
+    Ok(Page::new(events, limit, "/api/v1/events", |e| {
+        e.id.to_string()
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adding_a_domain_says_which_ca_and_challenge_or_how_to_upload() {
+        let mut c = crate::config::Config::for_data_dir(std::path::Path::new("/tmp"));
+        let next = certificate_next(&c, "shop", "shop.example.eu");
+        assert!(
+            next.contains(crate::config::LETS_ENCRYPT) && next.contains("http-01"),
+            "the default CA: {next}"
+        );
+        c.acme.challenge = crate::config::AcmeChallenge::TlsAlpn01;
+        assert!(certificate_next(&c, "shop", "shop.example.eu").contains("tls-alpn-01"));
+        c.acme.directory_url = None;
+        assert_eq!(
+            certificate_next(&c, "shop", "shop.example.eu"),
+            "no ACME configured: add a certificate with `escale certs add shop shop.example.eu --cert CERT.pem --key KEY.pem`"
+        );
+    }
 }

@@ -62,7 +62,7 @@ pub async fn add_cert(
     app_name(&app)?;
     // The app must be visible before anything about the domain is said.
     s.registry.app(&actor, &app).await?;
-    let domain = validate::domain(&req.domain)?;
+    let domain = validate::api_domain(&req.domain)?;
     let st = s
         .certs
         .upload(&actor, &app, &domain, &req.cert_pem, &req.key_pem)
@@ -80,7 +80,7 @@ pub async fn remove_cert(
 ) -> Result<StatusCode, ApiError> {
     app_name(&app)?;
     s.registry.app(&actor, &app).await?;
-    let domain = validate::domain(&domain)?;
+    let domain = validate::api_domain(&domain)?;
     s.certs.remove(&actor, &app, &domain).await?;
     Ok(StatusCode::NO_CONTENT)
 }

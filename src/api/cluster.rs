@@ -23,6 +23,7 @@ pub struct AppInstances {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Keep streaming new lines.
@@ -95,7 +96,12 @@ pub async fn logs(
     if let Some(p) = &q.process {
         crate::validate::process_name(p)?;
     }
-    let tail = q.tail.unwrap_or(100).min(10_000);
+    let tail = q.tail.unwrap_or(100);
+    if tail > 10_000 {
+        return Err(ApiError::Unprocessable(format!(
+            "tail {tail} is out of range: use 0 to 10000"
+        )));
+    }
     let lines = crate::service::logs::app_logs(
         &s.services,
         &app,

@@ -11,6 +11,7 @@ mod apps;
 mod backups;
 mod certs;
 mod cluster;
+mod doc;
 mod nodes;
 mod stream;
 mod webhooks;
@@ -20,9 +21,10 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use crate::http::{ApiError, Auth, Json, Path, Problem, Query};
 
@@ -80,30 +82,11 @@ impl AppState {
     }
 }
 
-/// The OpenAPI document, generated from the handlers' annotations.
+/// The document's frame: title, the `token` security scheme, tags and shared schemas. Its paths
+/// come from [`v1`], the same declaration that routes the requests.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "escale API", description = "Self-hosted PaaS: apps, releases, config, scale, domains, certificates."),
-    paths(
-        health, openapi_json,
-        accounts::setup, accounts::login, accounts::me,
-        accounts::list_users, accounts::create_user, accounts::delete_user,
-        accounts::list_teams, accounts::create_team,
-        accounts::list_tokens, accounts::create_token, accounts::delete_token,
-        apps::list_apps, apps::create_app, apps::get_app, apps::destroy_app,
-        apps::list_processes, apps::update_process, apps::update_formation,
-        apps::get_config, apps::update_config,
-        apps::list_releases, apps::get_release, apps::create_release, apps::rollback,
-        apps::list_domains, apps::add_domain, apps::remove_domain,
-        certs::list_certs, certs::add_cert, certs::remove_cert,
-        apps::get_manifest, apps::apply_manifest,
-        webhooks::set_webhook, webhooks::get_webhook, webhooks::remove_webhook,
-        apps::list_events, apps::list_all_events,
-        cluster::list_instances, cluster::logs, stream::stream_events,
-        nodes::list_nodes, nodes::get_node, nodes::add_node, nodes::renew_node,
-        nodes::cordon_node, nodes::uncordon_node, nodes::drain_node, nodes::remove_node,
-        backups::create_backup, backups::list_backups, backups::download_backup,
-    ),
+    info(title = "escale API", description = "Self-hosted PaaS: apps, releases, config, scale, domains, certificates.\n\nEvery error is `application/problem+json` (RFC 9457). Lists are paginated: `limit` (1 to 1000) and `after` (the `next` cursor of the previous page)."),
     components(schemas(Problem)),
     modifiers(&SecurityAddon),
     tags((name = "apps"), (name = "accounts"), (name = "system")),
@@ -123,85 +106,93 @@ impl utoipa::Modify for SecurityAddon {
     }
 }
 
+/// Every `/api/v1` route, declared once: each `routes!` entry is a handler whose
+/// `#[utoipa::path]` gives both its route and its operation in the document, so the two cannot
+/// drift. One `routes!` per path.
+fn v1() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(openapi_json))
+        .routes(routes!(accounts::setup))
+        .routes(routes!(accounts::login))
+        .routes(routes!(accounts::me))
+        .routes(routes!(accounts::list_users, accounts::create_user))
+        .routes(routes!(accounts::delete_user))
+        .routes(routes!(accounts::list_teams, accounts::create_team))
+        .routes(routes!(accounts::list_tokens, accounts::create_token))
+        .routes(routes!(accounts::delete_token))
+        .routes(routes!(apps::list_apps, apps::create_app))
+        .routes(routes!(apps::get_app, apps::destroy_app))
+        .routes(routes!(apps::list_processes))
+        .routes(routes!(
+            apps::update_process,
+            apps::define_process,
+            apps::remove_process
+        ))
+        .routes(routes!(apps::update_formation))
+        .routes(routes!(apps::get_config, apps::update_config))
+        .routes(routes!(apps::list_releases, apps::create_release))
+        .routes(routes!(apps::get_release))
+        .routes(routes!(apps::rollback))
+        .routes(routes!(apps::list_domains, apps::add_domain))
+        .routes(routes!(apps::remove_domain))
+        .routes(routes!(certs::list_certs, certs::add_cert))
+        .routes(routes!(certs::remove_cert))
+        .routes(routes!(apps::get_manifest, apps::apply_manifest))
+        .routes(routes!(
+            webhooks::get_webhook,
+            webhooks::set_webhook,
+            webhooks::remove_webhook
+        ))
+        .routes(routes!(apps::list_events))
+        .routes(routes!(cluster::list_instances))
+        .routes(routes!(cluster::logs))
+        .routes(routes!(nodes::list_nodes, nodes::add_node))
+        .routes(routes!(nodes::get_node, nodes::remove_node))
+        .routes(routes!(nodes::renew_node))
+        .routes(routes!(nodes::cordon_node))
+        .routes(routes!(nodes::uncordon_node))
+        .routes(routes!(nodes::drain_node))
+        .routes(routes!(backups::list_backups, backups::create_backup))
+        .routes(routes!(backups::download_backup))
+        .routes(routes!(apps::list_all_events))
+        .routes(routes!(stream::stream_events))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of [`router`], completed by [`doc::complete`] (the error answers each
+/// operation can give, as problem+json).
+/// Instance counts are bounded by the default `max_instances`; the served document states the
+/// server's own ([`openapi_for`]).
+pub fn openapi() -> serde_json::Value {
+    openapi_for(&Config::for_data_dir(std::path::Path::new(".")))
+}
+
+/// The OpenAPI document as `config` makes it (its `max_instances`).
+pub fn openapi_for(config: &Config) -> serde_json::Value {
+    let (_, doc) = v1();
+    let mut doc = serde_json::to_value(doc).expect("the document serialises");
+    doc::complete(&mut doc, config.max_instances);
+    doc
+}
+
+/// The served document, rendered once per `max_instances`.
+fn openapi_text(config: &Config) -> Arc<str> {
+    static TEXT: std::sync::Mutex<Vec<(u32, Arc<str>)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, t)) = cache.iter().find(|(m, _)| *m == config.max_instances) {
+        return t.clone();
+    }
+    let text: Arc<str> = serde_json::to_string(&openapi_for(config))
+        .expect("the document serialises")
+        .into();
+    cache.push((config.max_instances, text.clone()));
+    text
+}
+
 /// The whole API as one router.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/health", get(health))
-        .route("/openapi.json", get(openapi_json))
-        .route("/setup", post(accounts::setup))
-        .route("/login", post(accounts::login))
-        .route("/me", get(accounts::me))
-        .route(
-            "/users",
-            get(accounts::list_users).post(accounts::create_user),
-        )
-        .route("/users/{name}", delete(accounts::delete_user))
-        .route(
-            "/teams",
-            get(accounts::list_teams).post(accounts::create_team),
-        )
-        .route(
-            "/tokens",
-            get(accounts::list_tokens).post(accounts::create_token),
-        )
-        .route("/tokens/{name}", delete(accounts::delete_token))
-        .route("/apps", get(apps::list_apps).post(apps::create_app))
-        .route("/apps/{app}", get(apps::get_app).delete(apps::destroy_app))
-        .route("/apps/{app}/processes", get(apps::list_processes))
-        .route(
-            "/apps/{app}/processes/{process}",
-            patch(apps::update_process),
-        )
-        .route("/apps/{app}/formation", patch(apps::update_formation))
-        .route(
-            "/apps/{app}/config",
-            get(apps::get_config).patch(apps::update_config),
-        )
-        .route(
-            "/apps/{app}/releases",
-            get(apps::list_releases).post(apps::create_release),
-        )
-        .route("/apps/{app}/releases/{version}", get(apps::get_release))
-        .route("/apps/{app}/rollback", post(apps::rollback))
-        .route(
-            "/apps/{app}/domains",
-            get(apps::list_domains).post(apps::add_domain),
-        )
-        .route("/apps/{app}/domains/{domain}", delete(apps::remove_domain))
-        .route(
-            "/apps/{app}/certs",
-            get(certs::list_certs).post(certs::add_cert),
-        )
-        .route("/apps/{app}/certs/{domain}", delete(certs::remove_cert))
-        .route(
-            "/apps/{app}/manifest",
-            get(apps::get_manifest).put(apps::apply_manifest),
-        )
-        .route(
-            "/apps/{app}/webhook",
-            get(webhooks::get_webhook)
-                .put(webhooks::set_webhook)
-                .delete(webhooks::remove_webhook),
-        )
-        .route("/apps/{app}/events", get(apps::list_events))
-        .route("/apps/{app}/instances", get(cluster::list_instances))
-        .route("/apps/{app}/logs", get(cluster::logs))
-        .route("/nodes", get(nodes::list_nodes).post(nodes::add_node))
-        .route(
-            "/nodes/{node}",
-            get(nodes::get_node).delete(nodes::remove_node),
-        )
-        .route("/nodes/{node}/renew", post(nodes::renew_node))
-        .route("/nodes/{node}/cordon", post(nodes::cordon_node))
-        .route("/nodes/{node}/uncordon", post(nodes::uncordon_node))
-        .route("/nodes/{node}/drain", post(nodes::drain_node))
-        .route(
-            "/backups",
-            get(backups::list_backups).post(backups::create_backup),
-        )
-        .route("/backups/{name}", get(backups::download_backup))
-        .route("/events", get(apps::list_all_events))
-        .route("/events/stream", get(stream::stream_events));
+    let (v1, _) = v1();
     let services = state.services.clone();
     // The dashboard at `/` (see `crate::web`), on the same services, limiter and hashing bound.
     let web = crate::web::router(crate::web::WebState {
@@ -214,8 +205,8 @@ pub fn router(state: AppState) -> Router {
         session_ttl: crate::web::SESSION_TTL,
     });
     Router::new()
-        .nest("/api/v1", v1)
-        .route("/metrics", get(metrics))
+        .merge(v1)
+        .route("/metrics", axum::routing::get(metrics))
         .with_state(state)
         // Git smart HTTP under `/git/` (see `crate::git`); outside `/api/v1`.
         .merge(crate::git::router().with_state(services.clone()))
@@ -363,6 +354,13 @@ async fn health() -> &'static str {
 /// This document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "system", security(("token" = [])),
     responses((status = 200, description = "OpenAPI 3.1 document")))]
-async fn openapi_json(_auth: Auth) -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+async fn openapi_json(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    _auth: Auth,
+) -> axum::response::Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_text(&s.config).to_string(),
+    )
+        .into_response()
 }

@@ -19,9 +19,12 @@ pub enum CliError {
     /// The server refused or failed the operation (exit 1).
     #[error("{0}")]
     Server(String),
+    /// The server answered an error status (exit 1).
+    #[error("{detail}")]
+    Refused { status: u16, detail: String },
     /// The request was not authenticated or not allowed (exit 4).
-    #[error("{0}")]
-    Auth(String),
+    #[error("{detail}")]
+    Auth { status: u16, detail: String },
     /// The server could not be reached (exit 3).
     #[error("cannot reach the escale server at {url}: {reason}\n  (set ESCALE_URL or --url; is `escale serve` running?)")]
     Unreachable { url: String, reason: String },
@@ -40,11 +43,32 @@ impl CliError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Server(_) | CliError::Local(_) | CliError::Failed(_) => 1,
+            CliError::Server(_)
+            | CliError::Refused { .. }
+            | CliError::Local(_)
+            | CliError::Failed(_) => 1,
             CliError::Usage(_) => 2,
             CliError::Unreachable { .. } => 3,
-            CliError::Auth(_) => 4,
+            CliError::Auth { .. } => 4,
         }
+    }
+
+    /// The HTTP status the server answered, when the error is its answer.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            CliError::Refused { status, .. } | CliError::Auth { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The error as `--json` prints it on stderr: `{"error": ..., "status": ..., "exit": ...}`
+    /// (`status` is the server's HTTP status, `null` when the server did not answer).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": self.to_string(),
+            "status": self.http_status(),
+            "exit": self.exit_code(),
+        })
     }
 }
 
@@ -156,6 +180,36 @@ impl Client {
             .to_bytes())
     }
 
+    /// GETs a paginated list, following each page's `Link: <...>; rel="next"` until the last
+    /// page or `max` items; answers one JSON array.
+    pub async fn list(&self, path: &str, max: usize) -> Result<serde_json::Value, CliError> {
+        let mut items: Vec<serde_json::Value> = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next.take() {
+            let resp = self.send(Method::GET, &path, None).await?;
+            next = resp
+                .headers()
+                .get(http::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?
+                .to_bytes();
+            let page: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+                .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))?;
+            let empty = page.is_empty();
+            items.extend(page);
+            if items.len() >= max || empty {
+                items.truncate(max);
+                break;
+            }
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
     /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
     /// until the body ends or `sink` returns false.
     pub async fn stream_raw(
@@ -231,8 +285,14 @@ impl Client {
             .map(|p| p.detail)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(500).collect());
         Err(match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth(detail),
-            _ => CliError::Server(detail),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CliError::Auth {
+                status: status.as_u16(),
+                detail,
+            },
+            _ => CliError::Refused {
+                status: status.as_u16(),
+                detail,
+            },
         })
     }
 
@@ -242,6 +302,19 @@ impl Client {
             reason,
         }
     }
+}
+
+/// The target of a `Link` header's `rel="next"`: a path on this server (a link elsewhere is
+/// not followed).
+pub fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let next = params
+            .split(';')
+            .any(|p| p.trim().eq_ignore_ascii_case("rel=\"next\"") || p.trim() == "rel=next");
+        (next && target.starts_with('/') && !target.starts_with("//")).then(|| target.to_string())
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

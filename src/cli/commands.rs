@@ -34,13 +34,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let hint =
         token.is_none() && !matches!(cli.command, Command::Setup { .. } | Command::Login { .. });
     run_with(cli, url.clone(), token).await.map_err(|e| match e {
-        CliError::Auth(detail) if hint => match stored_elsewhere {
-            Some(other) => CliError::Auth(format!(
-                "{detail}\n  (the stored login is for {other}, not {url}: run `escale login --url {url}` or set ESCALE_TOKEN)"
-            )),
-            None => CliError::Auth(format!(
-                "{detail}\n  (log in with `escale login --name NAME` or set ESCALE_TOKEN)"
-            )),
+        CliError::Auth { status, detail } if hint => CliError::Auth {
+            status,
+            detail: match stored_elsewhere {
+                Some(other) => format!(
+                    "{detail}\n  (the stored login is for {other}, not {url}: run `escale login --url {url}` or set ESCALE_TOKEN)"
+                ),
+                None => format!(
+                    "{detail}\n  (log in with `escale login --name NAME` or set ESCALE_TOKEN)"
+                ),
+            },
         },
         other => other,
     })
@@ -52,7 +55,9 @@ fn same_server(a: &str, b: &str) -> bool {
 }
 
 async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), CliError> {
-    let json_out = cli.json;
+    // `escale config APP --json` reaches us as the external subcommand's argument.
+    let json_out = cli.json
+        || matches!(&cli.command, Command::Config(ConfigCommand::App(a)) if a.iter().any(|x| x == "--json"));
     let api = || Client::new(&url, token.clone());
     match cli.command {
         Command::Serve { config, reload } if reload => serve_reload(config).await,
@@ -140,7 +145,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             });
             Ok(())
         }
-        Command::Apply { file, app } => apply(&api()?, json_out, &file, app).await,
+        Command::Apply { file, app, prune } => apply(&api()?, json_out, &file, app, prune).await,
         Command::Export { app } => {
             let out: Value = api()?
                 .call(
@@ -281,10 +286,9 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         }
         Command::Releases { app } => {
             let out: Value = api()?
-                .call(
-                    Method::GET,
-                    &format!("/api/v1/apps/{}/releases", seg(&app)),
-                    None,
+                .list(
+                    &format!("/api/v1/apps/{}/releases?limit=1000", seg(&app)),
+                    usize::MAX,
                 )
                 .await?;
             print_json_or(json_out, &out, || {
@@ -310,20 +314,43 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             });
             Ok(())
         }
-        Command::Rollback { app, version } => {
-            let out: Value = api()?
+        Command::Rollback {
+            app,
+            version,
+            detach,
+            wait_timeout,
+        } => {
+            let c = api()?;
+            // Subscribed before the release exists, as for a deploy.
+            let mut events = if detach {
+                None
+            } else {
+                Some(
+                    c.events(&format!("/api/v1/events/stream?app={}", seg(&app)))
+                        .await?,
+                )
+            };
+            let out: Value = c
                 .call(
                     Method::POST,
                     &format!("/api/v1/apps/{}/rollback", seg(&app)),
                     Some(json!({"version": version})),
                 )
                 .await?;
-            print_json_or(json_out, &out, || {
-                println!(
-                    "Rolled back {app} to {version}: new release v{}.",
-                    out["version"]
-                )
-            });
+            let v = out["version"].as_u64().unwrap_or(0);
+            let Some(events) = events.as_mut() else {
+                print_json_or(json_out, &out, || {
+                    println!("Rolled back {app} to {version}: new release v{v}; rolling out.")
+                });
+                return Ok(());
+            };
+            if !json_out {
+                println!("Rolled back {app} to {version}: new release v{v}; rolling out...");
+            }
+            let done =
+                super::commands::follow_rollout(&c, events, &app, v, *wait_timeout, json_out)
+                    .await?;
+            print_json_or(json_out, &done, || println!("v{v} of {app} is serving."));
             Ok(())
         }
         Command::Domains(cmd) => domains(&api()?, json_out, cmd).await,
@@ -387,9 +414,10 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             Ok(())
         }
         Command::Events { app, limit, follow } => {
+            let page = limit.clamp(1, 1000);
             let path = match &app {
-                Some(a) => format!("/api/v1/apps/{}/events?limit={limit}", seg(a)),
-                None => format!("/api/v1/events?limit={limit}"),
+                Some(a) => format!("/api/v1/apps/{}/events?limit={page}", seg(a)),
+                None => format!("/api/v1/events?limit={page}"),
             };
             let c = api()?;
             // Subscribed before the history is read: nothing falls between the two.
@@ -402,7 +430,7 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
             } else {
                 None
             };
-            let out: Value = c.call(Method::GET, &path, None).await?;
+            let out: Value = c.list(&path, limit as usize).await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
@@ -632,6 +660,7 @@ async fn apply(
     json_out: bool,
     file: &std::path::Path,
     app: Option<String>,
+    prune: bool,
 ) -> Result<(), CliError> {
     use std::io::Read;
     let stdin = file.as_os_str() == "-";
@@ -671,7 +700,7 @@ async fn apply(
         .call(
             Method::PUT,
             &format!("/api/v1/apps/{}/manifest", seg(&app)),
-            Some(json!({"manifest": text})),
+            Some(json!({"manifest": text, "prune": prune})),
         )
         .await?;
     print_json_or(json_out, &out, || {
@@ -681,8 +710,25 @@ async fn apply(
             .flatten()
             .map(s)
             .collect();
+        let undeclared: Vec<String> = out["processes_undeclared"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        let note = || {
+            if !undeclared.is_empty() {
+                println!(
+                    "Not in {shown}, left in place: process type{} {}. Remove {} with: escale apply -f {shown} --prune",
+                    if undeclared.len() == 1 { "" } else { "s" },
+                    undeclared.join(", "),
+                    if undeclared.len() == 1 { "it" } else { "them" },
+                );
+            }
+        };
         if changes.is_empty() {
             println!("{app} already matches {shown}; nothing changed.");
+            note();
             return;
         }
         println!("Applied {shown} to {app}:");
@@ -692,6 +738,7 @@ async fn apply(
         if let Some(v) = out["release"].as_u64() {
             println!("The config changed: release v{v} is rolling out.");
         }
+        note();
     });
     Ok(())
 }
@@ -713,7 +760,7 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
             });
         }
         AppsCommand::List => {
-            let out: Value = c.call(Method::GET, "/api/v1/apps", None).await?;
+            let out: Value = c.list("/api/v1/apps?limit=1000", usize::MAX).await?;
             print_json_or(json_out, &out, || {
                 let rows: Vec<Vec<String>> = out
                     .as_array()
@@ -821,6 +868,28 @@ async fn apps(c: &Client, json_out: bool, cmd: AppsCommand) -> Result<(), CliErr
 }
 
 async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), CliError> {
+    let cmd = match cmd {
+        // `escale config shop` (the Heroku habit): `escale config get shop`.
+        ConfigCommand::App(args) => match args
+            .iter()
+            .filter(|a| *a != "--json")
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [app] => ConfigCommand::Get {
+                app: app.to_string(),
+                key: None,
+                reveal: false,
+            },
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "`escale config {}`: write `escale config APP`, or `escale config get|set|unset APP ...`",
+                    args.join(" ")
+                )))
+            }
+        },
+        other => other,
+    };
     match cmd {
         ConfigCommand::Get { app, key, reveal } => {
             let path = format!(
@@ -894,6 +963,7 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
                 }
             });
         }
+        ConfigCommand::App(_) => unreachable!("mapped to Get above"),
         ConfigCommand::Unset { app, keys } => {
             let out: Value = c
                 .call(
@@ -919,6 +989,16 @@ async fn config(c: &Client, json_out: bool, cmd: ConfigCommand) -> Result<(), Cl
 
 async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<(), CliError> {
     match cmd {
+        ProcessesCommand::Remove { app, process } => {
+            delete(
+                c,
+                &format!("/api/v1/apps/{}/processes/{}", seg(&app), seg(&process)),
+                json_out,
+                json!({"removed": process}),
+                &format!("Process type {process} removed from {app}; its instances stop."),
+            )
+            .await?;
+        }
         ProcessesCommand::List { app } => {
             let out: Value = c
                 .call(
@@ -961,9 +1041,10 @@ async fn processes(c: &Client, json_out: bool, cmd: ProcessesCommand) -> Result<
                 "constraints": constraints,
                 "overcommit": p.overcommit,
             }));
+            // Defines the process type when it is new (the one command that does).
             let out: Value = c
                 .call(
-                    Method::PATCH,
+                    Method::PUT,
                     &format!("/api/v1/apps/{}/processes/{}", seg(&p.app), seg(&p.process)),
                     Some(body),
                 )
@@ -1172,9 +1253,16 @@ async fn webhooks(c: &Client, json_out: bool, cmd: WebhooksCommand) -> Result<()
     Ok(())
 }
 
+/// A domain as the API takes it: an international name in its `xn--` form, lowercase. Input
+/// that is no domain at all goes as typed, for the server to say what is wrong.
+fn ascii_domain(domain: String) -> String {
+    crate::validate::domain(&domain).unwrap_or(domain)
+}
+
 async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), CliError> {
     match cmd {
         DomainsCommand::Add { app, domain } => {
+            let domain = ascii_domain(domain);
             let out: Value = c
                 .call(
                     Method::POST,
@@ -1183,10 +1271,14 @@ async fn domains(c: &Client, json_out: bool, cmd: DomainsCommand) -> Result<(), 
                 )
                 .await?;
             print_json_or(json_out, &out, || {
-                println!("Domain {} added to {app}.", s(&out["domain"]))
+                println!("Domain {} added to {app}.", s(&out["domain"]));
+                if let Some(next) = out["next"].as_str() {
+                    println!("Next: {next}.");
+                }
             });
         }
         DomainsCommand::Remove { app, domain } => {
+            let domain = ascii_domain(domain);
             delete(
                 c,
                 &format!("/api/v1/apps/{}/domains/{}", seg(&app), seg(&domain)),
@@ -1275,7 +1367,7 @@ async fn certs(c: &Client, json_out: bool, cmd: CertsCommand) -> Result<(), CliE
                 std::fs::read_to_string(p)
                     .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
             };
-            let body = json!({"domain": domain, "cert_pem": read(&cert)?, "key_pem": read(&key)?});
+            let body = json!({"domain": ascii_domain(domain), "cert_pem": read(&cert)?, "key_pem": read(&key)?});
             let out: Value = c
                 .call(
                     Method::POST,
@@ -1319,6 +1411,7 @@ async fn certs(c: &Client, json_out: bool, cmd: CertsCommand) -> Result<(), CliE
             });
         }
         CertsCommand::Remove { app, domain } => {
+            let domain = ascii_domain(domain);
             delete(
                 c,
                 &format!("/api/v1/apps/{}/certs/{}", seg(&app), seg(&domain)),

@@ -6,6 +6,7 @@
 
 mod backup;
 mod client;
+pub use client::next_link;
 mod commands;
 mod output;
 
@@ -37,14 +38,25 @@ Environment: ESCALE_URL (default http://127.0.0.1:7300), ESCALE_TOKEN.";
 #[derive(Debug, Parser)]
 #[command(name = "escale", version, about, after_help = EXAMPLES, propagate_version = true)]
 pub struct Cli {
-    /// API URL of the escale server.
-    #[arg(long, global = true, env = "ESCALE_URL")]
+    /// API URL of the escale server (default: the stored login's, else http://127.0.0.1:7300).
+    #[arg(
+        long,
+        global = true,
+        env = "ESCALE_URL",
+        help_heading = "Global options"
+    )]
     pub url: Option<String>,
     /// API token (default: the one stored by `escale login`).
-    #[arg(long, global = true, env = "ESCALE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "ESCALE_TOKEN",
+        hide_env_values = true,
+        help_heading = "Global options"
+    )]
     pub token: Option<String>,
-    /// Print JSON instead of tables (for scripts).
-    #[arg(long, global = true)]
+    /// Print JSON instead of tables (for scripts); errors as JSON on stderr.
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -83,8 +95,10 @@ pub enum Command {
     },
     /// Log in with a user name and password and store a token (0600) for later commands.
     Login {
+        /// Your user name.
         #[arg(long)]
         name: String,
+        /// Read the password from standard input (for scripts).
         #[arg(long)]
         password_stdin: bool,
     },
@@ -101,7 +115,7 @@ pub enum Command {
     /// Config vars (environment) of an app.
     #[command(
         subcommand,
-        after_help = "Examples:\n  escale config get shop\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret\n  escale config get shop DATABASE_URL --reveal\n  escale config unset shop LOG_LEVEL"
+        after_help = "Examples:\n  escale config shop            # lists them, as `config get shop`\n  escale config get shop\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret\n  escale config get shop DATABASE_URL --reveal\n  escale config unset shop LOG_LEVEL"
     )]
     Config(ConfigCommand),
     /// Define or change a process type (command, port, health check).
@@ -115,6 +129,7 @@ pub enum Command {
         after_help = "Examples:\n  escale scale shop web=7\n  escale scale shop web=2 worker=1\n  escale scale shop web=0"
     )]
     Scale {
+        /// The app, e.g. shop.
         app: String,
         /// PROCESS=COUNT pairs.
         #[arg(required = true, value_name = "PROCESS=COUNT")]
@@ -125,7 +140,9 @@ pub enum Command {
         after_help = "Examples:\n  escale resources shop web --memory 256m --cpus 0.5\n  escale resources shop web --memory none"
     )]
     Resources {
+        /// The app, e.g. shop.
         app: String,
+        /// The process type, e.g. web.
         process: String,
         /// e.g. 256m, 1g; `none` removes the limit.
         #[arg(long)]
@@ -139,6 +156,7 @@ pub enum Command {
         after_help = "Examples:\n  escale deploy shop --image registry.example.eu/shop:1.4\n  escale deploy shop --image shop:2 --port 8080 --no-wait"
     )]
     Deploy {
+        /// The app, e.g. shop.
         app: String,
         /// Image reference.
         #[arg(long)]
@@ -157,12 +175,16 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  escale ps shop\n  escale ps shop --json | jq '.instances[].health'"
     )]
-    Ps { app: String },
+    Ps {
+        /// The app, e.g. shop.
+        app: String,
+    },
     /// Show (and follow) the merged output of an app's instances.
     #[command(
         after_help = "Examples:\n  escale logs shop\n  escale logs shop -f --process web --tail 20"
     )]
     Logs {
+        /// The app, e.g. shop.
         app: String,
         /// Keep streaming.
         #[arg(short, long)]
@@ -175,16 +197,29 @@ pub enum Command {
         tail: usize,
     },
     /// List releases of an app.
-    Releases { app: String },
-    /// Make a new release with the image and config of an earlier one.
-    #[command(after_help = "Example:\n  escale rollback shop v3")]
-    Rollback {
+    Releases {
+        /// The app, e.g. shop.
         app: String,
-        /// e.g. v3
+    },
+    /// Make a new release with the image and config of an earlier one, and follow its rollout
+    /// as `deploy` does (exit 1 when it fails).
+    #[command(
+        after_help = "Examples:\n  escale rollback shop v3\n  escale rollback shop v3 --detach   # return once the release exists"
+    )]
+    Rollback {
+        /// The app, e.g. shop.
+        app: String,
+        /// The release to go back to, e.g. v3.
         // Not the id `version`: that is the `--version` flag's, and clap panics at parse time
         // on the clash.
         #[arg(id = "release", value_name = "VERSION")]
         version: String,
+        /// Return once the release is created, without following the rollout.
+        #[arg(long, alias = "no-wait")]
+        detach: bool,
+        /// Give up following after this long (the rollout itself has the server's deploy timeout).
+        #[arg(long, default_value = "15m")]
+        wait_timeout: humantime::Duration,
     },
     /// Custom domains of an app.
     #[command(
@@ -213,10 +248,17 @@ pub enum Command {
         /// The app (default: the manifest's `app` key; if both are given they must agree).
         #[arg(long)]
         app: Option<String>,
+        /// Also remove the process types the manifest does not declare (without it they are
+        /// listed and left in place).
+        #[arg(long)]
+        prune: bool,
     },
     /// Print an app's current state as an `escale.toml` manifest (secret config vars left out).
     #[command(after_help = "Example:\n  escale export shop > escale.toml")]
-    Export { app: String },
+    Export {
+        /// The app, e.g. shop.
+        app: String,
+    },
     /// API tokens.
     #[command(
         subcommand,
@@ -293,6 +335,7 @@ pub enum Command {
     Events {
         /// Only this app.
         app: Option<String>,
+        /// Most events to show (newest first; pages are followed).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Keep streaming live events.
@@ -301,14 +344,19 @@ pub enum Command {
     },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  escale completions bash > /etc/bash_completion.d/escale")]
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to write completions for.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AppsCommand {
     /// Create an app (with a `web` process type).
     Create {
+        /// The app's name: 1 to 30 lowercase letters, digits and `-`.
         name: String,
+        /// The owning team (default: yours; another team needs the admin role).
         #[arg(long)]
         team: Option<String>,
         /// Port of the web process.
@@ -318,9 +366,13 @@ pub enum AppsCommand {
     /// List apps.
     List,
     /// Show an app.
-    Info { name: String },
+    Info {
+        /// The app's name.
+        name: String,
+    },
     /// Destroy an app, its releases, config and instances.
     Destroy {
+        /// The app's name: 1 to 30 lowercase letters, digits and `-`.
         name: String,
         /// Repeat the app name to confirm.
         #[arg(long)]
@@ -335,8 +387,11 @@ pub enum ConfigCommand {
         after_help = "Examples:\n  escale config get shop\n  escale config get shop DATABASE_URL --reveal\n  escale config get shop --json"
     )]
     Get {
+        /// The app, e.g. shop.
         app: String,
+        /// Only this config var.
         key: Option<String>,
+        /// Show secret values (admins only).
         #[arg(long)]
         reveal: bool,
     },
@@ -345,7 +400,9 @@ pub enum ConfigCommand {
         after_help = "Examples:\n  escale config set shop LOG_LEVEL=debug WORKERS=4\n  escale config set shop DATABASE_URL=postgres://db/shop --secret"
     )]
     Set {
+        /// The app, e.g. shop.
         app: String,
+        /// KEY=VALUE pairs.
         #[arg(required = true, value_name = "KEY=VALUE")]
         pairs: Vec<String>,
         /// Store encrypted and hide from reads.
@@ -355,32 +412,52 @@ pub enum ConfigCommand {
     /// Remove config vars.
     #[command(after_help = "Example:\n  escale config unset shop LOG_LEVEL WORKERS")]
     Unset {
+        /// The app, e.g. shop.
         app: String,
+        /// Names of the config vars.
         #[arg(required = true)]
         keys: Vec<String>,
     },
+    /// `escale config APP`: lists the app's config vars (as `config get APP`).
+    #[command(external_subcommand)]
+    App(Vec<String>),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ProcessesCommand {
     /// List process types.
-    List { app: String },
+    List {
+        /// The app, e.g. shop.
+        app: String,
+    },
     /// Create or change a process type.
     #[command(
         after_help = "Examples:\n  escale processes set shop worker --health none -- /app/worker --queue default\n  escale processes set shop web --port 8080 --health-path /healthz\n  escale processes set shop web --constraint disk=ssd --constraint zone=a\n  escale processes set shop web --constraint -      # any node again"
     )]
     Set(ProcessSet),
+    /// Remove a process type; its instances stop.
+    #[command(after_help = "Example:\n  escale processes remove shop worker")]
+    Remove {
+        /// The app, e.g. shop.
+        app: String,
+        /// The process type, e.g. worker.
+        process: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct ProcessSet {
+    /// The app, e.g. shop.
     pub app: String,
+    /// The process type, e.g. web.
     pub process: String,
+    /// Port the process listens on (given to it as $PORT).
     #[arg(long)]
     pub port: Option<u16>,
     /// http, tcp or none.
     #[arg(long)]
     pub health: Option<String>,
+    /// Path of the HTTP health check, e.g. /healthz.
     #[arg(long)]
     pub health_path: Option<String>,
     /// Time between health checks of a healthy instance, e.g. 5s.
@@ -412,15 +489,29 @@ pub struct ProcessSet {
 
 #[derive(Debug, Subcommand)]
 pub enum DomainsCommand {
-    Add { app: String, domain: String },
-    Remove { app: String, domain: String },
-    List { app: String },
+    Add {
+        /// The app, e.g. shop.
+        app: String,
+        /// The domain, e.g. shop.example.eu (an international name is converted to its xn-- form).
+        domain: String,
+    },
+    Remove {
+        /// The app, e.g. shop.
+        app: String,
+        /// The domain, e.g. shop.example.eu (an international name is converted to its xn-- form).
+        domain: String,
+    },
+    List {
+        /// The app, e.g. shop.
+        app: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum WebhooksCommand {
     /// Set (or replace) the app's webhook; prints the secret once.
     Set {
+        /// The app, e.g. shop.
         app: String,
         /// The repository fetched on a push (https:// or http://).
         #[arg(long = "repo")]
@@ -433,9 +524,15 @@ pub enum WebhooksCommand {
         secret_stdin: bool,
     },
     /// Show the app's webhook (never its secret).
-    Show { app: String },
+    Show {
+        /// The app, e.g. shop.
+        app: String,
+    },
     /// Remove the app's webhook.
-    Remove { app: String },
+    Remove {
+        /// The app, e.g. shop.
+        app: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -446,7 +543,9 @@ pub enum CertsCommand {
         after_help = "Example:\n  escale certs add shop shop.example.eu --cert fullchain.pem --key privkey.pem"
     )]
     Add {
+        /// The app, e.g. shop.
         app: String,
+        /// The domain, e.g. shop.example.eu (an international name is converted to its xn-- form).
         domain: String,
         /// PEM certificate chain file.
         #[arg(long)]
@@ -456,9 +555,17 @@ pub enum CertsCommand {
         key: std::path::PathBuf,
     },
     /// Certificate state of each host name of APP.
-    List { app: String },
+    List {
+        /// The app, e.g. shop.
+        app: String,
+    },
     /// Remove the certificate of DOMAIN.
-    Remove { app: String, domain: String },
+    Remove {
+        /// The app, e.g. shop.
+        app: String,
+        /// The domain, e.g. shop.example.eu (an international name is converted to its xn-- form).
+        domain: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -466,6 +573,7 @@ pub enum TokensCommand {
     /// Create a token. Without API credentials, on the server host, it creates an admin token
     /// directly in the data dir (for scripting and recovery).
     Create {
+        /// The token's name.
         #[arg(long)]
         name: String,
         /// Create it in the local data dir even when API credentials exist.
@@ -477,6 +585,7 @@ pub enum TokensCommand {
     },
     List,
     Revoke {
+        /// The token's name.
         name: String,
     },
 }
@@ -484,10 +593,12 @@ pub enum TokensCommand {
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
     Create {
+        /// The user's name.
         name: String,
         /// admin or member.
         #[arg(long, default_value = "member")]
         role: String,
+        /// The user's team (default: `default`).
         #[arg(long)]
         team: Option<String>,
         /// Read a password from standard input (else the user has none and uses tokens).
@@ -496,6 +607,7 @@ pub enum UsersCommand {
     },
     List,
     Remove {
+        /// The user's name.
         name: String,
     },
 }
@@ -562,7 +674,10 @@ pub enum NodesCommand {
     /// escale placed there), instances, labels, certificate expiry, last heartbeat.
     List,
     /// One node, in full.
-    Info { node: String },
+    Info {
+        /// The node's name, e.g. n2.
+        node: String,
+    },
     /// Register a Docker host as a node: issues its server certificate from escale's own CA
     /// and writes its bundle (certificates, daemon.json, a systemd drop-in, install.sh) into
     /// a directory, to be installed on the node with `sudo sh install.sh`. The node joins
@@ -592,6 +707,7 @@ pub enum NodesCommand {
         after_help = "Example:\n  escale nodes renew n2\n  escale nodes renew n2 --address 10.0.0.12:2376"
     )]
     Renew {
+        /// The node's name, e.g. n2.
         node: String,
         /// A new HOST:PORT for the node.
         #[arg(long)]
@@ -602,14 +718,21 @@ pub enum NodesCommand {
     },
     /// Place nothing new on a node; what runs there stays.
     #[command(after_help = "Example:\n  escale nodes cordon n2")]
-    Cordon { node: String },
+    Cordon {
+        /// The node's name, e.g. n2.
+        node: String,
+    },
     /// Let a cordoned or drained node take new instances again.
     #[command(after_help = "Example:\n  escale nodes uncordon n2")]
-    Uncordon { node: String },
+    Uncordon {
+        /// The node's name, e.g. n2.
+        node: String,
+    },
     /// Cordon a node and move its instances to the other nodes, each replacement healthy
     /// before the instance it replaces stops; waits until none is left (or --detach).
     #[command(after_help = "Examples:\n  escale nodes drain n2\n  escale nodes drain n2 --detach")]
     Drain {
+        /// The node's name, e.g. n2.
         node: String,
         /// Return at once instead of waiting for the instances to move.
         #[arg(long)]
@@ -621,18 +744,27 @@ pub enum NodesCommand {
     /// Remove a node from the cluster (refused while escale's instances run there: drain
     /// it first). Its containers and Docker settings are left as they are.
     #[command(after_help = "Example:\n  escale nodes drain n2 && escale nodes remove n2")]
-    Remove { node: String },
+    Remove {
+        /// The node's name, e.g. n2.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TeamsCommand {
-    Create { name: String },
+    Create {
+        /// The team's name.
+        name: String,
+    },
     List,
 }
 
 /// Parses arguments, runs the command and exits with its code.
 pub fn main() -> ! {
     let cli = Cli::parse();
+    // A global flag after `escale config APP` is that external subcommand's argument.
+    let json = cli.json
+        || matches!(&cli.command, Command::Config(ConfigCommand::App(a)) if a.iter().any(|x| x == "--json"));
     if let Command::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "escale", &mut std::io::stdout());
         std::process::exit(0);
@@ -645,7 +777,12 @@ pub fn main() -> ! {
         Ok(()) => 0,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("error: {e}");
+            if json {
+                // Scripts read one JSON object, with the same exit code.
+                eprintln!("{}", e.to_json());
+            } else {
+                eprintln!("error: {e}");
+            }
             e.exit_code()
         }
     };
@@ -664,11 +801,37 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Every option and argument of every command says what it is, and the global options are
+    /// grouped apart from each command's own.
+    #[test]
+    fn every_option_and_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                if a.is_global_set() {
+                    assert_eq!(a.get_help_heading(), Some("Global options"), "{path} {id}");
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "escale", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:#?}");
+    }
+
     #[test]
     fn rollback_parses_its_version() {
         let cli = Cli::try_parse_from(["escale", "rollback", "shop", "v3"]).expect("parses");
         match cli.command {
-            Command::Rollback { app, version } => {
+            Command::Rollback { app, version, .. } => {
                 assert_eq!((app.as_str(), version.as_str()), ("shop", "v3"))
             }
             other => panic!("{other:?}"),

@@ -71,8 +71,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Json<T>, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
+        // Every body is a JSON object: read as a value first, so that an array is not taken
+        // for a struct's fields in order.
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) if !v.is_object() => Err(ApiError::Unprocessable(
+                "invalid request body: send a JSON object (see /api/v1/openapi.json)".into(),
+            )),
+            Ok(axum::Json(v)) => serde_json::from_value(v).map(Json).map_err(|e| {
+                ApiError::Unprocessable(format!(
+                    "invalid request body: Failed to deserialize the JSON body into the target type: {e}"
+                ))
+            }),
             Err(rejection) => {
                 use axum::extract::rejection::JsonRejection::*;
                 Err(match rejection {

@@ -5,6 +5,7 @@
 //! never on each other.
 
 mod extract;
+pub mod int;
 mod problem;
 
 pub use extract::{Auth, Json, Path, Query};

@@ -139,6 +139,15 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             RegistryError::Conflict(m) => ApiError::Conflict(m),
+            RegistryError::Missing(m) => ApiError::NotFound(m),
+            // What the change refers to (its app, its user) was removed by a concurrent
+            // request between the lookup and the write.
+            RegistryError::Database(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => {
+                ApiError::Conflict(
+                    "what this change refers to was removed meanwhile by another request; nothing was changed"
+                        .into(),
+                )
+            }
             RegistryError::Invalid(m) => ApiError::Unprocessable(m),
             RegistryError::Forbidden(m) => ApiError::Forbidden(m),
             // Names the release for the operator; nothing was changed.

@@ -164,21 +164,68 @@ impl Registry {
     }
 
     /// Apps the actor can see.
-    pub async fn list_apps(&self, actor: &Actor) -> Result<Vec<App>> {
-        let rows: Vec<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{APP_COLUMNS} WHERE ? OR a.team_id = ? ORDER BY a.name"
-        )))
-        .bind(actor.is_admin())
-        .bind(actor.team_id)
+    pub async fn list_apps(
+        &self,
+        actor: &Actor,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<App>> {
+        // Keyset on the (unique) name: a page is the next `limit` names after the cursor, so
+        // apps created or removed between pages neither repeat nor hide the others.
+        // Two statements rather than `(admin OR team)`: each then walks the name index from
+        // the cursor instead of scanning every app.
+        let rows: Vec<AppRef> = if actor.is_admin() {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{APP_COLUMNS} WHERE a.name > ?1 ORDER BY a.name LIMIT ?2"
+            )))
+            .bind(after.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+        } else {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{APP_COLUMNS} WHERE a.team_id = ?1 AND a.name > ?2 ORDER BY a.name LIMIT ?3"
+            )))
+            .bind(actor.team_id)
+            .bind(after.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+        };
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(Vec::new());
+        };
+        // Two more queries, over the page's apps only (a name range of the name index).
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            app_id: i64,
+            #[sqlx(flatten)]
+            p: ProcessRow,
+        }
+        let procs: Vec<Row> = sqlx::query_as(
+            "SELECT p.app_id, p.name, p.command, p.port, p.instances, p.memory_bytes, p.nano_cpus, p.surge,
+                    p.health_kind, p.health_path, p.health_interval_ms, p.health_timeout_ms,
+                    p.health_grace_ms, p.constraints, p.overcommit
+             FROM apps a JOIN process_types p ON p.app_id = a.id
+             WHERE a.name >= ?1 AND a.name <= ?2 ORDER BY p.app_id, p.name",
+        )
+        .bind(&first.name)
+        .bind(&last.name)
         .fetch_all(&self.pool)
         .await?;
-        // Three queries whatever the number of apps.
-        let mut processes = self.all_processes().await?;
+        let mut processes: std::collections::HashMap<i64, Vec<ProcessType>> = Default::default();
+        for r in procs {
+            processes.entry(r.app_id).or_default().push(r.p.into());
+        }
         let mut domains: std::collections::HashMap<i64, Vec<String>> = Default::default();
-        let all: Vec<(i64, String)> =
-            sqlx::query_as("SELECT app_id, domain FROM domains ORDER BY domain")
-                .fetch_all(&self.pool)
-                .await?;
+        let all: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT d.app_id, d.domain FROM apps a JOIN domains d ON d.app_id = a.id
+             WHERE a.name >= ?1 AND a.name <= ?2 ORDER BY d.domain",
+        )
+        .bind(&first.name)
+        .bind(&last.name)
+        .fetch_all(&self.pool)
+        .await?;
         for (id, d) in all {
             domains.entry(id).or_default().push(d);
         }
@@ -304,9 +351,16 @@ impl Registry {
         process: &str,
         patch: &ProcessPatch,
         default_port: u16,
+        create: bool,
     ) -> Result<ProcessType> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
+        if !create {
+            let known = process_names(&mut tx, a.id).await?;
+            if !known.iter().any(|k| k == process) {
+                return Err(missing_process(app, process, &known));
+            }
+        }
         upsert_process_in(&mut tx, &a, &actor.name, process, patch, default_port).await?;
         tx.commit().await?;
         self.processes_of(a.id)
@@ -315,6 +369,51 @@ impl Registry {
             .find(|x| x.name == process)
             .ok_or_else(|| not_found("process type", process))
     }
+}
+
+impl Registry {
+    /// Removes a process type of `app`: its instances are stopped by the next reconcile.
+    pub async fn remove_process(&self, actor: &Actor, app: &str, process: &str) -> Result<()> {
+        let a = self.app(actor, app).await?;
+        let mut tx = self.write().await?;
+        let known = process_names(&mut tx, a.id).await?;
+        if !known.iter().any(|k| k == process) {
+            return Err(missing_process(app, process, &known));
+        }
+        sqlx::query("DELETE FROM process_types WHERE app_id = ? AND name = ?")
+            .bind(a.id)
+            .bind(process)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            &actor.name,
+            Some(app),
+            "process.remove",
+            &format!("process type {process} removed"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The process type names of an app, by name.
+async fn process_names(tx: &mut super::Write, app_id: i64) -> Result<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT name FROM process_types WHERE app_id = ? ORDER BY name")
+            .bind(app_id)
+            .fetch_all(&mut **tx)
+            .await?,
+    )
+}
+
+/// An unknown process type of `app`, with the ones it has (as `scale` says it).
+fn missing_process(app: &str, name: &str, known: &[String]) -> RegistryError {
+    RegistryError::Missing(format!(
+        "app `{app}` has no process type `{name}` (it has: {}); define it first with `escale processes set {app} {name} --command ...`",
+        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+    ))
 }
 
 /// [`Registry::upsert_process`] inside the caller's transaction.
@@ -397,17 +496,10 @@ impl Registry {
     ) -> Result<Vec<ProcessType>> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
-        let known: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM process_types WHERE app_id = ? ORDER BY name")
-                .bind(a.id)
-                .fetch_all(&mut *tx)
-                .await?;
+        let known = process_names(&mut tx, a.id).await?;
         for name in counts.keys() {
             if !known.contains(name) {
-                return Err(RegistryError::Invalid(format!(
-                    "app `{app}` has no process type `{name}` (it has: {}); define it first with `escale processes set {app} {name} --command ...`",
-                    known.join(", ")
-                )));
+                return Err(missing_process(app, name, &known));
             }
         }
         for (name, n) in counts {
@@ -729,6 +821,13 @@ pub struct ManifestApplied {
     pub changes: Vec<String>,
     pub processes_created: Vec<String>,
     pub processes_updated: Vec<String>,
+    /// Process types the manifest does not declare, removed because `prune` was asked.
+    #[serde(default)]
+    pub processes_removed: Vec<String>,
+    /// Process types the manifest does not declare, left in place (apply with `prune` to
+    /// remove them).
+    #[serde(default)]
+    pub processes_undeclared: Vec<String>,
     pub domains_added: Vec<String>,
     pub domains_removed: Vec<String>,
     pub env_set: Vec<String>,
@@ -769,10 +868,11 @@ impl Registry {
         app: &str,
         m: &crate::manifest::Manifest,
         default_port: u16,
+        prune: bool,
     ) -> Result<ManifestApplied> {
         let a = self.app(actor, app).await?;
         let mut tx = self.write().await?;
-        let out = apply_manifest_in(&mut tx, &a, actor, m, default_port, true).await?;
+        let out = apply_manifest_in(&mut tx, &a, actor, m, default_port, true, prune).await?;
         if !out.changes.is_empty() {
             tx.commit().await?;
         }
@@ -782,7 +882,9 @@ impl Registry {
 
 /// [`Registry::apply_manifest`] inside the caller's transaction. With `release_config`, a
 /// config change of a deployed app creates a release; without, the caller releases next (a
-/// push) and that release carries the new config.
+/// push) and that release carries the new config. Process types the manifest does not
+/// declare are removed with `prune` (when it declares any), else listed as undeclared.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn apply_manifest_in(
     tx: &mut super::Write,
     a: &AppRef,
@@ -790,6 +892,7 @@ pub(crate) async fn apply_manifest_in(
     m: &crate::manifest::Manifest,
     default_port: u16,
     release_config: bool,
+    prune: bool,
 ) -> Result<ManifestApplied> {
     let app = a.name.as_str();
     {
@@ -871,6 +974,28 @@ pub(crate) async fn apply_manifest_in(
             }
             out.changes
                 .extend(diff.into_iter().map(|d| format!("process {name}: {d}")));
+        }
+        // A manifest without process types leaves them alone, prune or not.
+        for p in current
+            .iter()
+            .filter(|p| !m.processes.is_empty() && !m.processes.contains_key(&p.name))
+        {
+            if !prune {
+                out.processes_undeclared.push(p.name.clone());
+                continue;
+            }
+            sqlx::query("DELETE FROM process_types WHERE app_id = ? AND name = ?")
+                .bind(a.id)
+                .bind(&p.name)
+                .execute(&mut **tx)
+                .await?;
+            out.processes_removed.push(p.name.clone());
+            out.changes.push(format!(
+                "process {}: removed (not in the manifest; it ran {} instance{})",
+                p.name,
+                p.instances,
+                if p.instances == 1 { "" } else { "s" }
+            ));
         }
 
         if let Some(domains) = &m.domains {

@@ -6,7 +6,8 @@ use super::{insert_release, Actor, AppRef, ManifestApplied, ProcessPatch, Regist
 
 impl Registry {
     /// Releases `image` for `app` (with its current config) and, when `port` is
-    /// `Some((port, default_port))`, sets the `web` process's port, in one transaction.
+    /// `Some((port, default_port))` and differs from the `web` process's, sets it, in one
+    /// transaction (an unchanged port writes nothing and no `process.update` event).
     pub async fn deploy_image(
         &self,
         actor: &Actor,
@@ -16,7 +17,12 @@ impl Registry {
         port: Option<(u16, u16)>,
     ) -> Result<u32> {
         let mut tx = self.write().await?;
-        if let Some((port, default_port)) = port {
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT port FROM process_types WHERE app_id = ? AND name = 'web'")
+                .bind(app.id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((port, default_port)) = port.filter(|(p, _)| current != Some(i64::from(*p))) {
             let patch = ProcessPatch {
                 port: Some(port),
                 ..Default::default()
@@ -45,7 +51,7 @@ impl Registry {
         let mut tx = self.write().await?;
         let applied = match manifest {
             Some((m, default_port)) => {
-                Some(apply_manifest_in(&mut tx, app, actor, m, default_port, false).await?)
+                Some(apply_manifest_in(&mut tx, app, actor, m, default_port, false, false).await?)
             }
             None => None,
         };

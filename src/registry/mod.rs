@@ -45,6 +45,10 @@ pub enum RegistryError {
     NotFound { what: &'static str, name: String },
     #[error("{0}")]
     Conflict(String),
+    /// Something the request names (not its path) does not exist; the message says what
+    /// does.
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Invalid(String),
     #[error("forbidden: {0}")]
@@ -322,24 +326,35 @@ impl Registry {
     /// Events name their app, and a destroyed app's name can be taken again (by another team):
     /// an app's events are those since its latest `app.create`, so a new app does not show the
     /// history of an earlier one of the same name.
-    pub async fn events(&self, actor: &Actor, app: Option<&str>, limit: i64) -> Result<Vec<Event>> {
-        let limit = limit.clamp(1, 1000);
+    ///
+    /// A page is at most `limit` events older than the event id `before` (keyset on the id).
+    pub async fn events(
+        &self,
+        actor: &Actor,
+        app: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
+        let limit = limit.clamp(1, 1001);
+        let before = before.unwrap_or(i64::MAX);
         if let Some(app) = app {
             self.app(actor, app).await?;
             return Ok(sqlx::query_as(
                 "SELECT id, at, actor, app, action, detail FROM events WHERE app = ?1
                  AND id >= COALESCE((SELECT MAX(id) FROM events WHERE app = ?1 AND action = 'app.create'), 0)
-                 ORDER BY id DESC LIMIT ?2",
+                 AND id < ?3 ORDER BY id DESC LIMIT ?2",
             )
             .bind(app)
             .bind(limit)
+            .bind(before)
             .fetch_all(&self.pool)
             .await?);
         }
         if actor.is_admin() {
             Ok(sqlx::query_as(
-                "SELECT id, at, actor, app, action, detail FROM events ORDER BY id DESC LIMIT ?",
+                "SELECT id, at, actor, app, action, detail FROM events WHERE id < ? ORDER BY id DESC LIMIT ?",
             )
+            .bind(before)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?)
@@ -348,9 +363,10 @@ impl Registry {
                 "SELECT e.id, e.at, e.actor, e.app, e.action, e.detail FROM events e
                  JOIN apps a ON a.name = e.app WHERE a.team_id = ?
                  AND e.id >= COALESCE((SELECT MAX(c.id) FROM events c WHERE c.app = e.app AND c.action = 'app.create'), 0)
-                 ORDER BY e.id DESC LIMIT ?",
+                 AND e.id < ? ORDER BY e.id DESC LIMIT ?",
             )
             .bind(actor.team_id)
+            .bind(before)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?)

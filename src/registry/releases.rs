@@ -206,12 +206,22 @@ impl Registry {
     }
 
     /// Releases of an app, newest first.
-    pub async fn releases(&self, actor: &Actor, app: &str) -> Result<Vec<Release>> {
+    /// Releases of `app`, newest first: at most `limit` of them older than version `before`
+    /// (keyset on the version).
+    pub async fn releases(
+        &self,
+        actor: &Actor,
+        app: &str,
+        before: Option<u32>,
+        limit: i64,
+    ) -> Result<Vec<Release>> {
         let a = self.app(actor, app).await?;
         let rows: Vec<ReleaseRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{RELEASE_COLUMNS} WHERE app_id = ? ORDER BY version DESC"
+            "{RELEASE_COLUMNS} WHERE app_id = ? AND version < ? ORDER BY version DESC LIMIT ?"
         )))
         .bind(a.id)
+        .bind(before.map(i64::from).unwrap_or(i64::MAX))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(|r| r.into_release(app)).collect()

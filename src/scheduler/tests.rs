@@ -96,7 +96,7 @@ impl Harness {
             ..Default::default()
         };
         self.registry
-            .upsert_process(&self.actor, name, "web", &patch, 8080)
+            .upsert_process(&self.actor, name, "web", &patch, 8080, true)
             .await
             .expect("process");
         self.scale(name, instances).await;
@@ -281,7 +281,7 @@ async fn a_crashed_instance_is_replaced_then_backed_off() {
     // The operator sees the crashes later in the audit log.
     let audit = h
         .registry
-        .events(&h.actor, Some("shop"), 100)
+        .events(&h.actor, Some("shop"), None, 100)
         .await
         .expect("audit");
     assert_eq!(
@@ -448,7 +448,11 @@ async fn a_hanging_engine_does_not_hold_up_a_pass() {
         h.count(|e| matches!(e, Event::NodeReady { node } if node == "n2")) == 1
     })
     .await;
-    let audit = h.registry.events(&h.actor, None, 100).await.expect("audit");
+    let audit = h
+        .registry
+        .events(&h.actor, None, None, 100)
+        .await
+        .expect("audit");
     assert!(audit.iter().any(|e| e.action == "node.down"));
     assert!(audit.iter().any(|e| e.action == "node.ready"));
 }
@@ -539,7 +543,7 @@ async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
         ..Default::default()
     };
     h.registry
-        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
         .await
         .expect("process");
     h.until("a healthy instance on a TCP check", |h| {
@@ -571,7 +575,7 @@ async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
         Event::InstanceDraining { instance, cause: DrainCause::Unhealthy, .. } if instance.instance == sick.instance)));
     let audit = h
         .registry
-        .events(&h.actor, Some("shop"), 100)
+        .events(&h.actor, Some("shop"), None, 100)
         .await
         .expect("audit");
     assert!(
@@ -617,8 +621,7 @@ fn instance_states_serialise_as_before() {
         assert_eq!(serde_json::to_value(s).expect("json"), want);
     }
     // The API document describes them.
-    use utoipa::OpenApi;
-    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let doc = crate::api::openapi();
     let schemas = &doc["components"]["schemas"];
     assert!(schemas.get("InstanceStatus").is_some(), "{schemas}");
     assert!(schemas.get("HealthStatus").is_some());
@@ -720,7 +723,11 @@ async fn a_node_that_misses_a_call_is_suspect_and_nothing_is_rescheduled() {
             .any(|n| n.name == "n2" && n.state == super::NodeStatus::Ready)
     })
     .await;
-    let audit = h.registry.events(&h.actor, None, 100).await.expect("audit");
+    let audit = h
+        .registry
+        .events(&h.actor, None, None, 100)
+        .await
+        .expect("audit");
     assert!(
         !audit.iter().any(|e| e.action.starts_with("node.")),
         "{audit:?}"
@@ -836,7 +843,7 @@ async fn constraints_place_on_labelled_nodes_only() {
         ..Default::default()
     };
     h.registry
-        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
         .await
         .expect("process");
     h.scale("shop", 2).await;
@@ -862,7 +869,7 @@ async fn what_does_not_fit_is_not_started_and_says_why_per_node() {
         ..Default::default()
     };
     h.registry
-        .upsert_process(&h.actor, "shop", "web", &patch, 8080)
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
         .await
         .expect("process");
     h.scale("shop", 3).await;
@@ -1047,8 +1054,7 @@ async fn the_service_refuses_a_formation_that_cannot_be_placed_and_changes_nothi
 
 #[test]
 fn the_api_document_describes_placement() {
-    use utoipa::OpenApi;
-    let doc = serde_json::to_value(crate::api::ApiDoc::openapi()).expect("json");
+    let doc = crate::api::openapi();
     let schemas = &doc["components"]["schemas"];
     assert!(schemas.get("UnplacedView").is_some(), "{schemas}");
     let process = &schemas["ProcessType"]["properties"];

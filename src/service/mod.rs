@@ -202,15 +202,43 @@ impl Services {
         Ok(self.registry.release(actor, app, v).await?)
     }
 
-    /// Changes a process type (created if new). When the change touches what placement
-    /// judges (CPUs, memory, constraints, overcommit), the app's whole formation with it must
-    /// fit the nodes ([`Services::check_placement`]), else nothing is changed.
+    /// Changes an existing process type (an unknown one is refused, naming those the app
+    /// has). When the change touches what placement judges (CPUs, memory, constraints,
+    /// overcommit), the app's whole formation with it must fit the nodes
+    /// ([`Services::check_placement`]), else nothing is changed.
     pub async fn update_process(
         &self,
         actor: &Actor,
         app: &str,
         process: &str,
         patch: &ProcessPatch,
+    ) -> Result<ProcessType> {
+        self.change_process(actor, app, process, patch, false).await
+    }
+
+    /// Defines a process type, or changes it when it exists (`escale processes set`).
+    pub async fn define_process(
+        &self,
+        actor: &Actor,
+        app: &str,
+        process: &str,
+        patch: &ProcessPatch,
+    ) -> Result<ProcessType> {
+        self.change_process(actor, app, process, patch, true).await
+    }
+
+    /// Removes a process type; its instances stop at the next reconcile.
+    pub async fn remove_process(&self, actor: &Actor, app: &str, process: &str) -> Result<()> {
+        Ok(self.registry.remove_process(actor, app, process).await?)
+    }
+
+    async fn change_process(
+        &self,
+        actor: &Actor,
+        app: &str,
+        process: &str,
+        patch: &ProcessPatch,
+        create: bool,
     ) -> Result<ProcessType> {
         let a = self.registry.app(actor, app).await?;
         let placement = patch.nano_cpus.is_some()
@@ -237,6 +265,7 @@ impl Services {
                 process,
                 patch,
                 self.config.scheduler.default_port,
+                create,
             )
             .await?)
     }
@@ -370,13 +399,14 @@ impl Services {
         actor: &Actor,
         app: &str,
         m: &crate::manifest::Manifest,
+        prune: bool,
     ) -> Result<ManifestApplied> {
         let a = self.registry.app(actor, app).await?;
         self.check_manifest_placement(&a, m).await?;
         let _guard = self.try_lock(&a, format!("a manifest apply by {}", actor.name))?;
         Ok(self
             .registry
-            .apply_manifest(actor, app, m, self.config.scheduler.default_port)
+            .apply_manifest(actor, app, m, self.config.scheduler.default_port, prune)
             .await?)
     }
 
@@ -467,7 +497,8 @@ fn refusal(app: &str, p: &ProcessType, reasons: &[String]) -> ServiceError {
     } else {
         reasons.join("; ")
     };
-    ServiceError::Invalid(format!(
+    // The nodes' state, not the request, is at odds: 409.
+    ServiceError::Conflict(format!(
         "no node can run `{}` of `{app}` ({}): {reasons}; nothing was changed",
         p.name,
         asked.join(", ")

@@ -97,7 +97,8 @@ pub async fn apps_fragment(State(s): State<WebState>, session: Session) -> PageR
 
 /// The overview's table: state, healthy/desired per process, domains, release and traffic.
 pub async fn apps_table(s: &WebState, actor: &Actor) -> Result<Markup, WebError> {
-    let apps = s.registry.list_apps(actor).await?;
+    // The dashboard shows every app the actor can see (one page of all).
+    let apps = s.registry.list_apps(actor, None, i64::MAX).await?;
     if apps.is_empty() {
         return Ok(html! {
             div.empty {
@@ -192,7 +193,7 @@ pub async fn app_page(
     // Secrets are shown only to an admin who asks (as `?reveal=true` on the API).
     let reveal = q.reveal.is_some() && actor.is_admin();
     let config = s.registry.config(actor, &app, reveal).await?;
-    let releases = s.registry.releases(actor, &app).await?;
+    let releases = s.registry.releases(actor, &app, None, i64::MAX).await?;
     let domains = s.registry.domains(actor, &app).await?;
     let mut certs = crate::certs::store::states(&s.registry)
         .await
@@ -679,6 +680,7 @@ pub async fn events_page(
         .events(
             &session.actor,
             app.as_deref(),
+            None,
             if text.is_some() { 2000 } else { 200 },
         )
         .await?;

@@ -353,7 +353,7 @@ async fn a_user_walks_through_the_cli() {
             ],
         );
     admin
-        .run(&["resources", "shop", "web", "--memory", "64t"])
+        .run(&["resources", "shop", "web", "--memory", "999999g"])
         .fails(1, &["no node can run `web`", "MiB"]);
     let again = admin.run(&["processes", "list", "shop"]);
     assert!(
@@ -1276,4 +1276,175 @@ async fn the_data_dir_is_owner_only_and_a_start_fixes_older_installs() {
     push(&s, "two");
     assert_eq!(not_owner_only(&data), Vec::<String>::new());
     s.ok(&["apps", "info", "shop"]);
+}
+
+#[tokio::test]
+async fn process_types_must_exist_to_change_and_apply_prunes_only_when_asked() {
+    let s = TestServer::start(&[]).await;
+    let admin = Run::admin(&s);
+    admin.run(&["apps", "create", "shop"]).ok();
+
+    // A typo in a process name creates nothing and says what the app has, as `scale` does.
+    admin
+        .run(&["resources", "shop", "wrker", "--memory", "256m"])
+        .fails(1, &["no process type `wrker`", "it has: web"]);
+    admin
+        .run(&["scale", "shop", "wrker=1"])
+        .fails(1, &["no process type `wrker`", "it has: web"]);
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&admin.json(&["processes", "list", "shop"])), ["web"]);
+
+    // `processes set` defines one; `processes remove` removes it, once.
+    admin
+        .run(&[
+            "processes",
+            "set",
+            "shop",
+            "worker",
+            "--health",
+            "none",
+            "--",
+            "/app/worker",
+        ])
+        .ok();
+    admin
+        .run(&["resources", "shop", "worker", "--memory", "256m"])
+        .ok();
+    let out = admin.run(&["processes", "remove", "shop", "worker"]);
+    assert!(
+        out.ok().contains("Process type worker removed from shop"),
+        "{out:?}"
+    );
+    admin
+        .run(&["processes", "remove", "shop", "worker"])
+        .fails(1, &["no process type `worker`", "it has: web"]);
+    assert_eq!(names(&admin.json(&["processes", "list", "shop"])), ["web"]);
+
+    // `apply` of a manifest without a process type says so and keeps it; `--prune` removes it.
+    admin
+        .run(&[
+            "processes",
+            "set",
+            "shop",
+            "worker",
+            "--health",
+            "none",
+            "--",
+            "/app/worker",
+        ])
+        .ok();
+    let manifest = s.dir.path().join("escale.toml");
+    std::fs::write(
+        &manifest,
+        "app = \"shop\"\n[processes.web]\ninstances = 0\n",
+    )
+    .unwrap();
+    let file = manifest.to_str().unwrap();
+    let out = admin.run(&["apply", "-f", file]);
+    let text = out.ok();
+    assert!(
+        text.contains("left in place: process type worker") && text.contains("--prune"),
+        "{out:?}"
+    );
+    assert_eq!(
+        names(&admin.json(&["processes", "list", "shop"])),
+        ["web", "worker"]
+    );
+    let out = admin.run(&["apply", "-f", file, "--prune"]);
+    assert!(out.ok().contains("process worker: removed"), "{out:?}");
+    assert_eq!(names(&admin.json(&["processes", "list", "shop"])), ["web"]);
+    // Applied again: nothing to do, nothing undeclared.
+    let out = admin.run(&["apply", "-f", file, "--prune"]);
+    assert!(out.ok().contains("nothing changed"), "{out:?}");
+    let events = admin.json(&["events", "shop"]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "process.remove"),
+        "{events}"
+    );
+}
+
+#[tokio::test]
+async fn json_errors_config_shorthand_and_a_plain_server_log() {
+    let s = TestServer::start(&[]).await;
+    let admin = Run::admin(&s);
+    admin.run(&["apps", "create", "shop"]).ok();
+    admin.run(&["config", "set", "shop", "GREETING=hi"]).ok();
+
+    // `escale config APP` lists the config, as `config get APP`.
+    let out = admin.run(&["config", "shop"]);
+    assert!(out.ok().contains("GREETING"), "{out:?}");
+    assert_eq!(
+        admin.json(&["config", "shop"]),
+        admin.json(&["config", "get", "shop"])
+    );
+    admin
+        .run(&["config", "shop", "extra"])
+        .fails(2, &["escale config APP"]);
+
+    // With --json, errors are one JSON object on stderr, with the same exit codes.
+    let json_err = |out: &Out| -> Value {
+        assert!(out.stdout.is_empty(), "{out:?}");
+        serde_json::from_str(out.stderr.trim())
+            .unwrap_or_else(|e| panic!("stderr is not JSON ({e}): {out:?}"))
+    };
+    for (args, code, status) in [
+        (vec!["ps", "nosuch", "--json"], 1, Value::from(404)),
+        (
+            vec!["resources", "shop", "wrker", "--memory", "256m", "--json"],
+            1,
+            Value::from(404),
+        ),
+        (
+            vec!["apps", "create", "Bad_Name", "--json"],
+            1,
+            Value::from(422),
+        ),
+        (
+            vec!["apps", "list", "--url", "http://127.0.0.1:1", "--json"],
+            3,
+            Value::Null,
+        ),
+        (vec!["config", "shop", "extra", "--json"], 2, Value::Null),
+    ] {
+        let out = admin.run(&args);
+        assert_eq!(out.code, code, "{args:?}: {out:?}");
+        let e = json_err(&out);
+        assert_eq!(e["status"], status, "{args:?}: {e}");
+        assert_eq!(e["exit"], code, "{args:?}: {e}");
+        assert!(
+            e["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{args:?}: {e}"
+        );
+    }
+    let out = Run::anonymous(&s, "nobody")
+        .token("esc_not-a-real-token")
+        .run(&["apps", "list", "--json"]);
+    assert_eq!(out.code, 4, "{out:?}");
+    assert_eq!(json_err(&out)["status"], 401);
+    // Without --json, the message as before.
+    admin.run(&["ps", "nosuch"]).fails(1, &["error: "]);
+
+    // `domains add` says what happens to the certificate (this server has no ACME).
+    let out = admin.run(&["domains", "add", "shop", "shop.example.eu"]);
+    assert!(
+        out.ok().contains(
+            "Next: no ACME configured: add a certificate with `escale certs add shop shop.example.eu"
+        ),
+        "{out:?}"
+    );
+
+    // The server's log goes to a file here: no colour codes in it.
+    let log = s.server_log();
+    assert!(!log.is_empty(), "the server logged nothing");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file log: {log}");
 }

@@ -325,3 +325,30 @@ async fn live_events_are_scoped_to_the_team() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn rollback_follows_its_rollout_as_deploy_does_unless_detached() {
+    let image = fixture_image().await;
+    let s = TestServer::start(&[]).await;
+    s.ok(&["apps", "create", "back"]);
+    s.ok(&["deploy", "back", "--image", image]);
+    // A config change of a deployed app is release v2.
+    s.ok(&["config", "set", "back", "A=1"]);
+    let out = s.ok(&["rollback", "back", "v1"]);
+    assert!(
+        out.contains("new release v3; rolling out...") && out.contains("v3 of back is serving"),
+        "{out}"
+    );
+    let out = s.ok(&["rollback", "back", "v2", "--detach"]);
+    assert!(
+        out.contains("new release v4; rolling out.") && !out.contains("serving"),
+        "{out}"
+    );
+    // A version that does not exist: exit 1, said.
+    let out = s.cli(&["rollback", "back", "v99"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("v99"),
+        "{out:?}"
+    );
+}

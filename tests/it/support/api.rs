@@ -144,7 +144,7 @@ impl TestApi {
 
     /// Sends a request through the router.
     pub async fn send(&self, req: Req) -> Resp {
-        let mut b = Request::builder().method(req.method).uri(&req.path);
+        let mut b = Request::builder().method(req.method.clone()).uri(&req.path);
         if let Some(t) = &req.token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -170,6 +170,7 @@ impl TestApi {
             .expect("router is infallible");
         let status = resp.status();
         let headers = resp.headers().clone();
+        assert_documented(&req.method, &req.path, status, &headers);
         let event_stream = headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
@@ -314,4 +315,77 @@ impl TestApi {
         )
         .await
     }
+}
+
+/// Asserts that the OpenAPI document lists `status` for the operation `method path` answered,
+/// with the content type it answered: every test through this harness is thereby a check that
+/// the document is exact. Paths outside the document (unknown routes, git, hooks, metrics)
+/// are not checked.
+#[track_caller]
+fn assert_documented(
+    method: &axum::http::Method,
+    path: &str,
+    status: StatusCode,
+    headers: &axum::http::HeaderMap,
+) {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(escale::api::openapi);
+    let path = path.split('?').next().unwrap_or(path);
+    let Some(op) = operation(doc, method.as_str(), path) else {
+        return;
+    };
+    let (template, op) = op;
+    let code = status.as_u16().to_string();
+    let Some(resp) = op["responses"].get(&code) else {
+        let msg = format!(
+            "{method} {path} answered {status}, which the OpenAPI document does not list for {method} {template} (it lists {:?})",
+            op["responses"].as_object().map(|r| r.keys().collect::<Vec<_>>())
+        );
+        // To list every gap in one run while working on the document.
+        if std::env::var_os("ESCALE_DOC_CHECK_WARN").is_some() {
+            eprintln!("UNDOCUMENTED: {msg}");
+            return;
+        }
+        panic!("{msg}");
+    };
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+    match (resp.get("content").and_then(Value::as_object), ct) {
+        (Some(content), Some(ct)) if !content.is_empty() => assert!(
+            content.contains_key(&ct),
+            "{method} {path} answered {status} as `{ct}`; the document says {:?}",
+            content.keys().collect::<Vec<_>>()
+        ),
+        _ => {}
+    }
+}
+
+/// The document's operation (path template and object) that `method path` reaches: a
+/// template's `{param}` segment matches any one segment; literal segments win.
+fn operation<'a>(doc: &'a Value, method: &str, path: &str) -> Option<(&'a str, &'a Value)> {
+    let segs: Vec<&str> = path.split('/').collect();
+    let mut best: Option<(usize, &str, &Value)> = None;
+    for (template, item) in doc["paths"].as_object()? {
+        let t: Vec<&str> = template.split('/').collect();
+        if t.len() != segs.len() {
+            continue;
+        }
+        let mut literal = 0;
+        let fits = t.iter().zip(&segs).all(|(t, s)| {
+            if t.starts_with('{') {
+                !s.is_empty()
+            } else {
+                literal += 1;
+                t == s
+            }
+        });
+        if fits && best.is_none_or(|(l, _, _)| literal > l) {
+            best = Some((literal, template, item));
+        }
+    }
+    let (_, template, item) = best?;
+    item.get(method.to_ascii_lowercase())
+        .map(|op| (template, op))
 }
