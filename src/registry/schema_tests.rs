@@ -57,6 +57,10 @@ const FIXTURES: &[(i64, &str)] = &[
         "INSERT INTO process_types (app_id, name, port, instances, constraints, overcommit)
              VALUES (2, 'web', 8080, 1, '{\"disk\":\"ssd\"}', 1);",
     ),
+    (
+        8,
+        "INSERT INTO web_sessions (hash, user_id, created_at, expires_at) VALUES ('sess1', 1, 5, 9);",
+    ),
 ];
 
 /// What must hold after migrating, for the data of fixture `version`: `(SQL, expected)`.
@@ -113,6 +117,10 @@ fn checks(version: i64) -> Vec<(&'static str, &'static str)> {
         7 => vec![(
             "SELECT constraints || overcommit FROM process_types WHERE app_id = 2",
             "{\"disk\":\"ssd\"}1",
+        )],
+        8 => vec![(
+            "SELECT hash || ' ' || user_id || ' ' || expires_at FROM web_sessions",
+            "sess1 1 9",
         )],
         _ => vec![],
     }
