@@ -228,19 +228,24 @@ pub async fn app_page(
                     p { (format!("{:.1}", super::rates::per_second(&series))) " requests/s now · "
                         (t.requests) " since start · mean time to response head "
                         (format!("{:.1}", if t.requests > 0 { t.sum_us as f64 / t.requests as f64 / 1000.0 } else { 0.0 })) " ms" }
-                    p { "Time to response head: "
-                        @for (label, q) in [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)] {
-                            (label) " " @match t.quantile_ms(q) {
-                                Some(ms) if ms.is_finite() => { "≤ " (ms) " ms" }
-                                Some(_) => { "> 10 s" }
-                                None => { "–" }
-                            } " · "
-                        }
-                        small { "(since start, by histogram bucket)" } }
+                    @let hour = super::rates::summed(&series);
+                    @for (when, totals) in [("Last hour", &hour), ("Since start", &t)] {
+                        p { (when) ", time to response head: "
+                            @for (label, q) in [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)] {
+                                (label) " " @match totals.quantile_ms(q) {
+                                    Some(ms) if ms.is_finite() => { "≤ " (ms) " ms" }
+                                    Some(_) => { "> 10 s" }
+                                    None => { "–" }
+                                } " · "
+                            }
+                            small { "(by histogram bucket)" } }
+                    }
                     p { "By status: "
                         @for (i, n) in t.status.iter().enumerate() { @if *n > 0 { (i + 1) "xx " (n) " · " } } }
                     (view::sparkline(&series, 600.0, 60.0))
                     p.hint { "Requests (blue) and 5xx answers (red) per 30 s, last hour." }
+                    (view::latency_line(&series, 600.0, 60.0))
+                    p.hint { "p95 time to the response head per 30 s, last hour." }
                 }
             }
         }

@@ -1,7 +1,8 @@
 //! Request and error rates per app over the last hour, for the dashboard's sparklines: the
 //! proxy's counters ([`crate::proxy::ProxyMetrics::app_totals`], atomics only) sampled every
 //! [`STEP`] by one task that `escale serve` runs and ends at shutdown; each app keeps the
-//! requests and 5xx answers of its last [`POINTS`] steps.
+//! requests, 5xx answers and latency histogram of its last [`POINTS`] steps, so the page
+//! shows the last hour's percentiles ([`summed`]) and a p95 line per step.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -16,11 +17,44 @@ pub const STEP: Duration = Duration::from_secs(30);
 /// Samples kept: one hour.
 pub const POINTS: usize = 120;
 
-/// Requests and 5xx answers in one step.
+/// Requests, 5xx answers and times to the response head (per latency bucket) in one step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Point {
     pub requests: u64,
     pub errors: u64,
+    /// Responses per latency bucket in this step (bounds in
+    /// [`crate::proxy::metrics::BUCKET_BOUNDS_MS`]).
+    pub latency: [u64; 11],
+}
+
+impl Point {
+    /// This step's counts as [`AppTotals`] (for its quantiles).
+    fn totals(&self) -> AppTotals {
+        AppTotals {
+            requests: self.requests,
+            errors: self.errors,
+            buckets: self.latency,
+            ..Default::default()
+        }
+    }
+
+    /// The bucket bound under which `q` of this step's responses' times fall, in ms.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        self.totals().quantile_ms(q)
+    }
+}
+
+/// The steps of `points` summed: the last hour's counts, for its quantiles.
+pub fn summed(points: &[Point]) -> AppTotals {
+    let mut t = AppTotals::default();
+    for p in points {
+        t.requests += p.requests;
+        t.errors += p.errors;
+        for (i, n) in p.latency.iter().enumerate() {
+            t.buckets[i] += n;
+        }
+    }
+    t
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +81,7 @@ impl Rates {
         let point = Point {
             requests: now.requests.saturating_sub(s.last.requests),
             errors: now.errors.saturating_sub(s.last.errors),
+            latency: std::array::from_fn(|i| now.buckets[i].saturating_sub(s.last.buckets[i])),
         };
         s.last = now;
         s.points.push_back(point);
@@ -129,15 +164,18 @@ mod tests {
             vec![
                 Point {
                     requests: 10,
-                    errors: 1
+                    errors: 1,
+                    ..Default::default()
                 },
                 Point {
                     requests: 15,
-                    errors: 0
+                    errors: 0,
+                    ..Default::default()
                 },
                 Point {
                     requests: 0,
-                    errors: 3
+                    errors: 3,
+                    ..Default::default()
                 },
             ]
         );
@@ -149,11 +187,40 @@ mod tests {
         assert!(
             (per_second(&[Point {
                 requests: 60,
-                errors: 0
+                errors: 0,
+                ..Default::default()
             }]) - 2.0)
                 .abs()
                 < 1e-9
         );
+    }
+
+    #[test]
+    fn the_last_hours_percentiles_come_from_the_steps_histograms() {
+        let r = Rates::new();
+        let t = |fast: u64, slow: u64| {
+            let mut buckets = [0; 11];
+            buckets[0] = fast; // <= 5 ms
+            buckets[6] = slow; // <= 500 ms
+            AppTotals {
+                requests: fast + slow,
+                buckets,
+                ..Default::default()
+            }
+        };
+        // Since start: 1,000 slow answers before the hour (the first sample's difference
+        // includes them; the hour drops that step once it is old).
+        r.sample("a", t(0, 1000));
+        for i in 1..=POINTS as u64 {
+            r.sample("a", t(100 * i, 1000));
+        }
+        let hour = r.series("a");
+        assert_eq!(hour.len(), POINTS);
+        let all = summed(&hour);
+        assert_eq!(all.requests, 100 * POINTS as u64);
+        assert_eq!(all.quantile_ms(0.99), Some(5.0), "the slow ones are older");
+        assert_eq!(hour[0].quantile_ms(0.5), Some(5.0));
+        assert_eq!(Point::default().quantile_ms(0.5), None);
     }
 
     #[test]

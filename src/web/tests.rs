@@ -873,6 +873,16 @@ async fn traffic_shows_as_rates_and_sparklines_from_the_proxys_counters() {
     assert!(overview.body.contains("<svg class=\"spark\""));
     let page = t.get("/apps/shop", Some(&b)).await;
     assert!(page.body.contains("2xx 62"), "{}", page.body);
+    assert!(
+        page.body
+            .contains("Last hour, time to response head: p50 ≤ 5 ms"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("polyline class=\"lat\""),
+        "the p95 line is drawn"
+    );
     assert!(page.body.contains("5xx 1"));
     assert!(
         page.body.contains("polyline class=\"err\""),

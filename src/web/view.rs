@@ -157,3 +157,30 @@ pub fn sparkline(points: &[super::rates::Point], w: f64, h: f64) -> Markup {
         }
     }
 }
+
+/// The p95 time to the response head per step (ms), oldest first, as inline SVG; steps without
+/// answers sit at 0, times above the last bucket at its bound.
+pub fn latency_line(points: &[super::rates::Point], w: f64, h: f64) -> Markup {
+    use super::rates::polyline;
+    let p95: Vec<u64> = points
+        .iter()
+        .map(|p| {
+            p.quantile_ms(0.95)
+                .map_or(0, |ms| if ms.is_finite() { ms as u64 } else { 10_000 })
+        })
+        .collect();
+    if p95.iter().all(|v| *v == 0) {
+        return html! {};
+    }
+    let max = p95.iter().copied().max().unwrap_or(0);
+    let label = format!(
+        "p95 time to response head per {} s, up to {max} ms; latest {} ms",
+        super::rates::STEP.as_secs(),
+        p95.last().copied().unwrap_or(0)
+    );
+    html! {
+        svg.spark xmlns="http://www.w3.org/2000/svg" viewBox={ "0 0 " (w) " " (h) } width=(w) height=(h) role="img" aria-label=(label) {
+            polyline.lat points=(polyline(&p95, max, w, h)) {}
+        }
+    }
+}
