@@ -38,6 +38,8 @@ pub struct RawConfig {
     pub api_addr: Option<String>,
     pub api_max_connections: Option<u32>,
     pub api_max_connections_per_client: Option<u32>,
+    pub login_max_failures: Option<u32>,
+    pub login_lockout: Option<String>,
     pub http_addr: Option<String>,
     pub https_addr: Option<String>,
     pub apps_domain: Option<String>,
@@ -215,6 +217,10 @@ pub struct Config {
     pub api_max_connections: usize,
     /// Open API connections per client address (IPv6: per /64) at most; `0`: no cap.
     pub api_max_connections_per_client: usize,
+    /// Failed logins (API and dashboard) one user may have from one address within
+    /// `login_lockout` before its logins from there are refused (429) until the window passes.
+    pub login_max_failures: u32,
+    pub login_lockout: Duration,
     /// Proxy, plain HTTP. `None` when set to `off`.
     pub http_addr: Option<SocketAddr>,
     /// Proxy, HTTPS. `None` when set to `off`.
@@ -356,6 +362,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "api_max_connections_per_client",
         "ESCALE_API_MAX_CONNECTIONS_PER_CLIENT",
     ),
+    ("login_max_failures", "ESCALE_LOGIN_MAX_FAILURES"),
+    ("login_lockout", "ESCALE_LOGIN_LOCKOUT"),
     ("http_addr", "ESCALE_HTTP_ADDR"),
     ("https_addr", "ESCALE_HTTPS_ADDR"),
     ("apps_domain", "ESCALE_APPS_DOMAIN"),
@@ -611,6 +619,17 @@ impl Config {
                 raw.api_max_connections_per_client,
                 64u32,
             )? as usize,
+            login_max_failures: {
+                let n = s.parse_num("login_max_failures", raw.login_max_failures, 5u32)?;
+                if n == 0 {
+                    return Err(invalid(
+                        "login_max_failures",
+                        "`0` would refuse every login: give at least 1".into(),
+                    ));
+                }
+                n
+            },
+            login_lockout: s.duration("login_lockout", raw.login_lockout.clone(), "5m")?,
             http_addr: s.addr("http_addr", raw.http_addr.clone(), "0.0.0.0:80")?,
             https_addr: s.addr("https_addr", raw.https_addr.clone(), "0.0.0.0:443")?,
             apps_domain,

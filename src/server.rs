@@ -395,6 +395,8 @@ pub async fn run_with(
     if let Some(addr) = config.https_addr {
         let l = listener_for(inherited_https, addr, "https_addr").await?;
         println!("escale: proxy listening on https://{}", l.local_addr()?);
+        // HTTP -> HTTPS redirects keep a port that is not 443.
+        proxy_config.https_redirect_port = Some(l.local_addr()?.port()).filter(|p| *p != 443);
         handover_sockets.push(("https", l.try_clone()?));
         // The store, plus TLS-ALPN-01 validation certificates for `acme-tls/1` clients.
         let certs: Arc<dyn rustls::server::ResolvesServerCert> = cert_manager.resolver();

@@ -17,7 +17,6 @@ mod stream;
 mod webhooks;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
@@ -71,9 +70,13 @@ impl axum::extract::FromRef<AppState> for Registry {
 impl AppState {
     pub fn new(registry: Registry, config: Arc<Config>) -> AppState {
         let certs = crate::certs::CertManager::new(registry.clone(), &config.apps_domain);
+        let limiter = Arc::new(LoginLimiter::new(
+            config.login_max_failures as usize,
+            config.login_lockout,
+        ));
         AppState {
             services: Services::new(registry, config, None),
-            limiter: Arc::new(LoginLimiter::new(5, Duration::from_secs(300))),
+            limiter,
             hashing: Arc::new(Hashing::per_core()),
             certs,
             metrics: Arc::new(crate::proxy::ProxyMetrics::new()),

@@ -341,7 +341,7 @@ impl Proxy {
         let logged = (sample >= 1.0 || (sample > 0.0 && rand::random::<f64>() < sample))
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let resp = if route.redirect_https && !conn.https && !is_acme_challenge(&req) {
-            redirect_https(host_str, req.uri(), &rid)
+            redirect_https(host_str, self.config.https_redirect_port, req.uri(), &rid)
         } else {
             self.forward(req, &host, conn, &route, &app, json, &rid)
                 .await
@@ -668,10 +668,19 @@ fn acme_answer(key_authorization: String, rid: &HeaderValue) -> Response<ProxyBo
     resp
 }
 
-/// `308` to the same host and path over HTTPS.
-fn redirect_https(host: &str, uri: &Uri, rid: &HeaderValue) -> Response<ProxyBody> {
+/// `308` to the same host and path over HTTPS, on the HTTPS listener's port when it is not
+/// 443 (`port`).
+fn redirect_https(
+    host: &str,
+    port: Option<u16>,
+    uri: &Uri,
+    rid: &HeaderValue,
+) -> Response<ProxyBody> {
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    let location = format!("https://{}{}", normalize_host(host), pq);
+    let location = match port {
+        Some(port) if port != 443 => format!("https://{}:{port}{}", normalize_host(host), pq),
+        _ => format!("https://{}{}", normalize_host(host), pq),
+    };
     let mut resp = Response::new(ProxyBody::Local(None));
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
     if let Ok(v) = HeaderValue::try_from(location) {
@@ -679,4 +688,39 @@ fn redirect_https(host: &str, uri: &Uri, rid: &HeaderValue) -> Response<ProxyBod
     }
     resp.headers_mut().insert(&X_REQUEST_ID, rid.clone());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(host: &str, port: Option<u16>, uri: &str) -> String {
+        let rid = HeaderValue::from_static("r1");
+        let resp = redirect_https(host, port, &uri.parse().unwrap(), &rid);
+        assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+        resp.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn the_https_redirect_keeps_a_port_that_is_not_443() {
+        assert_eq!(
+            location("shop.example.eu", None, "/a?b=1"),
+            "https://shop.example.eu/a?b=1"
+        );
+        assert_eq!(
+            location("shop.example.eu:8080", Some(443), "/"),
+            "https://shop.example.eu/"
+        );
+        assert_eq!(
+            location("shop.example.eu:8080", Some(8443), "/x"),
+            "https://shop.example.eu:8443/x"
+        );
+        assert_eq!(
+            location("[2001:db8::1]:80", Some(8443), "/"),
+            "https://[2001:db8::1]:8443/"
+        );
+    }
 }

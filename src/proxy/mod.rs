@@ -87,6 +87,9 @@ pub struct ProxyConfig {
     /// Fraction of routed requests written to the access log (target `escale::access`, one
     /// structured event per request at its response head): 0.0 is off, 1.0 every request.
     pub access_log_sample: f64,
+    /// The HTTPS listener's port when it is not 443: plain-HTTP requests to a host that has a
+    /// certificate are redirected to it (`https://host:PORT/...`).
+    pub https_redirect_port: Option<u16>,
 }
 
 impl Default for ProxyConfig {
@@ -109,6 +112,7 @@ impl Default for ProxyConfig {
             connection_limits: None,
             acme_challenges: None,
             access_log_sample: 0.0,
+            https_redirect_port: None,
         }
     }
 }
