@@ -1185,6 +1185,27 @@ mod tests {
     }
 
     #[test]
+    fn login_lockout_settings_are_checked() {
+        let c = with_env(&[
+            ("ESCALE_LOGIN_MAX_FAILURES", "20"),
+            ("ESCALE_LOGIN_LOCKOUT", "1m"),
+        ])
+        .unwrap();
+        assert_eq!(c.login_max_failures, 20);
+        assert_eq!(c.login_lockout, Duration::from_secs(60));
+        let d = with_env(&[]).unwrap();
+        assert_eq!((d.login_max_failures, d.login_lockout.as_secs()), (5, 300));
+        for (key, bad) in [
+            ("ESCALE_LOGIN_MAX_FAILURES", "0"),
+            ("ESCALE_LOGIN_MAX_FAILURES", "many"),
+            ("ESCALE_LOGIN_LOCKOUT", "soon"),
+        ] {
+            let e = with_env(&[(key, bad)]).unwrap_err().to_string();
+            assert!(e.contains("login_"), "{key}={bad}: {e}");
+        }
+    }
+
+    #[test]
     fn sample_config_parses_and_lists_every_key() {
         let text = include_str!("../config/escale.toml");
         let raw: RawConfig = toml::from_str(text).expect("sample config parses");

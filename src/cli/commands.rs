@@ -1852,9 +1852,10 @@ fn node_row(n: &Value) -> Vec<String> {
     let used_cpu = used["cpus"]
         .as_f64()
         .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"));
+    // Measured figures read as amounts (`1.5 GiB`); limits keep their notation (`256m`).
     let used_mem = used["memory_bytes"]
         .as_u64()
-        .map_or_else(|| "-".to_string(), size);
+        .map_or_else(|| "-".to_string(), crate::service::upkeep::human_bytes);
     let (cpu, mem) = match n["capacity"].as_object() {
         Some(cap) => (
             format!(
@@ -1870,14 +1871,15 @@ fn node_row(n: &Value) -> Vec<String> {
         ),
         None => ("-".into(), "-".into()),
     };
+    use crate::service::upkeep::human_bytes;
     let disk = match used["disk"].as_object() {
         None => "-".to_string(),
         Some(d) => {
             let owned = d["images_bytes"].as_u64().unwrap_or(0)
                 + d["containers_bytes"].as_u64().unwrap_or(0);
             match d["filesystem"]["used_percent"].as_u64() {
-                Some(p) => format!("{p}% ({} escale)", size(owned)),
-                None => format!("{} escale", size(owned)),
+                Some(p) => format!("{p}% ({} escale)", human_bytes(owned)),
+                None => format!("{} escale", human_bytes(owned)),
             }
         }
     };

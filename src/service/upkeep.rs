@@ -2,8 +2,8 @@
 //! owns there.
 //!
 //! [`run`] is a task of `escale serve` with three clocks (`[upkeep]` in the config):
-//! - every `usage_interval`, each running instance's CPU and memory are sampled (the engine's
-//!   one-shot stats: one read of the cgroup per container, a few at a time per node, each call
+//! - every `usage_interval`, each running instance (as the reconciler's last pass saw it) has
+//!   its CPU and memory sampled (the engine's one-shot stats: one read of the cgroup per container, a few at a time per node, each call
 //!   bounded); CPU is a rate between two samples of the same container ([`cpu_rate`]),
 //!   memory leaves out the page cache the kernel reclaims first ([`memory_used`]);
 //! - every `disk_interval`, each node's disk: the images and containers escale owns there (per
@@ -322,26 +322,21 @@ async fn sample_usage(
     sched: &crate::scheduler::Scheduler,
     samples: &mut HashMap<String, StatsSample>,
 ) {
-    let installation = services.registry.installation_id().to_string();
+    // The running containers as the reconciler's last pass saw them: no list call of our own.
+    let view = sched.view.load_full();
     let nodes = sched.docker_nodes();
     let rounds = nodes.iter().map(|node| {
-        let installation = installation.clone();
+        let running: Vec<String> = view
+            .instances
+            .iter()
+            .filter(|i| {
+                i.node == node.name
+                    && i.state == crate::events::InstanceStatus::Running
+                    && !i.container_id.is_empty()
+            })
+            .map(|i| i.container_id.clone())
+            .collect();
         async move {
-            let listed = tokio::time::timeout(CALL_TIMEOUT, node.list_instances(&installation))
-                .await
-                .map_err(|_| "listing timed out".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            let running: Vec<String> = match listed {
-                Ok(list) => list
-                    .into_iter()
-                    .filter(|i| i.state == crate::node::InstanceState::Running)
-                    .map(|i| i.container_id)
-                    .collect(),
-                Err(e) => {
-                    tracing::debug!(node = %node.name, error = %e, "usage: cannot list instances");
-                    return (node.name.clone(), None);
-                }
-            };
             let stats: Vec<(String, StatsSample)> = futures_util::stream::iter(running)
                 .map(|id| async move {
                     match tokio::time::timeout(CALL_TIMEOUT, node.instance_stats(&id)).await {
@@ -353,7 +348,7 @@ async fn sample_usage(
                 .filter_map(|x| async move { x })
                 .collect()
                 .await;
-            (node.name.clone(), Some(stats))
+            (node.name.clone(), stats)
         }
     });
     let results = futures_util::future::join_all(rounds).await;
@@ -362,7 +357,6 @@ async fn sample_usage(
     let mut per_node: BTreeMap<String, NodeUsage> = BTreeMap::new();
     let mut instances: HashMap<String, InstanceUsage> = HashMap::new();
     for (node, stats) in results {
-        let Some(stats) = stats else { continue };
         let mut u = NodeUsage {
             sampled_at: now,
             ..Default::default()
@@ -389,13 +383,9 @@ async fn sample_usage(
         per_node.insert(node, u);
     }
     samples.retain(|id, _| seen.contains(id));
+    // Nodes that left the pool are dropped.
+    let names: HashSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
     services.usage.update(|v| {
-        // Nodes that did not answer keep their last figures; nodes that left are dropped.
-        let names: HashSet<String> = sched
-            .docker_nodes()
-            .iter()
-            .map(|n| n.name.clone())
-            .collect();
         v.nodes.retain(|n, _| names.contains(n));
         for (name, u) in &per_node {
             let disk = v.nodes.get(name).and_then(|o| o.disk.clone());
