@@ -183,6 +183,9 @@ impl Taker {
 pub enum Request {
     /// Stop the reconciler and background tasks, then answer on the sender.
     StopBackground(tokio::sync::oneshot::Sender<()>),
+    /// The newer server went away after [`Request::StopBackground`] and before taking over:
+    /// start the background work again.
+    ResumeBackground,
     /// Stop accepting, drain, exit.
     Drain,
 }
@@ -245,9 +248,9 @@ async fn handle(
             if stopped_background {
                 tracing::error!(
                     "the newer escale went away after this one stopped its reconciler and before \
-                     it took over: this server keeps serving on its last routes but no longer \
-                     reconciles; start escale again (it takes over from this one)"
+                     it took over: this one starts its reconciler and background work again"
                 );
+                let _ = requests.send(Request::ResumeBackground).await;
             }
             return Ok(false);
         }

@@ -296,17 +296,11 @@ pub async fn run_with(
     let cleanup_state = state.services.clone();
     let app = api::router(state);
 
-    // Two shutdown signals: the background work (reconciler, ACME, nodes, backups, cleanup)
-    // stops first, alone when a newer escale takes over; then the serving (proxy, API).
-    let (bg_tx, bg_rx) = tokio::sync::watch::channel(false);
+    // Two shutdown signals: the background work (reconciler, ACME, nodes, backups, cleanup,
+    // rates) stops first, alone when a newer escale takes over (and starts again if that one
+    // goes away before taking over); then the serving (proxy, API).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx_proxy = stop_rx.clone();
-    let stopped = move || {
-        let mut rx = bg_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
     let serving_stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -324,30 +318,6 @@ pub async fn run_with(
         }
         None => None,
     };
-    let sched_task = tokio::spawn(scheduler.clone().run(stopped()));
-    // The dashboard's request and error rates: the proxy's counters sampled every 30 s.
-    let rates_task = tokio::spawn(rates.run(metrics.clone(), stopped()));
-    // Registered nodes join the pool when they answer (and leave it when removed).
-    let join_task = tokio::spawn(crate::service::nodes::join(
-        registry.clone(),
-        scheduler.clone(),
-        stopped(),
-    ));
-    // Scheduled backups (`[backup] interval`), counted in /metrics.
-    let backup_task = tokio::spawn(crate::backup::run_schedule(
-        registry.clone(),
-        config.data_dir.clone(),
-        config.backup.clone(),
-        cleanup_state.backups.clone(),
-        stopped(),
-    ));
-    // What the nodes use, and pruning what escale owns there.
-    let upkeep_task = tokio::spawn(crate::service::upkeep::run(
-        cleanup_state.clone(),
-        stopped(),
-    ));
-    // What destroyed apps left outside the registry (repositories, built images).
-    let cleanup_task = tokio::spawn(crate::cleanup::run(cleanup_state, stopped()));
     if config.acme.directory_url.is_some()
         && config.acme.challenge == crate::config::AcmeChallenge::Http01
         && config.http_addr.is_none()
@@ -357,17 +327,16 @@ pub async fn run_with(
              if port 80 reaches this host some other way (or set acme.challenge = \"tls-alpn-01\")"
         );
     }
-    let acme_task = tokio::spawn(crate::certs::acme::run(
-        cert_manager.clone(),
-        crate::certs::acme::AcmeSettings {
-            directory_url: config.acme.directory_url.clone(),
-            email: config.acme.email.clone(),
-            renew_before: config.acme.renew_before,
-            ca_root: config.acme.ca_root.clone(),
-            challenge: config.acme.challenge,
-        },
-        stopped(),
-    ));
+    let background_work = BackgroundWork {
+        scheduler: scheduler.clone(),
+        registry: registry.clone(),
+        config: config.clone(),
+        services: cleanup_state,
+        certs: cert_manager.clone(),
+        rates,
+        metrics: metrics.clone(),
+    };
+    let mut background = Some(background_work.start());
 
     // The proxy: plain HTTP and HTTPS listeners on the routing snapshot.
     let mut proxy_config = proxy_config(&config);
@@ -447,18 +416,6 @@ pub async fn run_with(
     } else {
         "READY=1".to_string()
     });
-    let mut background = Some((
-        sched_task,
-        acme_task,
-        join_task,
-        backup_task,
-        cleanup_task,
-        upkeep_task,
-    ));
-    let stop_background = |bg: &mut Option<_>| {
-        let _ = bg_tx.send(true);
-        bg.take()
-    };
     tokio::pin!(shutdown);
     // A newer escale took over: it is systemd's main process now, so no STOPPING=1 from here.
     let mut handed_over = false;
@@ -468,10 +425,16 @@ pub async fn run_with(
             r = handover_rx.recv() => match r {
                 Some(crate::handover::Request::StopBackground(done)) => {
                     tracing::info!("a newer escale takes over: stopping the reconciler and background tasks");
-                    if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
-                        let _ = tokio::join!(a, b, c, d, e, f);
+                    if let Some(bg) = background.take() {
+                        bg.stop().await;
                     }
                     let _ = done.send(());
+                }
+                Some(crate::handover::Request::ResumeBackground) => {
+                    if background.is_none() {
+                        tracing::warn!("the newer escale went away before taking over: this one reconciles again");
+                        background = Some(background_work.start());
+                    }
                 }
                 Some(crate::handover::Request::Drain) => {
                     tracing::info!("a newer escale serves: draining and stopping");
@@ -485,12 +448,11 @@ pub async fn run_with(
     if !handed_over {
         crate::handover::sd_notify("STOPPING=1");
     }
-    if let Some((a, b, c, d, e, f)) = stop_background(&mut background) {
-        let _ = tokio::join!(a, b, c, d, e, f);
+    if let Some(bg) = background.take() {
+        bg.stop().await;
     }
     let _ = stop_tx.send(true);
     let api_deadline = tokio::time::Instant::now() + API_DRAIN_GRACE;
-    let _ = rates_task.await;
     let _ = handover_task.await;
     if let Err(e) = proxy_workers.join().await {
         tracing::error!(error = %e, "proxy stopped with an error");
@@ -511,6 +473,86 @@ pub async fn run_with(
     }
     tracing::info!("escale stopped");
     Ok(())
+}
+
+/// What runs in the background of a serving escale, apart from the serving itself: the
+/// reconciler, node joining, ACME, scheduled backups, upkeep, cleanup and the dashboard's rates.
+/// Stopped alone when a newer escale takes over, and started again if it goes away first.
+struct BackgroundWork {
+    scheduler: Arc<Scheduler>,
+    registry: Registry,
+    config: Arc<Config>,
+    services: crate::service::Services,
+    certs: Arc<crate::certs::CertManager>,
+    rates: Arc<crate::web::rates::Rates>,
+    metrics: Arc<crate::proxy::ProxyMetrics>,
+}
+
+/// The background tasks of one start of [`BackgroundWork`].
+struct Background {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BackgroundWork {
+    fn start(&self) -> Background {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let config = &self.config;
+        let tasks = vec![
+            tokio::spawn(self.scheduler.clone().run(stopped())),
+            // The dashboard's request and error rates: the proxy's counters sampled every 30 s.
+            tokio::spawn(self.rates.clone().run(self.metrics.clone(), stopped())),
+            // Registered nodes join the pool when they answer (and leave it when removed).
+            tokio::spawn(crate::service::nodes::join(
+                self.registry.clone(),
+                self.scheduler.clone(),
+                stopped(),
+            )),
+            // Scheduled backups (`[backup] interval`), counted in /metrics.
+            tokio::spawn(crate::backup::run_schedule(
+                self.registry.clone(),
+                config.data_dir.clone(),
+                config.backup.clone(),
+                self.services.backups.clone(),
+                stopped(),
+            )),
+            // What the nodes use, and pruning what escale owns there.
+            tokio::spawn(crate::service::upkeep::run(
+                self.services.clone(),
+                stopped(),
+            )),
+            // What destroyed apps left outside the registry (repositories, built images).
+            tokio::spawn(crate::cleanup::run(self.services.clone(), stopped())),
+            tokio::spawn(crate::certs::acme::run(
+                self.certs.clone(),
+                crate::certs::acme::AcmeSettings {
+                    directory_url: config.acme.directory_url.clone(),
+                    email: config.acme.email.clone(),
+                    renew_before: config.acme.renew_before,
+                    ca_root: config.acme.ca_root.clone(),
+                    challenge: config.acme.challenge,
+                },
+                stopped(),
+            )),
+        ];
+        Background { stop, tasks }
+    }
+}
+
+impl Background {
+    /// Signals every task to stop and waits until they have ended.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 /// What bounds the API's connections.

@@ -510,6 +510,13 @@ pub(crate) struct Prefixed<T> {
     io: T,
 }
 
+impl<T> Prefixed<T> {
+    /// Whether the client opened with HTTP/2's connection preface (h2c, prior knowledge).
+    pub(crate) fn is_http2(&self) -> bool {
+        self.prefix.starts_with(b"PRI * HTTP/2")
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -284,6 +284,11 @@ impl Activity {
         Streaming(self.clone())
     }
 
+    /// Whether no request is in flight (nor a response body streaming).
+    fn is_idle(&self) -> bool {
+        self.busy.load(Relaxed) == 0
+    }
+
     /// Time since the last request ended, or zero while one is in flight.
     fn idle_for(&self) -> Duration {
         if self.busy.load(Relaxed) > 0 {
@@ -466,9 +471,14 @@ async fn connection(
             super::h1::Ended::Handoff(rest) => rest,
         };
         info.activity.touch();
+        let version = if rest.is_http2() {
+            Version::Http2
+        } else {
+            Version::Http1
+        };
         // Boxed, here and for TLS: hyper's connection state is large, and unboxed it would
         // size every connection's task, fast-path ones included.
-        return Box::pin(serve_connection(rest, info, &shared, stop)).await;
+        return Box::pin(serve_connection(rest, info, &shared, stop, version)).await;
     };
     Box::pin(tls_connection(
         tcp, peer, acceptor, activity, &shared, stop, done,
@@ -523,21 +533,39 @@ async fn tls_connection(
         app: ConnApp::default(),
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        return serve_connection(stream, info, shared, stop).await;
+        return serve_connection(stream, info, shared, stop, Version::Http2).await;
     }
     let rest = match super::h1::serve(stream, &info, &shared.proxy, &shared.config, &stop).await {
         super::h1::Ended::Closed => return,
         super::h1::Ended::Handoff(rest) => rest,
     };
     info.activity.touch();
-    serve_connection(rest, info, shared, stop).await
+    let version = if rest.is_http2() {
+        Version::Http2
+    } else {
+        Version::Http1
+    };
+    serve_connection(rest, info, shared, stop, version).await
 }
 
+/// The HTTP version a connection served by hyper speaks, as far as shutdown cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Http1,
+    Http2,
+}
+
+/// Serves a connection with hyper until it ends, the server force-closes, or it is idle too
+/// long. When the server drains, an HTTP/2 connection gets its GOAWAY at once (clients retry
+/// what it did not take); an HTTP/1.1 connection busy with a request finishes it and closes,
+/// and one between requests lingers a moment ([`super::h1::DRAIN_LINGER`]) for a request
+/// already on its way, answered with `Connection: close`, as on the fast path.
 async fn serve_connection<I>(
     io: I,
     info: ConnInfo,
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<u8>,
+    version: Version,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -549,7 +577,18 @@ async fn serve_connection<I>(
         service_fn(move |req| {
             let proxy = proxy.clone();
             let info = info.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req.map(Some), &info).await) }
+            async move {
+                let mut response = proxy.handle(req.map(Some), &info).await;
+                // Draining: an HTTP/1.1 client learns from the answer that the connection
+                // closes after it, and sends its next request on a new one.
+                if version == Version::Http1 && *info.stop.borrow() >= DRAINING {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     drop(info);
@@ -563,6 +602,9 @@ async fn serve_connection<I>(
     // While shutting down, requests in flight are bounded by the drain timeout instead.
     let mut closing_by: Option<tokio::time::Instant> = None;
     let mut shutting_down = false;
+    // Draining found this HTTP/1.1 connection between requests: it closes at this instant
+    // unless a request arrived meanwhile (answered with `Connection: close`).
+    let mut linger: Option<tokio::time::Instant> = None;
     loop {
         let idle_check = idle_timeout
             .saturating_sub(activity.idle_for())
@@ -581,12 +623,19 @@ async fn serve_connection<I>(
                     return;
                 }
                 if state >= DRAINING && !shutting_down {
-                    if closing_by.is_none() {
+                    let idle = activity.is_idle();
+                    if version == Version::Http1 && idle && closing_by.is_none() {
+                        linger = Some(tokio::time::Instant::now() + super::h1::DRAIN_LINGER);
+                    } else if closing_by.is_none() {
                         conn.as_mut().graceful_shutdown();
                     }
                     shutting_down = true;
                     closing_by.get_or_insert_with(tokio::time::Instant::now);
                 }
+            }
+            () = sleep_until_opt(linger) => {
+                linger = None;
+                conn.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep(idle_check), if closing_by.is_none() => {
                 if activity.idle_for() >= idle_timeout {

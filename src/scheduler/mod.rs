@@ -297,8 +297,9 @@ pub struct Scheduler {
     /// Every task the scheduler spawns (starts, drains, removals, watchers, the health
     /// checker, the bus listener); [`Scheduler::run`] waits for them at shutdown.
     tasks: TaskTracker,
-    /// Cancels the tracked tasks at shutdown.
-    cancel: CancellationToken,
+    /// Cancels the tracked tasks at shutdown; a fresh token when [`Scheduler::run`] starts
+    /// again (a failed handover gives the reconciler back to this server).
+    cancel: Mutex<CancellationToken>,
     /// Tasks that panicked (caught, logged; the reconciler went on).
     pub panics: AtomicU64,
     /// Engine calls that did not answer within the timeout.
@@ -455,7 +456,7 @@ impl Scheduler {
             passes: Default::default(),
             certs: Default::default(),
             tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
+            cancel: Mutex::new(CancellationToken::new()),
             panics: Default::default(),
             engine_timeouts: Default::default(),
             engine_timeout_ms: AtomicU64::new(ENGINE_CALL_TIMEOUT.as_millis() as u64),
@@ -611,7 +612,7 @@ impl Scheduler {
     ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.supervise_until(what, self.cancel.clone(), make)
+        self.supervise_until(what, self.cancel_token(), make)
     }
 
     /// [`Scheduler::supervise_forever`] until `cancel` (a child of the shutdown token).
@@ -653,7 +654,7 @@ impl Scheduler {
         task: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let me = self.clone();
-        let cancel = self.cancel.clone();
+        let cancel = self.cancel_token();
         self.tasks.spawn(async move {
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -780,7 +781,7 @@ impl Scheduler {
 
     /// Starts the event watcher of `engine` (replacing one of the same name).
     fn watch(self: &Arc<Self>, engine: Arc<dyn Engine>) {
-        let token = self.cancel.child_token();
+        let token = self.cancel_token().child_token();
         if let Some(old) = self
             .watchers
             .lock()
@@ -883,6 +884,14 @@ impl Scheduler {
     /// the scheduler spawned has ended or been cancelled. A failed or panicking pass is
     /// logged (a panic counted in [`Scheduler::panics`]) and the loop goes on.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        {
+            // Started again after a shutdown: new tasks under a new token.
+            let mut cancel = self.cancel.lock().unwrap_or_else(|e| e.into_inner());
+            if cancel.is_cancelled() {
+                *cancel = CancellationToken::new();
+                self.tasks.reopen();
+            }
+        }
         let me = self.clone();
         self.supervise_forever("health checker", move || {
             me.health.clone().run(me.changed.clone())
@@ -936,9 +945,19 @@ impl Scheduler {
 
     /// Cancels every tracked task and waits until they have ended.
     pub async fn shutdown(&self) {
-        self.cancel.cancel();
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cancel_token().cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// The token that cancels the tasks of the current run.
+    fn cancel_token(&self) -> CancellationToken {
+        self.cancel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Tasks still running (starts, drains, watchers, ...).

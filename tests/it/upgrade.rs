@@ -1,7 +1,8 @@
 //! Upgrades and restarts: a new `escale serve` on the same data dir takes the listening
 //! sockets over from the running one, which drains and exits (see `escale::handover`);
-//! under steady load through the proxy to an app container, five restarts and an upgrade (a
-//! copy of the binary at another path) fail no request. An escale older than its database
+//! under steady load through the proxy to an app container (GETs, served by the proxy's
+//! HTTP/1.1 fast path, and POSTs with a body, served by hyper), five restarts and an upgrade
+//! (a copy of the binary at another path) fail no request. An escale older than its database
 //! refuses to start, saying why.
 
 use std::path::Path;
@@ -44,7 +45,7 @@ async fn restarts_under_load(restarts: usize) {
     std::fs::copy(ESCALE, &newer).unwrap();
     let containers_before: Vec<String> = s.containers().into_iter().map(|c| c.0).collect();
 
-    let load = Load::start(&proxy, &host);
+    let load = Load::start_mixed(&proxy, &host);
     load.phase("steady");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut took = Vec::new();
@@ -249,4 +250,55 @@ async fn systemd_reload_hands_over_and_notifies_the_new_main_pid() {
     // The new one answers on the same API address.
     assert_eq!(s.json(&["apps", "list"]), serde_json::json!([]));
     assert!(Path::new(&format!("/proc/{new}")).exists());
+}
+
+/// A newer escale that stops the running one's reconciler and then goes away before taking
+/// over (it crashed, or was killed) leaves the running one in charge again: it starts its
+/// reconciler and background work anew, so a scale asked afterwards is carried out.
+#[tokio::test]
+async fn a_takeover_that_dies_half_way_gives_the_reconciler_back() {
+    let app = "orphan";
+    let s = TestServer::start(&[]).await;
+    let image = fixture_image().await.to_string();
+    s.ok(&["apps", "create", app]);
+    s.ok(&["deploy", app, "--image", &image]);
+    let v = s.json(&["apps", "info", app])["release"].as_u64().unwrap();
+    s.wait_for("1 healthy instance", Duration::from_secs(90), || {
+        (healthy(&s.instances(app), "web", v) == 1).then_some(())
+    })
+    .await;
+
+    // The newer server's first steps, then it vanishes (its socket closes).
+    let data = s.dir.path().join("data");
+    let taker = tokio::task::spawn_blocking(move || {
+        let mut t = escale::handover::connect(&data)
+            .expect("handover socket")
+            .expect("a server holds it");
+        t.listeners().expect("listeners");
+        t.stop_background()
+            .expect("the old server stops its reconciler");
+        drop(t);
+    });
+    taker.await.unwrap();
+    s.wait_for(
+        "the server to say it reconciles again",
+        Duration::from_secs(30),
+        || {
+            s.server_log()
+                .contains("this one reconciles again")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Its reconciler works: a scale is carried out.
+    s.ok(&["scale", app, "web=2"]);
+    s.wait_for("2 healthy instances", Duration::from_secs(90), || {
+        (healthy(&s.instances(app), "web", v) == 2).then_some(())
+    })
+    .await;
+    assert!(
+        !s.server_log().contains("a newer escale serves: draining"),
+        "the server did not drain"
+    );
 }

@@ -1,5 +1,6 @@
 //! A load generator for tests through the proxy: several keep-alive connections sending
-//! steady `GET /` with a Host header, on a thread and runtime of their own (so blocking CLI
+//! steady `GET /` with a Host header (or, with [`Load::start_mixed`], half of them `POST /echo`
+//! with a small body: the proxy serves those with hyper rather than its fast path), on a thread and runtime of their own (so blocking CLI
 //! calls of the test never stall it). It never retries: every non-2xx answer and every
 //! connection error is a failed request, tallied by kind and by the phase the test named. It is
 //! bounded in time and in requests, and stops by itself.
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -115,7 +116,17 @@ pub struct Load {
 }
 
 impl Load {
+    /// Every connection sends `GET /`.
     pub fn start(proxy: &str, host: &str) -> Load {
+        Load::spawn(proxy, host, false)
+    }
+
+    /// Half the connections send `GET /`, the other half `POST /echo` with a 64-byte body.
+    pub fn start_mixed(proxy: &str, host: &str) -> Load {
+        Load::spawn(proxy, host, true)
+    }
+
+    fn spawn(proxy: &str, host: &str, mixed: bool) -> Load {
         let state = Arc::new(LoadState {
             stop: AtomicBool::new(false),
             started: Instant::now(),
@@ -127,7 +138,15 @@ impl Load {
         let st = state.clone();
         let thread = on_own_thread(async move {
             let tasks: Vec<_> = (0..CONNECTIONS)
-                .map(|_| tokio::spawn(connection_loop(proxy.clone(), host.clone(), st.clone())))
+                .map(|i| {
+                    let post = mixed && i % 2 == 1;
+                    tokio::spawn(connection_loop(
+                        proxy.clone(),
+                        host.clone(),
+                        post,
+                        st.clone(),
+                    ))
+                })
                 .collect();
             for t in tasks {
                 t.await.expect("load task");
@@ -147,7 +166,7 @@ impl Load {
     }
 }
 
-type Sender = http1::SendRequest<Empty<Bytes>>;
+type Sender = http1::SendRequest<Full<Bytes>>;
 
 async fn connect(proxy: &str) -> Result<Sender, String> {
     let tcp = TcpStream::connect(proxy)
@@ -163,9 +182,10 @@ async fn connect(proxy: &str) -> Result<Sender, String> {
     Ok(sender)
 }
 
-/// One keep-alive connection sending `GET /` until told to stop; reconnects after an error
-/// (the request that met the error has failed; it is not sent again).
-async fn connection_loop(proxy: String, host: String, st: Arc<LoadState>) {
+/// One keep-alive connection sending `GET /` (or `POST /echo` with a body) until told to stop;
+/// reconnects after an error (the request that met the error has failed; it is not sent
+/// again: a POST is not idempotent, and a GET is not retried either).
+async fn connection_loop(proxy: String, host: String, post: bool, st: Arc<LoadState>) {
     let mut sender: Option<Sender> = None;
     loop {
         if st.stop.load(Relaxed)
@@ -185,10 +205,17 @@ async fn connection_loop(proxy: String, host: String, st: Arc<LoadState>) {
             }
         }
         let s = sender.as_mut().expect("connected");
-        let req = Request::get("/")
-            .header(header::HOST, &host)
-            .body(Empty::new())
-            .expect("request");
+        let req = if post {
+            Request::post("/echo")
+                .header(header::HOST, &host)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(Full::new(Bytes::from_static(&[b'x'; 64])))
+        } else {
+            Request::get("/")
+                .header(header::HOST, &host)
+                .body(Full::new(Bytes::new()))
+        }
+        .expect("request");
         let exchange = async {
             s.ready()
                 .await
@@ -253,7 +280,7 @@ pub async fn get_once(proxy: &str, host: &str, path: &str) -> Result<(StatusCode
     let mut s = connect(proxy).await?;
     let req = Request::get(path)
         .header(header::HOST, host)
-        .body(Empty::new())
+        .body(Full::new(Bytes::new()))
         .expect("request");
     let resp = s
         .send_request(req)
