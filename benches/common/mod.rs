@@ -81,6 +81,21 @@ impl Server {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
+        let (status, bytes) = self.call_bytes(method, path, body).await;
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// [`Server::call`] without parsing the answer: the status and the body's bytes, once
+    /// all received (what a latency measurement of the server should stop at).
+    pub async fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, Bytes) {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.api));
@@ -101,10 +116,7 @@ impl Server {
             .expect("request");
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        )
+        (status, bytes)
     }
 
     /// Resident set size in KiB.

@@ -164,8 +164,9 @@ pub enum Command {
         /// Port the web process listens on.
         #[arg(long)]
         port: Option<u16>,
-        /// Return once the release is created, without following the rollout.
-        #[arg(long)]
+        /// Return once the release is created, without following the rollout (also
+        /// `--detach`, as for rollback and drain).
+        #[arg(long, visible_alias = "detach")]
         no_wait: bool,
         /// Give up following after this long (the rollout itself has the server's deploy timeout).
         #[arg(long, default_value = "15m")]

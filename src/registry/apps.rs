@@ -243,6 +243,68 @@ impl Registry {
             .collect())
     }
 
+    /// A page of [`Registry::list_apps`] as the JSON array the API answers (`[App]`, without
+    /// `disk_bytes`), and the cursor of the next page when more follow. SQLite writes each
+    /// app's JSON object (with its process types and domains) in the one statement that
+    /// walks the name index from the cursor; the page is those objects joined. A page of
+    /// 1,000 apps is then one statement instead of three and no decoding into structs and
+    /// encoding again. `list_apps_json_is_list_apps` keeps the two equal.
+    pub async fn list_apps_json(
+        &self,
+        actor: &Actor,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<(String, Option<String>)> {
+        let team = if actor.is_admin() {
+            ""
+        } else {
+            "AND a.team_id = ?3"
+        };
+        // The process types' and domains' own order comes from the indexes the subqueries
+        // walk; the `ORDER BY` inside the aggregates states it (SQLite sorts a handful of
+        // rows per app).
+        let sql = format!(
+            "SELECT a.name, json_object(
+                'name', a.name, 'team', t.name, 'release', a.target_release,
+                'created_at', a.created_at,
+                'processes', json((SELECT json_group_array(json_object(
+                    'name', p.name, 'command', json(p.command), 'port', p.port,
+                    'instances', p.instances, 'memory_bytes', p.memory_bytes,
+                    'nano_cpus', p.nano_cpus, 'surge', p.surge,
+                    'health', json_object('kind', p.health_kind, 'path', p.health_path,
+                        'interval_ms', p.health_interval_ms,
+                        'timeout_ms', p.health_timeout_ms,
+                        'grace_ms', p.health_grace_ms),
+                    'constraints', json(p.constraints),
+                    'overcommit', json(CASE WHEN p.overcommit THEN 'true' ELSE 'false' END))
+                    ORDER BY p.name)
+                    FROM process_types p WHERE p.app_id = a.id)),
+                'domains', json((SELECT json_group_array(d.domain ORDER BY d.domain)
+                    FROM domains d WHERE d.app_id = a.id)))
+             FROM apps a JOIN teams t ON t.id = a.team_id
+             WHERE a.name > ?1 {team} ORDER BY a.name LIMIT ?2 + 1"
+        );
+        let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(after.unwrap_or(""))
+            .bind(limit);
+        if !actor.is_admin() {
+            q = q.bind(actor.team_id);
+        }
+        let rows: Vec<(String, String)> = q.fetch_all(&self.pool).await?;
+        let page = rows.len().min(limit.max(0) as usize);
+        let mut json = String::with_capacity(2 + rows.iter().map(|r| r.1.len() + 1).sum::<usize>());
+        json.push('[');
+        for (i, (_, app)) in rows[..page].iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(app);
+        }
+        json.push(']');
+        let next = (page > 0 && rows.len() > page).then(|| rows[page - 1].0.clone());
+        Ok((json, next))
+    }
+
     /// One app with its process types and domains.
     pub async fn app_info(&self, actor: &Actor, name: &str) -> Result<App> {
         let r = self.app(actor, name).await?;
@@ -1214,4 +1276,111 @@ fn process_diff(old: &ProcessType, new: &ProcessType) -> Vec<String> {
         duration_text(nh.grace_ms),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The page the API answers, built by SQLite, is the page [`Registry::list_apps`] builds
+    /// and serde serialises, field for field: for apps with and without releases, process
+    /// types with every optional field set or not, constraints, overcommit, domains, and
+    /// names that need escaping in JSON; for an admin and a member; page by page.
+    #[tokio::test]
+    async fn list_apps_json_is_list_apps() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(
+            &dir.path().join("escale.db"),
+            crate::secrets::MasterKey::random(),
+        )
+        .await
+        .unwrap();
+        let admin = reg.host_admin().await.unwrap();
+        reg.create_team(&admin, "blue").await.unwrap();
+        for (i, name) in ["alpha", "beta", "gamma", "delta", "e-1", "zz"]
+            .iter()
+            .enumerate()
+        {
+            let team = (i % 2 == 1).then_some("blue");
+            reg.create_app(&admin, name, team, 8000 + i as u16)
+                .await
+                .unwrap();
+        }
+        reg.create_release(&admin, "beta", "img:1", "test", "first")
+            .await
+            .unwrap();
+        let patch = ProcessPatch {
+            command: Some(Some(vec![
+                "/bin/run".into(),
+                "--say=\"hi\"\n\\é".into(),
+            ])),
+            memory_bytes: Some(Some(256 << 20)),
+            nano_cpus: Some(Some(1_500_000_000)),
+            surge: Some(2),
+            health_kind: Some(HealthKind::Tcp),
+            constraints: Some(BTreeMap::from([
+                ("disk".to_string(), "ssd".to_string()),
+                ("zone".to_string(), "fr-par-1".to_string()),
+            ])),
+            overcommit: Some(true),
+            ..Default::default()
+        };
+        reg.upsert_process(&admin, "beta", "worker", &patch, 8080, true)
+            .await
+            .unwrap();
+        reg.upsert_process(&admin, "gamma", "web", &patch, 8080, false)
+            .await
+            .unwrap();
+        reg.add_domain(&admin, "beta", "b.example.org").await.unwrap();
+        reg.add_domain(&admin, "beta", "a.example.org").await.unwrap();
+        let member = Actor {
+            user_id: 0,
+            name: "bob".into(),
+            role: crate::registry::Role::Member,
+            team_id: sqlx::query_scalar("SELECT id FROM teams WHERE name = 'blue'")
+                .fetch_one(reg.pool())
+                .await
+                .unwrap(),
+            team: "blue".into(),
+        };
+        for actor in [&admin, &member] {
+            for limit in [1, 2, 4, 100] {
+                let mut after: Option<String> = None;
+                let mut seen = 0;
+                loop {
+                    let (json, next) = reg
+                        .list_apps_json(actor, after.as_deref(), limit)
+                        .await
+                        .unwrap();
+                    let mut want = reg
+                        .list_apps(actor, after.as_deref(), limit + 1)
+                        .await
+                        .unwrap();
+                    let more = want.len() > limit as usize;
+                    want.truncate(limit as usize);
+                    let got: serde_json::Value = serde_json::from_str(&json).unwrap();
+                    assert_eq!(
+                        got,
+                        serde_json::to_value(&want).unwrap(),
+                        "{} limit {limit} after {after:?}",
+                        actor.name
+                    );
+                    seen += want.len();
+                    assert_eq!(
+                        next,
+                        more.then(|| want.last().unwrap().name.clone()),
+                        "next cursor"
+                    );
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                assert_eq!(seen, if actor.is_admin() { 6 } else { 3 });
+            }
+        }
+        // Past the end: an empty array, no cursor.
+        let (json, next) = reg.list_apps_json(&admin, Some("zzz"), 10).await.unwrap();
+        assert_eq!((json.as_str(), next), ("[]", None));
+    }
 }

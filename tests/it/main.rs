@@ -22,6 +22,7 @@ mod node;
 mod proxy;
 mod scheduler;
 mod smuggling;
+mod startup;
 mod upgrade;
 mod upkeep;
 mod webhooks;
