@@ -1,6 +1,7 @@
 //! Apps, their process types (formation, resources, health checks), config vars and domains.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -76,6 +77,35 @@ impl From<ProcessRow> for ProcessType {
 }
 
 const APP_COLUMNS: &str = "SELECT a.id, a.uid, a.name, a.team_id, t.name AS team, a.target_release, a.created_at FROM apps a JOIN teams t ON t.id = a.team_id";
+
+/// The app list's cache (see [`Registry::list_apps_json`]).
+#[derive(Default)]
+pub(crate) struct AppsCache {
+    index: arc_swap::ArcSwapOption<AppsIndex>,
+    building: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for AppsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let index = self.index.load();
+        f.debug_struct("AppsCache")
+            .field("generation", &index.as_ref().map(|i| i.generation))
+            .field("apps", &index.as_ref().map(|i| i.apps.len()))
+            .finish()
+    }
+}
+
+/// Every app's JSON as the API lists it, sorted by name, as of a registry generation.
+struct AppsIndex {
+    generation: u64,
+    apps: Vec<CachedApp>,
+}
+
+struct CachedApp {
+    name: String,
+    team_id: i64,
+    json: Box<str>,
+}
 
 /// A new app uid: 128 random bits, lowercase hex.
 fn new_app_uid() -> String {
@@ -244,65 +274,125 @@ impl Registry {
     }
 
     /// A page of [`Registry::list_apps`] as the JSON array the API answers (`[App]`, without
-    /// `disk_bytes`), and the cursor of the next page when more follow. SQLite writes each
-    /// app's JSON object (with its process types and domains) in the one statement that
-    /// walks the name index from the cursor; the page is those objects joined. A page of
-    /// 1,000 apps is then one statement instead of three and no decoding into structs and
-    /// encoding again. `list_apps_json_is_list_apps` keeps the two equal.
+    /// `disk_bytes`), and the cursor of the next page when more follow.
+    ///
+    /// Served from an index of every app's JSON, sorted by name, kept while no write
+    /// transaction committed since it was built ([`Registry::generation`](super::Registry)):
+    /// a page is a binary search and the objects joined, so 1,000 apps cost what copying
+    /// their bytes costs. The first list after a change rebuilds the index in one read
+    /// transaction (the cost of an uncached list of every app). Writes of another process on
+    /// the same database (a server handing over to a newer one) are not seen until this
+    /// process writes. `list_apps_json_is_list_apps` keeps it equal to [`Registry::list_apps`].
     pub async fn list_apps_json(
         &self,
         actor: &Actor,
         after: Option<&str>,
         limit: i64,
     ) -> Result<(String, Option<String>)> {
-        let team = if actor.is_admin() {
-            ""
-        } else {
-            "AND a.team_id = ?3"
-        };
-        // The process types' and domains' own order comes from the indexes the subqueries
-        // walk; the `ORDER BY` inside the aggregates states it (SQLite sorts a handful of
-        // rows per app).
-        let sql = format!(
-            "SELECT a.name, json_object(
-                'name', a.name, 'team', t.name, 'release', a.target_release,
-                'created_at', a.created_at,
-                'processes', json((SELECT json_group_array(json_object(
-                    'name', p.name, 'command', json(p.command), 'port', p.port,
-                    'instances', p.instances, 'memory_bytes', p.memory_bytes,
-                    'nano_cpus', p.nano_cpus, 'surge', p.surge,
-                    'health', json_object('kind', p.health_kind, 'path', p.health_path,
-                        'interval_ms', p.health_interval_ms,
-                        'timeout_ms', p.health_timeout_ms,
-                        'grace_ms', p.health_grace_ms),
-                    'constraints', json(p.constraints),
-                    'overcommit', json(CASE WHEN p.overcommit THEN 'true' ELSE 'false' END))
-                    ORDER BY p.name)
-                    FROM process_types p WHERE p.app_id = a.id)),
-                'domains', json((SELECT json_group_array(d.domain ORDER BY d.domain)
-                    FROM domains d WHERE d.app_id = a.id)))
-             FROM apps a JOIN teams t ON t.id = a.team_id
-             WHERE a.name > ?1 {team} ORDER BY a.name LIMIT ?2 + 1"
-        );
-        let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(after.unwrap_or(""))
-            .bind(limit);
-        if !actor.is_admin() {
-            q = q.bind(actor.team_id);
-        }
-        let rows: Vec<(String, String)> = q.fetch_all(&self.pool).await?;
-        let page = rows.len().min(limit.max(0) as usize);
-        let mut json = String::with_capacity(2 + rows.iter().map(|r| r.1.len() + 1).sum::<usize>());
-        json.push('[');
-        for (i, (_, app)) in rows[..page].iter().enumerate() {
-            if i > 0 {
+        let index = self.apps_index().await?;
+        let start = after.map_or(0, |a| index.apps.partition_point(|x| x.name.as_str() <= a));
+        let limit = limit.max(0) as usize;
+        let mut json = String::from("[");
+        let mut taken = 0;
+        let mut next = None;
+        let mut last: Option<&str> = None;
+        for app in index.apps[start..]
+            .iter()
+            .filter(|x| actor.is_admin() || x.team_id == actor.team_id)
+        {
+            if taken == limit {
+                next = last.map(str::to_string);
+                break;
+            }
+            if taken > 0 {
                 json.push(',');
             }
-            json.push_str(app);
+            json.push_str(&app.json);
+            last = Some(&app.name);
+            taken += 1;
         }
         json.push(']');
-        let next = (page > 0 && rows.len() > page).then(|| rows[page - 1].0.clone());
         Ok((json, next))
+    }
+
+    /// The current index of [`Registry::list_apps_json`], rebuilt when a write committed
+    /// since it was built (one rebuild at a time; the others wait for it).
+    async fn apps_index(&self) -> Result<Arc<AppsIndex>> {
+        use std::sync::atomic::Ordering::Acquire;
+        let current = |g: u64| {
+            self.apps_cache
+                .index
+                .load_full()
+                .filter(|i| i.generation == g)
+        };
+        if let Some(i) = current(self.generation.load(Acquire)) {
+            return Ok(i);
+        }
+        let _one = self.apps_cache.building.lock().await;
+        // Read before the data: a write committing meanwhile bumps it past this value.
+        let generation = self.generation.load(Acquire);
+        if let Some(i) = current(generation) {
+            return Ok(i);
+        }
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{APP_COLUMNS} ORDER BY a.name"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            app_id: i64,
+            #[sqlx(flatten)]
+            p: ProcessRow,
+        }
+        let procs: Vec<Row> = sqlx::query_as(
+            "SELECT app_id, name, command, port, instances, memory_bytes, nano_cpus, surge,
+                    health_kind, health_path, health_interval_ms, health_timeout_ms,
+                    health_grace_ms, constraints, overcommit
+             FROM process_types ORDER BY app_id, name",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let all_domains: Vec<(i64, String)> =
+            sqlx::query_as("SELECT app_id, domain FROM domains ORDER BY domain")
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let mut processes: HashMap<i64, Vec<ProcessType>> = HashMap::new();
+        for r in procs {
+            processes.entry(r.app_id).or_default().push(r.p.into());
+        }
+        let mut domains: HashMap<i64, Vec<String>> = HashMap::new();
+        for (id, d) in all_domains {
+            domains.entry(id).or_default().push(d);
+        }
+        let apps = rows
+            .into_iter()
+            .map(|r| {
+                let team_id = r.team_id;
+                let app = App {
+                    processes: processes.remove(&r.id).unwrap_or_default(),
+                    domains: domains.remove(&r.id).unwrap_or_default(),
+                    name: r.name,
+                    team: r.team,
+                    release: r.target_release.map(|v| v as u32),
+                    created_at: r.created_at,
+                    disk_bytes: None,
+                };
+                let json = serde_json::to_string(&app)
+                    .expect("an app serialises")
+                    .into_boxed_str();
+                CachedApp {
+                    name: app.name,
+                    team_id,
+                    json,
+                }
+            })
+            .collect();
+        let index = Arc::new(AppsIndex { generation, apps });
+        self.apps_cache.index.store(Some(index.clone()));
+        Ok(index)
     }
 
     /// One app with its process types and domains.
@@ -1310,10 +1400,7 @@ mod tests {
             .await
             .unwrap();
         let patch = ProcessPatch {
-            command: Some(Some(vec![
-                "/bin/run".into(),
-                "--say=\"hi\"\n\\é".into(),
-            ])),
+            command: Some(Some(vec!["/bin/run".into(), "--say=\"hi\"\n\\é".into()])),
             memory_bytes: Some(Some(256 << 20)),
             nano_cpus: Some(Some(1_500_000_000)),
             surge: Some(2),
@@ -1331,8 +1418,12 @@ mod tests {
         reg.upsert_process(&admin, "gamma", "web", &patch, 8080, false)
             .await
             .unwrap();
-        reg.add_domain(&admin, "beta", "b.example.org").await.unwrap();
-        reg.add_domain(&admin, "beta", "a.example.org").await.unwrap();
+        reg.add_domain(&admin, "beta", "b.example.org")
+            .await
+            .unwrap();
+        reg.add_domain(&admin, "beta", "a.example.org")
+            .await
+            .unwrap();
         let member = Actor {
             user_id: 0,
             name: "bob".into(),
@@ -1379,6 +1470,40 @@ mod tests {
                 assert_eq!(seen, if actor.is_admin() { 6 } else { 3 });
             }
         }
+        // Every kind of write shows in the very next list (the cache is rebuilt).
+        let same = |reg: &Registry| {
+            let reg = reg.clone();
+            let admin = admin.clone();
+            async move {
+                let (json, _) = reg.list_apps_json(&admin, None, 100).await.unwrap();
+                let want = reg.list_apps(&admin, None, 100).await.unwrap();
+                assert_eq!(
+                    serde_json::from_str::<serde_json::Value>(&json).unwrap(),
+                    serde_json::to_value(&want).unwrap()
+                );
+                want
+            }
+        };
+        same(&reg).await;
+        reg.add_domain(&admin, "alpha", "alpha.example.org")
+            .await
+            .unwrap();
+        let apps = same(&reg).await;
+        assert_eq!(apps[0].domains, ["alpha.example.org"]);
+        reg.set_formation(&admin, "beta", &BTreeMap::from([("web".to_string(), 7)]))
+            .await
+            .unwrap();
+        let apps = same(&reg).await;
+        assert_eq!(apps[1].processes[0].instances, 7);
+        reg.create_release(&admin, "alpha", "img:2", "test", "second")
+            .await
+            .unwrap();
+        assert!(same(&reg).await[0].release.is_some());
+        reg.create_app(&admin, "aaa", None, 8080).await.unwrap();
+        assert_eq!(same(&reg).await[0].name, "aaa");
+        reg.destroy_app(&admin, "aaa").await.unwrap();
+        assert_eq!(same(&reg).await[0].name, "alpha");
+
         // Past the end: an empty array, no cursor.
         let (json, next) = reg.list_apps_json(&admin, Some("zzz"), 10).await.unwrap();
         assert_eq!((json.as_str(), next), ("[]", None));

@@ -112,7 +112,11 @@ async fn bench_restore_to_serving() {
         .env_remove("ESCALE_DATA_DIR")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A new host: no server, no containers, no data dir.
     s.kill9();
@@ -134,7 +138,11 @@ async fn bench_restore_to_serving() {
         .output()
         .unwrap();
     let restore_took = t.elapsed();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let t = Instant::now();
     s.restart();
     let serving = all_serving(&s, &names, Duration::from_secs(300)).await + t.elapsed();
