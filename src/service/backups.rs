@@ -1,9 +1,9 @@
 //! Backups through the service layer: admins only; the files live in `backup.dir` on the
-//! server (see [`crate::backup`]).
+//! server and, with `[backup.s3]`, in a bucket too (see [`crate::backup`]).
 
 use std::path::PathBuf;
 
-use super::{Result, ServiceError, Services};
+use super::{Result, Services};
 use crate::backup::{self, BackupError, BackupInfo, Created};
 use crate::registry::Actor;
 
@@ -19,21 +19,17 @@ impl Services {
         Ok(backup::create(
             &self.registry,
             &self.config.data_dir,
-            &self.backup_dir(),
-            self.config.backup.keep,
+            &self.config.backup,
             &self.backups,
         )
         .await?)
     }
 
-    /// The backups in the backup dir, newest first.
+    /// The backups in the backup dir and the bucket (`[backup.s3]`), newest first, each
+    /// with where it is.
     pub async fn list_backups(&self, actor: &Actor) -> Result<Vec<BackupInfo>> {
         actor.require_admin("listing backups")?;
-        let dir = self.backup_dir();
-        tokio::task::spawn_blocking(move || backup::list(&dir))
-            .await
-            .map_err(|e| ServiceError::Invalid(format!("listing backups failed: {e}")))?
-            .map_err(Into::into)
+        Ok(backup::list_everywhere(&self.backup_dir(), self.config.backup.s3.as_ref()).await?)
     }
 
     /// Where the backup `name` is, for downloading it; only names escale gives backups.
