@@ -981,12 +981,23 @@ fn s3_settings(s: &Settings<'_>, raw: &RawBackupS3) -> Result<Option<S3Settings>
     let prefix = get("backup.s3.prefix", &raw.prefix);
     let access_key_id = get("backup.s3.access_key_id", &raw.access_key_id);
     let secret = get("backup.s3.secret_access_key", &raw.secret_access_key);
-    let secret_file = get("backup.s3.secret_access_key_file", &raw.secret_access_key_file);
+    let secret_file = get(
+        "backup.s3.secret_access_key_file",
+        &raw.secret_access_key_file,
+    );
     let ca_file = get("backup.s3.ca_file", &raw.ca_file);
     let Some(endpoint) = endpoint else {
-        let set = [&region, &bucket, &prefix, &access_key_id, &secret, &secret_file, &ca_file]
-            .iter()
-            .any(|v| v.is_some());
+        let set = [
+            &region,
+            &bucket,
+            &prefix,
+            &access_key_id,
+            &secret,
+            &secret_file,
+            &ca_file,
+        ]
+        .iter()
+        .any(|v| v.is_some());
         if set {
             return Err(invalid(
                 "backup.s3.endpoint",
@@ -1085,47 +1096,45 @@ fn s3_settings(s: &Settings<'_>, raw: &RawBackupS3) -> Result<Option<S3Settings>
                 .into(),
         )
     })?;
-    let secret_access_key = match (secret, secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
+    let secret_access_key =
+        match (secret, secret_file) {
+            (Some(_), Some(_)) => return Err(invalid(
                 "backup.s3.secret_access_key_file",
                 "set either backup.s3.secret_access_key (ESCALE_BACKUP_S3_SECRET_ACCESS_KEY) or \
                  backup.s3.secret_access_key_file, not both"
                     .into(),
-            ))
-        }
-        (Some(v), None) => v,
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                invalid(
-                    "backup.s3.secret_access_key_file",
-                    format!("cannot read `{path}`: {e}"),
-                )
-            })?;
-            let v = text.trim().to_string();
-            if v.is_empty() {
-                return Err(invalid(
-                    "backup.s3.secret_access_key_file",
-                    format!("`{path}` is empty: write the secret access key in it"),
-                ));
+            )),
+            (Some(v), None) => v,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "backup.s3.secret_access_key_file",
+                        format!("cannot read `{path}`: {e}"),
+                    )
+                })?;
+                let v = text.trim().to_string();
+                if v.is_empty() {
+                    return Err(invalid(
+                        "backup.s3.secret_access_key_file",
+                        format!("`{path}` is empty: write the secret access key in it"),
+                    ));
+                }
+                v
             }
-            v
-        }
-        (None, None) => {
-            return Err(invalid(
-                "backup.s3.secret_access_key",
-                "missing: set ESCALE_BACKUP_S3_SECRET_ACCESS_KEY in escale's environment, or \
+            (None, None) => {
+                return Err(invalid(
+                    "backup.s3.secret_access_key",
+                    "missing: set ESCALE_BACKUP_S3_SECRET_ACCESS_KEY in escale's environment, or \
                  backup.s3.secret_access_key_file to a file holding it (0600)"
-                    .into(),
-            ))
-        }
-    };
+                        .into(),
+                ))
+            }
+        };
     let ca_file = match ca_file {
         None => None,
         Some(path) => {
-            let pem = std::fs::read(&path).map_err(|e| {
-                invalid("backup.s3.ca_file", format!("cannot read `{path}`: {e}"))
-            })?;
+            let pem = std::fs::read(&path)
+                .map_err(|e| invalid("backup.s3.ca_file", format!("cannot read `{path}`: {e}")))?;
             let certs = rustls_pemfile::certs(&mut pem.as_slice())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid("backup.s3.ca_file", format!("`{path}`: {e}")))?;
@@ -1475,28 +1484,49 @@ mod tests {
         assert!(!format!("{s3:?}").contains("very-secret-value"));
 
         let with = |k: &str, v: &str| {
-            let mut vars: Vec<(&str, &str)> = base.iter().filter(|(n, _)| *n != k).copied().collect();
+            let mut vars: Vec<(&str, &str)> =
+                base.iter().filter(|(n, _)| *n != k).copied().collect();
             if !v.is_empty() {
                 vars.push((k, v));
             }
-            with_env(&vars).map(|c| c.backup.s3).map_err(|e| e.to_string())
+            with_env(&vars)
+                .map(|c| c.backup.s3)
+                .map_err(|e| e.to_string())
         };
         for (k, v, says) in [
             ("ESCALE_BACKUP_S3_ENDPOINT", "ftp://x", "backup.s3.endpoint"),
-            ("ESCALE_BACKUP_S3_ENDPOINT", "https://s3.example/bucket", "no path"),
+            (
+                "ESCALE_BACKUP_S3_ENDPOINT",
+                "https://s3.example/bucket",
+                "no path",
+            ),
             ("ESCALE_BACKUP_S3_REGION", "", "backup.s3.region"),
             ("ESCALE_BACKUP_S3_BUCKET", "Bad_Bucket", "not a bucket name"),
             ("ESCALE_BACKUP_S3_BUCKET", "", "backup.s3.bucket"),
             ("ESCALE_BACKUP_S3_PREFIX", "a/../b", "backup.s3.prefix"),
-            ("ESCALE_BACKUP_S3_ACCESS_KEY_ID", "", "backup.s3.access_key_id"),
-            ("ESCALE_BACKUP_S3_SECRET_ACCESS_KEY", "", "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY"),
-            ("ESCALE_BACKUP_S3_CA_FILE", "/nonexistent/ca.pem", "backup.s3.ca_file"),
+            (
+                "ESCALE_BACKUP_S3_ACCESS_KEY_ID",
+                "",
+                "backup.s3.access_key_id",
+            ),
+            (
+                "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY",
+                "",
+                "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY",
+            ),
+            (
+                "ESCALE_BACKUP_S3_CA_FILE",
+                "/nonexistent/ca.pem",
+                "backup.s3.ca_file",
+            ),
         ] {
             let e = with(k, v).unwrap_err();
             assert!(e.contains(says), "{k}={v}: {e}");
         }
         // Another key without an endpoint is a mistake, named.
-        let e = with_env(&[("ESCALE_BACKUP_S3_BUCKET", "b-1")]).unwrap_err().to_string();
+        let e = with_env(&[("ESCALE_BACKUP_S3_BUCKET", "b-1")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("backup.s3.endpoint"), "{e}");
 
         // The secret from a file; not from both places.

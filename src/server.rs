@@ -347,8 +347,12 @@ pub async fn run_with(
         tokio::spawn(async move {
             let checked = async { crate::backup::s3::Store::new(&s3)?.check().await }.await;
             match checked {
-                Ok(()) => tracing::info!(bucket = %s3.location(), endpoint = %s3.endpoint, "backups go to the bucket too"),
-                Err(e) => tracing::error!(error = %e, "backup.s3: the bucket backups go to does not answer; backups will fail until this is fixed"),
+                Ok(()) => {
+                    tracing::info!(bucket = %s3.location(), endpoint = %s3.endpoint, "backups go to the bucket too")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "backup.s3: the bucket backups go to does not answer; backups will fail until this is fixed")
+                }
             }
         });
     }

@@ -251,7 +251,9 @@ pub fn name_parts(name: &str) -> Option<(&str, &str, u32)> {
                 .all(|(i, b)| i == 8 || i == 18 || b.is_ascii_digit())
     };
     let (rest, n) = match body.rsplit_once('-') {
-        Some((rest, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.len() < 6 => {
+        Some((rest, n))
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.len() < 6 =>
+        {
             (rest, n.parse().ok()?)
         }
         _ => (body, 1),
@@ -296,8 +298,15 @@ pub async fn create(
     }
     let mut created = result?;
     if let Some(s3) = &settings.s3 {
-        let (uploaded, pruned) =
-            upload(s3, dir, &created.info.name, registry.installation_id(), keep, status).await?;
+        let (uploaded, pruned) = upload(
+            s3,
+            dir,
+            &created.info.name,
+            registry.installation_id(),
+            keep,
+            status,
+        )
+        .await?;
         created.info.location = Location::Both;
         created.info.url = Some(uploaded.url.clone());
         created.uploaded = Some(uploaded);
@@ -346,7 +355,11 @@ pub async fn upload(
 }
 
 /// Keeps the newest `keep` objects of installation `inst` in the bucket; the names removed.
-async fn prune_remote(store: &s3::Store, inst: &str, keep: usize) -> Result<Vec<String>, s3::S3Error> {
+async fn prune_remote(
+    store: &s3::Store,
+    inst: &str,
+    keep: usize,
+) -> Result<Vec<String>, s3::S3Error> {
     let mut mine: Vec<(String, u32, String)> = store
         .list()
         .await?
@@ -388,7 +401,9 @@ pub async fn list_everywhere(
         }
         match remote_info(&store, &o).await {
             Ok(info) => all.push(info),
-            Err(e) => tracing::warn!(error = %e, object = %o.name, "a backup in the bucket could not be read; left out"),
+            Err(e) => {
+                tracing::warn!(error = %e, object = %o.name, "a backup in the bucket could not be read; left out")
+            }
         }
     }
     all.sort_by(|a, b| (b.created_at, &b.name).cmp(&(a.created_at, &a.name)));
@@ -398,7 +413,10 @@ pub async fn list_everywhere(
 /// A backup in the bucket, from its header.
 pub async fn remote_info(store: &s3::Store, o: &s3::Object) -> Result<BackupInfo> {
     let start = store
-        .read_start(&o.name, (format::MAGIC.len() + format::MAX_HEADER + 1) as u64)
+        .read_start(
+            &o.name,
+            (format::MAGIC.len() + format::MAX_HEADER + 1) as u64,
+        )
         .await?;
     let (h, _) = format::read_header(&mut start.as_slice())?;
     Ok(BackupInfo {
@@ -915,9 +933,16 @@ pub async fn run_schedule(
                         break;
                     }
                     let _one = status.running.lock().await;
-                    if upload(s3, &dir, &name, registry.installation_id(), settings.keep, &status)
-                        .await
-                        .is_ok()
+                    if upload(
+                        s3,
+                        &dir,
+                        &name,
+                        registry.installation_id(),
+                        settings.keep,
+                        &status,
+                    )
+                    .await
+                    .is_ok()
                     {
                         break;
                     }

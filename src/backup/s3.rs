@@ -477,12 +477,13 @@ impl Store {
                 Ok(send)
             }
             Some(cfg) => {
-                let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(
-                    |e| S3Error::Tls {
-                        endpoint: self.s.endpoint.clone(),
-                        reason: format!("`{}` is not a server name: {e}", self.host),
-                    },
-                )?;
+                let name =
+                    rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
+                        S3Error::Tls {
+                            endpoint: self.s.endpoint.clone(),
+                            reason: format!("`{}` is not a server name: {e}", self.host),
+                        }
+                    })?;
                 let tls = tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
@@ -575,7 +576,11 @@ impl Store {
                 payload_hash: hash,
             },
         );
-        let uri = if q.is_empty() { path } else { format!("{path}?{q}") };
+        let uri = if q.is_empty() {
+            path
+        } else {
+            format!("{path}?{q}")
+        };
         let mut req = Request::builder().method(method.clone()).uri(uri);
         for (k, v) in &headers {
             req = req.header(k.as_str(), v.as_str());
@@ -616,12 +621,20 @@ impl Store {
             return Ok(answer);
         }
         let status = answer.status();
-        let body = read_text(answer, Duration::from_secs(30)).await.unwrap_or_default();
+        let body = read_text(answer, Duration::from_secs(30))
+            .await
+            .unwrap_or_default();
         Err(self.refusal(op, status, name, &body))
     }
 
     /// What an error answer means.
-    fn refusal(&self, op: &'static str, status: StatusCode, name: Option<&str>, body: &str) -> S3Error {
+    fn refusal(
+        &self,
+        op: &'static str,
+        status: StatusCode,
+        name: Option<&str>,
+        body: &str,
+    ) -> S3Error {
         let code = element(body, "Code").unwrap_or_default();
         let message = element(body, "Message").unwrap_or_else(|| {
             status
@@ -630,8 +643,12 @@ impl Store {
                 .to_string()
         });
         match code.as_str() {
-            "SignatureDoesNotMatch" | "InvalidAccessKeyId" | "InvalidToken" | "ExpiredToken"
-            | "InvalidSecurity" | "AuthorizationHeaderMalformed" => S3Error::Credentials {
+            "SignatureDoesNotMatch"
+            | "InvalidAccessKeyId"
+            | "InvalidToken"
+            | "ExpiredToken"
+            | "InvalidSecurity"
+            | "AuthorizationHeaderMalformed" => S3Error::Credentials {
                 status: status.as_u16(),
                 code,
                 hint: if body.contains("region") {
@@ -663,7 +680,11 @@ impl Store {
             _ if status == StatusCode::FORBIDDEN => S3Error::Denied {
                 op,
                 status: 403,
-                code: if code.is_empty() { "AccessDenied".into() } else { code },
+                code: if code.is_empty() {
+                    "AccessDenied".into()
+                } else {
+                    code
+                },
                 bucket: self.s.bucket.clone(),
             },
             _ => S3Error::Store {
@@ -683,7 +704,14 @@ impl Store {
             ("prefix".to_string(), self.s.prefix.clone()),
         ];
         let answer = self
-            .request("listing the bucket", Method::GET, None, &q, &[], Payload::Empty)
+            .request(
+                "listing the bucket",
+                Method::GET,
+                None,
+                &q,
+                &[],
+                Payload::Empty,
+            )
             .await?;
         read_text(answer, Duration::from_secs(30)).await?;
         Ok(())
@@ -702,7 +730,14 @@ impl Store {
                 q.push(("continuation-token".to_string(), t.clone()));
             }
             let answer = self
-                .request("listing the bucket", Method::GET, None, &q, &[], Payload::Empty)
+                .request(
+                    "listing the bucket",
+                    Method::GET,
+                    None,
+                    &q,
+                    &[],
+                    Payload::Empty,
+                )
                 .await?;
             let xml = read_text(answer, Duration::from_secs(60)).await?;
             for c in elements(&xml, "Contents") {
@@ -729,7 +764,14 @@ impl Store {
     /// Removes the backup `name` from the bucket.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let answer = self
-            .request("deleting an object", Method::DELETE, Some(name), &[], &[], Payload::Empty)
+            .request(
+                "deleting an object",
+                Method::DELETE,
+                Some(name),
+                &[],
+                &[],
+                Payload::Empty,
+            )
             .await?;
         read_text(answer, Duration::from_secs(30)).await?;
         Ok(())
@@ -738,7 +780,14 @@ impl Store {
     /// The object's size (`HEAD`).
     pub async fn size_of(&self, name: &str) -> Result<u64> {
         let answer = self
-            .request("reading an object's size", Method::HEAD, Some(name), &[], &[], Payload::Empty)
+            .request(
+                "reading an object's size",
+                Method::HEAD,
+                Some(name),
+                &[],
+                &[],
+                Payload::Empty,
+            )
             .await?;
         Ok(content_length(&answer).unwrap_or(0))
     }
@@ -957,10 +1006,18 @@ impl Store {
         let dest = dir.join(name);
         let partial = dir.join(format!(".{name}.partial"));
         let answer = self
-            .request("downloading a backup", Method::GET, Some(name), &[], &[], Payload::Empty)
+            .request(
+                "downloading a backup",
+                Method::GET,
+                Some(name),
+                &[],
+                &[],
+                Payload::Empty,
+            )
             .await?;
         let total = content_length(&answer).unwrap_or(0);
-        let file = crate::secrets::create_private(&partial).map_err(io_err("cannot create", &partial))?;
+        let file =
+            crate::secrets::create_private(&partial).map_err(io_err("cannot create", &partial))?;
         let mut file = tokio::fs::File::from_std(file);
         let result: Result<u64> = async {
             let mut body = answer.into_body();
@@ -979,12 +1036,16 @@ impl Store {
                     reason: format!("the download broke off: {e}"),
                 })?;
                 if let Ok(d) = frame.into_data() {
-                    file.write_all(&d).await.map_err(io_err("cannot write", &partial))?;
+                    file.write_all(&d)
+                        .await
+                        .map_err(io_err("cannot write", &partial))?;
                     got += d.len() as u64;
                     progress(got, total);
                 }
             }
-            file.sync_all().await.map_err(io_err("cannot sync", &partial))?;
+            file.sync_all()
+                .await
+                .map_err(io_err("cannot sync", &partial))?;
             Ok(got)
         }
         .await;
@@ -1124,15 +1185,17 @@ mod tests {
             method: "POST",
             ..get
         };
-        assert!(sign(&SUITE, "20150830T123600Z", &post)
-            .ends_with("Signature=5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"));
+        assert!(sign(&SUITE, "20150830T123600Z", &post).ends_with(
+            "Signature=5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"
+        ));
         let query = h(&[("Param2", "value2"), ("Param1", "value1")]);
         let ordered = Signable {
             query: &query,
             ..get
         };
-        assert!(sign(&SUITE, "20150830T123600Z", &ordered)
-            .ends_with("Signature=b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"));
+        assert!(sign(&SUITE, "20150830T123600Z", &ordered).ends_with(
+            "Signature=b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"
+        ));
     }
 
     /// The S3 documentation's example "GET Object" (the first 10 bytes of `test.txt` in
@@ -1180,7 +1243,11 @@ mod tests {
             "20150830T123600Z"
         );
         assert_eq!(part_size(1), PART_MIN);
-        assert_eq!(part_size(100 << 30), 103 << 20, "100 GiB in at most 1000 parts");
+        assert_eq!(
+            part_size(100 << 30),
+            103 << 20,
+            "100 GiB in at most 1000 parts"
+        );
         assert!(part_size(100 << 30) * MAX_PARTS >= 100 << 30);
         let xml = "<ListBucketResult><KeyCount>2</KeyCount><IsTruncated>false</IsTruncated>\
             <Contents><Key>p/escale-a-1.backup</Key><Size>10</Size></Contents>\
@@ -1205,22 +1272,46 @@ mod tests {
         };
         let store = Store::new(&s).unwrap();
         let body = |code: &str| format!("<Error><Code>{code}</Code><Message>m</Message></Error>");
-        let e = store.refusal("x", StatusCode::FORBIDDEN, None, &body("SignatureDoesNotMatch"));
+        let e = store.refusal(
+            "x",
+            StatusCode::FORBIDDEN,
+            None,
+            &body("SignatureDoesNotMatch"),
+        );
         assert!(
-            e.to_string().contains("the store refused the credentials (403 SignatureDoesNotMatch)")
+            e.to_string()
+                .contains("the store refused the credentials (403 SignatureDoesNotMatch)")
                 && e.to_string().contains("secret"),
             "{e}"
         );
-        let e = store.refusal("x", StatusCode::FORBIDDEN, None, &body("InvalidAccessKeyId"));
+        let e = store.refusal(
+            "x",
+            StatusCode::FORBIDDEN,
+            None,
+            &body("InvalidAccessKeyId"),
+        );
         assert!(matches!(e, S3Error::Credentials { .. }), "{e}");
         let e = store.refusal("x", StatusCode::NOT_FOUND, None, &body("NoSuchBucket"));
         assert!(e.to_string().contains("`escale-b` does not exist"), "{e}");
-        let e = store.refusal("listing", StatusCode::FORBIDDEN, None, &body("AccessDenied"));
-        assert!(e.to_string().contains("give the access key the right"), "{e}");
+        let e = store.refusal(
+            "listing",
+            StatusCode::FORBIDDEN,
+            None,
+            &body("AccessDenied"),
+        );
+        assert!(
+            e.to_string().contains("give the access key the right"),
+            "{e}"
+        );
         let e = store.refusal("x", StatusCode::NOT_FOUND, Some("n"), "");
         assert!(e.to_string().contains("no object `p/n`"), "{e}");
         assert!(store
-            .refusal("x", StatusCode::SERVICE_UNAVAILABLE, None, &body("SlowDown"))
+            .refusal(
+                "x",
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                &body("SlowDown")
+            )
             .transient());
         assert_eq!(store.url_of("n"), "s3://escale-b/p/n");
     }
@@ -1242,7 +1333,8 @@ mod tests {
         };
         let e = Store::new(&s).unwrap().check().await.unwrap_err();
         assert!(
-            e.to_string().contains("cannot reach the object store at http://127.0.0.1")
+            e.to_string()
+                .contains("cannot reach the object store at http://127.0.0.1")
                 && e.to_string().contains("backup.s3.endpoint"),
             "{e}"
         );

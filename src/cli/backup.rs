@@ -93,7 +93,11 @@ async fn create(c: &Client, json_out: bool, to: Option<&Path>) -> Result<(), Cli
                 "uploaded to {url} ({}, {} part{}) in {secs:.1}s",
                 size(up["size"].as_u64().unwrap_or(0)),
                 up["parts"],
-                if up["parts"].as_u64() == Some(1) { "" } else { "s" },
+                if up["parts"].as_u64() == Some(1) {
+                    ""
+                } else {
+                    "s"
+                },
             );
         }
         for p in created["pruned_remote"].as_array().into_iter().flatten() {
@@ -212,7 +216,10 @@ async fn download(
             }
         }
         if json_out {
-            println!("{}", serde_json::to_string_pretty(&infos).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&infos).unwrap_or_default()
+            );
         } else {
             let rows: Vec<Vec<String>> = infos
                 .iter()
@@ -226,7 +233,10 @@ async fn download(
                     ]
                 })
                 .collect();
-            table(&["NAME", "SIZE", "CREATED", "INSTALLATION", "ESCALE"], &rows);
+            table(
+                &["NAME", "SIZE", "CREATED", "INSTALLATION", "ESCALE"],
+                &rows,
+            );
         }
         return Ok(());
     }
