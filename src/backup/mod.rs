@@ -132,7 +132,7 @@ pub struct Created {
     pub files: u64,
     /// Bytes archived, before sealing.
     pub bytes: u64,
-    /// How long it took, in milliseconds.
+    /// How long it took, in milliseconds (the upload to the bucket included).
     pub duration_ms: u64,
     /// Older backups removed by the retention (`backup.keep`).
     pub pruned: Vec<String>,
@@ -311,6 +311,7 @@ pub async fn create(
         created.info.url = Some(uploaded.url.clone());
         created.uploaded = Some(uploaded);
         created.pruned_remote = pruned;
+        created.duration_ms = started.elapsed().as_millis() as u64;
     }
     Ok(created)
 }
