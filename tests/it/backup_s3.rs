@@ -8,6 +8,7 @@
 //! file goes up in parts and comes back identical.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::Value;
 use sha2::Digest;
@@ -65,6 +66,23 @@ async fn metrics(s: &TestServer) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// `escale backup create --json`, once the scheduled backup (if one runs) let it.
+async fn create(s: &TestServer) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = s.cli(&["backup", "create", "--json"]);
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).expect("JSON");
+        }
+        let err = stderr(&out);
+        assert!(
+            err.contains("already running") && std::time::Instant::now() < deadline,
+            "backup create failed: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
@@ -78,8 +96,23 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
     let s3_env = moto.env(bucket, &keys, "/drill/eu");
     let mut env = env_refs(&s3_env);
     env.push(("ESCALE_BACKUP_KEEP", "2"));
+    // The first scheduled backup is taken at start (none of this installation yet).
+    env.push(("ESCALE_BACKUP_INTERVAL", "24h"));
     let mut s = TestServer::start(&env).await;
     let work = tempfile::tempdir().unwrap();
+    let scheduled = s
+        .wait_for(
+            "the scheduled backup in the bucket",
+            Duration::from_secs(60),
+            || {
+                let (objects, _) = moto.list(bucket, &keys, prefix);
+                objects
+                    .first()
+                    .map(|(k, _)| k.trim_start_matches(prefix).to_string())
+            },
+        )
+        .await;
+    let mut names: Vec<String> = vec![scheduled];
 
     s.ok(&["apps", "create", "shop"]);
     s.ok(&["apps", "create", "blog"]);
@@ -93,9 +126,8 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
     ]);
 
     // Three backups through the API (CLI --json), then one with the human output.
-    let mut names: Vec<String> = Vec::new();
-    for i in 0..3 {
-        let c = s.json(&["backup", "create"]);
+    for _ in 0..3 {
+        let c = create(&s).await;
         let name = c["name"].as_str().unwrap().to_string();
         assert_eq!(c["location"], "both", "{c}");
         assert_eq!(
@@ -105,11 +137,9 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
         );
         assert_eq!(c["uploaded"]["size"], c["size"], "{c}");
         assert_eq!(c["uploaded"]["parts"], 1, "a small backup is one PUT: {c}");
-        if i == 2 {
-            assert_eq!(c["pruned_remote"], serde_json::json!([names[0]]), "{c}");
-        } else {
-            assert_eq!(c["pruned_remote"], serde_json::json!([]), "{c}");
-        }
+        // keep = 2: the one before the previous one leaves the bucket.
+        let gone: Vec<&String> = names.iter().rev().skip(1).take(1).collect();
+        assert_eq!(c["pruned_remote"], serde_json::json!(gone), "{c}");
         eprintln!(
             "backup to s3: {} bytes sealed, upload {} ms, whole call {} ms",
             c["size"], c["uploaded"]["duration_ms"], c["duration_ms"]
@@ -124,17 +154,22 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
         said.contains(&format!("uploaded to s3://{bucket}/{prefix}{fourth}"))
             && said.contains(&format!(
                 "removed the older backup {} from the bucket",
-                names[1]
+                names[names.len() - 2]
             )),
         "{said}"
     );
     names.push(fourth);
+    // The two the bucket keeps: the older, the newest.
+    let (older, newest) = (
+        names[names.len() - 2].clone(),
+        names[names.len() - 1].clone(),
+    );
 
     // In the bucket, as an independent client sees it: the newest two, whole.
     let local_dir = s.dir.path().join("data/backups");
     let (objects, unfinished) = moto.list(bucket, &keys, prefix);
-    let want: Vec<(String, u64)> = names[2..]
-        .iter()
+    let want: Vec<(String, u64)> = [&older, &newest]
+        .into_iter()
         .map(|n| {
             (
                 format!("{prefix}{n}"),
@@ -156,27 +191,23 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
             .map(|b| b["location"].as_str().unwrap().to_string())
     };
     assert_eq!(
-        location(&listed, &names[2]).as_deref(),
+        location(&listed, &older).as_deref(),
         Some("both"),
         "{listed}"
     );
     assert_eq!(
-        location(&listed, &names[3]).as_deref(),
+        location(&listed, &newest).as_deref(),
         Some("both"),
         "{listed}"
     );
-    std::fs::remove_file(local_dir.join(&names[2])).unwrap();
+    std::fs::remove_file(local_dir.join(&older)).unwrap();
     let listed = s.json(&["backup", "list"]);
-    assert_eq!(
-        location(&listed, &names[2]).as_deref(),
-        Some("s3"),
-        "{listed}"
-    );
+    assert_eq!(location(&listed, &older).as_deref(), Some("s3"), "{listed}");
     let remote_only = listed
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["name"] == names[2].as_str())
+        .find(|b| b["name"] == older.as_str())
         .unwrap();
     assert_eq!(remote_only["installation_id"], s.installation.as_str());
     assert_eq!(remote_only["size"], want[0].1);
@@ -194,11 +225,11 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
     );
     assert_eq!(
         metric(&m, "escale_backups_total{outcome=\"success\"} "),
-        4.0
+        5.0
     );
     assert_eq!(
         metric(&m, "escale_backup_uploads_total{outcome=\"success\"} "),
-        4.0
+        5.0
     );
     assert_eq!(
         metric(&m, "escale_backup_uploads_total{outcome=\"failure\"} "),
@@ -207,7 +238,7 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
 
     // The object is sealed: no canary in clear, nor the apps' names.
     let fetched = work.path().join("fetched.backup");
-    moto.get(bucket, &keys, &format!("{prefix}{}", names[3]), &fetched);
+    moto.get(bucket, &keys, &format!("{prefix}{}", newest), &fetched);
     let bytes = std::fs::read(&fetched).unwrap();
     for c in [canary.as_str(), "shop", "blog", "CANARY"] {
         assert!(
@@ -252,7 +283,7 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
         .collect();
     assert_eq!(
         remote_names,
-        vec![names[3].as_str(), names[2].as_str()],
+        vec![newest.as_str(), older.as_str()],
         "{remote}"
     );
     let out = offline(
@@ -262,7 +293,7 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(got["name"], names[3].as_str(), "{got}");
+    assert_eq!(got["name"], newest.as_str(), "{got}");
     let file = std::path::PathBuf::from(got["path"].as_str().unwrap());
     let file = if file.is_absolute() {
         file
@@ -326,7 +357,7 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
             && err.contains("secret access key"),
         "{err}"
     );
-    assert!(!host.path().join("x").join(&names[3]).exists());
+    assert!(!host.path().join("x").join(&newest).exists());
     let mut missing = s3_env.clone();
     for (k, v) in missing.iter_mut() {
         if k == "ESCALE_BACKUP_S3_BUCKET" {
@@ -362,7 +393,7 @@ async fn a_refused_upload_fails_the_backup_call_and_keeps_the_local_file() {
     // Said at start, before any backup.
     s.wait_for(
         "the start-up check of the bucket",
-        std::time::Duration::from_secs(30),
+        Duration::from_secs(30),
         || {
             s.server_log()
                 .contains("the store refused the credentials")
