@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::support::s3::{Keys, Moto};
+use crate::support::s3::{Keys, Moto, TlsFront};
 use crate::support::server::{read_only_registry, TestServer, ESCALE};
 
 /// The CLI without a server (a new host): only `env`, run in an empty directory (no config
@@ -507,4 +507,65 @@ async fn a_large_backup_goes_up_in_parts_and_comes_back_identical() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no object `big/"), "{e}");
+}
+
+#[tokio::test]
+async fn an_https_store_behind_a_private_ca_needs_its_ca_file() {
+    let moto = Moto::start();
+    let bucket = "escale-tls";
+    let keys = moto.setup(bucket);
+    let front = TlsFront::start(&moto.endpoint).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = escale::config::S3Settings {
+        endpoint: front.endpoint.clone(),
+        region: "us-east-1".into(),
+        bucket: bucket.into(),
+        prefix: String::new(),
+        access_key_id: keys.access_key_id.clone(),
+        secret_access_key: escale::config::SecretString(keys.secret_access_key.clone()),
+        ca_file: None,
+    };
+    // The system's roots do not know this CA: refused, naming the setting.
+    let e = escale::backup::s3::Store::new(&settings)
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("TLS with the object store at https://localhost:")
+            && e.to_string().contains("backup.s3.ca_file"),
+        "{e}"
+    );
+    // With the CA in ca_file (checked by the config as ESCALE_BACKUP_S3_CA_FILE): a backup
+    // goes up and is listed over TLS.
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &front.ca_pem).unwrap();
+    let raw: escale::config::RawConfig = Default::default();
+    let env: Vec<(String, String)> = moto
+        .env(bucket, &keys, "")
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "ESCALE_BACKUP_S3_ENDPOINT" => (k, front.endpoint.clone()),
+            _ => (k, v),
+        })
+        .chain([(
+            "ESCALE_BACKUP_S3_CA_FILE".to_string(),
+            ca.display().to_string(),
+        )])
+        .collect();
+    let config = escale::config::Config::from_raw(raw, &|k| {
+        env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    })
+    .expect("the settings are valid");
+    settings = config.backup.s3.expect("[backup.s3] is on");
+    assert_eq!(settings.ca_file.as_deref(), Some(ca.as_path()));
+    let store = escale::backup::s3::Store::new(&settings).unwrap();
+    store.check().await.expect("the bucket answers over TLS");
+    let name = "escale-tls-20261201T031003123Z.backup";
+    std::fs::write(dir.path().join(name), b"sealed bytes").unwrap();
+    let up = store.upload(&dir.path().join(name), name).await.unwrap();
+    assert_eq!((up.size, up.parts), (12, 1));
+    let (objects, _) = moto.list(bucket, &keys, "");
+    assert_eq!(objects, vec![(name.to_string(), 12)]);
 }
