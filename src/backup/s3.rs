@@ -621,7 +621,8 @@ impl Store {
             return Ok(answer);
         }
         let status = answer.status();
-        let body = read_text(answer, Duration::from_secs(30))
+        let body = self
+            .read_text(answer, Duration::from_secs(30))
             .await
             .unwrap_or_default();
         Err(self.refusal(op, status, name, &body))
@@ -696,6 +697,35 @@ impl Store {
         }
     }
 
+    /// The body as text (at most [`MAX_XML`] bytes kept); a body cut off or slower than `within`
+    /// is an error (a listing must be whole).
+    async fn read_text(&self, r: Response<Incoming>, within: Duration) -> Result<String> {
+        let mut body = r.into_body();
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame?.into_data() {
+                    if out.len() + d.len() <= MAX_XML {
+                        out.extend_from_slice(&d);
+                    }
+                }
+            }
+            Ok::<(), hyper::Error>(())
+        };
+        match tokio::time::timeout(within, read).await {
+            Ok(Ok(())) => Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(Err(e)) => Err(S3Error::Unreachable {
+                endpoint: self.s.endpoint.clone(),
+                reason: format!("its answer broke off: {e}"),
+            }),
+            Err(_) => Err(S3Error::Timeout {
+                op: "reading the store's answer",
+                secs: within.as_secs(),
+                endpoint: self.s.endpoint.clone(),
+            }),
+        }
+    }
+
     /// Checks that the bucket answers to these credentials (lists one object).
     pub async fn check(&self) -> Result<()> {
         let q = vec![
@@ -713,7 +743,7 @@ impl Store {
                 Payload::Empty,
             )
             .await?;
-        read_text(answer, Duration::from_secs(30)).await?;
+        self.read_text(answer, Duration::from_secs(30)).await?;
         Ok(())
     }
 
@@ -739,7 +769,7 @@ impl Store {
                     Payload::Empty,
                 )
                 .await?;
-            let xml = read_text(answer, Duration::from_secs(60)).await?;
+            let xml = self.read_text(answer, Duration::from_secs(60)).await?;
             for c in elements(&xml, "Contents") {
                 let (Some(key), Some(size)) = (element(c, "Key"), element(c, "Size")) else {
                     continue;
@@ -773,7 +803,7 @@ impl Store {
                 Payload::Empty,
             )
             .await?;
-        read_text(answer, Duration::from_secs(30)).await?;
+        self.read_text(answer, Duration::from_secs(30)).await?;
         Ok(())
     }
 
@@ -845,7 +875,7 @@ impl Store {
                     },
                 )
                 .await?;
-            read_text(answer, Duration::from_secs(30)).await?;
+            self.read_text(answer, Duration::from_secs(30)).await?;
             1
         } else {
             self.multipart(path, name, size).await?
@@ -879,7 +909,7 @@ impl Store {
                 Payload::Empty,
             )
             .await?;
-        let xml = read_text(answer, Duration::from_secs(30)).await?;
+        let xml = self.read_text(answer, Duration::from_secs(30)).await?;
         let Some(upload_id) = element(&xml, "UploadId") else {
             return Err(S3Error::Store {
                 op: "starting a multipart upload",
@@ -947,7 +977,7 @@ impl Store {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            read_text(answer, Duration::from_secs(30)).await?;
+            self.read_text(answer, Duration::from_secs(30)).await?;
             if etag.is_empty() {
                 return Err(S3Error::Store {
                     op: "uploading a part",
@@ -980,7 +1010,7 @@ impl Store {
             )
             .await?;
         // The store may answer 200 and put its error in the body.
-        let body = read_text(answer, Duration::from_secs(300)).await?;
+        let body = self.read_text(answer, Duration::from_secs(300)).await?;
         if body.contains("<Error>") {
             return Err(self.refusal(
                 "completing a multipart upload",
@@ -1080,24 +1110,6 @@ fn content_length(r: &Response<Incoming>) -> Option<u64> {
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// The body as text (at most [`MAX_XML`] bytes kept).
-async fn read_text(r: Response<Incoming>, within: Duration) -> Result<String> {
-    let mut body = r.into_body();
-    let mut out = Vec::new();
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { break };
-            if let Ok(d) = frame.into_data() {
-                if out.len() + d.len() <= MAX_XML {
-                    out.extend_from_slice(&d);
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(within, read).await;
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// The TLS client: the system's roots, plus `ca_file`'s certificates.

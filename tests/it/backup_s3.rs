@@ -358,6 +358,35 @@ async fn backups_go_to_the_bucket_with_retention_and_come_back_on_a_new_host() {
         "{err}"
     );
     assert!(!host.path().join("x").join(&newest).exists());
+    // `escale doctor` says it too, on the host, before any backup.
+    let out = offline(host.path(), &wrong, &["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", stderr(&out)));
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "backups: bucket")
+        .unwrap_or_else(|| panic!("no bucket check: {report}"))
+        .clone();
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the store refused the credentials"),
+        "{check}"
+    );
+    let out = offline(host.path(), &s3_env, &["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["check"] == "backups: bucket" && c["status"] == "ok"),
+        "{report}"
+    );
     let mut missing = s3_env.clone();
     for (k, v) in missing.iter_mut() {
         if k == "ESCALE_BACKUP_S3_BUCKET" {
