@@ -104,17 +104,27 @@ pub struct RawBackup {
     pub s3: RawBackupS3,
 }
 
-/// `[backup.s3]` as written.
+/// `[backup.s3]` as written (each key also from `ESCALE_BACKUP_S3_<KEY>`; see
+/// [`S3Settings`] for what each means). With no `endpoint` the table is off, and any other of
+/// its keys is an error.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackupS3 {
+    /// The store's URL (`http(s)://host[:port]`).
     pub endpoint: Option<String>,
+    /// The region requests are signed for.
     pub region: Option<String>,
+    /// The bucket (it must exist).
     pub bucket: Option<String>,
+    /// The objects' name prefix (default: none).
     pub prefix: Option<String>,
+    /// The access key id.
     pub access_key_id: Option<String>,
+    /// The secret access key (better in the environment or a file).
     pub secret_access_key: Option<String>,
+    /// A file holding the secret access key.
     pub secret_access_key_file: Option<String>,
+    /// PEM certificates trusted besides the system's roots.
     pub ca_file: Option<String>,
 }
 
@@ -141,9 +151,11 @@ pub struct S3Settings {
     pub endpoint: String,
     /// The region the requests are signed for (Signature V4), e.g. `fr-par`.
     pub region: String,
+    /// The bucket backups are uploaded to (escale never creates or removes it).
     pub bucket: String,
     /// Empty, or ends with `/`: objects are `prefix + name`.
     pub prefix: String,
+    /// The access key id (its key may put, get, list and delete objects in the bucket).
     pub access_key_id: String,
     /// From `secret_access_key`, its environment variable or `secret_access_key_file`.
     pub secret_access_key: SecretString,

@@ -195,16 +195,17 @@ impl BackupStatus {
         ));
     }
 
-    fn upload_outcome(&self, result: &std::result::Result<s3::Uploaded, s3::S3Error>) {
+    /// Counts an upload to the bucket: `None` when it failed.
+    fn upload_outcome(&self, uploaded: Option<&s3::Uploaded>) {
         let r = Ordering::Relaxed;
         let now = crate::registry::now_ms() / 1000;
-        match result {
-            Ok(u) => {
+        match uploaded {
+            Some(u) => {
                 self.upload_last_success.store(now, r);
                 self.upload_successes.fetch_add(1, r);
                 self.upload_last_duration_ms.store(u.duration_ms, r);
             }
-            Err(_) => {
+            None => {
                 self.upload_last_failure.store(now, r);
                 self.upload_failures.fetch_add(1, r);
             }
@@ -331,24 +332,32 @@ pub async fn upload(
         location: s3.location(),
         source,
     };
-    let result = async {
-        let store = s3::Store::new(s3)?;
-        store.upload(&dir.join(name), name).await
-    }
-    .await;
-    status.upload_outcome(&result);
-    let uploaded = match result {
-        Ok(u) => u,
+    let result = match s3::Store::new(s3) {
+        Ok(store) => store
+            .upload(&dir.join(name), name)
+            .await
+            .map(|u| (store, u)),
+        Err(e) => Err(e),
+    };
+    status.upload_outcome(result.as_ref().ok().map(|(_, u)| u));
+    let (store, uploaded) = match result {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, backup = name, "upload to the bucket failed");
             return Err(failed(e));
         }
     };
     tracing::info!(backup = name, url = %uploaded.url, size = uploaded.size, parts = uploaded.parts, ms = uploaded.duration_ms, "backup uploaded");
+    // The upload went: a retention that fails now is said, and tried again after the next
+    // backup; it does not fail this one.
     let pruned = if keep > 0 {
-        prune_remote(&s3::Store::new(s3).map_err(failed)?, inst, keep as usize)
-            .await
-            .map_err(failed)?
+        match prune_remote(&store, inst, keep as usize).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "backup uploaded, but removing older backups from the bucket (backup.keep) failed");
+                Vec::new()
+            }
+        }
     } else {
         Vec::new()
     };
