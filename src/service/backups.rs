@@ -13,16 +13,23 @@ impl Services {
         self.config.backup.dir_for(&self.config.data_dir)
     }
 
-    /// Takes a backup now (an online snapshot), then applies the retention.
+    /// Takes a backup now (an online snapshot), uploads it (`[backup.s3]`), then applies the
+    /// retention. Runs as its own task: a client that hangs up does not cut an upload short
+    /// (a multipart upload left half done would stay in the bucket).
     pub async fn create_backup(&self, actor: &Actor) -> Result<Created> {
         actor.require_admin("taking a backup (every team's apps and secrets)")?;
-        Ok(backup::create(
-            &self.registry,
-            &self.config.data_dir,
-            &self.config.backup,
-            &self.backups,
-        )
-        .await?)
+        let (registry, config, status) = (
+            self.registry.clone(),
+            self.config.clone(),
+            self.backups.clone(),
+        );
+        let task = tokio::spawn(async move {
+            backup::create(&registry, &config.data_dir, &config.backup, &status).await
+        });
+        match task.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(BackupError::Damaged(format!("the backup task failed: {e}")).into()),
+        }
     }
 
     /// The backups in the backup dir and the bucket (`[backup.s3]`), newest first, each
