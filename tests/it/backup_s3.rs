@@ -464,11 +464,17 @@ async fn a_refused_upload_fails_the_backup_call_and_keeps_the_local_file() {
         metric(&m, "escale_backup_upload_last_success_timestamp_seconds "),
         0.0
     );
-    // The API says 503 with the reason, as problem+json.
+    // The API says 503 with the reason, as problem+json (the CLI's --json error).
     let out = s.cli(&["backup", "create", "--json"]);
+    let err: Value = serde_json::from_slice(&out.stderr)
+        .unwrap_or_else(|e| panic!("--json error is JSON ({e}): {}", stderr(&out)));
     assert!(!out.status.success());
+    assert_eq!(err["status"], 503, "{err}");
+    assert!(err.to_string().contains("SignatureDoesNotMatch"), "{err}");
+    // Listing cannot show the bucket's copies: said, not silently left out.
+    let out = s.cli(&["backup", "list"]);
     assert!(
-        stderr(&out).contains("SignatureDoesNotMatch"),
+        !out.status.success() && stderr(&out).contains("the store refused the credentials"),
         "{}",
         stderr(&out)
     );
