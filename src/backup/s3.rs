@@ -1351,4 +1351,99 @@ mod tests {
             "{e}"
         );
     }
+
+    /// A store that accepts the first part, fails the second with a 500 (tried again) then
+    /// a 400 (not tried again): the upload fails with the store's code and is aborted.
+    #[tokio::test]
+    async fn a_failed_multipart_upload_is_retried_when_transient_then_aborted() {
+        use std::sync::Mutex;
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let what = format!(
+                                "{} {}",
+                                req.method(),
+                                req.uri().query().unwrap_or_default()
+                            );
+                            let signed = req
+                                .headers()
+                                .get("authorization")
+                                .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-HMAC-SHA256 "));
+                            let _ = req.into_body().collect().await;
+                            let tries = {
+                                let mut l = log.lock().unwrap();
+                                l.push(what.clone());
+                                l.iter().filter(|w| **w == what).count()
+                            };
+                            let (status, body, etag) = if !signed {
+                                (400, "<Error><Code>Unsigned</Code></Error>", "")
+                            } else if what.starts_with("POST uploads") {
+                                (200, "<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>", "")
+                            } else if what.starts_with("PUT partNumber=1&") {
+                                (200, "", "\"e1\"")
+                            } else if what.starts_with("PUT partNumber=2&") && tries == 1 {
+                                (500, "<Error><Code>InternalError</Code><Message>try again</Message></Error>", "")
+                            } else if what.starts_with("PUT partNumber=2&") {
+                                (400, "<Error><Code>EntityTooSmall</Code><Message>no</Message></Error>", "")
+                            } else if what.starts_with("DELETE uploadId=u1") {
+                                (204, "", "")
+                            } else {
+                                (404, "<Error><Code>NoSuchKey</Code></Error>", "")
+                            };
+                            let mut answer = Response::builder().status(status);
+                            if !etag.is_empty() {
+                                answer = answer.header("etag", etag);
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                answer.body(Full::new(Bytes::from(body))).unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        let s = S3Settings {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            region: "fr-par".into(),
+            bucket: "escale-b".into(),
+            prefix: String::new(),
+            access_key_id: "AK".into(),
+            secret_access_key: crate::config::SecretString("SK".into()),
+            ca_file: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("escale-a-20261201T031003123Z.backup");
+        std::fs::write(&path, vec![7u8; (PART_MIN + 1000) as usize]).unwrap();
+        let e = Store::new(&s)
+            .unwrap()
+            .upload(&path, "escale-a-20261201T031003123Z.backup")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, S3Error::Store { status: 400, code, .. } if code == "EntityTooSmall"),
+            "{e}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                "POST uploads=".to_string(),
+                "PUT partNumber=1&uploadId=u1".into(),
+                "PUT partNumber=2&uploadId=u1".into(),
+                "PUT partNumber=2&uploadId=u1".into(),
+                "DELETE uploadId=u1".into(),
+            ]
+        );
+    }
 }
