@@ -890,6 +890,14 @@ fn set_mode(p: &Path, mode: u32) {
     let _ = (p, mode);
 }
 
+/// The first wait before a scheduled backup's failed upload is tried again (then doubled, up
+/// to 15 minutes).
+const UPLOAD_RETRY: Duration = if cfg!(test) {
+    Duration::from_millis(200)
+} else {
+    Duration::from_secs(60)
+};
+
 /// Scheduled backups: every `interval` (counted from the newest backup of this installation
 /// in the directory, so a restart does not delay or repeat one), until `stop`.
 pub async fn run_schedule(
@@ -929,7 +937,7 @@ pub async fn run_schedule(
                 let (Some(s3), due) = (&settings.s3, Instant::now() + interval) else {
                     continue;
                 };
-                let mut wait = Duration::from_secs(60);
+                let mut wait = UPLOAD_RETRY;
                 loop {
                     if Instant::now() + wait >= due {
                         break;
@@ -1082,6 +1090,68 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A scheduled backup whose upload is refused is uploaded again once the store accepts
+    /// it, and no other backup is taken meanwhile.
+    #[tokio::test]
+    async fn a_scheduled_backup_whose_upload_failed_is_uploaded_again() {
+        // The first PUT is refused (403 AccessDenied), the next one goes.
+        let (port, seen) = s3::fake::serve(|what, tries| match (what, tries) {
+            ("PUT ", 1) => (403, "<Error><Code>AccessDenied</Code></Error>", ""),
+            ("PUT ", _) => (200, "", "\"e\""),
+            _ => (200, "", ""),
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let reg = Registry::open(&data.join("escale.db"), MasterKey::random())
+            .await
+            .unwrap();
+        let backups = dir.path().join("backups");
+        let settings = BackupSettings {
+            interval: Some(Duration::from_secs(3600)),
+            keep: 0,
+            dir: Some(backups.clone()),
+            s3: Some(s3::fake::settings(port)),
+        };
+        let status = std::sync::Arc::new(BackupStatus::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run_schedule(
+            reg.clone(),
+            data.clone(),
+            settings,
+            status.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status.upload_successes.load(Ordering::Relaxed) < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "never uploaded: {:?}",
+                seen.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop_tx.send(());
+        task.await.unwrap();
+        assert_eq!(status.upload_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            status.successes.load(Ordering::Relaxed),
+            1,
+            "one backup taken"
+        );
+        assert_eq!(list(&backups).unwrap().len(), 1);
+        let puts = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.as_str() == "PUT ")
+            .count();
+        assert_eq!(puts, 2, "the same file, uploaded again");
     }
 
     /// `scripts/bench-backup`: a registry of APPS (1,000) apps with 5 config vars (one

@@ -1145,6 +1145,106 @@ fn client_config(s: &S3Settings) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// A stand-in store for unit tests: answers each request with `answer("METHOD query",
+/// tries)` = (status, body, etag), records `METHOD query` of each, and answers a `HEAD` with
+/// the length of the last `PUT`. Not a mock of escale: a tiny HTTP
+/// server on loopback speaking the few answers the client reads.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+
+    pub type Answer = (u16, &'static str, &'static str);
+
+    /// Serves on a loopback port; returns it and the requests seen.
+    pub async fn serve(
+        answer: impl Fn(&str, usize) -> Answer + Send + Sync + 'static,
+    ) -> (u16, Arc<Mutex<Vec<String>>>) {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let answer = Arc::new(answer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = seen.clone();
+        let last_put = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (log, answer, last_put) = (log.clone(), answer.clone(), last_put.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (log, answer, last_put) =
+                            (log.clone(), answer.clone(), last_put.clone());
+                        async move {
+                            let method = req.method().clone();
+                            let what = format!(
+                                "{} {}",
+                                req.method(),
+                                req.uri().query().unwrap_or_default()
+                            );
+                            let signed = req
+                                .headers()
+                                .get("authorization")
+                                .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-HMAC-SHA256 "));
+                            let len = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(0);
+                            if method == http::Method::PUT {
+                                last_put.store(len, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            let tries = {
+                                let mut l = log.lock().unwrap();
+                                l.push(what.clone());
+                                l.iter().filter(|w| **w == what).count()
+                            };
+                            let (status, body, etag) = if signed {
+                                answer(&what, tries)
+                            } else {
+                                (400, "<Error><Code>Unsigned</Code></Error>", "")
+                            };
+                            let mut r = Response::builder().status(status);
+                            if !etag.is_empty() {
+                                r = r.header("etag", etag);
+                            }
+                            if method == http::Method::HEAD {
+                                r = r.header(
+                                    "content-length",
+                                    last_put.load(std::sync::atomic::Ordering::SeqCst),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                r.body(Full::new(Bytes::from(body))).unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    /// Settings for the stand-in on `port`.
+    pub fn settings(port: u16) -> crate::config::S3Settings {
+        crate::config::S3Settings {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            region: "fr-par".into(),
+            bucket: "escale-b".into(),
+            prefix: String::new(),
+            access_key_id: "AK".into(),
+            secret_access_key: crate::config::SecretString("SK".into()),
+            ca_file: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1356,72 +1456,35 @@ mod tests {
     /// a 400 (not tried again): the upload fails with the store's code and is aborted.
     #[tokio::test]
     async fn a_failed_multipart_upload_is_retried_when_transient_then_aborted() {
-        use std::sync::Mutex;
-        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let log = log.clone();
-                        async move {
-                            let what = format!(
-                                "{} {}",
-                                req.method(),
-                                req.uri().query().unwrap_or_default()
-                            );
-                            let signed = req
-                                .headers()
-                                .get("authorization")
-                                .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-HMAC-SHA256 "));
-                            let _ = req.into_body().collect().await;
-                            let tries = {
-                                let mut l = log.lock().unwrap();
-                                l.push(what.clone());
-                                l.iter().filter(|w| **w == what).count()
-                            };
-                            let (status, body, etag) = if !signed {
-                                (400, "<Error><Code>Unsigned</Code></Error>", "")
-                            } else if what.starts_with("POST uploads") {
-                                (200, "<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>", "")
-                            } else if what.starts_with("PUT partNumber=1&") {
-                                (200, "", "\"e1\"")
-                            } else if what.starts_with("PUT partNumber=2&") && tries == 1 {
-                                (500, "<Error><Code>InternalError</Code><Message>try again</Message></Error>", "")
-                            } else if what.starts_with("PUT partNumber=2&") {
-                                (400, "<Error><Code>EntityTooSmall</Code><Message>no</Message></Error>", "")
-                            } else if what.starts_with("DELETE uploadId=u1") {
-                                (204, "", "")
-                            } else {
-                                (404, "<Error><Code>NoSuchKey</Code></Error>", "")
-                            };
-                            let mut answer = Response::builder().status(status);
-                            if !etag.is_empty() {
-                                answer = answer.header("etag", etag);
-                            }
-                            Ok::<_, std::convert::Infallible>(
-                                answer.body(Full::new(Bytes::from(body))).unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
-                });
+        let (port, seen) = fake::serve(|what, tries| {
+            if what.starts_with("POST uploads") {
+                (
+                    200,
+                    "<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>",
+                    "",
+                )
+            } else if what.starts_with("PUT partNumber=1&") {
+                (200, "", "\"e1\"")
+            } else if what.starts_with("PUT partNumber=2&") && tries == 1 {
+                (
+                    500,
+                    "<Error><Code>InternalError</Code><Message>try again</Message></Error>",
+                    "",
+                )
+            } else if what.starts_with("PUT partNumber=2&") {
+                (
+                    400,
+                    "<Error><Code>EntityTooSmall</Code><Message>no</Message></Error>",
+                    "",
+                )
+            } else if what.starts_with("DELETE uploadId=u1") {
+                (204, "", "")
+            } else {
+                (404, "<Error><Code>NoSuchKey</Code></Error>", "")
             }
-        });
-        let s = S3Settings {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            region: "fr-par".into(),
-            bucket: "escale-b".into(),
-            prefix: String::new(),
-            access_key_id: "AK".into(),
-            secret_access_key: crate::config::SecretString("SK".into()),
-            ca_file: None,
-        };
+        })
+        .await;
+        let s = fake::settings(port);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("escale-a-20261201T031003123Z.backup");
         std::fs::write(&path, vec![7u8; (PART_MIN + 1000) as usize]).unwrap();
