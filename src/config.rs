@@ -100,6 +100,32 @@ pub struct RawBackup {
     pub interval: Option<String>,
     pub keep: Option<u32>,
     pub dir: Option<String>,
+    #[serde(default)]
+    pub s3: RawBackupS3,
+}
+
+/// `[backup.s3]` as written (each key also from `ESCALE_BACKUP_S3_<KEY>`; see
+/// [`S3Settings`] for what each means). With no `endpoint` the table is off, and any other of
+/// its keys is an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackupS3 {
+    /// The store's URL (`http(s)://host[:port]`).
+    pub endpoint: Option<String>,
+    /// The region requests are signed for.
+    pub region: Option<String>,
+    /// The bucket (it must exist).
+    pub bucket: Option<String>,
+    /// The objects' name prefix (default: none).
+    pub prefix: Option<String>,
+    /// The access key id.
+    pub access_key_id: Option<String>,
+    /// The secret access key (better in the environment or a file).
+    pub secret_access_key: Option<String>,
+    /// A file holding the secret access key.
+    pub secret_access_key_file: Option<String>,
+    /// PEM certificates trusted besides the system's roots.
+    pub ca_file: Option<String>,
 }
 
 /// `[backup]`, validated.
@@ -111,6 +137,47 @@ pub struct BackupSettings {
     pub keep: u32,
     /// Where the server writes backups (`None`: `data_dir/backups`).
     pub dir: Option<PathBuf>,
+    /// `[backup.s3]`: each backup is also uploaded to this bucket (`None`: local only).
+    pub s3: Option<S3Settings>,
+}
+
+/// `[backup.s3]`, validated: an S3-compatible object store (Scaleway, OVH, Hetzner, Exoscale,
+/// MinIO, Garage, AWS) each backup is uploaded to, addressed path-style
+/// (`endpoint/bucket/prefix/name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    /// `http://` or `https://` host and optional port, nothing else, e.g.
+    /// `https://s3.fr-par.scw.cloud`.
+    pub endpoint: String,
+    /// The region the requests are signed for (Signature V4), e.g. `fr-par`.
+    pub region: String,
+    /// The bucket backups are uploaded to (escale never creates or removes it).
+    pub bucket: String,
+    /// Empty, or ends with `/`: objects are `prefix + name`.
+    pub prefix: String,
+    /// The access key id (its key may put, get, list and delete objects in the bucket).
+    pub access_key_id: String,
+    /// From `secret_access_key`, its environment variable or `secret_access_key_file`.
+    pub secret_access_key: SecretString,
+    /// PEM certificates trusted besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl S3Settings {
+    /// `s3://bucket/prefix` (where the backups go, for messages).
+    pub fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// A secret value kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(pub String);
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"(redacted)\"")
+    }
 }
 
 impl BackupSettings {
@@ -431,6 +498,20 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("backup.interval", "ESCALE_BACKUP_INTERVAL"),
     ("backup.keep", "ESCALE_BACKUP_KEEP"),
     ("backup.dir", "ESCALE_BACKUP_DIR"),
+    ("backup.s3.endpoint", "ESCALE_BACKUP_S3_ENDPOINT"),
+    ("backup.s3.region", "ESCALE_BACKUP_S3_REGION"),
+    ("backup.s3.bucket", "ESCALE_BACKUP_S3_BUCKET"),
+    ("backup.s3.prefix", "ESCALE_BACKUP_S3_PREFIX"),
+    ("backup.s3.access_key_id", "ESCALE_BACKUP_S3_ACCESS_KEY_ID"),
+    (
+        "backup.s3.secret_access_key",
+        "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY",
+    ),
+    (
+        "backup.s3.secret_access_key_file",
+        "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY_FILE",
+    ),
+    ("backup.s3.ca_file", "ESCALE_BACKUP_S3_CA_FILE"),
     ("upkeep.usage_interval", "ESCALE_UPKEEP_USAGE_INTERVAL"),
     ("upkeep.disk_interval", "ESCALE_UPKEEP_DISK_INTERVAL"),
     ("upkeep.prune_interval", "ESCALE_UPKEEP_PRUNE_INTERVAL"),
@@ -599,6 +680,7 @@ impl Config {
                 .get("backup.dir", raw.backup.dir.clone())
                 .filter(|d| !d.trim().is_empty())
                 .map(PathBuf::from),
+            s3: s3_settings(&s, &raw.backup.s3)?,
         };
         let config = Config {
             backup,
@@ -896,6 +978,196 @@ impl RawConfig {
             message: e.to_string(),
         })
     }
+}
+
+/// `[backup.s3]`: `None` when no endpoint is set (and no other key of the table either).
+fn s3_settings(s: &Settings<'_>, raw: &RawBackupS3) -> Result<Option<S3Settings>, ConfigError> {
+    let get = |key: &'static str, file: &Option<String>| {
+        s.get(key, file.clone())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let endpoint = get("backup.s3.endpoint", &raw.endpoint);
+    let region = get("backup.s3.region", &raw.region);
+    let bucket = get("backup.s3.bucket", &raw.bucket);
+    let prefix = get("backup.s3.prefix", &raw.prefix);
+    let access_key_id = get("backup.s3.access_key_id", &raw.access_key_id);
+    let secret = get("backup.s3.secret_access_key", &raw.secret_access_key);
+    let secret_file = get(
+        "backup.s3.secret_access_key_file",
+        &raw.secret_access_key_file,
+    );
+    let ca_file = get("backup.s3.ca_file", &raw.ca_file);
+    let Some(endpoint) = endpoint else {
+        let set = [
+            &region,
+            &bucket,
+            &prefix,
+            &access_key_id,
+            &secret,
+            &secret_file,
+            &ca_file,
+        ]
+        .iter()
+        .any(|v| v.is_some());
+        if set {
+            return Err(invalid(
+                "backup.s3.endpoint",
+                "missing: the other backup.s3 keys are set; give the store's URL, e.g. \
+                 `https://s3.fr-par.scw.cloud`, or remove [backup.s3]"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let endpoint = endpoint.trim_end_matches('/').to_string();
+    let parsed: http::Uri = endpoint.parse().map_err(|e| {
+        invalid(
+            "backup.s3.endpoint",
+            format!("`{endpoint}` is not a URL ({e}); write e.g. `https://s3.fr-par.scw.cloud`"),
+        )
+    })?;
+    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    let plain = parsed.path_and_query().is_none_or(|p| p.as_str() == "/");
+    if !scheme_ok || parsed.host().is_none_or(str::is_empty) || !plain || endpoint.contains('@') {
+        return Err(invalid(
+            "backup.s3.endpoint",
+            format!(
+                "`{endpoint}`: write the store's https:// (or http://) URL with a host and an \
+                 optional port, no path (the bucket is addressed path-style), e.g. \
+                 `https://s3.gra.io.cloud.ovh.net`"
+            ),
+        ));
+    }
+    let region = region.ok_or_else(|| {
+        invalid(
+            "backup.s3.region",
+            "missing: the region requests are signed for, e.g. `fr-par` (Scaleway), `gra` \
+             (OVH), `fsn1` (Hetzner), `ch-gva-2` (Exoscale), `us-east-1` (MinIO)"
+                .into(),
+        )
+    })?;
+    if region.len() > 64
+        || !region
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            "backup.s3.region",
+            format!("`{region}`: use letters, digits, `-` and `_`, e.g. `fr-par`"),
+        ));
+    }
+    let bucket = bucket.ok_or_else(|| {
+        invalid(
+            "backup.s3.bucket",
+            "missing: the bucket backups are uploaded to (create it first)".into(),
+        )
+    })?;
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !bucket.contains("..");
+    if !bucket_ok {
+        return Err(invalid(
+            "backup.s3.bucket",
+            format!(
+                "`{bucket}` is not a bucket name: 3 to 63 lowercase letters, digits, `-` and \
+                 `.`, starting and ending with a letter or digit"
+            ),
+        ));
+    }
+    let prefix = prefix.unwrap_or_default();
+    let trimmed = prefix.trim_matches('/');
+    let prefix_ok = trimmed.len() <= 512
+        && trimmed
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+        && trimmed.split('/').all(|c| c != "." && c != "..")
+        && !trimmed.contains("//");
+    if !prefix_ok {
+        return Err(invalid(
+            "backup.s3.prefix",
+            format!(
+                "`{prefix}`: use letters, digits, `-`, `_`, `.` and `/` between parts, e.g. \
+                 `escale/prod`"
+            ),
+        ));
+    }
+    let prefix = if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    };
+    let access_key_id = access_key_id.ok_or_else(|| {
+        invalid(
+            "backup.s3.access_key_id",
+            "missing: the access key id of a key allowed to read, write, list and delete in the bucket"
+                .into(),
+        )
+    })?;
+    let secret_access_key =
+        match (secret, secret_file) {
+            (Some(_), Some(_)) => return Err(invalid(
+                "backup.s3.secret_access_key_file",
+                "set either backup.s3.secret_access_key (ESCALE_BACKUP_S3_SECRET_ACCESS_KEY) or \
+                 backup.s3.secret_access_key_file, not both"
+                    .into(),
+            )),
+            (Some(v), None) => v,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "backup.s3.secret_access_key_file",
+                        format!("cannot read `{path}`: {e}"),
+                    )
+                })?;
+                let v = text.trim().to_string();
+                if v.is_empty() {
+                    return Err(invalid(
+                        "backup.s3.secret_access_key_file",
+                        format!("`{path}` is empty: write the secret access key in it"),
+                    ));
+                }
+                v
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "backup.s3.secret_access_key",
+                    "missing: set ESCALE_BACKUP_S3_SECRET_ACCESS_KEY in escale's environment, or \
+                 backup.s3.secret_access_key_file to a file holding it (0600)"
+                        .into(),
+                ))
+            }
+        };
+    let ca_file = match ca_file {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .map_err(|e| invalid("backup.s3.ca_file", format!("cannot read `{path}`: {e}")))?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("backup.s3.ca_file", format!("`{path}`: {e}")))?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    "backup.s3.ca_file",
+                    format!("`{path}` holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                ));
+            }
+            Some(PathBuf::from(path))
+        }
+    };
+    Ok(Some(S3Settings {
+        endpoint,
+        region,
+        bucket,
+        prefix,
+        access_key_id,
+        secret_access_key: SecretString(secret_access_key),
+        ca_file,
+    }))
 }
 
 fn env_name(key: &'static str) -> &'static str {
@@ -1203,6 +1475,87 @@ mod tests {
             let e = with_env(&[(key, bad)]).unwrap_err().to_string();
             assert!(e.contains("login_"), "{key}={bad}: {e}");
         }
+    }
+
+    #[test]
+    fn backup_s3_settings_are_checked_and_the_secret_stays_out_of_debug() {
+        assert!(with_env(&[]).unwrap().backup.s3.is_none(), "off by default");
+        let base = [
+            ("ESCALE_BACKUP_S3_ENDPOINT", "https://s3.fr-par.scw.cloud/"),
+            ("ESCALE_BACKUP_S3_REGION", "fr-par"),
+            ("ESCALE_BACKUP_S3_BUCKET", "escale-backups"),
+            ("ESCALE_BACKUP_S3_PREFIX", "/prod/eu/"),
+            ("ESCALE_BACKUP_S3_ACCESS_KEY_ID", "SCWEXAMPLE"),
+            ("ESCALE_BACKUP_S3_SECRET_ACCESS_KEY", "very-secret-value"),
+        ];
+        let s3 = with_env(&base).unwrap().backup.s3.expect("on");
+        assert_eq!(s3.endpoint, "https://s3.fr-par.scw.cloud");
+        assert_eq!(s3.prefix, "prod/eu/");
+        assert_eq!(s3.location(), "s3://escale-backups/prod/eu/");
+        assert_eq!(s3.secret_access_key.0, "very-secret-value");
+        assert!(!format!("{s3:?}").contains("very-secret-value"));
+
+        let with = |k: &str, v: &str| {
+            let mut vars: Vec<(&str, &str)> =
+                base.iter().filter(|(n, _)| *n != k).copied().collect();
+            if !v.is_empty() {
+                vars.push((k, v));
+            }
+            with_env(&vars)
+                .map(|c| c.backup.s3)
+                .map_err(|e| e.to_string())
+        };
+        for (k, v, says) in [
+            ("ESCALE_BACKUP_S3_ENDPOINT", "ftp://x", "backup.s3.endpoint"),
+            (
+                "ESCALE_BACKUP_S3_ENDPOINT",
+                "https://s3.example/bucket",
+                "no path",
+            ),
+            ("ESCALE_BACKUP_S3_REGION", "", "backup.s3.region"),
+            ("ESCALE_BACKUP_S3_BUCKET", "Bad_Bucket", "not a bucket name"),
+            ("ESCALE_BACKUP_S3_BUCKET", "", "backup.s3.bucket"),
+            ("ESCALE_BACKUP_S3_PREFIX", "a/../b", "backup.s3.prefix"),
+            (
+                "ESCALE_BACKUP_S3_ACCESS_KEY_ID",
+                "",
+                "backup.s3.access_key_id",
+            ),
+            (
+                "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY",
+                "",
+                "ESCALE_BACKUP_S3_SECRET_ACCESS_KEY",
+            ),
+            (
+                "ESCALE_BACKUP_S3_CA_FILE",
+                "/nonexistent/ca.pem",
+                "backup.s3.ca_file",
+            ),
+        ] {
+            let e = with(k, v).unwrap_err();
+            assert!(e.contains(says), "{k}={v}: {e}");
+        }
+        // Another key without an endpoint is a mistake, named.
+        let e = with_env(&[("ESCALE_BACKUP_S3_BUCKET", "b-1")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backup.s3.endpoint"), "{e}");
+
+        // The secret from a file; not from both places.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let path = f.to_str().unwrap();
+        let mut vars: Vec<(&str, &str)> = base[..5].to_vec();
+        vars.push(("ESCALE_BACKUP_S3_SECRET_ACCESS_KEY_FILE", path));
+        let s3 = with_env(&vars).unwrap().backup.s3.unwrap();
+        assert_eq!(s3.secret_access_key.0, "from-a-file");
+        vars.push(("ESCALE_BACKUP_S3_SECRET_ACCESS_KEY", "x"));
+        let e = with_env(&vars).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        // A CA file must hold a certificate.
+        let e = with("ESCALE_BACKUP_S3_CA_FILE", path).unwrap_err();
+        assert!(e.contains("no PEM certificate"), "{e}");
     }
 
     #[test]

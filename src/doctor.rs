@@ -5,8 +5,9 @@
 //! host's), the listening ports (free, or held by the escale serving this data dir), the apps
 //! domain's wildcard DNS record, free disk on the data dir and on the local engine's root dir,
 //! the registry (integrity, schema version), certificate expiries (apps, the cluster CA,
-//! escale's client certificate, node certificates) and the registered nodes (their engine's
-//! port answering). It only reads: the registry is opened read-only, nothing is bound for
+//! escale's client certificate, node certificates), the registered nodes (their engine's
+//! port answering) and the bucket backups go to (`[backup.s3]`: a one-object listing with
+//! the configured credentials). It only reads: the registry is opened read-only, nothing is bound for
 //! longer than the check.
 
 use std::net::SocketAddr;
@@ -130,7 +131,33 @@ pub async fn run(config: &Config) -> Report {
     }
     dns(config, &mut r).await;
     registry(config, &mut r).await;
+    backup_bucket(config, &mut r).await;
     r
+}
+
+async fn backup_bucket(config: &Config, r: &mut Report) {
+    let Some(s3) = &config.backup.s3 else {
+        r.push("backups: bucket", Status::Ok, "off ([backup.s3] not set)");
+        return;
+    };
+    let check = async { crate::backup::s3::Store::new(s3)?.check().await };
+    match tokio::time::timeout(TIMEOUT * 3, check).await {
+        Ok(Ok(())) => r.push(
+            "backups: bucket",
+            Status::Ok,
+            format!("{} at {} answers", s3.location(), s3.endpoint),
+        ),
+        Ok(Err(e)) => r.fail(
+            "backups: bucket",
+            e.to_string(),
+            "fix [backup.s3] in the config (or the ESCALE_BACKUP_S3_* variables): backups fail until the bucket answers",
+        ),
+        Err(_) => r.fail(
+            "backups: bucket",
+            format!("{} did not answer within {:?}", s3.endpoint, TIMEOUT * 3),
+            "check backup.s3.endpoint and the network",
+        ),
+    }
 }
 
 async fn engine(config: &Config, r: &mut Report) {

@@ -318,6 +318,21 @@ pub async fn run_with(
         }
         None => None,
     };
+    // The bucket backups go to ([backup.s3]) checked once at start: a wrong key or a
+    // missing bucket is said now, not at the first backup (which fails clearly too).
+    if let Some(s3) = config.backup.s3.clone() {
+        tokio::spawn(async move {
+            let checked = async { crate::backup::s3::Store::new(&s3)?.check().await }.await;
+            match checked {
+                Ok(()) => {
+                    tracing::info!(bucket = %s3.location(), endpoint = %s3.endpoint, "backups go to the bucket too")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "backup.s3: the bucket backups go to does not answer; backups will fail until this is fixed")
+                }
+            }
+        });
+    }
     if config.acme.directory_url.is_some()
         && config.acme.challenge == crate::config::AcmeChallenge::Http01
         && config.http_addr.is_none()

@@ -10,7 +10,8 @@ use super::{ApiError, AppState, Auth, Json, Path};
 use crate::backup::{BackupInfo, Created};
 
 #[utoipa::path(post, path = "/api/v1/backups", tag = "system", security(("token" = [])),
-    responses((status = 201, body = Created), (status = 403, body = super::Problem), (status = 409, body = super::Problem)))]
+    responses((status = 201, body = Created), (status = 403, body = super::Problem), (status = 409, body = super::Problem),
+        (status = 503, description = "the backup is on the server's disk but its upload to the bucket ([backup.s3]) failed", body = super::Problem)))]
 pub async fn create_backup(
     State(s): State<AppState>,
     Auth(actor): Auth,
@@ -22,7 +23,8 @@ pub async fn create_backup(
 }
 
 #[utoipa::path(get, path = "/api/v1/backups", tag = "system", security(("token" = [])),
-    responses((status = 200, body = [BackupInfo]), (status = 403, body = super::Problem)))]
+    responses((status = 200, body = [BackupInfo]), (status = 403, body = super::Problem),
+        (status = 503, description = "the bucket ([backup.s3]) could not be listed", body = super::Problem)))]
 pub async fn list_backups(
     State(s): State<AppState>,
     Auth(actor): Auth,

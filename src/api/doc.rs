@@ -77,9 +77,9 @@ pub const ERRORS: &[(&str, &[u16])] = &[
     ("uncordon_node", &[403, 409]),
     ("drain_node", &[403, 409]),
     ("remove_node", &[403, 409]),
-    // A backup is being taken (409).
-    ("create_backup", &[403, 409]),
-    ("list_backups", &[403]),
+    // A backup is being taken (409); the object store ([backup.s3]) failed or refused (503).
+    ("create_backup", &[403, 409, 503]),
+    ("list_backups", &[403, 503]),
     ("download_backup", &[403]),
 ];
 

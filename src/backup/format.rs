@@ -35,7 +35,7 @@ const CHUNK: usize = 1 << 20;
 /// What the backup key is derived for.
 const PURPOSE: &str = "escale-backup-v1";
 /// The header line is never longer than this.
-const MAX_HEADER: usize = 16 * 1024;
+pub(crate) const MAX_HEADER: usize = 16 * 1024;
 
 /// The clear header: what a backup is, readable without the key (no secret in it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -9,6 +9,10 @@
 //! key, so a stolen backup reveals nothing, not even app names; the master key itself is never
 //! in a backup: `escale backup export-key` prints it, to be kept apart.
 //!
+//! With `[backup.s3]`, each backup is then uploaded to an S3-compatible object store ([`s3`])
+//! and the retention applies to this installation's objects there too; `list` shows where
+//! each backup is (local, s3, both).
+//!
 //! Invariants:
 //! - The registry copy is one read transaction: every write acknowledged before the backup
 //!   started is in it.
@@ -19,8 +23,12 @@
 //!   final name only once complete and synced.
 //! - A restore goes only into an empty data dir (or one the operator asked to overwrite),
 //!   checks the key before writing anything, and the registry with `PRAGMA integrity_check`.
+//! - A backup call succeeds only once its file is in the bucket too (when one is set); old
+//!   objects are removed from the bucket only after a successful upload, so a store that
+//!   fails never loses the copies it has.
 
 pub mod format;
+pub mod s3;
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,6 +65,14 @@ pub enum BackupError {
     NotFound(String),
     #[error("a backup is already running")]
     Busy,
+    #[error("backup {name} was written to the backup dir, but its upload to {location} failed: {source}")]
+    Upload {
+        name: String,
+        location: String,
+        source: s3::S3Error,
+    },
+    #[error(transparent)]
+    S3(#[from] s3::S3Error),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -76,6 +92,18 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Bac
     move |source| BackupError::Io { what, path, source }
 }
 
+/// Where a backup is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Location {
+    /// In the server's backup dir only.
+    Local,
+    /// In the bucket (`[backup.s3]`) only.
+    S3,
+    /// In both.
+    Both,
+}
+
 /// A backup file as listed.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BackupInfo {
@@ -88,6 +116,11 @@ pub struct BackupInfo {
     pub size: u64,
     pub schema_version: i64,
     pub escale_version: String,
+    /// Where it is: the backup dir, the bucket, or both.
+    pub location: Location,
+    /// `s3://bucket/prefix/name` when it is in the bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// A backup just made.
@@ -99,10 +132,15 @@ pub struct Created {
     pub files: u64,
     /// Bytes archived, before sealing.
     pub bytes: u64,
-    /// How long it took, in milliseconds.
+    /// How long it took, in milliseconds (the upload to the bucket included).
     pub duration_ms: u64,
     /// Older backups removed by the retention (`backup.keep`).
     pub pruned: Vec<String>,
+    /// The upload to the bucket (`[backup.s3]`), when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploaded: Option<s3::Uploaded>,
+    /// Older backups of this installation removed from the bucket by the retention.
+    pub pruned_remote: Vec<String>,
 }
 
 /// What the server knows of its backups, for `/metrics`; one backup at a time.
@@ -118,6 +156,13 @@ pub struct BackupStatus {
     pub last_size: AtomicU64,
     /// Milliseconds the last successful backup took.
     pub last_duration_ms: AtomicU64,
+    /// Unix seconds of the last successful upload to the bucket (0: none since start).
+    pub upload_last_success: AtomicI64,
+    pub upload_last_failure: AtomicI64,
+    pub upload_successes: AtomicU64,
+    pub upload_failures: AtomicU64,
+    /// Milliseconds the last successful upload took.
+    pub upload_last_duration_ms: AtomicU64,
 }
 
 impl BackupStatus {
@@ -137,6 +182,34 @@ impl BackupStatus {
             self.last_size.load(r),
             self.last_duration_ms.load(r) as f64 / 1000.0,
         ));
+        out.push_str(&format!(
+            "# HELP escale_backup_upload_last_success_timestamp_seconds Unix time of the last backup uploaded to the bucket ([backup.s3]; 0: none since start).\n# TYPE escale_backup_upload_last_success_timestamp_seconds gauge\nescale_backup_upload_last_success_timestamp_seconds {}\n\
+             # HELP escale_backup_upload_last_failure_timestamp_seconds Unix time of the last failed upload to the bucket (0: none since start).\n# TYPE escale_backup_upload_last_failure_timestamp_seconds gauge\nescale_backup_upload_last_failure_timestamp_seconds {}\n\
+             # HELP escale_backup_uploads_total Uploads of backups to the bucket, by outcome.\n# TYPE escale_backup_uploads_total counter\nescale_backup_uploads_total{{outcome=\"success\"}} {}\nescale_backup_uploads_total{{outcome=\"failure\"}} {}\n\
+             # HELP escale_backup_upload_last_duration_seconds Time the last successful upload took.\n# TYPE escale_backup_upload_last_duration_seconds gauge\nescale_backup_upload_last_duration_seconds {:.3}\n",
+            self.upload_last_success.load(r),
+            self.upload_last_failure.load(r),
+            self.upload_successes.load(r),
+            self.upload_failures.load(r),
+            self.upload_last_duration_ms.load(r) as f64 / 1000.0,
+        ));
+    }
+
+    /// Counts an upload to the bucket: `None` when it failed.
+    fn upload_outcome(&self, uploaded: Option<&s3::Uploaded>) {
+        let r = Ordering::Relaxed;
+        let now = crate::registry::now_ms() / 1000;
+        match uploaded {
+            Some(u) => {
+                self.upload_last_success.store(now, r);
+                self.upload_successes.fetch_add(1, r);
+                self.upload_last_duration_ms.store(u.duration_ms, r);
+            }
+            None => {
+                self.upload_last_failure.store(now, r);
+                self.upload_failures.fetch_add(1, r);
+            }
+        }
     }
 }
 
@@ -163,15 +236,45 @@ fn stamp(ms: i64) -> String {
         .collect()
 }
 
-/// Takes a backup of the registry and the git repositories under `data_dir` into `dir`, then
-/// keeps the newest `keep` backups of this installation there (`keep` 0: all).
+/// The parts of a backup's name: installation, time stamp, and the number after it (1 when
+/// none); `None` for a name escale did not give.
+pub fn name_parts(name: &str) -> Option<(&str, &str, u32)> {
+    if !is_backup_name(name) {
+        return None;
+    }
+    let body = name.strip_prefix("escale-")?.strip_suffix(".backup")?;
+    let is_stamp = |s: &str| {
+        s.len() == 19
+            && s.as_bytes()[8] == b'T'
+            && s.ends_with('Z')
+            && s.bytes()
+                .enumerate()
+                .all(|(i, b)| i == 8 || i == 18 || b.is_ascii_digit())
+    };
+    let (rest, n) = match body.rsplit_once('-') {
+        Some((rest, n))
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.len() < 6 =>
+        {
+            (rest, n.parse().ok()?)
+        }
+        _ => (body, 1),
+    };
+    let (inst, stamp) = rest.rsplit_once('-')?;
+    (is_stamp(stamp) && !inst.is_empty()).then_some((inst, stamp, n))
+}
+
+/// Takes a backup of the registry and the git repositories under `data_dir` into the backup
+/// dir, then keeps the newest `keep` backups of this installation there (`keep` 0: all); with
+/// `[backup.s3]`, uploads it and applies the same retention in the bucket.
 pub async fn create(
     registry: &Registry,
     data_dir: &Path,
-    dir: &Path,
-    keep: u32,
+    settings: &BackupSettings,
     status: &BackupStatus,
 ) -> Result<Created> {
+    let dir = settings.dir_for(data_dir);
+    let dir = dir.as_path();
+    let keep = settings.keep;
     let _one = status.running.try_lock().map_err(|_| BackupError::Busy)?;
     let started = Instant::now();
     let result = create_unlocked(registry, data_dir, dir, keep, started).await;
@@ -194,7 +297,148 @@ pub async fn create(
             tracing::error!(error = %e, dir = %dir.display(), "backup failed");
         }
     }
-    result
+    let mut created = result?;
+    if let Some(s3) = &settings.s3 {
+        let (uploaded, pruned) = upload(
+            s3,
+            dir,
+            &created.info.name,
+            registry.installation_id(),
+            keep,
+            status,
+        )
+        .await?;
+        created.info.location = Location::Both;
+        created.info.url = Some(uploaded.url.clone());
+        created.uploaded = Some(uploaded);
+        created.pruned_remote = pruned;
+        created.duration_ms = started.elapsed().as_millis() as u64;
+    }
+    Ok(created)
+}
+
+/// Uploads the backup `name` of `dir` to the bucket, then keeps the newest `keep` objects of
+/// installation `inst` there (`keep` 0: all); counted in `status`.
+pub async fn upload(
+    s3: &crate::config::S3Settings,
+    dir: &Path,
+    name: &str,
+    inst: &str,
+    keep: u32,
+    status: &BackupStatus,
+) -> Result<(s3::Uploaded, Vec<String>)> {
+    let failed = |source| BackupError::Upload {
+        name: name.to_string(),
+        location: s3.location(),
+        source,
+    };
+    let result = match s3::Store::new(s3) {
+        Ok(store) => store
+            .upload(&dir.join(name), name)
+            .await
+            .map(|u| (store, u)),
+        Err(e) => Err(e),
+    };
+    status.upload_outcome(result.as_ref().ok().map(|(_, u)| u));
+    let (store, uploaded) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, backup = name, "upload to the bucket failed");
+            return Err(failed(e));
+        }
+    };
+    tracing::info!(backup = name, url = %uploaded.url, size = uploaded.size, parts = uploaded.parts, ms = uploaded.duration_ms, "backup uploaded");
+    // The upload went: a retention that fails now is said, and tried again after the next
+    // backup; it does not fail this one.
+    let pruned = if keep > 0 {
+        match prune_remote(&store, inst, keep as usize).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "backup uploaded, but removing older backups from the bucket (backup.keep) failed");
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    Ok((uploaded, pruned))
+}
+
+/// Keeps the newest `keep` objects of installation `inst` in the bucket; the names removed.
+async fn prune_remote(
+    store: &s3::Store,
+    inst: &str,
+    keep: usize,
+) -> Result<Vec<String>, s3::S3Error> {
+    let mut mine: Vec<(String, u32, String)> = store
+        .list()
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let (i, stamp, n) = name_parts(&o.name)?;
+            (i == inst).then(|| (stamp.to_string(), n, o.name.clone()))
+        })
+        .collect();
+    mine.sort_by(|a, b| b.cmp(a));
+    let mut removed = Vec::new();
+    for (_, _, name) in mine.into_iter().skip(keep) {
+        store.delete(&name).await?;
+        tracing::info!(backup = %name, "old backup removed from the bucket (backup.keep)");
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
+/// The backups in `dir` and, with `[backup.s3]`, in the bucket, newest first, each with where
+/// it is. A backup only in the bucket is described from its header (a ranged read).
+pub async fn list_everywhere(
+    dir: &Path,
+    s3: Option<&crate::config::S3Settings>,
+) -> Result<Vec<BackupInfo>> {
+    let d = dir.to_path_buf();
+    let mut all = tokio::task::spawn_blocking(move || list(&d))
+        .await
+        .map_err(|e| BackupError::Damaged(format!("listing backups failed: {e}")))??;
+    let Some(s3) = s3 else {
+        return Ok(all);
+    };
+    let store = s3::Store::new(s3)?;
+    for o in store.list().await? {
+        if let Some(local) = all.iter_mut().find(|b| b.name == o.name) {
+            local.location = Location::Both;
+            local.url = Some(store.url_of(&o.name));
+            continue;
+        }
+        match remote_info(&store, &o).await {
+            Ok(info) => all.push(info),
+            Err(e) => {
+                tracing::warn!(error = %e, object = %o.name, "a backup in the bucket could not be read; left out")
+            }
+        }
+    }
+    all.sort_by(|a, b| (b.created_at, &b.name).cmp(&(a.created_at, &a.name)));
+    Ok(all)
+}
+
+/// A backup in the bucket, from its header.
+pub async fn remote_info(store: &s3::Store, o: &s3::Object) -> Result<BackupInfo> {
+    let start = store
+        .read_start(
+            &o.name,
+            (format::MAGIC.len() + format::MAX_HEADER + 1) as u64,
+        )
+        .await?;
+    let (h, _) = format::read_header(&mut start.as_slice())?;
+    Ok(BackupInfo {
+        name: o.name.clone(),
+        installation_id: h.installation_id,
+        created_at: h.created_at,
+        size: o.size,
+        schema_version: h.schema_version,
+        escale_version: h.escale_version,
+        location: Location::S3,
+        url: Some(store.url_of(&o.name)),
+    })
 }
 
 async fn create_unlocked(
@@ -279,6 +523,8 @@ async fn create_unlocked(
         bytes,
         duration_ms: started.elapsed().as_millis() as u64,
         pruned,
+        uploaded: None,
+        pruned_remote: Vec::new(),
     })
 }
 
@@ -405,6 +651,8 @@ pub fn info_of(path: &Path) -> Result<BackupInfo> {
         size,
         schema_version: h.schema_version,
         escale_version: h.escale_version,
+        location: Location::Local,
+        url: None,
     })
 }
 
@@ -642,6 +890,14 @@ fn set_mode(p: &Path, mode: u32) {
     let _ = (p, mode);
 }
 
+/// The first wait before a scheduled backup's failed upload is tried again (then doubled, up
+/// to 15 minutes).
+const UPLOAD_RETRY: Duration = if cfg!(test) {
+    Duration::from_millis(200)
+} else {
+    Duration::from_secs(60)
+};
+
 /// Scheduled backups: every `interval` (counted from the newest backup of this installation
 /// in the directory, so a restart does not delay or repeat one), until `stop`.
 pub async fn run_schedule(
@@ -673,12 +929,51 @@ pub async fn run_schedule(
             () = &mut stop => return,
             () = tokio::time::sleep(wait) => {}
         }
-        if let Err(e) = create(&registry, &data_dir, &dir, settings.keep, &status).await {
-            // Logged and counted by `create`; try again after a while, not in a loop.
-            tracing::warn!(error = %e, "scheduled backup failed; next try in a minute");
-            tokio::select! {
-                () = &mut stop => return,
-                () = tokio::time::sleep(Duration::from_secs(60).min(interval)) => {}
+        match create(&registry, &data_dir, &settings, &status).await {
+            Ok(_) => {}
+            Err(BackupError::Upload { name, .. }) => {
+                // The backup is on disk: try its upload again (1, 2, 4... up to 15 minutes
+                // apart) until it goes or the next backup is due, rather than taking more.
+                let (Some(s3), due) = (&settings.s3, Instant::now() + interval) else {
+                    continue;
+                };
+                let mut wait = UPLOAD_RETRY;
+                loop {
+                    if Instant::now() + wait >= due {
+                        break;
+                    }
+                    tracing::warn!(backup = %name, "the upload will be tried again in {}", humantime::format_duration(wait));
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    if !dir.join(&name).is_file() {
+                        break;
+                    }
+                    let _one = status.running.lock().await;
+                    if upload(
+                        s3,
+                        &dir,
+                        &name,
+                        registry.installation_id(),
+                        settings.keep,
+                        &status,
+                    )
+                    .await
+                    .is_ok()
+                    {
+                        break;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(900));
+                }
+            }
+            Err(e) => {
+                // Logged and counted by `create`; try again after a while, not in a loop.
+                tracing::warn!(error = %e, "scheduled backup failed; next try in a minute");
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = tokio::time::sleep(Duration::from_secs(60).min(interval)) => {}
+                }
             }
         }
     }
@@ -701,6 +996,16 @@ mod tests {
             assert!(!is_backup_name(bad), "{bad}");
         }
         assert_eq!(stamp(0), "19700101T000000000Z");
+        assert_eq!(
+            name_parts("escale-a-b-20261201T031003123Z.backup"),
+            Some(("a-b", "20261201T031003123Z", 1))
+        );
+        assert_eq!(
+            name_parts("escale-a-20261201T031003123Z-3.backup"),
+            Some(("a", "20261201T031003123Z", 3))
+        );
+        assert_eq!(name_parts("escale-a.backup"), None);
+        assert_eq!(name_parts("escale-20261201T031003123Z.backup"), None);
     }
 
     #[tokio::test]
@@ -718,9 +1023,16 @@ mod tests {
             .unwrap();
         let backups = dir.path().join("backups");
         let status = BackupStatus::default();
+        let settings = BackupSettings {
+            interval: None,
+            keep: 2,
+            dir: Some(backups.clone()),
+            s3: None,
+        };
         let mut names = Vec::new();
         for _ in 0..3 {
-            let c = create(&reg, &data, &backups, 2, &status).await.unwrap();
+            let c = create(&reg, &data, &settings, &status).await.unwrap();
+            assert!(c.uploaded.is_none() && c.info.location == Location::Local);
             assert!(c.files >= 3, "{c:?}");
             names.push(c.info.name);
         }
@@ -778,6 +1090,68 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A scheduled backup whose upload is refused is uploaded again once the store accepts
+    /// it, and no other backup is taken meanwhile.
+    #[tokio::test]
+    async fn a_scheduled_backup_whose_upload_failed_is_uploaded_again() {
+        // The first PUT is refused (403 AccessDenied), the next one goes.
+        let (port, seen) = s3::fake::serve(|what, tries| match (what, tries) {
+            ("PUT ", 1) => (403, "<Error><Code>AccessDenied</Code></Error>", ""),
+            ("PUT ", _) => (200, "", "\"e\""),
+            _ => (200, "", ""),
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let reg = Registry::open(&data.join("escale.db"), MasterKey::random())
+            .await
+            .unwrap();
+        let backups = dir.path().join("backups");
+        let settings = BackupSettings {
+            interval: Some(Duration::from_secs(3600)),
+            keep: 0,
+            dir: Some(backups.clone()),
+            s3: Some(s3::fake::settings(port)),
+        };
+        let status = std::sync::Arc::new(BackupStatus::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run_schedule(
+            reg.clone(),
+            data.clone(),
+            settings,
+            status.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status.upload_successes.load(Ordering::Relaxed) < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "never uploaded: {:?}",
+                seen.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop_tx.send(());
+        task.await.unwrap();
+        assert_eq!(status.upload_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            status.successes.load(Ordering::Relaxed),
+            1,
+            "one backup taken"
+        );
+        assert_eq!(list(&backups).unwrap().len(), 1);
+        let puts = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.as_str() == "PUT ")
+            .count();
+        assert_eq!(puts, 2, "the same file, uploaded again");
     }
 
     /// `scripts/bench-backup`: a registry of APPS (1,000) apps with 5 config vars (one
@@ -865,9 +1239,13 @@ mod tests {
         );
         let status = BackupStatus::default();
         let t = Instant::now();
-        let c = create(&reg, &data, &dir.path().join("backups"), 0, &status)
-            .await
-            .unwrap();
+        let settings = BackupSettings {
+            interval: None,
+            keep: 0,
+            dir: Some(dir.path().join("backups")),
+            s3: None,
+        };
+        let c = create(&reg, &data, &settings, &status).await.unwrap();
         let took = t.elapsed();
         eprintln!(
             "bench-backup: backup {} bytes sealed ({} files, {} bytes archived) in {:.3}s",

@@ -1,5 +1,6 @@
 //! `escale backup ...`: `create` and `list` ask the server (admins only); `restore` and
-//! `export-key` work offline on a data dir, on the host itself.
+//! `export-key` work offline on a data dir, on the host itself; `download` fetches a backup
+//! from the bucket of `[backup.s3]` with the config alone (a new host, the old one dead).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,12 +36,20 @@ pub(super) async fn run(
                         size(b["size"].as_u64().unwrap_or(0)),
                         ago(b["created_at"].as_i64().unwrap_or(0)),
                         b["escale_version"].as_str().unwrap_or_default().to_string(),
+                        b["location"].as_str().unwrap_or("local").to_string(),
                     ]
                 })
                 .collect();
-            table(&["NAME", "SIZE", "CREATED", "ESCALE"], &rows);
+            table(&["NAME", "SIZE", "CREATED", "ESCALE", "WHERE"], &rows);
             Ok(())
         }
+        BackupCommand::Download {
+            name,
+            to,
+            config,
+            installation,
+            list,
+        } => download(json_out, name, &to, config, installation, list).await,
         BackupCommand::Restore {
             file,
             data_dir,
@@ -74,6 +83,26 @@ async fn create(c: &Client, json_out: bool, to: Option<&Path>) -> Result<(), Cli
         for p in created["pruned"].as_array().into_iter().flatten() {
             eprintln!(
                 "removed the older backup {} (backup.keep)",
+                p.as_str().unwrap_or("")
+            );
+        }
+        let up = &created["uploaded"];
+        if let Some(url) = up["url"].as_str() {
+            let secs = up["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            eprintln!(
+                "uploaded to {url} ({}, {} part{}) in {secs:.1}s",
+                size(up["size"].as_u64().unwrap_or(0)),
+                up["parts"],
+                if up["parts"].as_u64() == Some(1) {
+                    ""
+                } else {
+                    "s"
+                },
+            );
+        }
+        for p in created["pruned_remote"].as_array().into_iter().flatten() {
+            eprintln!(
+                "removed the older backup {} from the bucket (backup.keep)",
                 p.as_str().unwrap_or("")
             );
         }
@@ -140,6 +169,133 @@ async fn create(c: &Client, json_out: bool, to: Option<&Path>) -> Result<(), Cli
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         println!("{}", dest.display());
+    }
+    Ok(())
+}
+
+/// `escale backup download`: the bucket of the config's `[backup.s3]`, no server.
+async fn download(
+    json_out: bool,
+    name: Option<String>,
+    to: &Path,
+    config: Option<PathBuf>,
+    installation: Option<String>,
+    list: bool,
+) -> Result<(), CliError> {
+    let cfg = crate::config::Config::load(config.as_deref())
+        .map_err(|e| CliError::Local(e.to_string()))?;
+    let Some(s3) = cfg.backup.s3 else {
+        return Err(CliError::Usage(
+            "no bucket is configured: set backup.s3.endpoint, region, bucket and access_key_id in \
+             the config (--config FILE) or ESCALE_BACKUP_S3_* variables, and the secret in \
+             ESCALE_BACKUP_S3_SECRET_ACCESS_KEY"
+                .into(),
+        ));
+    };
+    let failed = |e: crate::backup::s3::S3Error| CliError::Failed(e.to_string());
+    let store = crate::backup::s3::Store::new(&s3).map_err(failed)?;
+    let mut objects = store.list().await.map_err(failed)?;
+    if let Some(inst) = &installation {
+        objects.retain(|o| crate::backup::name_parts(&o.name).is_some_and(|(i, _, _)| i == inst));
+    }
+    // Newest first: by the time stamp in the name, then the number after it.
+    objects.sort_by(|a, b| {
+        let key = |n: &str| {
+            crate::backup::name_parts(n)
+                .map(|(_, s, k)| (s.to_string(), k))
+                .unwrap_or_default()
+        };
+        key(&b.name).cmp(&key(&a.name))
+    });
+    if list {
+        let mut infos = Vec::new();
+        for o in &objects {
+            match crate::backup::remote_info(&store, o).await {
+                Ok(i) => infos.push(i),
+                Err(e) => eprintln!("{}: left out: {e}", o.name),
+            }
+        }
+        if json_out {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&infos).unwrap_or_default()
+            );
+        } else {
+            let rows: Vec<Vec<String>> = infos
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.name.clone(),
+                        size(b.size),
+                        ago(b.created_at),
+                        b.installation_id.clone(),
+                        b.escale_version.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "SIZE", "CREATED", "INSTALLATION", "ESCALE"],
+                &rows,
+            );
+        }
+        return Ok(());
+    }
+    let name = name.unwrap_or_default();
+    let name = if name == "latest" {
+        objects.first().map(|o| o.name.clone()).ok_or_else(|| {
+            CliError::Failed(format!(
+                "no backup in {}{}",
+                s3.location(),
+                installation
+                    .as_deref()
+                    .map(|i| format!(" of installation `{i}`"))
+                    .unwrap_or_default()
+            ))
+        })?
+    } else if crate::backup::is_backup_name(&name) {
+        name
+    } else {
+        return Err(CliError::Usage(format!(
+            "`{}` is not a backup name (escale-<installation>-<time>.backup) nor `latest`",
+            crate::validate::printable(&name)
+        )));
+    };
+    if !json_out {
+        eprintln!("downloading {}...", store.url_of(&name));
+    }
+    let mut last_shown = 0u64;
+    let path = store
+        .download(&name, to, |got, total| {
+            if !json_out && (got - last_shown >= 8 << 20 || got == total) {
+                last_shown = got;
+                let pct = (got * 100).checked_div(total).unwrap_or(100);
+                eprint!("\rdownloading: {} / {} ({pct}%)", size(got), size(total));
+            }
+        })
+        .await
+        .map_err(failed)?;
+    if !json_out {
+        eprintln!();
+    }
+    // What was fetched is a backup (its header reads; its contents open only with the key).
+    let info = crate::backup::info_of(&path).map_err(|e| {
+        let _ = std::fs::remove_file(&path);
+        CliError::Failed(format!("{}: {e}", store.url_of(&name)))
+    })?;
+    if json_out {
+        let mut v = serde_json::to_value(&info).unwrap_or_default();
+        v["path"] = Value::String(path.display().to_string());
+        v["url"] = Value::String(store.url_of(&name));
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        eprintln!(
+            "backup of installation {} ({}), made by escale {}; restore it with `escale backup restore {} --key-file FILE`",
+            info.installation_id,
+            size(info.size),
+            info.escale_version,
+            path.display()
+        );
+        println!("{}", path.display());
     }
     Ok(())
 }

@@ -617,7 +617,8 @@ pub enum UsersCommand {
 pub enum BackupCommand {
     /// Take an online backup now (while escale serves and deploys): the registry,
     /// certificates and ACME account, the CA and node certificates, the git repositories,
-    /// sealed with a key derived from the master key. Kept in the server's backup dir;
+    /// sealed with a key derived from the master key. Kept in the server's backup dir and,
+    /// with [backup.s3], uploaded to the bucket (the command fails if the upload does);
     /// `--to DIR` also downloads it here.
     #[command(after_help = "Examples:
   escale backup create
@@ -627,10 +628,42 @@ pub enum BackupCommand {
         #[arg(long, value_name = "DIR")]
         to: Option<PathBuf>,
     },
-    /// The backups in the server's backup dir, newest first.
+    /// The backups in the server's backup dir and its bucket ([backup.s3]), newest first,
+    /// with where each is: local, s3 or both.
+    #[command(after_help = "Examples:
+  escale backup list
+  escale backup list --json")]
     List,
+    /// Fetch a backup from the bucket of [backup.s3] into a directory, without a server: on
+    /// a new host, with the config (or ESCALE_BACKUP_S3_* variables) of the one that died,
+    /// before `escale backup restore`. `latest` is the newest backup in the bucket (of
+    /// `--installation` when given).
+    #[command(after_help = "Examples:
+  escale backup download --list --config /etc/escale/escale.toml
+  escale backup download latest --to /var/tmp --config /etc/escale/escale.toml
+  escale backup download escale-a1b2-20261201T031003123Z.backup --to .
+  escale backup restore /var/tmp/escale-a1b2-20261201T031003123Z.backup --key-file master.key")]
+    Download {
+        /// The backup's name, or `latest`.
+        #[arg(required_unless_present = "list")]
+        name: Option<String>,
+        /// Directory to write it to (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        to: PathBuf,
+        /// Config file whose [backup.s3] to use (default: the default paths, then the
+        /// environment).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// With `latest`: the newest backup of this installation id only.
+        #[arg(long, value_name = "ID")]
+        installation: Option<String>,
+        /// List the backups in the bucket instead of downloading one.
+        #[arg(long, conflicts_with = "name")]
+        list: bool,
+    },
     /// Restore a backup into a data dir, offline (no `escale serve` on it): refuses a
-    /// non-empty data dir unless --force. Then start `escale serve` on it.
+    /// non-empty data dir unless --force. Then start `escale serve` on it. A backup in the
+    /// bucket is fetched first with `escale backup download`.
     #[command(after_help = "Examples:
   escale backup restore escale-a1b2-20261201T031003123Z.backup --key-file master.key --data-dir /var/lib/escale
   ESCALE_MASTER_KEY=$(cat key) escale backup restore FILE --config /etc/escale/escale.toml")]

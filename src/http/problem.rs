@@ -172,6 +172,8 @@ impl From<crate::service::ServiceError> for ApiError {
                 match e {
                     e @ B::NotFound(_) => ApiError::NotFound(e.to_string()),
                     e @ B::Busy => ApiError::Conflict(e.to_string()),
+                    // The object store failed or refused: the message names the fix.
+                    e @ (B::Upload { .. } | B::S3(_)) => ApiError::Unavailable(e.to_string()),
                     B::Registry(e) => e.into(),
                     e => ApiError::Internal(e.to_string()),
                 }

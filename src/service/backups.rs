@@ -1,9 +1,9 @@
 //! Backups through the service layer: admins only; the files live in `backup.dir` on the
-//! server (see [`crate::backup`]).
+//! server and, with `[backup.s3]`, in a bucket too (see [`crate::backup`]).
 
 use std::path::PathBuf;
 
-use super::{Result, ServiceError, Services};
+use super::{Result, Services};
 use crate::backup::{self, BackupError, BackupInfo, Created};
 use crate::registry::Actor;
 
@@ -13,27 +13,30 @@ impl Services {
         self.config.backup.dir_for(&self.config.data_dir)
     }
 
-    /// Takes a backup now (an online snapshot), then applies the retention.
+    /// Takes a backup now (an online snapshot), uploads it (`[backup.s3]`), then applies the
+    /// retention. Runs as its own task: a client that hangs up does not cut an upload short
+    /// (a multipart upload left half done would stay in the bucket).
     pub async fn create_backup(&self, actor: &Actor) -> Result<Created> {
         actor.require_admin("taking a backup (every team's apps and secrets)")?;
-        Ok(backup::create(
-            &self.registry,
-            &self.config.data_dir,
-            &self.backup_dir(),
-            self.config.backup.keep,
-            &self.backups,
-        )
-        .await?)
+        let (registry, config, status) = (
+            self.registry.clone(),
+            self.config.clone(),
+            self.backups.clone(),
+        );
+        let task = tokio::spawn(async move {
+            backup::create(&registry, &config.data_dir, &config.backup, &status).await
+        });
+        match task.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(BackupError::Damaged(format!("the backup task failed: {e}")).into()),
+        }
     }
 
-    /// The backups in the backup dir, newest first.
+    /// The backups in the backup dir and the bucket (`[backup.s3]`), newest first, each
+    /// with where it is.
     pub async fn list_backups(&self, actor: &Actor) -> Result<Vec<BackupInfo>> {
         actor.require_admin("listing backups")?;
-        let dir = self.backup_dir();
-        tokio::task::spawn_blocking(move || backup::list(&dir))
-            .await
-            .map_err(|e| ServiceError::Invalid(format!("listing backups failed: {e}")))?
-            .map_err(Into::into)
+        Ok(backup::list_everywhere(&self.backup_dir(), self.config.backup.s3.as_ref()).await?)
     }
 
     /// Where the backup `name` is, for downloading it; only names escale gives backups.

@@ -4,6 +4,7 @@ mod support;
 
 mod api;
 mod backup;
+mod backup_s3;
 mod certs;
 mod cli;
 mod cluster;

@@ -6,6 +6,7 @@ pub mod docker;
 pub mod fixture;
 pub mod load;
 pub mod nodes;
+pub mod s3;
 pub mod server;
 pub mod tar;
 
