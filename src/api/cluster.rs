@@ -23,7 +23,7 @@ pub struct AppInstances {
     /// Slots no node can take now, with the reason per node.
     pub unplaced: Vec<UnplacedView>,
     /// The app's newest release, whatever its status (`failed`, with `status_reason`, when
-    /// its rollout failed); absent before the first deploy.
+    /// its rollout failed); null before the first deploy.
     pub latest_release: Option<Release>,
 }
 
@@ -191,4 +191,57 @@ fn text_stream(body: Body) -> Response {
         .header("x-content-type-options", "nosniff")
         .body(body)
         .expect("static response parts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(process: &str, slot: u32, release: u32, instance: &str) -> InstanceView {
+        InstanceView {
+            instance: instance.into(),
+            app: "shop".into(),
+            process: process.into(),
+            release,
+            slot,
+            node: "local".into(),
+            container_id: String::new(),
+            container: String::new(),
+            state: crate::events::InstanceStatus::Running,
+            health: crate::events::HealthStatus::Healthy,
+            address: None,
+            created_at: 0,
+            restarts: 0,
+        }
+    }
+
+    /// Keys sort numerically by slot and release, group a process's instances, and two
+    /// instances of one slot and release apart; a cursor in a link needs no escaping of them.
+    #[test]
+    fn instance_keys_sort_by_process_slot_release_and_id() {
+        let mut keys: Vec<String> = [
+            view("web", 10, 1, "shop-web-10-v1-aa"),
+            view("web", 2, 12, "shop-web-2-v12-bb"),
+            view("web", 2, 3, "shop-web-2-v3-cc"),
+            view("web", 2, 3, "shop-web-2-v3-aa"),
+            view("worker", 1, 1, "shop-worker-1-v1-dd"),
+        ]
+        .iter()
+        .map(instance_key)
+        .collect();
+        keys.sort();
+        let ids: Vec<&str> = keys.iter().map(|k| k.rsplit('.').next().unwrap()).collect();
+        assert_eq!(
+            ids,
+            [
+                "shop-web-2-v3-aa",
+                "shop-web-2-v3-cc",
+                "shop-web-2-v12-bb",
+                "shop-web-10-v1-aa",
+                "shop-worker-1-v1-dd"
+            ]
+        );
+        assert_eq!(cursor_text(&keys[0]), keys[0]);
+        assert_eq!(cursor_text("a b&c/é"), "a%20b%26c%2F%C3%A9");
+    }
 }
