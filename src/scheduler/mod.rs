@@ -1134,7 +1134,7 @@ impl Scheduler {
         }
 
         // Observed instances, as the planner sees them.
-        let (observed, views) = {
+        let (observed, mut views) = {
             let st = self.st();
             let mut instances = Vec::new();
             let mut views = Vec::new();
@@ -1382,6 +1382,14 @@ impl Scheduler {
                 .retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
             st.restarts
                 .retain(|(app, process, slot), _| slot_desired(&inputs, app, process, *slot));
+            // As counted after this pass's actions (an exit seen now counts now).
+            for v in &mut views {
+                v.restarts = st
+                    .restarts
+                    .get(&(v.app.clone(), v.process.clone(), v.slot))
+                    .copied()
+                    .unwrap_or(0);
+            }
             st.release_crashes.retain(|(app, _, release), _| {
                 inputs
                     .get(app)
@@ -1395,12 +1403,21 @@ impl Scheduler {
                 .filter(|d| *d > 0)
                 .min();
             // Two crashes in a row make a crash loop worth showing, until the slot is healthy
-            // again (its backoff is kept a while longer: a slot that is healthy for a moment
-            // between crashes still backs off).
+            // again on its app's target release (its backoff is kept a while longer: a slot
+            // that is healthy for a moment between crashes still backs off). An instance of
+            // an earlier release still serving the slot during a rollout does not end it.
+            let targets: HashMap<&str, u32> = desired
+                .apps
+                .iter()
+                .map(|d| (d.app.as_str(), d.release))
+                .collect();
             let healthy: HashSet<(&str, &str, u32)> = observed
                 .instances
                 .iter()
-                .filter(|o| o.state == InstanceState::Healthy)
+                .filter(|o| {
+                    o.state == InstanceState::Healthy
+                        && targets.get(o.app.as_str()) == Some(&o.release)
+                })
                 .map(|o| (o.app.as_str(), o.process.as_str(), o.slot))
                 .collect();
             let loops = st.crashes.iter().filter(|((app, process, slot), c)| {

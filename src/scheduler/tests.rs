@@ -678,6 +678,37 @@ async fn restarts_are_a_running_total_per_slot_and_the_crash_note_ends_once_heal
     assert_eq!(slot_view(&h, 1).expect("slot 1").restarts, 0);
 }
 
+#[tokio::test]
+async fn a_crash_loop_of_a_new_release_shows_while_the_old_one_still_serves_the_slot() {
+    let mut h = Harness::with(&["n1"], |c| {
+        c.scheduler.deploy_timeout = Duration::from_secs(60)
+    })
+    .await;
+    h.app("shop", 1).await;
+    h.until("v1 serving", |h| {
+        h.count(|e| matches!(e, Event::RolloutSucceeded { release: 1, .. })) == 1
+    })
+    .await;
+    h.engine(0).exit_on_start(Some(1), false);
+    h.deploy("shop", "registry.example/shop:2").await;
+    // Between its second and third failed start (1 s of backoff), v1 is healthy in the slot:
+    // the note is about v2, and shows.
+    h.until("v2's crash loop shown", |h| {
+        h.sched.view.load().crashing.iter().any(|c| c.crashes >= 2)
+    })
+    .await;
+    assert_eq!(h.engine(0).running().len(), 1);
+    assert_eq!(h.engine(0).running()[0].release, 1, "v1 still serves");
+    let view = h.sched.view.load_full();
+    assert!(
+        view.instances
+            .iter()
+            .any(|v| v.slot == 1 && v.release == 1 && v.restarts >= 2),
+        "{:?}",
+        view.instances
+    );
+}
+
 #[test]
 fn instance_states_serialise_as_before() {
     use crate::scheduler::InstanceView;
