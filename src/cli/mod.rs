@@ -806,7 +806,8 @@ where
         if let Some((_, ids)) = NOT_FOR.iter().find(|(n, _)| *n == sub) {
             for id in *ids {
                 if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
-                    return Err(cmd.error(
+                    let sub_cmd = cmd.find_subcommand_mut(sub).expect("a parsed subcommand");
+                    return Err(sub_cmd.error(
                         clap::error::ErrorKind::ArgumentConflict,
                         format!(
                             "--{id} does not apply to `escale {sub}`: it is an option of the commands that talk to a server"
