@@ -1175,11 +1175,6 @@ impl Scheduler {
                         },
                     }
                 };
-                let restarts = st
-                    .restarts
-                    .get(&(c.app.clone(), c.process.clone(), c.slot))
-                    .copied()
-                    .unwrap_or(0);
                 views.push(InstanceView {
                     instance: c.instance.clone(),
                     app: c.app.clone(),
@@ -1211,7 +1206,8 @@ impl Scheduler {
                     },
                     address: c.addr.map(|a| a.to_string()),
                     created_at: c.created * 1000,
-                    restarts,
+                    // Set at the end of the pass, after its actions.
+                    restarts: 0,
                 });
                 instances.push(plan::ObservedInstance {
                     container_id: c.container_id.clone(),
@@ -1265,11 +1261,7 @@ impl Scheduler {
                     health: HealthStatus::Starting,
                     address: None,
                     created_at: p.created_at,
-                    restarts: st
-                        .restarts
-                        .get(&(p.app.clone(), p.process.clone(), p.slot))
-                        .copied()
-                        .unwrap_or(0),
+                    restarts: 0,
                 });
             }
             // A slot that has been healthy is no longer crash-looping.
