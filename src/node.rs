@@ -459,6 +459,9 @@ pub struct ContainerInstance {
     pub release: u32,
     pub slot: u32,
     pub instance: String,
+    /// The container's name as the engine knows it (without Docker's leading `/`): what
+    /// `docker inspect` accepts.
+    pub name: String,
     pub image: String,
     pub state: InstanceState,
     /// Set for exited (and dead) containers.
@@ -1204,6 +1207,13 @@ impl Node {
             release,
             slot,
             instance,
+            name: s
+                .names
+                .as_deref()
+                .unwrap_or_default()
+                .first()
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default(),
             image: s.image.clone().unwrap_or_default(),
             state,
             exit_code,

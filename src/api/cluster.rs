@@ -3,23 +3,64 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::stream::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState, Auth, Json, Path, Query};
+use crate::registry::Release;
 use crate::scheduler::{CrashView, InstanceView, UnplacedView};
 
-/// Instances of an app and the slots that are crash-looping.
-#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+/// Instances of an app (a page of them, see `Link`), the slots that are crash-looping, and
+/// the app's latest release (so `escale ps` can say that it failed, and why).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct AppInstances {
+    /// By process, slot, release and instance; at most `limit` of them.
     pub instances: Vec<InstanceView>,
     /// Non-empty when instances keep crashing: `escale ps` shows the app as "crashing".
     pub crashing: Vec<CrashView>,
     /// Slots no node can take now, with the reason per node.
-    #[serde(default)]
     pub unplaced: Vec<UnplacedView>,
+    /// The app's newest release, whatever its status (`failed`, with `status_reason`, when
+    /// its rollout failed); null before the first deploy.
+    pub latest_release: Option<Release>,
+}
+
+/// A page of instances.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesQuery {
+    /// Most instances to answer, 1 to 1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<i64>,
+    /// The `after` of the previous page's `Link: rel="next"`: the key of its last instance.
+    /// Instances come in key order (process, slot, release, instance), so an instance that
+    /// exists all along is listed once across the pages, whatever starts or stops meanwhile.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// An instance's place in the list: its process, slot and release (zero-padded so that the
+/// text order is the numeric one) and its id, joined by `.` (which no name contains).
+pub fn instance_key(i: &InstanceView) -> String {
+    format!(
+        "{}.{:010}.{:010}.{}",
+        i.process, i.slot, i.release, i.instance
+    )
+}
+
+/// `key` with everything but unreserved URL characters percent-encoded (a cursor in a link).
+fn cursor_text(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -46,22 +87,40 @@ fn view(s: &AppState) -> std::sync::Arc<crate::scheduler::ClusterView> {
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{app}/instances", tag = "apps", security(("token" = [])),
-    params(("app" = String, Path)), responses((status = 200, body = AppInstances)))]
+    params(("app" = String, Path), InstancesQuery),
+    responses((status = 200, body = AppInstances, headers(("Link" = String, description = "`<...>; rel=\"next\"` when more instances may follow")))))]
 pub async fn list_instances(
     State(s): State<AppState>,
     Auth(actor): Auth,
     Path(app): Path<String>,
-) -> Result<Json<AppInstances>, ApiError> {
+    Query(q): Query<InstancesQuery>,
+) -> Result<Response, ApiError> {
     crate::validate::app_name(&app).map_err(|e| ApiError::NotFound(e.0))?;
     s.registry.app(&actor, &app).await?;
+    let limit = super::apps::page_limit(q.limit)? as usize;
+    let latest_release = s
+        .registry
+        .releases(&actor, &app, None, 1)
+        .await?
+        .into_iter()
+        .next();
     let view = view(&s);
-    let mut instances: Vec<InstanceView> = view
+    let mut instances: Vec<(String, InstanceView)> = view
         .instances
         .iter()
         .filter(|i| i.app == app)
-        .cloned()
+        .map(|i| (instance_key(i), i.clone()))
+        .filter(|(k, _)| q.after.as_ref().is_none_or(|a| k > a))
         .collect();
-    instances.sort_by(|a, b| (&a.process, a.slot, a.release).cmp(&(&b.process, b.slot, b.release)));
+    instances.sort_by(|a, b| a.0.cmp(&b.0));
+    let next = (instances.len() > limit).then(|| {
+        instances.truncate(limit);
+        let last = instances
+            .last()
+            .map(|(k, _)| cursor_text(k))
+            .unwrap_or_default();
+        format!("</api/v1/apps/{app}/instances?limit={limit}&after={last}>; rel=\"next\"")
+    });
     let crashing = view
         .crashing
         .iter()
@@ -74,11 +133,17 @@ pub async fn list_instances(
         .filter(|u| u.app == app)
         .cloned()
         .collect();
-    Ok(Json(AppInstances {
-        instances,
+    let mut r = Json(AppInstances {
+        instances: instances.into_iter().map(|(_, i)| i).collect(),
         crashing,
         unplaced,
-    }))
+        latest_release,
+    })
+    .into_response();
+    if let Some(link) = next.and_then(|l| l.parse().ok()) {
+        r.headers_mut().insert(header::LINK, link);
+    }
+    Ok(r)
 }
 
 /// Streams the merged output of an app's instances as text lines:
@@ -126,4 +191,57 @@ fn text_stream(body: Body) -> Response {
         .header("x-content-type-options", "nosniff")
         .body(body)
         .expect("static response parts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(process: &str, slot: u32, release: u32, instance: &str) -> InstanceView {
+        InstanceView {
+            instance: instance.into(),
+            app: "shop".into(),
+            process: process.into(),
+            release,
+            slot,
+            node: "local".into(),
+            container_id: String::new(),
+            container: String::new(),
+            state: crate::events::InstanceStatus::Running,
+            health: crate::events::HealthStatus::Healthy,
+            address: None,
+            created_at: 0,
+            restarts: 0,
+        }
+    }
+
+    /// Keys sort numerically by slot and release, group a process's instances, and two
+    /// instances of one slot and release apart; a cursor in a link needs no escaping of them.
+    #[test]
+    fn instance_keys_sort_by_process_slot_release_and_id() {
+        let mut keys: Vec<String> = [
+            view("web", 10, 1, "shop-web-10-v1-aa"),
+            view("web", 2, 12, "shop-web-2-v12-bb"),
+            view("web", 2, 3, "shop-web-2-v3-cc"),
+            view("web", 2, 3, "shop-web-2-v3-aa"),
+            view("worker", 1, 1, "shop-worker-1-v1-dd"),
+        ]
+        .iter()
+        .map(instance_key)
+        .collect();
+        keys.sort();
+        let ids: Vec<&str> = keys.iter().map(|k| k.rsplit('.').next().unwrap()).collect();
+        assert_eq!(
+            ids,
+            [
+                "shop-web-2-v3-aa",
+                "shop-web-2-v3-cc",
+                "shop-web-2-v12-bb",
+                "shop-web-10-v1-aa",
+                "shop-worker-1-v1-dd"
+            ]
+        );
+        assert_eq!(cursor_text(&keys[0]), keys[0]);
+        assert_eq!(cursor_text("a b&c/é"), "a%20b%26c%2F%C3%A9");
+    }
 }

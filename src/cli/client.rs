@@ -210,6 +210,48 @@ impl Client {
         Ok(serde_json::Value::Array(items))
     }
 
+    /// GETs a paginated object whose `field` is the paged list (`GET .../instances`),
+    /// following each page's `Link: <...>; rel="next"`: answers the first page's object with
+    /// `field` holding the items of every page.
+    pub async fn list_in(&self, path: &str, field: &str) -> Result<serde_json::Value, CliError> {
+        let mut first: Option<serde_json::Value> = None;
+        let mut items: Vec<serde_json::Value> = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next.take() {
+            let resp = self.send(Method::GET, &path, None).await?;
+            next = resp
+                .headers()
+                .get(http::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?
+                .to_bytes();
+            let mut page: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))?;
+            let list = match page.get_mut(field).map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(list)) => list,
+                _ => {
+                    return Err(CliError::Local(format!(
+                        "unexpected answer from the server: no `{field}` list"
+                    )))
+                }
+            };
+            let empty = list.is_empty();
+            items.extend(list);
+            first.get_or_insert(page);
+            if empty {
+                break;
+            }
+        }
+        let mut out = first.unwrap_or_else(|| serde_json::json!({}));
+        out[field] = serde_json::Value::Array(items);
+        Ok(out)
+    }
+
     /// Sends a request and hands each chunk of a successful body to `sink` as it arrives,
     /// until the body ends or `sink` returns false.
     pub async fn stream_raw(

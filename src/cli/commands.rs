@@ -254,10 +254,9 @@ async fn run_with(cli: Cli, url: String, token: Option<String>) -> Result<(), Cl
         }
         Command::Ps { app } => {
             let out: Value = api()?
-                .call(
-                    Method::GET,
-                    &format!("/api/v1/apps/{}/instances", seg(&app)),
-                    None,
+                .list_in(
+                    &format!("/api/v1/apps/{}/instances?limit=1000", seg(&app)),
+                    "instances",
                 )
                 .await?;
             print_json_or(json_out, &out, || print_ps(&app, &out));
@@ -1074,20 +1073,55 @@ fn print_ps(app: &str, out: &Value) {
                     .trim_end_matches(" ago")
                     .to_string(),
                 i["restarts"].to_string(),
-                s(&i["instance"]),
+                s(&i["container"]),
             ]
         })
         .collect();
-    if rows.is_empty() {
-        println!("{app} has no instances (scale it with `escale scale {app} web=N`).");
-    } else {
+    let latest = &out["latest_release"];
+    let failed = latest["status"] == "failed";
+    if failed {
+        // The reason's first line, then its log lines (if any) indented.
+        let reason = s(&latest["status_reason"]);
+        let mut lines = reason.lines();
+        println!(
+            "Release v{} of {app} failed: {}",
+            latest["version"],
+            lines.next().unwrap_or("no reason recorded")
+        );
+        for l in lines {
+            println!("    {l}");
+        }
+        println!();
+    }
+    if !rows.is_empty() {
         table(
             &[
-                "PROCESS", "RELEASE", "NODE", "STATE", "HEALTH", "ADDRESS", "UPTIME", "RESTARTS",
-                "INSTANCE",
+                "PROCESS",
+                "RELEASE",
+                "NODE",
+                "STATE",
+                "HEALTH",
+                "ADDRESS",
+                "UPTIME",
+                "RESTARTS",
+                "CONTAINER",
             ],
             &rows,
         );
+    } else if failed {
+        println!(
+            "{app} has no instances: fix what made v{} fail, then deploy again (`escale deploy {app} --image IMAGE`).",
+            latest["version"]
+        );
+    } else if latest.is_null() {
+        println!("{app} has no instances: nothing was deployed yet (`escale deploy {app} --image IMAGE`).");
+    } else if latest["status"] == "deploying" {
+        println!(
+            "{app} has no instances yet: v{} is rolling out.",
+            latest["version"]
+        );
+    } else {
+        println!("{app} has no instances (scale it with `escale scale {app} web=N`).");
     }
     for c in out["crashing"].as_array().into_iter().flatten() {
         println!();

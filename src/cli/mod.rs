@@ -13,7 +13,7 @@ mod output;
 use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use client::{load_credentials, CliError, Client, Credentials};
 
@@ -172,9 +172,11 @@ pub enum Command {
         #[arg(long, default_value = "15m")]
         wait_timeout: humantime::Duration,
     },
-    /// List an app's instances: release, node, state, health, address, uptime, restarts.
+    /// List an app's instances: release, node, state, health, address, uptime, restarts
+    /// (replacements of the slot so far: crashes, failed starts, unhealthy instances), and
+    /// the container's name on its node; says when the latest release failed, and why.
     #[command(
-        after_help = "Examples:\n  escale ps shop\n  escale ps shop --json | jq '.instances[].health'"
+        after_help = "CONTAINER is the name the node's Docker engine knows the instance by (escale-<installation>-<instance>):\n`docker inspect`, `docker logs` and `docker exec` on that node accept it.\n\nExamples:\n  escale ps shop\n  docker inspect $(escale ps shop --json | jq -r '.instances[0].container')\n  escale ps shop --json | jq '.instances[].health'"
     )]
     Ps {
         /// The app, e.g. shop.
@@ -793,14 +795,73 @@ pub enum TeamsCommand {
     List,
 }
 
+/// The client options (global) that mean nothing to a command run on this machine without a
+/// server: hidden from that command's help and refused on its command line (an environment
+/// variable such as `ESCALE_URL` is not an error: it is for the other commands).
+const NOT_FOR: &[(&str, &[&str])] = &[
+    ("serve", &["url", "token", "json"]),
+    ("completions", &["url", "token", "json"]),
+    ("install", &["url", "token"]),
+    ("uninstall", &["url", "token"]),
+    ("doctor", &["url", "token"]),
+];
+
+/// The command line as parsed and shown: [`Cli`], with the client options that do not apply
+/// to a local command ([`NOT_FOR`]) hidden from it.
+pub fn command() -> clap::Command {
+    let cmd = Cli::command();
+    let globals: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    cmd.mut_subcommands(|sub| {
+        let Some((_, ids)) = NOT_FOR.iter().find(|(n, _)| *n == sub.get_name()) else {
+            return sub;
+        };
+        // The subcommand's own hidden copy: clap then leaves the global one out of it.
+        globals
+            .iter()
+            .filter(|a| ids.contains(&a.get_id().as_str()))
+            .fold(sub, |sub, a| sub.arg(a.clone().global(false).hide(true)))
+    })
+}
+
+/// Parses the command line ([`command`]); a client option given to a local command is a
+/// usage error saying so.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    if let Some((sub, _)) = matches.subcommand() {
+        if let Some((_, ids)) = NOT_FOR.iter().find(|(n, _)| *n == sub) {
+            for id in *ids {
+                if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                    let sub_cmd = cmd.find_subcommand_mut(sub).expect("a parsed subcommand");
+                    return Err(sub_cmd.error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!(
+                            "--{id} does not apply to `escale {sub}`: it is an option of the commands that talk to a server"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
 /// Parses arguments, runs the command and exits with its code.
 pub fn main() -> ! {
-    let cli = Cli::parse();
+    let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // A global flag after `escale config APP` is that external subcommand's argument.
     let json = cli.json
         || matches!(&cli.command, Command::Config(ConfigCommand::App(a)) if a.iter().any(|x| x == "--json"));
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "escale", &mut std::io::stdout());
+        clap_complete::generate(shell, &mut command(), "escale", &mut std::io::stdout());
         std::process::exit(0);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -857,8 +918,49 @@ mod tests {
             }
         }
         let mut missing = Vec::new();
-        walk(&Cli::command(), "escale", &mut missing);
+        walk(&command(), "escale", &mut missing);
         assert!(missing.is_empty(), "without a description: {missing:#?}");
+    }
+
+    /// `escale serve --help` shows serve's own options only; the client options are refused
+    /// there when given, not when set in the environment.
+    #[test]
+    fn local_commands_leave_the_client_options_out() {
+        let mut cmd = command();
+        cmd.build();
+        let serve = cmd.find_subcommand_mut("serve").expect("serve");
+        let help = serve.render_long_help().to_string();
+        for hidden in ["--url", "--token", "--json", "Global options"] {
+            assert!(!help.contains(hidden), "{hidden} in:\n{help}");
+        }
+        assert!(
+            help.contains("--config") && help.contains("--reload"),
+            "{help}"
+        );
+        let doctor = cmd.find_subcommand_mut("doctor").expect("doctor");
+        let help = doctor.render_long_help().to_string();
+        assert!(help.contains("--json") && !help.contains("--url"), "{help}");
+        let ps = cmd.find_subcommand_mut("ps").expect("ps");
+        let help = ps.render_long_help().to_string();
+        assert!(help.contains("--url") && help.contains("--json"), "{help}");
+
+        for args in [
+            &["escale", "serve", "--url", "http://x"][..],
+            &["escale", "--url", "http://x", "serve"],
+            &["escale", "serve", "--json"],
+            &["escale", "install", "--token", "t"],
+        ] {
+            let e = parse_from(args).expect_err("refused");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(e.to_string().contains("does not apply to `escale "), "{e}");
+        }
+        assert!(matches!(
+            parse_from(["escale", "serve", "--reload"]).map(|c| c.command),
+            Ok(Command::Serve { reload: true, .. })
+        ));
+        let cli = parse_from(["escale", "ps", "shop", "--url", "http://x", "--json"]).expect("ps");
+        assert_eq!(cli.url.as_deref(), Some("http://x"));
+        assert!(cli.json);
     }
 
     #[test]

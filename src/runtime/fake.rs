@@ -323,6 +323,7 @@ impl Engine for FakeEngine {
             release: spec.release,
             slot: spec.slot,
             instance: spec.instance.clone(),
+            name: crate::node::container_name(&spec.installation, &spec.instance),
             image: spec.image.clone(),
             state: InstanceState::Running,
             exit_code: None,

@@ -83,6 +83,10 @@ pub struct InstanceView {
     pub slot: u32,
     pub node: String,
     pub container_id: String,
+    /// The container's name on its node's engine: what `docker inspect`, `docker logs` and
+    /// `docker exec` accept (`escale-<installation>-<instance>`).
+    #[serde(default)]
+    pub container: String,
     /// `starting`, `running`, `draining` or `exited`.
     pub state: InstanceStatus,
     /// `starting`, `healthy`, `unhealthy`, or `-` when not running.
@@ -90,7 +94,9 @@ pub struct InstanceView {
     pub address: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
-    /// Crashes of this slot in a row.
+    /// Times this slot's instance was replaced since escale started or the slot was created:
+    /// exits, failed starts and replacements of an unhealthy instance, a running total (kept
+    /// while the slot exists, however healthy it is since).
     pub restarts: u32,
 }
 
@@ -220,6 +226,10 @@ struct ExecState {
     /// Routing snapshots built so far; bumped (under this lock) when one reads `draining`.
     routes_built: u64,
     crashes: HashMap<(String, String, u32), SlotCrash>,
+    /// Replacements of each slot so far (exits, failed starts, unhealthy replacements): the
+    /// `restarts` of `escale ps`, a running total that a healthy slot keeps; dropped once the
+    /// app, its process or the slot is no longer desired.
+    restarts: HashMap<(String, String, u32), u32>,
     /// Exits and failed starts per (app, process, release), with the last logs of one: the
     /// planner's early rollout verdict and the failure reason. Kept for target releases only.
     release_crashes: HashMap<(String, String, u32), ReleaseCrash>,
@@ -1143,7 +1153,7 @@ impl Scheduler {
         }
 
         // Observed instances, as the planner sees them.
-        let (observed, views) = {
+        let (observed, mut views) = {
             let st = self.st();
             let mut instances = Vec::new();
             let mut views = Vec::new();
@@ -1184,11 +1194,6 @@ impl Scheduler {
                         },
                     }
                 };
-                let restarts = st
-                    .crashes
-                    .get(&(c.app.clone(), c.process.clone(), c.slot))
-                    .map(|s| s.crashes)
-                    .unwrap_or(0);
                 views.push(InstanceView {
                     instance: c.instance.clone(),
                     app: c.app.clone(),
@@ -1197,6 +1202,11 @@ impl Scheduler {
                     slot: c.slot,
                     node: node_name.clone(),
                     container_id: c.container_id.chars().take(12).collect(),
+                    container: if c.name.is_empty() {
+                        node::container_name(&self.installation, &c.instance)
+                    } else {
+                        c.name.clone()
+                    },
                     state: match state {
                         _ if removing => InstanceStatus::Exited,
                         InstanceState::Draining => InstanceStatus::Draining,
@@ -1215,7 +1225,8 @@ impl Scheduler {
                     },
                     address: c.addr.map(|a| a.to_string()),
                     created_at: c.created * 1000,
-                    restarts,
+                    // Set at the end of the pass, after its actions.
+                    restarts: 0,
                 });
                 instances.push(plan::ObservedInstance {
                     container_id: c.container_id.clone(),
@@ -1264,15 +1275,12 @@ impl Scheduler {
                     slot: p.slot,
                     node: p.node.clone(),
                     container_id: String::new(),
+                    container: node::container_name(&self.installation, instance),
                     state: InstanceStatus::Starting,
                     health: HealthStatus::Starting,
                     address: None,
                     created_at: p.created_at,
-                    restarts: st
-                        .crashes
-                        .get(&(p.app.clone(), p.process.clone(), p.slot))
-                        .map(|s| s.crashes)
-                        .unwrap_or(0),
+                    restarts: 0,
                 });
             }
             // A slot that has been healthy is no longer crash-looping.
@@ -1383,6 +1391,16 @@ impl Scheduler {
             }
             st.crashes
                 .retain(|(app, _, _), c| c.crashes > 0 && inputs.contains_key(app));
+            st.restarts
+                .retain(|(app, process, slot), _| slot_desired(&inputs, app, process, *slot));
+            // As counted after this pass's actions (an exit seen now counts now).
+            for v in &mut views {
+                v.restarts = st
+                    .restarts
+                    .get(&(v.app.clone(), v.process.clone(), v.slot))
+                    .copied()
+                    .unwrap_or(0);
+            }
             st.release_crashes.retain(|(app, _, release), _| {
                 inputs
                     .get(app)
@@ -1395,8 +1413,27 @@ impl Scheduler {
                 .map(|c| c.until_ms as i64 - now)
                 .filter(|d| *d > 0)
                 .min();
-            // Two crashes in a row make a crash loop worth showing.
-            let loops = st.crashes.iter().filter(|(_, c)| c.crashes >= 2);
+            // Two crashes in a row make a crash loop worth showing, until the slot is healthy
+            // again on its app's target release (its backoff is kept a while longer: a slot
+            // that is healthy for a moment between crashes still backs off). An instance of
+            // an earlier release still serving the slot during a rollout does not end it.
+            let targets: HashMap<&str, u32> = desired
+                .apps
+                .iter()
+                .map(|d| (d.app.as_str(), d.release))
+                .collect();
+            let healthy: HashSet<(&str, &str, u32)> = observed
+                .instances
+                .iter()
+                .filter(|o| {
+                    o.state == InstanceState::Healthy
+                        && targets.get(o.app.as_str()) == Some(&o.release)
+                })
+                .map(|o| (o.app.as_str(), o.process.as_str(), o.slot))
+                .collect();
+            let loops = st.crashes.iter().filter(|((app, process, slot), c)| {
+                c.crashes >= 2 && !healthy.contains(&(app.as_str(), process.as_str(), *slot))
+            });
             let crashing = loops
                 .map(|((app, process, slot), c)| CrashView {
                     app: app.clone(),
@@ -2394,6 +2431,9 @@ impl Scheduler {
                 r.last_logs = logs.clone();
             }
         }
+        *st.restarts
+            .entry((app.to_string(), process.to_string(), slot))
+            .or_default() += 1;
         let c = st
             .crashes
             .entry((app.to_string(), process.to_string(), slot))
@@ -2520,6 +2560,20 @@ impl Scheduler {
 /// makes running instances stale, and the planner rolls them like a new release.
 /// Every container that holds resources (all but exited ones), at its process's declared
 /// CPUs and memory.
+/// Whether `slot` of `process` of `app` is one the registry wants now (slots count from 1).
+fn slot_desired(
+    inputs: &HashMap<String, AppPlanInput>,
+    app: &str,
+    process: &str,
+    slot: u32,
+) -> bool {
+    inputs.get(app).is_some_and(|i| {
+        i.processes
+            .iter()
+            .any(|p| p.name == process && slot >= 1 && slot <= p.instances)
+    })
+}
+
 fn placed_instances(desired: &plan::Desired, observed: &plan::Observed) -> Vec<PlacedInstance> {
     let declared: HashMap<(&str, &str), placement::Resources> = desired
         .apps

@@ -586,6 +586,129 @@ async fn an_instance_failing_its_health_check_is_announced_and_replaced() {
     );
 }
 
+/// The view of `slot`'s live instance (not draining or exited).
+fn slot_view(h: &Harness, slot: u32) -> Option<super::InstanceView> {
+    h.sched
+        .view
+        .load()
+        .instances
+        .iter()
+        .find(|i| i.slot == slot && i.state == InstanceStatus::Running)
+        .cloned()
+}
+
+#[tokio::test]
+async fn restarts_are_a_running_total_per_slot_and_the_crash_note_ends_once_healthy() {
+    let mut h = Harness::with(&["n1"], |c| {
+        c.scheduler.unhealthy_replace_after = Duration::from_millis(300)
+    })
+    .await;
+    h.engine(0).listen(true);
+    h.app("shop", 2).await;
+    h.until("two healthy instances", |h| h.healthy() == 2).await;
+    let in_slot = |h: &Harness, slot: u32| {
+        h.engine(0)
+            .running()
+            .into_iter()
+            .find(|c| c.slot == slot)
+            .map(|c| c.container_id)
+    };
+
+    // Two crashes of slot 2 in a row: a crash loop, shown while it lasts.
+    for n in 1..=2u32 {
+        let id = in_slot(&h, 2).expect("slot 2 runs");
+        h.engine(0).exit(&id, 3, false);
+        h.until("slot 2 replaced and healthy", |h| {
+            in_slot(h, 2).is_some_and(|c| c != id)
+                && slot_view(h, 2).is_some_and(|v| v.health == HealthStatus::Healthy)
+        })
+        .await;
+        let v = slot_view(&h, 2).expect("slot 2");
+        assert_eq!(v.restarts, n, "a running total: {v:?}");
+        assert!(
+            v.container.starts_with("escale-") && v.container.ends_with(&v.instance),
+            "{v:?}"
+        );
+    }
+    // Healthy again at once: no crashing note, although the backoff is still remembered.
+    let view = h.sched.view.load_full();
+    assert!(view.crashing.is_empty(), "{:?}", view.crashing);
+    assert_eq!(slot_view(&h, 1).expect("slot 1").restarts, 0);
+
+    // An unhealthy replacement counts too, and the total stays once healthy.
+    let patch = ProcessPatch {
+        health_kind: Some(HealthKind::Tcp),
+        health_interval_ms: Some(50),
+        health_timeout_ms: Some(200),
+        health_grace_ms: Some(0),
+        ..Default::default()
+    };
+    h.registry
+        .upsert_process(&h.actor, "shop", "web", &patch, 8080, true)
+        .await
+        .expect("process");
+    h.until("two healthy on a TCP check", |h| h.healthy() == 2)
+        .await;
+    let sick = in_slot(&h, 2).expect("slot 2 runs");
+    h.engine(0).stop_listening(&sick);
+    h.until("slot 2 replaced after failing its checks", |h| {
+        in_slot(h, 2).is_some_and(|c| c != sick)
+            && slot_view(h, 2).is_some_and(|v| v.health == HealthStatus::Healthy && v.restarts == 3)
+    })
+    .await;
+    h.until("a few more passes", |h| {
+        slot_view(h, 2).is_some_and(|v| v.restarts == 3) && h.sched.view.load().crashing.is_empty()
+    })
+    .await;
+
+    // The slot goes away with its total; a new slot 2 starts from nothing.
+    h.scale("shop", 1).await;
+    h.until("one instance", |h| h.engine(0).running().len() == 1)
+        .await;
+    h.until("slot 2 forgotten", |h| {
+        !h.sched.st().restarts.keys().any(|(_, _, slot)| *slot == 2)
+    })
+    .await;
+    h.scale("shop", 2).await;
+    h.until("slot 2 back, healthy", |h| {
+        slot_view(h, 2).is_some_and(|v| v.health == HealthStatus::Healthy)
+    })
+    .await;
+    assert_eq!(slot_view(&h, 2).expect("slot 2").restarts, 0);
+    assert_eq!(slot_view(&h, 1).expect("slot 1").restarts, 0);
+}
+
+#[tokio::test]
+async fn a_crash_loop_of_a_new_release_shows_while_the_old_one_still_serves_the_slot() {
+    let mut h = Harness::with(&["n1"], |c| {
+        c.scheduler.deploy_timeout = Duration::from_secs(60)
+    })
+    .await;
+    h.app("shop", 1).await;
+    h.until("v1 serving", |h| {
+        h.count(|e| matches!(e, Event::RolloutSucceeded { release: 1, .. })) == 1
+    })
+    .await;
+    h.engine(0).exit_on_start(Some(1), false);
+    h.deploy("shop", "registry.example/shop:2").await;
+    // Between its second and third failed start (1 s of backoff), v1 is healthy in the slot:
+    // the note is about v2, and shows.
+    h.until("v2's crash loop shown", |h| {
+        h.sched.view.load().crashing.iter().any(|c| c.crashes >= 2)
+    })
+    .await;
+    assert_eq!(h.engine(0).running().len(), 1);
+    assert_eq!(h.engine(0).running()[0].release, 1, "v1 still serves");
+    let view = h.sched.view.load_full();
+    assert!(
+        view.instances
+            .iter()
+            .any(|v| v.slot == 1 && v.release == 1 && v.restarts >= 2),
+        "{:?}",
+        view.instances
+    );
+}
+
 #[test]
 fn instance_states_serialise_as_before() {
     use crate::scheduler::InstanceView;
@@ -597,6 +720,7 @@ fn instance_states_serialise_as_before() {
         slot: 1,
         node: "n1".into(),
         container_id: String::new(),
+        container: "escale-prod-shop-web-1".into(),
         state: InstanceStatus::Exited,
         health: HealthStatus::None,
         address: None,

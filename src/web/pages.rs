@@ -419,7 +419,7 @@ fn instances_table(s: &WebState, app: &str) -> Markup {
                     th scope="col" { "Uptime" } th scope="col" { "Restarts" }
                 } }
                 tbody { @for i in &list { tr.instance {
-                    td { (i.process) "." (i.slot) br; small { code { (i.instance) } } }
+                    td { (i.process) "." (i.slot) br; small { code title="the container's name on its node (docker inspect, logs, exec)" { (i.container) } } }
                     td { "v" (i.release) }
                     td { (i.node) }
                     td { (badge(&enum_word(&i.state))) }

@@ -21,6 +21,7 @@ mod multinode;
 mod network;
 mod node;
 mod proxy;
+mod ps;
 mod scheduler;
 mod smuggling;
 mod startup;
