@@ -284,7 +284,8 @@ impl Registry {
             .collect())
     }
 
-    /// Removes a user and its tokens. The last admin cannot be removed.
+    /// Removes a user and its tokens. The last admin cannot be removed, nor can the actor
+    /// remove itself.
     pub async fn delete_user(&self, actor: &Actor, name: &str) -> Result<()> {
         actor.require_admin("removing users")?;
         let mut tx = self.write().await?;
@@ -302,6 +303,13 @@ impl Registry {
                     "`{name}` is the last admin; create another admin first"
                 )));
             }
+        }
+        // Removing oneself ends one's own session mid-way and is rarely meant: another admin
+        // does it.
+        if name == actor.name {
+            return Err(RegistryError::Conflict(format!(
+                "`{name}` is your own account: another admin can remove it"
+            )));
         }
         sqlx::query("DELETE FROM users WHERE name = ?")
             .bind(name)

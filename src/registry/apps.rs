@@ -292,26 +292,24 @@ impl Registry {
         let index = self.apps_index().await?;
         let start = after.map_or(0, |a| index.apps.partition_point(|x| x.name.as_str() <= a));
         let limit = limit.max(0) as usize;
-        let mut json = String::from("[");
-        let mut taken = 0;
-        let mut next = None;
-        let mut last: Option<&str> = None;
-        for app in index.apps[start..]
+        let mut visible = index.apps[start..]
             .iter()
-            .filter(|x| actor.is_admin() || x.team_id == actor.team_id)
-        {
-            if taken == limit {
-                next = last.map(str::to_string);
-                break;
-            }
-            if taken > 0 {
+            .filter(|x| actor.is_admin() || x.team_id == actor.team_id);
+        let page: Vec<&CachedApp> = visible.by_ref().take(limit).collect();
+        let mut json =
+            String::with_capacity(2 + page.iter().map(|a| a.json.len() + 1).sum::<usize>());
+        json.push('[');
+        for (i, app) in page.iter().enumerate() {
+            if i > 0 {
                 json.push(',');
             }
             json.push_str(&app.json);
-            last = Some(&app.name);
-            taken += 1;
         }
         json.push(']');
+        let next = match (page.last(), visible.next()) {
+            (Some(last), Some(_)) => Some(last.name.clone()),
+            _ => None,
+        };
         Ok((json, next))
     }
 

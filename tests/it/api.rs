@@ -2793,3 +2793,37 @@ async fn a_deploy_with_an_unchanged_port_writes_no_process_update() {
         .await[0];
     assert_eq!(web["port"], port + 1);
 }
+
+/// An admin cannot remove its own account (another admin can): removing oneself would end
+/// the caller's own session half-way through what it was doing.
+#[tokio::test]
+async fn an_admin_cannot_remove_itself_another_admin_can() {
+    let api = TestApi::new().await;
+    let admin = api.setup_admin().await;
+    api.expect(
+        StatusCode::CREATED,
+        "POST",
+        "/api/v1/users",
+        Some(&admin),
+        Some(json!({"name": "ada", "password": PASSWORD, "role": "admin"})),
+    )
+    .await;
+    let ada = api.login("ada", PASSWORD, DEFAULT_PEER).await;
+    api.call("DELETE", "/api/v1/users/ada", Some(&ada), None)
+        .await
+        .assert_problem(StatusCode::CONFLICT, "your own account");
+    api.expect(StatusCode::OK, "GET", "/api/v1/me", Some(&ada), None)
+        .await;
+    api.expect(
+        StatusCode::NO_CONTENT,
+        "DELETE",
+        "/api/v1/users/ada",
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_unauthorized(
+        &api.call("GET", "/api/v1/me", Some(&ada), None).await,
+        "removed admin's token",
+    );
+}
