@@ -89,15 +89,15 @@ impl std::fmt::Debug for AppsCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let index = self.index.load();
         f.debug_struct("AppsCache")
-            .field("generation", &index.as_ref().map(|i| i.generation))
+            .field("version", &index.as_ref().map(|i| i.version))
             .field("apps", &index.as_ref().map(|i| i.apps.len()))
             .finish()
     }
 }
 
-/// Every app's JSON as the API lists it, sorted by name, as of a registry generation.
+/// Every app's JSON as the API lists it, sorted by name, as of an app list version.
 struct AppsIndex {
-    generation: u64,
+    version: i64,
     apps: Vec<CachedApp>,
 }
 
@@ -276,13 +276,14 @@ impl Registry {
     /// A page of [`Registry::list_apps`] as the JSON array the API answers (`[App]`, without
     /// `disk_bytes`), and the cursor of the next page when more follow.
     ///
-    /// Served from an index of every app's JSON, sorted by name, kept while no write
-    /// transaction committed since it was built ([`Registry::generation`](super::Registry)):
-    /// a page is a binary search and the objects joined, so 1,000 apps cost what copying
-    /// their bytes costs. The first list after a change rebuilds the index in one read
-    /// transaction (the cost of an uncached list of every app). Writes of another process on
-    /// the same database (a server handing over to a newer one) are not seen until this
-    /// process writes. `list_apps_json_is_list_apps` keeps it equal to [`Registry::list_apps`].
+    /// Served from an index of every app's JSON, sorted by name, kept while the app list's
+    /// version (`app_list_version`, bumped by triggers in the transaction of any change to
+    /// apps, process types, domains or team names, migration 0009) has not moved: a page is
+    /// one small query, a binary search and the objects joined, so 1,000 apps cost what
+    /// copying their bytes costs. The first list after such a change rebuilds the index in
+    /// one read transaction (the cost of listing every app uncached); other writes (config,
+    /// releases, events) leave it. `list_apps_json_is_list_apps` keeps it equal to
+    /// [`Registry::list_apps`].
     pub async fn list_apps_json(
         &self,
         actor: &Actor,
@@ -313,26 +314,22 @@ impl Registry {
         Ok((json, next))
     }
 
-    /// The current index of [`Registry::list_apps_json`], rebuilt when a write committed
-    /// since it was built (one rebuild at a time; the others wait for it).
+    /// The current index of [`Registry::list_apps_json`], rebuilt when the app list's
+    /// version moved since it was built (one rebuild at a time; the others wait for it).
     async fn apps_index(&self) -> Result<Arc<AppsIndex>> {
-        use std::sync::atomic::Ordering::Acquire;
-        let current = |g: u64| {
-            self.apps_cache
-                .index
-                .load_full()
-                .filter(|i| i.generation == g)
-        };
-        if let Some(i) = current(self.generation.load(Acquire)) {
+        const VERSION: &str = "SELECT version FROM app_list_version WHERE id = 1";
+        let current = |v: i64| self.apps_cache.index.load_full().filter(|i| i.version == v);
+        let version: i64 = sqlx::query_scalar(VERSION).fetch_one(&self.pool).await?;
+        if let Some(i) = current(version) {
             return Ok(i);
         }
         let _one = self.apps_cache.building.lock().await;
-        // Read before the data: a write committing meanwhile bumps it past this value.
-        let generation = self.generation.load(Acquire);
-        if let Some(i) = current(generation) {
+        // The version and the apps from one snapshot (a read transaction).
+        let mut tx = self.pool.begin().await?;
+        let version: i64 = sqlx::query_scalar(VERSION).fetch_one(&mut *tx).await?;
+        if let Some(i) = current(version) {
             return Ok(i);
         }
-        let mut tx = self.pool.begin().await?;
         let rows: Vec<AppRef> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "{APP_COLUMNS} ORDER BY a.name"
         )))
@@ -388,7 +385,7 @@ impl Registry {
                 }
             })
             .collect();
-        let index = Arc::new(AppsIndex { generation, apps });
+        let index = Arc::new(AppsIndex { version, apps });
         self.apps_cache.index.store(Some(index.clone()));
         Ok(index)
     }
@@ -1501,6 +1498,24 @@ mod tests {
         assert_eq!(same(&reg).await[0].name, "aaa");
         reg.destroy_app(&admin, "aaa").await.unwrap();
         assert_eq!(same(&reg).await[0].name, "alpha");
+        // Whatever path writes (here plain SQL), the triggers move the version.
+        sqlx::query("UPDATE process_types SET instances = 3 WHERE name = 'worker'")
+            .execute(reg.pool())
+            .await
+            .unwrap();
+        assert_eq!(same(&reg).await[1].processes[1].instances, 3);
+        // A write to anything else leaves the list's version (and its cache) alone.
+        let version = || async {
+            sqlx::query_scalar::<_, i64>("SELECT version FROM app_list_version")
+                .fetch_one(reg.pool())
+                .await
+                .unwrap()
+        };
+        let before = version().await;
+        reg.update_config(&admin, "gamma", &[("K".into(), "v".into())], false, &[])
+            .await
+            .unwrap();
+        assert_eq!(version().await, before);
 
         // Past the end: an empty array, no cursor.
         let (json, next) = reg.list_apps_json(&admin, Some("zzz"), 10).await.unwrap();

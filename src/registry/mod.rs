@@ -22,7 +22,6 @@ mod webhooks;
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,10 +94,6 @@ pub struct Registry {
     installation_id: String,
     /// Where committed changes are announced (see [`Write::commit`]).
     bus: crate::events::Bus,
-    /// Counts committed write transactions of this process (bumped by [`Write::commit`]
-    /// after the commit): a cache of registry reads built at generation `g` is current while
-    /// the count is still `g`.
-    generation: Arc<AtomicU64>,
     /// The app list as the API answers it (see [`Registry::list_apps_json`]).
     apps_cache: Arc<apps::AppsCache>,
 }
@@ -109,7 +104,6 @@ pub(crate) struct Write {
     tx: Transaction<'static, Sqlite>,
     bus: crate::events::Bus,
     events: Vec<crate::events::Event>,
-    generation: Arc<AtomicU64>,
 }
 
 impl std::ops::Deref for Write {
@@ -129,10 +123,6 @@ impl Write {
     /// Commits, then publishes what the transaction recorded.
     pub(crate) async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
-        // After the commit: a reader that saw the old count may have read the new data
-        // (and only rebuilds once more); none can hold the old data under the new count.
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         for e in self.events {
             self.bus.publish(e);
         }
@@ -232,7 +222,6 @@ impl Registry {
             key,
             installation_id: String::new(),
             bus: crate::events::Bus::new(),
-            generation: Arc::default(),
             apps_cache: Arc::default(),
         };
         let mut tx = reg.write().await?;
@@ -308,7 +297,6 @@ impl Registry {
             tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
             bus: self.bus.clone(),
             events: Vec::new(),
-            generation: self.generation.clone(),
         })
     }
 

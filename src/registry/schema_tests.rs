@@ -61,6 +61,10 @@ const FIXTURES: &[(i64, &str)] = &[
         8,
         "INSERT INTO web_sessions (hash, user_id, created_at, expires_at) VALUES ('sess1', 1, 5, 9);",
     ),
+    (
+        9,
+        "INSERT INTO apps (id, name, team_id, target_release, created_at, uid) VALUES (3, 'news', 1, NULL, 0, 'uid-news');",
+    ),
 ];
 
 /// What must hold after migrating, for the data of fixture `version`: `(SQL, expected)`.
@@ -122,6 +126,11 @@ fn checks(version: i64) -> Vec<(&'static str, &'static str)> {
             "SELECT hash || ' ' || user_id || ' ' || expires_at FROM web_sessions",
             "sess1 1 9",
         )],
+        9 => vec![
+            ("SELECT uid FROM apps WHERE name = 'news'", "uid-news"),
+            // The fixture's insert moved the app list's version.
+            ("SELECT version > 0 FROM app_list_version", "1"),
+        ],
         _ => vec![],
     }
 }
