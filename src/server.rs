@@ -318,21 +318,6 @@ pub async fn run_with(
         }
         None => None,
     };
-    // The bucket backups go to ([backup.s3]) checked once at start: a wrong key or a
-    // missing bucket is said now, not at the first backup (which fails clearly too).
-    if let Some(s3) = config.backup.s3.clone() {
-        tokio::spawn(async move {
-            let checked = async { crate::backup::s3::Store::new(&s3)?.check().await }.await;
-            match checked {
-                Ok(()) => {
-                    tracing::info!(bucket = %s3.location(), endpoint = %s3.endpoint, "backups go to the bucket too")
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "backup.s3: the bucket backups go to does not answer; backups will fail until this is fixed")
-                }
-            }
-        });
-    }
     if config.acme.directory_url.is_some()
         && config.acme.challenge == crate::config::AcmeChallenge::Http01
         && config.http_addr.is_none()
@@ -544,6 +529,9 @@ impl BackgroundWork {
             )),
             // What destroyed apps left outside the registry (repositories, built images).
             tokio::spawn(crate::cleanup::run(self.services.clone(), stopped())),
+            // The bucket backups go to ([backup.s3]) checked at start: a wrong key or a
+            // missing bucket is said now, not at the first backup (which fails clearly too).
+            tokio::spawn(check_backup_bucket(config.backup.s3.clone(), stopped())),
             tokio::spawn(crate::certs::acme::run(
                 self.certs.clone(),
                 crate::certs::acme::AcmeSettings {
@@ -557,6 +545,26 @@ impl BackgroundWork {
             )),
         ];
         Background { stop, tasks }
+    }
+}
+
+/// Checks the backup bucket once and logs the outcome (nothing without `[backup.s3]`).
+async fn check_backup_bucket(
+    s3: Option<crate::config::S3Settings>,
+    stop: impl Future<Output = ()>,
+) {
+    let Some(s3) = s3 else { return };
+    let checked = async { crate::backup::s3::Store::new(&s3)?.check().await };
+    tokio::select! {
+        () = stop => {}
+        r = checked => match r {
+            Ok(()) => {
+                tracing::info!(bucket = %s3.location(), endpoint = %s3.endpoint, "backups go to the bucket too")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "backup.s3: the bucket backups go to does not answer; backups will fail until this is fixed")
+            }
+        }
     }
 }
 
