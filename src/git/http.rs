@@ -367,7 +367,7 @@ async fn receive_pack(
             &u.new[..7.min(u.new.len())],
             actor.name
         );
-        match s.try_lock(&app, what) {
+        match s.try_lock(&app, what).await {
             Ok(g) => {
                 guard = Some(g);
                 None

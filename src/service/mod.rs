@@ -135,9 +135,9 @@ impl Services {
     }
 
     /// Takes the deploy lock of `app` for `what` (`deploy nginx:1.27 by alice`), refusing at
-    /// once when another deploy holds it.
-    pub fn try_lock(&self, app: &AppRef, what: String) -> Result<DeployGuard, Busy> {
-        self.locks.try_lock(app, what)
+    /// once when another deploy holds it (waiting when escale's own pruning does).
+    pub async fn try_lock(&self, app: &AppRef, what: String) -> Result<DeployGuard, Busy> {
+        self.locks.try_lock(app, what).await
     }
 
     /// Waits for the deploy lock of `app` in its queue, at most `queue.limit`.
@@ -166,10 +166,12 @@ impl Services {
             ))
         })?;
         let a = self.registry.app(actor, app).await?;
-        let _guard = self.try_lock(
-            &a,
-            format!("an image deploy of `{}` by {}", req.image, actor.name),
-        )?;
+        let _guard = self
+            .try_lock(
+                &a,
+                format!("an image deploy of `{}` by {}", req.image, actor.name),
+            )
+            .await?;
         let formation = self.registry.processes_of(a.id).await?;
         self.check_placement(&a.name, &formation).await?;
         if let Some(sched) = &self.scheduler {
@@ -197,7 +199,9 @@ impl Services {
     /// Rolls `app` back to the image and config of `version`, as a new release.
     pub async fn rollback(&self, actor: &Actor, app: &str, version: u32) -> Result<Release> {
         let a = self.registry.app(actor, app).await?;
-        let _guard = self.try_lock(&a, format!("a rollback to v{version} by {}", actor.name))?;
+        let _guard = self
+            .try_lock(&a, format!("a rollback to v{version} by {}", actor.name))
+            .await?;
         let v = self.registry.rollback(actor, app, version).await?;
         Ok(self.registry.release(actor, app, v).await?)
     }
@@ -403,7 +407,9 @@ impl Services {
     ) -> Result<ManifestApplied> {
         let a = self.registry.app(actor, app).await?;
         self.check_manifest_placement(&a, m).await?;
-        let _guard = self.try_lock(&a, format!("a manifest apply by {}", actor.name))?;
+        let _guard = self
+            .try_lock(&a, format!("a manifest apply by {}", actor.name))
+            .await?;
         Ok(self
             .registry
             .apply_manifest(actor, app, m, self.config.scheduler.default_port, prune)

@@ -544,7 +544,10 @@ pub async fn prune(services: &Services, scope: PruneScope<'_>) -> Result<Pruned,
     for app in &apps {
         let busy = match scope {
             PruneScope::Held(_) => false,
-            PruneScope::All => match services.locks.try_lock(app, "pruning images".into()) {
+            PruneScope::All => match services
+                .locks
+                .try_lock_background(app, "pruning images".into())
+            {
                 Ok(g) => {
                     guards.push(g);
                     false
