@@ -174,23 +174,50 @@ async fn until(c: &Client, what: &str, limit: Duration, script: &str) -> Value {
     }
 }
 
-/// Fills `selector` with `text` (cleared first).
-async fn fill(c: &Client, selector: &str, text: &str) {
-    let e = c
-        .find(Locator::Css(selector))
-        .await
-        .unwrap_or_else(|e| panic!("{selector}: {e}"));
-    e.clear().await.unwrap();
-    e.send_keys(text).await.unwrap();
+/// Whether a WebDriver error is an element that a live refresh replaced after it was found.
+fn stale(e: &fantoccini::error::CmdError) -> bool {
+    matches!(
+        e,
+        fantoccini::error::CmdError::Standard(w)
+            if w.error == fantoccini::error::ErrorStatus::StaleElementReference
+    )
 }
 
+/// Fills `selector` with `text` (cleared first). Live regions are swapped in by the page's
+/// script: an element found just before its region was refreshed is found again.
+async fn fill(c: &Client, selector: &str, text: &str) {
+    for attempt in 0.. {
+        let e = c
+            .find(Locator::Css(selector))
+            .await
+            .unwrap_or_else(|e| panic!("{selector}: {e}"));
+        let r = match e.clear().await {
+            Ok(()) => e.send_keys(text).await,
+            Err(err) => Err(err),
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) if stale(&e) && attempt < 5 => continue,
+            Err(e) => panic!("{selector}: {e}"),
+        }
+    }
+}
+
+/// Clicks `selector` (found again if a live refresh replaced it meanwhile).
 async fn click(c: &Client, selector: &str) {
-    c.find(Locator::Css(selector))
-        .await
-        .unwrap_or_else(|e| panic!("{selector}: {e}"))
-        .click()
-        .await
-        .unwrap();
+    for attempt in 0.. {
+        let r = c
+            .find(Locator::Css(selector))
+            .await
+            .unwrap_or_else(|e| panic!("{selector}: {e}"))
+            .click()
+            .await;
+        match r {
+            Ok(()) => return,
+            Err(e) if stale(&e) && attempt < 5 => continue,
+            Err(e) => panic!("{selector}: {e}"),
+        }
+    }
 }
 
 /// Accepts the confirm dialog a button opened.
