@@ -329,8 +329,6 @@ pub async fn run_with(
     }
     let background_work = BackgroundWork {
         scheduler: scheduler.clone(),
-        registry: registry.clone(),
-        config: config.clone(),
         services: cleanup_state,
         certs: cert_manager.clone(),
         rates,
@@ -480,8 +478,7 @@ pub async fn run_with(
 /// Stopped alone when a newer escale takes over, and started again if it goes away first.
 struct BackgroundWork {
     scheduler: Arc<Scheduler>,
-    registry: Registry,
-    config: Arc<Config>,
+    /// The registry and configuration are the services' own.
     services: crate::service::Services,
     certs: Arc<crate::certs::CertManager>,
     rates: Arc<crate::web::rates::Rates>,
@@ -503,20 +500,20 @@ impl BackgroundWork {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let config = &self.config;
+        let config = &self.services.config;
         let tasks = vec![
             tokio::spawn(self.scheduler.clone().run(stopped())),
             // The dashboard's request and error rates: the proxy's counters sampled every 30 s.
             tokio::spawn(self.rates.clone().run(self.metrics.clone(), stopped())),
             // Registered nodes join the pool when they answer (and leave it when removed).
             tokio::spawn(crate::service::nodes::join(
-                self.registry.clone(),
+                self.services.registry.clone(),
                 self.scheduler.clone(),
                 stopped(),
             )),
             // Scheduled backups (`[backup] interval`), counted in /metrics.
             tokio::spawn(crate::backup::run_schedule(
-                self.registry.clone(),
+                self.services.registry.clone(),
                 config.data_dir.clone(),
                 config.backup.clone(),
                 self.services.backups.clone(),

@@ -180,26 +180,38 @@ impl Client {
             .to_bytes())
     }
 
+    /// GETs one page: its JSON and the path of the next page (`Link: <...>; rel="next"`).
+    async fn page(&self, path: &str) -> Result<(serde_json::Value, Option<String>), CliError> {
+        let resp = self.send(Method::GET, path, None).await?;
+        let next = resp
+            .headers()
+            .get(http::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e.to_string()))?
+            .to_bytes();
+        let page = serde_json::from_slice(&bytes)
+            .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))?;
+        Ok((page, next))
+    }
+
     /// GETs a paginated list, following each page's `Link: <...>; rel="next"` until the last
     /// page or `max` items; answers one JSON array.
     pub async fn list(&self, path: &str, max: usize) -> Result<serde_json::Value, CliError> {
         let mut items: Vec<serde_json::Value> = Vec::new();
         let mut next = Some(path.to_string());
         while let Some(path) = next.take() {
-            let resp = self.send(Method::GET, &path, None).await?;
-            next = resp
-                .headers()
-                .get(http::header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .and_then(next_link);
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.unreachable(e.to_string()))?
-                .to_bytes();
-            let page: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
-                .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))?;
+            let (page, link) = self.page(&path).await?;
+            next = link;
+            let serde_json::Value::Array(page) = page else {
+                return Err(CliError::Local(
+                    "unexpected answer from the server: not a list".into(),
+                ));
+            };
             let empty = page.is_empty();
             items.extend(page);
             if items.len() >= max || empty {
@@ -218,20 +230,8 @@ impl Client {
         let mut items: Vec<serde_json::Value> = Vec::new();
         let mut next = Some(path.to_string());
         while let Some(path) = next.take() {
-            let resp = self.send(Method::GET, &path, None).await?;
-            next = resp
-                .headers()
-                .get(http::header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .and_then(next_link);
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.unreachable(e.to_string()))?
-                .to_bytes();
-            let mut page: serde_json::Value = serde_json::from_slice(&bytes)
-                .map_err(|e| CliError::Local(format!("unexpected answer from the server: {e}")))?;
+            let (mut page, link) = self.page(&path).await?;
+            next = link;
             let list = match page.get_mut(field).map(serde_json::Value::take) {
                 Some(serde_json::Value::Array(list)) => list,
                 _ => {

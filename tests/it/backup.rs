@@ -62,21 +62,7 @@ async fn metrics(s: &TestServer) -> String {
 
 /// `GET path` with the admin token; the whole answer (head and body).
 async fn get(s: &TestServer, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = s.api.trim_start_matches("http://");
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("api");
-    tcp.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            s.token
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    tcp.read_to_end(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf).into_owned()
+    s.api_get(path).await
 }
 
 fn escale(args: &[&str]) -> std::process::Output {

@@ -49,21 +49,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 async fn metrics(s: &TestServer) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = s.api.trim_start_matches("http://");
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("api");
-    tcp.write_all(
-        format!(
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            s.token
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    tcp.read_to_end(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf).into_owned()
+    s.api_get("/metrics").await
 }
 
 /// `escale backup create --json`, once the scheduled backup (if one runs) let it.

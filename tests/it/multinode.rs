@@ -66,20 +66,7 @@ fn node_states(s: &TestServer) -> BTreeMap<String, String> {
 
 /// `/metrics`, as the admin reads it.
 async fn metrics_text(s: &TestServer) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = s.api.trim_start_matches("http://").trim_end_matches('/');
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("API");
-    tcp.write_all(
-        format!(
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            s.token
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
+    let body = s.api_get("/metrics").await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     body
 }

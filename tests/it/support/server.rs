@@ -377,6 +377,26 @@ impl TestServer {
         );
     }
 
+    /// `GET path` on the API with the admin's token, on a connection of its own; the whole
+    /// answer (head and body), for what the CLI does not show (`/metrics`, raw statuses).
+    pub async fn api_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.api.trim_start_matches("http://").trim_end_matches('/');
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("API");
+        tcp.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                self.token
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        tcp.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
     /// Runs the CLI as the admin; returns its output.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_with_token(Some(&self.token.clone()), args, None)
